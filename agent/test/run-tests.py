@@ -1,0 +1,604 @@
+#!/usr/bin/env python3
+"""`make test`: runs the C vector test, then drives the real agent (`--connect SOCK`) over a
+Unix socket like the host would. Prints a final `N passed, M failed` line."""
+import argparse
+import hashlib
+import os
+import re
+import select
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+PING, PONG, POWEROFF = 0x01, 0x02, 0x03
+EXEC, STARTED, STDIN, STDOUT, STDERR, SIGNAL, RESIZE, EXIT, ERROR, CREDIT = range(0x10, 0x1A)
+FILE_WRITE, FILE_READ, DATA, DONE, CANCEL = 0x20, 0x21, 0x22, 0x23, 0x24
+WINDOW = 262144
+MAXP = 65536
+TERMINAL = (EXIT, ERROR, DONE)
+
+
+def frame(t, stream, payload=b""):
+    return struct.pack(">IBI", 5 + len(payload), t, stream) + payload
+
+
+def tlv(tag, value):
+    if isinstance(value, str):
+        value = value.encode()
+    return struct.pack(">BI", tag, len(value)) + value
+
+
+def parse_tlv(p):
+    out, off = [], 0
+    while off < len(p):
+        tag, n = struct.unpack_from(">BI", p, off)
+        off += 5
+        out.append((tag, p[off:off + n]))
+        off += n
+    return out
+
+
+class Fail(Exception):
+    pass
+
+
+def check(cond, msg):
+    if not cond:
+        raise Fail(msg)
+
+
+class Host:
+    """The host end of one agent: accepts its connections, checks every frame it sends
+    against the protocol (framing, windows), and sorts frames by stream."""
+
+    def __init__(self, agent, workdir):
+        self.path = os.path.join(workdir, "agent.sock")
+        self.lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.lsock.bind(self.path)
+        self.lsock.listen(4)
+        self.log = open(os.path.join(workdir, "agent.log"), "wb")
+        self.proc = subprocess.Popen([agent, "--connect", self.path], stdout=self.log, stderr=self.log)
+        self.conn = None
+        self.next_id = 1
+        self.accept()
+
+    def accept(self, timeout=5):
+        self.lsock.settimeout(timeout)
+        self.conn, _ = self.lsock.accept()
+        self.conn.setblocking(False)
+        self.buf = b""
+        self.frames = {}      # stream -> list of (type, payload)
+        self.recv_win = {}    # stream -> bytes the agent may still send us
+        self.send_win = {}    # stream -> bytes we may still send the agent
+        self.autocredit = set()
+        self.received = {}    # stream -> total payload bytes received
+        self.handshake()
+
+    def handshake(self):
+        nonce = os.urandom(16)
+        self.sendf(PING, 0, nonce)
+        want = frame(PONG, 0, nonce)
+        deadline = time.time() + 5
+        data = b""
+        while want not in data:
+            check(time.time() < deadline, "no PONG")
+            r, _, _ = select.select([self.conn], [], [], 0.1)
+            if r:
+                chunk = self.conn.recv(65536)
+                check(chunk, "agent closed during handshake")
+                data += chunk
+        self.buf = data[data.index(want) + len(want):]
+
+    def close(self):
+        if self.conn:
+            self.conn.close()
+        self.conn = None
+
+    def sendall(self, data):
+        view = memoryview(data)
+        while view:
+            try:
+                n = self.conn.send(view)
+                view = view[n:]
+            except BlockingIOError:
+                # Keep reading while the agent cannot take more, as a real host would.
+                self.pump(0.01)
+
+    def sendf(self, t, stream, payload=b""):
+        self.sendall(frame(t, stream, payload))
+
+    def new_stream(self):
+        sid = self.next_id
+        self.next_id += 1
+        self.frames[sid] = []
+        self.recv_win[sid] = WINDOW
+        self.send_win[sid] = WINDOW
+        self.received[sid] = 0
+        return sid
+
+    def credit(self, sid, n):
+        self.recv_win[sid] += n
+        self.sendf(CREDIT, sid, struct.pack(">I", n))
+
+    def pump(self, timeout):
+        """Reads what the agent sent within `timeout` seconds; returns whether anything came."""
+        r, _, _ = select.select([self.conn], [], [], timeout)
+        if not r:
+            return False
+        try:
+            chunk = self.conn.recv(1 << 20)
+        except BlockingIOError:
+            return False
+        check(chunk, "agent closed the connection")
+        self.buf += chunk
+        while len(self.buf) >= 4:
+            (n,) = struct.unpack_from(">I", self.buf)
+            check(5 <= n <= 5 + MAXP, "bad frame length %d from agent" % n)
+            if len(self.buf) < 4 + n:
+                break
+            t, sid = struct.unpack_from(">BI", self.buf, 4)
+            payload = self.buf[9:4 + n]
+            self.buf = self.buf[4 + n:]
+            self.on_frame(t, sid, payload)
+        return True
+
+    def on_frame(self, t, sid, payload):
+        check(t in (PONG, STARTED, STDOUT, STDERR, EXIT, ERROR, CREDIT, DATA, DONE),
+              "agent sent frame type 0x%02x" % t)
+        if t == PONG:
+            self.frames.setdefault(0, []).append((t, payload))
+            return
+        check(sid in self.frames, "frame 0x%02x for unknown stream %d" % (t, sid))
+        if t == CREDIT:
+            self.send_win[sid] += struct.unpack(">I", payload)[0]
+            return
+        if t in (STDOUT, STDERR, DATA):
+            self.recv_win[sid] -= len(payload)
+            self.received[sid] += len(payload)
+            check(self.recv_win[sid] >= 0, "agent overran the window of stream %d" % sid)
+            if sid in self.autocredit and payload:
+                self.credit(sid, len(payload))
+        self.frames[sid].append((t, payload))
+
+    def wait_end(self, sid, timeout=10):
+        deadline = time.time() + timeout
+        while not any(t in TERMINAL for t, _ in self.frames[sid]):
+            check(time.time() < deadline, "stream %d did not end; got %s" % (
+                sid, [hex(t) for t, _ in self.frames[sid]][-10:]))
+            self.pump(0.05)
+        return self.frames[sid]
+
+    def send_data(self, sid, t, data):
+        """Sends STDIN/DATA within the agent's window, waiting for its CREDIT."""
+        off = 0
+        deadline = time.time() + 30
+        while off < len(data):
+            win = self.send_win[sid]
+            if win == 0:
+                check(time.time() < deadline, "no CREDIT from agent")
+                self.pump(0.05)
+                continue
+            n = min(MAXP, win, len(data) - off)
+            self.sendf(t, sid, data[off:off + n])
+            self.send_win[sid] -= n
+            off += n
+            self.pump(0)
+        self.sendf(t, sid, b"")
+
+    def exec(self, args, env=(), cwd=None, pty=None, timeout_ms=None, stdin=False, autocredit=True):
+        sid = self.new_stream()
+        p = b"".join(tlv(1, a) for a in args) + b"".join(tlv(2, e) for e in env)
+        if cwd is not None:
+            p += tlv(3, cwd)
+        if pty is not None:
+            p += tlv(4, struct.pack(">HH", *pty))
+        if timeout_ms is not None:
+            p += tlv(5, struct.pack(">I", timeout_ms))
+        p += tlv(6, b"\x01" if stdin else b"\x00")
+        if autocredit:
+            self.autocredit.add(sid)
+        self.sendf(EXEC, sid, p)
+        return sid
+
+    def wait_started(self, sid, timeout=5):
+        deadline = time.time() + timeout
+        while not self.frames[sid]:
+            check(time.time() < deadline, "no STARTED")
+            self.pump(0.05)
+        t, p = self.frames[sid][0]
+        check(t == STARTED, "expected STARTED, got 0x%02x %r" % (t, p))
+        return struct.unpack(">I", p)[0]
+
+
+def collect(frames):
+    """stdout, stderr, terminal frame type, its fields."""
+    out = b"".join(p for t, p in frames if t == STDOUT)
+    err = b"".join(p for t, p in frames if t == STDERR)
+    last_t, last_p = frames[-1]
+    check(last_t in TERMINAL, "stream did not end")
+    check(all(t not in TERMINAL for t, _ in frames[:-1]), "frames after the terminal frame")
+    return out, err, last_t, dict(parse_tlv(last_p))
+
+
+def u32(b):
+    return struct.unpack(">I", b)[0]
+
+
+def run(h, args, **kw):
+    sid = h.exec(args, **kw)
+    return collect(h.wait_end(sid))
+
+
+def pid_alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+# ---- tests ----
+
+def t_ping(h):
+    for nonce in (b"", b"x", os.urandom(16), bytes(range(64))):
+        h.sendf(PING, 0, nonce)
+        deadline = time.time() + 3
+        while not h.frames.get(0):
+            check(time.time() < deadline, "no PONG")
+            h.pump(0.05)
+        t, p = h.frames[0].pop(0)
+        check(t == PONG and p == nonce, "PONG nonce differs")
+
+
+def t_echo(h):
+    sid = h.exec(["echo", "hi"])
+    frames = h.wait_end(sid)
+    check(frames[0][0] == STARTED and u32(frames[0][1]) > 0, "first frame is not STARTED")
+    out, err, t, f = collect(frames)
+    check(out == b"hi\n", "stdout %r" % out)
+    check(err == b"", "stderr %r" % err)
+    check(t == EXIT and u32(f[1]) == 0 and 2 not in f and 3 not in f, "exit %r" % f)
+
+
+def t_stderr(h):
+    out, err, t, f = run(h, ["sh", "-c", "echo out; echo err >&2; echo out2"])
+    check(out == b"out\nout2\n" and err == b"err\n", "out %r err %r" % (out, err))
+
+
+def t_exit_code(h):
+    out, err, t, f = run(h, ["sh", "-c", "exit 3"])
+    check(t == EXIT and u32(f[1]) == 3, "exit %r" % f)
+
+
+def t_env_cwd(h):
+    out, _, t, f = run(h, ["sh", "-c", 'echo "$FOO|$HOME|$USER|$LANG|$TERM|$PATH"; pwd'],
+                       env=["FOO=one", "HOME=/tmp", "FOO=two"], cwd="/")
+    check(out == b"two|/tmp|root|C.UTF-8||/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n/\n",
+          "output %r" % out)
+
+
+def t_stdin_cat(h):
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    sid = h.exec(["cat"], stdin=True)
+    h.wait_started(sid)
+    h.send_data(sid, STDIN, data)
+    out, err, t, f = collect(h.wait_end(sid, 30))
+    check(out == data, "cat returned %d bytes, sent %d" % (len(out), len(data)))
+    check(t == EXIT and u32(f[1]) == 0, "exit %r" % f)
+
+
+def t_stdin_devnull(h):
+    out, _, t, f = run(h, ["sh", "-c", "cat; echo end"])
+    check(out == b"end\n", "output %r" % out)
+
+
+def t_flow_control(h):
+    total = 10 * 1024 * 1024
+    sid = h.exec(["sh", "-c", "yes abcdefghij | head -c %d" % total], autocredit=False)
+    deadline = time.time() + 10
+    while h.received[sid] < WINDOW:
+        check(time.time() < deadline, "only %d bytes before credit" % h.received[sid])
+        h.pump(0.05)
+    end = time.time() + 0.5
+    while time.time() < end:
+        h.pump(0.05)
+    check(h.received[sid] == WINDOW, "agent sent %d bytes on a %d window" % (h.received[sid], WINDOW))
+    check(not any(t == EXIT for t, _ in h.frames[sid]), "exited without credit")
+    h.autocredit.add(sid)
+    h.credit(sid, WINDOW - h.recv_win[sid])
+    out, _, t, f = collect(h.wait_end(sid, 60))
+    want = hashlib.sha256((b"abcdefghij\n" * (total // 11 + 1))[:total]).hexdigest()
+    check(len(out) == total, "got %d bytes" % len(out))
+    check(hashlib.sha256(out).hexdigest() == want, "checksum differs")
+    check(t == EXIT and u32(f[1]) == 0, "exit %r" % f)
+
+
+def t_timeout(h):
+    start = time.time()
+    out, _, t, f = run(h, ["sleep", "100"], timeout_ms=300)
+    took = time.time() - start
+    check(t == EXIT and u32(f.get(2, b"\0\0\0\0")) == 9 and f.get(3) == b"\x01", "exit %r" % f)
+    check(took < 3, "took %.1fs" % took)
+
+
+def t_enoent(h):
+    _, _, t, f = run(h, ["no-such-program-hutch"])
+    check(t == ERROR and f[1] == b"ENOENT", "got %r" % f)
+    _, _, t, f = run(h, ["true"], cwd="/no/such/dir")
+    check(t == ERROR and f[1] == b"ENOENT", "cwd: got %r" % f)
+
+
+def t_einval(h):
+    sid = h.new_stream()
+    h.sendf(EXEC, sid, tlv(2, "A=1"))
+    _, _, t, f = collect(h.wait_end(sid))
+    check(t == ERROR and f[1] == b"EINVAL", "got %r" % f)
+
+
+def t_signal(h):
+    sid = h.exec(["sleep", "100"])
+    h.wait_started(sid)
+    h.sendf(SIGNAL, sid, b"\x0f")
+    _, _, t, f = collect(h.wait_end(sid))
+    check(t == EXIT and u32(f[2]) == 15 and 3 not in f, "exit %r" % f)
+
+
+def t_cancel(h):
+    sid = h.exec(["sh", "-c", "echo $$; exec sleep 100"])
+    pid = h.wait_started(sid)
+    deadline = time.time() + 5
+    while not any(t == STDOUT for t, _ in h.frames[sid]):
+        check(time.time() < deadline, "no output")
+        h.pump(0.05)
+    h.sendf(CANCEL, sid)
+    deadline = time.time() + 3
+    while pid_alive(pid):
+        check(time.time() < deadline, "cancelled process still alive")
+        h.pump(0.05)
+    h.pump(0.3)
+    check(not any(t in TERMINAL for t, _ in h.frames[sid]), "frames after CANCEL")
+
+
+def t_background_holder(h):
+    start = time.time()
+    out, _, t, f = run(h, ["sh", "-c", "sleep 3 & echo done"])
+    check(time.time() - start < 2, "EXIT waited for the background process")
+    check(out == b"done\n" and t == EXIT and u32(f[1]) == 0, "got %r %r" % (out, f))
+
+
+def t_pty(h):
+    sid = h.exec(["sh", "-c", "read x; stty size; echo \"$TERM\"; [ -t 0 ] && echo tty"],
+                 pty=(80, 24), stdin=True)
+    h.wait_started(sid)
+    h.sendf(RESIZE, sid, struct.pack(">HH", 100, 30))
+    h.sendf(STDIN, sid, b"go\n")
+    out, err, t, f = collect(h.wait_end(sid))
+    check(b"30 100\r\n" in out, "stty size output %r" % out)
+    check(b"xterm-256color\r\n" in out and b"tty\r\n" in out, "output %r" % out)
+    check(err == b"" and t == EXIT and u32(f[1]) == 0, "exit %r" % f)
+
+
+def t_concurrent(h):
+    n = 60
+    sids = [h.exec(["sh", "-c", "echo start %d; sleep 0.3; head -c 100000 /dev/zero; echo end %d" % (i, i)])
+            for i in range(n)]
+    start = time.time()
+    for i, sid in enumerate(sids):
+        out, _, t, f = collect(h.wait_end(sid, 30))
+        want = ("start %d\n" % i).encode() + b"\0" * 100000 + ("end %d\n" % i).encode()
+        check(out == want and t == EXIT and u32(f[1]) == 0, "stream %d: %d bytes %r" % (i, len(out), f))
+    check(time.time() - start < 10, "execs did not run concurrently")
+
+
+def write_file(h, path, data, mode=None, mkdirs=False):
+    sid = h.new_stream()
+    p = tlv(1, path)
+    if mode is not None:
+        p += tlv(2, struct.pack(">I", mode))
+    if mkdirs:
+        p += tlv(3, b"\x01")
+    h.sendf(FILE_WRITE, sid, p)
+    h.send_data(sid, DATA, data)
+    return collect(h.wait_end(sid, 30))
+
+
+def read_file(h, path):
+    sid = h.new_stream()
+    h.autocredit.add(sid)
+    h.sendf(FILE_READ, sid, tlv(1, path))
+    frames = h.wait_end(sid, 30)
+    _, _, t, f = collect(frames)
+    datas = [p for tt, p in frames if tt == DATA]
+    if t == DONE:
+        check(datas and datas[-1] == b"" and all(datas[:-1]), "DATA frames must end with one empty DATA")
+    else:
+        check(not datas, "DATA before ERROR")
+    return b"".join(datas), t, f
+
+
+def t_files(h, tmp):
+    data = os.urandom(5 * 1024 * 1024 + 3)
+    path = os.path.join(tmp, "a", "b c", "file.bin")
+    _, _, t, f = write_file(h, path, data, mode=0o600, mkdirs=True)
+    check(t == DONE, "write ended with %r" % f)
+    check(struct.unpack(">Q", f[1])[0] == len(data) and u32(f[2]) == 0o600, "DONE %r" % f)
+    with open(path, "rb") as fp:
+        check(hashlib.sha256(fp.read()).digest() == hashlib.sha256(data).digest(), "file on disk differs")
+    check(os.stat(path).st_mode & 0o7777 == 0o600, "mode on disk")
+    check(os.listdir(os.path.dirname(path)) == ["file.bin"], "temporary file left behind")
+    got, t, f = read_file(h, path)
+    check(t == DONE and hashlib.sha256(got).digest() == hashlib.sha256(data).digest(), "read back differs")
+    check(struct.unpack(">Q", f[1])[0] == len(data) and u32(f[2]) == 0o600, "DONE %r" % f)
+    # empty file, overwrite, default mode
+    _, _, t, f = write_file(h, path, b"")
+    check(t == DONE and struct.unpack(">Q", f[1])[0] == 0 and u32(f[2]) == 0o644, "empty write %r" % f)
+    got, t, f = read_file(h, path)
+    check(t == DONE and got == b"", "empty read")
+
+
+def t_file_errors(h, tmp):
+    _, t, f = read_file(h, os.path.join(tmp, "missing"))
+    check(t == ERROR and f[1] == b"ENOENT", "missing: %r" % f)
+    _, t, f = read_file(h, tmp)
+    check(t == ERROR and f[1] == b"EISDIR", "dir: %r" % f)
+    _, _, t, f = write_file(h, os.path.join(tmp, "nodir", "x"), b"abc")
+    check(t == ERROR and f[1] == b"ENOENT", "write without mkdirs: %r" % f)
+    _, _, t, f = write_file(h, tmp, b"abc")
+    check(t == ERROR and f[1] == b"EISDIR", "write over dir: %r" % f)
+    open(os.path.join(tmp, "plain"), "w").close()
+    _, _, t, f = write_file(h, os.path.join(tmp, "plain", "x"), b"abc", mkdirs=True)
+    check(t == ERROR and f[1] == b"ENOTDIR", "write under a file: %r" % f)
+    _, t, f = read_file(h, "relative/path")
+    check(t == ERROR and f[1] == b"EINVAL", "relative: %r" % f)
+
+
+def t_file_cancel(h, tmp):
+    path = os.path.join(tmp, "cancelled")
+    sid = h.new_stream()
+    h.sendf(FILE_WRITE, sid, tlv(1, path))
+    h.sendf(DATA, sid, b"partial")
+    h.sendf(CANCEL, sid)
+    t_ping(h)  # the agent has processed everything before this
+    check(os.listdir(tmp) == [], "cancelled write left %r" % os.listdir(tmp))
+
+
+def t_disconnect(h):
+    sid = h.exec(["sh", "-c", "sleep 100 & echo $!; wait"])
+    pid = h.wait_started(sid)
+    deadline = time.time() + 5
+    while not any(t == STDOUT for t, _ in h.frames[sid]):
+        check(time.time() < deadline, "no output")
+        h.pump(0.05)
+    bg = int(b"".join(p for t, p in h.frames[sid] if t == STDOUT).strip())
+    check(pid_alive(pid) and pid_alive(bg), "children not running")
+    h.close()
+    deadline = time.time() + 3
+    while pid_alive(pid) or pid_alive(bg):
+        check(time.time() < deadline, "children survived the disconnect")
+        time.sleep(0.05)
+    h.accept()
+
+
+def t_violation(h):
+    sid = h.exec(["sh", "-c", "echo $$; exec sleep 100"])
+    pid = h.wait_started(sid)
+    h.sendall(struct.pack(">IBI", 5, 0x7E, 0) + b"garbage\x00\x00")
+    deadline = time.time() + 3
+    while pid_alive(pid):
+        check(time.time() < deadline, "exec survived a protocol violation")
+        time.sleep(0.05)
+    # Resync: the next PING is answered; the reset must not leave half frames behind.
+    h.frames = {}
+    h.handshake()
+    t_echo(h)
+
+
+def t_write_blocked(h):
+    """The host grants huge windows but stops reading: the agent's queue toward the host
+    must stay bounded (it stops reading the pipes), and everything arrives once the host
+    reads again."""
+    size = 20 * 1000 * 1000
+    sids = [h.exec(["head", "-c", str(size), "/dev/zero"], autocredit=False) for _ in range(8)]
+    for sid in sids:
+        h.credit(sid, size)
+    time.sleep(1.5)
+    rss = 0
+    with open("/proc/%d/status" % h.proc.pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+    print("    agent RSS while blocked: %d kB" % rss)
+    check(rss < 6 * 1024, "agent RSS %d kB while the host is not reading" % rss)
+    for sid in sids:
+        out, _, t, f = collect(h.wait_end(sid, 60))
+        check(len(out) == size and t == EXIT, "stream got %d bytes" % len(out))
+
+
+def t_poweroff(h):
+    h.sendf(POWEROFF, 0)
+    try:
+        h.proc.wait(5)
+    except subprocess.TimeoutExpired:
+        raise Fail("agent did not exit on POWEROFF")
+    check(h.proc.returncode == 0, "exit status %d" % h.proc.returncode)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--vectors-test", required=True)
+    ap.add_argument("--vectors", required=True)
+    ap.add_argument("--agent", required=True)
+    ap.add_argument("-k", help="only tests whose name contains this")
+    a = ap.parse_args()
+    passed = failed = 0
+
+    if not a.k:
+        r = subprocess.run([a.vectors_test, a.vectors], capture_output=True, text=True)
+        sys.stdout.write(r.stdout + r.stderr)
+        m = re.search(r"vectors: (\d+) passed, (\d+) failed", r.stdout)
+        if m:
+            passed += int(m.group(1))
+            failed += int(m.group(2))
+        if r.returncode != 0 and not (m and int(m.group(2))):
+            failed += 1
+
+    work = tempfile.mkdtemp(prefix="hutch-agent-test-")
+    h = Host(os.path.abspath(a.agent), work)
+    tests = [
+        ("ping", t_ping), ("echo", t_echo), ("stderr", t_stderr), ("exit-code", t_exit_code),
+        ("env-cwd", t_env_cwd), ("stdin-cat", t_stdin_cat), ("stdin-devnull", t_stdin_devnull),
+        ("flow-control-10mb", t_flow_control), ("timeout", t_timeout), ("enoent", t_enoent),
+        ("einval", t_einval), ("signal", t_signal), ("cancel", t_cancel),
+        ("background-holder", t_background_holder), ("pty-resize", t_pty),
+        ("concurrent", t_concurrent), ("files-5mb", t_files), ("file-errors", t_file_errors),
+        ("file-cancel", t_file_cancel), ("write-blocked", t_write_blocked),
+        ("disconnect", t_disconnect), ("violation-resync", t_violation), ("poweroff", t_poweroff),
+    ]
+    for name, fn in tests:
+        if a.k and a.k not in name:
+            continue
+        tmp = tempfile.mkdtemp(dir=work)
+        start = time.time()
+        try:
+            if h.conn is None:
+                h.accept()
+            if fn.__code__.co_argcount == 2:
+                fn(h, tmp)
+            else:
+                fn(h)
+            passed += 1
+            print("ok   %-20s %.2fs" % (name, time.time() - start))
+        except Exception as e:  # noqa: BLE001 - any failure is reported the same way
+            failed += 1
+            print("FAIL %-20s %s" % (name, e))
+            if not isinstance(e, Fail):
+                traceback.print_exc()
+            if h.proc.poll() is not None:
+                print("agent died with status %s; restarting" % h.proc.returncode)
+                h.close()
+                h.proc = subprocess.Popen([os.path.abspath(a.agent), "--connect", h.path],
+                                          stdout=h.log, stderr=h.log)
+                h.accept()
+            else:
+                # Start the next test on a fresh connection.
+                h.close()
+                h.accept()
+    if h.proc.poll() is None:
+        h.proc.kill()
+    h.log.close()
+    if failed:
+        with open(os.path.join(work, "agent.log"), "rb") as f:
+            print("---- agent log (last 40 lines) ----")
+            print(b"\n".join(f.read().splitlines()[-40:]).decode(errors="replace"))
+    shutil.rmtree(work, ignore_errors=True)
+    print("%d passed, %d failed" % (passed, failed))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import type { Engine } from '../engine/engine.js';
+import { errorTable, HutchError, toHutchError } from '../errors.js';
+import { openApiDocument } from './openapi.js';
+import { machineRoutes, type Route } from './routes.js';
+
+const maxBodyBytes = 1024 * 1024;
+
+interface CompiledRoute {
+  route: Route;
+  regex: RegExp;
+  names: string[];
+}
+
+function compile(routes: Route[]): CompiledRoute[] {
+  return routes.map((route) => {
+    const names: string[] = [];
+    const pattern = route.path.replace(/\{(\w+)\}/g, (_, n: string) => {
+      names.push(n);
+      return '([^/]+)';
+    });
+    return { route, regex: new RegExp(`^${pattern}$`), names };
+  });
+}
+
+function sendJson(res: ServerResponse, status: number, value: unknown): void {
+  if (status === 204 || value === undefined) {
+    res.writeHead(status === 200 ? 204 : status).end();
+    return;
+  }
+  const body = JSON.stringify(value);
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
+  res.end(body);
+}
+
+export function sendError(res: ServerResponse, e: HutchError): void {
+  const body: Record<string, unknown> = { code: e.code, message: e.message };
+  if (e.details) Object.assign(body, e.details);
+  sendJson(res, errorTable[e.code].http, body);
+}
+
+/** Reads a JSON body whatever its content-type (curl -d sends form encoding by default). */
+async function readJson(req: IncomingMessage): Promise<unknown> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of req as AsyncIterable<Buffer>) {
+    size += chunk.length;
+    if (size > maxBodyBytes) throw new HutchError('BODY_TOO_LARGE', `request body over ${maxBodyBytes} bytes`);
+    chunks.push(chunk);
+  }
+  const text = Buffer.concat(chunks).toString('utf8').trim();
+  if (text === '') return undefined;
+  try {
+    return JSON.parse(text);
+  } catch (e) {
+    throw new HutchError('INVALID_JSON', `request body is not valid JSON: ${(e as Error).message}`);
+  }
+}
+
+export interface HttpApi {
+  server: Server;
+  url: string;
+  close(): Promise<void>;
+}
+
+export async function startHttpApi(engine: Engine, opts: { host: string; port: number; owner: string }): Promise<HttpApi> {
+  const routes = compile(machineRoutes);
+  const openapi = JSON.stringify(openApiDocument());
+  const server = createServer((req, res) => {
+    void handle(req, res);
+  });
+  async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    try {
+      const url = new URL(req.url ?? '/', 'http://localhost');
+      if (req.method === 'GET' && url.pathname === '/openapi.json') {
+        res.writeHead(200, { 'content-type': 'application/json' }).end(openapi);
+        return;
+      }
+      let pathMatched = false;
+      for (const c of routes) {
+        const m = c.regex.exec(url.pathname);
+        if (!m) continue;
+        pathMatched = true;
+        if (c.route.method !== req.method) continue;
+        const params: Record<string, string> = {};
+        c.names.forEach((n, i) => {
+          params[n] = decodeURIComponent(m[i + 1] ?? '');
+        });
+        const body = c.route.body ? await readJson(req) : undefined;
+        const result = await c.route.handle({ engine, owner: opts.owner, params, body });
+        sendJson(res, c.route.status, result);
+        return;
+      }
+      if (pathMatched) throw new HutchError('METHOD_NOT_ALLOWED', `${req.method} is not allowed on ${url.pathname}`);
+      throw new HutchError('ROUTE_NOT_FOUND', `no endpoint ${req.method} ${url.pathname}`);
+    } catch (e) {
+      const err = toHutchError(e);
+      if (err.code === 'INTERNAL') console.error('internal error:', e);
+      if (!res.headersSent) sendError(res, err);
+      else res.destroy();
+    }
+  }
+  // Boot under TCG can take a while; never cut a create off mid-way.
+  server.requestTimeout = 0;
+  server.headersTimeout = 60_000;
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(opts.port, opts.host, () => resolve());
+  });
+  const addr = server.address() as AddressInfo;
+  const host = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address;
+  return {
+    server,
+    url: `http://${host}:${addr.port}`,
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        server.closeAllConnections();
+      }),
+  };
+}

@@ -1,0 +1,94 @@
+import { z } from 'zod';
+
+/**
+ * Request and response schemas of the machines API. The same objects validate requests, give the
+ * handlers their types, and generate the OpenAPI document served at /openapi.json (and checked
+ * in as spec/openapi.json), so the document cannot drift from what the server accepts.
+ */
+export const createMachineBody = z
+  .object({
+    template: z.string().min(1).max(64).default('python').describe('Template to boot (today: "python").'),
+    ttl_seconds: z
+      .number()
+      .int()
+      .optional()
+      .describe('Seconds until the machine destroys itself; clamped to 15–900, default 60.'),
+    persistent: z
+      .boolean()
+      .optional()
+      .describe('Keep running until deleted. Honoured only when the server allows it; else the TTL applies.'),
+    name: z
+      .string()
+      .regex(/^[a-z0-9][a-z0-9-]{0,62}$/, 'lower-case letters, digits and dashes, at most 63')
+      .optional()
+      .describe('Optional unique name; the machine can be addressed by it.'),
+    net: z.boolean().optional().describe('Give the machine network access (not available in this version).'),
+  })
+  .strict();
+
+export const execBody = z
+  .object({
+    cmd: z
+      .union([z.array(z.string()).min(1), z.string().min(1)])
+      .describe('argv (no shell), or a string run with /bin/sh -c.'),
+    env: z.record(z.string().regex(/^[^=\0]+$/), z.string()).optional(),
+    cwd: z.string().startsWith('/').optional().describe('Working directory, default /root.'),
+    stdin: z.string().optional().describe('Text written to the command\'s standard input (then closed).'),
+    timeout_ms: z
+      .number()
+      .int()
+      .min(1)
+      .max(3_600_000)
+      .optional()
+      .describe('Kill the command after this long; default 60000.'),
+  })
+  .strict();
+
+export const jailSchema = z
+  .object({ seccomp: z.boolean(), user: z.string().nullable(), cgroup: z.string().nullable() })
+  .nullable();
+
+export const machineSchema = z.object({
+  id: z.string().describe('m- followed by 8 hex digits'),
+  name: z.string().nullable(),
+  owner: z.string(),
+  template: z.string(),
+  status: z.enum(['starting', 'running', 'failed', 'destroying']),
+  mode: z.enum(['cold']),
+  boot_ms: z.number().int().nullable().describe('Request received → agent answered, for this machine.'),
+  accel: z.string().describe('kvm or tcg'),
+  vcpus: z.number().int(),
+  memory_mb: z.number().int(),
+  persistent: z.boolean(),
+  ttl_seconds: z.number().int().nullable(),
+  created_at: z.string(),
+  expires_at: z.string().nullable(),
+  error: z.string().nullable(),
+  jail: jailSchema,
+});
+
+export const machineListSchema = z.object({ machines: z.array(machineSchema) });
+
+export const execResultSchema = z.object({
+  exit_code: z.number().int().nullable(),
+  signal: z.number().int().nullable(),
+  timed_out: z.boolean(),
+  stdout: z.string(),
+  stderr: z.string(),
+  truncated: z.boolean().describe('Output past the server\'s per-stream cap was dropped.'),
+  duration_ms: z.number().int(),
+});
+
+export const errorSchema = z.object({ code: z.string(), message: z.string() });
+
+export const healthSchema = z.object({
+  status: z.literal('ok'),
+  running: z.number().int(),
+  machines: z.number().int(),
+  accel: z.string(),
+  accel_reason: z.string(),
+  templates: z.record(z.string(), z.enum(['ready', 'not built'])),
+  guest_memory_mb: z.object({ used: z.number().int(), cap: z.number().int() }),
+  max_machines: z.number().int(),
+  uptime_s: z.number().int(),
+});

@@ -1,0 +1,240 @@
+import { readFileSync } from 'node:fs';
+import { parseArgs } from 'node:util';
+import { ApiError, HutchClient } from '../client/http-client.js';
+import { clientUrl, loadConfig } from '../config.js';
+import { jsonLogger, startDaemon } from '../daemon.js';
+import { type BuildProgress, TemplateBuilder } from '../images/builder.js';
+
+const usage = `hutch: real computers over an API
+
+  hutch serve [--host H] [--port P] [--state-dir D] [--image-dir D] [--accel auto|kvm|tcg] [--config F]
+  hutch new [--template python] [--ttl SECONDS] [--persistent] [--name NAME] [--json]
+  hutch ls [--json]
+  hutch get ID [--json]
+  hutch exec [-i] [--env K=V]... [--cwd DIR] [--timeout MS] [--json] ID -- CMD [ARG...]
+  hutch rm ID... [--json]
+  hutch health [--json]
+  hutch template build [NAME] [--image-dir D]
+
+Client commands talk to --url or $HUTCH_URL (default http://127.0.0.1:8080).`;
+
+type Flags = Record<string, string | boolean | string[] | undefined>;
+
+function fail(msg: string, code = 2): never {
+  process.stderr.write(`hutch: ${msg}\n`);
+  process.exit(code);
+}
+
+function printJson(v: unknown): void {
+  process.stdout.write(`${JSON.stringify(v, null, 2)}\n`);
+}
+
+/** Progress for template builds: one line per step; on a terminal the running step shows a live timer. */
+export function progressPrinter(): (p: BuildProgress) => void {
+  const tty = process.stderr.isTTY;
+  let timer: NodeJS.Timeout | undefined;
+  return (p) => {
+    if (timer) {
+      clearInterval(timer);
+      timer = undefined;
+      if (tty) process.stderr.write('\n');
+    }
+    const tag = `[${p.step}]`.padEnd(9);
+    if (p.state === 'start') {
+      const t0 = Date.now();
+      if (tty) {
+        const draw = (): void => {
+          const s = Math.round((Date.now() - t0) / 1000);
+          process.stderr.write(`\r${tag} ${p.message} … ${Math.floor(s / 60)}m${String(s % 60).padStart(2, '0')}s`);
+        };
+        draw();
+        timer = setInterval(draw, 1000);
+      } else {
+        process.stderr.write(`${tag} ${p.message} …\n`);
+      }
+    } else {
+      const secs = p.seconds !== undefined ? ` (${p.seconds.toFixed(1)} s)` : '';
+      process.stderr.write(`${tag} ${p.state === 'cached' ? '✓' : 'done'} ${p.message}${secs}\n`);
+    }
+  };
+}
+
+async function serve(flags: Flags): Promise<void> {
+  const config = loadConfig(
+    {
+      host: flags.host as string | undefined,
+      port: flags.port as string | undefined,
+      stateDir: flags['state-dir'] as string | undefined,
+      imageDir: flags['image-dir'] as string | undefined,
+      accel: flags.accel as 'auto' | 'kvm' | 'tcg' | undefined,
+    },
+    process.env,
+    (flags.config as string | undefined) ?? process.env.HUTCH_CONFIG,
+  );
+  const log = jsonLogger(config.logLevel);
+  const daemon = await startDaemon(config, { log, onProgress: progressPrinter() });
+  process.stderr.write(`hutch is serving ${daemon.http.url} (accelerator: ${daemon.engine.health().accel})\n`);
+  let stopping = false;
+  const stop = (): void => {
+    if (stopping) return;
+    stopping = true;
+    log('info', 'stopping; running machines keep running and are adopted by the next start');
+    void daemon.close().then(() => process.exit(0));
+  };
+  process.on('SIGINT', stop);
+  process.on('SIGTERM', stop);
+}
+
+interface MachineJson {
+  id: string;
+  name: string | null;
+  status: string;
+  template: string;
+  mode: string;
+  boot_ms: number | null;
+  expires_at: string | null;
+  accel: string;
+  error: string | null;
+}
+
+function machineLine(m: MachineJson): string {
+  return [m.id, m.name ?? '-', m.status, m.template, m.mode, m.boot_ms === null ? '-' : `${m.boot_ms}ms`, m.expires_at ?? 'never', m.error ?? '']
+    .join('\t')
+    .trimEnd();
+}
+
+async function main(argv: string[]): Promise<void> {
+  const [cmd, ...rest] = argv;
+  if (!cmd || cmd === 'help' || cmd === '--help' || cmd === '-h') {
+    process.stdout.write(`${usage}\n`);
+    return;
+  }
+  const dashdash = rest.indexOf('--');
+  const own = dashdash >= 0 ? rest.slice(0, dashdash) : rest;
+  const trailing = dashdash >= 0 ? rest.slice(dashdash + 1) : [];
+  let parsed: { values: Flags; positionals: string[] };
+  try {
+    parsed = parseArgs({
+      args: own,
+      allowPositionals: true,
+      options: {
+        json: { type: 'boolean' },
+        url: { type: 'string' },
+        host: { type: 'string' },
+        port: { type: 'string' },
+        'state-dir': { type: 'string' },
+        'image-dir': { type: 'string' },
+        accel: { type: 'string' },
+        config: { type: 'string' },
+        template: { type: 'string' },
+        ttl: { type: 'string' },
+        persistent: { type: 'boolean' },
+        name: { type: 'string' },
+        env: { type: 'string', multiple: true },
+        cwd: { type: 'string' },
+        timeout: { type: 'string' },
+        interactive: { type: 'boolean', short: 'i' },
+      },
+    }) as { values: Flags; positionals: string[] };
+  } catch (e) {
+    fail(`${(e as Error).message}\n\n${usage}`);
+  }
+  const { values: flags, positionals } = parsed;
+  const json = flags.json === true;
+  const client = new HutchClient(clientUrl(flags.url as string | undefined));
+
+  switch (cmd) {
+    case 'serve':
+      return serve(flags);
+    case 'template': {
+      if (positionals[0] !== 'build') fail('usage: hutch template build [NAME]');
+      const config = loadConfig({ imageDir: flags['image-dir'] as string | undefined });
+      const builder = new TemplateBuilder(config.imageDir);
+      builder.on('progress', progressPrinter());
+      const names = positionals.length > 1 ? positionals.slice(1) : config.templates;
+      const built = [];
+      for (const n of names) built.push(await builder.build(n));
+      if (json) printJson(built);
+      return;
+    }
+    case 'new': {
+      const body: Record<string, unknown> = { template: (flags.template as string | undefined) ?? 'python' };
+      if (flags.ttl !== undefined) {
+        const ttl = Number(flags.ttl);
+        if (!Number.isInteger(ttl)) fail(`--ttl must be a whole number of seconds, got ${JSON.stringify(flags.ttl)}`);
+        body.ttl_seconds = ttl;
+      }
+      if (flags.persistent) body.persistent = true;
+      if (flags.name) body.name = flags.name;
+      const m = await client.createMachine<MachineJson>(body);
+      if (json) printJson(m);
+      else process.stdout.write(`${m.id}\n`);
+      return;
+    }
+    case 'ls': {
+      const r = await client.listMachines<{ machines: MachineJson[] }>();
+      if (json) printJson(r.machines);
+      else for (const m of r.machines) process.stdout.write(`${machineLine(m)}\n`);
+      return;
+    }
+    case 'get': {
+      if (!positionals[0]) fail('usage: hutch get ID');
+      const m = await client.getMachine<MachineJson>(positionals[0]);
+      if (json) printJson(m);
+      else process.stdout.write(`${machineLine(m)}\n`);
+      return;
+    }
+    case 'health': {
+      const h = await client.health();
+      printJson(h);
+      return;
+    }
+    case 'rm': {
+      if (positionals.length === 0) fail('usage: hutch rm ID...');
+      const removed: string[] = [];
+      for (const id of positionals) {
+        await client.destroyMachine(id);
+        removed.push(id);
+        if (!json) process.stdout.write(`${id}\n`);
+      }
+      if (json) printJson({ removed });
+      return;
+    }
+    case 'exec': {
+      const id = positionals[0];
+      const command = trailing.length ? trailing : positionals.slice(1);
+      if (!id || command.length === 0) fail('usage: hutch exec ID -- CMD [ARG...]');
+      const env: Record<string, string> = {};
+      for (const kv of (flags.env as string[] | undefined) ?? []) {
+        const i = kv.indexOf('=');
+        if (i <= 0) fail(`--env wants KEY=VALUE, got ${JSON.stringify(kv)}`);
+        env[kv.slice(0, i)] = kv.slice(i + 1);
+      }
+      const body: Record<string, unknown> = { cmd: command };
+      if (Object.keys(env).length) body.env = env;
+      if (flags.cwd) body.cwd = flags.cwd;
+      if (flags.timeout) body.timeout_ms = Number(flags.timeout);
+      if (flags.interactive) body.stdin = readFileSync(0, 'utf8');
+      const r = await client.exec<{ exit_code: number | null; signal: number | null; stdout: string; stderr: string; timed_out: boolean }>(id, body);
+      if (json) {
+        printJson(r);
+      } else {
+        process.stdout.write(r.stdout);
+        process.stderr.write(r.stderr);
+        if (r.timed_out) process.stderr.write('hutch: command timed out\n');
+      }
+      process.exitCode = r.exit_code ?? 128 + (r.signal ?? 9);
+      return;
+    }
+    default:
+      fail(`unknown command ${JSON.stringify(cmd)}\n\n${usage}`);
+  }
+}
+
+main(process.argv.slice(2)).catch((e: unknown) => {
+  if (e instanceof ApiError) {
+    if (process.argv.includes('--json')) printJson({ code: e.code, message: e.message });
+    fail(`${e.code}: ${e.message}`, 1);
+  }
+  fail((e as Error).stack ?? String(e), 1);
+});

@@ -1,0 +1,99 @@
+import { readFileSync } from 'node:fs';
+import { totalmem } from 'node:os';
+import { resolve } from 'node:path';
+import { z } from 'zod';
+
+/**
+ * All configuration in one place: flags > HUTCH_* environment > JSON file (HUTCH_CONFIG or
+ * --config) > defaults. This is the only module that reads process.env, so what the daemon
+ * depends on is visible in one schema.
+ */
+const configSchema = z.object({
+  host: z.string().default('127.0.0.1'),
+  port: z.coerce.number().int().min(0).max(65535).default(8080),
+  stateDir: z.string().default('/var/lib/hutch'),
+  /** Built kernels, root filesystems and templates. Shared between daemons on one host (tests use this). */
+  imageDir: z.string().optional(),
+  accel: z.enum(['auto', 'kvm', 'tcg']).default('auto'),
+  qemuBinary: z.string().default('qemu-system-x86_64'),
+  maxMachines: z.coerce.number().int().min(1).default(16),
+  /** Cap on the sum of guest memory of running machines, MiB. Default: half the host's memory. */
+  maxGuestMemoryMb: z.coerce
+    .number()
+    .int()
+    .min(64)
+    .default(Math.floor(totalmem() / 1024 / 1024 / 2)),
+  machineMemoryMb: z.coerce.number().int().min(64).max(65536).default(256),
+  machineVcpus: z.coerce.number().int().min(1).max(8).default(1),
+  allowPersistent: z
+    .union([z.boolean(), z.enum(['1', '0', 'true', 'false'])])
+    .transform((v) => v === true || v === '1' || v === 'true')
+    .default(false),
+  /** How long a create may wait for the guest agent before it counts as a failed boot. */
+  bootTimeoutMs: z.coerce.number().int().min(1000).default(60_000),
+  /** Per-stream cap on what a JSON exec keeps in memory; the rest is discarded and flagged. */
+  execMaxOutputBytes: z.coerce
+    .number()
+    .int()
+    .min(1024)
+    .default(32 * 1024 * 1024),
+  owner: z.string().default('local'),
+  /** Run QEMU under this unprivileged user when it exists (created by scripts/setup.sh). */
+  qemuUser: z.string().default('hutch-vm'),
+  templates: z.array(z.string()).default(['python']),
+  logLevel: z.enum(['debug', 'info', 'warn', 'error']).default('info'),
+});
+
+export type Config = z.infer<typeof configSchema> & { imageDir: string };
+export type ConfigInput = z.input<typeof configSchema>;
+
+const envNames: Record<string, keyof ConfigInput> = {
+  HUTCH_HOST: 'host',
+  HUTCH_PORT: 'port',
+  HUTCH_STATE_DIR: 'stateDir',
+  HUTCH_IMAGE_DIR: 'imageDir',
+  HUTCH_ACCEL: 'accel',
+  HUTCH_QEMU: 'qemuBinary',
+  HUTCH_MAX_MACHINES: 'maxMachines',
+  HUTCH_MAX_GUEST_MEMORY_MB: 'maxGuestMemoryMb',
+  HUTCH_MACHINE_MEMORY_MB: 'machineMemoryMb',
+  HUTCH_MACHINE_VCPUS: 'machineVcpus',
+  HUTCH_ALLOW_PERSISTENT: 'allowPersistent',
+  HUTCH_BOOT_TIMEOUT_MS: 'bootTimeoutMs',
+  HUTCH_EXEC_MAX_OUTPUT_BYTES: 'execMaxOutputBytes',
+  HUTCH_QEMU_USER: 'qemuUser',
+  HUTCH_LOG_LEVEL: 'logLevel',
+};
+
+export function loadConfig(
+  flags: Partial<ConfigInput> = {},
+  env: NodeJS.ProcessEnv = process.env,
+  configFile: string | undefined = env.HUTCH_CONFIG,
+): Config {
+  let fromFile: Record<string, unknown> = {};
+  if (configFile) {
+    try {
+      fromFile = JSON.parse(readFileSync(configFile, 'utf8')) as Record<string, unknown>;
+    } catch (e) {
+      throw new Error(`cannot read config file ${configFile}: ${(e as Error).message}`);
+    }
+  }
+  const fromEnv: Record<string, unknown> = {};
+  for (const [name, key] of Object.entries(envNames)) {
+    const v = env[name];
+    if (v !== undefined && v !== '') fromEnv[key] = v;
+  }
+  const defined = Object.fromEntries(Object.entries(flags).filter(([, v]) => v !== undefined));
+  const parsed = configSchema.safeParse({ ...fromFile, ...fromEnv, ...defined });
+  if (!parsed.success) {
+    const issues = parsed.error.issues.map((i) => `${i.path.join('.')}: ${i.message}`).join('; ');
+    throw new Error(`invalid configuration: ${issues}`);
+  }
+  const c = parsed.data;
+  return { ...c, stateDir: resolve(c.stateDir), imageDir: resolve(c.imageDir ?? `${c.stateDir}/images`) };
+}
+
+/** Where the CLI finds the daemon: --url > HUTCH_URL > the default listen address. */
+export function clientUrl(flag: string | undefined, env: NodeJS.ProcessEnv = process.env): string {
+  return flag ?? env.HUTCH_URL ?? 'http://127.0.0.1:8080';
+}

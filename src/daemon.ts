@@ -1,0 +1,52 @@
+import { mkdirSync } from 'node:fs';
+import { type HttpApi, startHttpApi } from './api/http-server.js';
+import type { Config } from './config.js';
+import { Engine } from './engine/engine.js';
+import { type BuildProgress, TemplateBuilder, type TemplateManifest } from './images/builder.js';
+import { chooseAccel } from './vmm/accel.js';
+
+export interface Daemon {
+  engine: Engine;
+  http: HttpApi;
+  close(): Promise<void>;
+}
+
+export type Logger = (level: 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>) => void;
+
+export function jsonLogger(minLevel: Config['logLevel']): Logger {
+  const order = { debug: 0, info: 1, warn: 2, error: 3 };
+  return (level, msg, fields) => {
+    if (order[level] < order[minLevel]) return;
+    process.stderr.write(`${JSON.stringify({ t: new Date().toISOString(), level, msg, ...fields })}\n`);
+  };
+}
+
+/**
+ * Starts hutch: builds (or finds cached) templates, picks the accelerator by a probe boot,
+ * re-adopts machines from a previous run, then serves the API.
+ */
+export async function startDaemon(
+  config: Config,
+  opts: { log: Logger; onProgress?: (p: BuildProgress) => void },
+): Promise<Daemon> {
+  mkdirSync(config.stateDir, { recursive: true, mode: 0o700 });
+  const builder = new TemplateBuilder(config.imageDir);
+  if (opts.onProgress) builder.on('progress', opts.onProgress);
+  const templates = new Map<string, TemplateManifest>();
+  for (const name of config.templates) templates.set(name, await builder.build(name));
+  const first = templates.values().next().value as TemplateManifest;
+  const accel = await chooseAccel({ forced: config.accel, qemu: config.qemuBinary, kernel: first.kernel });
+  opts.log('info', 'accelerator chosen', { accel: accel.accel, reason: accel.reason });
+  const engine = new Engine(config, templates, accel, opts.log);
+  await engine.start();
+  const http = await startHttpApi(engine, { host: config.host, port: config.port, owner: config.owner });
+  opts.log('info', 'listening', { url: http.url, state_dir: config.stateDir });
+  return {
+    engine,
+    http,
+    close: async () => {
+      await http.close();
+      await engine.close();
+    },
+  };
+}

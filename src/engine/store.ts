@@ -1,0 +1,134 @@
+import Database from 'better-sqlite3';
+
+export type MachineState = 'starting' | 'running' | 'failed' | 'destroying';
+
+export interface MachineRow {
+  id: string;
+  owner: string;
+  name: string | null;
+  template: string;
+  template_hash: string;
+  state: MachineState;
+  mode: 'cold';
+  accel: string;
+  vcpus: number;
+  memory_mb: number;
+  persistent: number;
+  ttl_seconds: number | null;
+  created_at: string;
+  expires_at: string | null;
+  boot_ms: number | null;
+  pid: number | null;
+  run_dir: string;
+  error: string | null;
+  jail: string | null;
+}
+
+const migrations: string[] = [
+  `CREATE TABLE machines (
+     id TEXT PRIMARY KEY,
+     owner TEXT NOT NULL,
+     name TEXT,
+     template TEXT NOT NULL,
+     template_hash TEXT NOT NULL,
+     state TEXT NOT NULL,
+     mode TEXT NOT NULL,
+     accel TEXT NOT NULL,
+     vcpus INTEGER NOT NULL,
+     memory_mb INTEGER NOT NULL,
+     persistent INTEGER NOT NULL,
+     ttl_seconds INTEGER,
+     created_at TEXT NOT NULL,
+     expires_at TEXT,
+     boot_ms INTEGER,
+     pid INTEGER,
+     run_dir TEXT NOT NULL,
+     error TEXT,
+     jail TEXT
+   );
+   CREATE UNIQUE INDEX machines_owner_name ON machines(owner, name) WHERE name IS NOT NULL;`,
+];
+
+/**
+ * The daemon's state in one SQLite file. WAL with synchronous=FULL: once the API has answered,
+ * the change is on disk, whatever happens to the daemon next.
+ */
+export class Store {
+  private readonly db: Database.Database;
+
+  constructor(path: string) {
+    this.db = new Database(path);
+    this.db.pragma('journal_mode = WAL');
+    this.db.pragma('synchronous = FULL');
+    this.db.pragma('busy_timeout = 5000');
+    this.migrate();
+  }
+
+  private migrate(): void {
+    this.db.exec('CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)');
+    const row = this.db.prepare('SELECT version FROM schema_version').get() as { version: number } | undefined;
+    let version = row?.version ?? 0;
+    if (!row) this.db.prepare('INSERT INTO schema_version (version) VALUES (0)').run();
+    for (; version < migrations.length; version++) {
+      const sql = migrations[version] ?? '';
+      this.db.transaction(() => {
+        this.db.exec(sql);
+        this.db.prepare('UPDATE schema_version SET version = ?').run(version + 1);
+      })();
+    }
+  }
+
+  /**
+   * Inserts a machine if `admit` accepts the machines that currently hold resources. Check and
+   * insert run in one transaction, so concurrent creates cannot both squeeze under a cap.
+   */
+  insertMachine(row: MachineRow, admit: (active: MachineRow[]) => void): void {
+    this.db.transaction(() => {
+      const active = this.db
+        .prepare("SELECT * FROM machines WHERE state IN ('starting', 'running')")
+        .all() as MachineRow[];
+      admit(active);
+      this.db
+        .prepare(
+          `INSERT INTO machines (id, owner, name, template, template_hash, state, mode, accel, vcpus, memory_mb,
+             persistent, ttl_seconds, created_at, expires_at, boot_ms, pid, run_dir, error, jail)
+           VALUES (@id, @owner, @name, @template, @template_hash, @state, @mode, @accel, @vcpus, @memory_mb,
+             @persistent, @ttl_seconds, @created_at, @expires_at, @boot_ms, @pid, @run_dir, @error, @jail)`,
+        )
+        .run(row);
+    })();
+  }
+
+  update(id: string, fields: Partial<Omit<MachineRow, 'id'>>): void {
+    const keys = Object.keys(fields);
+    if (keys.length === 0) return;
+    const set = keys.map((k) => `${k} = @${k}`).join(', ');
+    this.db.prepare(`UPDATE machines SET ${set} WHERE id = @id`).run({ ...fields, id });
+  }
+
+  get(id: string): MachineRow | undefined {
+    return this.db.prepare('SELECT * FROM machines WHERE id = ?').get(id) as MachineRow | undefined;
+  }
+
+  findByName(owner: string, name: string): MachineRow | undefined {
+    return this.db.prepare('SELECT * FROM machines WHERE owner = ? AND name = ?').get(owner, name) as
+      | MachineRow
+      | undefined;
+  }
+
+  list(owner?: string): MachineRow[] {
+    return (
+      owner === undefined
+        ? this.db.prepare('SELECT * FROM machines ORDER BY created_at, id').all()
+        : this.db.prepare('SELECT * FROM machines WHERE owner = ? ORDER BY created_at, id').all(owner)
+    ) as MachineRow[];
+  }
+
+  delete(id: string): void {
+    this.db.prepare('DELETE FROM machines WHERE id = ?').run(id);
+  }
+
+  close(): void {
+    this.db.close();
+  }
+}

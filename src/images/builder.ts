@@ -1,0 +1,300 @@
+import { createHash } from 'node:crypto';
+import { EventEmitter } from 'node:events';
+import {
+  closeSync,
+  copyFileSync,
+  existsSync,
+  mkdirSync,
+  openSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  statSync,
+  unlinkSync,
+  writeFileSync,
+} from 'node:fs';
+import { join } from 'node:path';
+import { HutchError } from '../errors.js';
+import { repoRoot } from '../paths.js';
+import { type TemplateRecipe, templateRecipes } from './recipes.js';
+import { runCapture, runLogged } from './run-command.js';
+
+/** What a built template is: read by the engine to boot machines. Written last, so its presence means "complete". */
+export interface TemplateManifest {
+  name: string;
+  hash: string;
+  kernel: string;
+  rootfs: string;
+  /** Kernel command line without the per-host (TSC) and per-machine (hostname) parts. */
+  cmdline: string;
+  kernelHz: number;
+  builtAt: string;
+  buildSeconds: number;
+}
+
+export interface BuildProgress {
+  step: 'kernel' | 'agent' | 'rootfs' | 'image';
+  state: 'cached' | 'start' | 'done';
+  message: string;
+  seconds?: number;
+}
+
+/** Bump when assemble() changes what goes into an image, so cached templates are rebuilt. */
+const assemblyVersion = '1';
+
+const hash = (...parts: (string | Buffer)[]): string => {
+  const h = createHash('sha256');
+  for (const p of parts) h.update(p).update('\0');
+  return h.digest('hex').slice(0, 16);
+};
+
+const fileHash = (...paths: string[]): string => hash(...paths.map((p) => readFileSync(p)));
+
+/**
+ * Builds templates from their recipes into a content-addressed cache:
+ *   kernels/<hash>/vmlinux        hash of the kernel config + build script + linux-source version
+ *   rootfs/<hash>/root/           hash of the package list + build script
+ *   templates/<name>-<hash>/      hash of the kernel, rootfs, agent binary and injected files
+ * Each entry is built in a temporary directory and renamed into place, so a crash mid-build never
+ * leaves an entry that looks complete. A lock file serialises builders sharing one cache.
+ */
+export class TemplateBuilder extends EventEmitter {
+  private readonly root = repoRoot();
+  constructor(private readonly imageDir: string) {
+    super();
+  }
+
+  private progress(p: BuildProgress): void {
+    this.emit('progress', p);
+  }
+
+  /** The manifest of the current build of `name`, if it is built and matches its recipe. */
+  async lookup(name: string): Promise<TemplateManifest | undefined> {
+    const recipe = templateRecipes[name];
+    if (!recipe) return undefined;
+    const key = await this.templateKey(recipe);
+    const manifestPath = join(this.imageDir, 'templates', `${name}-${key}`, 'manifest.json');
+    if (!existsSync(manifestPath)) return undefined;
+    return JSON.parse(readFileSync(manifestPath, 'utf8')) as TemplateManifest;
+  }
+
+  async build(name: string): Promise<TemplateManifest> {
+    const recipe = templateRecipes[name];
+    if (!recipe) throw new HutchError('TEMPLATE_NOT_FOUND', `no template named ${JSON.stringify(name)}`);
+    mkdirSync(this.imageDir, { recursive: true });
+    const release = await this.lock();
+    try {
+      const existing = await this.lookup(name);
+      if (existing) {
+        this.progress({ step: 'image', state: 'cached', message: `template ${name} is up to date (${existing.hash})` });
+        return existing;
+      }
+      const t0 = Date.now();
+      const kernel = await this.buildKernel();
+      const agent = await this.buildAgent();
+      const rootfs = await this.buildRootfs(recipe);
+      const manifest = await this.assemble(recipe, kernel, agent, rootfs, t0);
+      return manifest;
+    } catch (e) {
+      if (e instanceof HutchError) throw e;
+      throw new HutchError('TEMPLATE_BUILD_FAILED', `building template ${name} failed: ${(e as Error).message}`);
+    } finally {
+      release();
+    }
+  }
+
+  private async kernelKey(): Promise<string> {
+    const dir = join(this.root, 'images', 'kernel');
+    let sourceVersion = 'unknown';
+    try {
+      sourceVersion = await runCapture('dpkg-query', ['-W', '-f=${Version}', 'linux-source-6.1']);
+    } catch {
+      // not installed: the build step says so clearly
+    }
+    return hash(fileHash(join(dir, 'microvm.config'), join(dir, 'build-kernel.sh')), sourceVersion);
+  }
+
+  private rootfsKey(recipe: TemplateRecipe): string {
+    return hash(
+      fileHash(join(this.root, 'images', 'rootfs', 'build-rootfs.sh')),
+      recipe.suite,
+      [...recipe.packages].sort().join(','),
+    );
+  }
+
+  private agentSourceKey(): string {
+    const src = join(this.root, 'agent', 'src');
+    const files = readdirSync(src)
+      .filter((f) => /\.(c|h)$/.test(f))
+      .sort()
+      .map((f) => join(src, f));
+    return fileHash(join(this.root, 'agent', 'Makefile'), ...files);
+  }
+
+  private async templateKey(recipe: TemplateRecipe): Promise<string> {
+    return hash(
+      await this.kernelKey(),
+      this.rootfsKey(recipe),
+      this.agentSourceKey(),
+      String(recipe.diskSizeMb),
+      assemblyVersion,
+    );
+  }
+
+  private async buildKernel(): Promise<{ path: string; hz: number }> {
+    const key = await this.kernelKey();
+    const dir = join(this.imageDir, 'kernels', key);
+    const vmlinux = join(dir, 'vmlinux');
+    const hzOf = (): number => {
+      const m = /^CONFIG_HZ=(\d+)/m.exec(readFileSync(join(dir, 'config'), 'utf8'));
+      return m ? Number(m[1]) : 100;
+    };
+    if (existsSync(vmlinux)) {
+      this.progress({ step: 'kernel', state: 'cached', message: `kernel ${key} (cached)` });
+      return { path: vmlinux, hz: hzOf() };
+    }
+    if (!existsSync('/usr/src/linux-source-6.1.tar.xz'))
+      throw new Error('linux-source-6.1 is not installed: run scripts/setup.sh');
+    const tmp = `${dir}.tmp-${process.pid}`;
+    rmSync(tmp, { recursive: true, force: true });
+    mkdirSync(tmp, { recursive: true });
+    const t = Date.now();
+    this.progress({ step: 'kernel', state: 'start', message: 'building the guest kernel from linux-source-6.1 (~5 min on 2 cores)' });
+    await runLogged('bash', [join(this.root, 'images', 'kernel', 'build-kernel.sh'), tmp], join(tmp, 'steps.log'));
+    rmSync(dir, { recursive: true, force: true });
+    renameSync(tmp, dir);
+    this.progress({ step: 'kernel', state: 'done', message: `kernel ${key}`, seconds: (Date.now() - t) / 1000 });
+    return { path: vmlinux, hz: hzOf() };
+  }
+
+  private async buildAgent(): Promise<string> {
+    const t = Date.now();
+    const log = join(this.imageDir, 'agent-build.log');
+    writeFileSync(log, '');
+    await runLogged('make', ['-C', join(this.root, 'agent'), '--no-print-directory'], log);
+    const bin = join(this.root, 'agent', 'build', 'hutch-agent');
+    this.progress({ step: 'agent', state: 'done', message: `agent ${fileHash(bin)}`, seconds: (Date.now() - t) / 1000 });
+    return bin;
+  }
+
+  private async buildRootfs(recipe: TemplateRecipe): Promise<string> {
+    const key = this.rootfsKey(recipe);
+    const dir = join(this.imageDir, 'rootfs', key);
+    if (existsSync(join(dir, 'root', 'usr', 'bin'))) {
+      this.progress({ step: 'rootfs', state: 'cached', message: `root filesystem ${key} (cached)` });
+      return join(dir, 'root');
+    }
+    const tmp = `${dir}.tmp-${process.pid}`;
+    rmSync(tmp, { recursive: true, force: true });
+    mkdirSync(tmp, { recursive: true });
+    const t = Date.now();
+    this.progress({
+      step: 'rootfs',
+      state: 'start',
+      message: `installing ${recipe.packages.length} Debian packages with mmdebstrap (~1 min)`,
+    });
+    await runLogged(
+      'bash',
+      [join(this.root, 'images', 'rootfs', 'build-rootfs.sh'), tmp, recipe.suite, ...recipe.packages],
+      join(tmp, 'build.log'),
+    );
+    rmSync(dir, { recursive: true, force: true });
+    renameSync(tmp, dir);
+    this.progress({ step: 'rootfs', state: 'done', message: `root filesystem ${key}`, seconds: (Date.now() - t) / 1000 });
+    return join(dir, 'root');
+  }
+
+  private async assemble(
+    recipe: TemplateRecipe,
+    kernel: { path: string; hz: number },
+    agentBin: string,
+    rootfs: string,
+    t0: number,
+  ): Promise<TemplateManifest> {
+    const key = await this.templateKey(recipe);
+    const dir = join(this.imageDir, 'templates', `${recipe.name}-${key}`);
+    const tmp = `${dir}.tmp-${process.pid}`;
+    rmSync(tmp, { recursive: true, force: true });
+    mkdirSync(tmp, { recursive: true });
+    const t = Date.now();
+    this.progress({ step: 'image', state: 'start', message: 'assembling the root filesystem image' });
+    // A hard-linked copy of the cached tree: files we add are new inodes, so the cache is never modified.
+    const staging = join(tmp, 'staging');
+    await runLogged('cp', ['-al', rootfs, staging], join(tmp, 'build.log'));
+    const put = (rel: string, content: string | Buffer, mode: number): void => {
+      const p = join(staging, rel);
+      mkdirSync(join(p, '..'), { recursive: true });
+      if (existsSync(p)) unlinkSync(p);
+      writeFileSync(p, content, { mode });
+    };
+    put('sbin/hutch-agent', readFileSync(agentBin), 0o755);
+    put('etc/hostname', 'hutch\n', 0o644);
+    put('etc/hosts', '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n', 0o644);
+    put('etc/resolv.conf', '', 0o644);
+    put('etc/fstab', '# the agent (PID 1) mounts what the machine needs\n', 0o644);
+    put('etc/machine-id', '', 0o444);
+    mkdirSync(join(staging, 'root'), { recursive: true, mode: 0o700 });
+    const image = join(tmp, 'rootfs.ext4');
+    await runLogged(
+      'mkfs.ext4',
+      ['-q', '-F', '-L', 'hutch-root', '-E', 'root_owner=0:0', '-d', staging, image, `${recipe.diskSizeMb}M`],
+      join(tmp, 'build.log'),
+    );
+    rmSync(staging, { recursive: true, force: true });
+    copyFileSync(kernel.path, join(tmp, 'vmlinux'));
+    const manifest: TemplateManifest = {
+      name: recipe.name,
+      hash: key,
+      kernel: join(dir, 'vmlinux'),
+      rootfs: join(dir, 'rootfs.ext4'),
+      cmdline: 'console=ttyS0 root=/dev/vda rw rootfstype=ext4 init=/sbin/hutch-agent quiet panic=-1 cryptomgr.notests',
+      kernelHz: kernel.hz,
+      builtAt: new Date().toISOString(),
+      buildSeconds: Math.round((Date.now() - t0) / 100) / 10,
+    };
+    writeFileSync(join(tmp, 'manifest.json'), `${JSON.stringify(manifest, null, 2)}\n`);
+    rmSync(dir, { recursive: true, force: true });
+    renameSync(tmp, dir);
+    this.progress({ step: 'image', state: 'done', message: `template ${recipe.name} ${key}`, seconds: (Date.now() - t) / 1000 });
+    return manifest;
+  }
+
+  /** Cross-process lock on the cache: O_EXCL lock file with the holder's pid; a dead holder's lock is taken over. */
+  private async lock(): Promise<() => void> {
+    const path = join(this.imageDir, '.build.lock');
+    for (let waited = 0; ; waited += 200) {
+      try {
+        const fd = openSync(path, 'wx');
+        writeFileSync(fd, String(process.pid));
+        closeSync(fd);
+        return () => rmSync(path, { force: true });
+      } catch {
+        let holder = 0;
+        try {
+          holder = Number(readFileSync(path, 'utf8'));
+        } catch {
+          continue;
+        }
+        let alive = false;
+        try {
+          process.kill(holder, 0);
+          alive = true;
+        } catch {
+          alive = false;
+        }
+        if (!alive || holder === process.pid) {
+          rmSync(path, { force: true });
+          continue;
+        }
+        if (waited % 10_000 === 0)
+          this.progress({ step: 'image', state: 'start', message: `waiting for another build (pid ${holder})` });
+        await new Promise((r) => setTimeout(r, 200));
+      }
+    }
+  }
+}
+
+export function imageSizeMb(path: string): number {
+  return Math.round(statSync(path).size / 1024 / 1024);
+}

@@ -1,0 +1,99 @@
+import { existsSync, mkdirSync, readFileSync, rmdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+
+/**
+ * Per-machine resource caps through cgroups. QEMU's -m and -smp only bound what the guest sees;
+ * the cgroup bounds what the QEMU process may take from the host (guest RAM + device and TCG
+ * overhead, CPU time, process count). cgroup v2 is used when it has the controllers, else v1
+ * (this CI host runs the v1/hybrid layout). Where neither is writable the machine runs without
+ * host-side caps and says so in its `jail` report.
+ */
+export interface CgroupLimits {
+  memoryBytes: number;
+  cpus: number;
+  pids: number;
+}
+
+export interface CgroupHandle {
+  kind: 'v2' | 'v1';
+  paths: string[];
+}
+
+const root = '/sys/fs/cgroup';
+const periodUs = 100_000;
+
+function v2Root(): string | undefined {
+  for (const dir of [root, join(root, 'unified')]) {
+    try {
+      const controllers = readFileSync(join(dir, 'cgroup.controllers'), 'utf8');
+      if (controllers.includes('memory') && controllers.includes('cpu')) return dir;
+    } catch {
+      // not a v2 mount
+    }
+  }
+  return undefined;
+}
+
+function write(path: string, value: string): void {
+  writeFileSync(path, value);
+}
+
+export function cgroupSupport(): 'v2' | 'v1' | 'none' {
+  if (v2Root()) return 'v2';
+  if (existsSync(join(root, 'memory', 'cgroup.procs')) && existsSync(join(root, 'cpu', 'cgroup.procs')))
+    return 'v1';
+  return 'none';
+}
+
+/** Creates the machine's cgroup(s), sets the limits and moves `pid` in. Throws if it can't. */
+export function confine(name: string, pid: number, limits: CgroupLimits): CgroupHandle {
+  const v2 = v2Root();
+  if (v2) {
+    const parent = join(v2, 'hutch');
+    mkdirSync(parent, { recursive: true });
+    try {
+      write(join(parent, 'cgroup.subtree_control'), '+memory +cpu +pids');
+    } catch {
+      // already enabled, or delegated differently; the per-file writes below tell
+    }
+    const dir = join(parent, name);
+    mkdirSync(dir, { recursive: true });
+    write(join(dir, 'memory.max'), String(limits.memoryBytes));
+    write(join(dir, 'cpu.max'), `${Math.round(limits.cpus * periodUs)} ${periodUs}`);
+    write(join(dir, 'pids.max'), String(limits.pids));
+    write(join(dir, 'cgroup.procs'), String(pid));
+    return { kind: 'v2', paths: [dir] };
+  }
+  const paths: string[] = [];
+  const mk = (controller: string): string => {
+    const dir = join(root, controller, 'hutch', name);
+    mkdirSync(dir, { recursive: true });
+    paths.push(dir);
+    return dir;
+  };
+  const mem = mk('memory');
+  write(join(mem, 'memory.limit_in_bytes'), String(limits.memoryBytes));
+  const cpu = mk('cpu');
+  write(join(cpu, 'cpu.cfs_period_us'), String(periodUs));
+  write(join(cpu, 'cpu.cfs_quota_us'), String(Math.round(limits.cpus * periodUs)));
+  if (existsSync(join(root, 'pids', 'cgroup.procs'))) {
+    const pids = mk('pids');
+    write(join(pids, 'pids.max'), String(limits.pids));
+  }
+  // Threads QEMU starts later inherit the cgroup, so moving the process once is enough.
+  for (const dir of paths) write(join(dir, 'cgroup.procs'), String(pid));
+  return { kind: 'v1', paths };
+}
+
+/** Removes a machine's cgroups (they must be empty: call after the QEMU process is gone). */
+export function releaseCgroup(name: string): void {
+  const candidates = [join(root, 'hutch', name), join(root, 'unified', 'hutch', name)];
+  for (const c of ['memory', 'cpu', 'pids']) candidates.push(join(root, c, 'hutch', name));
+  for (const dir of candidates) {
+    try {
+      rmdirSync(dir);
+    } catch {
+      // absent, or not empty yet (the caller retries on the next sweep)
+    }
+  }
+}

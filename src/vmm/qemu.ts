@@ -1,0 +1,182 @@
+import { spawn } from 'node:child_process';
+import { closeSync, openSync, readdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+
+export type Accel = 'kvm' | 'tcg';
+
+/** Everything QEMU needs to boot one machine. Paths are absolute. */
+export interface VmSpec {
+  /** Machine id; also QEMU's -name, which is how a restarted daemon recognises its processes. */
+  id: string;
+  accel: Accel;
+  vcpus: number;
+  memoryMb: number;
+  kernel: string;
+  /** The machine's own writable disk (a qcow2 overlay over the template's read-only image). */
+  disk: string;
+  cmdline: string;
+  runDir: string;
+  /** Drop QEMU's privileges to this user after setup (-runas), when set. */
+  runAs?: string;
+}
+
+export interface RunPaths {
+  qmp: string;
+  agent: string;
+  console: string;
+  pidFile: string;
+  qemuLog: string;
+}
+
+export function runPaths(runDir: string): RunPaths {
+  return {
+    qmp: join(runDir, 'qmp.sock'),
+    agent: join(runDir, 'agent.sock'),
+    console: join(runDir, 'console.sock'),
+    pidFile: join(runDir, 'qemu.pid'),
+    qemuLog: join(runDir, 'qemu.log'),
+  };
+}
+
+export const agentPortName = 'org.hutch.agent.0';
+
+/**
+ * The QEMU command line. microvm + virtio-mmio keeps the device model (and attack surface) to
+ * what a headless machine needs: one disk, a virtio-serial port for the agent, an entropy source
+ * and the serial console. No network device at all unless asked for: isolation by absence.
+ */
+export function qemuArgs(spec: VmSpec): string[] {
+  const p = runPaths(spec.runDir);
+  const accel =
+    spec.accel === 'kvm' ? ['-accel', 'kvm', '-cpu', 'host'] : ['-accel', 'tcg,tb-size=64', '-cpu', 'max'];
+  const args = [
+    '-name',
+    `guest=hutch-${spec.id},debug-threads=on`,
+    '-M',
+    'microvm,x-option-roms=off,isa-serial=on,rtc=on,pit=on,pic=on',
+    ...accel,
+    '-smp',
+    String(spec.vcpus),
+    '-m',
+    `${spec.memoryMb}M`,
+    '-nodefaults',
+    '-no-user-config',
+    '-display',
+    'none',
+    '-no-reboot',
+    '-kernel',
+    spec.kernel,
+    '-append',
+    spec.cmdline,
+    '-chardev',
+    `socket,id=ser0,path=${p.console},server=on,wait=off`,
+    '-serial',
+    'chardev:ser0',
+    '-qmp',
+    `unix:${p.qmp},server=on,wait=off`,
+    '-drive',
+    `id=root,file=${spec.disk},format=qcow2,if=none,discard=unmap,cache=writeback`,
+    '-device',
+    'virtio-blk-device,drive=root',
+    '-device',
+    'virtio-serial-device,max_ports=2',
+    '-chardev',
+    `socket,id=agent,path=${p.agent},server=on,wait=off`,
+    '-device',
+    `virtserialport,chardev=agent,name=${agentPortName}`,
+    '-object',
+    'rng-random,id=rng0,filename=/dev/urandom',
+    '-device',
+    'virtio-rng-device,rng=rng0',
+    '-pidfile',
+    p.pidFile,
+    // seccomp: QEMU may not exec, change privileges or use obsolete syscalls after start.
+    '-sandbox',
+    'on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny',
+  ];
+  if (spec.runAs) args.push('-runas', spec.runAs);
+  return args;
+}
+
+/**
+ * Starts QEMU detached from the daemon (own session, no pipes to us), so that a daemon restart
+ * does not take running machines down with it; the daemon finds them again by pid and -name.
+ */
+export function launchQemu(binary: string, spec: VmSpec): number {
+  const p = runPaths(spec.runDir);
+  const log = openSync(p.qemuLog, 'a');
+  try {
+    const child = spawn(binary, qemuArgs(spec), {
+      detached: true,
+      stdio: ['ignore', log, log],
+      cwd: spec.runDir,
+    });
+    if (child.pid === undefined) throw new Error(`cannot start ${binary}`);
+    child.on('error', () => {
+      // reported through the pid check and the log
+    });
+    child.unref();
+    return child.pid;
+  } finally {
+    closeSync(log);
+  }
+}
+
+export function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+  } catch {
+    return false;
+  }
+  // A zombie still answers kill(0); it is dead for our purposes.
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+    return state !== 'Z' && state !== 'X';
+  } catch {
+    return false;
+  }
+}
+
+/** True when `pid` is the QEMU process of machine `id` (guards against pid reuse after a restart). */
+export function isQemuOf(pid: number, id: string): boolean {
+  try {
+    const argv = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+    return argv.some((a) => a.startsWith(`guest=hutch-${id},`)) && isAlive(pid);
+  } catch {
+    return false;
+  }
+}
+
+/** Every live QEMU process started for a hutch machine, with its machine id and argv. */
+export function listHutchQemus(): { pid: number; id: string; argv: string[] }[] {
+  const out: { pid: number; id: string; argv: string[] }[] = [];
+  for (const e of readdirSync('/proc')) {
+    if (!/^\d+$/.test(e)) continue;
+    try {
+      const argv = readFileSync(`/proc/${e}/cmdline`, 'utf8').split('\0');
+      const name = argv.find((a) => a.startsWith('guest=hutch-'));
+      if (!name) continue;
+      const id = name.slice('guest=hutch-'.length).split(',')[0] ?? '';
+      if (isAlive(Number(e))) out.push({ pid: Number(e), id, argv });
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return out;
+}
+
+/** SIGKILL and wait (bounded) until the process is gone. */
+export async function killAndWait(pid: number, timeoutMs = 5000): Promise<boolean> {
+  try {
+    process.kill(pid, 'SIGKILL');
+  } catch {
+    return true;
+  }
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (!isAlive(pid)) return true;
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  return !isAlive(pid);
+}

@@ -1,0 +1,266 @@
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { AgentConnection, connectAgent } from '../../src/guest/agent-connection.js';
+import { encodeFrame, type Frame, FrameDecoder, FrameType } from '../../src/guest/protocol.js';
+
+/** The repository root: the nearest directory above this file holding package.json. */
+export function repoRoot(): string {
+  let dir = path.dirname(fileURLToPath(import.meta.url));
+  for (;;) {
+    if (existsSync(path.join(dir, 'package.json'))) return dir;
+    const up = path.dirname(dir);
+    if (up === dir) throw new Error('package.json not found above the test file');
+    dir = up;
+  }
+}
+
+/** Path of the agent binary, building it (`make -C agent`) if it is missing. */
+export function agentBinary(): string {
+  const root = repoRoot();
+  const bin = path.join(root, 'agent', 'build', 'hutch-agent');
+  if (!existsSync(bin)) {
+    execFileSync('make', ['-C', path.join(root, 'agent')], { stdio: ['ignore', 'ignore', 'inherit'] });
+  }
+  if (!existsSync(bin)) throw new Error(`make -C agent did not produce ${bin}`);
+  return bin;
+}
+
+/** A temporary directory and a Unix socket path inside it; remove() cleans up. */
+export function tempSocketDir(prefix: string): { dir: string; socketPath: string; remove(): void } {
+  const dir = mkdtempSync(path.join(os.tmpdir(), prefix));
+  return {
+    dir,
+    socketPath: path.join(dir, 's.sock'),
+    remove: () => rmSync(dir, { recursive: true, force: true }),
+  };
+}
+
+/**
+ * A Unix socket server that queues the connections it accepts, so a test can take them one
+ * at a time (the agent in --connect mode reconnects after every host hang-up).
+ */
+export class SocketServer {
+  readonly server: net.Server;
+  private readonly waiting: net.Socket[] = [];
+  private readonly takers: Array<(s: net.Socket) => void> = [];
+  private readonly all = new Set<net.Socket>();
+
+  private constructor(server: net.Server) {
+    this.server = server;
+    server.on('connection', (s) => {
+      this.all.add(s);
+      s.on('close', () => this.all.delete(s));
+      s.on('error', () => {});
+      const taker = this.takers.shift();
+      if (taker) taker(s);
+      else this.waiting.push(s);
+    });
+  }
+
+  static listen(socketPath: string): Promise<SocketServer> {
+    return new Promise((resolve, reject) => {
+      const server = net.createServer();
+      server.once('error', reject);
+      server.listen(socketPath, () => {
+        server.off('error', reject);
+        resolve(new SocketServer(server));
+      });
+    });
+  }
+
+  /** The next accepted connection (queued ones first). */
+  accept(timeoutMs: number): Promise<net.Socket> {
+    const queued = this.waiting.shift();
+    if (queued) return Promise.resolve(queued);
+    return new Promise((resolve, reject) => {
+      const taker = (s: net.Socket): void => {
+        clearTimeout(timer);
+        resolve(s);
+      };
+      const timer = setTimeout(() => {
+        const i = this.takers.indexOf(taker);
+        if (i >= 0) this.takers.splice(i, 1);
+        reject(new Error(`no connection within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.takers.push(taker);
+    });
+  }
+
+  close(): Promise<void> {
+    for (const s of this.all) s.destroy();
+    return new Promise((resolve) => this.server.close(() => resolve()));
+  }
+}
+
+/** A real hutch-agent in --connect mode, connecting to a socket the test listens on. */
+export class AgentProcess {
+  readonly child: ChildProcess;
+  readonly server: SocketServer;
+  private readonly tmp: ReturnType<typeof tempSocketDir>;
+  private log = '';
+
+  private constructor(child: ChildProcess, server: SocketServer, tmp: ReturnType<typeof tempSocketDir>) {
+    this.child = child;
+    this.server = server;
+    this.tmp = tmp;
+    child.stderr?.setEncoding('utf8');
+    child.stderr?.on('data', (d: string) => {
+      this.log = (this.log + d).slice(-20000);
+    });
+  }
+
+  static async start(): Promise<AgentProcess> {
+    const bin = agentBinary();
+    const tmp = tempSocketDir('hutch-agent-test-');
+    const server = await SocketServer.listen(tmp.socketPath);
+    const child = spawn(bin, ['--connect', tmp.socketPath], { stdio: ['ignore', 'ignore', 'pipe'] });
+    return new AgentProcess(child, server, tmp);
+  }
+
+  /** Agent's stderr (last 20 kB), for failure messages. */
+  get stderr(): string {
+    return this.log;
+  }
+
+  /** Takes the agent's next connection and runs the handshake on it. */
+  async connect(timeoutMs = 5000): Promise<AgentConnection> {
+    const socket = await this.server.accept(timeoutMs);
+    return AgentConnection.handshake(socket, { timeoutMs });
+  }
+
+  /**
+   * Hangs up `conn` (the agent then kills that connection's processes) and waits until the
+   * agent has noticed, which it shows by connecting again.
+   */
+  async hangUp(conn: AgentConnection): Promise<void> {
+    conn.close();
+    const again = await this.server.accept(5000);
+    again.destroy();
+  }
+
+  async stop(): Promise<void> {
+    if (this.child.exitCode === null && this.child.signalCode === null) {
+      const exited = new Promise<void>((resolve) => this.child.once('exit', () => resolve()));
+      this.child.kill('SIGTERM');
+      const t = setTimeout(() => this.child.kill('SIGKILL'), 2000);
+      await exited;
+      clearTimeout(t);
+    }
+    await this.server.close();
+    this.tmp.remove();
+  }
+}
+
+/**
+ * A scripted stand-in for the agent, for hostile-guest tests: it answers the handshake
+ * (optionally after stray bytes) and then lets the test read the host's frames and write
+ * anything at all.
+ */
+export class FakeAgent {
+  readonly peer: net.Socket;
+  readonly conn: AgentConnection;
+  private readonly frames: Frame[] = [];
+  private readonly takers: Array<() => void> = [];
+  private readonly cleanup: () => Promise<void>;
+
+  private constructor(peer: net.Socket, conn: AgentConnection, frames: Frame[], cleanup: () => Promise<void>) {
+    this.peer = peer;
+    this.conn = conn;
+    this.frames = frames;
+    this.cleanup = cleanup;
+  }
+
+  /**
+   * Starts a fake agent and connects to it with connectAgent(). `beforePong` is written
+   * just before the PONG, `afterPong` right after it in the same write.
+   */
+  static async start(opts: { beforePong?: Buffer; afterPong?: Buffer } = {}): Promise<FakeAgent> {
+    const tmp = tempSocketDir('hutch-fake-agent-');
+    const server = await SocketServer.listen(tmp.socketPath);
+    const frames: Frame[] = [];
+    let notify: () => void = () => {};
+    const connP = connectAgent(tmp.socketPath, { timeoutMs: 5000 });
+    const peer = await server.accept(5000);
+    const decoder = new FrameDecoder();
+    let answered = false;
+    peer.on('data', (chunk: Buffer) => {
+      decoder.feed(chunk, (f) => {
+        const frame = { type: f.type, stream: f.stream, payload: Buffer.from(f.payload) };
+        if (frame.type === FrameType.PING && !answered) {
+          answered = true;
+          peer.write(
+            Buffer.concat([
+              opts.beforePong ?? Buffer.alloc(0),
+              encodeFrame(FrameType.PONG, 0, frame.payload),
+              opts.afterPong ?? Buffer.alloc(0),
+            ]),
+          );
+          return;
+        }
+        if (frame.type === FrameType.PING) return;
+        frames.push(frame);
+        notify();
+      });
+    });
+    const conn = await connP;
+    const fake = new FakeAgent(peer, conn, frames, async () => {
+      conn.close();
+      peer.destroy();
+      await server.close();
+      tmp.remove();
+    });
+    notify = () => fake.wake();
+    return fake;
+  }
+
+  private wake(): void {
+    const takers = this.takers.splice(0);
+    for (const t of takers) t();
+  }
+
+  /** Frames received from the host so far (PINGs excluded), oldest first. */
+  get received(): readonly Frame[] {
+    return this.frames;
+  }
+
+  /** Waits until `pred` holds for the frames received so far. */
+  async waitFor(pred: (frames: readonly Frame[]) => boolean, timeoutMs = 3000): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    while (!pred(this.frames)) {
+      const left = deadline - Date.now();
+      if (left <= 0) throw new Error('fake agent: condition not met in time');
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, left);
+        this.takers.push(() => {
+          clearTimeout(t);
+          resolve();
+        });
+      });
+    }
+  }
+
+  /** The next frame of `type` (after those already taken by this method). */
+  async next(type: number, timeoutMs = 3000): Promise<Frame> {
+    let found: Frame | undefined;
+    await this.waitFor((frames) => {
+      found = frames.find((f) => f.type === type && !this.taken.has(f));
+      return found !== undefined;
+    }, timeoutMs);
+    this.taken.add(found!);
+    return found!;
+  }
+
+  private readonly taken = new Set<Frame>();
+
+  send(...frames: Buffer[]): void {
+    this.peer.write(Buffer.concat(frames));
+  }
+
+  stop(): Promise<void> {
+    return this.cleanup();
+  }
+}

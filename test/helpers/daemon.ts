@@ -1,0 +1,137 @@
+import { type ChildProcess, spawn } from 'node:child_process';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { repoRoot } from '../../src/paths.js';
+
+export const root = repoRoot();
+export const imageDir = process.env.HUTCH_IMAGE_DIR ?? '/var/lib/hutch/images';
+
+export interface TestDaemon {
+  url: string;
+  stateDir: string;
+  proc: ChildProcess;
+  log: () => string;
+  /** Stops the daemon (machines keep running, as in production). */
+  stop(signal?: NodeJS.Signals): Promise<void>;
+}
+
+/**
+ * Starts the real daemon (`hutch serve`) on a free port and a fresh state directory, sharing the
+ * image cache so the template is built once per test run.
+ */
+export async function startDaemon(
+  opts: { env?: Record<string, string>; stateDir?: string } = {},
+): Promise<TestDaemon> {
+  const stateDir = opts.stateDir ?? mkdtempSync(join(tmpdir(), 'hutch-test-'));
+  const proc = spawn('node', [join(root, 'bin', 'hutch.js'), 'serve', '--port', '0', '--state-dir', stateDir], {
+    env: { ...process.env, HUTCH_IMAGE_DIR: imageDir, HUTCH_LOG_LEVEL: 'info', ...opts.env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let out = '';
+  proc.stdout?.on('data', (b: Buffer) => {
+    out += b.toString();
+  });
+  proc.stderr?.on('data', (b: Buffer) => {
+    out += b.toString();
+  });
+  const url = await new Promise<string>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`daemon did not start in 120 s:\n${out}`)), 120_000);
+    const check = (): void => {
+      const m = /hutch is serving (http:\/\/\S+)/.exec(out);
+      if (m?.[1]) {
+        clearTimeout(timer);
+        resolve(m[1]);
+      }
+    };
+    proc.stderr?.on('data', check);
+    proc.once('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`daemon exited (${code}) during start:\n${out}`));
+    });
+  });
+  return {
+    url,
+    stateDir,
+    proc,
+    log: () => out,
+    stop: (signal: NodeJS.Signals = 'SIGTERM') =>
+      new Promise<void>((resolve) => {
+        if (proc.exitCode !== null || proc.signalCode !== null) return resolve();
+        proc.once('exit', () => resolve());
+        proc.kill(signal);
+      }),
+  };
+}
+
+export interface Json {
+  status: number;
+  body: Record<string, unknown>;
+}
+
+export async function api(base: string, method: string, path: string, body?: unknown, raw?: string): Promise<Json> {
+  const res = await fetch(new URL(path, base), {
+    method,
+    headers: body === undefined && raw === undefined ? {} : { 'content-type': 'application/json' },
+    body: raw ?? (body === undefined ? null : JSON.stringify(body)),
+  });
+  const text = await res.text();
+  return { status: res.status, body: text ? (JSON.parse(text) as Record<string, unknown>) : {} };
+}
+
+/** QEMU processes whose command line mentions this state directory. */
+export function qemusOf(stateDir: string): number[] {
+  const pids: number[] = [];
+  for (const e of readdirSync('/proc')) {
+    if (!/^\d+$/.test(e)) continue;
+    try {
+      const cmd = readFileSync(`/proc/${e}/cmdline`, 'utf8');
+      if (cmd.includes('qemu-system') && cmd.includes(stateDir)) pids.push(Number(e));
+    } catch {
+      // exited meanwhile
+    }
+  }
+  return pids;
+}
+
+/** Deletes every machine, stops the daemon, and fails if any QEMU process or run dir is left. */
+export async function cleanup(d: TestDaemon): Promise<void> {
+  try {
+    const r = await api(d.url, 'GET', '/v1/machines');
+    for (const m of (r.body.machines as { id: string }[] | undefined) ?? []) await api(d.url, 'DELETE', `/v1/machines/${m.id}`);
+  } catch {
+    // daemon already gone: the orphan check below still runs
+  }
+  await d.stop();
+  const left = qemusOf(d.stateDir);
+  for (const pid of left) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // gone
+    }
+  }
+  let runDirs: string[] = [];
+  try {
+    runDirs = readdirSync(join(d.stateDir, 'run'));
+  } catch {
+    // no run dir
+  }
+  rmSync(d.stateDir, { recursive: true, force: true });
+  if (left.length) throw new Error(`orphan qemu processes left: ${left.join(', ')}`);
+  if (runDirs.length) throw new Error(`orphan run dirs left: ${runDirs.join(', ')}`);
+}
+
+export function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+export async function waitFor<T>(what: string, fn: () => Promise<T | undefined>, timeoutMs: number): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn();
+    if (v !== undefined) return v;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(100);
+  }
+}

@@ -1,0 +1,66 @@
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { api, cleanup, qemusOf, root, startDaemon, type TestDaemon } from '../helpers/daemon.js';
+
+describe('bad input gets a clear error and changes nothing', () => {
+  let d: TestDaemon;
+  let id: string;
+  before(async () => {
+    d = await startDaemon();
+    id = String((await api(d.url, 'POST', '/v1/machines', { ttl_seconds: 600 })).body.id);
+  });
+  after(async () => cleanup(d));
+
+  const cases: [string, string, string, unknown, string | undefined, number, string][] = [
+    ['unknown template', 'POST', '/v1/machines', { template: 'cobol' }, undefined, 404, 'TEMPLATE_NOT_FOUND'],
+    ['ttl of the wrong type', 'POST', '/v1/machines', { ttl_seconds: 'soon' }, undefined, 400, 'INVALID_ARGUMENT'],
+    ['malformed JSON', 'POST', '/v1/machines', undefined, '{"template":', 400, 'INVALID_JSON'],
+    ['unknown field', 'POST', '/v1/machines', { tempalte: 'python' }, undefined, 400, 'INVALID_ARGUMENT'],
+    ['bad name', 'POST', '/v1/machines', { name: 'Not A Name' }, undefined, 400, 'INVALID_ARGUMENT'],
+    ['net is not served yet', 'POST', '/v1/machines', { net: true }, undefined, 501, 'NETWORK_UNAVAILABLE'],
+    ['unknown id (GET)', 'GET', '/v1/machines/m-00000000', undefined, undefined, 404, 'MACHINE_NOT_FOUND'],
+    ['unknown id (DELETE)', 'DELETE', '/v1/machines/m-00000000', undefined, undefined, 404, 'MACHINE_NOT_FOUND'],
+    ['unknown id (exec)', 'POST', '/v1/machines/m-00000000/exec', { cmd: ['true'] }, undefined, 404, 'MACHINE_NOT_FOUND'],
+    ['unknown route', 'GET', '/v1/nothing', undefined, undefined, 404, 'ROUTE_NOT_FOUND'],
+    ['wrong method', 'PUT', '/v1/machines', undefined, undefined, 405, 'METHOD_NOT_ALLOWED'],
+  ];
+  for (const [name, method, path, body, raw, status, code] of cases) {
+    test(name, async () => {
+      const before = (await api(d.url, 'GET', '/v1/machines')).body;
+      const r = await api(d.url, method, path, body, raw);
+      assert.equal(r.status, status, JSON.stringify(r.body));
+      assert.equal(r.body.code, code);
+      assert.equal(typeof r.body.message, 'string');
+      assert.ok(String(r.body.message).length > 5);
+      assert.deepEqual((await api(d.url, 'GET', '/v1/machines')).body, before);
+      assert.equal(qemusOf(d.stateDir).length, 1);
+    });
+  }
+
+  test('exec: missing cmd, empty argv, wrong types', async () => {
+    for (const body of [{}, { cmd: [] }, { cmd: [1, 2] }, { cmd: ['true'], timeout_ms: -1 }, { cmd: ['true'], env: { A: 1 } }]) {
+      const r = await api(d.url, 'POST', `/v1/machines/${id}/exec`, body);
+      assert.equal(r.status, 400, JSON.stringify(body));
+      assert.equal(r.body.code, 'INVALID_ARGUMENT');
+    }
+    const r = await api(d.url, 'POST', `/v1/machines/${id}/exec`, undefined, 'not json');
+    assert.equal(r.body.code, 'INVALID_JSON');
+  });
+
+  test('a duplicate name is refused with 409', async () => {
+    const a = await api(d.url, 'POST', '/v1/machines', { name: 'dup' });
+    assert.equal(a.status, 201);
+    const b = await api(d.url, 'POST', '/v1/machines', { name: 'dup' });
+    assert.equal(b.status, 409);
+    assert.equal(b.body.code, 'NAME_TAKEN');
+    await api(d.url, 'DELETE', '/v1/machines/dup');
+  });
+
+  test('/openapi.json is served and matches the checked-in spec/openapi.json', async () => {
+    const served = await (await fetch(new URL('/openapi.json', d.url))).json();
+    const checkedIn = JSON.parse(readFileSync(join(root, 'spec', 'openapi.json'), 'utf8'));
+    assert.deepEqual(served, checkedIn);
+  });
+});
