@@ -19,7 +19,8 @@ if (build.status !== 0) {
 const files = [];
 for (const dir of ['dist/test/unit', 'dist/test/integration']) {
   for (const f of readdirSync(dir).sort()) {
-    if (f.endsWith('.test.js') && (only.length === 0 || only.some((o) => f.includes(o)))) files.push(join(dir, f));
+    if (f.endsWith('.test.js') && (only.length === 0 || only.some((o) => f.includes(o))))
+      files.push(join(dir, f));
   }
 }
 const r = spawnSync('node', ['--test', '--test-concurrency=1', ...files], {

@@ -1,4 +1,5 @@
 import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
 import { type HttpApi, startHttpApi } from './api/http-server.js';
 import type { Config } from './config.js';
 import { Engine } from './engine/engine.js';
@@ -11,7 +12,11 @@ export interface Daemon {
   close(): Promise<void>;
 }
 
-export type Logger = (level: 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>) => void;
+export type Logger = (
+  level: 'info' | 'warn' | 'error',
+  msg: string,
+  fields?: Record<string, unknown>,
+) => void;
 
 export function jsonLogger(minLevel: Config['logLevel']): Logger {
   const order = { debug: 0, info: 1, warn: 2, error: 3 };
@@ -35,7 +40,12 @@ export async function startDaemon(
   const templates = new Map<string, TemplateManifest>();
   for (const name of config.templates) templates.set(name, await builder.build(name));
   const first = templates.values().next().value as TemplateManifest;
-  const accel = await chooseAccel({ forced: config.accel, qemu: config.qemuBinary, kernel: first.kernel });
+  const accel = await chooseAccel({
+    forced: config.accel,
+    qemu: config.qemuBinary,
+    kernel: first.kernel,
+    cacheFile: join(config.imageDir, 'accel-probe.json'),
+  });
   opts.log('info', 'accelerator chosen', { accel: accel.accel, reason: accel.reason });
   const engine = new Engine(config, templates, accel, opts.log);
   await engine.start();

@@ -6,21 +6,57 @@
  */
 export const errorTable = {
   INVALID_JSON: { http: 400, grpc: 'INVALID_ARGUMENT', doc: 'The request body is not valid JSON.' },
-  INVALID_ARGUMENT: { http: 400, grpc: 'INVALID_ARGUMENT', doc: 'A field is missing, of the wrong type or out of range.' },
-  BODY_TOO_LARGE: { http: 413, grpc: 'INVALID_ARGUMENT', doc: 'The request body is larger than the server accepts.' },
+  INVALID_ARGUMENT: {
+    http: 400,
+    grpc: 'INVALID_ARGUMENT',
+    doc: 'A field is missing, of the wrong type or out of range.',
+  },
+  BODY_TOO_LARGE: {
+    http: 413,
+    grpc: 'INVALID_ARGUMENT',
+    doc: 'The request body is larger than the server accepts.',
+  },
   ROUTE_NOT_FOUND: { http: 404, grpc: 'UNIMPLEMENTED', doc: 'No endpoint has this path.' },
   METHOD_NOT_ALLOWED: { http: 405, grpc: 'UNIMPLEMENTED', doc: 'The path exists but not with this method.' },
   TEMPLATE_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No template has this name.' },
   TEMPLATE_NOT_READY: { http: 503, grpc: 'UNAVAILABLE', doc: 'The template exists but is not built yet.' },
-  TEMPLATE_BUILD_FAILED: { http: 500, grpc: 'INTERNAL', doc: 'Building a template failed; the message carries the log tail.' },
+  TEMPLATE_BUILD_FAILED: {
+    http: 500,
+    grpc: 'INTERNAL',
+    doc: 'Building a template failed; the message carries the log tail.',
+  },
   MACHINE_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No machine of yours has this id or name.' },
-  MACHINE_NOT_RUNNING: { http: 409, grpc: 'FAILED_PRECONDITION', doc: 'The machine exists but is not running (starting, failed or being destroyed).' },
+  MACHINE_NOT_RUNNING: {
+    http: 409,
+    grpc: 'FAILED_PRECONDITION',
+    doc: 'The machine exists but is not running (starting, failed or being destroyed).',
+  },
   NAME_TAKEN: { http: 409, grpc: 'ALREADY_EXISTS', doc: 'Another machine of yours already has this name.' },
-  RESOURCE_EXHAUSTED: { http: 429, grpc: 'RESOURCE_EXHAUSTED', doc: 'A cap (running machines or total guest memory) would be exceeded.' },
-  NETWORK_UNAVAILABLE: { http: 501, grpc: 'UNIMPLEMENTED', doc: 'Guest networking ("net": true) is not served by this version; machines are network-isolated.' },
-  BOOT_FAILED: { http: 500, grpc: 'INTERNAL', doc: 'The machine did not boot (QEMU failed or its agent never answered); nothing was left behind.' },
-  AGENT_UNAVAILABLE: { http: 502, grpc: 'UNAVAILABLE', doc: 'The in-guest agent is not answering (the machine died or broke its protocol).' },
-  EXEC_FAILED: { http: 422, grpc: 'FAILED_PRECONDITION', doc: 'The command could not be started in the guest (e.g. ENOENT: no such program).' },
+  RESOURCE_EXHAUSTED: {
+    http: 429,
+    grpc: 'RESOURCE_EXHAUSTED',
+    doc: 'A cap (running machines or total guest memory) would be exceeded.',
+  },
+  NETWORK_UNAVAILABLE: {
+    http: 501,
+    grpc: 'UNIMPLEMENTED',
+    doc: 'Guest networking ("net": true) is not served by this version; machines are network-isolated.',
+  },
+  BOOT_FAILED: {
+    http: 500,
+    grpc: 'INTERNAL',
+    doc: 'The machine did not boot (QEMU failed or its agent never answered); nothing was left behind.',
+  },
+  AGENT_UNAVAILABLE: {
+    http: 502,
+    grpc: 'UNAVAILABLE',
+    doc: 'The in-guest agent is not answering (the machine died or broke its protocol).',
+  },
+  EXEC_FAILED: {
+    http: 422,
+    grpc: 'FAILED_PRECONDITION',
+    doc: 'The command could not be started in the guest (e.g. ENOENT: no such program).',
+  },
   INTERNAL: { http: 500, grpc: 'INTERNAL', doc: 'An unexpected server error; the server log has details.' },
 } as const;
 

@@ -586,8 +586,6 @@ static void loop(void)
 			if (A.fd >= 0 && !A.host)
 				port_read(); /* virtio-serial says "no host" only by EOF on read */
 		}
-		if (A.fd < 0 || !A.host)
-			wake = next_try;
 		if (A.pid1) {
 			int64_t t = console_tick(now);
 			if (t && t < wake)
@@ -642,6 +640,9 @@ static void loop(void)
 			n += (size_t)k;
 		}
 
+		/* Decided only now: any step above may have lost the host. */
+		if ((A.fd < 0 || !A.host) && next_try < wake)
+			wake = next_try;
 		int timeout = 0;
 		if (!A.busy) {
 			int64_t d = wake - now_ms();

@@ -72,6 +72,8 @@ class Host:
         self.conn, _ = self.lsock.accept()
         self.conn.setblocking(False)
         self.buf = b""
+        self.outbox = bytearray()
+        self.sending = False
         self.frames = {}      # stream -> list of (type, payload)
         self.recv_win = {}    # stream -> bytes the agent may still send us
         self.send_win = {}    # stream -> bytes we may still send the agent
@@ -100,14 +102,22 @@ class Host:
         self.conn = None
 
     def sendall(self, data):
-        view = memoryview(data)
-        while view:
-            try:
-                n = self.conn.send(view)
-                view = view[n:]
-            except BlockingIOError:
-                # Keep reading while the agent cannot take more, as a real host would.
-                self.pump(0.01)
+        # pump() below may credit streams, which sends too: queue, so that frames are never
+        # interleaved, and let only the outermost call write.
+        self.outbox += data
+        if self.sending:
+            return
+        self.sending = True
+        try:
+            while self.outbox:
+                try:
+                    n = self.conn.send(self.outbox)
+                    del self.outbox[:n]
+                except BlockingIOError:
+                    # Keep reading while the agent cannot take more, as a real host would.
+                    self.pump(0.01)
+        finally:
+            self.sending = False
 
     def sendf(self, t, stream, payload=b""):
         self.sendall(frame(t, stream, payload))
@@ -238,7 +248,7 @@ def pid_alive(pid):
     try:
         with open("/proc/%d/stat" % pid) as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
+    except OSError:  # gone, possibly between open() and read()
         return False
 
 
@@ -549,6 +559,35 @@ def main():
 
     work = tempfile.mkdtemp(prefix="hutch-agent-test-")
     h = Host(os.path.abspath(a.agent), work)
+    try:
+        passed, failed = run_tests(a, h, passed, failed)
+    finally:
+        if h.proc.poll() is None:
+            h.proc.kill()
+            h.proc.wait()
+        h.log.close()
+    if not a.k:
+        r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                         "pid1-smoke.py"), a.agent],
+                           capture_output=True, text=True, timeout=300)
+        lines = r.stdout.splitlines()
+        sys.stdout.write("\n".join(lines[:-1]) + "\n" + r.stderr)
+        m = re.match(r"(\d+) passed, (\d+) failed", lines[-1] if lines else "")
+        if m:
+            passed += int(m.group(1))
+            failed += int(m.group(2))
+        if r.returncode != 0 and not (m and int(m.group(2))):
+            failed += 1
+    if failed:
+        with open(os.path.join(work, "agent.log"), "rb") as f:
+            print("---- agent log (last 40 lines) ----")
+            print(b"\n".join(f.read().splitlines()[-40:]).decode(errors="replace"))
+    shutil.rmtree(work, ignore_errors=True)
+    print("%d passed, %d failed" % (passed, failed))
+    sys.exit(1 if failed else 0)
+
+
+def run_tests(a, h, passed, failed):
     tests = [
         ("ping", t_ping), ("echo", t_echo), ("stderr", t_stderr), ("exit-code", t_exit_code),
         ("env-cwd", t_env_cwd), ("stdin-cat", t_stdin_cat), ("stdin-devnull", t_stdin_devnull),
@@ -562,7 +601,7 @@ def main():
     for name, fn in tests:
         if a.k and a.k not in name:
             continue
-        tmp = tempfile.mkdtemp(dir=work)
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(h.path))
         start = time.time()
         try:
             if h.conn is None:
@@ -578,26 +617,20 @@ def main():
             print("FAIL %-20s %s" % (name, e))
             if not isinstance(e, Fail):
                 traceback.print_exc()
-            if h.proc.poll() is not None:
-                print("agent died with status %s; restarting" % h.proc.returncode)
-                h.close()
-                h.proc = subprocess.Popen([os.path.abspath(a.agent), "--connect", h.path],
-                                          stdout=h.log, stderr=h.log)
+            try:
+                if h.proc.poll() is not None:
+                    print("agent died with status %s; restarting" % h.proc.returncode)
+                    h.close()
+                    h.proc = subprocess.Popen([os.path.abspath(a.agent), "--connect", h.path],
+                                              stdout=h.log, stderr=h.log)
+                else:
+                    h.close()  # start the next test on a fresh connection
                 h.accept()
-            else:
-                # Start the next test on a fresh connection.
-                h.close()
-                h.accept()
-    if h.proc.poll() is None:
-        h.proc.kill()
-    h.log.close()
-    if failed:
-        with open(os.path.join(work, "agent.log"), "rb") as f:
-            print("---- agent log (last 40 lines) ----")
-            print(b"\n".join(f.read().splitlines()[-40:]).decode(errors="replace"))
-    shutil.rmtree(work, ignore_errors=True)
-    print("%d passed, %d failed" % (passed, failed))
-    sys.exit(1 if failed else 0)
+            except Exception as e2:  # noqa: BLE001
+                print("cannot reconnect to the agent (%s); giving up" % e2)
+                failed += 1
+                break
+    return passed, failed
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ async function readJson(req: IncomingMessage): Promise<unknown> {
   let size = 0;
   for await (const chunk of req as AsyncIterable<Buffer>) {
     size += chunk.length;
-    if (size > maxBodyBytes) throw new HutchError('BODY_TOO_LARGE', `request body over ${maxBodyBytes} bytes`);
+    if (size > maxBodyBytes)
+      throw new HutchError('BODY_TOO_LARGE', `request body over ${maxBodyBytes} bytes`);
     chunks.push(chunk);
   }
   const text = Buffer.concat(chunks).toString('utf8').trim();
@@ -64,7 +65,10 @@ export interface HttpApi {
   close(): Promise<void>;
 }
 
-export async function startHttpApi(engine: Engine, opts: { host: string; port: number; owner: string }): Promise<HttpApi> {
+export async function startHttpApi(
+  engine: Engine,
+  opts: { host: string; port: number; owner: string },
+): Promise<HttpApi> {
   const routes = compile(machineRoutes);
   const openapi = JSON.stringify(openApiDocument());
   const server = createServer((req, res) => {
@@ -92,7 +96,8 @@ export async function startHttpApi(engine: Engine, opts: { host: string; port: n
         sendJson(res, c.route.status, result);
         return;
       }
-      if (pathMatched) throw new HutchError('METHOD_NOT_ALLOWED', `${req.method} is not allowed on ${url.pathname}`);
+      if (pathMatched)
+        throw new HutchError('METHOD_NOT_ALLOWED', `${req.method} is not allowed on ${url.pathname}`);
       throw new HutchError('ROUTE_NOT_FOUND', `no endpoint ${req.method} ${url.pathname}`);
     } catch (e) {
       const err = toHutchError(e);

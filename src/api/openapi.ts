@@ -18,7 +18,10 @@ export function openApiDocument(): Record<string, unknown> {
       summary: r.summary,
       responses: {
         [String(r.status)]: r.response
-          ? { description: 'OK', content: { 'application/json': { schema: z.toJSONSchema(r.response, { io: 'output' }) } } }
+          ? {
+              description: 'OK',
+              content: { 'application/json': { schema: z.toJSONSchema(r.response, { io: 'output' }) } },
+            }
           : { description: 'Done' },
         default: { description: 'Error', content: { 'application/json': { schema: errorJson } } },
       },

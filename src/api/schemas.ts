@@ -33,7 +33,7 @@ export const execBody = z
       .describe('argv (no shell), or a string run with /bin/sh -c.'),
     env: z.record(z.string().regex(/^[^=\0]+$/), z.string()).optional(),
     cwd: z.string().startsWith('/').optional().describe('Working directory, default /root.'),
-    stdin: z.string().optional().describe('Text written to the command\'s standard input (then closed).'),
+    stdin: z.string().optional().describe("Text written to the command's standard input (then closed)."),
     timeout_ms: z
       .number()
       .int()
@@ -75,7 +75,7 @@ export const execResultSchema = z.object({
   timed_out: z.boolean(),
   stdout: z.string(),
   stderr: z.string(),
-  truncated: z.boolean().describe('Output past the server\'s per-stream cap was dropped.'),
+  truncated: z.boolean().describe("Output past the server's per-stream cap was dropped."),
   duration_ms: z.number().int(),
 });
 

@@ -45,7 +45,9 @@ export function progressPrinter(): (p: BuildProgress) => void {
       if (tty) {
         const draw = (): void => {
           const s = Math.round((Date.now() - t0) / 1000);
-          process.stderr.write(`\r${tag} ${p.message} … ${Math.floor(s / 60)}m${String(s % 60).padStart(2, '0')}s`);
+          process.stderr.write(
+            `\r${tag} ${p.message} … ${Math.floor(s / 60)}m${String(s % 60).padStart(2, '0')}s`,
+          );
         };
         draw();
         timer = setInterval(draw, 1000);
@@ -73,7 +75,9 @@ async function serve(flags: Flags): Promise<void> {
   );
   const log = jsonLogger(config.logLevel);
   const daemon = await startDaemon(config, { log, onProgress: progressPrinter() });
-  process.stderr.write(`hutch is serving ${daemon.http.url} (accelerator: ${daemon.engine.health().accel})\n`);
+  process.stderr.write(
+    `hutch is serving ${daemon.http.url} (accelerator: ${daemon.engine.health().accel})\n`,
+  );
   let stopping = false;
   const stop = (): void => {
     if (stopping) return;
@@ -98,7 +102,16 @@ interface MachineJson {
 }
 
 function machineLine(m: MachineJson): string {
-  return [m.id, m.name ?? '-', m.status, m.template, m.mode, m.boot_ms === null ? '-' : `${m.boot_ms}ms`, m.expires_at ?? 'never', m.error ?? '']
+  return [
+    m.id,
+    m.name ?? '-',
+    m.status,
+    m.template,
+    m.mode,
+    m.boot_ms === null ? '-' : `${m.boot_ms}ms`,
+    m.expires_at ?? 'never',
+    m.error ?? '',
+  ]
     .join('\t')
     .trimEnd();
 }
@@ -161,7 +174,8 @@ async function main(argv: string[]): Promise<void> {
       const body: Record<string, unknown> = { template: (flags.template as string | undefined) ?? 'python' };
       if (flags.ttl !== undefined) {
         const ttl = Number(flags.ttl);
-        if (!Number.isInteger(ttl)) fail(`--ttl must be a whole number of seconds, got ${JSON.stringify(flags.ttl)}`);
+        if (!Number.isInteger(ttl))
+          fail(`--ttl must be a whole number of seconds, got ${JSON.stringify(flags.ttl)}`);
         body.ttl_seconds = ttl;
       }
       if (flags.persistent) body.persistent = true;
@@ -215,7 +229,13 @@ async function main(argv: string[]): Promise<void> {
       if (flags.cwd) body.cwd = flags.cwd;
       if (flags.timeout) body.timeout_ms = Number(flags.timeout);
       if (flags.interactive) body.stdin = readFileSync(0, 'utf8');
-      const r = await client.exec<{ exit_code: number | null; signal: number | null; stdout: string; stderr: string; timed_out: boolean }>(id, body);
+      const r = await client.exec<{
+        exit_code: number | null;
+        signal: number | null;
+        stdout: string;
+        stderr: string;
+        timed_out: boolean;
+      }>(id, body);
       if (json) {
         printJson(r);
       } else {

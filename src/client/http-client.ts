@@ -26,7 +26,11 @@ export class HutchClient {
       });
     } catch (e) {
       const cause = (e as { cause?: { code?: string } }).cause?.code ?? (e as Error).message;
-      throw new ApiError(0, 'UNREACHABLE', `cannot reach the hutch daemon at ${this.baseUrl} (${cause}); is \`hutch serve\` running?`);
+      throw new ApiError(
+        0,
+        'UNREACHABLE',
+        `cannot reach the hutch daemon at ${this.baseUrl} (${cause}); is \`hutch serve\` running?`,
+      );
     }
     const text = await res.text();
     const json: unknown = text ? JSON.parse(text) : undefined;

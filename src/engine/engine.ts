@@ -129,8 +129,15 @@ export class Engine {
         this.log('info', 'adopted running machine', { id: row.id, pid: row.pid });
         return;
       } catch (e) {
-        this.log('warn', 'running machine does not answer; destroying it', { id: row.id, error: (e as Error).message });
-        await this.teardown(row, 'failed', `agent did not answer after daemon restart: ${(e as Error).message}`);
+        this.log('warn', 'running machine does not answer; destroying it', {
+          id: row.id,
+          error: (e as Error).message,
+        });
+        await this.teardown(
+          row,
+          'failed',
+          `agent did not answer after daemon restart: ${(e as Error).message}`,
+        );
         return;
       }
     }
@@ -150,7 +157,8 @@ export class Engine {
     const rows = this.store.list();
     const active = rows.filter((r) => r.state === 'running' || r.state === 'starting');
     const templates: Record<string, 'ready' | 'not built'> = {};
-    for (const name of Object.keys(templateRecipes)) templates[name] = this.templates.has(name) ? 'ready' : 'not built';
+    for (const name of Object.keys(templateRecipes))
+      templates[name] = this.templates.has(name) ? 'ready' : 'not built';
     return {
       status: 'ok',
       running: rows.filter((r) => r.state === 'running').length,
@@ -158,7 +166,10 @@ export class Engine {
       accel: this.accel.accel,
       accel_reason: this.accel.reason,
       templates,
-      guest_memory_mb: { used: active.reduce((s, r) => s + r.memory_mb, 0), cap: this.config.maxGuestMemoryMb },
+      guest_memory_mb: {
+        used: active.reduce((s, r) => s + r.memory_mb, 0),
+        cap: this.config.maxGuestMemoryMb,
+      },
       max_machines: this.config.maxMachines,
       uptime_s: Math.round((Date.now() - this.startedAt) / 1000),
     };
@@ -174,7 +185,8 @@ export class Engine {
 
   private find(owner: string, idOrName: string): MachineRow {
     const row = this.store.get(idOrName) ?? this.store.findByName(owner, idOrName);
-    if (!row || row.owner !== owner) throw new HutchError('MACHINE_NOT_FOUND', `no machine ${JSON.stringify(idOrName)}`);
+    if (!row || row.owner !== owner)
+      throw new HutchError('MACHINE_NOT_FOUND', `no machine ${JSON.stringify(idOrName)}`);
     return row;
   }
 
@@ -182,10 +194,17 @@ export class Engine {
     const t0 = performance.now();
     if (this.closing) throw new HutchError('AGENT_UNAVAILABLE', 'the daemon is shutting down');
     if (!templateRecipes[req.template])
-      throw new HutchError('TEMPLATE_NOT_FOUND', `no template named ${JSON.stringify(req.template)}; known: ${Object.keys(templateRecipes).join(', ')}`);
+      throw new HutchError(
+        'TEMPLATE_NOT_FOUND',
+        `no template named ${JSON.stringify(req.template)}; known: ${Object.keys(templateRecipes).join(', ')}`,
+      );
     const manifest = this.templates.get(req.template);
     if (!manifest) throw new HutchError('TEMPLATE_NOT_READY', `template ${req.template} is not built yet`);
-    if (req.net) throw new HutchError('NETWORK_UNAVAILABLE', 'guest networking ("net": true) is not available in this version; machines have no network');
+    if (req.net)
+      throw new HutchError(
+        'NETWORK_UNAVAILABLE',
+        'guest networking ("net": true) is not available in this version; machines have no network',
+      );
     if (req.name !== undefined && this.store.findByName(owner, req.name))
       throw new HutchError('NAME_TAKEN', `a machine named ${JSON.stringify(req.name)} already exists`);
 
@@ -219,7 +238,8 @@ export class Engine {
       this.store.insertMachine(row, (active) => this.admit(active, row));
     } catch (e) {
       if (e instanceof HutchError) throw e;
-      if (/UNIQUE/.test((e as Error).message)) throw new HutchError('NAME_TAKEN', `a machine named ${JSON.stringify(req.name)} already exists`);
+      if (/UNIQUE/.test((e as Error).message))
+        throw new HutchError('NAME_TAKEN', `a machine named ${JSON.stringify(req.name)} already exists`);
       throw e;
     }
 
@@ -279,13 +299,18 @@ export class Engine {
       const current = this.store.get(id);
       if (current) await this.teardown(current, 'deleted');
       if (e instanceof HutchError) throw e;
-      throw new HutchError('BOOT_FAILED', `machine did not boot: ${(e as Error).message}`, { console_tail: tail });
+      throw new HutchError('BOOT_FAILED', `machine did not boot: ${(e as Error).message}`, {
+        console_tail: tail,
+      });
     }
   }
 
   private admit(active: MachineRow[], row: MachineRow): void {
     if (active.length + 1 > this.config.maxMachines)
-      throw new HutchError('RESOURCE_EXHAUSTED', `at most ${this.config.maxMachines} machines may run at once (${active.length} running)`);
+      throw new HutchError(
+        'RESOURCE_EXHAUSTED',
+        `at most ${this.config.maxMachines} machines may run at once (${active.length} running)`,
+      );
     const used = active.reduce((s, r) => s + r.memory_mb, 0);
     if (used + row.memory_mb > this.config.maxGuestMemoryMb)
       throw new HutchError(
@@ -295,7 +320,12 @@ export class Engine {
   }
 
   /** Connects to the agent, failing fast (with the console's last words) if QEMU dies first. */
-  private async waitForAgent(id: string, pid: number, runDir: string, console: ConsoleTap): Promise<AgentConnection> {
+  private async waitForAgent(
+    id: string,
+    pid: number,
+    runDir: string,
+    console: ConsoleTap,
+  ): Promise<AgentConnection> {
     const abort = new AbortController();
     const deadline = this.config.bootTimeoutMs;
     const died = new Promise<never>((_, reject) => {
@@ -304,7 +334,11 @@ export class Engine {
         if (!isAlive(pid)) {
           clearInterval(t);
           const log = safeRead(runPaths(runDir).qemuLog).trim().split('\n').slice(-3).join(' | ');
-          reject(new Error(`qemu exited during boot${log ? `: ${log}` : ''}; console: ${console.recent().toString('utf8').slice(-300)}`));
+          reject(
+            new Error(
+              `qemu exited during boot${log ? `: ${log}` : ''}; console: ${console.recent().toString('utf8').slice(-300)}`,
+            ),
+          );
         }
       }, 25);
     });
@@ -314,6 +348,12 @@ export class Engine {
         died,
       ]);
     } catch (e) {
+      // A dead QEMU also breaks the agent socket; the exit is the more useful report.
+      await new Promise((r) => setTimeout(r, 30));
+      if (!isAlive(pid)) {
+        const log = safeRead(runPaths(runDir).qemuLog).trim().split('\n').slice(-3).join(' | ');
+        throw new Error(`qemu exited during boot${log ? ` (${log})` : ''}`);
+      }
       throw new Error(`${id}: ${(e as Error).message}`);
     } finally {
       abort.abort();
@@ -325,7 +365,7 @@ export class Engine {
     void agent.closed.then(async (err: Error | undefined) => {
       const row = this.store.get(id);
       const live = this.live.get(id);
-      if (!row || row.state !== 'running' || !live || live.agent !== agent) return;
+      if (row?.state !== 'running' || !live || live.agent !== agent) return;
       // The agent connection drops when QEMU dies; tell the two apart.
       await new Promise((r) => setTimeout(r, 50));
       if (!isAlive(live.pid)) {
@@ -358,7 +398,7 @@ export class Engine {
 
   private async expire(id: string): Promise<void> {
     const row = this.store.get(id);
-    if (!row || !row.expires_at || new Date(row.expires_at).getTime() > Date.now() + 5) return;
+    if (!row?.expires_at || new Date(row.expires_at).getTime() > Date.now() + 5) return;
     this.log('info', 'machine expired', { id });
     await this.teardown(row, 'deleted');
   }
@@ -419,7 +459,10 @@ export class Engine {
     const row = this.find(owner, idOrName);
     const live = this.live.get(row.id);
     if (row.state !== 'running' || !live?.agent)
-      throw new HutchError('MACHINE_NOT_RUNNING', `machine ${row.id} is ${row.state}${row.error ? `: ${row.error}` : ''}`);
+      throw new HutchError(
+        'MACHINE_NOT_RUNNING',
+        `machine ${row.id} is ${row.state}${row.error ? `: ${row.error}` : ''}`,
+      );
     const t0 = performance.now();
     try {
       const r = await live.agent.execCollect(
@@ -430,7 +473,10 @@ export class Engine {
           stdin: req.stdin !== undefined,
           ...(req.timeoutMs ? { timeoutMs: req.timeoutMs } : {}),
         },
-        { ...(req.stdin !== undefined ? { stdin: req.stdin } : {}), maxOutputBytes: this.config.execMaxOutputBytes },
+        {
+          ...(req.stdin !== undefined ? { stdin: req.stdin } : {}),
+          maxOutputBytes: this.config.execMaxOutputBytes,
+        },
       );
       return {
         exit_code: r.exitCode,
@@ -443,9 +489,13 @@ export class Engine {
       };
     } catch (e) {
       if (e instanceof AgentError)
-        throw new HutchError('EXEC_FAILED', `cannot run ${JSON.stringify(req.argv[0])}: ${e.code}${e.agentMessage ? ` (${e.agentMessage})` : ''}`, {
-          errno: e.code,
-        });
+        throw new HutchError(
+          'EXEC_FAILED',
+          `cannot run ${JSON.stringify(req.argv[0])}: ${e.code}${e.agentMessage ? ` (${e.agentMessage})` : ''}`,
+          {
+            errno: e.code,
+          },
+        );
       throw new HutchError('AGENT_UNAVAILABLE', `machine ${row.id}: ${(e as Error).message}`);
     }
   }

@@ -66,7 +66,9 @@ export class Store {
 
   private migrate(): void {
     this.db.exec('CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)');
-    const row = this.db.prepare('SELECT version FROM schema_version').get() as { version: number } | undefined;
+    const row = this.db.prepare('SELECT version FROM schema_version').get() as
+      | { version: number }
+      | undefined;
     let version = row?.version ?? 0;
     if (!row) this.db.prepare('INSERT INTO schema_version (version) VALUES (0)').run();
     for (; version < migrations.length; version++) {

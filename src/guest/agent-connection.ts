@@ -117,7 +117,10 @@ export class AgentError extends Error {
 export class AgentClosedError extends Error {
   readonly code = 'EAGENTCLOSED';
   constructor(reason: Error | undefined) {
-    super(`agent connection closed${reason ? `: ${reason.message}` : ''}`, reason ? { cause: reason } : undefined);
+    super(
+      `agent connection closed${reason ? `: ${reason.message}` : ''}`,
+      reason ? { cause: reason } : undefined,
+    );
     this.name = 'AgentClosedError';
   }
 }
@@ -540,7 +543,9 @@ class ExecStream extends StreamBase implements ExecHandle {
       this.hostTimer = setTimeout(() => {
         // The agent should have killed it at timeoutMs: stop waiting and kill it ourselves.
         this.hostTimedOut = true;
-        this.cancelStream(new AgentTimeoutError(`exec ${JSON.stringify(req.argv[0] ?? '')} timed out after ${limit} ms`));
+        this.cancelStream(
+          new AgentTimeoutError(`exec ${JSON.stringify(req.argv[0] ?? '')} timed out after ${limit} ms`),
+        );
       }, limit + EXEC_TIMEOUT_GRACE_MS);
       this.hostTimer.unref();
     }
@@ -565,7 +570,8 @@ class ExecStream extends StreamBase implements ExecHandle {
 
   write(data: Buffer | string): Promise<void> {
     const buf = typeof data === 'string' ? Buffer.from(data, 'utf8') : data;
-    if (!this.req.stdin) return handled(Promise.reject(new TypeError('exec was started without stdin: true')));
+    if (!this.req.stdin)
+      return handled(Promise.reject(new TypeError('exec was started without stdin: true')));
     if (this.stdinEnded) return handled(Promise.reject(new Error('write after end()')));
     const p = this.stdinChain.then(() => this.sendPayload(FrameType.STDIN, buf));
     this.stdinChain = p;
@@ -720,7 +726,9 @@ class FileReadStream extends StreamBase implements ReadFileHandle {
         this.finish();
         if (done.size !== this.data.received) {
           this.doneD.reject(
-            new Error(`read of ${this.path}: agent reported ${done.size} bytes but sent ${this.data.received}`),
+            new Error(
+              `read of ${this.path}: agent reported ${done.size} bytes but sent ${this.data.received}`,
+            ),
           );
         } else {
           this.doneD.resolve(done);
@@ -786,7 +794,9 @@ class FileWriteStream extends StreamBase {
         const done = parseDone(msg);
         this.finish();
         if (done.size !== this.sent) {
-          this.doneD.reject(new Error(`write of ${this.path}: sent ${this.sent} bytes but the agent wrote ${done.size}`));
+          this.doneD.reject(
+            new Error(`write of ${this.path}: sent ${this.sent} bytes but the agent wrote ${done.size}`),
+          );
         } else {
           this.doneD.resolve(done);
         }
@@ -865,7 +875,9 @@ export class AgentConnection {
         if (this.streams.get(stream.id) === stream) this.streams.delete(stream.id);
       },
     };
-    socket.on('data', (chunk: Buffer | string) => this.onData(typeof chunk === 'string' ? Buffer.from(chunk) : chunk));
+    socket.on('data', (chunk: Buffer | string) =>
+      this.onData(typeof chunk === 'string' ? Buffer.from(chunk) : chunk),
+    );
     socket.on('error', (err: Error) => this.destroy(err));
     socket.on('end', () => this.destroy(this.peerGone()));
     socket.on('close', () => this.destroy(this.peerGone()));
@@ -907,7 +919,8 @@ export class AgentConnection {
         // Same tick: the connection's own listener is attached before any other chunk.
         resolve(new AgentConnection(socket, rest, nonce));
       };
-      const onError = (err: Error): void => fail(new Error(`agent handshake failed: ${err.message}`, { cause: err }));
+      const onError = (err: Error): void =>
+        fail(new Error(`agent handshake failed: ${err.message}`, { cause: err }));
       const onClose = (): void => fail(new Error('agent handshake failed: the socket closed before PONG'));
       const onAbort = (): void => fail(toError(opts.signal?.reason ?? new Error('aborted')));
       const timer = setTimeout(
@@ -969,8 +982,9 @@ export class AgentConnection {
   }
 
   exec(req: ExecRequest): ExecHandle {
-    const stream = new ExecStream(this.allocId(), this.internals, req);
-    const frame = encodeExec(stream.id, req); // throws on a bad request, before registering
+    const id = this.allocId();
+    const frame = encodeExec(id, req); // throws on a bad request, before anything exists
+    const stream = new ExecStream(id, this.internals, req);
     this.register(stream, frame);
     return stream;
   }
@@ -1030,7 +1044,8 @@ export class AgentConnection {
       } else {
         for await (const chunk of data as AsyncIterable<unknown>) {
           if (typeof chunk === 'string') await stream.send(Buffer.from(chunk, 'utf8'));
-          else if (chunk instanceof Uint8Array) await stream.send(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length));
+          else if (chunk instanceof Uint8Array)
+            await stream.send(Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length));
           else throw new TypeError('writeFile: the source stream must yield Buffers or strings');
         }
       }
@@ -1115,7 +1130,11 @@ export class AgentConnection {
     } catch (err) {
       // Only ProtocolErrors come from guest bytes; anything else is a host bug, but it must
       // not escape into the socket's event emitter either.
-      this.destroy(err instanceof ProtocolError ? err : new Error(`agent frame handling failed: ${toError(err).message}`));
+      this.destroy(
+        err instanceof ProtocolError
+          ? err
+          : new Error(`agent frame handling failed: ${toError(err).message}`),
+      );
     }
   }
 
@@ -1148,7 +1167,10 @@ export class AgentConnection {
   private ignore(): void {
     this.ignored++;
     if (this.ignored > MAX_IGNORED_FRAMES) {
-      throw new ProtocolError('unknown-stream', `more than ${MAX_IGNORED_FRAMES} frames for unknown or finished streams`);
+      throw new ProtocolError(
+        'unknown-stream',
+        `more than ${MAX_IGNORED_FRAMES} frames for unknown or finished streams`,
+      );
     }
   }
 

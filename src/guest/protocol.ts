@@ -205,7 +205,9 @@ export class FrameDecoder {
   feed(chunk: Uint8Array, onFrame: (frame: Frame) => void): void {
     if (this.failure) throw this.failure;
     if (chunk.length > 0) {
-      this.chunks.push(Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length));
+      this.chunks.push(
+        Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length),
+      );
       this.buffered += chunk.length;
     }
     try {
@@ -217,7 +219,11 @@ export class FrameDecoder {
         checkType(this.peekByte(LEN_SIZE));
         if (this.buffered < LEN_SIZE + len) return;
         const bytes = this.take(LEN_SIZE + len);
-        onFrame({ type: bytes.readUInt8(4), stream: bytes.readUInt32BE(5), payload: bytes.subarray(HEADER_SIZE) });
+        onFrame({
+          type: bytes.readUInt8(4),
+          stream: bytes.readUInt32BE(5),
+          payload: bytes.subarray(HEADER_SIZE),
+        });
         if (this.failure) return;
       }
     } catch (err) {
@@ -255,7 +261,9 @@ export class FrameDecoder {
   private peekU32(): number {
     const first = this.chunks[0]!;
     if (first.length >= 4) return first.readUInt32BE(0);
-    return ((this.peekByte(0) << 24) | (this.peekByte(1) << 16) | (this.peekByte(2) << 8) | this.peekByte(3)) >>> 0;
+    return (
+      ((this.peekByte(0) << 24) | (this.peekByte(1) << 16) | (this.peekByte(2) << 8) | this.peekByte(3)) >>> 0
+    );
   }
 
   private take(n: number): Buffer {
@@ -303,13 +311,19 @@ export function parseTlv(payload: Buffer): Tlv[] {
   let off = 0;
   while (off < payload.length) {
     if (payload.length - off < 5) {
-      throw new ProtocolError('truncated', `TLV header at offset ${off} needs 5 bytes, ${payload.length - off} left`);
+      throw new ProtocolError(
+        'truncated',
+        `TLV header at offset ${off} needs 5 bytes, ${payload.length - off} left`,
+      );
     }
     const tag = payload.readUInt8(off);
     const len = payload.readUInt32BE(off + 1);
     off += 5;
     if (len > payload.length - off) {
-      throw new ProtocolError('truncated', `TLV field ${tag} of ${len} bytes, only ${payload.length - off} left`);
+      throw new ProtocolError(
+        'truncated',
+        `TLV field ${tag} of ${len} bytes, only ${payload.length - off} left`,
+      );
     }
     out.push({ tag, value: payload.subarray(off, off + len) });
     off += len;
@@ -350,7 +364,10 @@ export interface Message {
   fields: Field[];
 }
 
-type TagSpec = { kind: 'bytes'; key: string } | { kind: 'uint'; key: string; width: UintWidth } | { kind: 'pty' };
+type TagSpec =
+  | { kind: 'bytes'; key: string }
+  | { kind: 'uint'; key: string; width: UintWidth }
+  | { kind: 'pty' };
 
 type PayloadSpec =
   | { layout: 'empty' }
@@ -484,7 +501,8 @@ export function decodeMessage(frame: Frame): Message {
       if (p.length !== 0) throw new ProtocolError('too-large', `${name} carries ${p.length} payload bytes`);
       break;
     case 'bytes':
-      if (p.length > spec.max) throw new ProtocolError('too-large', `${name} payload ${p.length} > ${spec.max}`);
+      if (p.length > spec.max)
+        throw new ProtocolError('too-large', `${name} payload ${p.length} > ${spec.max}`);
       fields.push({ kind: 'bytes', key: spec.key, tag: null, value: p });
       break;
     case 'fixed': {
@@ -492,7 +510,13 @@ export function decodeMessage(frame: Frame): Message {
       checkFixedLength(name, p.length, total);
       let off = 0;
       for (const f of spec.fields) {
-        fields.push({ kind: 'uint', key: f.key, tag: null, width: f.width, value: readUint(p, off, f.width) });
+        fields.push({
+          kind: 'uint',
+          key: f.key,
+          tag: null,
+          width: f.width,
+          value: readUint(p, off, f.width),
+        });
         off += f.width;
       }
       break;
@@ -509,7 +533,13 @@ export function decodeMessage(frame: Frame): Message {
           fields.push({ kind: 'uint', key: t.key, tag, width: t.width, value: readUint(value, 0, t.width) });
         } else {
           checkFixedLength(`${name} field pty`, value.length, 4);
-          fields.push({ kind: 'pty', key: 'pty', tag, cols: value.readUInt16BE(0), rows: value.readUInt16BE(2) });
+          fields.push({
+            kind: 'pty',
+            key: 'pty',
+            tag,
+            cols: value.readUInt16BE(0),
+            rows: value.readUInt16BE(2),
+          });
         }
       }
       break;
@@ -608,7 +638,8 @@ function u16(what: string, n: number): Buffer {
 }
 
 function u32(what: string, n: number): Buffer {
-  if (!Number.isInteger(n) || n < 0 || n > 0xffffffff) throw new RangeError(`${what} must be a u32, got ${n}`);
+  if (!Number.isInteger(n) || n < 0 || n > 0xffffffff)
+    throw new RangeError(`${what} must be a u32, got ${n}`);
   const b = Buffer.allocUnsafe(4);
   b.writeUInt32BE(n, 0);
   return b;
@@ -621,7 +652,9 @@ function u8(what: string, n: number): Buffer {
 
 function frameWithPayload(type: number, stream: number, payload: Buffer, what: string): Buffer {
   if (payload.length > MAX_PAYLOAD) {
-    throw new RangeError(`${what} request of ${payload.length} bytes exceeds the ${MAX_PAYLOAD}-byte frame limit`);
+    throw new RangeError(
+      `${what} request of ${payload.length} bytes exceeds the ${MAX_PAYLOAD}-byte frame limit`,
+    );
   }
   return encodeFrame(type, stream, payload);
 }
@@ -631,19 +664,28 @@ export function encodeExec(stream: number, req: ExecRequestFields): Buffer {
   const fields: Tlv[] = [];
   for (const a of req.argv) fields.push({ tag: ExecTag.ARG, value: noNul('argv element', a) });
   for (const [k, v] of Object.entries(req.env ?? {})) {
-    if (k.length === 0 || k.includes('=')) throw new TypeError(`bad environment variable name: ${JSON.stringify(k)}`);
+    if (k.length === 0 || k.includes('='))
+      throw new TypeError(`bad environment variable name: ${JSON.stringify(k)}`);
     fields.push({ tag: ExecTag.ENV, value: noNul('environment', `${k}=${v}`) });
   }
   if (req.cwd !== undefined) fields.push({ tag: ExecTag.CWD, value: noNul('cwd', req.cwd) });
   if (req.pty !== undefined) {
-    fields.push({ tag: ExecTag.PTY, value: Buffer.concat([u16('pty cols', req.pty.cols), u16('pty rows', req.pty.rows)]) });
+    fields.push({
+      tag: ExecTag.PTY,
+      value: Buffer.concat([u16('pty cols', req.pty.cols), u16('pty rows', req.pty.rows)]),
+    });
   }
-  if (req.timeoutMs !== undefined) fields.push({ tag: ExecTag.TIMEOUT_MS, value: u32('timeoutMs', req.timeoutMs) });
+  if (req.timeoutMs !== undefined)
+    fields.push({ tag: ExecTag.TIMEOUT_MS, value: u32('timeoutMs', req.timeoutMs) });
   fields.push({ tag: ExecTag.STDIN, value: u8('stdin', req.stdin ? 1 : 0) });
   return frameWithPayload(FrameType.EXEC, stream, encodeTlv(fields), 'EXEC');
 }
 
-export function encodeFileWrite(stream: number, path: string, opts: { mode?: number; mkdirs?: boolean }): Buffer {
+export function encodeFileWrite(
+  stream: number,
+  path: string,
+  opts: { mode?: number; mkdirs?: boolean },
+): Buffer {
   const fields: Tlv[] = [{ tag: FileWriteTag.PATH, value: noNul('path', path) }];
   if (opts.mode !== undefined) fields.push({ tag: FileWriteTag.MODE, value: u32('mode', opts.mode) });
   if (opts.mkdirs) fields.push({ tag: FileWriteTag.MKDIRS, value: u8('mkdirs', 1) });
@@ -734,7 +776,8 @@ export function parseError(msg: Message): ErrorInfo {
 
 export function parseDone(msg: Message): DoneInfo {
   const size = uintField(msg, 'size') ?? 0n;
-  if (size > BigInt(Number.MAX_SAFE_INTEGER)) throw new ProtocolError('too-large', `DONE size ${size} is absurd`);
+  if (size > BigInt(Number.MAX_SAFE_INTEGER))
+    throw new ProtocolError('too-large', `DONE size ${size} is absurd`);
   return { size: Number(size), mode: Number(uintField(msg, 'mode') ?? 0n) };
 }
 

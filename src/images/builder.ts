@@ -87,7 +87,11 @@ export class TemplateBuilder extends EventEmitter {
     try {
       const existing = await this.lookup(name);
       if (existing) {
-        this.progress({ step: 'image', state: 'cached', message: `template ${name} is up to date (${existing.hash})` });
+        this.progress({
+          step: 'image',
+          state: 'cached',
+          message: `template ${name} is up to date (${existing.hash})`,
+        });
         return existing;
       }
       const t0 = Date.now();
@@ -98,7 +102,10 @@ export class TemplateBuilder extends EventEmitter {
       return manifest;
     } catch (e) {
       if (e instanceof HutchError) throw e;
-      throw new HutchError('TEMPLATE_BUILD_FAILED', `building template ${name} failed: ${(e as Error).message}`);
+      throw new HutchError(
+        'TEMPLATE_BUILD_FAILED',
+        `building template ${name} failed: ${(e as Error).message}`,
+      );
     } finally {
       release();
     }
@@ -108,7 +115,8 @@ export class TemplateBuilder extends EventEmitter {
     const dir = join(this.root, 'images', 'kernel');
     let sourceVersion = 'unknown';
     try {
-      sourceVersion = await runCapture('dpkg-query', ['-W', '-f=${Version}', 'linux-source-6.1']);
+      // Default output is "name<TAB>version".
+      sourceVersion = (await runCapture('dpkg-query', ['-W', 'linux-source-6.1'])).trim().split('\t')[1] ?? 'unknown';
     } catch {
       // not installed: the build step says so clearly
     }
@@ -160,11 +168,24 @@ export class TemplateBuilder extends EventEmitter {
     rmSync(tmp, { recursive: true, force: true });
     mkdirSync(tmp, { recursive: true });
     const t = Date.now();
-    this.progress({ step: 'kernel', state: 'start', message: 'building the guest kernel from linux-source-6.1 (~5 min on 2 cores)' });
-    await runLogged('bash', [join(this.root, 'images', 'kernel', 'build-kernel.sh'), tmp], join(tmp, 'steps.log'));
+    this.progress({
+      step: 'kernel',
+      state: 'start',
+      message: 'building the guest kernel from linux-source-6.1 (~5 min on 2 cores)',
+    });
+    await runLogged(
+      'bash',
+      [join(this.root, 'images', 'kernel', 'build-kernel.sh'), tmp],
+      join(tmp, 'steps.log'),
+    );
     rmSync(dir, { recursive: true, force: true });
     renameSync(tmp, dir);
-    this.progress({ step: 'kernel', state: 'done', message: `kernel ${key}`, seconds: (Date.now() - t) / 1000 });
+    this.progress({
+      step: 'kernel',
+      state: 'done',
+      message: `kernel ${key}`,
+      seconds: (Date.now() - t) / 1000,
+    });
     return { path: vmlinux, hz: hzOf() };
   }
 
@@ -174,7 +195,12 @@ export class TemplateBuilder extends EventEmitter {
     writeFileSync(log, '');
     await runLogged('make', ['-C', join(this.root, 'agent'), '--no-print-directory'], log);
     const bin = join(this.root, 'agent', 'build', 'hutch-agent');
-    this.progress({ step: 'agent', state: 'done', message: `agent ${fileHash(bin)}`, seconds: (Date.now() - t) / 1000 });
+    this.progress({
+      step: 'agent',
+      state: 'done',
+      message: `agent ${fileHash(bin)}`,
+      seconds: (Date.now() - t) / 1000,
+    });
     return bin;
   }
 
@@ -201,7 +227,12 @@ export class TemplateBuilder extends EventEmitter {
     );
     rmSync(dir, { recursive: true, force: true });
     renameSync(tmp, dir);
-    this.progress({ step: 'rootfs', state: 'done', message: `root filesystem ${key}`, seconds: (Date.now() - t) / 1000 });
+    this.progress({
+      step: 'rootfs',
+      state: 'done',
+      message: `root filesystem ${key}`,
+      seconds: (Date.now() - t) / 1000,
+    });
     return join(dir, 'root');
   }
 
@@ -248,7 +279,8 @@ export class TemplateBuilder extends EventEmitter {
       hash: key,
       kernel: join(dir, 'vmlinux'),
       rootfs: join(dir, 'rootfs.ext4'),
-      cmdline: 'console=ttyS0 root=/dev/vda rw rootfstype=ext4 init=/sbin/hutch-agent quiet panic=-1 cryptomgr.notests',
+      cmdline:
+        'console=ttyS0 root=/dev/vda rw rootfstype=ext4 init=/sbin/hutch-agent quiet panic=-1 cryptomgr.notests',
       kernelHz: kernel.hz,
       builtAt: new Date().toISOString(),
       buildSeconds: Math.round((Date.now() - t0) / 100) / 10,
@@ -256,7 +288,12 @@ export class TemplateBuilder extends EventEmitter {
     writeFileSync(join(tmp, 'manifest.json'), `${JSON.stringify(manifest, null, 2)}\n`);
     rmSync(dir, { recursive: true, force: true });
     renameSync(tmp, dir);
-    this.progress({ step: 'image', state: 'done', message: `template ${recipe.name} ${key}`, seconds: (Date.now() - t) / 1000 });
+    this.progress({
+      step: 'image',
+      state: 'done',
+      message: `template ${recipe.name} ${key}`,
+      seconds: (Date.now() - t) / 1000,
+    });
     return manifest;
   }
 
@@ -288,7 +325,11 @@ export class TemplateBuilder extends EventEmitter {
           continue;
         }
         if (waited % 10_000 === 0)
-          this.progress({ step: 'image', state: 'start', message: `waiting for another build (pid ${holder})` });
+          this.progress({
+            step: 'image',
+            state: 'start',
+            message: `waiting for another build (pid ${holder})`,
+          });
         await new Promise((r) => setTimeout(r, 200));
       }
     }

@@ -2,7 +2,12 @@ import { spawn } from 'node:child_process';
 import { closeSync, openSync, readFileSync } from 'node:fs';
 
 /** Runs a build step, its output going to a log file; rejects with the log's tail on failure. */
-export function runLogged(cmd: string, args: string[], logPath: string, env?: NodeJS.ProcessEnv): Promise<void> {
+export function runLogged(
+  cmd: string,
+  args: string[],
+  logPath: string,
+  env?: NodeJS.ProcessEnv,
+): Promise<void> {
   const fd = openSync(logPath, 'a');
   return new Promise<void>((resolve, reject) => {
     const child = spawn(cmd, args, { stdio: ['ignore', fd, fd], env: { ...process.env, ...env } });
@@ -14,7 +19,9 @@ export function runLogged(cmd: string, args: string[], logPath: string, env?: No
       closeSync(fd);
       if (code === 0) return resolve();
       const tail = readFileSync(logPath, 'utf8').split('\n').slice(-25).join('\n');
-      reject(new Error(`${cmd} ${args.join(' ')} failed (${signal ?? `exit ${code}`}); log ${logPath}:\n${tail}`));
+      reject(
+        new Error(`${cmd} ${args.join(' ')} failed (${signal ?? `exit ${code}`}); log ${logPath}:\n${tail}`),
+      );
     });
   });
 }
@@ -32,6 +39,10 @@ export function runCapture(cmd: string, args: string[]): Promise<string> {
       err += b.toString();
     });
     child.on('error', (e) => reject(new Error(`${cmd}: ${e.message}`)));
-    child.on('close', (code) => (code === 0 ? resolve(out) : reject(new Error(`${cmd} ${args.join(' ')}: ${err.trim() || `exit ${code}`}`))));
+    child.on('close', (code) =>
+      code === 0
+        ? resolve(out)
+        : reject(new Error(`${cmd} ${args.join(' ')}: ${err.trim() || `exit ${code}`}`)),
+    );
   });
 }

@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process';
-import { constants, accessSync } from 'node:fs';
+import { accessSync, constants, readFileSync, writeFileSync } from 'node:fs';
 import type { Accel } from './qemu.js';
 
 export interface AccelChoice {
@@ -19,6 +19,8 @@ export async function chooseAccel(opts: {
   qemu: string;
   kernel: string;
   timeoutMs?: number;
+  /** Remembers the probe's answer for this host boot and kernel, so restarts don't pay for it again. */
+  cacheFile?: string;
 }): Promise<AccelChoice> {
   if (opts.forced !== 'auto') return { accel: opts.forced, reason: 'forced by config' };
   try {
@@ -26,20 +28,44 @@ export async function chooseAccel(opts: {
   } catch {
     return { accel: 'tcg', reason: '/dev/kvm is not available' };
   }
-  const r = await probeKvm(opts.qemu, opts.kernel, opts.timeoutMs ?? 15_000);
-  return r.ok
+  const key = `${bootId()} ${opts.qemu} ${opts.kernel}`;
+  if (opts.cacheFile) {
+    try {
+      const cached = JSON.parse(readFileSync(opts.cacheFile, 'utf8')) as { key: string; choice: AccelChoice };
+      if (cached.key === key)
+        return { ...cached.choice, reason: `${cached.choice.reason} (probed earlier this boot)` };
+    } catch {
+      // no cache yet
+    }
+  }
+  const r = await probeKvm(opts.qemu, opts.kernel, opts.timeoutMs ?? 8000);
+  const choice: AccelChoice = r.ok
     ? { accel: 'kvm', reason: `kvm probe booted in ${r.ms} ms` }
     : { accel: 'tcg', reason: `kvm probe failed: ${r.why}` };
+  if (opts.cacheFile) writeFileSync(opts.cacheFile, JSON.stringify({ key, choice }));
+  return choice;
 }
 
-function probeKvm(qemu: string, kernel: string, timeoutMs: number): Promise<{ ok: boolean; ms: number; why: string }> {
+function bootId(): string {
+  try {
+    return readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
+  } catch {
+    return 'unknown';
+  }
+}
+
+function probeKvm(
+  qemu: string,
+  kernel: string,
+  timeoutMs: number,
+): Promise<{ ok: boolean; ms: number; why: string }> {
   const t0 = Date.now();
   return new Promise((resolve) => {
     const child = spawn(
       qemu,
       [
         '-M',
-        'microvm,x-option-roms=off,isa-serial=on,rtc=on',
+        'microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off',
         '-accel',
         'kvm',
         '-cpu',
@@ -75,12 +101,24 @@ function probeKvm(qemu: string, kernel: string, timeoutMs: number): Promise<{ ok
       out = (out + b.toString('latin1')).slice(-16_384);
       if (/Kernel panic|VFS: Unable to mount root|Cannot open root device/.test(out)) finish(true, '');
       else if (/KVM internal error|emulation failure|failed to initialize kvm|KVM: entry failed/i.test(out))
-        finish(false, (/(KVM internal error[^\n]*|emulation failure[^\n]*|failed to initialize kvm[^\n]*)/i.exec(out)?.[1] ?? 'KVM error').trim());
+        finish(
+          false,
+          (
+            /(KVM internal error[^\n]*|emulation failure[^\n]*|failed to initialize kvm[^\n]*)/i.exec(
+              out,
+            )?.[1] ?? 'KVM error'
+          ).trim(),
+        );
     };
     child.stdout.on('data', onData);
     child.stderr.on('data', onData);
     child.on('error', (e) => finish(false, e.message));
-    child.on('close', (code) => finish(false, `qemu exited (${code}) before the kernel finished booting: ${out.trim().split('\n').slice(-2).join(' | ')}`));
+    child.on('close', (code) =>
+      finish(
+        false,
+        `qemu exited (${code}) before the kernel finished booting: ${out.trim().split('\n').slice(-2).join(' | ')}`,
+      ),
+    );
     const timer = setTimeout(() => finish(false, `no boot within ${timeoutMs} ms`), timeoutMs);
   });
 }

@@ -53,7 +53,9 @@ export function qemuArgs(spec: VmSpec): string[] {
     '-name',
     `guest=hutch-${spec.id},debug-threads=on`,
     '-M',
-    'microvm,x-option-roms=off,isa-serial=on,rtc=on,pit=on,pic=on',
+    // acpi=off: QEMU then lists the virtio-mmio devices on the kernel command line, which our
+    // ACPI-less kernel reads (VIRTIO_MMIO_CMDLINE_DEVICES).
+    'microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off',
     ...accel,
     '-smp',
     String(spec.vcpus),

@@ -167,7 +167,12 @@ export class FakeAgent {
   private readonly takers: Array<() => void> = [];
   private readonly cleanup: () => Promise<void>;
 
-  private constructor(peer: net.Socket, conn: AgentConnection, frames: Frame[], cleanup: () => Promise<void>) {
+  private constructor(
+    peer: net.Socket,
+    conn: AgentConnection,
+    frames: Frame[],
+    cleanup: () => Promise<void>,
+  ) {
     this.peer = peer;
     this.conn = conn;
     this.frames = frames;
@@ -190,18 +195,18 @@ export class FakeAgent {
     peer.on('data', (chunk: Buffer) => {
       decoder.feed(chunk, (f) => {
         const frame = { type: f.type, stream: f.stream, payload: Buffer.from(f.payload) };
-        if (frame.type === FrameType.PING && !answered) {
+        if (frame.type === FrameType.PING) {
+          const pong = encodeFrame(FrameType.PONG, 0, frame.payload);
+          if (answered) {
+            peer.write(pong);
+            return;
+          }
           answered = true;
           peer.write(
-            Buffer.concat([
-              opts.beforePong ?? Buffer.alloc(0),
-              encodeFrame(FrameType.PONG, 0, frame.payload),
-              opts.afterPong ?? Buffer.alloc(0),
-            ]),
+            Buffer.concat([opts.beforePong ?? Buffer.alloc(0), pong, opts.afterPong ?? Buffer.alloc(0)]),
           );
           return;
         }
-        if (frame.type === FrameType.PING) return;
         frames.push(frame);
         notify();
       });

@@ -24,10 +24,14 @@ export async function startDaemon(
   opts: { env?: Record<string, string>; stateDir?: string } = {},
 ): Promise<TestDaemon> {
   const stateDir = opts.stateDir ?? mkdtempSync(join(tmpdir(), 'hutch-test-'));
-  const proc = spawn('node', [join(root, 'bin', 'hutch.js'), 'serve', '--port', '0', '--state-dir', stateDir], {
-    env: { ...process.env, HUTCH_IMAGE_DIR: imageDir, HUTCH_LOG_LEVEL: 'info', ...opts.env },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
+  const proc = spawn(
+    'node',
+    [join(root, 'bin', 'hutch.js'), 'serve', '--port', '0', '--state-dir', stateDir],
+    {
+      env: { ...process.env, HUTCH_IMAGE_DIR: imageDir, HUTCH_LOG_LEVEL: 'info', ...opts.env },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    },
+  );
   let out = '';
   proc.stdout?.on('data', (b: Buffer) => {
     out += b.toString();
@@ -69,7 +73,13 @@ export interface Json {
   body: Record<string, unknown>;
 }
 
-export async function api(base: string, method: string, path: string, body?: unknown, raw?: string): Promise<Json> {
+export async function api(
+  base: string,
+  method: string,
+  path: string,
+  body?: unknown,
+  raw?: string,
+): Promise<Json> {
   const res = await fetch(new URL(path, base), {
     method,
     headers: body === undefined && raw === undefined ? {} : { 'content-type': 'application/json' },
@@ -98,7 +108,8 @@ export function qemusOf(stateDir: string): number[] {
 export async function cleanup(d: TestDaemon): Promise<void> {
   try {
     const r = await api(d.url, 'GET', '/v1/machines');
-    for (const m of (r.body.machines as { id: string }[] | undefined) ?? []) await api(d.url, 'DELETE', `/v1/machines/${m.id}`);
+    for (const m of (r.body.machines as { id: string }[] | undefined) ?? [])
+      await api(d.url, 'DELETE', `/v1/machines/${m.id}`);
   } catch {
     // daemon already gone: the orphan check below still runs
   }
@@ -126,7 +137,11 @@ export function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
 
-export async function waitFor<T>(what: string, fn: () => Promise<T | undefined>, timeoutMs: number): Promise<T> {
+export async function waitFor<T>(
+  what: string,
+  fn: () => Promise<T | undefined>,
+  timeoutMs: number,
+): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const v = await fn();

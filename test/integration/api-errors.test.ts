@@ -15,14 +15,38 @@ describe('bad input gets a clear error and changes nothing', () => {
 
   const cases: [string, string, string, unknown, string | undefined, number, string][] = [
     ['unknown template', 'POST', '/v1/machines', { template: 'cobol' }, undefined, 404, 'TEMPLATE_NOT_FOUND'],
-    ['ttl of the wrong type', 'POST', '/v1/machines', { ttl_seconds: 'soon' }, undefined, 400, 'INVALID_ARGUMENT'],
+    [
+      'ttl of the wrong type',
+      'POST',
+      '/v1/machines',
+      { ttl_seconds: 'soon' },
+      undefined,
+      400,
+      'INVALID_ARGUMENT',
+    ],
     ['malformed JSON', 'POST', '/v1/machines', undefined, '{"template":', 400, 'INVALID_JSON'],
     ['unknown field', 'POST', '/v1/machines', { tempalte: 'python' }, undefined, 400, 'INVALID_ARGUMENT'],
     ['bad name', 'POST', '/v1/machines', { name: 'Not A Name' }, undefined, 400, 'INVALID_ARGUMENT'],
     ['net is not served yet', 'POST', '/v1/machines', { net: true }, undefined, 501, 'NETWORK_UNAVAILABLE'],
     ['unknown id (GET)', 'GET', '/v1/machines/m-00000000', undefined, undefined, 404, 'MACHINE_NOT_FOUND'],
-    ['unknown id (DELETE)', 'DELETE', '/v1/machines/m-00000000', undefined, undefined, 404, 'MACHINE_NOT_FOUND'],
-    ['unknown id (exec)', 'POST', '/v1/machines/m-00000000/exec', { cmd: ['true'] }, undefined, 404, 'MACHINE_NOT_FOUND'],
+    [
+      'unknown id (DELETE)',
+      'DELETE',
+      '/v1/machines/m-00000000',
+      undefined,
+      undefined,
+      404,
+      'MACHINE_NOT_FOUND',
+    ],
+    [
+      'unknown id (exec)',
+      'POST',
+      '/v1/machines/m-00000000/exec',
+      { cmd: ['true'] },
+      undefined,
+      404,
+      'MACHINE_NOT_FOUND',
+    ],
     ['unknown route', 'GET', '/v1/nothing', undefined, undefined, 404, 'ROUTE_NOT_FOUND'],
     ['wrong method', 'PUT', '/v1/machines', undefined, undefined, 405, 'METHOD_NOT_ALLOWED'],
   ];
@@ -40,7 +64,13 @@ describe('bad input gets a clear error and changes nothing', () => {
   }
 
   test('exec: missing cmd, empty argv, wrong types', async () => {
-    for (const body of [{}, { cmd: [] }, { cmd: [1, 2] }, { cmd: ['true'], timeout_ms: -1 }, { cmd: ['true'], env: { A: 1 } }]) {
+    for (const body of [
+      {},
+      { cmd: [] },
+      { cmd: [1, 2] },
+      { cmd: ['true'], timeout_ms: -1 },
+      { cmd: ['true'], env: { A: 1 } },
+    ]) {
       const r = await api(d.url, 'POST', `/v1/machines/${id}/exec`, body);
       assert.equal(r.status, 400, JSON.stringify(body));
       assert.equal(r.body.code, 'INVALID_ARGUMENT');

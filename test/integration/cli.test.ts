@@ -38,9 +38,12 @@ describe('the hutch CLI', () => {
     assert.equal(v.status, 0);
     assert.match(v.stdout, /^Python 3\.\d+\.\d+\n$/);
     const failing = hutch(d, 'exec', m.id, '--', 'sh', '-c', 'echo oops >&2; exit 3');
-    assert.equal(failing.status, 3, 'hutch exec exits with the command\'s exit code');
+    assert.equal(failing.status, 3, "hutch exec exits with the command's exit code");
     assert.equal(failing.stderr, 'oops\n');
-    const j = JSON.parse(hutch(d, 'exec', '--json', m.id, '--', 'echo', 'hi').stdout) as { stdout: string; exit_code: number };
+    const j = JSON.parse(hutch(d, 'exec', '--json', m.id, '--', 'echo', 'hi').stdout) as {
+      stdout: string;
+      exit_code: number;
+    };
     assert.deepEqual([j.stdout, j.exit_code], ['hi\n', 0]);
 
     const rm = hutch(d, 'rm', '--json', m.id);
@@ -55,7 +58,9 @@ describe('the hutch CLI', () => {
     assert.match(r.stderr, /MACHINE_NOT_FOUND/);
     const j = hutch(d, 'rm', '--json', 'm-00000000');
     assert.equal(JSON.parse(j.stdout).code, 'MACHINE_NOT_FOUND');
-    const down = spawnSync('node', [join(root, 'bin', 'hutch.js'), 'ls', '--url', 'http://127.0.0.1:1'], { encoding: 'utf8' });
+    const down = spawnSync('node', [join(root, 'bin', 'hutch.js'), 'ls', '--url', 'http://127.0.0.1:1'], {
+      encoding: 'utf8',
+    });
     assert.equal(down.status, 1);
     assert.match(down.stderr, /cannot reach the hutch daemon/);
   });

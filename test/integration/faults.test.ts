@@ -11,9 +11,13 @@ describe('daemon restart with a machine running', () => {
   for (const signal of ['SIGTERM', 'SIGKILL'] as const) {
     test(`after ${signal} the new daemon adopts the machine, which keeps its files and answers exec`, async () => {
       d ??= await startDaemon();
-      const m = (await api(d.url, 'POST', '/v1/machines', { ttl_seconds: 600, name: `keep-${signal.toLowerCase()}` })).body;
+      const m = (
+        await api(d.url, 'POST', '/v1/machines', { ttl_seconds: 600, name: `keep-${signal.toLowerCase()}` })
+      ).body;
       assert.equal(m.status, 'running');
-      const w = await api(d.url, 'POST', `/v1/machines/${m.id}/exec`, { cmd: 'echo precious > /root/note; sync' });
+      const w = await api(d.url, 'POST', `/v1/machines/${m.id}/exec`, {
+        cmd: 'echo precious > /root/note; sync',
+      });
       assert.equal(w.body.exit_code, 0);
       const pidsBefore = qemusOf(d.stateDir);
       await d.stop(signal);
@@ -61,7 +65,10 @@ describe('QEMU killed under a running machine', () => {
     assert.equal(h.body.running, 0);
     // The daemon is fine: a new machine boots and works.
     const m2 = (await api(d.url, 'POST', '/v1/machines', {})).body;
-    assert.equal((await api(d.url, 'POST', `/v1/machines/${m2.id}/exec`, { cmd: ['true'] })).body.exit_code, 0);
+    assert.equal(
+      (await api(d.url, 'POST', `/v1/machines/${m2.id}/exec`, { cmd: ['true'] })).body.exit_code,
+      0,
+    );
     assert.equal((await api(d.url, 'DELETE', `/v1/machines/${m.id}`)).status, 204);
     assert.equal((await api(d.url, 'GET', `/v1/machines/${m.id}`)).status, 404);
   });

@@ -57,33 +57,43 @@ describe('machines: create → exec → delete', () => {
       { exit_code: r.body.exit_code, stdout: r.body.stdout, stderr: r.body.stderr },
       { exit_code: 0, stdout: '42\n', stderr: '' },
     );
-    const e = (await api(d.url, 'POST', `/v1/machines/${m.id}/exec`, { cmd: ['sh', '-c', 'echo out; echo err >&2; exit 7'] }))
-      .body as unknown as Exec;
+    const e = (
+      await api(d.url, 'POST', `/v1/machines/${m.id}/exec`, {
+        cmd: ['sh', '-c', 'echo out; echo err >&2; exit 7'],
+      })
+    ).body as unknown as Exec;
     assert.equal(e.exit_code, 7);
     assert.equal(e.stdout, 'out\n');
     assert.equal(e.stderr, 'err\n');
   });
 
   test('the guest is the machine it says it is: hostname, node, python', async () => {
-    const r = (await api(d.url, 'POST', `/v1/machines/${m.id}/exec`, { cmd: 'hostname; node -e "console.log(1+1)"; python3 -m pip --version >/dev/null && echo pip' }))
-      .body as unknown as Exec;
+    const r = (
+      await api(d.url, 'POST', `/v1/machines/${m.id}/exec`, {
+        cmd: 'hostname; node -e "console.log(1+1)"; python3 -m pip --version >/dev/null && echo pip',
+      })
+    ).body as unknown as Exec;
     assert.equal(r.stdout, `${m.id}\n2\npip\n`);
   });
 
   test('stdin, env and cwd reach the command', async () => {
-    const r = (await api(d.url, 'POST', `/v1/machines/${m.id}/exec`, {
-      cmd: ['sh', '-c', 'cat; echo "$GREETING"; pwd'],
-      stdin: 'from stdin\n',
-      env: { GREETING: 'hello' },
-      cwd: '/tmp',
-    })).body as unknown as Exec;
+    const r = (
+      await api(d.url, 'POST', `/v1/machines/${m.id}/exec`, {
+        cmd: ['sh', '-c', 'cat; echo "$GREETING"; pwd'],
+        stdin: 'from stdin\n',
+        env: { GREETING: 'hello' },
+        cwd: '/tmp',
+      })
+    ).body as unknown as Exec;
     assert.equal(r.stdout, 'from stdin\nhello\n/tmp\n');
   });
 
   test('a 10 MB output arrives whole', async () => {
-    const r = (await api(d.url, 'POST', `/v1/machines/${m.id}/exec`, {
-      cmd: ['python3', '-c', 'import sys; sys.stdout.write("0123456789abcdef" * 655360)'],
-    })).body as unknown as Exec;
+    const r = (
+      await api(d.url, 'POST', `/v1/machines/${m.id}/exec`, {
+        cmd: ['python3', '-c', 'import sys; sys.stdout.write("0123456789abcdef" * 655360)'],
+      })
+    ).body as unknown as Exec;
     assert.equal(r.exit_code, 0);
     assert.equal(r.truncated, false);
     assert.equal(r.stdout.length, 16 * 655360);
@@ -93,8 +103,9 @@ describe('machines: create → exec → delete', () => {
 
   test('a command that outlives its timeout is killed and says so', async () => {
     const t0 = Date.now();
-    const r = (await api(d.url, 'POST', `/v1/machines/${m.id}/exec`, { cmd: ['sleep', '30'], timeout_ms: 1500 }))
-      .body as unknown as Exec;
+    const r = (
+      await api(d.url, 'POST', `/v1/machines/${m.id}/exec`, { cmd: ['sleep', '30'], timeout_ms: 1500 })
+    ).body as unknown as Exec;
     assert.equal(r.timed_out, true);
     assert.equal(r.exit_code, null);
     assert.equal(r.signal, 9);
@@ -111,7 +122,9 @@ describe('machines: create → exec → delete', () => {
   test('execs run concurrently', async () => {
     const t0 = Date.now();
     const rs = await Promise.all(
-      [1, 2, 3, 4].map((i) => api(d.url, 'POST', `/v1/machines/${m.id}/exec`, { cmd: ['sh', '-c', `sleep 2; echo ${i}`] })),
+      [1, 2, 3, 4].map((i) =>
+        api(d.url, 'POST', `/v1/machines/${m.id}/exec`, { cmd: ['sh', '-c', `sleep 2; echo ${i}`] }),
+      ),
     );
     assert.deepEqual(
       rs.map((r) => r.body.stdout),

@@ -34,7 +34,13 @@ function loadVectors(): Vector[] {
       const [name, hex, expect] = parts as [string, string, string];
       assert.match(hex, /^([0-9a-f]{2})*$/, `vectors line ${i + 1}: bad hex`);
       const valid = !name.startsWith('!');
-      out.push({ line: i + 1, name: valid ? name : name.slice(1), bytes: Buffer.from(hex, 'hex'), expect, valid });
+      out.push({
+        line: i + 1,
+        name: valid ? name : name.slice(1),
+        bytes: Buffer.from(hex, 'hex'),
+        expect,
+        valid,
+      });
     });
   return out;
 }

@@ -53,7 +53,12 @@ function kindOf(fn: () => unknown): string {
 function sampleFrames(): Buffer[] {
   return [
     encodePing(Buffer.from('0123456789abcdef')),
-    encodeExec(1, { argv: ['sh', '-c', 'echo hi'], env: { A: '1' }, cwd: '/tmp', pty: { cols: 80, rows: 24 } }),
+    encodeExec(1, {
+      argv: ['sh', '-c', 'echo hi'],
+      env: { A: '1' },
+      cwd: '/tmp',
+      pty: { cols: 80, rows: 24 },
+    }),
     encodeFrame(FrameType.STARTED, 1, Buffer.from([0, 0, 4, 210])),
     encodeFrame(FrameType.STDOUT, 1, Buffer.alloc(MAX_PAYLOAD, 0x41)),
     encodeFrame(FrameType.STDERR, 1, Buffer.from('oops\n')),
@@ -268,7 +273,10 @@ describe('messages', () => {
       canonicalText(f),
       'EXEC stream=5 arg="ls" arg="-l" env="A=x=y" cwd="/w" pty=100x40 timeout_ms=1500 stdin=1',
     );
-    assert.equal(canonicalText(decodeFrame(encodeExec(6, { argv: ['true'] }))), 'EXEC stream=6 arg="true" stdin=0');
+    assert.equal(
+      canonicalText(decodeFrame(encodeExec(6, { argv: ['true'] }))),
+      'EXEC stream=6 arg="true" stdin=0',
+    );
   });
 
   it('refuses requests the agent could not honour', () => {
@@ -284,7 +292,10 @@ describe('messages', () => {
 
   it('encodes the other host frames', () => {
     const t = (b: Buffer) => canonicalText(decodeFrame(b));
-    assert.equal(t(encodeFileWrite(2, '/a', { mode: 0o600, mkdirs: true })), 'FILE_WRITE stream=2 path="/a" mode=384 mkdirs=1');
+    assert.equal(
+      t(encodeFileWrite(2, '/a', { mode: 0o600, mkdirs: true })),
+      'FILE_WRITE stream=2 path="/a" mode=384 mkdirs=1',
+    );
     assert.equal(t(encodeFileWrite(2, '/a', {})), 'FILE_WRITE stream=2 path="/a"');
     assert.equal(t(encodeFileRead(3, '/b')), 'FILE_READ stream=3 path="/b"');
     assert.equal(t(encodeSignal(4, 15)), 'SIGNAL stream=4 signal=15');
@@ -295,36 +306,62 @@ describe('messages', () => {
   it('parses the agent frames, skipping unknown tags', () => {
     const tlv = (type: number, fields: [number, Buffer][]) =>
       decodeMessage(
-        decodeFrame(
-          encodeFrame(
-            type,
-            1,
-            encodeTlv(fields.map(([tag, value]) => ({ tag, value }))),
-          ),
-        ),
+        decodeFrame(encodeFrame(type, 1, encodeTlv(fields.map(([tag, value]) => ({ tag, value }))))),
       );
     const u32 = (n: number) => {
       const b = Buffer.alloc(4);
       b.writeUInt32BE(n);
       return b;
     };
-    assert.deepEqual(parseExit(tlv(FrameType.EXIT, [[9, Buffer.from('zz')], [1, u32(7)]])), {
-      exitCode: 7,
-      signal: null,
-      timedOut: false,
-    });
-    assert.deepEqual(parseExit(tlv(FrameType.EXIT, [[2, u32(9)], [3, Buffer.from([1])]])), {
-      exitCode: null,
-      signal: 9,
-      timedOut: true,
-    });
-    assert.deepEqual(parseError(tlv(FrameType.ERROR, [[1, Buffer.from('ENOENT')], [2, Buffer.from('no such')]])), {
-      code: 'ENOENT',
-      message: 'no such',
-    });
+    assert.deepEqual(
+      parseExit(
+        tlv(FrameType.EXIT, [
+          [9, Buffer.from('zz')],
+          [1, u32(7)],
+        ]),
+      ),
+      {
+        exitCode: 7,
+        signal: null,
+        timedOut: false,
+      },
+    );
+    assert.deepEqual(
+      parseExit(
+        tlv(FrameType.EXIT, [
+          [2, u32(9)],
+          [3, Buffer.from([1])],
+        ]),
+      ),
+      {
+        exitCode: null,
+        signal: 9,
+        timedOut: true,
+      },
+    );
+    assert.deepEqual(
+      parseError(
+        tlv(FrameType.ERROR, [
+          [1, Buffer.from('ENOENT')],
+          [2, Buffer.from('no such')],
+        ]),
+      ),
+      {
+        code: 'ENOENT',
+        message: 'no such',
+      },
+    );
     const size = Buffer.alloc(8);
     size.writeBigUInt64BE(5n * 1024n * 1024n);
-    assert.deepEqual(parseDone(tlv(FrameType.DONE, [[1, size], [2, u32(0o644)]])), { size: 5242880, mode: 0o644 });
+    assert.deepEqual(
+      parseDone(
+        tlv(FrameType.DONE, [
+          [1, size],
+          [2, u32(0o644)],
+        ]),
+      ),
+      { size: 5242880, mode: 0o644 },
+    );
     assert.deepEqual(parseTlv(Buffer.alloc(0)), []);
     assert.equal(
       kindOf(() => parseTlv(Buffer.from([1, 0, 0, 0, 9, 1]))),
