@@ -6,11 +6,19 @@ import { type AgentConnection, AgentError, connectAgent } from '../guest/agent-c
 import type { TemplateManifest } from '../images/builder.js';
 import { templateRecipes } from '../images/recipes.js';
 import type { AccelChoice } from '../vmm/accel.js';
-import { cgroupSupport, confine, releaseCgroup } from '../vmm/cgroup.js';
+import { cgroupSupport, confine, listMachineCgroups, releaseCgroup } from '../vmm/cgroup.js';
 import { ConsoleTap } from '../vmm/console.js';
 import { createOverlay } from '../vmm/disk.js';
 import { tcgTimingArgs } from '../vmm/host.js';
-import { isAlive, isQemuOf, killAndWait, launchQemu, listHutchQemus, runPaths } from '../vmm/qemu.js';
+import {
+  isAlive,
+  isQemuOf,
+  killAndWait,
+  launchQemu,
+  listHutchQemus,
+  runPaths,
+  stopQemu,
+} from '../vmm/qemu.js';
 import { newMachineId } from './ids.js';
 import { type MachineView, toView } from './machine-view.js';
 import { type MachineRow, Store } from './store.js';
@@ -110,6 +118,12 @@ export class Engine {
     }
     for (const dir of readdirSync(this.runRoot)) {
       if (!this.store.get(dir)) rmSync(join(this.runRoot, dir), { recursive: true, force: true });
+    }
+    // cgroups are named by machine id, which is unique across daemons: one with no live QEMU
+    // and no running row anywhere here is debris from a crash.
+    const liveIds = new Set(listHutchQemus().map((q) => q.id));
+    for (const name of listMachineCgroups()) {
+      if (!liveIds.has(name)) await releaseCgroup(name, 100);
     }
     this.sweeper = setInterval(() => this.sweep(), 500);
     this.sweeper.unref();
@@ -439,8 +453,9 @@ export class Engine {
       live?.agent?.close();
       live?.console.stop();
       const pid = live?.pid ?? row.pid;
-      if (pid !== null && pid !== undefined && isQemuOf(pid, row.id)) await killAndWait(pid);
-      releaseCgroup(row.id);
+      if (pid !== null && pid !== undefined && isQemuOf(pid, row.id))
+        await stopQemu(pid, runPaths(row.run_dir).qmp);
+      if (!(await releaseCgroup(row.id))) this.log('warn', 'cgroup not removed yet', { id: row.id });
       rmSync(row.run_dir, { recursive: true, force: true });
       if (outcome === 'deleted') {
         this.store.delete(row.id);

@@ -116,7 +116,8 @@ export class TemplateBuilder extends EventEmitter {
     let sourceVersion = 'unknown';
     try {
       // Default output is "name<TAB>version".
-      sourceVersion = (await runCapture('dpkg-query', ['-W', 'linux-source-6.1'])).trim().split('\t')[1] ?? 'unknown';
+      sourceVersion =
+        (await runCapture('dpkg-query', ['-W', 'linux-source-6.1'])).trim().split('\t')[1] ?? 'unknown';
     } catch {
       // not installed: the build step says so clearly
     }

@@ -1,4 +1,4 @@
-import { existsSync, mkdirSync, readFileSync, rmdirSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 
 /**
@@ -85,15 +85,48 @@ export function confine(name: string, pid: number, limits: CgroupLimits): Cgroup
   return { kind: 'v1', paths };
 }
 
-/** Removes a machine's cgroups (they must be empty: call after the QEMU process is gone). */
-export function releaseCgroup(name: string): void {
-  const candidates = [join(root, 'hutch', name), join(root, 'unified', 'hutch', name)];
-  for (const c of ['memory', 'cpu', 'pids']) candidates.push(join(root, c, 'hutch', name));
-  for (const dir of candidates) {
+function machineCgroupDirs(name: string): string[] {
+  const dirs = [join(root, 'hutch', name), join(root, 'unified', 'hutch', name)];
+  for (const c of ['memory', 'cpu', 'pids']) dirs.push(join(root, c, 'hutch', name));
+  return dirs.filter((d) => existsSync(d));
+}
+
+/**
+ * Removes a machine's cgroups. A cgroup can only be removed once empty, and a killed QEMU leaves
+ * it only when it has been reaped, which happens a moment later: retry for a while.
+ */
+export async function releaseCgroup(name: string, timeoutMs = 3000): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    let left = 0;
+    for (const dir of machineCgroupDirs(name)) {
+      try {
+        rmdirSync(dir);
+      } catch {
+        left++;
+      }
+    }
+    if (left === 0) return true;
+    if (Date.now() > deadline) return false;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** Names of machine cgroups that exist under hutch/ (to find ones a crash left behind). */
+export function listMachineCgroups(): string[] {
+  const names = new Set<string>();
+  for (const parent of [
+    join(root, 'hutch'),
+    join(root, 'unified', 'hutch'),
+    join(root, 'memory', 'hutch'),
+    join(root, 'cpu', 'hutch'),
+    join(root, 'pids', 'hutch'),
+  ]) {
     try {
-      rmdirSync(dir);
+      for (const e of readdirSync(parent, { withFileTypes: true })) if (e.isDirectory()) names.add(e.name);
     } catch {
-      // absent, or not empty yet (the caller retries on the next sweep)
+      // no such hierarchy
     }
   }
+  return [...names];
 }

@@ -1,6 +1,7 @@
 import { spawn } from 'node:child_process';
 import { closeSync, openSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { QmpClient } from './qmp.js';
 
 export type Accel = 'kvm' | 'tcg';
 
@@ -92,9 +93,11 @@ export function qemuArgs(spec: VmSpec): string[] {
     'virtio-rng-device,rng=rng0',
     '-pidfile',
     p.pidFile,
-    // seccomp: QEMU may not exec, change privileges or use obsolete syscalls after start.
+    // seccomp: QEMU may not exec, touch resource limits or use obsolete syscalls. set*id stays
+    // allowed only when -runas needs it: seccomp is installed before -runas drops to the VM user,
+    // and after that drop (real, effective and saved ids) there is no way back to root anyway.
     '-sandbox',
-    'on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny',
+    `on,obsolete=deny,elevateprivileges=${spec.runAs ? 'allow' : 'deny'},spawn=deny,resourcecontrol=deny`,
   ];
   if (spec.runAs) args.push('-runas', spec.runAs);
   return args;
@@ -181,4 +184,26 @@ export async function killAndWait(pid: number, timeoutMs = 5000): Promise<boolea
     await new Promise((r) => setTimeout(r, 10));
   }
   return !isAlive(pid);
+}
+
+/**
+ * Stops a QEMU process: QMP `quit` first (QEMU exits on its own terms, flushing its block
+ * layer), SIGKILL if it has not gone within `graceMs` or its QMP socket does not answer.
+ */
+export async function stopQemu(pid: number, qmpSocket: string, graceMs = 1000): Promise<void> {
+  try {
+    const qmp = await QmpClient.connect(qmpSocket, Math.min(graceMs, 500));
+    try {
+      await qmp.execute('quit', undefined, graceMs).catch(() => {
+        // QEMU may close the socket before it answers: that is the point
+      });
+    } finally {
+      qmp.close();
+    }
+    const deadline = Date.now() + graceMs;
+    while (Date.now() < deadline && isAlive(pid)) await new Promise((r) => setTimeout(r, 10));
+  } catch {
+    // no QMP: fall through to SIGKILL
+  }
+  if (isAlive(pid)) await killAndWait(pid);
 }

@@ -1,9 +1,20 @@
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { api, cleanup, qemusOf, startDaemon, type TestDaemon, waitFor } from '../helpers/daemon.js';
+
+function cgroupDirs(id: string): string[] {
+  const roots = [
+    '/sys/fs/cgroup/hutch',
+    '/sys/fs/cgroup/unified/hutch',
+    '/sys/fs/cgroup/memory/hutch',
+    '/sys/fs/cgroup/cpu/hutch',
+    '/sys/fs/cgroup/pids/hutch',
+  ];
+  return roots.map((r) => join(r, id)).filter((x) => existsSync(x));
+}
 
 interface Machine {
   id: string;
@@ -147,6 +158,29 @@ describe('machines: create → exec → delete', () => {
     assert.ok(['tcg', 'kvm'].includes(String(h.body.accel)));
   });
 
+  test('its QEMU is jailed: seccomp, an unprivileged user, a cgroup capping memory', async () => {
+    const [pid] = qemusOf(d.stateDir);
+    assert.ok(pid);
+    const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+    assert.match(status, /^Seccomp:\s+2$/m, 'seccomp filter mode');
+    const uid = Number(/^Uid:\s+(\d+)/m.exec(status)?.[1]);
+    assert.notEqual(uid, 0, 'QEMU does not run as root');
+    const jail = (m as unknown as { jail: { cgroup: string | null; user: string | null } }).jail;
+    assert.equal(jail.user, 'hutch-vm');
+    assert.ok(jail.cgroup, 'cgroups are available on the test hosts');
+    const dirs = cgroupDirs(m.id);
+    const mem = dirs.find(
+      (x) => existsSync(join(x, 'memory.limit_in_bytes')) || existsSync(join(x, 'memory.max')),
+    );
+    assert.ok(mem, `memory cgroup for ${m.id}`);
+    const limit = readFileSync(
+      join(mem, existsSync(join(mem, 'memory.max')) ? 'memory.max' : 'memory.limit_in_bytes'),
+      'utf8',
+    );
+    assert.equal(Number(limit), (256 + 192) * 1024 * 1024);
+    assert.match(readFileSync(join(mem, 'cgroup.procs'), 'utf8'), new RegExp(`^${pid}$`, 'm'));
+  });
+
   test('DELETE destroys it: no process, no files', async () => {
     const runDir = join(d.stateDir, 'run', m.id);
     assert.ok(existsSync(runDir));
@@ -155,6 +189,7 @@ describe('machines: create → exec → delete', () => {
     assert.equal(r.status, 204);
     assert.equal(qemusOf(d.stateDir).length, 0);
     assert.equal(existsSync(runDir), false);
+    assert.deepEqual(cgroupDirs(m.id), [], 'cgroups removed');
     assert.equal((await api(d.url, 'GET', `/v1/machines/${m.id}`)).status, 404);
     assert.equal((await api(d.url, 'DELETE', `/v1/machines/${m.id}`)).status, 404);
   });
