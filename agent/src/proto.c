@@ -82,6 +82,7 @@ const char *proto_result_name(int r)
 	case PROTO_TOO_LARGE: return "too-large";
 	case PROTO_BAD_TYPE: return "bad-type";
 	case PROTO_TRUNCATED: return "truncated";
+	case PROTO_BAD_LENGTH: return "bad-length";
 	default: return "?";
 	}
 }
@@ -151,25 +152,34 @@ int proto_decode(const uint8_t *buf, size_t n, struct proto_frame *f, size_t *fr
 
 	const uint8_t *p = f->payload;
 	uint32_t plen = f->payload_len;
-	/* Longer-than-needed fixed payloads are tolerated (trailing bytes ignored): the doc
-	 * only defines the short case, and ignoring extra bytes mirrors unknown TLV tags. */
+	/* Fixed-size values must be exactly their size (docs/agent-protocol.md): both sides
+	 * reject the same frames, so a peer cannot smuggle bytes one side ignores. */
 	switch (kind) {
 	case PK_EMPTY:
+		return plen ? PROTO_BAD_LENGTH : PROTO_OK;
 	case PK_BYTES:
+		if ((f->type == T_PING || f->type == T_PONG) && plen > 64)
+			return PROTO_TOO_LARGE;
 		return PROTO_OK;
 	case PK_U32:
 		if (plen < 4)
 			return PROTO_TRUNCATED;
+		if (plen > 4)
+			return PROTO_BAD_LENGTH;
 		f->u32 = get_u32(p);
 		return PROTO_OK;
 	case PK_U8:
 		if (plen < 1)
 			return PROTO_TRUNCATED;
+		if (plen > 1)
+			return PROTO_BAD_LENGTH;
 		f->u32 = p[0];
 		return PROTO_OK;
 	case PK_SIZE:
 		if (plen < 4)
 			return PROTO_TRUNCATED;
+		if (plen > 4)
+			return PROTO_BAD_LENGTH;
 		f->cols = (uint16_t)(p[0] << 8 | p[1]);
 		f->rows = (uint16_t)(p[2] << 8 | p[3]);
 		return PROTO_OK;
@@ -185,8 +195,8 @@ int proto_decode(const uint8_t *buf, size_t n, struct proto_frame *f, size_t *fr
 		if (vlen > plen - off)
 			return PROTO_TRUNCATED;
 		uint32_t size;
-		if (proto_tag_info(f->type, tag, NULL, &size) && vlen < size)
-			return PROTO_TRUNCATED;
+		if (proto_tag_info(f->type, tag, NULL, &size) && size && vlen != size)
+			return vlen < size ? PROTO_TRUNCATED : PROTO_BAD_LENGTH;
 		f->fields[f->nfields].tag = tag;
 		f->fields[f->nfields].len = vlen;
 		f->fields[f->nfields].val = p + off;

@@ -57,6 +57,7 @@ enum proto_result {
 	PROTO_TOO_LARGE,
 	PROTO_BAD_TYPE,
 	PROTO_TRUNCATED,
+	PROTO_BAD_LENGTH,
 };
 
 struct proto_field {

@@ -194,6 +194,15 @@ def main():
     bad("file-write-mkdirs-empty", frame("FILE_WRITE", 1, tlv(1, b"/a") + tlv(3, b"")), "truncated")
     bad("file-read-past-end", frame("FILE_READ", 1, b"\x01\x00\x00\x00\x0a/etc"), "truncated")
     bad("done-size-short", frame("DONE", 1, tlv(1, b"\0\0\0\x05")), "truncated")
+    bad("credit-long", frame("CREDIT", 1, b"\x00\x04\x00\x00\x00"), "bad-length")
+    bad("signal-long", frame("SIGNAL", 1, b"\x09\x00"), "bad-length")
+    bad("resize-long", frame("RESIZE", 1, b"\x00\x50\x00\x18\x00"), "bad-length")
+    bad("started-long", frame("STARTED", 1, b"\0\0\x04\x00\x01"), "bad-length")
+    bad("poweroff-with-payload", frame("POWEROFF", 0, b"x"), "bad-length")
+    bad("cancel-with-payload", frame("CANCEL", 3, b"\x00"), "bad-length")
+    bad("exec-timeout-long", frame("EXEC", 1, tlv(1, b"sh") + tlv(5, b"\0\0\x10\0\0")), "bad-length")
+    bad("exit-code-long", frame("EXIT", 1, tlv(1, b"\0\0\0\0\0")), "bad-length")
+    bad("ping-nonce-too-large", frame("PING", 0, b"n" * 65), "too-large")
 
     out = [HEADER]
     for name, b, text in V:

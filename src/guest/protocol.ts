@@ -498,7 +498,7 @@ export function decodeMessage(frame: Frame): Message {
   const fields: Field[] = [];
   switch (spec.layout) {
     case 'empty':
-      if (p.length !== 0) throw new ProtocolError('too-large', `${name} carries ${p.length} payload bytes`);
+      if (p.length !== 0) throw new ProtocolError('bad-length', `${name} carries ${p.length} payload bytes`);
       break;
     case 'bytes':
       if (p.length > spec.max)
