@@ -68,8 +68,9 @@ const envNames: Record<string, keyof ConfigInput> = {
 export function loadConfig(
   flags: Partial<ConfigInput> = {},
   env: NodeJS.ProcessEnv = process.env,
-  configFile: string | undefined = env.HUTCH_CONFIG,
+  configFileFlag?: string,
 ): Config {
+  const configFile = configFileFlag ?? env.HUTCH_CONFIG;
   let fromFile: Record<string, unknown> = {};
   if (configFile) {
     try {

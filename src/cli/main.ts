@@ -70,8 +70,8 @@ async function serve(flags: Flags): Promise<void> {
       imageDir: flags['image-dir'] as string | undefined,
       accel: flags.accel as 'auto' | 'kvm' | 'tcg' | undefined,
     },
-    process.env,
-    (flags.config as string | undefined) ?? process.env.HUTCH_CONFIG,
+    undefined,
+    flags.config as string | undefined,
   );
   const log = jsonLogger(config.logLevel);
   const daemon = await startDaemon(config, { log, onProgress: progressPrinter() });

@@ -2,15 +2,10 @@ import { spawn } from 'node:child_process';
 import { closeSync, openSync, readFileSync } from 'node:fs';
 
 /** Runs a build step, its output going to a log file; rejects with the log's tail on failure. */
-export function runLogged(
-  cmd: string,
-  args: string[],
-  logPath: string,
-  env?: NodeJS.ProcessEnv,
-): Promise<void> {
+export function runLogged(cmd: string, args: string[], logPath: string): Promise<void> {
   const fd = openSync(logPath, 'a');
   return new Promise<void>((resolve, reject) => {
-    const child = spawn(cmd, args, { stdio: ['ignore', fd, fd], env: { ...process.env, ...env } });
+    const child = spawn(cmd, args, { stdio: ['ignore', fd, fd] });
     child.on('error', (e) => {
       closeSync(fd);
       reject(new Error(`${cmd}: ${e.message}`));
