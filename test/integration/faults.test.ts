@@ -35,6 +35,27 @@ describe('daemon restart with a machine running', () => {
   }
 });
 
+describe('QEMU dead while the daemon was down', () => {
+  let d: TestDaemon;
+  after(async () => cleanup(d));
+
+  test('the restarted daemon marks the machine failed and leaves nothing behind', async () => {
+    d = await startDaemon();
+    const m = (await api(d.url, 'POST', '/v1/machines', { ttl_seconds: 600 })).body;
+    const [pid] = qemusOf(d.stateDir);
+    assert.ok(pid);
+    await d.stop('SIGKILL');
+    process.kill(pid, 'SIGKILL');
+    await waitFor('qemu gone', async () => (qemusOf(d.stateDir).length === 0 ? true : undefined), 5000);
+    d = await startDaemon({ stateDir: d.stateDir });
+    const g = await api(d.url, 'GET', `/v1/machines/${m.id}`);
+    assert.equal(g.body.status, 'failed');
+    assert.match(String(g.body.error), /qemu exited while the daemon was down/);
+    assert.equal(existsSync(join(d.stateDir, 'run', String(m.id))), false);
+    assert.equal((await api(d.url, 'GET', '/healthz')).body.running, 0);
+  });
+});
+
 describe('QEMU killed under a running machine', () => {
   let d: TestDaemon;
   before(async () => {
@@ -78,7 +99,9 @@ describe('persistent machines and caps', () => {
   let strict: TestDaemon;
   let lenient: TestDaemon;
   before(async () => {
-    strict = await startDaemon({ env: { HUTCH_MAX_MACHINES: '1' } });
+    strict = await startDaemon({
+      env: { HUTCH_MAX_MACHINES: '1', HUTCH_EXEC_MAX_OUTPUT_BYTES: String(1024 * 1024) },
+    });
     lenient = await startDaemon({
       env: { HUTCH_ALLOW_PERSISTENT: '1', HUTCH_MAX_GUEST_MEMORY_MB: '300', HUTCH_MAX_MACHINES: '5' },
     });
@@ -103,6 +126,20 @@ describe('persistent machines and caps', () => {
     assert.match(String(r.body.message), /at most 1 machines/);
     assert.deepEqual((await api(strict.url, 'GET', '/v1/machines')).body.machines, before);
     assert.equal(qemusOf(strict.stateDir).length, 1);
+  });
+
+  test("a flood of output is cut at the server's cap and flagged, and the machine carries on", async () => {
+    const [m] = (await api(strict.url, 'GET', '/v1/machines')).body.machines as { id: string }[];
+    assert.ok(m);
+    const r = await api(strict.url, 'POST', `/v1/machines/${m.id}/exec`, {
+      cmd: 'head -c 8000000 /dev/zero | tr "\\0" a; echo done >&2',
+    });
+    assert.equal(r.body.exit_code, 0);
+    assert.equal(r.body.truncated, true);
+    assert.equal(String(r.body.stdout).length, 1024 * 1024);
+    assert.equal(r.body.stderr, 'done\n');
+    const again = await api(strict.url, 'POST', `/v1/machines/${m.id}/exec`, { cmd: ['echo', 'still here'] });
+    assert.equal(again.body.stdout, 'still here\n');
   });
 
   test('persistent is honoured when the server allows it', async () => {
