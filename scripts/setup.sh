@@ -29,7 +29,12 @@ fi
 
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   say "installing npm packages"
-  npm ci --no-audit --no-fund --loglevel=error
+  # npm install, not npm ci: this registry setup records no per-platform optional entries in the lock.
+  npm install --no-audit --no-fund --loglevel=error
+fi
+# `hutch` on the PATH for root (the CLI is bin/hutch.js either way).
+if [ "$(id -u)" = 0 ] && [ ! -e /usr/local/bin/hutch ]; then
+  ln -s "$PWD/bin/hutch.js" /usr/local/bin/hutch
 fi
 say "compiling"
 npx tsc -p tsconfig.json
