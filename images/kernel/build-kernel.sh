@@ -36,7 +36,7 @@ LOG="$OUT/build.log"
 [ -f "$FRAGMENT" ] || die "missing config fragment $FRAGMENT"
 [ -f "$TARBALL" ] || die "missing kernel source $TARBALL (apt-get install linux-source-6.1)"
 missing=()
-for tool in make gcc ld flex bison bc xz tar perl strip sha256sum flock; do
+for tool in make gcc ld flex bison bc xz tar perl strip readelf sha256sum flock; do
 	command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 [ -e /usr/include/libelf.h ] || missing+=("libelf-dev")
@@ -65,7 +65,7 @@ cleanup() {
 		rm -rf "$BUILD"
 	fi
 	if [ $rc -ne 0 ]; then
-		if [ -s "$LOG" ]; then
+		if [ -s "$LOG" ] && [ "${show_tail:-1}" = 1 ]; then
 			echo "[kernel] build FAILED; last 40 lines of $LOG:" >&2
 			tail -n 40 "$LOG" >&2
 		fi
@@ -125,11 +125,12 @@ if [ ${#bad[@]} -ne 0 ]; then
 		echo "[kernel] (unmet dependency, wrong name, or selected by something else):"
 		printf '[kernel]   %s\n' "${bad[@]}"
 	} | tee -a "$LOG" >&2
+	show_tail=0
 	exit 1
 fi
 say "config verified: all $(grep -cE '^(CONFIG_|# CONFIG_.* is not set)' "$FRAGMENT") fragment options present"
 
-say "building (takes ~5 min on 2 cores; log: $LOG)…"
+say "building (takes ~9 min on 2 cores; log: $LOG)…"
 tb=$(date +%s)
 make -C "$SRC" -j"$JOBS" vmlinux >>"$LOG" 2>&1 </dev/null
 say "compiled in $(( $(date +%s) - tb )) s"
@@ -147,5 +148,5 @@ mv -f "$OUT/vmlinux.tmp" "$OUT/vmlinux"
 mv -f "$OUT/config.tmp" "$OUT/config"
 echo "$stamp" >"$OUT/.stamp"
 
-size=$(du -h "$OUT/vmlinux" | cut -f1)
+size=$(du -h --apparent-size "$OUT/vmlinux" | cut -f1)
 say "done in $(( $(date +%s) - t0 )) s: $OUT/vmlinux ($size, Linux $kver, HZ=$(sed -n 's/^CONFIG_HZ=//p' "$OUT/config")), $OUT/config"

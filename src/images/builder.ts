@@ -41,7 +41,7 @@ export interface BuildProgress {
 }
 
 /** Bump when assemble() changes what goes into an image, so cached templates are rebuilt. */
-const assemblyVersion = '1';
+const assemblyVersion = '2';
 
 const hash = (...parts: (string | Buffer)[]): string => {
   const h = createHash('sha256');
@@ -172,7 +172,7 @@ export class TemplateBuilder extends EventEmitter {
     this.progress({
       step: 'kernel',
       state: 'start',
-      message: 'building the guest kernel from linux-source-6.1 (~5 min on 2 cores)',
+      message: 'building the guest kernel from linux-source-6.1 (~9 min on 2 cores)',
     });
     await runLogged(
       'bash',
