@@ -38,6 +38,10 @@ const configSchema = z.object({
     .min(1024)
     .default(32 * 1024 * 1024),
   owner: z.string().default('local'),
+  /** Cap on the rate machines are written to disk (suspend, branch), MB/s; 0: as fast as possible. */
+  migrationMaxMBps: z.coerce.number().int().min(0).default(0),
+  /** Suspend a machine after this many idle seconds (no request touched it); 0 disables. */
+  autoSuspendSeconds: z.coerce.number().int().min(0).default(0),
   /** Run QEMU under this unprivileged user when it exists (created by scripts/setup.sh). */
   qemuUser: z.string().default('hutch-vm'),
   templates: z.array(z.string()).default(['python']),
@@ -63,6 +67,8 @@ const envNames: Record<string, keyof ConfigInput> = {
   HUTCH_EXEC_MAX_OUTPUT_BYTES: 'execMaxOutputBytes',
   HUTCH_QEMU_USER: 'qemuUser',
   HUTCH_LOG_LEVEL: 'logLevel',
+  HUTCH_AUTO_SUSPEND_SECONDS: 'autoSuspendSeconds',
+  HUTCH_MIGRATION_MAX_MBPS: 'migrationMaxMBps',
 };
 
 export function loadConfig(

@@ -49,6 +49,7 @@ export async function startDaemon(
   opts.log('info', 'accelerator chosen', { accel: accel.accel, reason: accel.reason });
   const engine = new Engine(config, templates, accel, opts.log);
   await engine.start();
+  engine.prepareSnapshots();
   const http = await startHttpApi(engine, { host: config.host, port: config.port, owner: config.owner });
   opts.log('info', 'listening', { url: http.url, state_dir: config.stateDir });
   return {

@@ -57,6 +57,11 @@ export const errorTable = {
     grpc: 'FAILED_PRECONDITION',
     doc: 'The command could not be started in the guest (e.g. ENOENT: no such program).',
   },
+  SNAPSHOT_NOT_READY: {
+    http: 503,
+    grpc: 'UNAVAILABLE',
+    doc: '"mode": "snapshot" was asked for, but the template\'s snapshot is not built yet.',
+  },
   INTERNAL: { http: 500, grpc: 'INTERNAL', doc: 'An unexpected server error; the server log has details.' },
 } as const;
 

@@ -432,7 +432,7 @@ static void do_poweroff(void)
 
 static void handle_frame(const struct proto_frame *f)
 {
-	int conn_level = f->type == T_PING || f->type == T_POWEROFF;
+	int conn_level = f->type == T_PING || f->type == T_POWEROFF || f->type == T_RESET;
 	if (conn_level != (f->stream == 0)) {
 		violation("frame on the wrong stream");
 		return;
@@ -453,9 +453,17 @@ static void handle_frame(const struct proto_frame *f)
 		flush_out();
 		do_poweroff();
 		return;
+	case T_RESET:
+		/* A new host after a restore, a branch or a daemon restart: whatever streams the
+		 * saved machine had belong to a host that is gone. Keep only the rest of a frame
+		 * that is half written, so the byte stream stays framed. */
+		reset_streams();
+		buf_truncate(&A.out, A.out_frame_left);
+		return;
 	case T_EXEC:
 	case T_FILE_WRITE:
 	case T_FILE_READ:
+	case T_CONFIGURE:
 		if (stream_find(f->stream)) {
 			violation("stream id reused");
 			return;
@@ -464,8 +472,10 @@ static void handle_frame(const struct proto_frame *f)
 			exec_open(f);
 		else if (f->type == T_FILE_WRITE)
 			file_write_open(f);
-		else
+		else if (f->type == T_FILE_READ)
 			file_read_open(f);
+		else
+			configure_open(f); /* answered at once: no stream outlives the frame */
 		return;
 	case T_STDIN:
 	case T_SIGNAL:

@@ -1,6 +1,6 @@
 /* State shared by the agent's event loop (agent.c), exec streams (exec.c), file streams
- * (files.c) and PID 1 duties (init.c). The agent is single-threaded: everything runs from
- * one poll() loop, so none of this needs locking. */
+ * (files.c), CONFIGURE (configure.c) and PID 1 duties (init.c). The agent is
+ * single-threaded: everything runs from one poll() loop, so none of this needs locking. */
 #ifndef HUTCH_AGENT_H
 #define HUTCH_AGENT_H
 
@@ -98,6 +98,9 @@ void file_write_data(struct stream *s, const uint8_t *p, size_t n);
 void file_read_open(const struct proto_frame *f);
 void file_read_pump(struct stream *s);
 void file_discard(struct stream *s);
+
+/* configure.c */
+void configure_open(const struct proto_frame *f);
 
 /* init.c */
 void init_setup(void);

@@ -20,6 +20,7 @@ int proto_payload_kind(uint8_t type)
 {
 	switch (type) {
 	case T_POWEROFF:
+	case T_RESET:
 	case T_CANCEL:
 		return PK_EMPTY;
 	case T_PING:
@@ -42,6 +43,7 @@ int proto_payload_kind(uint8_t type)
 	case T_FILE_WRITE:
 	case T_FILE_READ:
 	case T_DONE:
+	case T_CONFIGURE:
 		return PK_TLV;
 	default:
 		return -1;
@@ -54,6 +56,7 @@ const char *proto_type_name(uint8_t type)
 	case T_PING: return "PING";
 	case T_PONG: return "PONG";
 	case T_POWEROFF: return "POWEROFF";
+	case T_RESET: return "RESET";
 	case T_EXEC: return "EXEC";
 	case T_STARTED: return "STARTED";
 	case T_STDIN: return "STDIN";
@@ -69,6 +72,7 @@ const char *proto_type_name(uint8_t type)
 	case T_DATA: return "DATA";
 	case T_DONE: return "DONE";
 	case T_CANCEL: return "CANCEL";
+	case T_CONFIGURE: return "CONFIGURE";
 	default: return "?";
 	}
 }
@@ -111,6 +115,10 @@ int proto_tag_info(uint8_t type, uint8_t tag, const char **key, uint32_t *size)
 		{T_FILE_READ, FR_PATH, "path", 0},
 		{T_DONE, DONE_SIZE, "size", 8},
 		{T_DONE, DONE_MODE, "mode", 4},
+		{T_CONFIGURE, CFG_HOSTNAME, "hostname", 0},
+		{T_CONFIGURE, CFG_TIME_NS, "time_ns", 8},
+		{T_CONFIGURE, CFG_ENTROPY, "entropy", 0},
+		{T_CONFIGURE, CFG_MACHINE_ID, "machine_id", 0},
 	};
 	for (size_t i = 0; i < sizeof tags / sizeof tags[0]; i++) {
 		if (tags[i].type == type && tags[i].tag == tag) {

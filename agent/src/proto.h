@@ -23,6 +23,7 @@ enum proto_type {
 	T_PING = 0x01,
 	T_PONG = 0x02,
 	T_POWEROFF = 0x03,
+	T_RESET = 0x04,
 	T_EXEC = 0x10,
 	T_STARTED = 0x11,
 	T_STDIN = 0x12,
@@ -38,6 +39,7 @@ enum proto_type {
 	T_DATA = 0x22,
 	T_DONE = 0x23,
 	T_CANCEL = 0x24,
+	T_CONFIGURE = 0x25,
 };
 
 /* TLV tags, named per frame type. */
@@ -48,6 +50,7 @@ enum {
 	FW_PATH = 1, FW_MODE = 2, FW_MKDIRS = 3,
 	FR_PATH = 1,
 	DONE_SIZE = 1, DONE_MODE = 2,
+	CFG_HOSTNAME = 1, CFG_TIME_NS = 2, CFG_ENTROPY = 3, CFG_MACHINE_ID = 4,
 };
 
 enum proto_result {

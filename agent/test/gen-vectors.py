@@ -8,9 +8,10 @@ The file is append-only once published: new vectors go at the end.
 import struct
 import sys
 
-T = dict(PING=0x01, PONG=0x02, POWEROFF=0x03, EXEC=0x10, STARTED=0x11, STDIN=0x12,
+T = dict(PING=0x01, PONG=0x02, POWEROFF=0x03, RESET=0x04, EXEC=0x10, STARTED=0x11, STDIN=0x12,
          STDOUT=0x13, STDERR=0x14, SIGNAL=0x15, RESIZE=0x16, EXIT=0x17, ERROR=0x18,
-         CREDIT=0x19, FILE_WRITE=0x20, FILE_READ=0x21, DATA=0x22, DONE=0x23, CANCEL=0x24)
+         CREDIT=0x19, FILE_WRITE=0x20, FILE_READ=0x21, DATA=0x22, DONE=0x23, CANCEL=0x24,
+         CONFIGURE=0x25)
 
 
 def frame(typ, stream, payload=b""):
@@ -61,6 +62,9 @@ HEADER = """\
 #   'truncated', and so is a TLV header cut short or a TLV len running past the payload.
 #   Longer-than-needed fixed-size values are not covered here (no sender produces them).
 # - Stream ids and the direction of a type are not checked by the decoder (they are semantic).
+# - CONFIGURE (0x25): only time_ns (u64) has a fixed size; repeated fields and out-of-range
+#   hostname/entropy/machine_id values decode fine and are rejected by the agent (ERROR EINVAL).
+#   Before 0x25 was assigned, vector !type-25 used it as an unknown type; it is now !type-26.
 """
 
 
@@ -82,6 +86,7 @@ def main():
     ok("pong-16", frame("PONG", 0, nonce16), "PONG stream=0 nonce=" + esc(nonce16))
     ok("pong-quote-backslash", frame("PONG", 0, b'a"b\\c'), "PONG stream=0 nonce=" + esc(b'a"b\\c'))
     ok("poweroff", frame("POWEROFF", 0), "POWEROFF stream=0")
+    ok("reset", frame("RESET", 0), "RESET stream=0")
 
     ok("exec-echo", frame("EXEC", 1, tlv(1, b"echo") + tlv(1, b"hi")),
        'EXEC stream=1 arg="echo" arg="hi"')
@@ -167,10 +172,10 @@ def main():
     bad("len-sign-bit", raw(0x80000005, 0x01, 0), "too-large")
     bad("len-huge-bad-type", raw(0x01000000, 0xff, 0), "too-large")
     bad("type-0", raw(5, 0x00, 0), "bad-type")
-    bad("type-4", raw(5, 0x04, 0), "bad-type")
+    bad("type-5", raw(5, 0x05, 0), "bad-type")
     bad("type-0f", raw(9, 0x0F, 1, b"\0\0\0\0"), "bad-type")
     bad("type-1a", raw(5, 0x1A, 1), "bad-type")
-    bad("type-25", raw(6, 0x25, 1, b"\0"), "bad-type")
+    bad("type-26", raw(6, 0x26, 1, b"\0"), "bad-type")  # was type-25 until 0x25 became CONFIGURE
     bad("type-ff", raw(5, 0xFF, 0), "bad-type")
     bad("type-bad-truncated-payload", raw(10, 0x30, 1, tlv(1, b"x")[:5]), "bad-type")
     bad("exec-tlv-past-end", frame("EXEC", 1, tlv(1, b"echo") + b"\x01\x00\x00\x00\x05hi"), "truncated")
@@ -199,10 +204,42 @@ def main():
     bad("resize-long", frame("RESIZE", 1, b"\x00\x50\x00\x18\x00"), "bad-length")
     bad("started-long", frame("STARTED", 1, b"\0\0\x04\x00\x01"), "bad-length")
     bad("poweroff-with-payload", frame("POWEROFF", 0, b"x"), "bad-length")
+    bad("reset-with-payload", frame("RESET", 0, b"\x01"), "bad-length")
     bad("cancel-with-payload", frame("CANCEL", 3, b"\x00"), "bad-length")
     bad("exec-timeout-long", frame("EXEC", 1, tlv(1, b"sh") + tlv(5, b"\0\0\x10\0\0")), "bad-length")
     bad("exit-code-long", frame("EXIT", 1, tlv(1, b"\0\0\0\0\0")), "bad-length")
     bad("ping-nonce-too-large", frame("PING", 0, b"n" * 65), "too-large")
+
+    # CONFIGURE (0x25). Only time_ns has a fixed size the decoder checks; the other limits
+    # (hostname 1-64 bytes of [A-Za-z0-9.-], entropy 1-512 bytes, machine_id 32 lower-case
+    # hex digits, each field at most once) are the agent's to check (ERROR EINVAL), so such
+    # frames decode fine.
+    ns = struct.pack(">Q", 1732284000123456789)
+    ent = bytes.fromhex("00ff7f80") + b'"\\ok' + bytes(range(0xf8, 0x100))
+    mid = b"0123456789abcdef0123456789abcdef"
+    ok("configure-full", frame("CONFIGURE", 20, tlv(1, b"clone-7.example") + tlv(2, ns) + tlv(3, ent) + tlv(4, mid)),
+       'CONFIGURE stream=20 hostname="clone-7.example" time_ns=1732284000123456789 entropy=' + esc(ent)
+       + ' machine_id="0123456789abcdef0123456789abcdef"')
+    ok("configure-hostname-only", frame("CONFIGURE", 21, tlv(1, b"vm-1")), 'CONFIGURE stream=21 hostname="vm-1"')
+    ok("configure-no-fields", frame("CONFIGURE", 22), "CONFIGURE stream=22")
+    ok("configure-order-free", frame("CONFIGURE", 23, tlv(4, mid) + tlv(2, b"\xff" * 8) + tlv(1, b"A-b.C")),
+       'CONFIGURE stream=23 machine_id="0123456789abcdef0123456789abcdef" time_ns=18446744073709551615'
+       ' hostname="A-b.C"')
+    ok("configure-repeated-hostname", frame("CONFIGURE", 24, tlv(1, b"one") + tlv(1, b"two")),
+       'CONFIGURE stream=24 hostname="one" hostname="two"')
+    ok("configure-repeated-time-ns", frame("CONFIGURE", 25, tlv(2, ns) + tlv(2, ns)),
+       "CONFIGURE stream=25 time_ns=1732284000123456789 time_ns=1732284000123456789")
+    p = tlv(1, b"h" * 65) + tlv(3, b"") + tlv(3, b"e" * 513) + tlv(4, b"0123456789ABCDEF0123456789ABCDEF")
+    ok("configure-values-agent-rejects", frame("CONFIGURE", 26, p),
+       'CONFIGURE stream=26 hostname="' + "h" * 65 + '" entropy="" entropy="' + "e" * 513
+       + '" machine_id="0123456789ABCDEF0123456789ABCDEF"')
+    ok("configure-unknown-tag", frame("CONFIGURE", 27, tlv(9, b"later") + tlv(1, b"x")),
+       'CONFIGURE stream=27 unknown=9 hostname="x"')
+    bad("configure-tlv-header-cut", raw(6, 0x25, 1, b"\0"), "truncated")
+    bad("configure-time-ns-short", frame("CONFIGURE", 1, tlv(2, ns[:7])), "truncated")
+    bad("configure-time-ns-empty", frame("CONFIGURE", 1, tlv(1, b"vm") + tlv(2, b"")), "truncated")
+    bad("configure-time-ns-long", frame("CONFIGURE", 1, tlv(2, ns + b"\0")), "bad-length")
+    bad("configure-hostname-past-end", frame("CONFIGURE", 1, b"\x01\x00\x00\x00\x09vm-1"), "truncated")
 
     out = [HEADER]
     for name, b, text in V:

@@ -2,8 +2,14 @@
 """Runs the agent as PID 1 in new pid/mount/uts/net namespaces, the closest thing to a
 guest without booting one: the transport is a raw pty (--port), the "serial console" is
 another pty bind-mounted over /dev/ttyS0, and the kernel command line is a bind-mounted
-file. Checks the PID 1 duties, then POWEROFF (inside a pid namespace, reboot() only ends
-the namespace). Needs root and unshare(1); skipped otherwise. Prints `N passed, M failed`."""
+file. /etc is an overlay whose upper layer is a temporary directory, so that CONFIGURE
+writes /etc/hostname and /etc/machine-id for real without touching the host's (if overlayfs
+is unavailable, /etc stays the host's and the CONFIGURE test is skipped). Checks the PID 1
+duties, then POWEROFF (inside a pid namespace, reboot() only ends the namespace). Needs root
+and unshare(1); skipped otherwise. Prints `N passed, M failed`.
+
+CONFIGURE's entropy and time_ns are never sent here: the kernel RNG and CLOCK_REALTIME are
+not namespaced, so applying them would change the host."""
 import importlib.util
 import os
 import select
@@ -91,6 +97,30 @@ def children_of(pid):
     return out
 
 
+def overlay_works(work):
+    """Whether an overlay over /etc can be mounted in a private mount namespace."""
+    d = os.path.join(work, "probe")
+    for sub in ("upper", "work"):
+        os.makedirs(os.path.join(d, sub))
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "mount", "-t", "overlay", "overlay",
+                        "-o", "lowerdir=/etc,upperdir=%s/upper,workdir=%s/work" % (d, d), "/etc"],
+                       capture_output=True)
+    shutil.rmtree(d, ignore_errors=True)
+    return r.returncode == 0
+
+
+def host_etc():
+    out = {}
+    for name in ("hostname", "machine-id"):
+        try:
+            st = os.stat("/etc/" + name)
+            with open("/etc/" + name, "rb") as f:
+                out[name] = (f.read(), st.st_ino, st.st_mtime_ns, st.st_mode)
+        except OSError as e:
+            out[name] = e.errno
+    return out, os.uname().nodename
+
+
 def main():
     agent = os.path.abspath(sys.argv[1])
     if os.geteuid() != 0 or not shutil.which("unshare"):
@@ -105,8 +135,17 @@ def main():
     tty.setraw(ts)
     cm, cs = os.openpty()
     log = open(os.path.join(work, "agent.log"), "wb")
-    script = ("mount --bind %s /dev/ttyS0 && mount --bind %s /proc/cmdline && exec %s --port %s"
-              % (os.ttyname(cs), cmdline, agent, os.ttyname(ts)))
+    upper = os.path.join(work, "etc-upper")
+    etc_overlay = overlay_works(work)
+    mount_etc = ""
+    if etc_overlay:
+        os.makedirs(upper)
+        os.makedirs(os.path.join(work, "etc-work"))
+        mount_etc = ("mount -t overlay overlay -o lowerdir=/etc,upperdir=%s,workdir=%s/etc-work /etc && "
+                     % (upper, work))
+    host_before = host_etc()
+    script = ("mount --bind %s /dev/ttyS0 && mount --bind %s /proc/cmdline && %sexec %s --port %s"
+              % (os.ttyname(cs), cmdline, mount_etc, agent, os.ttyname(ts)))
     proc = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "--mount", "--uts", "--net",
                              "--propagation", "private", "sh", "-c", script],
                             stdout=log, stderr=log, stdin=subprocess.DEVNULL)
@@ -121,6 +160,45 @@ def main():
     def t_hostname():
         out, _, t, f = run(["cat", "/proc/sys/kernel/hostname"])
         check(out == b"smoke-vm\n", "hostname %r" % out)
+
+    def configure(payload):
+        sid = h.new_stream()
+        h.sendf(rt.CONFIGURE, sid, payload)
+        frames = h.wait_end(sid)
+        check(len(frames) == 1, "CONFIGURE answered with %r" % frames)
+        return frames[0][0], dict(rt.parse_tlv(frames[0][1]))
+
+    def t_configure():
+        if not etc_overlay:
+            print("     pid1-configure: skipped (overlayfs unavailable: /etc cannot be confined)")
+            return
+        mid = os.urandom(16).hex().encode()
+        t, f = configure(rt.tlv(4, mid) + rt.tlv(1, "clone-42.smoke"))
+        check(t == rt.DONE and f == {}, "configure: 0x%02x %r" % (t, f))
+        out, _, _, _ = run(["cat", "/proc/sys/kernel/hostname", "/etc/hostname", "/etc/machine-id"])
+        check(out == b"clone-42.smoke\nclone-42.smoke\n" + mid + b"\n", "in the guest: %r" % out)
+        out, _, _, _ = run(["stat", "-c", "%a %n", "/etc/hostname", "/etc/machine-id"])
+        check(out == b"644 /etc/hostname\n444 /etc/machine-id\n", "modes %r" % out)
+        # Written through the overlay, atomically: the files and nothing else.
+        check(sorted(os.listdir(upper)) == ["hostname", "machine-id"], "upper layer %r" % os.listdir(upper))
+        with open(os.path.join(upper, "machine-id"), "rb") as fp:
+            check(fp.read() == mid + b"\n", "machine-id on disk")
+        check(os.stat(os.path.join(upper, "machine-id")).st_mode & 0o7777 == 0o444, "machine-id mode on disk")
+        # Only machine_id: /etc/hostname and the hostname stay.
+        mid2 = os.urandom(16).hex().encode()
+        t, f = configure(rt.tlv(4, mid2))
+        check(t == rt.DONE, "configure machine_id: %r" % f)
+        out, _, _, _ = run(["cat", "/proc/sys/kernel/hostname", "/etc/hostname", "/etc/machine-id"])
+        check(out == b"clone-42.smoke\nclone-42.smoke\n" + mid2 + b"\n", "after machine_id only: %r" % out)
+        # An invalid request changes nothing, not even the fields before the bad one.
+        for payload in (rt.tlv(1, "other") + rt.tlv(4, mid) + rt.tlv(1, "again"),
+                        rt.tlv(1, "other") + rt.tlv(4, mid.upper()), rt.tlv(1, "bad_name") + rt.tlv(4, mid)):
+            t, f = configure(payload)
+            check(t == rt.ERROR and f.get(1) == b"EINVAL", "invalid request: 0x%02x %r" % (t, f))
+        out, _, _, _ = run(["cat", "/proc/sys/kernel/hostname", "/etc/hostname", "/etc/machine-id"])
+        check(out == b"clone-42.smoke\nclone-42.smoke\n" + mid2 + b"\n", "after invalid requests: %r" % out)
+        check(sorted(os.listdir(upper)) == ["hostname", "machine-id"], "upper layer %r" % os.listdir(upper))
+        check(host_etc() == host_before, "the host's /etc or hostname changed")
 
     def t_mounts():
         out, _, t, f = run(["cat", "/proc/self/mountinfo"])
@@ -170,7 +248,8 @@ def main():
         # does there); in a VM it makes QEMU, run with -no-reboot, exit.
         check(proc.returncode in (-signal.SIGHUP, 128 + signal.SIGHUP), "status %r" % proc.returncode)
 
-    tests = [("pid1-handshake", t_handshake), ("pid1-hostname", t_hostname), ("pid1-mounts", t_mounts),
+    tests = [("pid1-handshake", t_handshake), ("pid1-hostname", t_hostname), ("pid1-configure", t_configure),
+             ("pid1-mounts", t_mounts),
              ("pid1-loopback", t_loopback), ("pid1-exec-pty", t_exec_pty),
              ("pid1-orphans-reaped", t_orphans_reaped), ("pid1-ignores-signals", t_ignores_signals),
              ("pid1-console", t_console), ("pid1-poweroff", t_poweroff)]

@@ -17,7 +17,7 @@ import traceback
 
 PING, PONG, POWEROFF = 0x01, 0x02, 0x03
 EXEC, STARTED, STDIN, STDOUT, STDERR, SIGNAL, RESIZE, EXIT, ERROR, CREDIT = range(0x10, 0x1A)
-FILE_WRITE, FILE_READ, DATA, DONE, CANCEL = 0x20, 0x21, 0x22, 0x23, 0x24
+FILE_WRITE, FILE_READ, DATA, DONE, CANCEL, CONFIGURE = 0x20, 0x21, 0x22, 0x23, 0x24, 0x25
 WINDOW = 262144
 MAXP = 65536
 TERMINAL = (EXIT, ERROR, DONE)
@@ -477,6 +477,56 @@ def t_file_cancel(h, tmp):
     check(os.listdir(tmp) == [], "cancelled write left %r" % os.listdir(tmp))
 
 
+def configure(h, payload):
+    """Sends CONFIGURE; returns the stream's frames (one DONE or one ERROR)."""
+    sid = h.new_stream()
+    h.sendf(CONFIGURE, sid, payload)
+    frames = h.wait_end(sid)
+    check(len(frames) == 1, "CONFIGURE answered with %d frames" % len(frames))
+    return frames[0]
+
+
+def host_identity():
+    with open("/etc/machine-id", "rb") as f:
+        mid = f.read()
+    st = os.stat("/etc/machine-id")
+    return socket.gethostname(), mid, st.st_mtime_ns, st.st_ino
+
+
+def t_configure(h):
+    """--connect mode: the request is validated exactly as in PID 1 mode, but nothing is
+    applied to the machine the tests run on (its hostname and /etc/machine-id stay)."""
+    before = host_identity()
+    ns = struct.pack(">Q", time.time_ns() + 3600 * 10**9)
+    mid = b"0123456789abcdef0123456789abcdef"
+    for payload in (tlv(1, "clone-1.test") + tlv(4, mid) + tlv(3, os.urandom(32)) + tlv(2, ns),
+                    b"", tlv(1, "a" * 64), tlv(3, os.urandom(512)), tlv(3, b"x"), tlv(1, "A-Z.0-9"),
+                    tlv(2, b"\0" * 8), tlv(9, "from the future") + tlv(1, "vm")):
+        t, p = configure(h, payload)
+        check(t == DONE and p == b"", "valid request %r: got 0x%02x %r" % (payload[:40], t, p))
+    bad = [
+        ("empty hostname", tlv(1, "")), ("65-byte hostname", tlv(1, "a" * 65)),
+        ("underscore", tlv(1, "bad_name")), ("space", tlv(1, "a b")), ("NUL", tlv(1, b"a\0b")),
+        ("UTF-8", tlv(1, "h\u00e9te")), ("empty entropy", tlv(3, b"")),
+        ("513 bytes of entropy", tlv(3, b"\0" * 513)), ("upper-case machine id", tlv(4, mid.upper())),
+        ("31-digit machine id", tlv(4, mid[:31])), ("33-digit machine id", tlv(4, mid + b"0")),
+        ("non-hex machine id", tlv(4, b"g" + mid[1:])),
+        ("repeated hostname", tlv(1, "a") + tlv(1, "a")),
+        ("repeated time_ns", tlv(2, ns) + tlv(1, "vm") + tlv(2, ns)),
+        ("repeated entropy", tlv(3, b"x") + tlv(3, b"y")),
+        ("repeated machine_id", tlv(4, mid) + tlv(4, mid)),
+        ("bad field after good ones", tlv(1, "ok") + tlv(4, mid) + tlv(3, b"")),
+    ]
+    for what, payload in bad:
+        t, p = configure(h, payload)
+        f = dict(parse_tlv(p))
+        check(t == ERROR and f.get(1) == b"EINVAL" and f.get(2, b"").startswith(b"configure: "),
+              "%s: got 0x%02x %r" % (what, t, f))
+    check(host_identity() == before, "CONFIGURE in --connect mode changed the host: %r -> %r"
+          % (before, host_identity()))
+    t_ping(h)
+
+
 def t_disconnect(h):
     sid = h.exec(["sh", "-c", "sleep 100 & echo $!; wait"])
     pid = h.wait_started(sid)
@@ -595,7 +645,7 @@ def run_tests(a, h, passed, failed):
         ("einval", t_einval), ("signal", t_signal), ("cancel", t_cancel),
         ("background-holder", t_background_holder), ("pty-resize", t_pty),
         ("concurrent", t_concurrent), ("files-5mb", t_files), ("file-errors", t_file_errors),
-        ("file-cancel", t_file_cancel), ("write-blocked", t_write_blocked),
+        ("file-cancel", t_file_cancel), ("configure", t_configure), ("write-blocked", t_write_blocked),
         ("disconnect", t_disconnect), ("violation-resync", t_violation), ("poweroff", t_poweroff),
     ]
     for name, fn in tests:

@@ -2,10 +2,14 @@ import type { z } from 'zod';
 import type { Engine } from '../engine/engine.js';
 import { HutchError } from '../errors.js';
 import {
+  autoSuspendBody,
+  branchBody,
+  branchResultSchema,
   createMachineBody,
   execBody,
   execResultSchema,
   healthSchema,
+  lifecycleResultSchema,
   machineListSchema,
   machineSchema,
 } from './schemas.js';
@@ -66,6 +70,8 @@ export const machineRoutes: Route[] = [
         ...(b.persistent !== undefined ? { persistent: b.persistent } : {}),
         ...(b.name !== undefined ? { name: b.name } : {}),
         ...(b.net !== undefined ? { net: b.net } : {}),
+        ...(b.mode !== undefined ? { mode: b.mode } : {}),
+        ...(b.auto_suspend_seconds !== undefined ? { autoSuspendSeconds: b.auto_suspend_seconds } : {}),
       });
     },
   },
@@ -112,5 +118,54 @@ export const machineRoutes: Route[] = [
         timeoutMs: b.timeout_ms ?? 60_000,
       });
     },
+  },
+  {
+    method: 'POST',
+    path: '/v1/machines/{id}/branch',
+    summary: 'Fork a running machine into a live clone',
+    body: branchBody,
+    response: branchResultSchema,
+    status: 201,
+    handle: ({ engine, owner, params, body }) => {
+      const b = parseWith(branchBody, body ?? {});
+      return engine.branch(owner, params.id ?? '', {
+        ...(b.name !== undefined ? { name: b.name } : {}),
+        ...(b.ttl_seconds !== undefined ? { ttlSeconds: b.ttl_seconds } : {}),
+      });
+    },
+  },
+  {
+    method: 'POST',
+    path: '/v1/machines/{id}/pause',
+    summary: 'Pause: stop the vCPUs, keep everything in memory',
+    response: lifecycleResultSchema,
+    status: 200,
+    handle: ({ engine, owner, params }) => engine.pause(owner, params.id ?? ''),
+  },
+  {
+    method: 'POST',
+    path: '/v1/machines/{id}/resume',
+    summary: 'Resume a paused or suspended machine',
+    response: lifecycleResultSchema,
+    status: 200,
+    handle: ({ engine, owner, params }) => engine.resume(owner, params.id ?? ''),
+  },
+  {
+    method: 'POST',
+    path: '/v1/machines/{id}/suspend',
+    summary: 'Suspend: write the machine to disk and free its memory',
+    response: lifecycleResultSchema,
+    status: 200,
+    handle: ({ engine, owner, params }) => engine.suspend(owner, params.id ?? ''),
+  },
+  {
+    method: 'POST',
+    path: '/v1/machines/{id}/auto-suspend',
+    summary: 'Set the idle auto-suspend timeout (0 disables)',
+    body: autoSuspendBody,
+    response: machineSchema,
+    status: 200,
+    handle: ({ engine, owner, params, body }) =>
+      engine.setAutoSuspend(owner, params.id ?? '', parseWith(autoSuspendBody, body).seconds),
   },
 ];

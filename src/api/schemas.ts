@@ -23,6 +23,17 @@ export const createMachineBody = z
       .optional()
       .describe('Optional unique name; the machine can be addressed by it.'),
     net: z.boolean().optional().describe('Give the machine network access (not available in this version).'),
+    auto_suspend_seconds: z
+      .number()
+      .int()
+      .min(0)
+      .max(86_400)
+      .optional()
+      .describe("Suspend the machine after this many idle seconds (0: never; default: the server's)."),
+    mode: z
+      .enum(['snapshot', 'cold'])
+      .optional()
+      .describe('snapshot: restore from the template snapshot (the default once it exists); cold: boot.'),
   })
   .strict();
 
@@ -53,8 +64,18 @@ export const machineSchema = z.object({
   name: z.string().nullable(),
   owner: z.string(),
   template: z.string(),
-  status: z.enum(['starting', 'running', 'failed', 'destroying']),
-  mode: z.enum(['cold']),
+  status: z.enum([
+    'starting',
+    'running',
+    'paused',
+    'suspending',
+    'suspended',
+    'resuming',
+    'failed',
+    'destroying',
+  ]),
+  mode: z.enum(['cold', 'snapshot', 'branch']),
+  forked_from: z.string().nullable().describe('The machine this one was branched from.'),
   boot_ms: z.number().int().nullable().describe('Request received → agent answered, for this machine.'),
   accel: z.string().describe('kvm or tcg'),
   vcpus: z.number().int(),
@@ -65,7 +86,35 @@ export const machineSchema = z.object({
   expires_at: z.string().nullable(),
   error: z.string().nullable(),
   jail: jailSchema,
+  auto_suspend_seconds: z.number().int(),
 });
+
+export const lifecycleResultSchema = machineSchema.extend({
+  pause_us: z.number().int().optional().describe('QEMU time to stop the vCPUs, µs.'),
+  resume_us: z
+    .number()
+    .int()
+    .optional()
+    .describe('Time until the vCPUs run again (from disk: until restored), µs.'),
+  suspend_us: z.number().int().optional().describe('Time to write the machine to disk and free it, µs.'),
+});
+
+export const branchBody = z
+  .object({
+    name: createMachineBody.shape.name,
+    ttl_seconds: createMachineBody.shape.ttl_seconds,
+  })
+  .strict();
+
+export const branchResultSchema = machineSchema.extend({
+  pause_ms: z.number().describe('How long the source was stopped for the fork.'),
+});
+
+export const autoSuspendBody = z
+  .object({
+    seconds: z.number().int().min(0).max(86_400).describe('Idle seconds before auto-suspend; 0 disables.'),
+  })
+  .strict();
 
 export const machineListSchema = z.object({ machines: z.array(machineSchema) });
 
@@ -88,6 +137,7 @@ export const healthSchema = z.object({
   accel: z.string(),
   accel_reason: z.string(),
   templates: z.record(z.string(), z.enum(['ready', 'not built'])),
+  snapshots: z.record(z.string(), z.enum(['ready', 'building', 'failed', 'none'])),
   guest_memory_mb: z.object({ used: z.number().int(), cap: z.number().int() }),
   max_machines: z.number().int(),
   uptime_s: z.number().int(),

@@ -1,16 +1,30 @@
-import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import {
+  chmodSync,
+  chownSync,
+  constants,
+  copyFileSync,
+  existsSync,
+  mkdirSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import type { Config } from '../config.js';
 import { HutchError } from '../errors.js';
 import { type AgentConnection, AgentError, connectAgent } from '../guest/agent-connection.js';
 import type { TemplateManifest } from '../images/builder.js';
 import { templateRecipes } from '../images/recipes.js';
+import { prepareRunDir, SnapshotCache, type SnapshotParams } from '../images/snapshots.js';
 import type { AccelChoice } from '../vmm/accel.js';
 import { cgroupSupport, confine, listMachineCgroups, releaseCgroup } from '../vmm/cgroup.js';
 import { ConsoleTap } from '../vmm/console.js';
 import { createOverlay } from '../vmm/disk.js';
 import { tcgTimingArgs } from '../vmm/host.js';
+import { loadState, saveState } from '../vmm/migration.js';
 import {
+  type Accel,
   isAlive,
   isQemuOf,
   killAndWait,
@@ -18,10 +32,12 @@ import {
   listHutchQemus,
   runPaths,
   stopQemu,
+  type VmSpec,
 } from '../vmm/qemu.js';
+import { QmpClient } from '../vmm/qmp.js';
 import { newMachineId } from './ids.js';
 import { type MachineView, toView } from './machine-view.js';
-import { type MachineRow, Store } from './store.js';
+import { activeStates, type MachineRow, Store } from './store.js';
 
 export const ttlBounds = { min: 15, max: 900, default: 60 } as const;
 
@@ -31,6 +47,10 @@ export interface CreateMachine {
   persistent?: boolean;
   name?: string;
   net?: boolean;
+  /** snapshot: restore from the template's snapshot (default when it exists); cold: boot. */
+  mode?: 'snapshot' | 'cold';
+  /** Idle seconds before auto-suspend; 0 never; absent: the server default. */
+  autoSuspendSeconds?: number;
 }
 
 export interface ExecRequest {
@@ -58,6 +78,7 @@ export interface Health {
   accel: string;
   accel_reason: string;
   templates: Record<string, 'ready' | 'not built'>;
+  snapshots: Record<string, 'ready' | 'building' | 'failed' | 'none'>;
   guest_memory_mb: { used: number; cap: number };
   max_machines: number;
   uptime_s: number;
@@ -66,6 +87,7 @@ export interface Health {
 /** What the engine holds for a live machine beyond its row: connections and timers. */
 interface Live {
   agent?: AgentConnection;
+  qmp?: QmpClient;
   console: ConsoleTap;
   ttl?: NodeJS.Timeout;
   pid: number;
@@ -83,7 +105,8 @@ export class Engine {
   private readonly startedAt = Date.now();
   private sweeper: NodeJS.Timeout | undefined;
   private readonly runRoot: string;
-  private readonly qemuUser: string | undefined;
+  private readonly runAs: { user: string; uid: number; gid: number } | undefined;
+  readonly snapshots: SnapshotCache;
   private readonly cgroups = cgroupSupport();
   private closing = false;
 
@@ -97,7 +120,10 @@ export class Engine {
     this.runRoot = join(config.stateDir, 'run');
     mkdirSync(this.runRoot, { recursive: true, mode: 0o700 });
     this.store = new Store(join(config.stateDir, 'hutch.db'));
-    this.qemuUser = userExists(config.qemuUser) ? config.qemuUser : undefined;
+    this.runAs = lookupUser(config.qemuUser);
+    // QEMU, once it has dropped to its user, must reach its run dir to make migration sockets.
+    if (this.runAs) for (const d of [config.stateDir, this.runRoot]) chmodSync(d, 0o711);
+    this.snapshots = new SnapshotCache(config.imageDir);
   }
 
   /** Re-adopts machines left by a previous daemon, cleans what is dead, starts the sweeper. */
@@ -107,11 +133,18 @@ export class Engine {
       known.add(row.id);
       await this.recover(row);
     }
-    // QEMU processes of ours that the store does not know: a crash between launch and insert.
+    // QEMU processes of ours that the store does not know: a crash between launch and insert,
+    // or a template snapshot whose builder died mid-way (its temp dir names the builder's pid).
     for (const q of listHutchQemus()) {
+      const snapTmp = q.argv.map((a) => /\/snapshots\/[^/]+\.tmp-(\d+)\//.exec(a)).find(Boolean);
+      if (snapTmp && !isAlive(Number(snapTmp[1]))) {
+        this.log('warn', 'killing orphan snapshot qemu', { pid: q.pid });
+        await killAndWait(q.pid);
+        continue;
+      }
       if (!q.argv.some((a) => a.includes(this.runRoot))) continue;
       const row = this.store.get(q.id);
-      if (!row || (row.state !== 'running' && row.state !== 'starting')) {
+      if (!row || !activeStates.includes(row.state)) {
         this.log('warn', 'killing orphan qemu', { pid: q.pid, id: q.id });
         await killAndWait(q.pid);
       }
@@ -131,17 +164,20 @@ export class Engine {
 
   private async recover(row: MachineRow): Promise<void> {
     const alive = row.pid !== null && isQemuOf(row.pid, row.id);
-    if (row.state === 'running' && alive && row.pid !== null) {
+    const adopt = (pid: number): Live => {
       const console = new ConsoleTap(runPaths(row.run_dir).console, join(row.run_dir, 'console.log'));
       console.start();
-      const live: Live = { console, pid: row.pid };
+      const live: Live = { console, pid };
       this.live.set(row.id, live);
+      return live;
+    };
+    if (row.state === 'running' && alive && row.pid !== null) {
+      const live = adopt(row.pid);
       try {
         live.agent = await connectAgent(runPaths(row.run_dir).agent, { timeoutMs: 10_000 });
         this.watchAgent(row.id, live.agent);
         this.armTtl(row);
         this.log('info', 'adopted running machine', { id: row.id, pid: row.pid });
-        return;
       } catch (e) {
         this.log('warn', 'running machine does not answer; destroying it', {
           id: row.id,
@@ -152,27 +188,97 @@ export class Engine {
           'failed',
           `agent did not answer after daemon restart: ${(e as Error).message}`,
         );
-        return;
       }
+      return;
     }
-    if (row.state === 'failed') {
+    if (row.state === 'paused' && alive && row.pid !== null) {
+      // A paused guest cannot answer its agent; the connection is made on resume.
+      adopt(row.pid);
+      this.armTtl(row);
+      this.log('info', 'adopted paused machine', { id: row.id, pid: row.pid });
+      return;
+    }
+    const stateFile = join(row.run_dir, 'suspend.state');
+    // A state file still being written when the daemon died is never complete: drop it.
+    for (const partial of [`${stateFile}.partial`, join(row.run_dir, 'branch.state.partial')])
+      rmSync(partial, { force: true });
+    if (row.state === 'suspending' && alive && row.pid !== null) {
+      if (existsSync(stateFile)) {
+        // The snapshot was complete (it is renamed into place last): finish the suspend.
+        await stopQemu(row.pid, runPaths(row.run_dir).qmp);
+        await releaseCgroup(row.id);
+        this.store.update(row.id, { state: 'suspended', pid: null });
+        this.armTtl(row);
+      } else {
+        // Crashed mid-snapshot: the source carries on as it was.
+        const live = adopt(row.pid);
+        try {
+          const qmp = await this.qmpOf(row.id);
+          await qmp.execute('cont');
+          live.agent = await connectAgent(runPaths(row.run_dir).agent, { timeoutMs: 10_000 });
+          this.watchAgent(row.id, live.agent);
+          this.store.update(row.id, { state: 'running' });
+          this.armTtl(row);
+        } catch (e) {
+          await this.teardown(
+            row,
+            'failed',
+            `interrupted suspend could not be undone: ${(e as Error).message}`,
+          );
+        }
+      }
+      return;
+    }
+    if (row.state === 'resuming' || (row.state === 'suspending' && !alive)) {
+      if (alive && row.pid !== null) await stopQemu(row.pid, runPaths(row.run_dir).qmp, 200);
+      await releaseCgroup(row.id);
+      if (existsSync(stateFile)) {
+        this.store.update(row.id, { state: 'suspended', pid: null });
+        this.armTtl(row);
+      } else {
+        await this.teardown(row, 'failed', 'the machine was lost while it was being suspended');
+      }
+      return;
+    }
+    if (row.state === 'suspended' || row.state === 'failed') {
       this.armTtl(row);
       return;
     }
-    // starting (daemon died mid-create), destroying (mid-destroy), or running but QEMU is gone.
-    if (row.state === 'running') {
+    // starting (daemon died mid-create), destroying (mid-destroy), or running/paused but QEMU is gone.
+    if (row.state === 'running' || row.state === 'paused') {
       await this.teardown(row, 'failed', 'qemu exited while the daemon was down');
     } else {
       await this.teardown(row, 'deleted');
     }
   }
 
+  /**
+   * Takes each template's snapshot in the background (once: it is cached with the template).
+   * Until it is ready, creates boot cold.
+   */
+  prepareSnapshots(): void {
+    for (const manifest of this.templates.values()) {
+      this.snapshots.ensure(manifest, this.snapshotParams(manifest)).then(
+        (s) =>
+          this.log('info', 'template snapshot ready', { template: s.template, state_bytes: s.stateBytes }),
+        (e: unknown) =>
+          this.log('error', 'template snapshot failed', {
+            template: manifest.name,
+            error: (e as Error).message,
+          }),
+      );
+    }
+  }
+
   health(): Health {
     const rows = this.store.list();
-    const active = rows.filter((r) => r.state === 'running' || r.state === 'starting');
+    const active = rows.filter((r) => activeStates.includes(r.state));
     const templates: Record<string, 'ready' | 'not built'> = {};
-    for (const name of Object.keys(templateRecipes))
+    const snapshots: Health['snapshots'] = {};
+    for (const name of Object.keys(templateRecipes)) {
       templates[name] = this.templates.has(name) ? 'ready' : 'not built';
+      snapshots[name] = this.snapshots.status(name);
+    }
     return {
       status: 'ok',
       running: rows.filter((r) => r.state === 'running').length,
@@ -180,6 +286,7 @@ export class Engine {
       accel: this.accel.accel,
       accel_reason: this.accel.reason,
       templates,
+      snapshots,
       guest_memory_mb: {
         used: active.reduce((s, r) => s + r.memory_mb, 0),
         cap: this.config.maxGuestMemoryMb,
@@ -189,12 +296,16 @@ export class Engine {
     };
   }
 
+  private view(row: MachineRow): MachineView {
+    return toView(row, this.config.autoSuspendSeconds);
+  }
+
   list(owner: string): MachineView[] {
     return this.store.list(owner).map(toView);
   }
 
   get(owner: string, idOrName: string): MachineView {
-    return toView(this.find(owner, idOrName));
+    return this.view(this.find(owner, idOrName));
   }
 
   private find(owner: string, idOrName: string): MachineRow {
@@ -222,6 +333,12 @@ export class Engine {
     if (req.name !== undefined && this.store.findByName(owner, req.name))
       throw new HutchError('NAME_TAKEN', `a machine named ${JSON.stringify(req.name)} already exists`);
 
+    const snap = req.mode === 'cold' ? undefined : this.snapshots.get(req.template);
+    if (req.mode === 'snapshot' && !snap)
+      throw new HutchError(
+        'SNAPSHOT_NOT_READY',
+        `template ${req.template} has no snapshot yet (${this.snapshots.status(req.template)}); omit "mode" to cold-boot`,
+      );
     const persistent = req.persistent === true && this.config.allowPersistent;
     const ttl = clampTtl(req.ttlSeconds);
     const id = newMachineId();
@@ -234,7 +351,7 @@ export class Engine {
       template: req.template,
       template_hash: manifest.hash,
       state: 'starting',
-      mode: 'cold',
+      mode: snap ? 'snapshot' : 'cold',
       accel: this.accel.accel,
       vcpus: this.config.machineVcpus,
       memory_mb: this.config.machineMemoryMb,
@@ -247,69 +364,30 @@ export class Engine {
       run_dir: runDir,
       error: null,
       jail: null,
+      auto_suspend_seconds: req.autoSuspendSeconds ?? null,
+      parent_id: null,
     };
-    try {
-      this.store.insertMachine(row, (active) => this.admit(active, row));
-    } catch (e) {
-      if (e instanceof HutchError) throw e;
-      if (/UNIQUE/.test((e as Error).message))
-        throw new HutchError('NAME_TAKEN', `a machine named ${JSON.stringify(req.name)} already exists`);
-      throw e;
-    }
+    this.insertRow(row);
 
-    let console: ConsoleTap | undefined;
     try {
-      mkdirSync(runDir, { recursive: true, mode: 0o700 });
-      createOverlay(manifest.rootfs, join(runDir, 'disk.qcow2'));
-      const cmdline = [
-        manifest.cmdline,
-        `hutch.hostname=${id}`,
-        this.accel.accel === 'tcg' ? tcgTimingArgs(manifest.kernelHz) : '',
-      ]
-        .filter(Boolean)
-        .join(' ');
-      const spec = {
-        id,
-        accel: this.accel.accel,
-        vcpus: row.vcpus,
-        memoryMb: row.memory_mb,
-        kernel: manifest.kernel,
-        disk: join(runDir, 'disk.qcow2'),
-        cmdline,
-        runDir,
-        ...(this.qemuUser ? { runAs: this.qemuUser } : {}),
-      };
-      const pid = launchQemu(this.config.qemuBinary, spec);
-      const jail = { seccomp: true, user: this.qemuUser ?? null, cgroup: null as string | null };
-      if (this.cgroups !== 'none') {
-        try {
-          // Guest RAM plus room for QEMU itself and the TCG translation cache.
-          const handle = confine(id, pid, {
-            memoryBytes: (row.memory_mb + 192) * 1024 * 1024,
-            cpus: row.vcpus,
-            pids: 256,
-          });
-          jail.cgroup = handle.kind;
-        } catch (e) {
-          this.log('warn', 'cgroup confinement failed', { id, error: (e as Error).message });
-        }
+      const disk = join(runDir, 'disk.qcow2');
+      if (snap) {
+        prepareRunDir(runDir, this.runAs);
+        createOverlay(snap.disk, disk, 'qcow2', this.runAs);
+        const { live } = await this.restoreInto(row, manifest, snap.state, {
+          memory: { kind: 'file', path: snap.mem, share: false },
+          ignoreShared: true,
+        });
+        if (live.agent) await this.giveIdentity(live.agent, id);
+      } else {
+        prepareRunDir(runDir, this.runAs);
+        createOverlay(manifest.rootfs, disk, 'raw', this.runAs);
+        const live = this.launch(row, manifest, {});
+        live.agent = await this.waitForAgent(id, live.pid, runDir, live.console);
       }
-      this.store.update(id, { pid, jail: JSON.stringify(jail) });
-      console = new ConsoleTap(runPaths(runDir).console, join(runDir, 'console.log'));
-      console.start();
-      const live: Live = { console, pid };
-      this.live.set(id, live);
-      live.agent = await this.waitForAgent(id, pid, runDir, console);
-      const bootMs = Math.round(performance.now() - t0);
-      this.store.update(id, { state: 'running', boot_ms: bootMs });
-      this.watchAgent(id, live.agent);
-      const final = this.store.get(id);
-      if (!final) throw new Error('machine vanished during create');
-      this.armTtl(final);
-      this.log('info', 'machine created', { id, boot_ms: bootMs });
-      return toView(final);
+      return this.markRunning(id, Math.round(performance.now() - t0));
     } catch (e) {
-      const tail = console?.recent().toString('utf8').slice(-1500) ?? '';
+      const tail = this.live.get(id)?.console.recent().toString('utf8').slice(-1500) ?? '';
       const current = this.store.get(id);
       if (current) await this.teardown(current, 'deleted');
       if (e instanceof HutchError) throw e;
@@ -317,6 +395,132 @@ export class Engine {
         console_tail: tail,
       });
     }
+  }
+
+  /** Starts QEMU for `row` and starts watching its console. */
+  private launch(
+    row: MachineRow,
+    manifest: TemplateManifest,
+    extra: Pick<VmSpec, 'memory' | 'incoming'>,
+  ): Live {
+    const pid = launchQemu(this.config.qemuBinary, {
+      id: row.id,
+      accel: row.accel as Accel,
+      vcpus: row.vcpus,
+      memoryMb: row.memory_mb,
+      kernel: manifest.kernel,
+      disk: join(row.run_dir, 'disk.qcow2'),
+      cmdline: `${this.kernelCmdline(manifest)} hutch.hostname=${row.id}`,
+      runDir: row.run_dir,
+      ...(this.runAs ? { runAs: this.runAs.user } : {}),
+      ...extra,
+    });
+    this.store.update(row.id, { pid, jail: JSON.stringify(this.confine(row.id, pid, row)) });
+    const console = new ConsoleTap(runPaths(row.run_dir).console, join(row.run_dir, 'console.log'));
+    console.start();
+    const live: Live = { console, pid };
+    const timer = this.orphanTimers.get(row.id);
+    if (timer) {
+      live.ttl = timer;
+      this.orphanTimers.delete(row.id);
+    }
+    this.live.set(row.id, live);
+    return live;
+  }
+
+  /**
+   * Starts QEMU for `row` waiting for a migration stream, loads `stateFile`, continues the
+   * vCPUs and connects to the agent, which forgets any stream the saved machine had open.
+   */
+  private async restoreInto(
+    row: MachineRow,
+    manifest: TemplateManifest,
+    stateFile: string,
+    opts: { memory: VmSpec['memory']; ignoreShared: boolean },
+  ): Promise<{ live: Live; restoredUs: number }> {
+    const live = this.launch(row, manifest, { memory: opts.memory, incoming: true });
+    const qmp = await this.qmpOf(row.id);
+    const t0 = performance.now();
+    await loadState(qmp, runPaths(row.run_dir).migDir, stateFile, { ignoreShared: opts.ignoreShared });
+    await qmp.execute('cont');
+    const restoredUs = Math.round((performance.now() - t0) * 1000);
+    live.agent = await this.waitForAgent(row.id, live.pid, row.run_dir, live.console);
+    await live.agent.reset();
+    return { live, restoredUs };
+  }
+
+  private markRunning(id: string, bootMs: number): MachineView {
+    const live = this.live.get(id);
+    if (!live?.agent) throw new Error(`machine ${id} has no agent connection`);
+    this.store.update(id, { state: 'running', boot_ms: bootMs });
+    this.watchAgent(id, live.agent);
+    const final = this.store.get(id);
+    if (!final) throw new Error('machine vanished during create');
+    this.armTtl(final);
+    this.touch(id);
+    this.log('info', 'machine started', { id, mode: final.mode, boot_ms: bootMs });
+    return this.view(final);
+  }
+
+  /** The kernel command line for this host: the template's, plus TCG's timing flags. */
+  private kernelCmdline(manifest: TemplateManifest): string {
+    return this.accel.accel === 'tcg'
+      ? `${manifest.cmdline} ${tcgTimingArgs(manifest.kernelHz)}`
+      : manifest.cmdline;
+  }
+
+  /** The parameters template snapshots are taken with; a snapshot only fits machines booted alike. */
+  snapshotParams(manifest: TemplateManifest): SnapshotParams {
+    return {
+      qemu: this.config.qemuBinary,
+      accel: this.accel.accel,
+      vcpus: this.config.machineVcpus,
+      memoryMb: this.config.machineMemoryMb,
+      cmdline: this.kernelCmdline(manifest),
+      runAs: this.runAs,
+    };
+  }
+
+  /**
+   * Makes a restored machine its own: every clone of a snapshot starts with the snapshot's
+   * hostname, machine-id, kernel RNG state and a clock stopped at snapshot time.
+   */
+  private async giveIdentity(agent: AgentConnection, id: string): Promise<void> {
+    await agent.configure(
+      {
+        hostname: id,
+        machineId: randomBytes(16).toString('hex'),
+        entropy: randomBytes(64),
+        timeNs: BigInt(Date.now()) * 1_000_000n,
+      },
+      10_000,
+    );
+  }
+
+  private confine(id: string, pid: number, row: MachineRow): MachineView['jail'] {
+    const jail = { seccomp: true, user: this.runAs?.user ?? null, cgroup: null as string | null };
+    if (this.cgroups === 'none') return jail;
+    try {
+      // Guest RAM plus room for QEMU itself and the TCG translation cache.
+      jail.cgroup = confine(id, pid, {
+        memoryBytes: (row.memory_mb + 192) * 1024 * 1024,
+        cpus: row.vcpus,
+        pids: 256,
+      }).kind;
+    } catch (e) {
+      this.log('warn', 'cgroup confinement failed', { id, error: (e as Error).message });
+    }
+    return jail;
+  }
+
+  /** The machine's QMP connection, opened on first use and kept (QEMU serves one client at a time). */
+  private async qmpOf(id: string): Promise<QmpClient> {
+    const live = this.live.get(id);
+    const row = this.store.get(id);
+    if (!live || !row) throw new HutchError('MACHINE_NOT_RUNNING', `machine ${id} is not running`);
+    if (live.qmp?.isOpen()) return live.qmp;
+    live.qmp = await QmpClient.connect(runPaths(row.run_dir).qmp, 5000);
+    return live.qmp;
   }
 
   private admit(active: MachineRow[], row: MachineRow): void {
@@ -422,8 +626,16 @@ export class Engine {
     for (const row of this.store.list()) {
       if (row.expires_at && new Date(row.expires_at).getTime() <= Date.now() && row.state !== 'destroying') {
         void this.expire(row.id);
-      } else if (row.state === 'running' && row.pid !== null && !isAlive(row.pid)) {
+      } else if (
+        (row.state === 'running' || row.state === 'paused') &&
+        row.pid !== null &&
+        !isAlive(row.pid)
+      ) {
         void this.teardown(row, 'failed', 'qemu exited unexpectedly');
+      } else if (row.state === 'running' && this.idleSuspendDue(row)) {
+        this.suspend(row.owner, row.id).catch((e: unknown) =>
+          this.log('warn', 'auto-suspend failed', { id: row.id, error: (e as Error).message }),
+        );
       }
     }
   }
@@ -451,6 +663,7 @@ export class Engine {
       const orphanTimer = this.orphanTimers.get(row.id);
       if (orphanTimer) clearTimeout(orphanTimer);
       live?.agent?.close();
+      live?.qmp?.close();
       live?.console.stop();
       const pid = live?.pid ?? row.pid;
       if (pid !== null && pid !== undefined && isQemuOf(pid, row.id))
@@ -471,7 +684,13 @@ export class Engine {
   }
 
   async exec(owner: string, idOrName: string, req: ExecRequest): Promise<ExecResult> {
-    const row = this.find(owner, idOrName);
+    let row = this.find(owner, idOrName);
+    // A suspended machine wakes up for work: that is what makes idle auto-suspend invisible.
+    if (row.state === 'suspended') {
+      await this.resume(owner, row.id);
+      row = this.find(owner, row.id);
+    }
+    this.touch(row.id);
     const live = this.live.get(row.id);
     if (row.state !== 'running' || !live?.agent)
       throw new HutchError(
@@ -511,8 +730,305 @@ export class Engine {
             errno: e.code,
           },
         );
+      const now = this.store.get(row.id);
+      if (now && now.state !== 'running')
+        throw new HutchError(
+          'MACHINE_NOT_RUNNING',
+          `machine ${row.id} became ${now.state} while the command ran; the command was stopped`,
+        );
       throw new HutchError('AGENT_UNAVAILABLE', `machine ${row.id}: ${(e as Error).message}`);
+    } finally {
+      this.touch(row.id);
     }
+  }
+
+  // ---- branch -------------------------------------------------------------------------------
+
+  /**
+   * Forks a running (or paused) machine into a live clone: same memory, processes and files,
+   * its own id, TTL and disk from then on. The source is stopped only while its state is
+   * written and its disk copied, then continues with everything it had; its open execs go on.
+   *
+   * Disk: the clone gets a copy of the source's own overlay (what the source wrote since it
+   * started), on the same read-only image below. A copy, not a shared frozen layer: every
+   * machine owns its whole writable disk, so deleting a parent can never break a child. The
+   * copy is a reflink where the filesystem can (O(1)), else proportional to what was written.
+   */
+  async branch(
+    owner: string,
+    idOrName: string,
+    req: { name?: string; ttlSeconds?: number },
+  ): Promise<MachineView & { pause_ms: number }> {
+    const t0 = performance.now();
+    const source = this.find(owner, idOrName);
+    const manifest = this.templates.get(source.template);
+    if (!manifest) throw new HutchError('TEMPLATE_NOT_READY', `template ${source.template} is not loaded`);
+    if (source.state !== 'running' && source.state !== 'paused') throw this.notRunning(source, 'branch');
+    if (req.name !== undefined && this.store.findByName(owner, req.name))
+      throw new HutchError('NAME_TAKEN', `a machine named ${JSON.stringify(req.name)} already exists`);
+    const id = newMachineId();
+    const now = new Date();
+    const ttl = clampTtl(req.ttlSeconds ?? source.ttl_seconds ?? undefined);
+    const persistent = req.ttlSeconds === undefined && source.persistent === 1;
+    const row: MachineRow = {
+      ...source,
+      id,
+      name: req.name ?? null,
+      state: 'starting',
+      mode: 'branch',
+      persistent: persistent ? 1 : 0,
+      ttl_seconds: persistent ? null : ttl,
+      created_at: now.toISOString(),
+      expires_at: persistent ? null : new Date(now.getTime() + ttl * 1000).toISOString(),
+      boot_ms: null,
+      pid: null,
+      run_dir: join(this.runRoot, id),
+      error: null,
+      jail: null,
+      parent_id: source.id,
+    };
+    this.insertRow(row);
+    const stateFile = join(row.run_dir, 'branch.state');
+    let pauseMs = 0;
+    try {
+      prepareRunDir(row.run_dir, this.runAs);
+      await this.withLock(source.id, async () => {
+        const src = this.find(owner, source.id);
+        if (src.state !== 'running' && src.state !== 'paused') throw this.notRunning(src, 'branch');
+        const qmp = await this.qmpOf(src.id);
+        const wasRunning = src.state === 'running';
+        const p0 = performance.now();
+        if (wasRunning) await qmp.execute('stop');
+        try {
+          // A completed migration has flushed the source's disk, so the copy is consistent.
+          await saveState(qmp, runPaths(src.run_dir).migDir, stateFile, {
+            ignoreShared: false,
+            maxBytesPerSecond: this.config.migrationMaxMBps * 1e6,
+          });
+          const disk = join(row.run_dir, 'disk.qcow2');
+          copyFileSync(join(src.run_dir, 'disk.qcow2'), disk, constants.COPYFILE_FICLONE);
+          if (this.runAs) chownSync(disk, this.runAs.uid, this.runAs.gid);
+        } finally {
+          if (wasRunning) await qmp.execute('cont');
+          pauseMs = performance.now() - p0;
+          this.touch(src.id);
+        }
+      });
+      const { live } = await this.restoreInto(this.find(owner, id), manifest, stateFile, {
+        memory: { kind: 'ram' },
+        ignoreShared: false,
+      });
+      if (live.agent) await this.giveIdentity(live.agent, id);
+      rmSync(stateFile, { force: true });
+      const view = this.markRunning(id, Math.round(performance.now() - t0));
+      return { ...view, pause_ms: Math.round(pauseMs * 10) / 10 };
+    } catch (e) {
+      const current = this.store.get(id);
+      if (current) await this.teardown(current, 'deleted');
+      if (e instanceof HutchError) throw e;
+      throw new HutchError('BOOT_FAILED', `branch of ${source.id} failed: ${(e as Error).message}`);
+    }
+  }
+
+  private insertRow(row: MachineRow): void {
+    try {
+      this.store.insertMachine(row, (active) => this.admit(active, row));
+    } catch (e) {
+      if (e instanceof HutchError) throw e;
+      if (/UNIQUE/.test((e as Error).message))
+        throw new HutchError('NAME_TAKEN', `a machine named ${JSON.stringify(row.name)} already exists`);
+      throw e;
+    }
+  }
+
+  // ---- pause, resume, suspend -------------------------------------------------------------
+
+  private readonly opLocks = new Map<string, Promise<unknown>>();
+  private readonly lastActive = new Map<string, number>();
+
+  private touch(id: string): void {
+    this.lastActive.set(id, Date.now());
+  }
+
+  /** Runs lifecycle operations on one machine one at a time. */
+  private withLock<T>(id: string, fn: () => Promise<T>): Promise<T> {
+    const prev = this.opLocks.get(id) ?? Promise.resolve();
+    const next = prev.then(fn, fn);
+    const settled = next.catch(() => {});
+    this.opLocks.set(id, settled);
+    void settled.then(() => {
+      if (this.opLocks.get(id) === settled) this.opLocks.delete(id);
+    });
+    return next;
+  }
+
+  /** Stops the vCPUs; memory and everything else stays. */
+  pause(owner: string, idOrName: string): Promise<MachineView & { pause_us: number }> {
+    const id = this.find(owner, idOrName).id;
+    return this.withLock(id, async () => {
+      const row = this.find(owner, id);
+      if (row.state === 'paused') return { ...this.view(row), pause_us: 0 };
+      if (row.state !== 'running') throw this.notRunning(row, 'pause');
+      const qmp = await this.qmpOf(id);
+      const t0 = performance.now();
+      await qmp.execute('stop');
+      const us = Math.round((performance.now() - t0) * 1000);
+      this.store.update(id, { state: 'paused' });
+      return { ...this.view(this.find(owner, id)), pause_us: us };
+    });
+  }
+
+  /** Continues a paused machine, or brings a suspended one back from disk. */
+  resume(owner: string, idOrName: string): Promise<MachineView & { resume_us: number }> {
+    const id = this.find(owner, idOrName).id;
+    return this.withLock(id, async () => {
+      const row = this.find(owner, id);
+      if (row.state === 'running') return { ...this.view(row), resume_us: 0 };
+      if (row.state === 'paused') {
+        const qmp = await this.qmpOf(id);
+        const t0 = performance.now();
+        await qmp.execute('cont');
+        const us = Math.round((performance.now() - t0) * 1000);
+        const live = this.live.get(id);
+        if (live && !live.agent) {
+          // Adopted while paused: the agent can answer only now.
+          live.agent = await connectAgent(runPaths(row.run_dir).agent, { timeoutMs: 10_000 });
+          this.watchAgent(id, live.agent);
+        }
+        this.store.update(id, { state: 'running' });
+        this.touch(id);
+        return { ...this.view(this.find(owner, id)), resume_us: us };
+      }
+      if (row.state === 'suspended') {
+        const us = await this.resumeFromDisk(row);
+        this.touch(id);
+        return { ...this.view(this.find(owner, id)), resume_us: us };
+      }
+      throw this.notRunning(row, 'resume');
+    });
+  }
+
+  /**
+   * Writes the whole machine (RAM, devices; the disk is already a file) to its run dir and ends
+   * its QEMU, freeing the memory. Open execs end with a clear error; files and background
+   * processes come back on resume.
+   */
+  suspend(owner: string, idOrName: string): Promise<MachineView & { suspend_us: number }> {
+    const id = this.find(owner, idOrName).id;
+    return this.withLock(id, async () => {
+      const row = this.find(owner, id);
+      if (row.state === 'suspended') return { ...this.view(row), suspend_us: 0 };
+      if (row.state !== 'running' && row.state !== 'paused') throw this.notRunning(row, 'suspend');
+      const live = this.live.get(id);
+      if (!live) throw this.notRunning(row, 'suspend');
+      const t0 = performance.now();
+      const stateFile = join(row.run_dir, 'suspend.state');
+      const qmp = await this.qmpOf(id);
+      this.store.update(id, { state: 'suspending' });
+      try {
+        // The agent sees the host leave and ends the open exec streams before the freeze, so
+        // the machine resumes with no half-finished stream.
+        live.agent?.close();
+        live.agent = undefined;
+        await new Promise((r) => setTimeout(r, 50));
+        await qmp.execute('stop');
+        await saveState(qmp, runPaths(row.run_dir).migDir, stateFile, {
+          ignoreShared: false,
+          maxBytesPerSecond: this.config.migrationMaxMBps * 1e6,
+        });
+      } catch (e) {
+        rmSync(stateFile, { force: true });
+        if (!isAlive(live.pid)) {
+          await this.teardown(this.find(owner, id), 'failed', 'qemu exited during suspend');
+          throw new HutchError('MACHINE_NOT_RUNNING', `suspend of ${id} failed: qemu exited during suspend`);
+        }
+        // The source keeps running with everything it had: a failed suspend changes nothing.
+        await qmp.execute('cont').catch(() => {});
+        live.agent = await connectAgent(runPaths(row.run_dir).agent, { timeoutMs: 10_000 }).catch(
+          () => undefined,
+        );
+        if (live.agent) this.watchAgent(id, live.agent);
+        this.store.update(id, { state: 'running' });
+        throw new HutchError(
+          'INTERNAL',
+          `suspend of ${id} failed, machine left running: ${(e as Error).message}`,
+        );
+      }
+      this.store.update(id, { state: 'suspended', pid: null });
+      await this.stopLive(row);
+      const us = Math.round((performance.now() - t0) * 1000);
+      this.log('info', 'machine suspended', { id, suspend_us: us });
+      return { ...this.view(this.find(owner, id)), suspend_us: us };
+    });
+  }
+
+  private async resumeFromDisk(row: MachineRow): Promise<number> {
+    const stateFile = join(row.run_dir, 'suspend.state');
+    const manifest = this.templates.get(row.template);
+    if (!manifest || !existsSync(stateFile))
+      throw new HutchError(
+        'MACHINE_NOT_RUNNING',
+        `machine ${row.id} cannot be resumed: its saved state is gone`,
+      );
+    this.store.update(row.id, { state: 'resuming' });
+    try {
+      prepareRunDir(row.run_dir, this.runAs);
+      const { live, restoredUs } = await this.restoreInto(row, manifest, stateFile, {
+        memory: { kind: 'ram' },
+        ignoreShared: false,
+      });
+      // The guest clock stood still while the machine was on disk.
+      await live.agent?.configure({ timeNs: BigInt(Date.now()) * 1_000_000n }, 10_000);
+      if (live.agent) this.watchAgent(row.id, live.agent);
+      this.store.update(row.id, { state: 'running' });
+      rmSync(stateFile, { force: true });
+      this.log('info', 'machine resumed', { id: row.id, resume_us: restoredUs });
+      return restoredUs;
+    } catch (e) {
+      // Back to suspended, state file untouched: the machine can be resumed again.
+      await this.stopLive(row);
+      this.store.update(row.id, { state: 'suspended', pid: null });
+      throw new HutchError(
+        'INTERNAL',
+        `resume of ${row.id} failed (still suspended): ${(e as Error).message}`,
+      );
+    }
+  }
+
+  /** Ends a machine's QEMU and connections but keeps its run dir and row (suspend, failed resume). */
+  private async stopLive(row: MachineRow): Promise<void> {
+    const live = this.live.get(row.id);
+    if (!live) return;
+    live.agent?.close();
+    live.qmp?.close();
+    live.console.stop();
+    if (live.ttl) this.orphanTimers.set(row.id, live.ttl);
+    this.live.delete(row.id);
+    if (isQemuOf(live.pid, row.id)) await stopQemu(live.pid, runPaths(row.run_dir).qmp);
+    await releaseCgroup(row.id);
+  }
+
+  /** Idle: no request touched the machine for its auto-suspend timeout (0 = never). */
+  private idleSuspendDue(row: MachineRow): boolean {
+    const timeout = row.auto_suspend_seconds ?? this.config.autoSuspendSeconds;
+    if (!timeout || this.opLocks.has(row.id)) return false;
+    const last = this.lastActive.get(row.id) ?? Date.parse(row.created_at);
+    return Date.now() - last >= timeout * 1000;
+  }
+
+  /** Sets the machine's idle auto-suspend timeout (0 disables it; null: the server default). */
+  setAutoSuspend(owner: string, idOrName: string, seconds: number | null): MachineView {
+    const row = this.find(owner, idOrName);
+    this.store.update(row.id, { auto_suspend_seconds: seconds });
+    this.touch(row.id);
+    return this.view(this.find(owner, row.id));
+  }
+
+  private notRunning(row: MachineRow, op: string): HutchError {
+    return new HutchError(
+      'MACHINE_NOT_RUNNING',
+      `cannot ${op} machine ${row.id}: it is ${row.state}${row.error ? ` (${row.error})` : ''}`,
+    );
   }
 
   /**
@@ -526,6 +1042,7 @@ export class Engine {
     for (const live of this.live.values()) {
       if (live.ttl) clearTimeout(live.ttl);
       live.agent?.close();
+      live.qmp?.close();
       live.console.stop();
     }
     for (const t of this.orphanTimers.values()) clearTimeout(t);
@@ -539,13 +1056,16 @@ export function clampTtl(ttl: number | undefined): number {
   return Math.min(ttlBounds.max, Math.max(ttlBounds.min, Math.round(ttl)));
 }
 
-function userExists(name: string): boolean {
+function lookupUser(name: string): { user: string; uid: number; gid: number } | undefined {
   try {
-    return readFileSync('/etc/passwd', 'utf8')
+    const line = readFileSync('/etc/passwd', 'utf8')
       .split('\n')
-      .some((l) => l.startsWith(`${name}:`));
+      .find((l) => l.startsWith(`${name}:`));
+    if (!line) return undefined;
+    const [, , uid, gid] = line.split(':');
+    return { user: name, uid: Number(uid), gid: Number(gid) };
   } catch {
-    return false;
+    return undefined;
   }
 }
 

@@ -1,4 +1,4 @@
-import type { MachineRow } from './store.js';
+import type { MachineRow, MachineState } from './store.js';
 
 /** A machine as every API surface shows it. */
 export interface MachineView {
@@ -6,8 +6,8 @@ export interface MachineView {
   name: string | null;
   owner: string;
   template: string;
-  status: 'starting' | 'running' | 'failed' | 'destroying';
-  mode: 'cold';
+  status: MachineState;
+  mode: 'cold' | 'snapshot' | 'branch';
   boot_ms: number | null;
   accel: string;
   vcpus: number;
@@ -18,9 +18,12 @@ export interface MachineView {
   expires_at: string | null;
   error: string | null;
   jail: { seccomp: boolean; user: string | null; cgroup: string | null } | null;
+  forked_from: string | null;
+  /** Idle seconds before the machine suspends itself (0: never). */
+  auto_suspend_seconds: number;
 }
 
-export function toView(row: MachineRow): MachineView {
+export function toView(row: MachineRow, defaultAutoSuspend = 0): MachineView {
   return {
     id: row.id,
     name: row.name,
@@ -38,5 +41,7 @@ export function toView(row: MachineRow): MachineView {
     expires_at: row.expires_at,
     error: row.error,
     jail: row.jail ? (JSON.parse(row.jail) as MachineView['jail']) : null,
+    forked_from: row.parent_id,
+    auto_suspend_seconds: row.auto_suspend_seconds ?? defaultAutoSuspend,
   };
 }

@@ -1,6 +1,23 @@
 import Database from 'better-sqlite3';
 
-export type MachineState = 'starting' | 'running' | 'failed' | 'destroying';
+export type MachineState =
+  | 'starting'
+  | 'running'
+  | 'paused'
+  | 'suspending'
+  | 'suspended'
+  | 'resuming'
+  | 'failed'
+  | 'destroying';
+
+/** States in which a machine holds host memory (and so counts against the caps). */
+export const activeStates: readonly MachineState[] = [
+  'starting',
+  'running',
+  'paused',
+  'suspending',
+  'resuming',
+];
 
 export interface MachineRow {
   id: string;
@@ -9,7 +26,7 @@ export interface MachineRow {
   template: string;
   template_hash: string;
   state: MachineState;
-  mode: 'cold';
+  mode: 'cold' | 'snapshot' | 'branch';
   accel: string;
   vcpus: number;
   memory_mb: number;
@@ -22,6 +39,10 @@ export interface MachineRow {
   run_dir: string;
   error: string | null;
   jail: string | null;
+  /** Idle seconds before auto-suspend; null = the server's default, 0 = never. */
+  auto_suspend_seconds: number | null;
+  /** The machine this one was branched from. */
+  parent_id: string | null;
 }
 
 const migrations: string[] = [
@@ -47,6 +68,8 @@ const migrations: string[] = [
      jail TEXT
    );
    CREATE UNIQUE INDEX machines_owner_name ON machines(owner, name) WHERE name IS NOT NULL;`,
+  'ALTER TABLE machines ADD COLUMN auto_suspend_seconds INTEGER',
+  'ALTER TABLE machines ADD COLUMN parent_id TEXT',
 ];
 
 /**
@@ -87,15 +110,17 @@ export class Store {
   insertMachine(row: MachineRow, admit: (active: MachineRow[]) => void): void {
     this.db.transaction(() => {
       const active = this.db
-        .prepare("SELECT * FROM machines WHERE state IN ('starting', 'running')")
+        .prepare(`SELECT * FROM machines WHERE state IN (${activeStates.map((x) => `'${x}'`).join(', ')})`)
         .all() as MachineRow[];
       admit(active);
       this.db
         .prepare(
           `INSERT INTO machines (id, owner, name, template, template_hash, state, mode, accel, vcpus, memory_mb,
-             persistent, ttl_seconds, created_at, expires_at, boot_ms, pid, run_dir, error, jail)
+             persistent, ttl_seconds, created_at, expires_at, boot_ms, pid, run_dir, error, jail, auto_suspend_seconds,
+             parent_id)
            VALUES (@id, @owner, @name, @template, @template_hash, @state, @mode, @accel, @vcpus, @memory_mb,
-             @persistent, @ttl_seconds, @created_at, @expires_at, @boot_ms, @pid, @run_dir, @error, @jail)`,
+             @persistent, @ttl_seconds, @created_at, @expires_at, @boot_ms, @pid, @run_dir, @error, @jail,
+             @auto_suspend_seconds, @parent_id)`,
         )
         .run(row);
     })();

@@ -12,6 +12,7 @@ import { performance } from 'node:perf_hooks';
 import { type Duplex, Readable } from 'node:stream';
 import {
   decodeMessage,
+  encodeConfigure,
   encodeCredit,
   encodeExec,
   encodeFileRead,
@@ -94,6 +95,21 @@ export interface ExecCollectResult extends ExecResult {
 export interface ReadFileHandle {
   readonly stream: Readable;
   readonly done: Promise<{ size: number; mode: number }>;
+}
+
+/**
+ * A restored machine's own identity (CONFIGURE). Every field is optional; the agent applies
+ * them in the order hostname, machineId, entropy, timeNs.
+ */
+export interface ConfigureOptions {
+  /** 1–64 bytes of [A-Za-z0-9.-]; set with sethostname() and written to /etc/hostname. */
+  hostname?: string;
+  /** Unix epoch nanoseconds for the guest's CLOCK_REALTIME. */
+  timeNs?: bigint;
+  /** 1–512 bytes (from the host's CSPRNG) mixed into the guest kernel's RNG, which reseeds. */
+  entropy?: Buffer;
+  /** 32 lower-case hex digits, written to /etc/machine-id. */
+  machineId?: string;
 }
 
 export interface ConnectionStats {
@@ -819,6 +835,58 @@ class FileWriteStream extends StreamBase {
   }
 }
 
+class ConfigureStream extends StreamBase {
+  readonly what = 'configure';
+  private readonly doneD = deferred<void>();
+  private timer: NodeJS.Timeout | null = null;
+
+  constructor(id: number, conn: ConnectionInternals, timeoutMs: number | undefined) {
+    super(id, conn);
+    if (timeoutMs !== undefined && timeoutMs > 0) {
+      this.timer = setTimeout(
+        () =>
+          this.cancelStream(new AgentTimeoutError(`agent did not answer CONFIGURE within ${timeoutMs} ms`)),
+        timeoutMs,
+      );
+      this.timer.unref();
+    }
+  }
+
+  get done(): Promise<void> {
+    return this.doneD.promise;
+  }
+
+  protected onMessage(msg: Message): boolean {
+    switch (msg.type) {
+      case FrameType.DONE:
+        this.stopTimer();
+        this.finish();
+        this.doneD.resolve();
+        return true;
+      case FrameType.ERROR: {
+        const e = parseError(msg);
+        const err = new AgentError(e.code, e.message, 'configure');
+        this.stopTimer();
+        this.finish(err);
+        this.doneD.reject(err);
+        return true;
+      }
+      default:
+        return false;
+    }
+  }
+
+  protected onAbort(err: Error): void {
+    this.stopTimer();
+    this.doneD.reject(err);
+  }
+
+  private stopTimer(): void {
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = null;
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // The connection
 
@@ -1064,6 +1132,37 @@ export class AgentConnection {
     const stream = new FileReadStream(this.allocId(), this.internals, path);
     this.register(stream, encodeFileRead(stream.id, path));
     return stream;
+  }
+
+  /**
+   * Gives a machine restored from a snapshot its own identity (hostname, machine id, fresh
+   * kernel randomness, the current time). Resolves once the agent has applied everything;
+   * rejects with AgentError (EINVAL for a bad or repeated value, else the errno of the first
+   * step that failed, earlier steps staying applied), with AgentTimeoutError after timeoutMs
+   * (absent or 0: no host timeout), or with AgentClosedError. An agent that is not the
+   * guest's init (--connect in tests) validates the request and applies nothing.
+   */
+  async configure(opts: ConfigureOptions, timeoutMs?: number): Promise<void> {
+    if (timeoutMs !== undefined && !(Number.isFinite(timeoutMs) && timeoutMs >= 0)) {
+      throw new RangeError(`timeoutMs must be a non-negative number, got ${timeoutMs}`);
+    }
+    const id = this.allocId();
+    const frame = encodeConfigure(id, opts); // throws on a request that cannot be encoded
+    const stream = new ConfigureStream(id, this.internals, timeoutMs);
+    this.register(stream, frame);
+    await stream.done;
+  }
+
+  /**
+   * Tells the agent that this connection starts afresh: streams of any earlier host (the
+   * machine was restored, branched, or its daemon restarted) are killed and their queued
+   * output dropped. Send it right after connecting, before opening streams.
+   */
+  reset(): Promise<void> {
+    this.ensureOpen();
+    return new Promise<void>((resolve, reject) => {
+      this.socket.write(encodeFrame(FrameType.RESET, 0), (err) => (err ? reject(err) : resolve()));
+    });
   }
 
   /** Asks the agent to sync and power off; the connection then ends (closed → undefined). */

@@ -34,6 +34,7 @@ export const FrameType = {
   PING: 0x01,
   PONG: 0x02,
   POWEROFF: 0x03,
+  RESET: 0x04,
   EXEC: 0x10,
   STARTED: 0x11,
   STDIN: 0x12,
@@ -49,6 +50,7 @@ export const FrameType = {
   DATA: 0x22,
   DONE: 0x23,
   CANCEL: 0x24,
+  CONFIGURE: 0x25,
 } as const;
 
 export type FrameTypeName = keyof typeof FrameType;
@@ -79,6 +81,8 @@ export const FileWriteTag = { PATH: 0x01, MODE: 0x02, MKDIRS: 0x03 } as const;
 export const FileReadTag = { PATH: 0x01 } as const;
 /** TLV tags of DONE. */
 export const DoneTag = { SIZE: 0x01, MODE: 0x02 } as const;
+/** TLV tags of CONFIGURE. */
+export const ConfigureTag = { HOSTNAME: 0x01, TIME_NS: 0x02, ENTROPY: 0x03, MACHINE_ID: 0x04 } as const;
 
 // ---------------------------------------------------------------------------------------
 // Errors
@@ -382,6 +386,7 @@ const SPECS: Record<FrameTypeName, PayloadSpec> = {
   PING: { layout: 'bytes', key: 'nonce', max: MAX_NONCE },
   PONG: { layout: 'bytes', key: 'nonce', max: MAX_NONCE },
   POWEROFF: { layout: 'empty' },
+  RESET: { layout: 'empty' },
   EXEC: {
     layout: 'tlv',
     tags: new Map<number, TagSpec>([
@@ -439,6 +444,15 @@ const SPECS: Record<FrameTypeName, PayloadSpec> = {
     ]),
   },
   CANCEL: { layout: 'empty' },
+  CONFIGURE: {
+    layout: 'tlv',
+    tags: new Map<number, TagSpec>([
+      [ConfigureTag.HOSTNAME, bytesTag('hostname')],
+      [ConfigureTag.TIME_NS, uintTag('time_ns', 8)],
+      [ConfigureTag.ENTROPY, bytesTag('entropy')],
+      [ConfigureTag.MACHINE_ID, bytesTag('machine_id')],
+    ]),
+  },
 };
 
 function readUint(buf: Buffer, off: number, width: UintWidth): bigint {
@@ -699,6 +713,44 @@ export function encodeFileRead(stream: number, path: string): Buffer {
     encodeTlv([{ tag: FileReadTag.PATH, value: noNul('path', path) }]),
     'FILE_READ',
   );
+}
+
+/** The identity a machine restored from a snapshot gets (docs/agent-protocol.md, CONFIGURE). */
+export interface ConfigureRequestFields {
+  /** 1–64 bytes of [A-Za-z0-9.-]: sethostname() and /etc/hostname. */
+  hostname?: string;
+  /** Unix epoch nanoseconds (u64): the guest's CLOCK_REALTIME. */
+  timeNs?: bigint;
+  /** 1–512 bytes mixed into the guest kernel's RNG, which then reseeds. */
+  entropy?: Uint8Array;
+  /** 32 lower-case hex digits: /etc/machine-id. */
+  machineId?: string;
+}
+
+/**
+ * Encodes CONFIGURE. Only what cannot be put on the wire is refused here (a time that is not
+ * a u64, a request over 64 KiB); the agent alone judges the values (one set of rules for
+ * every host), answering ERROR EINVAL for a bad hostname, entropy size or machine id.
+ */
+export function encodeConfigure(stream: number, req: ConfigureRequestFields): Buffer {
+  const fields: Tlv[] = [];
+  if (req.hostname !== undefined) {
+    if (typeof req.hostname !== 'string') throw new TypeError('hostname must be a string');
+    fields.push({ tag: ConfigureTag.HOSTNAME, value: Buffer.from(req.hostname, 'utf8') });
+  }
+  if (req.timeNs !== undefined) {
+    if (typeof req.timeNs !== 'bigint') throw new TypeError('timeNs must be a bigint');
+    fields.push({ tag: ConfigureTag.TIME_NS, value: writeUint(req.timeNs, 8) });
+  }
+  if (req.entropy !== undefined) {
+    if (!(req.entropy instanceof Uint8Array)) throw new TypeError('entropy must be a Buffer');
+    fields.push({ tag: ConfigureTag.ENTROPY, value: Buffer.from(req.entropy) });
+  }
+  if (req.machineId !== undefined) {
+    if (typeof req.machineId !== 'string') throw new TypeError('machineId must be a string');
+    fields.push({ tag: ConfigureTag.MACHINE_ID, value: Buffer.from(req.machineId, 'utf8') });
+  }
+  return frameWithPayload(FrameType.CONFIGURE, stream, encodeTlv(fields), 'CONFIGURE');
 }
 
 export function encodeCredit(stream: number, bytes: number): Buffer {

@@ -1,22 +1,20 @@
 import { createHash } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import {
-  closeSync,
   copyFileSync,
   existsSync,
   mkdirSync,
-  openSync,
   readdirSync,
   readFileSync,
   renameSync,
   rmSync,
-  statSync,
   unlinkSync,
   writeFileSync,
 } from 'node:fs';
 import { join } from 'node:path';
 import { HutchError } from '../errors.js';
 import { repoRoot } from '../paths.js';
+import { acquireFileLock } from './file-lock.js';
 import { type TemplateRecipe, templateRecipes } from './recipes.js';
 import { runCapture, runLogged } from './run-command.js';
 
@@ -83,7 +81,9 @@ export class TemplateBuilder extends EventEmitter {
     const recipe = templateRecipes[name];
     if (!recipe) throw new HutchError('TEMPLATE_NOT_FOUND', `no template named ${JSON.stringify(name)}`);
     mkdirSync(this.imageDir, { recursive: true });
-    const release = await this.lock();
+    const release = await acquireFileLock(join(this.imageDir, '.build.lock'), (holder) =>
+      this.progress({ step: 'image', state: 'start', message: `waiting for another build (pid ${holder})` }),
+    );
     try {
       const existing = await this.lookup(name);
       if (existing) {
@@ -297,46 +297,4 @@ export class TemplateBuilder extends EventEmitter {
     });
     return manifest;
   }
-
-  /** Cross-process lock on the cache: O_EXCL lock file with the holder's pid; a dead holder's lock is taken over. */
-  private async lock(): Promise<() => void> {
-    const path = join(this.imageDir, '.build.lock');
-    for (let waited = 0; ; waited += 200) {
-      try {
-        const fd = openSync(path, 'wx');
-        writeFileSync(fd, String(process.pid));
-        closeSync(fd);
-        return () => rmSync(path, { force: true });
-      } catch {
-        let holder = 0;
-        try {
-          holder = Number(readFileSync(path, 'utf8'));
-        } catch {
-          continue;
-        }
-        let alive = false;
-        try {
-          process.kill(holder, 0);
-          alive = true;
-        } catch {
-          alive = false;
-        }
-        if (!alive || holder === process.pid) {
-          rmSync(path, { force: true });
-          continue;
-        }
-        if (waited % 10_000 === 0)
-          this.progress({
-            step: 'image',
-            state: 'start',
-            message: `waiting for another build (pid ${holder})`,
-          });
-        await new Promise((r) => setTimeout(r, 200));
-      }
-    }
-  }
-}
-
-export function imageSizeMb(path: string): number {
-  return Math.round(statSync(path).size / 1024 / 1024);
 }

@@ -19,6 +19,15 @@ export interface VmSpec {
   runDir: string;
   /** Drop QEMU's privileges to this user after setup (-runas), when set. */
   runAs?: string;
+  /**
+   * Guest RAM. `ram`: anonymous memory. `file`: a memory file, `share: true` while it is being
+   * snapshotted (writes land in the file), `share: false` for a clone (a private copy-on-write
+   * mapping: the file is never written). The backend is always named `mem`, so a migration
+   * stream fits any of them.
+   */
+  memory?: { kind: 'ram' } | { kind: 'file'; path: string; share: boolean };
+  /** Start paused, waiting for a migration stream (restore, resume, branch). */
+  incoming?: boolean;
 }
 
 export interface RunPaths {
@@ -27,6 +36,8 @@ export interface RunPaths {
   console: string;
   pidFile: string;
   qemuLog: string;
+  /** Owned by the QEMU user: migration sockets live here (QEMU makes them after dropping root). */
+  migDir: string;
 }
 
 export function runPaths(runDir: string): RunPaths {
@@ -36,6 +47,7 @@ export function runPaths(runDir: string): RunPaths {
     console: join(runDir, 'console.sock'),
     pidFile: join(runDir, 'qemu.pid'),
     qemuLog: join(runDir, 'qemu.log'),
+    migDir: join(runDir, 'mig'),
   };
 }
 
@@ -58,7 +70,7 @@ export function qemuArgs(spec: VmSpec): string[] {
     // ACPI-less kernel reads (VIRTIO_MMIO_CMDLINE_DEVICES). rtc=on explicitly: its default is off
     // under KVM, and a boot without it spends ~1.8 s in RTC probing. images/kernel/README.md has
     // the measurements.
-    'microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off',
+    'microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,memory-backend=mem',
     // Modern virtio-mmio: vhost-user devices (virtiofs) refuse legacy transports.
     '-global',
     'virtio-mmio.force-legacy=false',
@@ -67,6 +79,8 @@ export function qemuArgs(spec: VmSpec): string[] {
     String(spec.vcpus),
     '-m',
     `${spec.memoryMb}M`,
+    '-object',
+    memoryObject(spec),
     '-nodefaults',
     '-no-user-config',
     '-display',
@@ -106,7 +120,16 @@ export function qemuArgs(spec: VmSpec): string[] {
     `on,obsolete=deny,elevateprivileges=${spec.runAs ? 'allow' : 'deny'},spawn=deny,resourcecontrol=deny`,
   ];
   if (spec.runAs) args.push('-runas', spec.runAs);
+  if (spec.incoming) args.push('-incoming', 'defer', '-S');
   return args;
+}
+
+function memoryObject(spec: VmSpec): string {
+  const size = `size=${spec.memoryMb}M`;
+  const m = spec.memory ?? { kind: 'ram' };
+  return m.kind === 'ram'
+    ? `memory-backend-ram,id=mem,${size}`
+    : `memory-backend-file,id=mem,${size},mem-path=${m.path},share=${m.share ? 'on' : 'off'}`;
 }
 
 /**

@@ -85,6 +85,10 @@ export class QmpClient extends EventEmitter {
     this.sock.destroy();
   }
 
+  isOpen(): boolean {
+    return this.closedError === undefined;
+  }
+
   private onData(chunk: string): void {
     this.buf += chunk;
     if (this.buf.length > maxLineBytes) {

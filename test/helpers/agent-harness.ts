@@ -1,11 +1,19 @@
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { AgentConnection, connectAgent } from '../../src/guest/agent-connection.js';
-import { encodeFrame, type Frame, FrameDecoder, FrameType } from '../../src/guest/protocol.js';
+import {
+  encodeFrame,
+  encodePing,
+  type Frame,
+  FrameDecoder,
+  FrameType,
+  SequenceScanner,
+} from '../../src/guest/protocol.js';
 
 /** The repository root: the nearest directory above this file holding package.json. */
 export function repoRoot(): string {
@@ -133,6 +141,15 @@ export class AgentProcess {
   }
 
   /**
+   * Takes the agent's next connection as a raw link: after the handshake the test writes any
+   * bytes it likes and reads the agent's frames itself (for requests AgentConnection cannot
+   * produce). Close it before connect() is used again.
+   */
+  async connectRaw(timeoutMs = 5000): Promise<RawAgentLink> {
+    return RawAgentLink.handshake(await this.server.accept(timeoutMs), timeoutMs);
+  }
+
+  /**
    * Hangs up `conn` (the agent then kills that connection's processes) and waits until the
    * agent has noticed, which it shows by connecting again.
    */
@@ -152,6 +169,67 @@ export class AgentProcess {
     }
     await this.server.close();
     this.tmp.remove();
+  }
+}
+
+/** A host end without AgentConnection: raw frames out, decoded frames in. */
+export class RawAgentLink {
+  private readonly frames: Frame[] = [];
+  private readonly decoder = new FrameDecoder();
+  private waker: (() => void) | null = null;
+
+  private constructor(readonly socket: net.Socket) {}
+
+  static handshake(socket: net.Socket, timeoutMs: number): Promise<RawAgentLink> {
+    const link = new RawAgentLink(socket);
+    const nonce = randomBytes(16);
+    const scanner = new SequenceScanner(encodeFrame(FrameType.PONG, 0, nonce));
+    return new Promise((resolve, reject) => {
+      let synced = false;
+      const timer = setTimeout(() => reject(new Error('raw link: no PONG')), timeoutMs);
+      socket.on('data', (chunk: Buffer) => {
+        let bytes: Buffer | null = chunk;
+        if (!synced) {
+          bytes = scanner.push(chunk);
+          if (bytes === null) return;
+          synced = true;
+          clearTimeout(timer);
+          resolve(link);
+        }
+        link.decoder.feed(bytes, (f) => {
+          link.frames.push({ type: f.type, stream: f.stream, payload: Buffer.from(f.payload) });
+        });
+        link.waker?.();
+      });
+      socket.write(encodePing(nonce));
+    });
+  }
+
+  send(...frames: Buffer[]): void {
+    this.socket.write(Buffer.concat(frames));
+  }
+
+  /** Removes and returns the next frame of `stream` from the agent. */
+  async next(stream: number, timeoutMs = 3000): Promise<Frame> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const i = this.frames.findIndex((f) => f.stream === stream);
+      if (i >= 0) return this.frames.splice(i, 1)[0]!;
+      const left = deadline - Date.now();
+      if (left <= 0) throw new Error(`raw link: no frame for stream ${stream}`);
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, left);
+        this.waker = () => {
+          clearTimeout(t);
+          resolve();
+        };
+      });
+      this.waker = null;
+    }
+  }
+
+  close(): void {
+    this.socket.destroy();
   }
 }
 

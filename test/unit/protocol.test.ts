@@ -4,6 +4,7 @@ import {
   canonicalText,
   decodeFrame,
   decodeMessage,
+  encodeConfigure,
   encodeCredit,
   encodeExec,
   encodeFileRead,
@@ -301,6 +302,42 @@ describe('messages', () => {
     assert.equal(t(encodeSignal(4, 15)), 'SIGNAL stream=4 signal=15');
     assert.equal(t(encodeResize(4, 132, 43)), 'RESIZE stream=4 cols=132 rows=43');
     assert.equal(t(encodeCredit(4, 262144)), 'CREDIT stream=4 bytes=262144');
+  });
+
+  it('encodes CONFIGURE in tag order, leaving the values to the agent', () => {
+    const t = (b: Buffer) => canonicalText(decodeFrame(b));
+    assert.equal(
+      t(
+        encodeConfigure(8, {
+          machineId: '0123456789abcdef0123456789abcdef',
+          entropy: Buffer.from([0, 0x41, 0xff]),
+          timeNs: 1732284000123456789n,
+          hostname: 'clone-1',
+        }),
+      ),
+      'CONFIGURE stream=8 hostname="clone-1" time_ns=1732284000123456789 entropy="\\x00A\\xff"' +
+        ' machine_id="0123456789abcdef0123456789abcdef"',
+    );
+    assert.equal(t(encodeConfigure(9, {})), 'CONFIGURE stream=9');
+    assert.equal(
+      t(encodeConfigure(9, { timeNs: 2n ** 64n - 1n })),
+      'CONFIGURE stream=9 time_ns=18446744073709551615',
+    );
+    // The agent judges hostnames and machine ids (EINVAL); the encoder only refuses the unencodable.
+    assert.equal(t(encodeConfigure(9, { hostname: 'bad_name' })), 'CONFIGURE stream=9 hostname="bad_name"');
+    assert.throws(() => encodeConfigure(1, { timeNs: -1n }), RangeError);
+    assert.throws(() => encodeConfigure(1, { timeNs: 2n ** 64n }), RangeError);
+    assert.throws(() => encodeConfigure(1, { entropy: Buffer.alloc(MAX_PAYLOAD) }), RangeError);
+    // time_ns is exactly 8 bytes, like every fixed-size field.
+    const cfg = (value: Buffer) => encodeFrame(FrameType.CONFIGURE, 1, encodeTlv([{ tag: 2, value }]));
+    assert.equal(
+      kindOf(() => decodeMessage(decodeFrame(cfg(Buffer.alloc(7))))),
+      'truncated',
+    );
+    assert.equal(
+      kindOf(() => decodeMessage(decodeFrame(cfg(Buffer.alloc(9))))),
+      'bad-length',
+    );
   });
 
   it('parses the agent frames, skipping unknown tags', () => {

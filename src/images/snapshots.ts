@@ -1,0 +1,225 @@
+import { randomBytes } from 'node:crypto';
+import {
+  chmodSync,
+  chownSync,
+  existsSync,
+  mkdirSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs';
+import { join } from 'node:path';
+import { type AgentConnection, connectAgent } from '../guest/agent-connection.js';
+import { createOverlay } from '../vmm/disk.js';
+import { saveState } from '../vmm/migration.js';
+import type { Accel } from '../vmm/qemu.js';
+import { isAlive, killAndWait, launchQemu, runPaths, stopQemu } from '../vmm/qemu.js';
+import { QmpClient } from '../vmm/qmp.js';
+import type { TemplateManifest } from './builder.js';
+import { acquireFileLock } from './file-lock.js';
+
+/** A template's snapshot: booted, agent ready, warmed, then frozen. Immutable once written. */
+export interface TemplateSnapshot {
+  template: string;
+  key: string;
+  dir: string;
+  /** Guest RAM. Clones map it privately (copy-on-write): it is never written again. */
+  mem: string;
+  /** Device state, saved with x-ignore-shared (RAM is in `mem`). */
+  state: string;
+  /** The disk as it was at the snapshot; clones put their own overlay on top. */
+  disk: string;
+  memoryMb: number;
+  vcpus: number;
+  accel: Accel;
+  cmdline: string;
+  stateBytes: number;
+  bootMs: number;
+  saveMs: number;
+  createdAt: string;
+}
+
+export interface SnapshotParams {
+  qemu: string;
+  accel: Accel;
+  vcpus: number;
+  memoryMb: number;
+  /** Kernel command line as machines boot it (host-specific timing flags included). */
+  cmdline: string;
+  runAs: { user: string; uid: number; gid: number } | undefined;
+}
+
+/** Bump when the snapshot procedure or the QEMU device model changes: old snapshots stop matching. */
+const snapshotFormat = '1';
+
+/**
+ * Makes a directory QEMU can use after dropping root: the run dir traversable, the migration
+ * dir owned by the QEMU user (QEMU creates and connects to migration sockets there).
+ */
+export function prepareRunDir(runDir: string, runAs: SnapshotParams['runAs']): void {
+  mkdirSync(runDir, { recursive: true, mode: 0o711 });
+  chmodSync(runDir, 0o711);
+  const mig = runPaths(runDir).migDir;
+  mkdirSync(mig, { recursive: true, mode: 0o700 });
+  if (runAs) chownSync(mig, runAs.uid, runAs.gid);
+}
+
+export function snapshotKey(manifest: TemplateManifest, p: SnapshotParams): string {
+  return [manifest.hash, p.accel, p.vcpus, p.memoryMb, snapshotFormat, hashOf(p.cmdline)].join('-');
+}
+
+function hashOf(s: string): string {
+  let h = 0;
+  for (let i = 0; i < s.length; i++) h = (Math.imul(h, 31) + s.charCodeAt(i)) >>> 0;
+  return h.toString(16);
+}
+
+/**
+ * Creates (once) and finds template snapshots under <imageDir>/snapshots/. A snapshot is built
+ * in a temporary directory and renamed into place with its meta.json last, so a crash mid-way
+ * leaves nothing a later restore would use; a lock keeps daemons sharing the cache from
+ * building the same one twice.
+ */
+export class SnapshotCache {
+  private readonly building = new Map<string, Promise<TemplateSnapshot>>();
+  private readonly ready = new Map<string, TemplateSnapshot>();
+  private readonly failures = new Map<string, string>();
+
+  constructor(private readonly imageDir: string) {}
+
+  status(template: string): 'ready' | 'building' | 'failed' | 'none' {
+    if (this.ready.has(template)) return 'ready';
+    if (this.building.has(template)) return 'building';
+    if (this.failures.has(template)) return 'failed';
+    return 'none';
+  }
+
+  failure(template: string): string | undefined {
+    return this.failures.get(template);
+  }
+
+  get(template: string): TemplateSnapshot | undefined {
+    return this.ready.get(template);
+  }
+
+  ensure(manifest: TemplateManifest, params: SnapshotParams): Promise<TemplateSnapshot> {
+    const cached = this.ready.get(manifest.name);
+    if (cached) return Promise.resolve(cached);
+    let p = this.building.get(manifest.name);
+    if (!p) {
+      p = this.load(manifest, params)
+        .then((s) => {
+          this.ready.set(manifest.name, s);
+          this.failures.delete(manifest.name);
+          return s;
+        })
+        .catch((e: unknown) => {
+          this.failures.set(manifest.name, (e as Error).message);
+          throw e;
+        })
+        .finally(() => this.building.delete(manifest.name));
+      this.building.set(manifest.name, p);
+    }
+    return p;
+  }
+
+  private async load(manifest: TemplateManifest, params: SnapshotParams): Promise<TemplateSnapshot> {
+    const key = snapshotKey(manifest, params);
+    const dir = join(this.imageDir, 'snapshots', `${manifest.name}-${key}`);
+    const meta = join(dir, 'meta.json');
+    if (existsSync(meta)) return JSON.parse(readFileSync(meta, 'utf8')) as TemplateSnapshot;
+    mkdirSync(join(this.imageDir, 'snapshots'), { recursive: true });
+    const release = await acquireFileLock(join(this.imageDir, 'snapshots', `.${manifest.name}.lock`));
+    try {
+      if (existsSync(meta)) return JSON.parse(readFileSync(meta, 'utf8')) as TemplateSnapshot;
+      return await this.create(manifest, params, key, dir);
+    } finally {
+      release();
+    }
+  }
+
+  private async create(
+    manifest: TemplateManifest,
+    params: SnapshotParams,
+    key: string,
+    dir: string,
+  ): Promise<TemplateSnapshot> {
+    const tmp = `${dir}.tmp-${process.pid}`;
+    rmSync(tmp, { recursive: true, force: true });
+    prepareRunDir(tmp, params.runAs);
+    const p = runPaths(tmp);
+    createOverlay(manifest.rootfs, join(tmp, 'disk.qcow2'), 'raw', params.runAs);
+    const t0 = performance.now();
+    const pid = launchQemu(params.qemu, {
+      id: `snapshot-${manifest.name}-${randomBytes(3).toString('hex')}`,
+      accel: params.accel,
+      vcpus: params.vcpus,
+      memoryMb: params.memoryMb,
+      kernel: manifest.kernel,
+      disk: join(tmp, 'disk.qcow2'),
+      cmdline: `${params.cmdline} hutch.hostname=hutch`,
+      runDir: tmp,
+      memory: { kind: 'file', path: join(tmp, 'mem'), share: true },
+      ...(params.runAs ? { runAs: params.runAs.user } : {}),
+    });
+    let agent: AgentConnection | undefined;
+    let qmp: QmpClient | undefined;
+    try {
+      agent = await connectAgent(p.agent, { timeoutMs: 120_000 });
+      const bootMs = performance.now() - t0;
+      // Warm the page cache with what users start first: a clone then finds python and node
+      // in RAM instead of reading them from its disk.
+      for (const argv of [
+        ['python3', '-c', 'import json, os, sys, subprocess, random'],
+        ['node', '-e', '0'],
+        ['sh', '-c', 'ls / >/dev/null; sync'],
+      ]) {
+        const r = await agent.execCollect({ argv, timeoutMs: 60_000 }, { maxOutputBytes: 65536 });
+        if (r.exitCode !== 0) throw new Error(`warm-up ${argv.join(' ')} failed: ${r.stderr.toString()}`);
+      }
+      // Let the agent see the host leave, so every clone's agent starts with no stream open.
+      agent.close();
+      await new Promise((r) => setTimeout(r, 100));
+      qmp = await QmpClient.connect(p.qmp, 5000);
+      await qmp.execute('stop');
+      const saved = await saveState(qmp, p.migDir, join(tmp, 'state'), { ignoreShared: true });
+      await qmp.execute('quit').catch(() => {});
+      qmp.close();
+      qmp = undefined;
+      const deadline = Date.now() + 5000;
+      while (isAlive(pid) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+      if (isAlive(pid)) await killAndWait(pid);
+      for (const f of ['qmp.sock', 'agent.sock', 'console.sock', 'qemu.pid'])
+        rmSync(join(tmp, f), { force: true });
+      rmSync(p.migDir, { recursive: true, force: true });
+      const snap: TemplateSnapshot = {
+        template: manifest.name,
+        key,
+        dir,
+        mem: join(dir, 'mem'),
+        state: join(dir, 'state'),
+        disk: join(dir, 'disk.qcow2'),
+        memoryMb: params.memoryMb,
+        vcpus: params.vcpus,
+        accel: params.accel,
+        cmdline: params.cmdline,
+        stateBytes: saved.bytes,
+        bootMs: Math.round(bootMs),
+        saveMs: Math.round(saved.ms),
+        createdAt: new Date().toISOString(),
+      };
+      chmodSync(tmp, 0o755);
+      writeFileSync(join(tmp, 'meta.json'), `${JSON.stringify(snap, null, 2)}\n`);
+      rmSync(dir, { recursive: true, force: true });
+      renameSync(tmp, dir);
+      return snap;
+    } catch (e) {
+      agent?.close();
+      qmp?.close();
+      await stopQemu(pid, p.qmp, 200);
+      rmSync(tmp, { recursive: true, force: true });
+      throw new Error(`snapshot of template ${manifest.name} failed: ${(e as Error).message}`);
+    }
+  }
+}
