@@ -36,7 +36,7 @@ async function bareBoot(
 ): Promise<{ ready: number; firstExec: number }> {
   const dir = mkdtempSync(join(tmpdir(), 'hutch-bench-'));
   try {
-    createOverlay(rootfs, join(dir, 'disk.qcow2'), 'raw');
+    await createOverlay(rootfs, join(dir, 'disk.qcow2'), 'raw');
     const sock = join(dir, 'agent.sock');
     const t0 = performance.now();
     const qemu = spawn(

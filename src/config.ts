@@ -38,6 +38,8 @@ const configSchema = z.object({
     .min(1024)
     .default(32 * 1024 * 1024),
   owner: z.string().default('local'),
+  /** Restored, warmed, paused machines kept per template for instant creates; 0 disables. */
+  poolSize: z.coerce.number().int().min(0).max(64).default(2),
   /** Cap on the rate machines are written to disk (suspend, branch), MB/s; 0: as fast as possible. */
   migrationMaxMBps: z.coerce.number().int().min(0).default(0),
   /** Suspend a machine after this many idle seconds (no request touched it); 0 disables. */
@@ -69,6 +71,7 @@ const envNames: Record<string, keyof ConfigInput> = {
   HUTCH_LOG_LEVEL: 'logLevel',
   HUTCH_AUTO_SUSPEND_SECONDS: 'autoSuspendSeconds',
   HUTCH_MIGRATION_MAX_MBPS: 'migrationMaxMBps',
+  HUTCH_POOL_SIZE: 'poolSize',
 };
 
 export function loadConfig(

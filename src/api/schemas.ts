@@ -74,7 +74,11 @@ export const machineSchema = z.object({
     'failed',
     'destroying',
   ]),
-  mode: z.enum(['cold', 'snapshot', 'branch']),
+  mode: z
+    .enum(['cold', 'snapshot', 'branch', 'pool'])
+    .describe(
+      'How it started: cold boot, restored from the template snapshot, branched, or taken from the warm pool.',
+    ),
   forked_from: z.string().nullable().describe('The machine this one was branched from.'),
   boot_ms: z.number().int().nullable().describe('Request received → agent answered, for this machine.'),
   accel: z.string().describe('kvm or tcg'),
@@ -138,6 +142,7 @@ export const healthSchema = z.object({
   accel_reason: z.string(),
   templates: z.record(z.string(), z.enum(['ready', 'not built'])),
   snapshots: z.record(z.string(), z.enum(['ready', 'building', 'failed', 'none'])),
+  pool: z.record(z.string(), z.object({ ready: z.number().int(), target: z.number().int() })),
   guest_memory_mb: z.object({ used: z.number().int(), cap: z.number().int() }),
   max_machines: z.number().int(),
   uptime_s: z.number().int(),

@@ -16,7 +16,12 @@ import { HutchError } from '../errors.js';
 import { type AgentConnection, AgentError, connectAgent } from '../guest/agent-connection.js';
 import type { TemplateManifest } from '../images/builder.js';
 import { templateRecipes } from '../images/recipes.js';
-import { prepareRunDir, SnapshotCache, type SnapshotParams } from '../images/snapshots.js';
+import {
+  prepareRunDir,
+  SnapshotCache,
+  type SnapshotParams,
+  type TemplateSnapshot,
+} from '../images/snapshots.js';
 import type { AccelChoice } from '../vmm/accel.js';
 import { cgroupSupport, confine, listMachineCgroups, releaseCgroup } from '../vmm/cgroup.js';
 import { ConsoleTap } from '../vmm/console.js';
@@ -79,6 +84,7 @@ export interface Health {
   accel_reason: string;
   templates: Record<string, 'ready' | 'not built'>;
   snapshots: Record<string, 'ready' | 'building' | 'failed' | 'none'>;
+  pool: Record<string, { ready: number; target: number }>;
   guest_memory_mb: { used: number; cap: number };
   max_machines: number;
   uptime_s: number;
@@ -91,6 +97,14 @@ interface Live {
   console: ConsoleTap;
   ttl?: NodeJS.Timeout;
   pid: number;
+  runDir: string;
+  jail?: MachineView['jail'];
+}
+
+/** A restored, warmed, paused machine waiting to be handed out by a create. */
+interface Pooled {
+  row: MachineRow;
+  live: Live;
 }
 
 type Log = (level: 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>) => void;
@@ -167,7 +181,7 @@ export class Engine {
     const adopt = (pid: number): Live => {
       const console = new ConsoleTap(runPaths(row.run_dir).console, join(row.run_dir, 'console.log'));
       console.start();
-      const live: Live = { console, pid };
+      const live: Live = { console, pid, runDir: row.run_dir };
       this.live.set(row.id, live);
       return live;
     };
@@ -259,8 +273,10 @@ export class Engine {
   prepareSnapshots(): void {
     for (const manifest of this.templates.values()) {
       this.snapshots.ensure(manifest, this.snapshotParams(manifest)).then(
-        (s) =>
-          this.log('info', 'template snapshot ready', { template: s.template, state_bytes: s.stateBytes }),
+        (s) => {
+          this.log('info', 'template snapshot ready', { template: s.template, state_bytes: s.stateBytes });
+          this.schedulePoolRefill();
+        },
         (e: unknown) =>
           this.log('error', 'template snapshot failed', {
             template: manifest.name,
@@ -287,6 +303,7 @@ export class Engine {
       accel_reason: this.accel.reason,
       templates,
       snapshots,
+      pool: this.poolStatus(),
       guest_memory_mb: {
         used: active.reduce((s, r) => s + r.memory_mb, 0),
         cap: this.config.maxGuestMemoryMb,
@@ -301,7 +318,7 @@ export class Engine {
   }
 
   list(owner: string): MachineView[] {
-    return this.store.list(owner).map(toView);
+    return this.store.list(owner).map((r) => this.view(r));
   }
 
   get(owner: string, idOrName: string): MachineView {
@@ -333,6 +350,8 @@ export class Engine {
     if (req.name !== undefined && this.store.findByName(owner, req.name))
       throw new HutchError('NAME_TAKEN', `a machine named ${JSON.stringify(req.name)} already exists`);
 
+    const pooled = req.mode === 'cold' ? undefined : this.takePooled(req.template);
+    if (pooled) return this.handOut(owner, req, pooled, t0);
     const snap = req.mode === 'cold' ? undefined : this.snapshots.get(req.template);
     if (req.mode === 'snapshot' && !snap)
       throw new HutchError(
@@ -373,7 +392,7 @@ export class Engine {
       const disk = join(runDir, 'disk.qcow2');
       if (snap) {
         prepareRunDir(runDir, this.runAs);
-        createOverlay(snap.disk, disk, 'qcow2', this.runAs);
+        await createOverlay(snap.disk, disk, 'qcow2', this.runAs);
         const { live } = await this.restoreInto(row, manifest, snap.state, {
           memory: { kind: 'file', path: snap.mem, share: false },
           ignoreShared: true,
@@ -381,7 +400,7 @@ export class Engine {
         if (live.agent) await this.giveIdentity(live.agent, id);
       } else {
         prepareRunDir(runDir, this.runAs);
-        createOverlay(manifest.rootfs, disk, 'raw', this.runAs);
+        await createOverlay(manifest.rootfs, disk, 'raw', this.runAs);
         const live = this.launch(row, manifest, {});
         live.agent = await this.waitForAgent(id, live.pid, runDir, live.console);
       }
@@ -415,10 +434,11 @@ export class Engine {
       ...(this.runAs ? { runAs: this.runAs.user } : {}),
       ...extra,
     });
-    this.store.update(row.id, { pid, jail: JSON.stringify(this.confine(row.id, pid, row)) });
+    const jail = this.confine(row.id, pid, row);
+    this.store.update(row.id, { pid, jail: JSON.stringify(jail) });
     const console = new ConsoleTap(runPaths(row.run_dir).console, join(row.run_dir, 'console.log'));
     console.start();
-    const live: Live = { console, pid };
+    const live: Live = { console, pid, runDir: row.run_dir, jail };
     const timer = this.orphanTimers.get(row.id);
     if (timer) {
       live.ttl = timer;
@@ -516,10 +536,9 @@ export class Engine {
   /** The machine's QMP connection, opened on first use and kept (QEMU serves one client at a time). */
   private async qmpOf(id: string): Promise<QmpClient> {
     const live = this.live.get(id);
-    const row = this.store.get(id);
-    if (!live || !row) throw new HutchError('MACHINE_NOT_RUNNING', `machine ${id} is not running`);
+    if (!live) throw new HutchError('MACHINE_NOT_RUNNING', `machine ${id} is not running`);
     if (live.qmp?.isOpen()) return live.qmp;
-    live.qmp = await QmpClient.connect(runPaths(row.run_dir).qmp, 5000);
+    live.qmp = await QmpClient.connect(runPaths(live.runDir).qmp, 5000);
     return live.qmp;
   }
 
@@ -623,6 +642,7 @@ export class Engine {
 
   /** Safety net for timers and deaths nobody reported: runs every 500 ms. */
   private sweep(): void {
+    this.shrinkPoolUnderPressure();
     for (const row of this.store.list()) {
       if (row.expires_at && new Date(row.expires_at).getTime() <= Date.now() && row.state !== 'destroying') {
         void this.expire(row.id);
@@ -739,6 +759,181 @@ export class Engine {
       throw new HutchError('AGENT_UNAVAILABLE', `machine ${row.id}: ${(e as Error).message}`);
     } finally {
       this.touch(row.id);
+    }
+  }
+
+  // ---- warm pool ----------------------------------------------------------------------------
+
+  private readonly pool = new Map<string, Pooled[]>();
+  /** The refill under way, if any (close() waits for it, so no half-made pool machine is left). */
+  private refilling: Promise<void> | undefined;
+
+  /** The pool's state per template, for /healthz. */
+  poolStatus(): Record<string, { ready: number; target: number }> {
+    const out: Record<string, { ready: number; target: number }> = {};
+    for (const name of this.templates.keys())
+      out[name] = { ready: this.pool.get(name)?.length ?? 0, target: this.config.poolSize };
+    return out;
+  }
+
+  /** Removes and returns a pooled machine: once taken it is in no list, so it is never served twice. */
+  private takePooled(template: string): Pooled | undefined {
+    return this.pool.get(template)?.shift();
+  }
+
+  /** Turns a pooled machine into the caller's: admit it, continue it, give it its identity. */
+  private async handOut(owner: string, req: CreateMachine, pooled: Pooled, t0: number): Promise<MachineView> {
+    const persistent = req.persistent === true && this.config.allowPersistent;
+    const ttl = clampTtl(req.ttlSeconds);
+    const now = new Date();
+    const row: MachineRow = {
+      ...pooled.row,
+      owner,
+      name: req.name ?? null,
+      state: 'starting',
+      mode: 'pool',
+      persistent: persistent ? 1 : 0,
+      ttl_seconds: persistent ? null : ttl,
+      created_at: now.toISOString(),
+      expires_at: persistent ? null : new Date(now.getTime() + ttl * 1000).toISOString(),
+      pid: pooled.live.pid,
+      auto_suspend_seconds: req.autoSuspendSeconds ?? null,
+    };
+    try {
+      this.insertRow(row);
+    } catch (e) {
+      await this.discardPooled(pooled);
+      throw e;
+    }
+    this.live.set(row.id, pooled.live);
+    try {
+      const qmp = await this.qmpOf(row.id);
+      await qmp.execute('cont');
+      if (!pooled.live.agent) throw new Error('pooled machine lost its agent');
+      await this.giveIdentity(pooled.live.agent, row.id);
+      return this.markRunning(row.id, Math.round(performance.now() - t0));
+    } catch (e) {
+      const current = this.store.get(row.id);
+      if (current) await this.teardown(current, 'deleted');
+      throw new HutchError('BOOT_FAILED', `pooled machine did not start: ${(e as Error).message}`);
+    } finally {
+      // After the hand-out, not before: the refill's restore must not delay this create.
+      setImmediate(() => this.schedulePoolRefill());
+    }
+  }
+
+  /**
+   * Room for one more pooled machine: the pool never takes what users could have (their caps
+   * count it), and it stops growing when the host runs short of memory.
+   */
+  private poolHasRoom(): boolean {
+    const active = this.store.list().filter((r) => activeStates.includes(r.state));
+    let pooled = 0;
+    for (const l of this.pool.values()) pooled += l.length;
+    const memory = (active.length + pooled + 1) * this.config.machineMemoryMb;
+    return (
+      active.length + pooled + 1 <= this.config.maxMachines &&
+      memory <= this.config.maxGuestMemoryMb &&
+      hostMemAvailableMb() > this.config.machineMemoryMb + 1024
+    );
+  }
+
+  schedulePoolRefill(): void {
+    if (this.refilling || this.closing || this.config.poolSize === 0) return;
+    this.refilling = this.refillPool().finally(() => {
+      this.refilling = undefined;
+    });
+  }
+
+  private async refillPool(): Promise<void> {
+    for (const manifest of this.templates.values()) {
+      const snap = this.snapshots.get(manifest.name);
+      if (!snap) continue;
+      const list = this.pool.get(manifest.name) ?? [];
+      this.pool.set(manifest.name, list);
+      while (list.length < this.config.poolSize && !this.closing && this.poolHasRoom()) {
+        try {
+          list.push(await this.makePooled(manifest, snap));
+        } catch (e) {
+          this.log('warn', 'pool refill failed', { template: manifest.name, error: (e as Error).message });
+          return;
+        }
+      }
+    }
+  }
+
+  /**
+   * Restores a machine from the template snapshot and runs one command in it before parking it
+   * paused: under TCG a fresh restore spends ~140 ms re-translating guest code on its first
+   * command, which the user of a pooled machine should not pay.
+   */
+  private async makePooled(manifest: TemplateManifest, snap: TemplateSnapshot): Promise<Pooled> {
+    const id = newMachineId();
+    const row: MachineRow = {
+      id,
+      owner: '',
+      name: null,
+      template: manifest.name,
+      template_hash: manifest.hash,
+      state: 'starting',
+      mode: 'pool',
+      accel: this.accel.accel,
+      vcpus: this.config.machineVcpus,
+      memory_mb: this.config.machineMemoryMb,
+      persistent: 0,
+      ttl_seconds: null,
+      created_at: new Date().toISOString(),
+      expires_at: null,
+      boot_ms: null,
+      pid: null,
+      run_dir: join(this.runRoot, id),
+      error: null,
+      jail: null,
+      auto_suspend_seconds: null,
+      parent_id: null,
+    };
+    prepareRunDir(row.run_dir, this.runAs);
+    await createOverlay(snap.disk, join(row.run_dir, 'disk.qcow2'), 'qcow2', this.runAs);
+    try {
+      const { live } = await this.restoreInto(row, manifest, snap.state, {
+        memory: { kind: 'file', path: snap.mem, share: false },
+        ignoreShared: true,
+      });
+      // Warm both paths a hand-out takes: an exec, and the identity step (overwritten then).
+      await live.agent?.execCollect({ argv: ['true'] }, { maxOutputBytes: 1024 });
+      if (live.agent) await this.giveIdentity(live.agent, id);
+      await (await this.qmpOf(id)).execute('stop');
+      row.jail = JSON.stringify(live.jail ?? null);
+      this.live.delete(id);
+      return { row, live };
+    } catch (e) {
+      const live = this.live.get(id);
+      this.live.delete(id);
+      if (live) await this.discardPooled({ row, live });
+      else rmSync(row.run_dir, { recursive: true, force: true });
+      throw e;
+    }
+  }
+
+  private async discardPooled(p: Pooled): Promise<void> {
+    p.live.agent?.close();
+    p.live.qmp?.close();
+    p.live.console.stop();
+    if (isQemuOf(p.live.pid, p.row.id)) await stopQemu(p.live.pid, runPaths(p.row.run_dir).qmp, 200);
+    await releaseCgroup(p.row.id);
+    rmSync(p.row.run_dir, { recursive: true, force: true });
+  }
+
+  /** Gives back pooled machines when the host runs short of memory. */
+  private shrinkPoolUnderPressure(): void {
+    if (hostMemAvailableMb() > this.config.machineMemoryMb + 512) return;
+    for (const list of this.pool.values()) {
+      const p = list.pop();
+      if (p) {
+        this.log('warn', 'memory pressure: shrinking the warm pool', { id: p.row.id });
+        void this.discardPooled(p);
+        return;
+      }
     }
   }
 
@@ -1038,6 +1233,10 @@ export class Engine {
   async close(): Promise<void> {
     this.closing = true;
     if (this.sweeper) clearInterval(this.sweeper);
+    // Pooled machines belong to no one: they go with the daemon (a restart would kill them anyway).
+    await this.refilling;
+    for (const list of this.pool.values())
+      await Promise.all(list.splice(0).map((p) => this.discardPooled(p)));
     await Promise.allSettled([...this.teardowns.values()]);
     for (const live of this.live.values()) {
       if (live.ttl) clearTimeout(live.ttl);
@@ -1067,6 +1266,12 @@ function lookupUser(name: string): { user: string; uid: number; gid: number } | 
   } catch {
     return undefined;
   }
+}
+
+/** MemAvailable from /proc/meminfo, MiB. */
+function hostMemAvailableMb(): number {
+  const m = /^MemAvailable:\s+(\d+) kB/m.exec(safeRead('/proc/meminfo'));
+  return m?.[1] ? Number(m[1]) / 1024 : Number.POSITIVE_INFINITY;
 }
 
 function safeRead(path: string): string {

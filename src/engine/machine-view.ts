@@ -7,7 +7,7 @@ export interface MachineView {
   owner: string;
   template: string;
   status: MachineState;
-  mode: 'cold' | 'snapshot' | 'branch';
+  mode: 'cold' | 'snapshot' | 'branch' | 'pool';
   boot_ms: number | null;
   accel: string;
   vcpus: number;

@@ -26,7 +26,7 @@ export interface MachineRow {
   template: string;
   template_hash: string;
   state: MachineState;
-  mode: 'cold' | 'snapshot' | 'branch';
+  mode: 'cold' | 'snapshot' | 'branch' | 'pool';
   accel: string;
   vcpus: number;
   memory_mb: number;

@@ -149,7 +149,7 @@ export class SnapshotCache {
     rmSync(tmp, { recursive: true, force: true });
     prepareRunDir(tmp, params.runAs);
     const p = runPaths(tmp);
-    createOverlay(manifest.rootfs, join(tmp, 'disk.qcow2'), 'raw', params.runAs);
+    await createOverlay(manifest.rootfs, join(tmp, 'disk.qcow2'), 'raw', params.runAs);
     const t0 = performance.now();
     const pid = launchQemu(params.qemu, {
       id: `snapshot-${manifest.name}-${randomBytes(3).toString('hex')}`,

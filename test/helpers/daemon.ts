@@ -28,7 +28,15 @@ export async function startDaemon(
     'node',
     [join(root, 'bin', 'hutch.js'), 'serve', '--port', '0', '--state-dir', stateDir],
     {
-      env: { ...process.env, HUTCH_IMAGE_DIR: imageDir, HUTCH_LOG_LEVEL: 'info', ...opts.env },
+      // No warm pool unless a test asks for one: pooled QEMUs would compete for the 2 cores and
+      // show up in the per-daemon process counts the tests check.
+      env: {
+        ...process.env,
+        HUTCH_IMAGE_DIR: imageDir,
+        HUTCH_LOG_LEVEL: 'info',
+        HUTCH_POOL_SIZE: '0',
+        ...opts.env,
+      },
       stdio: ['ignore', 'pipe', 'pipe'],
     },
   );

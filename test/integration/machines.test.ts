@@ -44,7 +44,11 @@ describe('machines: create → exec → delete', () => {
   let m: Machine;
   before(async () => {
     d = await startDaemon();
-    const r = await api(d.url, 'POST', '/v1/machines', { template: 'python', ttl_seconds: 300, mode: 'cold' });
+    const r = await api(d.url, 'POST', '/v1/machines', {
+      template: 'python',
+      ttl_seconds: 300,
+      mode: 'cold',
+    });
     assert.equal(r.status, 201, JSON.stringify(r.body));
     m = r.body as unknown as Machine;
   });

@@ -293,3 +293,50 @@ describe('branch', () => {
     assert.equal(r.status, 404);
   });
 });
+
+describe('warm pool', () => {
+  let d: TestDaemon;
+  before(async () => {
+    d = await startDaemon({ env: { HUTCH_POOL_SIZE: '2' } });
+    await snapshotReady(d);
+  });
+  after(async () => cleanup(d));
+
+  const poolReady = (n: number) =>
+    waitFor(
+      `pool of ${n}`,
+      async () => {
+        const h = (await api(d.url, 'GET', '/healthz')).body as { pool: Record<string, { ready: number }> };
+        return h.pool.python?.ready === n ? true : undefined;
+      },
+      60_000,
+    );
+
+  test('creates are served from the pool, never the same machine twice, and the pool refills', async () => {
+    await poolReady(2);
+    const made: Record<string, unknown>[] = [];
+    for (let i = 0; i < 3; i++) made.push((await api(d.url, 'POST', '/v1/machines', {})).body);
+    assert.deepEqual(
+      made.map((m) => m.mode),
+      ['pool', 'pool', 'snapshot'],
+      'two from the pool, the third restored while it refills',
+    );
+    const ids = new Set(made.map((m) => String(m.id)));
+    assert.equal(ids.size, 3);
+    const seen = new Set<string>();
+    for (const id of ids) {
+      const [host, rnd] = (await out(d, id, 'hostname; head -c 16 /dev/urandom | od -An -tx1 | tr -d " \\n"'))
+        .trim()
+        .split('\n');
+      assert.equal(host, id);
+      assert.ok(rnd && !seen.has(rnd), 'each machine has its own randomness');
+      seen.add(String(rnd));
+    }
+    await poolReady(2);
+    const again = (await api(d.url, 'POST', '/v1/machines', {})).body;
+    assert.equal(again.mode, 'pool');
+    assert.ok(!ids.has(String(again.id)));
+    // Pooled machines are not anyone's: they do not show in the list.
+    assert.equal(((await api(d.url, 'GET', '/v1/machines')).body.machines as unknown[]).length, 4);
+  });
+});
