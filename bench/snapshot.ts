@@ -1,0 +1,324 @@
+/**
+ * Snapshot benchmark, through the real daemon under whatever accelerator it picks. Each figure
+ * is the median and p99 over N runs, in ms and as a ratio to the cold boot measured in this
+ * same run; the baseline for restores is a bare QEMU restore of the same snapshot started by
+ * this script (spawn → state loaded → agent answers → first exec).
+ *
+ *   npm run bench:snapshot [-- --runs 20]
+ */
+import { spawn } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { connectAgent } from '../src/guest/agent-connection.js';
+import { TemplateBuilder } from '../src/images/builder.js';
+import { createOverlay } from '../src/vmm/disk.js';
+import { loadState } from '../src/vmm/migration.js';
+import { QmpClient } from '../src/vmm/qmp.js';
+import {
+  api,
+  cleanup,
+  imageDir,
+  qemusOf,
+  startDaemon,
+  type TestDaemon,
+  waitFor,
+} from '../test/helpers/daemon.js';
+
+const { values } = parseArgs({ options: { runs: { type: 'string', default: '20' } } });
+const runs = Number(values.runs);
+
+function quantile(xs: number[], q: number): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.max(0, Math.ceil(q * s.length) - 1))] ?? Number.NaN;
+}
+const median = (xs: number[]): number => quantile(xs, 0.5);
+let coldMedian = Number.NaN;
+function line(name: string, xs: number[], unit = 'ms'): void {
+  const ratio =
+    unit === 'ms' && Number.isFinite(coldMedian)
+      ? ` ratio_to_cold=${(median(xs) / coldMedian).toFixed(3)}`
+      : '';
+  console.log(
+    `${name.padEnd(40)} median=${median(xs).toFixed(unit === 'ms' ? 1 : 3)}${unit} p99=${quantile(xs, 0.99).toFixed(unit === 'ms' ? 1 : 3)}${unit} n=${xs.length}${ratio}`,
+  );
+}
+
+async function exec(d: TestDaemon, id: string, cmd: string[] = ['true']): Promise<void> {
+  const r = await api(d.url, 'POST', `/v1/machines/${id}/exec`, { cmd });
+  if (r.body.exit_code !== 0) throw new Error(`exec failed: ${JSON.stringify(r.body)}`);
+}
+
+async function create(d: TestDaemon, body: Record<string, unknown>): Promise<Record<string, unknown>> {
+  const r = await api(d.url, 'POST', '/v1/machines', { ttl_seconds: 600, ...body });
+  if (r.status !== 201) throw new Error(JSON.stringify(r.body));
+  return r.body;
+}
+
+/** The baseline: QEMU restoring the template snapshot, driven directly (no daemon). */
+async function bareRestore(
+  snap: { mem: string; state: string; disk: string },
+  kernel: string,
+  cmdline: string,
+): Promise<number> {
+  const dir = mkdtempSync(join(tmpdir(), 'hutch-bench-'));
+  try {
+    await createOverlay(snap.disk, join(dir, 'disk.qcow2'), 'qcow2');
+    const t0 = performance.now();
+    const qemu = spawn(
+      'qemu-system-x86_64',
+      [
+        '-M',
+        'microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,memory-backend=mem',
+        '-global',
+        'virtio-mmio.force-legacy=false',
+        '-accel',
+        'tcg,tb-size=64',
+        '-cpu',
+        'max',
+        '-smp',
+        '1',
+        '-m',
+        '256M',
+        '-object',
+        `memory-backend-file,id=mem,size=256M,mem-path=${snap.mem},share=off`,
+        '-nodefaults',
+        '-no-user-config',
+        '-display',
+        'none',
+        '-no-reboot',
+        '-kernel',
+        kernel,
+        '-append',
+        cmdline,
+        '-serial',
+        'null',
+        '-drive',
+        `id=root,file=${join(dir, 'disk.qcow2')},format=qcow2,if=none`,
+        '-device',
+        'virtio-blk-device,drive=root,bus=virtio-mmio-bus.7',
+        '-device',
+        'virtio-serial-device,max_ports=2,bus=virtio-mmio-bus.6',
+        '-chardev',
+        `socket,id=agent,path=${join(dir, 'agent.sock')},server=on,wait=off`,
+        '-device',
+        'virtserialport,chardev=agent,name=org.hutch.agent.0',
+        '-object',
+        'rng-random,id=rng0,filename=/dev/urandom',
+        '-device',
+        'virtio-rng-device,rng=rng0,bus=virtio-mmio-bus.5',
+        '-chardev',
+        `socket,id=ser0,path=${join(dir, 'console.sock')},server=on,wait=off`,
+        '-serial',
+        'chardev:ser0',
+        '-qmp',
+        `unix:${join(dir, 'qmp.sock')},server=on,wait=off`,
+        '-incoming',
+        'defer',
+        '-S',
+      ],
+      { stdio: 'ignore' },
+    );
+    try {
+      const qmp = await QmpClient.connect(join(dir, 'qmp.sock'), 10_000);
+      await loadState(qmp, dir, snap.state, { ignoreShared: true });
+      await qmp.execute('cont');
+      const conn = await connectAgent(join(dir, 'agent.sock'), { timeoutMs: 30_000 });
+      await conn.reset();
+      const r = await conn.execCollect({ argv: ['true'] }, { maxOutputBytes: 1024 });
+      if (r.exitCode !== 0) throw new Error('bare exec failed');
+      const ms = performance.now() - t0;
+      conn.close();
+      qmp.close();
+      return ms;
+    } finally {
+      qemu.kill('SIGKILL');
+      await new Promise((r) => qemu.once('exit', r));
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+function memoryOf(pid: number): { rss: number; pss: number; privateDirty: number } {
+  const t = readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8');
+  const kb = (k: string): number => Number(new RegExp(`^${k}:\\s+(\\d+) kB`, 'm').exec(t)?.[1] ?? 0) / 1024;
+  return { rss: kb('Rss'), pss: kb('Pss'), privateDirty: kb('Private_Dirty') };
+}
+
+async function main(): Promise<void> {
+  const manifest = await new TemplateBuilder(imageDir).build('python');
+  const d = await startDaemon({
+    env: { HUTCH_POOL_SIZE: '0', HUTCH_MAX_MACHINES: '40', HUTCH_ACCEL: 'tcg' },
+  });
+  try {
+    await waitFor(
+      'snapshot',
+      async () =>
+        ((await api(d.url, 'GET', '/healthz')).body as { snapshots: Record<string, string> }).snapshots
+          .python === 'ready' || undefined,
+      180_000,
+    );
+    const snapDir = (await import('node:fs'))
+      .readdirSync(join(imageDir, 'snapshots'))
+      .filter((f) => f.startsWith('python-') && !f.includes('.tmp'));
+    const metas = snapDir.map(
+      (f) =>
+        JSON.parse(readFileSync(join(imageDir, 'snapshots', f, 'meta.json'), 'utf8')) as {
+          mem: string;
+          state: string;
+          disk: string;
+          cmdline: string;
+          createdAt: string;
+          accel: string;
+        },
+    );
+    const snap = metas
+      .filter((m) => m.accel === 'tcg')
+      .sort((a, b) => b.createdAt.localeCompare(a.createdAt))[0];
+    if (!snap) throw new Error('no tcg snapshot');
+
+    const cold: number[] = [];
+    const restore: number[] = [];
+    const bare: number[] = [];
+    for (let i = 0; i < runs; i++) {
+      bare.push(await bareRestore(snap, manifest.kernel, `${snap.cmdline} hutch.hostname=bench`));
+      let t0 = performance.now();
+      let m = await create(d, { mode: 'snapshot' });
+      await exec(d, String(m.id));
+      restore.push(performance.now() - t0);
+      await api(d.url, 'DELETE', `/v1/machines/${m.id}`);
+      if (i < Math.min(runs, 10)) {
+        t0 = performance.now();
+        m = await create(d, { mode: 'cold' });
+        await exec(d, String(m.id));
+        cold.push(performance.now() - t0);
+        await api(d.url, 'DELETE', `/v1/machines/${m.id}`);
+      }
+    }
+    coldMedian = median(cold);
+    line('cold create → first exec (baseline)', cold);
+    line('snapshot create → first exec', restore);
+    line('bare qemu restore → first exec', bare);
+    console.log(
+      `${'snapshot create / bare restore'.padEnd(40)} ${(median(restore) / median(bare)).toFixed(2)}x`,
+    );
+
+    // Branch and lifecycle on one source machine.
+    const src = String((await create(d, {})).id);
+    await exec(d, src);
+    const branch: number[] = [];
+    const pauseMs: number[] = [];
+    for (let i = 0; i < runs; i++) {
+      const t0 = performance.now();
+      const b = await api(d.url, 'POST', `/v1/machines/${src}/branch`, {});
+      if (b.status !== 201) throw new Error(JSON.stringify(b.body));
+      await exec(d, String(b.body.id));
+      branch.push(performance.now() - t0);
+      pauseMs.push(Number(b.body.pause_ms));
+      await api(d.url, 'DELETE', `/v1/machines/${b.body.id}`);
+    }
+    line("branch → clone's first exec", branch);
+    line('  of which the source was stopped', pauseMs);
+
+    const resumeApi: number[] = [];
+    const resumeQemu: number[] = [];
+    for (let i = 0; i < runs; i++) {
+      await api(d.url, 'POST', `/v1/machines/${src}/pause`);
+      const t0 = performance.now();
+      const r = await api(d.url, 'POST', `/v1/machines/${src}/resume`);
+      resumeApi.push(performance.now() - t0);
+      resumeQemu.push(Number(r.body.resume_us) / 1000);
+    }
+    line('pause → resume (API round trip)', resumeApi);
+    line('  of which QEMU cont', resumeQemu);
+
+    const suspendMs: number[] = [];
+    const resumeDisk: number[] = [];
+    for (let i = 0; i < runs; i++) {
+      let t0 = performance.now();
+      await api(d.url, 'POST', `/v1/machines/${src}/suspend`);
+      suspendMs.push(performance.now() - t0);
+      t0 = performance.now();
+      await api(d.url, 'POST', `/v1/machines/${src}/resume`);
+      await exec(d, src);
+      resumeDisk.push(performance.now() - t0);
+    }
+    line('suspend (API)', suspendMs);
+    line('resume from disk → first exec', resumeDisk);
+
+    // Memory: an idle restored machine vs an idle cold-booted one.
+    const restored = String((await create(d, { mode: 'snapshot' })).id);
+    const booted = String((await create(d, { mode: 'cold' })).id);
+    await exec(d, restored);
+    await exec(d, booted);
+    await new Promise((r) => setTimeout(r, 2000));
+    const pidOf = (id: string): number => {
+      for (const pid of qemusOf(d.stateDir))
+        if (readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(`hutch-${id},`)) return pid;
+      throw new Error(`no qemu for ${id}`);
+    };
+    const mr = memoryOf(pidOf(restored));
+    const mc = memoryOf(pidOf(booted));
+    console.log(
+      `${'memory restored (MiB)'.padEnd(40)} rss=${mr.rss.toFixed(0)} pss=${mr.pss.toFixed(0)} private_dirty=${mr.privateDirty.toFixed(0)}`,
+    );
+    console.log(
+      `${'memory cold-booted (MiB)'.padEnd(40)} rss=${mc.rss.toFixed(0)} pss=${mc.pss.toFixed(0)} private_dirty=${mc.privateDirty.toFixed(0)}`,
+    );
+    for (const id of [src, restored, booted]) await api(d.url, 'DELETE', `/v1/machines/${id}`);
+
+    // 20 concurrent creates.
+    const t0 = performance.now();
+    const each: number[] = [];
+    const made = await Promise.all(
+      Array.from({ length: 20 }, async () => {
+        const s = performance.now();
+        const m = await create(d, {});
+        await exec(d, String(m.id));
+        each.push(performance.now() - s);
+        return String(m.id);
+      }),
+    );
+    const total = performance.now() - t0;
+    console.log(
+      `${'20 concurrent creates → first exec'.padEnd(40)} total=${total.toFixed(0)}ms p99=${quantile(each, 0.99).toFixed(0)}ms median=${median(each).toFixed(0)}ms`,
+    );
+    for (const id of made) await api(d.url, 'DELETE', `/v1/machines/${id}`);
+  } finally {
+    await cleanup(d);
+  }
+
+  // Pooled creates: a daemon with a pool, waiting for it to refill between runs.
+  const p = await startDaemon({ env: { HUTCH_POOL_SIZE: '2', HUTCH_ACCEL: 'tcg' } });
+  try {
+    const pooled: number[] = [];
+    const server: number[] = [];
+    for (let i = 0; i < runs; i++) {
+      await waitFor(
+        'pool',
+        async () =>
+          ((await api(p.url, 'GET', '/healthz')).body as { pool: Record<string, { ready: number }> }).pool
+            .python?.ready === 2 || undefined,
+        120_000,
+      );
+      const t0 = performance.now();
+      const m = await create(p, {});
+      if (m.mode !== 'pool') throw new Error(`expected a pooled machine, got ${String(m.mode)}`);
+      await exec(p, String(m.id));
+      pooled.push(performance.now() - t0);
+      server.push(Number(m.boot_ms));
+      await api(p.url, 'DELETE', `/v1/machines/${m.id}`);
+    }
+    line('pooled create → first exec', pooled);
+    line('  of which create (server boot_ms)', server);
+  } finally {
+    await cleanup(p);
+  }
+}
+
+main().catch((e: unknown) => {
+  console.error(e);
+  process.exit(1);
+});
