@@ -361,7 +361,6 @@ export class Engine {
     const persistent = req.persistent === true && this.config.allowPersistent;
     const ttl = clampTtl(req.ttlSeconds);
     const id = newMachineId();
-    const now = new Date();
     const runDir = join(this.runRoot, id);
     const row: MachineRow = {
       id,
@@ -374,10 +373,7 @@ export class Engine {
       accel: this.accel.accel,
       vcpus: this.config.machineVcpus,
       memory_mb: this.config.machineMemoryMb,
-      persistent: persistent ? 1 : 0,
-      ttl_seconds: persistent ? null : ttl,
-      created_at: now.toISOString(),
-      expires_at: persistent ? null : new Date(now.getTime() + ttl * 1000).toISOString(),
+      ...lifetime(persistent, ttl),
       boot_ms: null,
       pid: null,
       run_dir: runDir,
@@ -785,17 +781,13 @@ export class Engine {
   private async handOut(owner: string, req: CreateMachine, pooled: Pooled, t0: number): Promise<MachineView> {
     const persistent = req.persistent === true && this.config.allowPersistent;
     const ttl = clampTtl(req.ttlSeconds);
-    const now = new Date();
     const row: MachineRow = {
       ...pooled.row,
       owner,
       name: req.name ?? null,
       state: 'starting',
       mode: 'pool',
-      persistent: persistent ? 1 : 0,
-      ttl_seconds: persistent ? null : ttl,
-      created_at: now.toISOString(),
-      expires_at: persistent ? null : new Date(now.getTime() + ttl * 1000).toISOString(),
+      ...lifetime(persistent, ttl),
       pid: pooled.live.pid,
       auto_suspend_seconds: req.autoSuspendSeconds ?? null,
     };
@@ -962,7 +954,6 @@ export class Engine {
     if (req.name !== undefined && this.store.findByName(owner, req.name))
       throw new HutchError('NAME_TAKEN', `a machine named ${JSON.stringify(req.name)} already exists`);
     const id = newMachineId();
-    const now = new Date();
     const ttl = clampTtl(req.ttlSeconds ?? source.ttl_seconds ?? undefined);
     const persistent = req.ttlSeconds === undefined && source.persistent === 1;
     const row: MachineRow = {
@@ -971,10 +962,7 @@ export class Engine {
       name: req.name ?? null,
       state: 'starting',
       mode: 'branch',
-      persistent: persistent ? 1 : 0,
-      ttl_seconds: persistent ? null : ttl,
-      created_at: now.toISOString(),
-      expires_at: persistent ? null : new Date(now.getTime() + ttl * 1000).toISOString(),
+      ...lifetime(persistent, ttl),
       boot_ms: null,
       pid: null,
       run_dir: join(this.runRoot, id),
@@ -1248,6 +1236,20 @@ export class Engine {
     this.live.clear();
     this.store.close();
   }
+}
+
+/** The lifetime fields of a machine starting now: a TTL, or none when persistent. */
+function lifetime(
+  persistent: boolean,
+  ttl: number,
+): Pick<MachineRow, 'persistent' | 'ttl_seconds' | 'created_at' | 'expires_at'> {
+  const now = Date.now();
+  return {
+    persistent: persistent ? 1 : 0,
+    ttl_seconds: persistent ? null : ttl,
+    created_at: new Date(now).toISOString(),
+    expires_at: persistent ? null : new Date(now + ttl * 1000).toISOString(),
+  };
 }
 
 export function clampTtl(ttl: number | undefined): number {
