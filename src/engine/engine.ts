@@ -688,6 +688,7 @@ export class Engine {
       rmSync(row.run_dir, { recursive: true, force: true });
       if (outcome === 'deleted') {
         this.store.delete(row.id);
+        this.lastActive.delete(row.id);
       } else {
         this.store.update(row.id, { state: 'failed', error: reason ?? 'failed', pid: null });
         const failedRow = this.store.get(row.id);
