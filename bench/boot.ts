@@ -15,15 +15,11 @@ import { TemplateBuilder } from '../src/images/builder.js';
 import { createOverlay } from '../src/vmm/disk.js';
 import { tcgTimingArgs } from '../src/vmm/host.js';
 import { api, cleanup, imageDir, startDaemon } from '../test/helpers/daemon.js';
+import { bareQemuArgs, median, quantile } from './bench-lib.js';
 
 const { values } = parseArgs({ options: { runs: { type: 'string', default: '10' } } });
 const runs = Number(values.runs);
 
-function quantile(xs: number[], q: number): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.ceil(q * s.length) - 1)] ?? Number.NaN;
-}
-const median = (xs: number[]): number => quantile(xs, 0.5);
 const line = (name: string, xs: number[]): void =>
   console.log(
     `${name.padEnd(34)} median=${median(xs).toFixed(0)}ms p90=${quantile(xs, 0.9).toFixed(0)}ms n=${xs.length}`,
@@ -41,39 +37,7 @@ async function bareBoot(
     const t0 = performance.now();
     const qemu = spawn(
       'qemu-system-x86_64',
-      [
-        '-M',
-        'microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off',
-        '-accel',
-        'tcg',
-        '-cpu',
-        'max',
-        '-smp',
-        '1',
-        '-m',
-        '256M',
-        '-nodefaults',
-        '-no-user-config',
-        '-display',
-        'none',
-        '-no-reboot',
-        '-kernel',
-        kernel,
-        '-append',
-        cmdline,
-        '-serial',
-        'null',
-        '-drive',
-        `id=root,file=${join(dir, 'disk.qcow2')},format=qcow2,if=none`,
-        '-device',
-        'virtio-blk-device,drive=root',
-        '-device',
-        'virtio-serial-device',
-        '-chardev',
-        `socket,id=agent,path=${sock},server=on,wait=off`,
-        '-device',
-        'virtserialport,chardev=agent,name=org.hutch.agent.0',
-      ],
+      bareQemuArgs({ kernel, cmdline, disk: join(dir, 'disk.qcow2'), agentSock: sock }),
       { stdio: 'ignore' },
     );
     try {
@@ -109,7 +73,7 @@ async function main(): Promise<void> {
       bareMs.push(bare.firstExec);
       bareReadyMs.push(bare.ready);
       const t0 = performance.now();
-      const m = await api(d.url, 'POST', '/v1/machines', { ttl_seconds: 120 });
+      const m = await api(d.url, 'POST', '/v1/machines', { ttl_seconds: 120, mode: 'cold' });
       if (m.status !== 201) throw new Error(JSON.stringify(m.body));
       const t1 = performance.now();
       const e = await api(d.url, 'POST', `/v1/machines/${m.body.id}/exec`, { cmd: ['true'] });

@@ -25,15 +25,11 @@ import {
   type TestDaemon,
   waitFor,
 } from '../test/helpers/daemon.js';
+import { bareQemuArgs, median, quantile } from './bench-lib.js';
 
 const { values } = parseArgs({ options: { runs: { type: 'string', default: '20' } } });
 const runs = Number(values.runs);
 
-function quantile(xs: number[], q: number): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.max(0, Math.ceil(q * s.length) - 1))] ?? Number.NaN;
-}
-const median = (xs: number[]): number => quantile(xs, 0.5);
 let coldMedian = Number.NaN;
 function line(name: string, xs: number[], unit = 'ms'): void {
   const ratio =
@@ -68,56 +64,13 @@ async function bareRestore(
     const t0 = performance.now();
     const qemu = spawn(
       'qemu-system-x86_64',
-      [
-        '-M',
-        'microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,memory-backend=mem',
-        '-global',
-        'virtio-mmio.force-legacy=false',
-        '-accel',
-        'tcg,tb-size=64',
-        '-cpu',
-        'max',
-        '-smp',
-        '1',
-        '-m',
-        '256M',
-        '-object',
-        `memory-backend-file,id=mem,size=256M,mem-path=${snap.mem},share=off`,
-        '-nodefaults',
-        '-no-user-config',
-        '-display',
-        'none',
-        '-no-reboot',
-        '-kernel',
+      bareQemuArgs({
         kernel,
-        '-append',
         cmdline,
-        '-serial',
-        'null',
-        '-drive',
-        `id=root,file=${join(dir, 'disk.qcow2')},format=qcow2,if=none`,
-        '-device',
-        'virtio-blk-device,drive=root,bus=virtio-mmio-bus.7',
-        '-device',
-        'virtio-serial-device,max_ports=2,bus=virtio-mmio-bus.6',
-        '-chardev',
-        `socket,id=agent,path=${join(dir, 'agent.sock')},server=on,wait=off`,
-        '-device',
-        'virtserialport,chardev=agent,name=org.hutch.agent.0',
-        '-object',
-        'rng-random,id=rng0,filename=/dev/urandom',
-        '-device',
-        'virtio-rng-device,rng=rng0,bus=virtio-mmio-bus.5',
-        '-chardev',
-        `socket,id=ser0,path=${join(dir, 'console.sock')},server=on,wait=off`,
-        '-serial',
-        'chardev:ser0',
-        '-qmp',
-        `unix:${join(dir, 'qmp.sock')},server=on,wait=off`,
-        '-incoming',
-        'defer',
-        '-S',
-      ],
+        disk: join(dir, 'disk.qcow2'),
+        agentSock: join(dir, 'agent.sock'),
+        restore: { mem: snap.mem, qmpSock: join(dir, 'qmp.sock'), consoleSock: join(dir, 'console.sock') },
+      }),
       { stdio: 'ignore' },
     );
     try {
