@@ -178,13 +178,7 @@ export class Engine {
 
   private async recover(row: MachineRow): Promise<void> {
     const alive = row.pid !== null && isQemuOf(row.pid, row.id);
-    const adopt = (pid: number): Live => {
-      const console = new ConsoleTap(runPaths(row.run_dir).console, join(row.run_dir, 'console.log'));
-      console.start();
-      const live: Live = { console, pid, runDir: row.run_dir };
-      this.live.set(row.id, live);
-      return live;
-    };
+    const adopt = (pid: number): Live => this.attach(row, pid);
     if (row.state === 'running' && alive && row.pid !== null) {
       const live = adopt(row.pid);
       try {
@@ -432,9 +426,14 @@ export class Engine {
     });
     const jail = this.confine(row.id, pid, row);
     this.store.update(row.id, { pid, jail: JSON.stringify(jail) });
+    return this.attach(row, pid, jail);
+  }
+
+  /** Registers a running QEMU as live: console tap started, a pending TTL timer taken over. */
+  private attach(row: MachineRow, pid: number, jail?: MachineView['jail']): Live {
     const console = new ConsoleTap(runPaths(row.run_dir).console, join(row.run_dir, 'console.log'));
     console.start();
-    const live: Live = { console, pid, runDir: row.run_dir, jail };
+    const live: Live = { console, pid, runDir: row.run_dir, ...(jail ? { jail } : {}) };
     const timer = this.orphanTimers.get(row.id);
     if (timer) {
       live.ttl = timer;
@@ -561,17 +560,16 @@ export class Engine {
   ): Promise<AgentConnection> {
     const abort = new AbortController();
     const deadline = this.config.bootTimeoutMs;
+    const exitReport = (): string => {
+      const log = safeRead(runPaths(runDir).qemuLog).trim().split('\n').slice(-3).join(' | ');
+      return `qemu exited during boot${log ? ` (${log})` : ''}`;
+    };
     const died = new Promise<never>((_, reject) => {
       const t = setInterval(() => {
         if (abort.signal.aborted) return clearInterval(t);
         if (!isAlive(pid)) {
           clearInterval(t);
-          const log = safeRead(runPaths(runDir).qemuLog).trim().split('\n').slice(-3).join(' | ');
-          reject(
-            new Error(
-              `qemu exited during boot${log ? `: ${log}` : ''}; console: ${console.recent().toString('utf8').slice(-300)}`,
-            ),
-          );
+          reject(new Error(`${exitReport()}; console: ${console.recent().toString('utf8').slice(-300)}`));
         }
       }, 25);
     });
@@ -583,10 +581,7 @@ export class Engine {
     } catch (e) {
       // A dead QEMU also breaks the agent socket; the exit is the more useful report.
       await new Promise((r) => setTimeout(r, 30));
-      if (!isAlive(pid)) {
-        const log = safeRead(runPaths(runDir).qemuLog).trim().split('\n').slice(-3).join(' | ');
-        throw new Error(`qemu exited during boot${log ? ` (${log})` : ''}`);
-      }
+      if (!isAlive(pid)) throw new Error(exitReport());
       throw new Error(`${id}: ${(e as Error).message}`);
     } finally {
       abort.abort();
@@ -678,13 +673,7 @@ export class Engine {
       if (live?.ttl) clearTimeout(live.ttl);
       const orphanTimer = this.orphanTimers.get(row.id);
       if (orphanTimer) clearTimeout(orphanTimer);
-      live?.agent?.close();
-      live?.qmp?.close();
-      live?.console.stop();
-      const pid = live?.pid ?? row.pid;
-      if (pid !== null && pid !== undefined && isQemuOf(pid, row.id))
-        await stopQemu(pid, runPaths(row.run_dir).qmp);
-      if (!(await releaseCgroup(row.id))) this.log('warn', 'cgroup not removed yet', { id: row.id });
+      await this.release(row.id, row.run_dir, live, row.pid);
       rmSync(row.run_dir, { recursive: true, force: true });
       if (outcome === 'deleted') {
         this.store.delete(row.id);
@@ -909,11 +898,7 @@ export class Engine {
   }
 
   private async discardPooled(p: Pooled): Promise<void> {
-    p.live.agent?.close();
-    p.live.qmp?.close();
-    p.live.console.stop();
-    if (isQemuOf(p.live.pid, p.row.id)) await stopQemu(p.live.pid, runPaths(p.row.run_dir).qmp, 200);
-    await releaseCgroup(p.row.id);
+    await this.release(p.row.id, p.row.run_dir, p.live, null);
     rmSync(p.row.run_dir, { recursive: true, force: true });
   }
 
@@ -1183,13 +1168,28 @@ export class Engine {
   private async stopLive(row: MachineRow): Promise<void> {
     const live = this.live.get(row.id);
     if (!live) return;
-    live.agent?.close();
-    live.qmp?.close();
-    live.console.stop();
     if (live.ttl) this.orphanTimers.set(row.id, live.ttl);
     this.live.delete(row.id);
-    if (isQemuOf(live.pid, row.id)) await stopQemu(live.pid, runPaths(row.run_dir).qmp);
-    await releaseCgroup(row.id);
+    await this.release(row.id, row.run_dir, live, null);
+  }
+
+  /**
+   * Ends what a machine holds on the host besides its run dir: connections, console tap, its
+   * QEMU (if that pid is still this machine's) and its cgroup. Shared by destroy, suspend, a
+   * failed resume and a discarded pool machine.
+   */
+  private async release(
+    id: string,
+    runDir: string,
+    live: Live | undefined,
+    pid: number | null,
+  ): Promise<void> {
+    live?.agent?.close();
+    live?.qmp?.close();
+    live?.console.stop();
+    const qemu = live?.pid ?? pid;
+    if (qemu !== null && isQemuOf(qemu, id)) await stopQemu(qemu, runPaths(runDir).qmp);
+    if (!(await releaseCgroup(id))) this.log('warn', 'cgroup not removed yet', { id });
   }
 
   /** Idle: no request touched the machine for its auto-suspend timeout (0 = never). */

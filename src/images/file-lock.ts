@@ -1,4 +1,5 @@
 import { closeSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { isAlive } from '../vmm/qemu.js';
 
 /**
  * A cross-process lock: an O_EXCL lock file holding the holder's pid. A lock whose holder is
@@ -19,21 +20,12 @@ export async function acquireFileLock(path: string, onWait?: (holder: number) =>
       } catch {
         continue;
       }
-      if (!Number.isInteger(holder) || holder <= 0 || !alive(holder)) {
+      if (!Number.isInteger(holder) || holder <= 0 || !isAlive(holder)) {
         rmSync(path, { force: true });
         continue;
       }
       if (waited % 10_000 === 0) onWait?.(holder);
       await new Promise((r) => setTimeout(r, 100));
     }
-  }
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
   }
 }

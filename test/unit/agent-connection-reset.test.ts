@@ -1,16 +1,8 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import type { AgentConnection } from '../../src/guest/agent-connection.js';
+import { isAlive } from '../../src/vmm/qemu.js';
 import { AgentProcess } from '../helpers/agent-harness.js';
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 describe('RESET against the real agent', { timeout: 30000 }, () => {
   let agent: AgentProcess;
@@ -27,12 +19,12 @@ describe('RESET against the real agent', { timeout: 30000 }, () => {
   it('kills the processes of open streams and lets the same connection start new ones', async () => {
     const old = conn.exec({ argv: ['sleep', '100'] });
     const { pid } = await old.started;
-    assert.ok(alive(pid));
+    assert.ok(isAlive(pid));
     old.result.catch(() => {});
     await conn.reset();
     const deadline = Date.now() + 5000;
-    while (alive(pid) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
-    assert.equal(alive(pid), false, "the old stream's process is gone");
+    while (isAlive(pid) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    assert.equal(isAlive(pid), false, "the old stream's process is gone");
     const r = await conn.execCollect({ argv: ['echo', 'after reset'] }, { maxOutputBytes: 1024 });
     assert.equal(r.stdout.toString(), 'after reset\n');
   });
