@@ -748,6 +748,56 @@ export class Engine {
     }
   }
 
+  /**
+   * The agent of a running machine, for work that streams (exec with live output, terminals,
+   * file transfer). A suspended machine is woken first, like a plain exec. While the session is
+   * open the machine never counts as idle; `release` ends that (call it exactly once).
+   */
+  async openSession(
+    owner: string,
+    idOrName: string,
+  ): Promise<{ id: string; agent: AgentConnection; release: () => void }> {
+    let row = this.find(owner, idOrName);
+    if (row.state === 'suspended') {
+      await this.resume(owner, row.id);
+      row = this.find(owner, row.id);
+    }
+    const live = this.live.get(row.id);
+    if (row.state !== 'running' || !live?.agent)
+      throw new HutchError(
+        'MACHINE_NOT_RUNNING',
+        `machine ${row.id} is ${row.state}${row.error ? `: ${row.error}` : ''}`,
+      );
+    const id = row.id;
+    this.sessions.set(id, (this.sessions.get(id) ?? 0) + 1);
+    this.touch(id);
+    let released = false;
+    return {
+      id,
+      agent: live.agent,
+      release: () => {
+        if (released) return;
+        released = true;
+        const n = (this.sessions.get(id) ?? 1) - 1;
+        if (n <= 0) this.sessions.delete(id);
+        else this.sessions.set(id, n);
+        this.touch(id);
+      },
+    };
+  }
+
+  /** Open streaming sessions per machine: a machine with one is busy, never idle. */
+  private readonly sessions = new Map<string, number>();
+
+  /** The serial console of a running (or paused) machine: recent output, live output, input. */
+  consoleOf(owner: string, idOrName: string): { id: string; console: ConsoleTap } {
+    const row = this.find(owner, idOrName);
+    const live = this.live.get(row.id);
+    if (!live || (row.state !== 'running' && row.state !== 'paused'))
+      throw new HutchError('MACHINE_NOT_RUNNING', `machine ${row.id} is ${row.state}`);
+    return { id: row.id, console: live.console };
+  }
+
   // ---- warm pool ----------------------------------------------------------------------------
 
   private readonly pool = new Map<string, Pooled[]>();
@@ -1195,7 +1245,7 @@ export class Engine {
   /** Idle: no request touched the machine for its auto-suspend timeout (0 = never). */
   private idleSuspendDue(row: MachineRow): boolean {
     const timeout = row.auto_suspend_seconds ?? this.config.autoSuspendSeconds;
-    if (!timeout || this.opLocks.has(row.id)) return false;
+    if (!timeout || this.opLocks.has(row.id) || this.sessions.has(row.id)) return false;
     const last = this.lastActive.get(row.id) ?? Date.parse(row.created_at);
     return Date.now() - last >= timeout * 1000;
   }
