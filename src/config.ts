@@ -1,5 +1,5 @@
 import { readFileSync } from 'node:fs';
-import { totalmem } from 'node:os';
+import { availableParallelism, totalmem } from 'node:os';
 import { resolve } from 'node:path';
 import { z } from 'zod';
 
@@ -47,10 +47,33 @@ const configSchema = z.object({
   /** Run QEMU under this unprivileged user when it exists (created by scripts/setup.sh). */
   qemuUser: z.string().default('hutch-vm'),
   templates: z.array(z.string()).default(['python']),
+  /** The boxes API's Unix socket (owner-only). Default: <stateDir>/boxes.sock; "off" disables it. */
+  boxesSocket: z.string().optional(),
+  /** Also serve the boxes API on TCP, "host:port" (e.g. 127.0.0.1:8081); unset: socket only. */
+  boxesListen: z.string().optional(),
+  /** Per-box limits, reported by GET /v1/info. Default max_cpu: the host's cores. */
+  maxBoxCpu: z.coerce.number().int().min(1).default(Math.max(1, availableParallelism())),
+  maxBoxMemoryMb: z.coerce.number().int().min(64).optional(),
+  maxBoxDiskGb: z.coerce.number().int().min(1).default(64),
+  /** Host directories boxes may mount as volumes (colon-separated in the environment); none by default. */
+  volumeRoots: z
+    .union([z.array(z.string()), z.string()])
+    .transform((v) => (Array.isArray(v) ? v : v.split(':')).filter((x) => x !== '').map((x) => resolve(x)))
+    .default([]),
+  /** Registries pulled over plain HTTP / without TLS verification (host or host:port). */
+  insecureRegistries: z
+    .union([z.array(z.string()), z.string()])
+    .transform((v) => (Array.isArray(v) ? v : v.split(',')).map((x) => x.trim()).filter((x) => x !== ''))
+    .default(['localhost', '127.0.0.1']),
   logLevel: z.enum(['debug', 'info', 'warn', 'error']).default('info'),
 });
 
-export type Config = z.infer<typeof configSchema> & { imageDir: string };
+export type Config = Omit<z.infer<typeof configSchema>, 'boxesSocket' | 'maxBoxMemoryMb'> & {
+  imageDir: string;
+  /** Absolute path, or null when the socket is disabled. */
+  boxesSocket: string | null;
+  maxBoxMemoryMb: number;
+};
 export type ConfigInput = z.input<typeof configSchema>;
 
 const envNames: Record<string, keyof ConfigInput> = {
@@ -72,6 +95,13 @@ const envNames: Record<string, keyof ConfigInput> = {
   HUTCH_AUTO_SUSPEND_SECONDS: 'autoSuspendSeconds',
   HUTCH_MIGRATION_MAX_MBPS: 'migrationMaxMBps',
   HUTCH_POOL_SIZE: 'poolSize',
+  HUTCH_BOXES_SOCKET: 'boxesSocket',
+  HUTCH_BOXES_LISTEN: 'boxesListen',
+  HUTCH_MAX_BOX_CPU: 'maxBoxCpu',
+  HUTCH_MAX_BOX_MEMORY_MB: 'maxBoxMemoryMb',
+  HUTCH_MAX_BOX_DISK_GB: 'maxBoxDiskGb',
+  HUTCH_VOLUME_ROOTS: 'volumeRoots',
+  HUTCH_INSECURE_REGISTRIES: 'insecureRegistries',
 };
 
 export function loadConfig(
@@ -100,7 +130,15 @@ export function loadConfig(
     throw new Error(`invalid configuration: ${issues}`);
   }
   const c = parsed.data;
-  return { ...c, stateDir: resolve(c.stateDir), imageDir: resolve(c.imageDir ?? `${c.stateDir}/images`) };
+  const stateDir = resolve(c.stateDir);
+  return {
+    ...c,
+    stateDir,
+    imageDir: resolve(c.imageDir ?? `${c.stateDir}/images`),
+    boxesSocket: c.boxesSocket === 'off' ? null : resolve(c.boxesSocket ?? `${stateDir}/boxes.sock`),
+    // One box may have at most what the guest memory cap leaves for everything.
+    maxBoxMemoryMb: c.maxBoxMemoryMb ?? Math.min(c.maxGuestMemoryMb, 16384),
+  };
 }
 
 /** Where the CLI finds the daemon: --url > HUTCH_URL > the default listen address. */

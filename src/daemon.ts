@@ -1,15 +1,40 @@
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { type BoxesApi, startBoxesApi } from './api/boxes-server.js';
 import { type HttpApi, startHttpApi } from './api/http-server.js';
 import type { Config } from './config.js';
-import { Engine } from './engine/engine.js';
+import { type BootImage, Engine, type ImageResolver } from './engine/engine.js';
 import { type BuildProgress, TemplateBuilder, type TemplateManifest } from './images/builder.js';
+import { repoRoot } from './paths.js';
 import { chooseAccel } from './vmm/accel.js';
 
 export interface Daemon {
   engine: Engine;
   http: HttpApi;
+  boxes: BoxesApi;
   close(): Promise<void>;
+}
+
+function packageVersion(): string {
+  try {
+    return (JSON.parse(readFileSync(join(repoRoot(), 'package.json'), 'utf8')) as { version: string })
+      .version;
+  } catch {
+    return 'unknown';
+  }
+}
+
+// TEMPORARY until the OCI image store lands: every image boots the python template.
+function imageResolver(t: TemplateManifest): ImageResolver {
+  return {
+    resolve: async (ref: string): Promise<BootImage> => ({
+      ...t,
+      ref,
+      digest: `sha256:${t.hash}`,
+      env: [],
+      workdir: null,
+    }),
+  };
 }
 
 export type Logger = (
@@ -47,16 +72,23 @@ export async function startDaemon(
     cacheFile: join(config.imageDir, 'accel-probe.json'),
   });
   opts.log('info', 'accelerator chosen', { accel: accel.accel, reason: accel.reason });
-  const engine = new Engine(config, templates, accel, opts.log);
+  const engine = new Engine(config, templates, accel, opts.log, imageResolver(first));
   await engine.start();
   engine.prepareSnapshots();
   const http = await startHttpApi(engine, { host: config.host, port: config.port, owner: config.owner });
-  opts.log('info', 'listening', { url: http.url, state_dir: config.stateDir });
+  const boxes = await startBoxesApi(engine, {
+    socketPath: config.boxesSocket,
+    listen: config.boxesListen,
+    owner: config.owner,
+    version: packageVersion(),
+  });
+  opts.log('info', 'listening', { url: http.url, boxes: boxes.endpoints, state_dir: config.stateDir });
   return {
     engine,
     http,
+    boxes,
     close: async () => {
-      await http.close();
+      await Promise.all([http.close(), boxes.close()]);
       await engine.close();
     },
   };

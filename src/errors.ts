@@ -63,6 +63,34 @@ export const errorTable = {
     doc: '"mode": "snapshot" was asked for, but the template\'s snapshot is not built yet.',
   },
   INTERNAL: { http: 500, grpc: 'INTERNAL', doc: 'An unexpected server error; the server log has details.' },
+  BOX_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No box of yours has this id or name.' },
+  BOX_NOT_RUNNING: {
+    http: 409,
+    grpc: 'FAILED_PRECONDITION',
+    doc: 'The box exists but is not running (stopped, starting or stopping): start it first.',
+  },
+  BOX_RUNNING: {
+    http: 409,
+    grpc: 'FAILED_PRECONDITION',
+    doc: 'The box is running: stop it first, or remove it with ?force=true.',
+  },
+  EXEC_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'The box has no exec with this id.' },
+  LIMIT_EXCEEDED: {
+    http: 400,
+    grpc: 'INVALID_ARGUMENT',
+    doc: 'A requested size (cpu, memory_mb, disk_size_gb) is over the limit GET /v1/info reports.',
+  },
+  VOLUME_NOT_ALLOWED: {
+    http: 403,
+    grpc: 'PERMISSION_DENIED',
+    doc: "A volume's host_path is not inside a directory the server allows (HUTCH_VOLUME_ROOTS).",
+  },
+  FILE_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No such file in the guest.' },
+  NOT_A_FILE: {
+    http: 400,
+    grpc: 'INVALID_ARGUMENT',
+    doc: 'The path names a directory or something else that is not a regular file.',
+  },
 } as const;
 
 export type ErrorCode = keyof typeof errorTable;

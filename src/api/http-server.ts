@@ -24,7 +24,7 @@ function compile(routes: Route[]): CompiledRoute[] {
   });
 }
 
-function sendJson(res: ServerResponse, status: number, value: unknown): void {
+export function sendJson(res: ServerResponse, status: number, value: unknown): void {
   if (status === 204 || value === undefined) {
     res.writeHead(status === 200 ? 204 : status).end();
     return;
@@ -41,7 +41,7 @@ export function sendError(res: ServerResponse, e: HutchError): void {
 }
 
 /** Reads a JSON body whatever its content-type (curl -d sends form encoding by default). */
-async function readJson(req: IncomingMessage): Promise<unknown> {
+export async function readJson(req: IncomingMessage): Promise<unknown> {
   const chunks: Buffer[] = [];
   let size = 0;
   for await (const chunk of req as AsyncIterable<Buffer>) {

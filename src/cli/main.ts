@@ -78,6 +78,8 @@ async function serve(flags: Flags): Promise<void> {
   process.stderr.write(
     `hutch is serving ${daemon.http.url} (accelerator: ${daemon.engine.health().accel})\n`,
   );
+  if (daemon.boxes.endpoints.length)
+    process.stderr.write(`boxes API on ${daemon.boxes.endpoints.join(' and ')}\n`);
   let stopping = false;
   const stop = (): void => {
     if (stopping) return;

@@ -8,12 +8,19 @@ import {
   mkdirSync,
   readdirSync,
   readFileSync,
+  realpathSync,
   rmSync,
+  statSync,
 } from 'node:fs';
 import { join } from 'node:path';
 import type { Config } from '../config.js';
 import { HutchError } from '../errors.js';
-import { type AgentConnection, AgentError, connectAgent } from '../guest/agent-connection.js';
+import {
+  type AgentConnection,
+  AgentError,
+  connectAgent,
+  type ExecHandle,
+} from '../guest/agent-connection.js';
 import type { TemplateManifest } from '../images/builder.js';
 import { templateRecipes } from '../images/recipes.js';
 import {
@@ -40,9 +47,19 @@ import {
   type VmSpec,
 } from '../vmm/qemu.js';
 import { QmpClient } from '../vmm/qmp.js';
-import { newMachineId } from './ids.js';
+import {
+  type BoxSpec,
+  type BoxView,
+  type BoxVolume,
+  boxSpecOf,
+  type ExecView,
+  toBoxView,
+  toExecView,
+} from './box-view.js';
+import { type ExecEvent, ExecLog, replayExec, Utf8Chunker } from './exec-log.js';
+import { newBoxId, newExecId, newMachineId } from './ids.js';
 import { type MachineView, toView } from './machine-view.js';
-import { activeStates, type MachineRow, Store } from './store.js';
+import { activeStates, type ExecRow, type MachineRow, Store } from './store.js';
 
 export const ttlBounds = { min: 15, max: 900, default: 60 } as const;
 
@@ -107,6 +124,53 @@ interface Pooled {
   live: Live;
 }
 
+/** A bootable image for boxes: a kernel and root disk like a template's, plus the OCI config. */
+export interface BootImage extends TemplateManifest {
+  ref: string;
+  digest: string;
+  env: string[];
+  workdir: string | null;
+}
+
+/** Turns an image reference into a bootable image (pulling or building it; cached). */
+export interface ImageResolver {
+  resolve(ref: string): Promise<BootImage>;
+}
+
+export interface CreateBox {
+  image: string;
+  name?: string;
+  cpu: number;
+  memoryMb: number;
+  diskSizeGb: number;
+  network: boolean;
+  workdir: string;
+  env: Record<string, string> | null;
+  volumes: BoxVolume[] | null;
+}
+
+export interface BoxExecRequest {
+  cmd: string[];
+  env?: Record<string, string>;
+  workdir?: string;
+  timeoutMs?: number;
+}
+
+export interface RunResult {
+  exit_code: number | null;
+  stdout: string;
+  stderr: string;
+  error_message: string | null;
+}
+
+/** An exec of the boxes API while it runs: its log (for live readers) and its agent stream. */
+interface LiveExec {
+  boxId: string;
+  log: ExecLog;
+  cancel: () => void;
+  finished: Promise<void>;
+}
+
 type Log = (level: 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>) => void;
 
 /**
@@ -129,6 +193,7 @@ export class Engine {
     private readonly templates: Map<string, TemplateManifest>,
     private readonly accel: AccelChoice,
     private readonly log: Log,
+    private readonly images?: ImageResolver,
   ) {
     mkdirSync(config.stateDir, { recursive: true, mode: 0o700 });
     this.runRoot = join(config.stateDir, 'run');
@@ -252,6 +317,22 @@ export class Engine {
       this.armTtl(row);
       return;
     }
+    if (
+      row.kind === 'box' &&
+      (row.state === 'stopped' || row.state === 'stopping' || row.state === 'starting')
+    ) {
+      // A box caught mid-stop or mid-restart keeps its disk and is simply stopped; one caught
+      // mid-create (it never ran) is removed like a machine.
+      if (row.state === 'starting' && row.started_at === null) {
+        await this.teardown(row, 'deleted');
+        return;
+      }
+      if (alive && row.pid !== null) await stopQemu(row.pid, runPaths(row.run_dir).qmp);
+      await releaseCgroup(row.id);
+      if (row.state !== 'stopped')
+        this.store.update(row.id, { state: 'stopped', pid: null, stopped_at: new Date().toISOString() });
+      return;
+    }
     // starting (daemon died mid-create), destroying (mid-destroy), or running/paused but QEMU is gone.
     if (row.state === 'running' || row.state === 'paused') {
       await this.teardown(row, 'failed', 'qemu exited while the daemon was down');
@@ -312,7 +393,10 @@ export class Engine {
   }
 
   list(owner: string): MachineView[] {
-    return this.store.list(owner).map((r) => this.view(r));
+    return this.store
+      .list(owner)
+      .filter((r) => r.kind === 'machine')
+      .map((r) => this.view(r));
   }
 
   get(owner: string, idOrName: string): MachineView {
@@ -321,8 +405,15 @@ export class Engine {
 
   private find(owner: string, idOrName: string): MachineRow {
     const row = this.store.get(idOrName) ?? this.store.findByName(owner, idOrName);
-    if (!row || row.owner !== owner)
+    if (!row || row.owner !== owner || row.kind !== 'machine')
       throw new HutchError('MACHINE_NOT_FOUND', `no machine ${JSON.stringify(idOrName)}`);
+    return row;
+  }
+
+  private findBox(owner: string, idOrName: string): MachineRow {
+    const row = this.store.get(idOrName) ?? this.store.findByName(owner, idOrName);
+    if (!row || row.owner !== owner || row.kind !== 'box')
+      throw new HutchError('BOX_NOT_FOUND', `no box ${JSON.stringify(idOrName)}`);
     return row;
   }
 
@@ -375,6 +466,10 @@ export class Engine {
       jail: null,
       auto_suspend_seconds: req.autoSuspendSeconds ?? null,
       parent_id: null,
+      kind: 'machine',
+      spec: null,
+      started_at: null,
+      stopped_at: null,
     };
     this.insertRow(row);
 
@@ -467,7 +562,13 @@ export class Engine {
   private markRunning(id: string, bootMs: number): MachineView {
     const live = this.live.get(id);
     if (!live?.agent) throw new Error(`machine ${id} has no agent connection`);
-    this.store.update(id, { state: 'running', boot_ms: bootMs });
+    this.store.update(id, {
+      state: 'running',
+      boot_ms: bootMs,
+      started_at: new Date().toISOString(),
+      stopped_at: null,
+      error: null,
+    });
     this.watchAgent(id, live.agent);
     const final = this.store.get(id);
     if (!final) throw new Error('machine vanished during create');
@@ -674,6 +775,17 @@ export class Engine {
       const orphanTimer = this.orphanTimers.get(row.id);
       if (orphanTimer) clearTimeout(orphanTimer);
       await this.release(row.id, row.run_dir, live, row.pid);
+      if (row.kind === 'box' && outcome === 'failed') {
+        // A box's disk is its user's data: a VM that died leaves the box stopped, not gone.
+        this.store.update(row.id, {
+          state: 'stopped',
+          error: reason ?? 'failed',
+          pid: null,
+          stopped_at: new Date().toISOString(),
+        });
+        this.log('warn', 'box stopped by a failure', { id: row.id, reason });
+        return;
+      }
       rmSync(row.run_dir, { recursive: true, force: true });
       if (outcome === 'deleted') {
         this.store.delete(row.id);
@@ -796,6 +908,503 @@ export class Engine {
     if (!live || (row.state !== 'running' && row.state !== 'paused'))
       throw new HutchError('MACHINE_NOT_RUNNING', `machine ${row.id} is ${row.state}`);
     return { id: row.id, console: live.console };
+  }
+
+  // ---- boxes (REST /v1/boxes) ---------------------------------------------------------------
+
+  /** The limits one box may ask for, as GET /v1/info reports them. */
+  boxLimits(): {
+    max_cpu: number;
+    max_memory_mb: number;
+    max_disk_size_gb: number;
+    max_boxes: number;
+    volume_roots: string[];
+  } {
+    return {
+      max_cpu: this.config.maxBoxCpu,
+      max_memory_mb: this.config.maxBoxMemoryMb,
+      max_disk_size_gb: this.config.maxBoxDiskGb,
+      max_boxes: this.config.maxMachines,
+      volume_roots: this.config.volumeRoots,
+    };
+  }
+
+  listBoxes(owner: string, status?: string): BoxView[] {
+    return this.store
+      .list(owner)
+      .filter((r) => r.kind === 'box')
+      .map((r) => toBoxView(r))
+      .filter((b) => status === undefined || b.status === status);
+  }
+
+  getBox(owner: string, idOrName: string): BoxView {
+    return toBoxView(this.findBox(owner, idOrName));
+  }
+
+  /** Checks what a box asks for against the limits and the volume allow-list; throws, changes nothing. */
+  private checkBoxRequest(req: CreateBox): BoxVolume[] | null {
+    const lim = this.boxLimits();
+    const over = (what: string, v: number, max: number, unit = ''): HutchError =>
+      new HutchError('LIMIT_EXCEEDED', `${what} ${v}${unit} is over this server's limit of ${max}${unit}`);
+    if (req.cpu > lim.max_cpu) throw over('cpu', req.cpu, lim.max_cpu);
+    if (req.memoryMb > lim.max_memory_mb) throw over('memory_mb', req.memoryMb, lim.max_memory_mb, ' MiB');
+    if (req.diskSizeGb > lim.max_disk_size_gb)
+      throw over('disk_size_gb', req.diskSizeGb, lim.max_disk_size_gb, ' GiB');
+    if (req.network)
+      throw new HutchError(
+        'NETWORK_UNAVAILABLE',
+        'guest networking ("network": true) is not available in this version; boxes have no network',
+      );
+    if (!req.volumes?.length) return req.volumes;
+    const seen = new Set<string>();
+    return req.volumes.map((v) => {
+      let real: string;
+      try {
+        real = realpathSync(v.host_path);
+      } catch {
+        throw new HutchError('INVALID_ARGUMENT', `volume host_path ${v.host_path} does not exist`);
+      }
+      if (!statSync(real).isDirectory())
+        throw new HutchError('INVALID_ARGUMENT', `volume host_path ${v.host_path} is not a directory`);
+      // The resolved path, so a symlink inside an allowed root cannot lead outside it.
+      const allowed = this.config.volumeRoots.some((root) => real === root || real.startsWith(`${root}/`));
+      if (!allowed)
+        throw new HutchError(
+          'VOLUME_NOT_ALLOWED',
+          `volume host_path ${v.host_path} is not inside an allowed root (${this.config.volumeRoots.join(', ') || 'none configured: set HUTCH_VOLUME_ROOTS'})`,
+        );
+      if (seen.has(v.guest_path))
+        throw new HutchError('INVALID_ARGUMENT', `two volumes mount at ${v.guest_path}`);
+      seen.add(v.guest_path);
+      return { ...v, host_path: real };
+    });
+  }
+
+  /** Creates a box from an image and boots it (cold: its disk is its own from the start). */
+  async createBox(owner: string, req: CreateBox): Promise<BoxView> {
+    const t0 = performance.now();
+    if (this.closing) throw new HutchError('AGENT_UNAVAILABLE', 'the daemon is shutting down');
+    const volumes = this.checkBoxRequest(req);
+    if (req.name !== undefined && this.store.findByName(owner, req.name))
+      throw new HutchError('NAME_TAKEN', `a box named ${JSON.stringify(req.name)} already exists`);
+    if (!this.images) throw new HutchError('INTERNAL', 'this daemon has no image store');
+    const image = await this.images.resolve(req.image);
+    const id = newBoxId();
+    const spec: BoxSpec = {
+      image: req.image,
+      manifest: image,
+      digest: image.digest,
+      disk_size_gb: req.diskSizeGb,
+      network: req.network,
+      workdir: req.workdir,
+      env: req.env,
+      volumes,
+      image_env: image.env,
+    };
+    const row: MachineRow = {
+      id,
+      owner,
+      name: req.name ?? null,
+      template: req.image,
+      template_hash: image.hash,
+      state: 'starting',
+      mode: 'cold',
+      accel: this.accel.accel,
+      vcpus: req.cpu,
+      memory_mb: req.memoryMb,
+      // Boxes live until they are removed (or collected once stopped): no TTL.
+      ...lifetime(true, 0),
+      boot_ms: null,
+      pid: null,
+      run_dir: join(this.runRoot, id),
+      error: null,
+      jail: null,
+      auto_suspend_seconds: 0,
+      parent_id: null,
+      kind: 'box',
+      spec: JSON.stringify(spec),
+      started_at: null,
+      stopped_at: null,
+    };
+    this.insertRow(row);
+    try {
+      prepareRunDir(row.run_dir, this.runAs);
+      await createOverlay(image.rootfs, join(row.run_dir, 'disk.qcow2'), 'raw', this.runAs);
+      await this.bootBox(row, image);
+      return toBoxView(this.markRunningBox(id, t0));
+    } catch (e) {
+      const tail = this.live.get(id)?.console.recent().toString('utf8').slice(-1500) ?? '';
+      const current = this.store.get(id);
+      if (current) await this.teardown(current, 'deleted');
+      if (e instanceof HutchError) throw e;
+      throw new HutchError('BOOT_FAILED', `box did not boot: ${(e as Error).message}`, {
+        console_tail: tail,
+      });
+    }
+  }
+
+  private async bootBox(row: MachineRow, image: TemplateManifest): Promise<void> {
+    const live = this.launch(row, image, {});
+    live.agent = await this.waitForAgent(row.id, live.pid, row.run_dir, live.console);
+  }
+
+  private markRunningBox(id: string, t0: number): MachineRow {
+    this.markRunning(id, Math.round(performance.now() - t0));
+    return this.store.get(id) as MachineRow;
+  }
+
+  /** The image a box boots: the one it was created from, by digest (not whatever its tag is now). */
+  private boxImage(row: MachineRow): BootImage {
+    const image = boxSpecOf(row).manifest;
+    if (!existsSync(image.rootfs) || !existsSync(image.kernel))
+      throw new HutchError(
+        'BOOT_FAILED',
+        `box ${row.id}: its image ${image.ref} (${image.digest}) is no longer in the image cache`,
+      );
+    return image;
+  }
+
+  /**
+   * Stops a box: the guest syncs its disks and powers off, so everything it wrote is kept;
+   * the VM's memory and processes are gone. `start` boots it again on the same disk.
+   */
+  stopBox(owner: string, idOrName: string): Promise<BoxView> {
+    const id = this.findBox(owner, idOrName).id;
+    return this.withLock(id, async () => {
+      const row = this.findBox(owner, id);
+      if (row.state === 'stopped') return toBoxView(row);
+      if (row.state !== 'running' && row.state !== 'paused')
+        throw new HutchError('BOX_NOT_RUNNING', `box ${id} is ${row.state}`);
+      this.store.update(id, { state: 'stopping' });
+      const live = this.live.get(id);
+      if (live) {
+        try {
+          if (row.state === 'paused') await (await this.qmpOf(id)).execute('cont');
+          // POWEROFF syncs the guest's page cache to the disk; QEMU (-no-reboot) then exits.
+          await live.agent?.poweroff();
+          const deadline = Date.now() + 10_000;
+          while (Date.now() < deadline && isAlive(live.pid)) await new Promise((r) => setTimeout(r, 20));
+        } catch (e) {
+          this.log('warn', 'box did not power off cleanly; stopping its qemu', {
+            id,
+            error: (e as Error).message,
+          });
+        }
+      }
+      await this.stopLive(row);
+      this.failLiveExecs(id, 'the box was stopped');
+      this.store.update(id, { state: 'stopped', pid: null, stopped_at: new Date().toISOString() });
+      this.log('info', 'box stopped', { id });
+      return toBoxView(this.findBox(owner, id));
+    });
+  }
+
+  /** Boots a stopped box again, on its own disk. */
+  startBox(owner: string, idOrName: string): Promise<BoxView> {
+    const id = this.findBox(owner, idOrName).id;
+    return this.withLock(id, async () => {
+      const t0 = performance.now();
+      const row = this.findBox(owner, id);
+      if (row.state === 'running') return toBoxView(row);
+      if (row.state !== 'stopped') throw new HutchError('BOX_NOT_RUNNING', `box ${id} is ${row.state}`);
+      const image = this.boxImage(row);
+      this.store.admitUpdate(id, { state: 'starting', error: null }, (active) => this.admit(active, row));
+      try {
+        prepareRunDir(row.run_dir, this.runAs);
+        await this.bootBox(this.findBox(owner, id), image);
+        return toBoxView(this.markRunningBox(id, t0));
+      } catch (e) {
+        const current = this.findBox(owner, id);
+        await this.stopLive(current);
+        this.store.update(id, { state: 'stopped', pid: null, error: (e as Error).message });
+        if (e instanceof HutchError) throw e;
+        throw new HutchError('BOOT_FAILED', `box ${id} did not start: ${(e as Error).message}`);
+      }
+    });
+  }
+
+  /** Removes a box and its disk. A running box only with `force` (it is not stopped first). */
+  async removeBox(owner: string, idOrName: string, force: boolean): Promise<void> {
+    const row = this.findBox(owner, idOrName);
+    if (!force && row.state !== 'stopped')
+      throw new HutchError(
+        'BOX_RUNNING',
+        `box ${row.id} is ${row.state}: stop it first, or remove it with ?force=true`,
+      );
+    this.failLiveExecs(row.id, 'the box was removed');
+    await this.teardown(row, 'deleted');
+  }
+
+  /** Removes stopped boxes that have been stopped for at least `olderThanSeconds`. */
+  async gcBoxes(owner: string, olderThanSeconds: number): Promise<{ removed: number; ids: string[] }> {
+    const cutoff = Date.now() - olderThanSeconds * 1000;
+    const victims = this.store
+      .list(owner)
+      .filter(
+        (r) =>
+          r.kind === 'box' &&
+          r.state === 'stopped' &&
+          Date.parse(r.stopped_at ?? r.created_at) <= cutoff &&
+          !this.opLocks.has(r.id),
+      );
+    for (const r of victims) await this.teardown(r, 'deleted');
+    return { removed: victims.length, ids: victims.map((r) => r.id) };
+  }
+
+  // ---- box execs ----
+
+  private readonly liveExecs = new Map<string, LiveExec>();
+
+  /** The environment of a box exec: the image's, then the box's, then the exec's own. */
+  private execEnv(spec: BoxSpec, extra: Record<string, string> | undefined): Record<string, string> {
+    const env: Record<string, string> = {};
+    for (const kv of spec.image_env) {
+      const i = kv.indexOf('=');
+      if (i > 0) env[kv.slice(0, i)] = kv.slice(i + 1);
+    }
+    return { ...env, ...(spec.env ?? {}), ...(extra ?? {}) };
+  }
+
+  /**
+   * Starts a command in a box and returns at once; its output goes to the exec's event log
+   * (replayed to every reader of /events). A program that cannot be started is EXEC_FAILED.
+   */
+  async startExec(owner: string, idOrName: string, req: BoxExecRequest): Promise<ExecView> {
+    const box = this.findBox(owner, idOrName);
+    const live = this.live.get(box.id);
+    if (box.state !== 'running' || !live?.agent)
+      throw new HutchError('BOX_NOT_RUNNING', `box ${box.id} is ${box.state}: start it first`);
+    const spec = boxSpecOf(box);
+    const id = newExecId();
+    const handle = live.agent.exec({
+      argv: req.cmd,
+      env: this.execEnv(spec, req.env),
+      cwd: req.workdir ?? spec.workdir,
+      stdin: false,
+      ...(req.timeoutMs ? { timeoutMs: req.timeoutMs } : {}),
+    });
+    try {
+      await handle.started;
+    } catch (e) {
+      throw execError(req.cmd, e);
+    }
+    const row: ExecRow = {
+      id,
+      box_id: box.id,
+      cmd: JSON.stringify(req.cmd),
+      status: 'running',
+      exit_code: null,
+      signal: null,
+      error: null,
+      created_at: new Date().toISOString(),
+      finished_at: null,
+    };
+    this.store.insertExec(row);
+    mkdirSync(join(box.run_dir, 'execs'), { recursive: true, mode: 0o700 });
+    const log = new ExecLog(join(box.run_dir, 'execs', `${id}.ndjson`));
+    let cancelled = false;
+    const pipe = (stream: 'stdout' | 'stderr', r: NodeJS.ReadableStream): Promise<void> => {
+      const chunker = new Utf8Chunker();
+      const put = (c: { data: string; encoding?: 'base64' } | undefined): void => {
+        if (c && !log.done) log.append({ event: 'log', stream, ...c });
+      };
+      return new Promise<void>((resolve) => {
+        r.on('data', (b: Buffer) => put(chunker.push(b)));
+        const end = (): void => {
+          put(chunker.flush());
+          resolve();
+        };
+        r.on('end', end);
+        r.on('close', end);
+        r.on('error', end);
+      });
+    };
+    const outputs = Promise.all([pipe('stdout', handle.stdout), pipe('stderr', handle.stderr)]);
+    const finish = (fields: Pick<ExecRow, 'status' | 'exit_code' | 'signal' | 'error'>): void => {
+      if (log.done) return;
+      const finishedAt = new Date().toISOString();
+      this.store.updateExec(id, { ...fields, finished_at: finishedAt });
+      log.append({
+        event: 'exit',
+        stream: null,
+        data: JSON.stringify({
+          exit_code: fields.exit_code,
+          status: fields.status,
+          signal: fields.signal,
+          error: fields.error,
+        }),
+      });
+      this.liveExecs.delete(id);
+    };
+    const finished = handle.result.then(
+      async (r) => {
+        await outputs;
+        finish({
+          status: r.timedOut ? 'timed_out' : 'completed',
+          exit_code: r.exitCode,
+          signal: r.signal,
+          error: r.timedOut ? `killed after its timeout of ${req.timeoutMs} ms` : null,
+        });
+      },
+      (e: unknown) => {
+        if (cancelled) finish({ status: 'cancelled', exit_code: null, signal: 9, error: 'cancelled' });
+        else finish({ status: 'failed', exit_code: null, signal: null, error: (e as Error).message });
+      },
+    );
+    this.liveExecs.set(id, {
+      boxId: box.id,
+      log,
+      cancel: () => {
+        cancelled = true;
+        handle.cancel();
+      },
+      finished,
+    });
+    this.touch(box.id);
+    return toExecView(this.store.getExec(id) as ExecRow);
+  }
+
+  private findExec(owner: string, boxRef: string, execId: string): { box: MachineRow; exec: ExecRow } {
+    const box = this.findBox(owner, boxRef);
+    const exec = this.store.getExec(execId);
+    if (!exec || exec.box_id !== box.id)
+      throw new HutchError('EXEC_NOT_FOUND', `box ${box.id} has no exec ${JSON.stringify(execId)}`);
+    return { box, exec };
+  }
+
+  listExecs(owner: string, boxRef: string): ExecView[] {
+    return this.store.listExecs(this.findBox(owner, boxRef).id).map(toExecView);
+  }
+
+  getExec(owner: string, boxRef: string, execId: string): ExecView {
+    return toExecView(this.findExec(owner, boxRef, execId).exec);
+  }
+
+  /** Every event of an exec from the first one, then live ones until its exit event. */
+  execEvents(owner: string, boxRef: string, execId: string): AsyncGenerator<ExecEvent> {
+    const { box, exec } = this.findExec(owner, boxRef, execId);
+    return replayExec(join(box.run_dir, 'execs', `${exec.id}.ndjson`), this.liveExecs.get(exec.id)?.log);
+  }
+
+  /** Ends a running exec (SIGKILL to its process group); a finished one is left as it is. */
+  async cancelExec(owner: string, boxRef: string, execId: string): Promise<ExecView> {
+    const { exec } = this.findExec(owner, boxRef, execId);
+    const live = this.liveExecs.get(exec.id);
+    if (live) {
+      live.cancel();
+      await live.finished;
+    }
+    return toExecView(this.store.getExec(exec.id) as ExecRow);
+  }
+
+  /** Execs of a box whose VM went away end as failed, with their exit event written. */
+  private failLiveExecs(boxId: string, reason: string): void {
+    for (const [id, e] of this.liveExecs) {
+      if (e.boxId !== boxId) continue;
+      this.liveExecs.delete(id);
+      if (!e.log.done) {
+        this.store.updateExec(id, { status: 'failed', error: reason, finished_at: new Date().toISOString() });
+        e.log.append({
+          event: 'exit',
+          stream: null,
+          data: JSON.stringify({ exit_code: null, status: 'failed', signal: null, error: reason }),
+        });
+      }
+    }
+  }
+
+  /** The agent of a running box, for streaming work (files, terminals); see openSession. */
+  async openBoxSession(
+    owner: string,
+    idOrName: string,
+  ): Promise<{ id: string; agent: AgentConnection; spec: BoxSpec; release: () => void }> {
+    const box = this.findBox(owner, idOrName);
+    const live = this.live.get(box.id);
+    if (box.state !== 'running' || !live?.agent)
+      throw new HutchError('BOX_NOT_RUNNING', `box ${box.id} is ${box.state}: start it first`);
+    this.touch(box.id);
+    return {
+      id: box.id,
+      agent: live.agent,
+      spec: boxSpecOf(box),
+      release: () => this.touch(box.id),
+    };
+  }
+
+  /**
+   * A shell on a terminal in a box (attach): a PTY exec with the box's environment and workdir.
+   * The default shell falls back to /bin/sh in images without bash.
+   */
+  async boxTerminal(
+    owner: string,
+    idOrName: string,
+    opts: { shell?: string; cols: number; rows: number; term: string },
+  ): Promise<{ id: string; handle: ExecHandle; release: () => void }> {
+    const s = await this.openBoxSession(owner, idOrName);
+    const env = { ...this.execEnv(s.spec, undefined), TERM: opts.term };
+    const start = async (shell: string): Promise<ExecHandle> => {
+      const handle = s.agent.exec({
+        argv: [shell],
+        env,
+        cwd: s.spec.workdir,
+        stdin: true,
+        pty: { cols: opts.cols, rows: opts.rows },
+      });
+      await handle.started;
+      return handle;
+    };
+    try {
+      let handle: ExecHandle;
+      try {
+        handle = await start(opts.shell ?? '/bin/bash');
+      } catch (e) {
+        if (opts.shell !== undefined || !(e instanceof AgentError) || e.code !== 'ENOENT') throw e;
+        handle = await start('/bin/sh');
+      }
+      return { id: s.id, handle, release: s.release };
+    } catch (e) {
+      s.release();
+      throw execError([opts.shell ?? '/bin/bash'], e);
+    }
+  }
+
+  /** Ephemeral run: a box for one command, removed afterwards whatever happened. */
+  async runOnce(owner: string, req: CreateBox & { cmd: string[]; timeoutMs?: number }): Promise<RunResult> {
+    const box = await this.createBox(owner, { ...req, name: undefined } as CreateBox);
+    try {
+      const live = this.live.get(box.id);
+      if (!live?.agent) throw new HutchError('BOX_NOT_RUNNING', `box ${box.id} has no agent`);
+      const spec = boxSpecOf(this.findBox(owner, box.id));
+      try {
+        const r = await live.agent.execCollect(
+          {
+            argv: req.cmd,
+            env: this.execEnv(spec, undefined),
+            cwd: spec.workdir,
+            ...(req.timeoutMs ? { timeoutMs: req.timeoutMs } : {}),
+          },
+          { maxOutputBytes: this.config.execMaxOutputBytes },
+        );
+        return {
+          exit_code: r.exitCode,
+          stdout: r.stdout.toString('utf8'),
+          stderr: r.stderr.toString('utf8'),
+          error_message: r.timedOut
+            ? `killed after its timeout of ${req.timeoutMs} ms`
+            : r.signal !== null
+              ? `killed by signal ${r.signal}`
+              : r.truncated
+                ? `output over ${this.config.execMaxOutputBytes} bytes was cut`
+                : null,
+        };
+      } catch (e) {
+        const err = execError(req.cmd, e);
+        return { exit_code: null, stdout: '', stderr: '', error_message: err.message };
+      }
+    } finally {
+      const row = this.store.get(box.id);
+      if (row) await this.teardown(row, 'deleted');
+    }
   }
 
   // ---- warm pool ----------------------------------------------------------------------------
@@ -923,6 +1532,10 @@ export class Engine {
       jail: null,
       auto_suspend_seconds: null,
       parent_id: null,
+      kind: 'machine',
+      spec: null,
+      started_at: null,
+      stopped_at: null,
     };
     prepareRunDir(row.run_dir, this.runAs);
     await createOverlay(snap.disk, join(row.run_dir, 'disk.qcow2'), 'qcow2', this.runAs);
@@ -1306,6 +1919,18 @@ function lifetime(
 export function clampTtl(ttl: number | undefined): number {
   if (ttl === undefined) return ttlBounds.default;
   return Math.min(ttlBounds.max, Math.max(ttlBounds.min, Math.round(ttl)));
+}
+
+/** The error for a command the agent could not start (ENOENT, EACCES, …) or lost. */
+function execError(cmd: string[], e: unknown): HutchError {
+  if (e instanceof AgentError)
+    return new HutchError(
+      'EXEC_FAILED',
+      `cannot run ${JSON.stringify(cmd[0])}: ${e.code}${e.agentMessage ? ` (${e.agentMessage})` : ''}`,
+      { errno: e.code },
+    );
+  if (e instanceof HutchError) return e;
+  return new HutchError('AGENT_UNAVAILABLE', (e as Error).message);
 }
 
 function lookupUser(name: string): { user: string; uid: number; gid: number } | undefined {

@@ -8,7 +8,11 @@ export type MachineState =
   | 'suspended'
   | 'resuming'
   | 'failed'
-  | 'destroying';
+  | 'destroying'
+  /** A box being shut down (its guest syncs and powers off). */
+  | 'stopping'
+  /** A box whose VM is off; its disk is kept and `start` boots it again. */
+  | 'stopped';
 
 /** States in which a machine holds host memory (and so counts against the caps). */
 export const activeStates: readonly MachineState[] = [
@@ -17,6 +21,7 @@ export const activeStates: readonly MachineState[] = [
   'paused',
   'suspending',
   'resuming',
+  'stopping',
 ];
 
 export interface MachineRow {
@@ -43,6 +48,25 @@ export interface MachineRow {
   auto_suspend_seconds: number | null;
   /** The machine this one was branched from. */
   parent_id: string | null;
+  /** `machine` (REST /v1/machines, from a template) or `box` (REST /v1/boxes, from an image). */
+  kind: 'machine' | 'box';
+  /** A box's settings as JSON (BoxSpec); null for machines. */
+  spec: string | null;
+  started_at: string | null;
+  stopped_at: string | null;
+}
+
+/** An exec started through the boxes API; its output lives in an event log beside the box. */
+export interface ExecRow {
+  id: string;
+  box_id: string;
+  cmd: string;
+  status: 'running' | 'completed' | 'failed' | 'timed_out' | 'cancelled';
+  exit_code: number | null;
+  signal: number | null;
+  error: string | null;
+  created_at: string;
+  finished_at: string | null;
 }
 
 const migrations: string[] = [
@@ -70,6 +94,22 @@ const migrations: string[] = [
    CREATE UNIQUE INDEX machines_owner_name ON machines(owner, name) WHERE name IS NOT NULL;`,
   'ALTER TABLE machines ADD COLUMN auto_suspend_seconds INTEGER',
   'ALTER TABLE machines ADD COLUMN parent_id TEXT',
+  `ALTER TABLE machines ADD COLUMN kind TEXT NOT NULL DEFAULT 'machine';
+   ALTER TABLE machines ADD COLUMN spec TEXT;
+   ALTER TABLE machines ADD COLUMN started_at TEXT;
+   ALTER TABLE machines ADD COLUMN stopped_at TEXT;
+   CREATE TABLE execs (
+     id TEXT PRIMARY KEY,
+     box_id TEXT NOT NULL,
+     cmd TEXT NOT NULL,
+     status TEXT NOT NULL,
+     exit_code INTEGER,
+     signal INTEGER,
+     error TEXT,
+     created_at TEXT NOT NULL,
+     finished_at TEXT
+   );
+   CREATE INDEX execs_box ON execs(box_id, created_at);`,
 ];
 
 /**
@@ -117,12 +157,27 @@ export class Store {
         .prepare(
           `INSERT INTO machines (id, owner, name, template, template_hash, state, mode, accel, vcpus, memory_mb,
              persistent, ttl_seconds, created_at, expires_at, boot_ms, pid, run_dir, error, jail, auto_suspend_seconds,
-             parent_id)
+             parent_id, kind, spec, started_at, stopped_at)
            VALUES (@id, @owner, @name, @template, @template_hash, @state, @mode, @accel, @vcpus, @memory_mb,
              @persistent, @ttl_seconds, @created_at, @expires_at, @boot_ms, @pid, @run_dir, @error, @jail,
-             @auto_suspend_seconds, @parent_id)`,
+             @auto_suspend_seconds, @parent_id, @kind, @spec, @started_at, @stopped_at)`,
         )
         .run(row);
+    })();
+  }
+
+  /** Updates a machine if `admit` accepts the machines holding resources now (a box starting again). */
+  admitUpdate(
+    id: string,
+    fields: Partial<Omit<MachineRow, 'id'>>,
+    admit: (active: MachineRow[]) => void,
+  ): void {
+    this.db.transaction(() => {
+      const active = this.db
+        .prepare(`SELECT * FROM machines WHERE state IN (${activeStates.map((x) => `'${x}'`).join(', ')})`)
+        .all() as MachineRow[];
+      admit(active);
+      this.update(id, fields);
     })();
   }
 
@@ -152,7 +207,41 @@ export class Store {
   }
 
   delete(id: string): void {
-    this.db.prepare('DELETE FROM machines WHERE id = ?').run(id);
+    this.db.transaction(() => {
+      this.db.prepare('DELETE FROM execs WHERE box_id = ?').run(id);
+      this.db.prepare('DELETE FROM machines WHERE id = ?').run(id);
+    })();
+  }
+
+  insertExec(row: ExecRow): void {
+    this.db
+      .prepare(
+        `INSERT INTO execs (id, box_id, cmd, status, exit_code, signal, error, created_at, finished_at)
+         VALUES (@id, @box_id, @cmd, @status, @exit_code, @signal, @error, @created_at, @finished_at)`,
+      )
+      .run(row);
+  }
+
+  updateExec(id: string, fields: Partial<Omit<ExecRow, 'id' | 'box_id'>>): void {
+    const keys = Object.keys(fields);
+    if (keys.length === 0) return;
+    const set = keys.map((k) => `${k} = @${k}`).join(', ');
+    this.db.prepare(`UPDATE execs SET ${set} WHERE id = @id`).run({ ...fields, id });
+  }
+
+  getExec(id: string): ExecRow | undefined {
+    return this.db.prepare('SELECT * FROM execs WHERE id = ?').get(id) as ExecRow | undefined;
+  }
+
+  listExecs(boxId: string): ExecRow[] {
+    return this.db
+      .prepare('SELECT * FROM execs WHERE box_id = ? ORDER BY created_at, id')
+      .all(boxId) as ExecRow[];
+  }
+
+  /** Execs left running by a daemon that died: their streams died with its connection. */
+  runningExecs(): ExecRow[] {
+    return this.db.prepare("SELECT * FROM execs WHERE status = 'running'").all() as ExecRow[];
   }
 
   close(): void {

@@ -2,6 +2,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { BoxesClient } from '../../src/client/boxes-client.js';
 import { repoRoot } from '../../src/paths.js';
 
 export const root = repoRoot();
@@ -10,6 +11,9 @@ export const imageDir = process.env.HUTCH_IMAGE_DIR ?? '/var/lib/hutch/images';
 export interface TestDaemon {
   url: string;
   stateDir: string;
+  /** The boxes API's Unix socket, and its TCP URL when HUTCH_BOXES_LISTEN was set. */
+  boxesSocket: string;
+  boxesUrl: string | undefined;
   proc: ChildProcess;
   log: () => string;
   /** Stops the daemon (machines keep running, as in production). */
@@ -51,7 +55,9 @@ export async function startDaemon(
     const timer = setTimeout(() => reject(new Error(`daemon did not start in 120 s:\n${out}`)), 120_000);
     const check = (): void => {
       const m = /hutch is serving (http:\/\/\S+)/.exec(out);
-      if (m?.[1]) {
+      // The boxes API line follows (unless its socket is off): wait for it too.
+      const boxesReady = /boxes API on .*\n/.test(out) || opts.env?.HUTCH_BOXES_SOCKET === 'off';
+      if (m?.[1] && boxesReady) {
         clearTimeout(timer);
         resolve(m[1]);
       }
@@ -62,9 +68,12 @@ export async function startDaemon(
       reject(new Error(`daemon exited (${code}) during start:\n${out}`));
     });
   });
+  const boxesLine = /boxes API on (.*)/.exec(out)?.[1] ?? '';
   return {
     url,
     stateDir,
+    boxesSocket: /unix:(\S+)/.exec(boxesLine)?.[1] ?? join(stateDir, 'boxes.sock'),
+    boxesUrl: /(http:\/\/\S+)/.exec(boxesLine)?.[1],
     proc,
     log: () => out,
     stop: (signal: NodeJS.Signals = 'SIGTERM') =>
@@ -118,6 +127,8 @@ export async function cleanup(d: TestDaemon): Promise<void> {
     const r = await api(d.url, 'GET', '/v1/machines');
     for (const m of (r.body.machines as { id: string }[] | undefined) ?? [])
       await api(d.url, 'DELETE', `/v1/machines/${m.id}`);
+    const boxes = new BoxesClient({ socketPath: d.boxesSocket });
+    for (const b of (await boxes.list<{ boxes: { id: string }[] }>()).boxes) await boxes.remove(b.id, true);
   } catch {
     // daemon already gone: the orphan check below still runs
   }

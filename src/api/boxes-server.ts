@@ -1,0 +1,444 @@
+import { createReadStream, createWriteStream, mkdtempSync, rmSync } from 'node:fs';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { tmpdir } from 'node:os';
+import { basename, join } from 'node:path';
+import type { Duplex, Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import Busboy from 'busboy';
+import { type WebSocket, WebSocketServer } from 'ws';
+import type { Engine } from '../engine/engine.js';
+import { errorTable, HutchError, toHutchError } from '../errors.js';
+import { AgentError } from '../guest/agent-connection.js';
+import { type BoxRoute, boxRoutes, uploadDest } from './boxes-routes.js';
+import { downloadBody } from './boxes-schemas.js';
+import { readJson, sendError, sendJson } from './http-server.js';
+import { parseWith } from './routes.js';
+
+interface Compiled {
+  route: BoxRoute;
+  regex: RegExp;
+  names: string[];
+}
+
+/** `{id}` matches one segment and stops at ":" so that `/v1/boxes/{id}:stop` routes as the spec writes it. */
+function compile(routes: BoxRoute[]): Compiled[] {
+  return routes.map((route) => {
+    const names: string[] = [];
+    const pattern = route.path.replace(/\{(\w+)\}/g, (_, n: string) => {
+      names.push(n);
+      return '([^/:]+)';
+    });
+    return { route, regex: new RegExp(`^${pattern}$`), names };
+  });
+}
+
+function match(
+  compiled: Compiled[],
+  method: string,
+  pathname: string,
+): { route: BoxRoute; params: Record<string, string> } | 'method' | undefined {
+  let pathMatched = false;
+  for (const c of compiled) {
+    const m = c.regex.exec(pathname);
+    if (!m) continue;
+    pathMatched = true;
+    if (c.route.method !== method) continue;
+    const params: Record<string, string> = {};
+    c.names.forEach((n, i) => {
+      params[n] = decodeURIComponent(m[i + 1] ?? '');
+    });
+    return { route: c.route, params };
+  }
+  return pathMatched ? 'method' : undefined;
+}
+
+export interface BoxesApi {
+  servers: Server[];
+  /** `unix:<path>` and/or `http://host:port`. */
+  endpoints: string[];
+  close(): Promise<void>;
+}
+
+/**
+ * The boxes API on a Unix socket (owner-only: whoever can open it has full control of the
+ * boxes) and optionally on TCP. Routes are parsed here and handed to the engine; the handlers
+ * below only move bytes (SSE, multipart, downloads, terminals).
+ */
+export async function startBoxesApi(
+  engine: Engine,
+  opts: { socketPath: string | null; listen?: string | undefined; owner: string; version: string },
+): Promise<BoxesApi> {
+  const compiled = compile(boxRoutes);
+  const wss = new WebSocketServer({ noServer: true, maxPayload: 1024 * 1024 });
+  const { owner } = opts;
+
+  async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    try {
+      const url = new URL((req.url ?? '/').replace(/%3a/gi, ':'), 'http://boxrun');
+      const m = match(compiled, req.method ?? 'GET', url.pathname);
+      if (m === 'method')
+        throw new HutchError('METHOD_NOT_ALLOWED', `${req.method} is not allowed on ${url.pathname}`);
+      if (!m) throw new HutchError('ROUTE_NOT_FOUND', `no endpoint ${req.method} ${url.pathname}`);
+      const { route, params } = m;
+      const query = url.searchParams;
+      switch (route.kind) {
+        case 'json': {
+          const body = route.body ? await readJson(req) : undefined;
+          const result = await route.handle({ engine, owner, params, query, body, version: opts.version });
+          sendJson(res, route.status, result);
+          return;
+        }
+        case 'events':
+          return await serveEvents(engine, owner, params, req, res);
+        case 'upload':
+          return await serveUpload(engine, owner, params.id ?? '', req, res);
+        case 'download':
+          return await serveDownload(engine, owner, params.id ?? '', await readJson(req), res);
+        case 'attach':
+          throw new HutchError('INVALID_ARGUMENT', 'attach is a WebSocket endpoint: send an Upgrade request');
+      }
+    } catch (e) {
+      const err = toHutchError(e);
+      if (err.code === 'INTERNAL') console.error('internal error:', e);
+      if (!res.headersSent) sendError(res, err);
+      else res.destroy();
+    }
+  }
+
+  async function upgrade(req: IncomingMessage, socket: Duplex, head: Buffer): Promise<void> {
+    socket.on('error', () => {});
+    try {
+      const url = new URL(req.url ?? '/', 'http://boxrun');
+      const m = match(compiled, 'GET', url.pathname);
+      if (!m || m === 'method' || m.route.kind !== 'attach')
+        throw new HutchError('ROUTE_NOT_FOUND', `no WebSocket endpoint ${url.pathname}`);
+      const q = url.searchParams;
+      const dim = (name: string, dflt: number): number => {
+        const v = q.get(name);
+        if (v === null) return dflt;
+        const n = Number(v);
+        if (!Number.isInteger(n) || n < 1 || n > 1000)
+          throw new HutchError('INVALID_ARGUMENT', `${name} must be an integer 1–1000`);
+        return n;
+      };
+      const term = q.get('term') ?? 'xterm-256color';
+      if (!/^[A-Za-z0-9._+-]{1,64}$/.test(term)) throw new HutchError('INVALID_ARGUMENT', 'bad term');
+      const shell = q.get('shell') ?? undefined;
+      if (shell !== undefined && !shell.startsWith('/'))
+        throw new HutchError('INVALID_ARGUMENT', 'shell must be an absolute path');
+      const session = await engine.boxTerminal(owner, m.params.id ?? '', {
+        ...(shell !== undefined ? { shell } : {}),
+        cols: dim('cols', 80),
+        rows: dim('rows', 24),
+        term,
+      });
+      wss.handleUpgrade(req, socket, head, (ws) => bridgeTerminal(ws, session));
+    } catch (e) {
+      const err = toHutchError(e);
+      const body = JSON.stringify({ code: err.code, message: err.message });
+      const status = errorTable[err.code].http;
+      socket.end(
+        `HTTP/1.1 ${status} ${err.code}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`,
+      );
+    }
+  }
+
+  const servers: Server[] = [];
+  const endpoints: string[] = [];
+  const make = (): Server => {
+    const s = createServer((req, res) => {
+      void handle(req, res);
+    });
+    s.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
+      void upgrade(req, socket, head);
+    });
+    // Box creation pulls images and boots; exec events stream for as long as a command runs.
+    s.requestTimeout = 0;
+    s.headersTimeout = 60_000;
+    servers.push(s);
+    return s;
+  };
+  if (opts.socketPath) {
+    const path = opts.socketPath;
+    rmSync(path, { force: true });
+    const s = make();
+    // The socket is created owner-only from the start (no window with wider permissions).
+    const old = process.umask(0o177);
+    try {
+      await new Promise<void>((resolve, reject) => {
+        s.once('error', reject);
+        s.listen(path, () => resolve());
+      });
+    } finally {
+      process.umask(old);
+    }
+    endpoints.push(`unix:${path}`);
+  }
+  if (opts.listen) {
+    const i = opts.listen.lastIndexOf(':');
+    const host = i > 0 ? opts.listen.slice(0, i) : '127.0.0.1';
+    const port = Number(i >= 0 ? opts.listen.slice(i + 1) : opts.listen);
+    const s = make();
+    await new Promise<void>((resolve, reject) => {
+      s.once('error', reject);
+      s.listen(port, host, () => resolve());
+    });
+    const addr = s.address() as AddressInfo;
+    endpoints.push(`http://${addr.family === 'IPv6' ? `[${addr.address}]` : addr.address}:${addr.port}`);
+  }
+  return {
+    servers,
+    endpoints,
+    close: async () => {
+      for (const c of wss.clients) c.terminate();
+      await Promise.all(
+        servers.map(
+          (s) =>
+            new Promise<void>((resolve) => {
+              s.close(() => resolve());
+              s.closeAllConnections();
+            }),
+        ),
+      );
+      if (opts.socketPath) rmSync(opts.socketPath, { force: true });
+    },
+  };
+}
+
+/** Writes, waiting for the socket to drain when its buffer is full (a slow reader slows us). */
+async function write(res: ServerResponse, chunk: string | Buffer): Promise<void> {
+  if (res.write(chunk)) return;
+  await new Promise<void>((resolve) => {
+    const done = (): void => {
+      res.off('drain', done);
+      res.off('close', done);
+      resolve();
+    };
+    res.on('drain', done);
+    res.on('close', done);
+  });
+}
+
+async function serveEvents(
+  engine: Engine,
+  owner: string,
+  params: Record<string, string>,
+  req: IncomingMessage,
+  res: ServerResponse,
+): Promise<void> {
+  const events = engine.execEvents(owner, params.id ?? '', params.eid ?? '');
+  res.writeHead(200, {
+    'content-type': 'text/event-stream',
+    'cache-control': 'no-cache',
+    connection: 'keep-alive',
+    'x-accel-buffering': 'no',
+  });
+  res.flushHeaders();
+  let gone = false;
+  req.on('close', () => {
+    gone = true;
+  });
+  try {
+    for await (const e of events) {
+      if (gone || res.destroyed) break;
+      const data: Record<string, unknown> = { stream: e.stream, data: e.data, seq: e.seq };
+      if (e.encoding) data.encoding = e.encoding;
+      await write(res, `event: ${e.event}\ndata: ${JSON.stringify(data)}\n\n`);
+    }
+  } finally {
+    await events.return(undefined);
+    res.end();
+  }
+}
+
+/**
+ * Multipart upload: fields `file` and `dest` in either order. When `dest` comes first the file
+ * streams straight into the box; otherwise it is spooled to a host temp file until `dest` is known.
+ */
+async function serveUpload(
+  engine: Engine,
+  owner: string,
+  boxRef: string,
+  req: IncomingMessage,
+  res: ServerResponse,
+): Promise<void> {
+  const session = await engine.openBoxSession(owner, boxRef);
+  const spool = mkdtempSync(join(tmpdir(), 'hutch-upload-'));
+  try {
+    const ctype = req.headers['content-type'] ?? '';
+    if (!/^multipart\/form-data/i.test(ctype))
+      throw new HutchError(
+        'INVALID_ARGUMENT',
+        'upload needs a multipart/form-data body with fields file and dest',
+      );
+    let bb: Busboy.Busboy;
+    try {
+      bb = Busboy({ headers: req.headers, limits: { files: 1, fields: 8, fieldSize: 8192 } });
+    } catch (e) {
+      throw new HutchError('INVALID_ARGUMENT', `bad multipart body: ${(e as Error).message}`);
+    }
+    let dest: string | undefined;
+    let filename = '';
+    let written: Promise<{ dest: string; size: number }> | undefined;
+    let spooled: Promise<string> | undefined;
+    const toBox = (d: string, from: Readable): Promise<{ dest: string; size: number }> =>
+      session.agent
+        .writeFile(d, from, { mode: 0o644, mkdirs: true })
+        .then((r) => ({ dest: d, size: r.size }));
+    const finished = new Promise<void>((resolve, reject) => {
+      bb.on('field', (name, value) => {
+        if (name === 'dest') dest = value;
+      });
+      bb.on('file', (name, stream, info) => {
+        if (name !== 'file') {
+          stream.resume();
+          return;
+        }
+        filename = info.filename ?? '';
+        if (dest !== undefined) {
+          let d: string;
+          try {
+            d = uploadDest(dest, filename);
+          } catch (e) {
+            stream.resume();
+            reject(e);
+            return;
+          }
+          written = toBox(d, stream);
+          written.catch(() => stream.resume());
+        } else {
+          const path = join(spool, 'file');
+          spooled = pipeline(stream, createWriteStream(path)).then(() => path);
+        }
+      });
+      bb.on('error', (e: Error) =>
+        reject(new HutchError('INVALID_ARGUMENT', `bad multipart body: ${e.message}`)),
+      );
+      bb.on('close', () => resolve());
+    });
+    req.pipe(bb);
+    await finished;
+    if (!written && !spooled)
+      throw new HutchError('INVALID_ARGUMENT', 'the multipart body has no "file" field');
+    if (dest === undefined)
+      throw new HutchError('INVALID_ARGUMENT', 'the multipart body has no "dest" field');
+    if (!written) {
+      const d = uploadDest(dest, filename);
+      const path = await (spooled as Promise<string>);
+      written = toBox(d, createReadStream(path));
+    }
+    let r: { dest: string; size: number };
+    try {
+      r = await written;
+    } catch (e) {
+      throw fileError(e, dest);
+    }
+    sendJson(res, 200, { ok: true, dest: r.dest, size: r.size });
+  } finally {
+    session.release();
+    rmSync(spool, { recursive: true, force: true });
+  }
+}
+
+async function serveDownload(
+  engine: Engine,
+  owner: string,
+  boxRef: string,
+  body: unknown,
+  res: ServerResponse,
+): Promise<void> {
+  const { path } = parseWith(downloadBody, body);
+  const session = await engine.openBoxSession(owner, boxRef);
+  try {
+    const h = session.agent.readFile(path);
+    h.done.catch(() => {});
+    const it = h.stream[Symbol.asyncIterator]();
+    let first: IteratorResult<Buffer>;
+    try {
+      first = (await it.next()) as IteratorResult<Buffer>;
+    } catch (e) {
+      throw fileError(e, path);
+    }
+    res.writeHead(200, {
+      'content-type': 'application/octet-stream',
+      'content-disposition': `attachment; filename="${basename(path).replace(/["\\\r\n]/g, '_')}"`,
+    });
+    if (!first.done) await write(res, first.value);
+    for (;;) {
+      const n = (await it.next()) as IteratorResult<Buffer>;
+      if (n.done || res.destroyed) break;
+      await write(res, n.value);
+    }
+    await h.done;
+    res.end();
+  } catch (e) {
+    if (res.headersSent) res.destroy();
+    throw e;
+  } finally {
+    session.release();
+  }
+}
+
+function fileError(e: unknown, path: string): HutchError {
+  if (e instanceof AgentError) {
+    if (e.code === 'ENOENT') return new HutchError('FILE_NOT_FOUND', `${path}: no such file in the box`);
+    if (e.code === 'EISDIR') return new HutchError('NOT_A_FILE', `${path} is a directory`);
+    return new HutchError(
+      'INVALID_ARGUMENT',
+      `${path}: ${e.code}${e.agentMessage ? ` (${e.agentMessage})` : ''}`,
+    );
+  }
+  return toHutchError(e);
+}
+
+/** Binary frames ⇄ the terminal; text frames are JSON control: resize in, exit out. */
+function bridgeTerminal(ws: WebSocket, session: Awaited<ReturnType<Engine['boxTerminal']>>): void {
+  const { handle } = session;
+  let inFlight = 0;
+  const forward = (b: Buffer): void => {
+    if (ws.readyState !== ws.OPEN) return;
+    inFlight++;
+    // A viewer that reads slowly pauses the guest's output rather than growing our buffers.
+    if (inFlight > 64) handle.stdout.pause();
+    ws.send(b, { binary: true }, () => {
+      inFlight--;
+      if (inFlight <= 16) handle.stdout.resume();
+    });
+  };
+  handle.stdout.on('data', forward);
+  handle.stderr.on('data', forward);
+  ws.on('message', (data, isBinary) => {
+    const buf = Buffer.isBuffer(data) ? data : Buffer.concat(data as Buffer[]);
+    if (isBinary) {
+      handle.write(buf).catch(() => {});
+      return;
+    }
+    try {
+      const msg = JSON.parse(buf.toString('utf8')) as { type?: string; cols?: unknown; rows?: unknown };
+      const ok = (n: unknown): n is number =>
+        Number.isInteger(n) && (n as number) >= 1 && (n as number) <= 1000;
+      if (msg.type === 'resize' && ok(msg.cols) && ok(msg.rows)) handle.resize(msg.cols, msg.rows);
+      else ws.send(JSON.stringify({ type: 'error', message: 'unknown control message' }));
+    } catch {
+      ws.send(JSON.stringify({ type: 'error', message: 'control frames are JSON' }));
+    }
+  });
+  ws.on('close', () => {
+    handle.cancel();
+    session.release();
+  });
+  handle.result.then(
+    (r) => {
+      if (ws.readyState === ws.OPEN) {
+        ws.send(JSON.stringify({ type: 'exit', code: r.exitCode ?? 128 + (r.signal ?? 0) }));
+        ws.close(1000, 'exited');
+      }
+      session.release();
+    },
+    (e: unknown) => {
+      if (ws.readyState === ws.OPEN) ws.close(1011, (e as Error).message.slice(0, 100));
+      session.release();
+    },
+  );
+}

@@ -1,0 +1,145 @@
+import { isUtf8 } from 'node:buffer';
+import { EventEmitter } from 'node:events';
+import { closeSync, createReadStream, existsSync, openSync, writeSync } from 'node:fs';
+import { createInterface } from 'node:readline';
+
+/**
+ * One event of an exec's output, as the SSE stream carries it. `data` is text when the bytes
+ * are valid UTF-8, else base64 with `encoding: "base64"` (so binary output round-trips exactly).
+ */
+export interface ExecEvent {
+  event: 'log' | 'exit';
+  stream: 'stdout' | 'stderr' | null;
+  data: string;
+  seq: number;
+  encoding?: 'base64';
+}
+
+/**
+ * Splits a byte stream into events without cutting a UTF-8 sequence in two: an incomplete
+ * sequence at the end of a chunk waits for the next chunk (or for the end of the stream).
+ */
+export class Utf8Chunker {
+  private carry: Buffer = Buffer.alloc(0);
+
+  push(chunk: Buffer): { data: string; encoding?: 'base64' } | undefined {
+    const buf = this.carry.length ? Buffer.concat([this.carry, chunk]) : chunk;
+    const cut = buf.length - incompleteTail(buf);
+    this.carry = Buffer.from(buf.subarray(cut));
+    return cut === 0 ? undefined : encode(buf.subarray(0, cut));
+  }
+
+  flush(): { data: string; encoding?: 'base64' } | undefined {
+    const rest = this.carry;
+    this.carry = Buffer.alloc(0);
+    return rest.length ? encode(rest) : undefined;
+  }
+}
+
+function encode(b: Buffer): { data: string; encoding?: 'base64' } {
+  return isUtf8(b) ? { data: b.toString('utf8') } : { data: b.toString('base64'), encoding: 'base64' };
+}
+
+/** Bytes at the end of `b` that start a multi-byte UTF-8 sequence not yet complete (0–3). */
+function incompleteTail(b: Buffer): number {
+  for (let back = 1; back <= Math.min(3, b.length); back++) {
+    const byte = b[b.length - back] ?? 0;
+    if ((byte & 0xc0) === 0x80) continue; // continuation byte: look further back
+    const need = byte >= 0xf0 && byte < 0xf8 ? 4 : byte >= 0xe0 ? 3 : byte >= 0xc0 ? 2 : 1;
+    return need > back ? back : 0;
+  }
+  return 0;
+}
+
+/**
+ * The event log of one exec: every event appended to a file (NDJSON) as it happens, and told to
+ * live readers. The file is what makes replay complete: a reader that connects at any time,
+ * or reconnects, gets every event from seq 1, in order, then the live ones.
+ */
+export class ExecLog extends EventEmitter {
+  private fd: number | undefined;
+  private seq = 0;
+  private finished = false;
+
+  constructor(readonly path: string) {
+    super();
+    this.fd = openSync(path, 'a');
+  }
+
+  get done(): boolean {
+    return this.finished;
+  }
+
+  append(ev: Omit<ExecEvent, 'seq'>): ExecEvent {
+    if (this.finished) throw new Error('exec log is closed');
+    const full: ExecEvent = { ...ev, seq: ++this.seq };
+    if (this.fd !== undefined) writeSync(this.fd, `${JSON.stringify(full)}\n`);
+    this.emit('event', full);
+    if (full.event === 'exit') this.close();
+    return full;
+  }
+
+  close(): void {
+    this.finished = true;
+    if (this.fd !== undefined) closeSync(this.fd);
+    this.fd = undefined;
+    this.emit('closed');
+  }
+}
+
+/**
+ * Every event of an exec from the first, then live ones until the exit event. Live events are
+ * captured from before the file is read, so none falls between the two; seq dedupes the overlap.
+ */
+export async function* replayExec(path: string, live: ExecLog | undefined): AsyncGenerator<ExecEvent> {
+  const pending: ExecEvent[] = [];
+  let wake: (() => void) | undefined;
+  let closed = !live || live.done;
+  const onEvent = (e: ExecEvent): void => {
+    pending.push(e);
+    wake?.();
+  };
+  const onClosed = (): void => {
+    closed = true;
+    wake?.();
+  };
+  if (live && !live.done) {
+    live.on('event', onEvent);
+    live.on('closed', onClosed);
+  }
+  try {
+    let last = 0;
+    if (existsSync(path)) {
+      const lines = createInterface({ input: createReadStream(path), crlfDelay: Number.POSITIVE_INFINITY });
+      for await (const line of lines) {
+        let e: ExecEvent;
+        try {
+          e = JSON.parse(line) as ExecEvent;
+        } catch {
+          break; // a line still being written: the live queue has it
+        }
+        if (e.seq !== last + 1) break;
+        last = e.seq;
+        yield e;
+        if (e.event === 'exit') return;
+      }
+    }
+    for (;;) {
+      while (pending.length) {
+        const e = pending.shift() as ExecEvent;
+        if (e.seq <= last) continue;
+        last = e.seq;
+        yield e;
+        if (e.event === 'exit') return;
+      }
+      if (closed) return;
+      await new Promise<void>((r) => {
+        wake = r;
+      });
+      wake = undefined;
+    }
+  } finally {
+    live?.off('event', onEvent);
+    live?.off('closed', onClosed);
+  }
+}
