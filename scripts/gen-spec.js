@@ -3,12 +3,13 @@
 // zod schemas) and docs/errors.md (from the error table). `--check` fails if either is stale, so
 // CI catches an API change that did not update its documents.
 import { readFileSync, writeFileSync } from 'node:fs';
-import { openApiDocument } from '../dist/src/api/openapi.js';
+import { boxesOpenApiDocument, openApiDocument } from '../dist/src/api/openapi.js';
 import { errorTable } from '../dist/src/errors.js';
 
 const check = process.argv.includes('--check');
 const outputs = {
   'spec/openapi.json': `${JSON.stringify(openApiDocument(), null, 2)}\n`,
+  'spec/boxes-openapi.json': `${JSON.stringify(boxesOpenApiDocument(), null, 2)}\n`,
   'docs/errors.md': [
     '# Error codes',
     '',

@@ -1,13 +1,25 @@
 import { z } from 'zod';
 import { errorTable } from '../errors.js';
-import { machineRoutes } from './routes.js';
+import { boxRoutes } from './boxes-routes.js';
+import { machineRoutes, type Route } from './routes.js';
 import { errorSchema } from './schemas.js';
 
 /** The OpenAPI 3.1 document, generated from the same route table and schemas the server uses. */
 export function openApiDocument(): Record<string, unknown> {
+  return document('hutch machines API', machineRoutes);
+}
+
+/** The boxes API (REST /v1/boxes over the Unix socket or TCP), served as spec/boxes-openapi.json. */
+export function boxesOpenApiDocument(): Record<string, unknown> {
+  return document('hutch boxes API', boxRoutes);
+}
+
+type DocRoute = Pick<Route, 'method' | 'path' | 'summary' | 'body' | 'response' | 'status'>;
+
+function document(title: string, routes: DocRoute[]): Record<string, unknown> {
   const paths: Record<string, Record<string, unknown>> = {};
   const errorJson = z.toJSONSchema(errorSchema);
-  for (const r of machineRoutes) {
+  for (const r of routes) {
     const params = [...r.path.matchAll(/\{(\w+)\}/g)].map((m) => ({
       name: m[1],
       in: 'path',
@@ -39,7 +51,7 @@ export function openApiDocument(): Record<string, unknown> {
   return {
     openapi: '3.1.0',
     info: {
-      title: 'hutch machines API',
+      title,
       version: '1',
       description: `Errors are {"code","message"}. Codes: ${Object.keys(errorTable).join(', ')}.`,
     },

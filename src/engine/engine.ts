@@ -56,7 +56,7 @@ import {
   toBoxView,
   toExecView,
 } from './box-view.js';
-import { type ExecEvent, ExecLog, replayExec, Utf8Chunker } from './exec-log.js';
+import { type ExecEvent, ExecLog, endOrphanLog, replayExec, Utf8Chunker } from './exec-log.js';
 import { newBoxId, newExecId, newMachineId } from './ids.js';
 import { type MachineView, toView } from './machine-view.js';
 import { activeStates, type ExecRow, type MachineRow, Store } from './store.js';
@@ -207,6 +207,14 @@ export class Engine {
 
   /** Re-adopts machines left by a previous daemon, cleans what is dead, starts the sweeper. */
   async start(): Promise<void> {
+    // Exec streams live on the agent connection of the daemon that started them: a restart
+    // ends them (the agent kills their processes when that connection goes).
+    for (const x of this.store.runningExecs()) {
+      const box = this.store.get(x.box_id);
+      const reason = 'the daemon restarted while the command ran';
+      if (box) endOrphanLog(join(box.run_dir, 'execs', `${x.id}.ndjson`), reason);
+      this.store.updateExec(x.id, { status: 'failed', error: reason, finished_at: new Date().toISOString() });
+    }
     const known = new Set<string>();
     for (const row of this.store.list()) {
       known.add(row.id);

@@ -1,6 +1,15 @@
 import { isUtf8 } from 'node:buffer';
 import { EventEmitter } from 'node:events';
-import { closeSync, createReadStream, existsSync, openSync, writeSync } from 'node:fs';
+import {
+  appendFileSync,
+  closeSync,
+  createReadStream,
+  existsSync,
+  openSync,
+  readFileSync,
+  truncateSync,
+  writeSync,
+} from 'node:fs';
 import { createInterface } from 'node:readline';
 
 /**
@@ -142,4 +151,37 @@ export async function* replayExec(path: string, live: ExecLog | undefined): Asyn
     live?.off('event', onEvent);
     live?.off('closed', onClosed);
   }
+}
+
+/**
+ * Ends the log of an exec whose stream died with an earlier daemon: appends its exit event
+ * after the last complete one (a half-written last line is cut), so readers still see an end.
+ */
+export function endOrphanLog(path: string, reason: string): void {
+  let text = '';
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch {
+    // never wrote anything
+  }
+  let seq = 0;
+  let keep = 0;
+  for (const line of text.split('\n')) {
+    try {
+      const e = JSON.parse(line) as ExecEvent;
+      if (e.seq !== seq + 1) break;
+      seq = e.seq;
+      keep += Buffer.byteLength(line) + 1;
+    } catch {
+      break;
+    }
+  }
+  if (keep < Buffer.byteLength(text)) truncateSync(path, keep);
+  const exit: ExecEvent = {
+    event: 'exit',
+    stream: null,
+    data: JSON.stringify({ exit_code: null, status: 'failed', signal: null, error: reason }),
+    seq: seq + 1,
+  };
+  appendFileSync(path, `${JSON.stringify(exit)}\n`);
 }

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { statSync, writeFileSync } from 'node:fs';
+import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
@@ -402,5 +402,55 @@ describe('boxes API', { timeout: 600_000 }, () => {
       assert.ok(e.message.length > 0);
     }
     assert.equal((await c.list()).boxes.length, 0);
+  });
+});
+
+describe('boxes across faults', { timeout: 600_000 }, () => {
+  test('a daemon restart keeps boxes; a running exec ends as failed; a killed VM leaves the box stopped with its disk', async () => {
+    let d = await startDaemon();
+    const stateDir = d.stateDir;
+    try {
+      let c = new BoxesClient({ socketPath: d.boxesSocket });
+      const a = await c.create<{ id: string }>({ image: 'debian:bookworm', name: 'a', ...small });
+      const b = await c.create<{ id: string }>({ image: 'debian:bookworm', name: 'b', ...small });
+      await c.upload(b.id, '/root/keep.txt', Buffer.from('still here\n'));
+      await c.stop(b.id);
+      const long = await c.exec<{ id: string }>(a.id, { cmd: ['sh', '-c', 'echo started; sleep 100'] });
+      for await (const e of c.events(a.id, long.id)) if (e.event === 'log') break;
+      await d.stop('SIGKILL');
+
+      d = await startDaemon({ stateDir });
+      c = new BoxesClient({ socketPath: d.boxesSocket });
+      assert.equal((await c.get<{ status: string }>('a')).status, 'running');
+      assert.equal((await c.get<{ status: string }>('b')).status, 'stopped');
+      const ended = await c.getExec<{ status: string; error: string }>(a.id, long.id);
+      assert.equal(ended.status, 'failed');
+      assert.match(ended.error, /restart/);
+      const events = await collect(c, a.id, long.id);
+      assert.equal(stdoutOf(events).toString(), 'started\n');
+      assert.equal(events.at(-1)?.event, 'exit');
+      const ok = await c.exec<{ id: string }>(a.id, { cmd: ['echo', 'adopted'] });
+      assert.equal(stdoutOf(await collect(c, a.id, ok.id)).toString(), 'adopted\n');
+
+      // The VM dies under a running box: the box is stopped, with the reason, and its disk.
+      await c.start(b.id);
+      const pid = Number(readFileSync(join(stateDir, 'run', b.id, 'qemu.pid'), 'utf8'));
+      process.kill(pid, 'SIGKILL');
+      const deadline = Date.now() + 10_000;
+      let st = '';
+      while (Date.now() < deadline) {
+        st = (await c.get<{ status: string }>(b.id)).status;
+        if (st === 'stopped') break;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      const failed = await c.get<{ status: string; error: string | null }>(b.id);
+      assert.equal(failed.status, 'stopped');
+      assert.match(String(failed.error), /qemu exited/);
+      await c.start(b.id);
+      const cat = await c.exec<{ id: string }>(b.id, { cmd: ['cat', '/root/keep.txt'] });
+      assert.equal(stdoutOf(await collect(c, b.id, cat.id)).toString(), 'still here\n');
+    } finally {
+      await cleanup(d);
+    }
   });
 });

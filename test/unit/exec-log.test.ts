@@ -1,0 +1,88 @@
+import assert from 'node:assert/strict';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { type ExecEvent, ExecLog, endOrphanLog, replayExec, Utf8Chunker } from '../../src/engine/exec-log.js';
+
+test('Utf8Chunker never cuts a character and carries non-UTF-8 as base64', () => {
+  const text = Buffer.from('aé€😀z'.repeat(50));
+  for (let size = 1; size <= 7; size++) {
+    const c = new Utf8Chunker();
+    const parts: string[] = [];
+    for (let i = 0; i < text.length; i += size) {
+      const r = c.push(text.subarray(i, i + size));
+      if (r) {
+        assert.equal(r.encoding, undefined, `chunk size ${size}`);
+        parts.push(r.data);
+      }
+    }
+    const tail = c.flush();
+    if (tail) parts.push(tail.data);
+    assert.equal(parts.join(''), text.toString());
+  }
+  const c = new Utf8Chunker();
+  const bin = Buffer.from([0x66, 0xff, 0xfe, 0x00, 0xc3]);
+  const r = c.push(bin);
+  // The trailing 0xc3 could start a character: it waits; the rest is not UTF-8.
+  assert.deepEqual(r, { data: Buffer.from([0x66, 0xff, 0xfe, 0x00]).toString('base64'), encoding: 'base64' });
+  assert.deepEqual(c.flush(), { data: Buffer.from([0xc3]).toString('base64'), encoding: 'base64' });
+});
+
+test('replay gives every event once, in order, whether it starts before, during or after the run', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'hutch-execlog-'));
+  try {
+    const path = join(dir, 'x.ndjson');
+    const log = new ExecLog(path);
+    const early = replayExec(path, log);
+    const earlyDone = (async () => {
+      const seen: number[] = [];
+      for await (const e of early) seen.push(e.seq);
+      return seen;
+    })();
+    for (let i = 0; i < 500; i++) log.append({ event: 'log', stream: 'stdout', data: `line ${i}\n` });
+    const mid = replayExec(path, log);
+    const midDone = (async () => {
+      const seen: number[] = [];
+      for await (const e of mid) seen.push(e.seq);
+      return seen;
+    })();
+    for (let i = 0; i < 500; i++) {
+      log.append({ event: 'log', stream: 'stderr', data: `more ${i}\n` });
+      if (i % 50 === 0) await new Promise((r) => setImmediate(r));
+    }
+    log.append({ event: 'exit', stream: null, data: '{"exit_code":0}' });
+    const all = Array.from({ length: 1001 }, (_, i) => i + 1);
+    assert.deepEqual(await earlyDone, all);
+    assert.deepEqual(await midDone, all);
+    const late: ExecEvent[] = [];
+    for await (const e of replayExec(path, undefined)) late.push(e);
+    assert.deepEqual(
+      late.map((e) => e.seq),
+      all,
+    );
+    assert.equal(late.at(-1)?.event, 'exit');
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('an orphaned log gets an exit event after its last whole line', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'hutch-execlog-'));
+  try {
+    const path = join(dir, 'x.ndjson');
+    writeFileSync(
+      path,
+      `${JSON.stringify({ event: 'log', stream: 'stdout', data: 'a', seq: 1 })}\n{"event":"log","str`,
+    );
+    endOrphanLog(path, 'daemon restarted');
+    const lines = readFileSync(path, 'utf8').trim().split('\n');
+    assert.equal(lines.length, 2);
+    const exit = JSON.parse(lines[1] ?? '') as ExecEvent;
+    assert.equal(exit.event, 'exit');
+    assert.equal(exit.seq, 2);
+    assert.match(exit.data, /daemon restarted/);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
