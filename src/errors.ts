@@ -63,6 +63,16 @@ export const errorTable = {
     doc: '"mode": "snapshot" was asked for, but the template\'s snapshot is not built yet.',
   },
   INTERNAL: { http: 500, grpc: 'INTERNAL', doc: 'An unexpected server error; the server log has details.' },
+  IMAGE_NOT_FOUND: {
+    http: 404,
+    grpc: 'NOT_FOUND',
+    doc: 'The registry has no such image repository or tag (or denies access to it).',
+  },
+  IMAGE_PULL_FAILED: {
+    http: 502,
+    grpc: 'UNAVAILABLE',
+    doc: "Pulling the image failed (registry unreachable or a broken image); the message carries skopeo's or umoci's error.",
+  },
 } as const;
 
 export type ErrorCode = keyof typeof errorTable;
