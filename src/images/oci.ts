@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { HutchError } from '../errors.js';
 import type { BuildParts, TemplateBuilder, TemplateManifest } from './builder.js';
@@ -98,7 +98,9 @@ export class ImageStore {
       job = this.run(parsed).finally(() => this.jobs.delete(parsed.canonical));
       this.jobs.set(parsed.canonical, job);
     }
-    return { ...(await job), ref };
+    // One disk can be reached by several names (tags of one digest, aliases of a local recipe):
+    // the manifest on disk carries the first; the caller gets the names it used.
+    return { ...(await job), ref, canonical: parsed.canonical };
   }
 
   /** Loads a manifest written earlier (the engine stores its path), or undefined if gone. */
@@ -114,6 +116,7 @@ export class ImageStore {
 
   private async run(ref: ImageRef): Promise<ImageManifest> {
     const t0 = Date.now();
+    this.makeDirs();
     const local = ref.digest ? undefined : localImageRecipes[ref.canonical];
     if (local) {
       const digest = `sha256:${createHash('sha256')
@@ -127,6 +130,24 @@ export class ImageStore {
     const pulled = await this.pull(ref, digest);
     const parts = await this.builder.prepare();
     return this.assemble(ref, digest, 'registry', pulled.rootfs, pulled, parts, t0);
+  }
+
+  /**
+   * Unpacked images hold whatever the image put there (setuid binaries, device nodes with loose
+   * modes), so pulls/ is root's alone; disks/ only ever publishes ext4 files and manifests, which
+   * QEMU's unprivileged user must read, and builds them in 0700 temporary directories.
+   */
+  private makeDirs(): void {
+    for (const [sub, mode] of [
+      ['', 0o755],
+      ['pulls', 0o700],
+      ['disks', 0o755],
+      ['refs', 0o755],
+    ] as const) {
+      const d = join(this.dir, sub);
+      mkdirSync(d, { recursive: true, mode });
+      chmodSync(d, mode);
+    }
   }
 
   private isInsecure(registry: string): boolean {
@@ -196,7 +217,7 @@ export class ImageStore {
       return { ...(JSON.parse(readFileSync(infoPath, 'utf8')) as PulledImage), rootfs: join(dir, 'rootfs') };
     }
     const tmp = `${dir}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
-    mkdirSync(tmp, { recursive: true });
+    mkdirSync(tmp, { mode: 0o700 });
     try {
       const t = Date.now();
       const layout = join(tmp, 'layout');
@@ -274,7 +295,7 @@ export class ImageStore {
       return cached;
     }
     const tmp = `${dir}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
-    mkdirSync(tmp, { recursive: true });
+    mkdirSync(tmp, { mode: 0o700 });
     try {
       const t = Date.now();
       const log = join(tmp, 'build.log');
@@ -320,7 +341,8 @@ export class ImageStore {
         diskSizeMb,
       };
       writeFileSync(join(tmp, 'manifest.json'), `${JSON.stringify(manifest, null, 2)}\n`);
-      publish(tmp, dir);
+      chmodSync(tmp, 0o755);
+      if (!publish(tmp, dir)) return this.load(manifestPath) ?? manifest;
       this.log(
         `assembled ${ref.canonical} (${contentMb} MiB of files, ${diskSizeMb} MiB disk) in ${((Date.now() - t) / 1000).toFixed(1)} s`,
       );
@@ -337,13 +359,14 @@ export class ImageStore {
   }
 }
 
-/** Renames a finished `tmp` into place; if another process got there first, theirs is kept. */
-function publish(tmp: string, dir: string): void {
-  mkdirSync(join(dir, '..'), { recursive: true });
+/** Renames a finished `tmp` into place; false if another process got there first (theirs is kept). */
+function publish(tmp: string, dir: string): boolean {
   try {
     renameSync(tmp, dir);
+    return true;
   } catch (e) {
     if (!existsSync(dir)) throw e;
+    return false;
   }
 }
 
