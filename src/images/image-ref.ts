@@ -61,3 +61,12 @@ export function parseImageRef(ref: string): ImageRef {
   const canonical = `${registry}/${repository}${tag ? `:${tag}` : ''}${digest ? `@${digest}` : ''}`;
   return { registry, repository, ...(tag ? { tag } : {}), ...(digest ? { digest } : {}), canonical };
 }
+
+/** Registries hutch talks to over plain HTTP (or unverified TLS) unless configured otherwise. */
+export const defaultInsecureRegistries: readonly string[] = ['localhost', '127.0.0.1'];
+
+/** Whether `registry` (host or host:port) is in `insecure`, where a bare host matches any port. */
+export function isInsecureRegistry(registry: string, insecure: readonly string[]): boolean {
+  const host = registry.replace(/:[0-9]+$/, '');
+  return insecure.includes(registry) || insecure.includes(host);
+}

@@ -3,7 +3,7 @@ import { chmodSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, wri
 import { join } from 'node:path';
 import { HutchError } from '../errors.js';
 import type { BuildParts, TemplateBuilder, TemplateManifest } from './builder.js';
-import { type ImageRef, parseImageRef } from './image-ref.js';
+import { type ImageRef, isInsecureRegistry, parseImageRef } from './image-ref.js';
 import { localImageRecipes } from './recipes.js';
 import { runCapture, runLogged } from './run-command.js';
 import {
@@ -16,7 +16,7 @@ import {
   treeUsage,
 } from './staging.js';
 
-export { type ImageRef, parseImageRef } from './image-ref.js';
+export { defaultInsecureRegistries, type ImageRef, isInsecureRegistry, parseImageRef } from './image-ref.js';
 
 /** A root disk made from an OCI image (pulled, or built locally from Debian packages). */
 export interface ImageManifest extends TemplateManifest {
@@ -37,7 +37,7 @@ export interface ImageManifest extends TemplateManifest {
 
 export interface ImageStoreOptions {
   /** Registries spoken to over plain HTTP or unverified TLS: `host` (any port) or `host:port`. */
-  insecureRegistries: string[];
+  insecureRegistries: readonly string[];
   builder: TemplateBuilder;
   log?: (msg: string) => void;
 }
@@ -80,7 +80,7 @@ export class ImageStore {
   private readonly dir: string;
   private readonly jobs = new Map<string, Promise<ImageManifest>>();
   private readonly builder: TemplateBuilder;
-  private readonly insecure: string[];
+  private readonly insecure: readonly string[];
   private readonly log: (msg: string) => void;
 
   constructor(imageDir: string, opts: ImageStoreOptions) {
@@ -151,8 +151,7 @@ export class ImageStore {
   }
 
   private isInsecure(registry: string): boolean {
-    const host = registry.replace(/:[0-9]+$/, '');
-    return this.insecure.includes(registry) || this.insecure.includes(host);
+    return isInsecureRegistry(registry, this.insecure);
   }
 
   private refsPath(ref: ImageRef): string {
