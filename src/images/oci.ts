@@ -5,7 +5,7 @@ import { HutchError } from '../errors.js';
 import type { BuildParts, TemplateBuilder, TemplateManifest } from './builder.js';
 import { type ImageRef, isInsecureRegistry, parseImageRef } from './image-ref.js';
 import { localImageRecipes } from './recipes.js';
-import { runCapture, runLogged } from './run-command.js';
+import { runCaptureBytes, runLogged } from './run-command.js';
 import {
   contentHash,
   makeExt4,
@@ -128,6 +128,7 @@ export class ImageStore {
     }
     const digest = ref.digest ?? (await this.resolveDigest(ref));
     const pulled = await this.pull(ref, digest);
+    if (!ref.digest) this.recordDigest(ref, digest);
     const parts = await this.builder.prepare();
     return this.assemble(ref, digest, 'registry', pulled.rootfs, pulled, parts, t0);
   }
@@ -168,9 +169,9 @@ export class ImageStore {
       ...(this.isInsecure(ref.registry) ? ['--tls-verify=false'] : []),
       `docker://${ref.canonical}`,
     ];
-    let raw: string;
+    let raw: Buffer;
     try {
-      raw = await runCapture('skopeo', args);
+      raw = await runCaptureBytes('skopeo', args);
     } catch (e) {
       const err = registryError(ref, (e as Error).message);
       if (err.code === 'IMAGE_PULL_FAILED') {
@@ -183,16 +184,18 @@ export class ImageStore {
       throw err;
     }
     // The registry addresses a manifest by the sha256 of its exact bytes.
-    const digest = `sha256:${createHash('sha256').update(raw, 'utf8').digest('hex')}`;
+    return `sha256:${createHash('sha256').update(raw).digest('hex')}`;
+  }
+
+  /** Remembers what a tag resolved to, once its image is pulled, for resolving it offline. */
+  private recordDigest(ref: ImageRef, digest: string): void {
     const refs = this.refsPath(ref);
-    mkdirSync(join(refs, '..'), { recursive: true });
     const tmp = `${refs}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
     writeFileSync(
       tmp,
       `${JSON.stringify({ canonical: ref.canonical, digest, at: new Date().toISOString() })}\n`,
     );
     renameSync(tmp, refs);
-    return digest;
   }
 
   private knownDigest(ref: ImageRef): string | undefined {

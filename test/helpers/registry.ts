@@ -139,7 +139,7 @@ export interface TestImageLayer {
 export async function pushTestImage(
   dest: string,
   layers: TestImageLayer[],
-  config: { env?: string[]; workdir?: string } = {},
+  config: { env?: string[]; workdir?: string; architecture?: string } = {},
 ): Promise<void> {
   const work = mkdtempSync(join(tmpdir(), 'hutch-oci-'));
   try {
@@ -166,6 +166,7 @@ export async function pushTestImage(
     const cfg = [
       ...(config.env ?? []).flatMap((e) => ['--config.env', e]),
       ...(config.workdir ? ['--config.workingdir', config.workdir] : []),
+      ...(config.architecture ? ['--architecture', config.architecture] : []),
     ];
     if (cfg.length > 0) await run('umoci', ['config', '--image', image, ...cfg]);
     await run('skopeo', [

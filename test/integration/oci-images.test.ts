@@ -9,8 +9,9 @@ import { promisify } from 'node:util';
 import { bareQemuArgs } from '../../bench/bench-lib.js';
 import { isHutchError } from '../../src/errors.js';
 import { connectAgent, type ExecCollectResult, type ExecRequest } from '../../src/guest/agent-connection.js';
-import { TemplateBuilder } from '../../src/images/builder.js';
+import { type BuildParts, TemplateBuilder } from '../../src/images/builder.js';
 import { type ImageManifest, ImageStore } from '../../src/images/oci.js';
+import type { RootfsSpec } from '../../src/images/recipes.js';
 import { contentHash } from '../../src/images/staging.js';
 import { createOverlay } from '../../src/vmm/disk.js';
 import { tcgTimingArgs } from '../../src/vmm/host.js';
@@ -117,6 +118,8 @@ describe('OCI images → root disks', () => {
     const leftovers = ['pulls', 'disks'].flatMap((d) =>
       readdirSync(join(oci, d)).filter((f) => f.includes('.tmp-')),
     );
+    for (const name of ['app:1', 'arm:1', 'hostile:1', 'hostile:2'])
+      rmSync(join(oci, 'refs', `${contentHash(`${reg.host}/team/${name}`)}.json`), { force: true });
     for (const m of made) {
       rmSync(join(m.rootfs, '..'), { recursive: true, force: true });
       rmSync(join(oci, 'pulls', m.digest.slice('sha256:'.length)), { recursive: true, force: true });
@@ -209,6 +212,41 @@ describe('OCI images → root disks', () => {
       1,
       logs.slice(before).join('\n'),
     );
+  });
+
+  test('a different agent binary rebuilds the disk, not the pull', async () => {
+    class OtherAgent extends TemplateBuilder {
+      override async prepare(rootfs?: RootfsSpec): Promise<BuildParts> {
+        const p = await super.prepare(rootfs);
+        const bytes = Buffer.concat([p.agent.bytes, Buffer.from('\0another build')]);
+        return { ...p, agent: { ...p.agent, bytes, hash: contentHash(bytes) } };
+      }
+    }
+    const seen: string[] = [];
+    const other = new ImageStore(imageDir, {
+      insecureRegistries: ['127.0.0.1'],
+      builder: new OtherAgent(imageDir),
+      log: (m) => seen.push(m),
+    });
+    const m = await other.resolve(`${reg.host}/team/app:1`);
+    made.push(m);
+    assert.equal(m.digest, first.digest);
+    assert.notEqual(m.rootfs, first.rootfs);
+    assert.ok(
+      seen.some((l) => /already pulled/.test(l)),
+      seen.join('\n'),
+    );
+    assert.ok(!seen.some((l) => /^pulling/.test(l)), seen.join('\n'));
+  });
+
+  test('an image for another architecture is IMAGE_PULL_FAILED', async () => {
+    await pushTestImage(`docker://${reg.host}/team/arm:1`, [], { architecture: 'arm64' });
+    await assert.rejects(store.resolve(`${reg.host}/team/arm:1`), (e: unknown) => {
+      assert.ok(isHutchError(e));
+      assert.equal(e.code, 'IMAGE_PULL_FAILED', e.message);
+      assert.match(e.message, /arm64/);
+      return true;
+    });
   });
 
   test('a disk can be booted and its agent answers', async (t) => {
