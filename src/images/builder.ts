@@ -16,7 +16,7 @@ import { repoRoot } from '../paths.js';
 import { acquireFileLock } from './file-lock.js';
 import { type RootfsSpec, type TemplateRecipe, templateRecipes } from './recipes.js';
 import { runCapture, runLogged } from './run-command.js';
-import { fileHash, contentHash as hash, makeExt4 } from './staging.js';
+import { fileHash, contentHash as hash, makeExt4, stageGuestFiles } from './staging.js';
 
 /** What a built template is: read by the engine to boot machines. Written last, so its presence means "complete". */
 export interface TemplateManifest {
@@ -318,11 +318,8 @@ export class TemplateBuilder extends EventEmitter {
       writeFileSync(p, content, { mode });
     };
     put('sbin/hutch-agent', readFileSync(agentBin), 0o755);
-    put('etc/hostname', 'hutch\n', 0o644);
-    put('etc/hosts', '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n', 0o644);
-    put('etc/resolv.conf', '', 0o644);
-    put('etc/fstab', '# the agent (PID 1) mounts what the machine needs\n', 0o644);
-    put('etc/machine-id', '', 0o444);
+    const skipped = stageGuestFiles(staging);
+    if (skipped.length > 0) throw new Error(`cannot write ${skipped.join(', ')} into the root filesystem`);
     mkdirSync(join(staging, 'root'), { recursive: true, mode: 0o700 });
     await makeExt4(staging, join(tmp, 'rootfs.ext4'), recipe.diskSizeMb, join(tmp, 'build.log'));
     rmSync(staging, { recursive: true, force: true });
