@@ -3,8 +3,9 @@ import { join } from 'node:path';
 import { type BoxesApi, startBoxesApi } from './api/boxes-server.js';
 import { type HttpApi, startHttpApi } from './api/http-server.js';
 import type { Config } from './config.js';
-import { type BootImage, Engine, type ImageResolver } from './engine/engine.js';
+import { Engine } from './engine/engine.js';
 import { type BuildProgress, TemplateBuilder, type TemplateManifest } from './images/builder.js';
+import { ImageStore } from './images/oci.js';
 import { repoRoot } from './paths.js';
 import { chooseAccel } from './vmm/accel.js';
 
@@ -22,19 +23,6 @@ function packageVersion(): string {
   } catch {
     return 'unknown';
   }
-}
-
-// TEMPORARY until the OCI image store lands: every image boots the python template.
-function imageResolver(t: TemplateManifest): ImageResolver {
-  return {
-    resolve: async (ref: string): Promise<BootImage> => ({
-      ...t,
-      ref,
-      digest: `sha256:${t.hash}`,
-      env: [],
-      workdir: null,
-    }),
-  };
 }
 
 export type Logger = (
@@ -72,7 +60,12 @@ export async function startDaemon(
     cacheFile: join(config.imageDir, 'accel-probe.json'),
   });
   opts.log('info', 'accelerator chosen', { accel: accel.accel, reason: accel.reason });
-  const engine = new Engine(config, templates, accel, opts.log, imageResolver(first));
+  const images = new ImageStore(config.imageDir, {
+    insecureRegistries: config.insecureRegistries,
+    builder,
+    log: (msg) => opts.log('info', msg),
+  });
+  const engine = new Engine(config, templates, accel, opts.log, images);
   await engine.start();
   engine.prepareSnapshots();
   const http = await startHttpApi(engine, { host: config.host, port: config.port, owner: config.owner });

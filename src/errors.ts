@@ -91,6 +91,16 @@ export const errorTable = {
     grpc: 'INVALID_ARGUMENT',
     doc: 'The path names a directory or something else that is not a regular file.',
   },
+  IMAGE_NOT_FOUND: {
+    http: 404,
+    grpc: 'NOT_FOUND',
+    doc: 'The registry has no such image repository or tag (or denies access to it).',
+  },
+  IMAGE_PULL_FAILED: {
+    http: 502,
+    grpc: 'UNAVAILABLE',
+    doc: "Pulling the image failed (registry unreachable or a broken image); the message carries skopeo's or umoci's error.",
+  },
 } as const;
 
 export type ErrorCode = keyof typeof errorTable;

@@ -1,4 +1,3 @@
-import { createHash } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import {
   copyFileSync,
@@ -15,8 +14,9 @@ import { join } from 'node:path';
 import { HutchError } from '../errors.js';
 import { repoRoot } from '../paths.js';
 import { acquireFileLock } from './file-lock.js';
-import { type TemplateRecipe, templateRecipes } from './recipes.js';
+import { type RootfsSpec, type TemplateRecipe, templateRecipes } from './recipes.js';
 import { runCapture, runLogged } from './run-command.js';
+import { fileHash, guestCmdline, contentHash as hash, makeExt4, stageGuestFiles } from './staging.js';
 
 /** What a built template is: read by the engine to boot machines. Written last, so its presence means "complete". */
 export interface TemplateManifest {
@@ -39,15 +39,16 @@ export interface BuildProgress {
 }
 
 /** Bump when assemble() changes what goes into an image, so cached templates are rebuilt. */
-const assemblyVersion = '2';
+const assemblyVersion = '3';
 
-const hash = (...parts: (string | Buffer)[]): string => {
-  const h = createHash('sha256');
-  for (const p of parts) h.update(p).update('\0');
-  return h.digest('hex').slice(0, 16);
-};
-
-const fileHash = (...paths: string[]): string => hash(...paths.map((p) => readFileSync(p)));
+/** What every hutch disk is made from besides its root filesystem: the guest kernel and the agent. */
+export interface BuildParts {
+  kernel: { path: string; hz: number; key: string };
+  /** The agent binary as read once: hash it and write these bytes, so the two always agree. */
+  agent: { path: string; bytes: Buffer; hash: string };
+  /** The cached root filesystem tree, when prepare() was asked for one. */
+  rootfs?: string;
+}
 
 /**
  * Builds templates from their recipes into a content-addressed cache:
@@ -111,7 +112,62 @@ export class TemplateBuilder extends EventEmitter {
     }
   }
 
-  private async kernelKey(): Promise<string> {
+  /**
+   * The kernel and agent (and, if asked, a Debian root filesystem tree), built or taken from the
+   * cache, for disks assembled elsewhere (OCI images). When everything is already built the build
+   * lock is not taken, so a cache hit never waits behind someone else's long build.
+   */
+  async prepare(rootfs?: RootfsSpec): Promise<BuildParts> {
+    const ready = await this.readyParts(rootfs);
+    if (ready) return ready;
+    mkdirSync(this.imageDir, { recursive: true });
+    const release = await acquireFileLock(join(this.imageDir, '.build.lock'), (holder) =>
+      this.progress({ step: 'image', state: 'start', message: `waiting for another build (pid ${holder})` }),
+    );
+    try {
+      const kernel = await this.buildKernel();
+      const agentPath = await this.buildAgent();
+      const bytes = readFileSync(agentPath);
+      return {
+        kernel: { ...kernel, key: await this.kernelKey() },
+        agent: { path: agentPath, bytes, hash: hash(bytes) },
+        ...(rootfs ? { rootfs: await this.buildRootfs(rootfs) } : {}),
+      };
+    } catch (e) {
+      if (e instanceof HutchError) throw e;
+      throw new HutchError(
+        'TEMPLATE_BUILD_FAILED',
+        `building the kernel, agent or root filesystem failed: ${(e as Error).message}`,
+      );
+    } finally {
+      release();
+    }
+  }
+
+  private async readyParts(rootfs?: RootfsSpec): Promise<BuildParts | undefined> {
+    const key = await this.kernelKey();
+    const kdir = join(this.imageDir, 'kernels', key);
+    if (!existsSync(join(kdir, 'vmlinux'))) return undefined;
+    const tree = rootfs ? join(this.imageDir, 'rootfs', this.rootfsKey(rootfs), 'root') : undefined;
+    if (tree && !existsSync(join(tree, 'usr', 'bin'))) return undefined;
+    const agentPath = join(this.root, 'agent', 'build', 'hutch-agent');
+    try {
+      // `make -q` only asks: exit 0 when the binary is up to date with its sources.
+      await runCapture('make', ['-q', '-C', join(this.root, 'agent'), 'build/hutch-agent']);
+    } catch {
+      return undefined;
+    }
+    const m = /^CONFIG_HZ=(\d+)/m.exec(readFileSync(join(kdir, 'config'), 'utf8'));
+    const bytes = readFileSync(agentPath);
+    return {
+      kernel: { path: join(kdir, 'vmlinux'), hz: m ? Number(m[1]) : 100, key },
+      agent: { path: agentPath, bytes, hash: hash(bytes) },
+      ...(tree ? { rootfs: tree } : {}),
+    };
+  }
+
+  /** The cache key of the guest kernel (its config, build script and linux-source version). */
+  async kernelKey(): Promise<string> {
     const dir = join(this.root, 'images', 'kernel');
     let sourceVersion = 'unknown';
     try {
@@ -124,7 +180,8 @@ export class TemplateBuilder extends EventEmitter {
     return hash(fileHash(join(dir, 'microvm.config'), join(dir, 'build-kernel.sh')), sourceVersion);
   }
 
-  private rootfsKey(recipe: TemplateRecipe): string {
+  /** The cache key of a root filesystem tree built from Debian packages. */
+  rootfsKey(recipe: RootfsSpec): string {
     return hash(
       fileHash(join(this.root, 'images', 'rootfs', 'build-rootfs.sh')),
       recipe.suite,
@@ -205,7 +262,7 @@ export class TemplateBuilder extends EventEmitter {
     return bin;
   }
 
-  private async buildRootfs(recipe: TemplateRecipe): Promise<string> {
+  private async buildRootfs(recipe: RootfsSpec): Promise<string> {
     const key = this.rootfsKey(recipe);
     const dir = join(this.imageDir, 'rootfs', key);
     if (existsSync(join(dir, 'root', 'usr', 'bin'))) {
@@ -261,18 +318,10 @@ export class TemplateBuilder extends EventEmitter {
       writeFileSync(p, content, { mode });
     };
     put('sbin/hutch-agent', readFileSync(agentBin), 0o755);
-    put('etc/hostname', 'hutch\n', 0o644);
-    put('etc/hosts', '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n', 0o644);
-    put('etc/resolv.conf', '', 0o644);
-    put('etc/fstab', '# the agent (PID 1) mounts what the machine needs\n', 0o644);
-    put('etc/machine-id', '', 0o444);
+    const skipped = stageGuestFiles(staging);
+    if (skipped.length > 0) throw new Error(`cannot write ${skipped.join(', ')} into the root filesystem`);
     mkdirSync(join(staging, 'root'), { recursive: true, mode: 0o700 });
-    const image = join(tmp, 'rootfs.ext4');
-    await runLogged(
-      'mkfs.ext4',
-      ['-q', '-F', '-L', 'hutch-root', '-E', 'root_owner=0:0', '-d', staging, image, `${recipe.diskSizeMb}M`],
-      join(tmp, 'build.log'),
-    );
+    await makeExt4(staging, join(tmp, 'rootfs.ext4'), recipe.diskSizeMb, join(tmp, 'build.log'));
     rmSync(staging, { recursive: true, force: true });
     copyFileSync(kernel.path, join(tmp, 'vmlinux'));
     const manifest: TemplateManifest = {
@@ -280,8 +329,7 @@ export class TemplateBuilder extends EventEmitter {
       hash: key,
       kernel: join(dir, 'vmlinux'),
       rootfs: join(dir, 'rootfs.ext4'),
-      cmdline:
-        'console=ttyS0 root=/dev/vda rw rootfstype=ext4 init=/sbin/hutch-agent quiet panic=-1 cryptomgr.notests',
+      cmdline: guestCmdline('/sbin/hutch-agent'),
       kernelHz: kernel.hz,
       builtAt: new Date().toISOString(),
       buildSeconds: Math.round((Date.now() - t0) / 100) / 10,

@@ -3,11 +3,15 @@
  * Changing anything here (or in the files a recipe names) changes the template's content hash,
  * so the next start rebuilds it; an unchanged recipe is reused from the cache.
  */
-export interface TemplateRecipe {
-  name: string;
-  description: string;
+/** A Debian root filesystem tree: mmdebstrap minbase of `suite` plus `packages`. */
+export interface RootfsSpec {
   suite: string;
   packages: string[];
+}
+
+export interface TemplateRecipe extends RootfsSpec {
+  name: string;
+  description: string;
   /** Virtual size of the machine's disk (the image is sparse). */
   diskSizeMb: number;
 }
@@ -36,3 +40,28 @@ export const templateRecipes: Record<string, TemplateRecipe> = {
 export function templateNames(): string[] {
   return Object.keys(templateRecipes);
 }
+
+/** An OCI image name hutch builds offline from Debian packages instead of pulling it. */
+export interface LocalImageRecipe extends RootfsSpec {
+  description: string;
+  /** The image config's Env, as Debian's own images set it. */
+  env: string[];
+}
+
+const debianBookworm: LocalImageRecipe = {
+  description: 'Debian 12 (bookworm) minbase with bash, coreutils, procps and ca-certificates',
+  suite: 'bookworm',
+  packages: ['bash', 'coreutils', 'procps', 'ca-certificates'],
+  env: ['PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'],
+};
+
+/**
+ * Local images by canonical reference. They are served from here whatever registry access the
+ * host has (Docker Hub is not needed for them); one recipe behind several names is built once.
+ */
+export const localImageRecipes: Record<string, LocalImageRecipe> = {
+  'docker.io/library/debian:bookworm': debianBookworm,
+  'docker.io/library/debian:12': debianBookworm,
+  'docker.io/library/debian:bookworm-slim': debianBookworm,
+  'docker.io/library/debian:latest': debianBookworm,
+};

@@ -22,13 +22,18 @@ export function runLogged(cmd: string, args: string[], logPath: string): Promise
 }
 
 /** Runs a short command and returns its stdout (throws with stderr on failure). */
-export function runCapture(cmd: string, args: string[]): Promise<string> {
+export async function runCapture(cmd: string, args: string[]): Promise<string> {
+  return (await runCaptureBytes(cmd, args)).toString();
+}
+
+/** runCapture, with stdout as the exact bytes written (for hashing them). */
+export function runCaptureBytes(cmd: string, args: string[]): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
+    const out: Buffer[] = [];
     let err = '';
     child.stdout.on('data', (b: Buffer) => {
-      out += b.toString();
+      out.push(b);
     });
     child.stderr.on('data', (b: Buffer) => {
       err += b.toString();
@@ -36,7 +41,7 @@ export function runCapture(cmd: string, args: string[]): Promise<string> {
     child.on('error', (e) => reject(new Error(`${cmd}: ${e.message}`)));
     child.on('close', (code) =>
       code === 0
-        ? resolve(out)
+        ? resolve(Buffer.concat(out))
         : reject(new Error(`${cmd} ${args.join(' ')}: ${err.trim() || `exit ${code}`}`)),
     );
   });
