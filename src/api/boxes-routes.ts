@@ -91,7 +91,7 @@ export const boxRoutes: BoxRoute[] = [
         memoryMb: b.memory_mb,
         diskSizeGb: b.disk_size_gb,
         network: b.network,
-        workdir: b.workdir,
+        ...(b.workdir !== undefined ? { workdir: b.workdir } : {}),
         env: b.env,
         volumes: b.volumes,
       });
@@ -249,7 +249,6 @@ export const boxRoutes: BoxRoute[] = [
         memoryMb: b.memory_mb,
         diskSizeGb: 8,
         network: b.network,
-        workdir: '/root',
         env: b.env,
         volumes: b.volumes,
         ...(b.timeout_ms ? { timeoutMs: b.timeout_ms } : {}),

@@ -53,7 +53,9 @@ export const createBoxBody = z
       .describe('Unique name; the box can be addressed by it.'),
     ...sizes,
     disk_size_gb: z.number().int().min(1).default(8).describe('Size of the box disk, GiB.'),
-    workdir: absPath.default('/root').describe('Working directory of every exec.'),
+    workdir: absPath
+      .optional()
+      .describe("Working directory of every exec; default: the image's WorkingDir, else /root."),
   })
   .strict();
 

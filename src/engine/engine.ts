@@ -144,7 +144,8 @@ export interface CreateBox {
   memoryMb: number;
   diskSizeGb: number;
   network: boolean;
-  workdir: string;
+  /** Absent: the image's WorkingDir, else /root. */
+  workdir?: string;
   env: Record<string, string> | null;
   volumes: BoxVolume[] | null;
 }
@@ -1004,7 +1005,7 @@ export class Engine {
       digest: image.digest,
       disk_size_gb: req.diskSizeGb,
       network: req.network,
-      workdir: req.workdir,
+      workdir: req.workdir ?? image.workdir ?? '/root',
       env: req.env,
       volumes,
       image_env: image.env,

@@ -8,6 +8,7 @@ import { promisify } from 'node:util';
 import { BoxesClient, readAll, type SseEvent } from '../../src/client/boxes-client.js';
 import { ApiError } from '../../src/client/http-client.js';
 import { cleanup, startDaemon, type TestDaemon } from '../helpers/daemon.js';
+import { pushTestImage, startRegistry } from '../helpers/registry.js';
 
 const run = promisify(execFile);
 
@@ -451,6 +452,66 @@ describe('boxes across faults', { timeout: 600_000 }, () => {
       assert.equal(stdoutOf(await collect(c, b.id, cat.id)).toString(), 'still here\n');
     } finally {
       await cleanup(d);
+    }
+  });
+});
+
+describe('boxes from an OCI registry', { timeout: 600_000 }, () => {
+  test('an image pushed to a local registry boots as a box with its layers, Env and WorkingDir', async () => {
+    const reg = await startRegistry();
+    const d = await startDaemon();
+    try {
+      const c = new BoxesClient({ socketPath: d.boxesSocket });
+      await pushTestImage(
+        `docker://${reg.host}/team/app:1`,
+        [
+          { files: { 'etc/app.conf': 'mode=one\n', 'opt/old.txt': 'deleted by the next layer\n' } },
+          { whiteouts: ['opt/old.txt'], dirs: ['srv/app'], files: { 'srv/app/hello.txt': 'hello\n' } },
+        ],
+        { env: ['APP_MODE=registry', 'PATH=/bin:/usr/bin'], workdir: '/srv/app' },
+      );
+      const ref = `${reg.host}/team/app:1`;
+      const box = await c.create<Record<string, unknown>>({ image: ref, env: { EXTRA: 'x' }, ...small });
+      assert.equal(box.image, ref);
+      assert.equal(box.workdir, '/srv/app');
+      assert.match(String(box.digest), /^sha256:[0-9a-f]{64}$/);
+      const id = String(box.id);
+      const out = await c.exec<{ id: string }>(id, {
+        cmd: [
+          'sh',
+          '-c',
+          'echo $APP_MODE $EXTRA; pwd; cat hello.txt /etc/app.conf; ls /opt; cat /proc/1/comm',
+        ],
+      });
+      assert.equal(
+        stdoutOf(await collect(c, id, out.id)).toString(),
+        'registry x\n/srv/app\nhello\nmode=one\nhutch-agent\n',
+      );
+      // No bash in this image: attach falls back to /bin/sh.
+      const ws = c.attach(id, { cols: 100, rows: 30 });
+      const seen: Buffer[] = [];
+      const exit = new Promise<number>((resolve, reject) => {
+        ws.on('message', (data, isBinary) => {
+          if (isBinary) seen.push(data as Buffer);
+          else {
+            const m = JSON.parse(String(data)) as { type: string; code: number };
+            if (m.type === 'exit') resolve(m.code);
+          }
+        });
+        ws.on('error', reject);
+      });
+      await new Promise((r) => ws.once('open', r));
+      ws.send(Buffer.from('echo shell=$0; exit 7\n'));
+      assert.equal(await exit, 7);
+      assert.match(Buffer.concat(seen).toString(), /shell=\/bin\/sh/);
+      await c.remove(id, true);
+      // A tag the registry doesn't have; a registry that isn't there.
+      await rejects(c.create({ image: `${reg.host}/team/app:nope`, ...small }), 404, 'IMAGE_NOT_FOUND');
+      await rejects(c.create({ image: '127.0.0.1:1/team/app:1', ...small }), 502, 'IMAGE_PULL_FAILED');
+      assert.equal((await c.list()).boxes.length, 0);
+    } finally {
+      await cleanup(d);
+      await reg.stop();
     }
   });
 });
