@@ -104,6 +104,10 @@ void configure_open(const struct proto_frame *f);
 
 /* init.c */
 void init_setup(void);
+/* boot.c: grow the root ext4 (on `dev`, root= of the kernel command line) to fill its disk;
+ * mount one `hutch.vol=` volume (the value). */
+void grow_root(const char *dev);
+void mount_volume_arg(const char *val);
 int64_t console_tick(int64_t now);
 int console_reaped(pid_t pid);
 _Noreturn void power_off(void);
