@@ -28,13 +28,22 @@
  * (src/vmm/volumes.ts) says so too. */
 #define VOL_MSIZE 512000
 
-void grow_root(const char *dev)
+static char root_dev[64];
+
+void set_root_device(const char *dev)
+{
+	if (dev && strlen(dev) < sizeof root_dev)
+		strcpy(root_dev, dev);
+}
+
+void grow_root(void)
 {
 	/* Only the device the kernel was told to mount as / (root=/dev/vda), and only if it is
 	 * what / is on: the agent run as PID 1 of a namespace on some host (pid1-smoke.py) has no
 	 * root= and must never touch that host's disk. */
+	const char *dev = root_dev;
 	struct stat root, st;
-	if (!dev || strncmp(dev, "/dev/", 5) != 0 || stat("/", &root) < 0 || stat(dev, &st) < 0 ||
+	if (strncmp(dev, "/dev/", 5) != 0 || stat("/", &root) < 0 || stat(dev, &st) < 0 ||
 	    !S_ISBLK(st.st_mode) || st.st_rdev != root.st_dev)
 		return;
 	int fd = open(dev, O_RDONLY | O_CLOEXEC);

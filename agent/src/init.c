@@ -122,7 +122,8 @@ static void read_cmdline(void)
 			console_enabled = 0;
 		}
 	}
-	grow_root(root);
+	set_root_device(root);
+	grow_root();
 	for (size_t i = 0; i < nvols; i++)
 		mount_volume_arg(vols[i]);
 }

@@ -18,7 +18,7 @@ import {
   symlinkSync,
   writeFileSync,
 } from 'node:fs';
-import { connect } from 'node:net';
+import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -27,6 +27,7 @@ import { TemplateBuilder, type TemplateManifest } from '../../src/images/builder
 import { prepareRunDir } from '../../src/images/snapshots.js';
 import { createOverlay } from '../../src/vmm/disk.js';
 import { tcgTimingArgs } from '../../src/vmm/host.js';
+import { QmpClient } from '../../src/vmm/qmp.js';
 import { isAlive, killAndWait, launchQemu, runPaths } from '../../src/vmm/qemu.js';
 import type { Volume } from '../../src/vmm/volumes.js';
 import { imageDir } from '../helpers/daemon.js';
@@ -77,17 +78,24 @@ async function boot(
   });
   started.add(pid);
   let out = '';
-  // The console socket exists once QEMU is set up; the agent's log lines come well after.
+  // Tap the serial console (the agent logs there). Its socket may exist a moment before QEMU
+  // listens on it: retry until connected.
+  let sock: Socket | undefined;
   const deadline = Date.now() + 10_000;
-  while (!existsSync(p.console) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
-  const sock = connect(p.console);
-  sock.on('data', (b) => {
-    out += b.toString('latin1');
-  });
-  sock.on('error', () => {
-    // QEMU gone: the console simply ends
-  });
-  sock.unref();
+  const tap = (): void => {
+    const s = connect(p.console);
+    s.on('connect', () => {
+      sock = s;
+    });
+    s.on('data', (b) => {
+      out += b.toString('latin1');
+    });
+    s.on('error', () => {
+      if (!sock && Date.now() < deadline) setTimeout(tap, 5);
+    });
+    s.unref();
+  };
+  tap();
   let agent: AgentConnection;
   try {
     agent = await connectAgent(p.agent, { timeoutMs: 120_000 });
@@ -306,7 +314,30 @@ describe('volumes and a root disk grown to its size', {
     assert.equal(await ok(vm, 'cat "/mnt/host rw/guest-file" 2>/dev/null || echo absent'), 'absent\n');
     const [size] = (await ok(vm, 'df -B1 --output=size / | tail -1')).trim().split(/\s+/);
     assert.ok(Number(size) > 3.8 * GiB, `df / says ${size}`);
+    // The console tap works (the agent logs each host connection), and said nothing of growing.
+    for (let i = 0; i < 200 && !/host connected/.test(vm.console()); i++)
+      await new Promise((r) => setTimeout(r, 10));
+    assert.match(vm.console(), /host connected/);
     assert.doesNotMatch(vm.console(), /grew \//);
     assert.equal(await ok(vm, 'python3 -c "print(6*7)"'), '42\n');
+  });
+
+  test('CONFIGURE grows / when the disk grew since boot (a restore onto a larger disk)', async (t) => {
+    assert.ok(vm);
+    const qmp = await QmpClient.connect(runPaths(join(work, 'run2')).qmp);
+    try {
+      await qmp.execute('block_resize', { device: 'root', size: 6 * GiB });
+    } finally {
+      qmp.close();
+    }
+    assert.equal((await ok(vm, 'cat /sys/block/vda/size')).trim(), String((6 * GiB) / 512));
+    const t0 = performance.now();
+    await vm.agent.configure({ timeNs: BigInt(Date.now()) * 1_000_000n });
+    t.diagnostic(`CONFIGURE with a 4 -> 6 GiB resize: ${(performance.now() - t0).toFixed(0)} ms`);
+    const [size] = (await ok(vm, 'df -B1 --output=size / | tail -1')).trim().split(/\s+/);
+    assert.ok(Number(size) > 5.7 * GiB && Number(size) <= 6 * GiB, `df / says ${size}`);
+    const t1 = performance.now();
+    await vm.agent.configure({ timeNs: BigInt(Date.now()) * 1_000_000n });
+    t.diagnostic(`CONFIGURE, / already full size: ${(performance.now() - t1).toFixed(0)} ms`);
   });
 });
