@@ -27,8 +27,8 @@ import { TemplateBuilder, type TemplateManifest } from '../../src/images/builder
 import { prepareRunDir } from '../../src/images/snapshots.js';
 import { createOverlay } from '../../src/vmm/disk.js';
 import { tcgTimingArgs } from '../../src/vmm/host.js';
-import { QmpClient } from '../../src/vmm/qmp.js';
 import { isAlive, killAndWait, launchQemu, runPaths } from '../../src/vmm/qemu.js';
+import { QmpClient } from '../../src/vmm/qmp.js';
 import type { Volume } from '../../src/vmm/volumes.js';
 import { imageDir } from '../helpers/daemon.js';
 
