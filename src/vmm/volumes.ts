@@ -3,6 +3,15 @@ import { isAbsolute } from 'node:path';
 /**
  * A host directory shared into the guest over virtio-9p. The agent (PID 1) mounts it at boot
  * from the kernel command line (`hutch.vol=`, docs/agent-protocol.md "Boot parameters").
+ *
+ * QEMU opens the directory after it has dropped to hutch-vm (-runas), under seccomp, so the
+ * host side must prepare it: every parent searchable by hutch-vm (o+x or an ACL), the directory
+ * readable by it, and for a read-write volume writable (`chown hutch-vm`, or
+ * `setfacl -m u:hutch-vm:rwx,d:u:hutch-vm:rwx`), on a filesystem with user xattrs (ext4, xfs,
+ * btrfs, tmpfs since Linux 6.6). Files hutch-vm may not read stay unreadable to the guest, root
+ * or not. QEMU resolves every path inside the share without following symlinks (openat with
+ * O_NOFOLLOW from the share's root); symlinks the guest makes are followed by the guest, in the
+ * guest, and real symlinks put there by the host are not followed at all (ELOOP).
  */
 export interface Volume {
   /** The 9p mount tag: [A-Za-z0-9_-], 1–31 bytes (virtio-9p's limit), unique per machine. */
