@@ -36,6 +36,22 @@ void set_root_device(const char *dev)
 		strcpy(root_dev, dev);
 }
 
+/* The device's size and its ext4's block size and count. 0, or -1 (not ext4, unreadable). */
+static int read_sizes(const char *dev, uint64_t *dev_bytes, uint32_t *bsize, uint64_t *blocks)
+{
+	int fd = open(dev, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		logmsg("grow /: open %s: %s", dev, strerror(errno));
+		return -1;
+	}
+	/* The block device's page cache holds the superblock ext4 writes: this is current. */
+	uint8_t sb[1024];
+	int ok = ioctl(fd, BLKGETSIZE64, dev_bytes) == 0 && pread(fd, sb, sizeof sb, 1024) == (ssize_t)sizeof sb &&
+		 ext4_sb_blocks(sb, bsize, blocks) == 0;
+	close(fd);
+	return ok ? 0 : -1;
+}
+
 void grow_root(void)
 {
 	/* Only the device the kernel was told to mount as / (root=/dev/vda), and only if it is
@@ -46,19 +62,9 @@ void grow_root(void)
 	if (strncmp(dev, "/dev/", 5) != 0 || stat("/", &root) < 0 || stat(dev, &st) < 0 ||
 	    !S_ISBLK(st.st_mode) || st.st_rdev != root.st_dev)
 		return;
-	int fd = open(dev, O_RDONLY | O_CLOEXEC);
-	if (fd < 0) {
-		logmsg("grow /: open %s: %s", dev, strerror(errno));
-		return;
-	}
-	uint64_t dev_bytes = 0;
-	uint8_t sb[1024];
+	uint64_t dev_bytes, blocks, after;
 	uint32_t bsize;
-	uint64_t blocks;
-	int ok = ioctl(fd, BLKGETSIZE64, &dev_bytes) == 0 && pread(fd, sb, sizeof sb, 1024) == (ssize_t)sizeof sb &&
-		 ext4_sb_blocks(sb, &bsize, &blocks) == 0;
-	close(fd);
-	if (!ok)
+	if (read_sizes(dev, &dev_bytes, &bsize, &blocks) < 0)
 		return; /* not ext4: nothing we know how to grow */
 	uint64_t target = grow_target(dev_bytes, bsize, blocks);
 	if (!target)
@@ -67,9 +73,12 @@ void grow_root(void)
 	int rfd = open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (rfd < 0 || ioctl(rfd, EXT4_IOC_RESIZE_FS, &target) < 0)
 		logmsg("grow / to %llu blocks: %s", (unsigned long long)target, strerror(errno));
-	else
+	/* The kernel leaves out a last block group too small for its own metadata, so the count
+	 * reached may be short of the target (and the next boot tries again, a no-op): report
+	 * what the superblock says, and only a real change. */
+	else if (read_sizes(dev, &dev_bytes, &bsize, &after) == 0 && after != blocks)
 		logmsg("grew / from %llu to %llu blocks of %u in %lld ms", (unsigned long long)blocks,
-		       (unsigned long long)target, bsize, (long long)(now_ms() - t0));
+		       (unsigned long long)after, bsize, (long long)(now_ms() - t0));
 	if (rfd >= 0)
 		close(rfd);
 }
