@@ -60,6 +60,7 @@ async function boot(
   disk: string,
   runAs: { user: string; uid: number; gid: number },
   volumes: Volume[],
+  extraCmdline = '',
 ): Promise<Booted> {
   prepareRunDir(runDir, runAs);
   const p = runPaths(runDir);
@@ -71,7 +72,7 @@ async function boot(
     memoryMb: 256,
     kernel: manifest.kernel,
     disk,
-    cmdline: `${manifest.cmdline} ${tcgTimingArgs(manifest.kernelHz)} hutch.hostname=voltest`,
+    cmdline: `${manifest.cmdline} ${tcgTimingArgs(manifest.kernelHz)} hutch.hostname=voltest${extraCmdline}`,
     runDir,
     runAs: runAs.user,
     volumes,
@@ -305,10 +306,12 @@ describe('volumes and a root disk grown to its size', {
     t.diagnostic(`${mb} MiB dd, TCG: ${results.join('; ')}`);
   });
 
-  test('without volumes the machine boots as before; a full-size / is not grown again', async (t) => {
+  test('without volumes the machine boots as before; a full-size / is not grown again; bad hutch.vol= are skipped', async (t) => {
     await stop(vm);
     vm = undefined;
-    vm = await boot(manifest, join(work, 'run2'), disk, user, []);
+    // Two volume arguments with no device behind them: one malformed, one naming no 9p share.
+    const bogus = ' hutch.vol=bad hutch.vol=nodev:2f6e6f2f646576:rw';
+    vm = await boot(manifest, join(work, 'run2'), disk, user, [], bogus);
     t.diagnostic(`boot without volumes, disk already full size: ${vm.bootMs.toFixed(0)} ms`);
     assert.equal((await sh(vm, 'grep -c " 9p " /proc/mounts')).out.trim(), '0');
     assert.equal(await ok(vm, 'cat "/mnt/host rw/guest-file" 2>/dev/null || echo absent'), 'absent\n');
@@ -319,6 +322,8 @@ describe('volumes and a root disk grown to its size', {
       await new Promise((r) => setTimeout(r, 10));
     assert.match(vm.console(), /host connected/);
     assert.doesNotMatch(vm.console(), /grew \//);
+    assert.match(vm.console(), /hutch\.vol=bad: invalid, ignored/);
+    assert.match(vm.console(), /volume nodev: mount on \/no\/dev: /);
     assert.equal(await ok(vm, 'python3 -c "print(6*7)"'), '42\n');
   });
 
