@@ -63,7 +63,8 @@ export const agentPortName = 'org.hutch.agent.0';
 /**
  * The QEMU command line. microvm + virtio-mmio keeps the device model (and attack surface) to
  * what a headless machine needs: one disk, a virtio-serial port for the agent, an entropy source,
- * the serial console and the volumes asked for. No network device at all unless asked for: isolation by absence.
+ * the serial console and the volumes asked for. No network device at all unless asked for:
+ * isolation by absence.
  */
 export function qemuArgs(spec: VmSpec): string[] {
   const p = runPaths(spec.runDir);
