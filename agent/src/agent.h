@@ -104,6 +104,12 @@ void configure_open(const struct proto_frame *f);
 
 /* init.c */
 void init_setup(void);
+/* boot.c: remember root= of the kernel command line; grow the root ext4 on it to fill its
+ * disk (at boot, and again at each CONFIGURE: a restored machine's disk may be larger than
+ * the snapshot's); mount one `hutch.vol=` volume (the value). */
+void set_root_device(const char *dev);
+void grow_root(void);
+void mount_volume_arg(const char *val);
 int64_t console_tick(int64_t now);
 int console_reaped(pid_t pid);
 _Noreturn void power_off(void);

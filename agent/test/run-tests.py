@@ -588,10 +588,33 @@ def t_poweroff(h):
     check(h.proc.returncode == 0, "exit status %d" % h.proc.returncode)
 
 
+def run_boot_test(binary):
+    """The boot parameters' unit tests, with a real 64 MiB ext4 image when mkfs.ext4 exists."""
+    args = [binary]
+    tmp = tempfile.mkdtemp(prefix="hutch-boot-test-")
+    try:
+        mkfs = shutil.which("mkfs.ext4") or shutil.which("mkfs.ext4", path="/usr/sbin:/sbin")
+        if mkfs:
+            img = os.path.join(tmp, "fs.ext4")
+            subprocess.run([mkfs, "-q", "-F", "-b", "4096", img, "64M"], check=True, capture_output=True)
+            args += [img, str(64 * 256)]
+        else:
+            print("     boot-image: skipped (no mkfs.ext4)")
+        r = subprocess.run(args, capture_output=True, text=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    sys.stdout.write(r.stdout + r.stderr)
+    m = re.search(r"boot: (\d+) passed, (\d+) failed", r.stdout)
+    if not m:
+        return 0, 1
+    return int(m.group(1)), int(m.group(2)) + (1 if r.returncode != 0 and not int(m.group(2)) else 0)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--vectors-test", required=True)
     ap.add_argument("--vectors", required=True)
+    ap.add_argument("--boot-test")
     ap.add_argument("--agent", required=True)
     ap.add_argument("-k", help="only tests whose name contains this")
     a = ap.parse_args()
@@ -606,6 +629,9 @@ def main():
             failed += int(m.group(2))
         if r.returncode != 0 and not (m and int(m.group(2))):
             failed += 1
+        if a.boot_test:
+            p, f = run_boot_test(a.boot_test)
+            passed, failed = passed + p, failed + f
 
     work = tempfile.mkdtemp(prefix="hutch-agent-test-")
     h = Host(os.path.abspath(a.agent), work)

@@ -40,7 +40,7 @@ const sizes = {
   memory_mb: z.number().int().min(128).default(1024).describe('Guest memory, MiB.'),
   network: z.boolean().default(false).describe('Network access (not available in this version: 501).'),
   env: envSchema.nullable().default(null).describe('Environment for every exec in the box.'),
-  volumes: z.array(volumeSchema).max(8).nullable().default(null),
+  volumes: z.array(volumeSchema).max(4).nullable().default(null).describe('At most 4 host directories.'),
 };
 
 export const createBoxBody = z

@@ -47,6 +47,7 @@ import {
   type VmSpec,
 } from '../vmm/qemu.js';
 import { QmpClient } from '../vmm/qmp.js';
+import { type Volume, validateVolumes } from '../vmm/volumes.js';
 import {
   type BoxSpec,
   type BoxView,
@@ -514,7 +515,7 @@ export class Engine {
   private launch(
     row: MachineRow,
     manifest: TemplateManifest,
-    extra: Pick<VmSpec, 'memory' | 'incoming'>,
+    extra: Pick<VmSpec, 'memory' | 'incoming' | 'volumes'>,
   ): Live {
     const pid = launchQemu(this.config.qemuBinary, {
       id: row.id,
@@ -966,7 +967,7 @@ export class Engine {
       );
     if (!req.volumes?.length) return req.volumes;
     const seen = new Set<string>();
-    return req.volumes.map((v) => {
+    const checked = req.volumes.map((v) => {
       let real: string;
       try {
         real = realpathSync(v.host_path);
@@ -987,6 +988,12 @@ export class Engine {
       seen.add(v.guest_path);
       return { ...v, host_path: real };
     });
+    try {
+      validateVolumes(toVmVolumes(checked));
+    } catch (e) {
+      throw new HutchError('INVALID_ARGUMENT', (e as Error).message);
+    }
+    return checked;
   }
 
   /** Creates a box from an image and boots it (cold: its disk is its own from the start). */
@@ -998,6 +1005,13 @@ export class Engine {
       throw new HutchError('NAME_TAKEN', `a box named ${JSON.stringify(req.name)} already exists`);
     if (!this.images) throw new HutchError('INTERNAL', 'this daemon has no image store');
     const image = await this.images.resolve(req.image);
+    const diskBytes = req.diskSizeGb * 1024 ** 3;
+    const baseBytes = statSync(image.rootfs).size;
+    if (baseBytes > diskBytes)
+      throw new HutchError(
+        'INVALID_ARGUMENT',
+        `image ${req.image} needs a disk of at least ${Math.ceil(baseBytes / 1024 ** 3)} GiB (disk_size_gb ${req.diskSizeGb})`,
+      );
     const id = newBoxId();
     const spec: BoxSpec = {
       image: req.image,
@@ -1038,7 +1052,8 @@ export class Engine {
     this.insertRow(row);
     try {
       prepareRunDir(row.run_dir, this.runAs);
-      await createOverlay(image.rootfs, join(row.run_dir, 'disk.qcow2'), 'raw', this.runAs);
+      // The agent grows the root filesystem to the disk at boot.
+      await createOverlay(image.rootfs, join(row.run_dir, 'disk.qcow2'), 'raw', this.runAs, diskBytes);
       await this.bootBox(row, image);
       return toBoxView(this.markRunningBox(id, t0));
     } catch (e) {
@@ -1053,8 +1068,11 @@ export class Engine {
   }
 
   private async bootBox(row: MachineRow, image: TemplateManifest): Promise<void> {
-    const live = this.launch(row, image, {});
+    const spec = boxSpecOf(row);
+    const volumes = toVmVolumes(spec.volumes ?? []);
+    const live = this.launch(row, image, volumes.length ? { volumes } : {});
     live.agent = await this.waitForAgent(row.id, live.pid, row.run_dir, live.console);
+    if (volumes.length) await checkMounts(live.agent, spec.volumes ?? []);
   }
 
   private markRunningBox(id: string, t0: number): MachineRow {
@@ -1928,6 +1946,44 @@ function lifetime(
 export function clampTtl(ttl: number | undefined): number {
   if (ttl === undefined) return ttlBounds.default;
   return Math.min(ttlBounds.max, Math.max(ttlBounds.min, Math.round(ttl)));
+}
+
+/** A box's volumes as the VM sees them: 9p tags vol0, vol1, … */
+function toVmVolumes(volumes: BoxVolume[]): Volume[] {
+  return volumes.map((v, i) => ({
+    tag: `vol${i}`,
+    hostPath: v.host_path,
+    guestPath: v.guest_path,
+    readonly: v.readonly,
+  }));
+}
+
+/**
+ * The agent mounts volumes at boot and only logs a failure (a boot must not hang on one): a
+ * box is not handed out with a volume silently missing. The usual cause is a host directory
+ * the unprivileged QEMU user cannot open.
+ */
+async function checkMounts(agent: AgentConnection, volumes: BoxVolume[]): Promise<void> {
+  const h = agent.readFile('/proc/self/mounts');
+  const chunks: Buffer[] = [];
+  for await (const c of h.stream) chunks.push(c as Buffer);
+  await h.done;
+  const mounted = new Set(
+    Buffer.concat(chunks)
+      .toString('utf8')
+      .split('\n')
+      .map((l) => l.split(' '))
+      .filter((f) => f[2] === '9p')
+      .map((f) =>
+        (f[1] ?? '').replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(Number.parseInt(o, 8))),
+      ),
+  );
+  for (const v of volumes)
+    if (!mounted.has(v.guest_path))
+      throw new HutchError(
+        'BOOT_FAILED',
+        `volume ${v.host_path} could not be mounted at ${v.guest_path}: the VM user must be able to read (and for a writable volume, write) it`,
+      );
 }
 
 /** The error for a command the agent could not start (ENOENT, EACCES, …) or lost. */

@@ -8,20 +8,52 @@ const run = promisify(execFile);
  * A machine's disk: a qcow2 overlay over a read-only image (the template's raw image or a
  * snapshot's disk). Creating one is O(1) whatever the image size; nothing below the overlay is
  * ever written. Asynchronous: qemu-img takes ~20 ms, which must not stall other requests.
+ *
+ * `size` (bytes) makes the overlay's virtual disk larger than the base: the guest's agent grows
+ * the root ext4 to fill it at boot (docs/agent-protocol.md, "Boot parameters"). Without it the
+ * overlay is the base's size. Smaller than the base is an error (qemu-img would refuse too,
+ * less clearly); sizes are rounded up to whole MiB.
  */
 export async function createOverlay(
   base: string,
   overlay: string,
   baseFormat: 'raw' | 'qcow2',
   owner?: { uid: number; gid: number },
+  size?: number,
 ): Promise<void> {
+  const args = ['create', '-q', '-f', 'qcow2', '-F', baseFormat, '-b', base, overlay];
+  if (size !== undefined) {
+    if (!Number.isSafeInteger(size) || size <= 0)
+      throw new Error(`disk size ${size}: a positive whole number of bytes`);
+    const rounded = Math.ceil(size / 2 ** 20) * 2 ** 20;
+    const baseSize = await virtualSize(base, baseFormat);
+    if (rounded < baseSize)
+      throw new Error(`disk size ${size} is smaller than its image (${baseSize} bytes)`);
+    args.push(String(rounded));
+  }
   try {
-    await run('qemu-img', ['create', '-q', '-f', 'qcow2', '-F', baseFormat, '-b', base, overlay]);
+    await run('qemu-img', args);
   } catch (e) {
-    const err = e as { stderr?: string; message: string };
-    throw new Error(`qemu-img create failed: ${err.stderr?.trim() || err.message}`);
+    throw new Error(`qemu-img create failed: ${stderrOf(e)}`);
   }
   // QEMU reopens its disk after an incoming migration, by then as its unprivileged user: the
   // machine's own overlay is that user's (the layers below only need to be readable).
   if (owner) await chown(overlay, owner.uid, owner.gid);
+}
+
+/** The virtual size (bytes) of a disk image. */
+export async function virtualSize(image: string, format: 'raw' | 'qcow2'): Promise<number> {
+  try {
+    const { stdout } = await run('qemu-img', ['info', '--output=json', '-U', '-f', format, image]);
+    const size = (JSON.parse(stdout) as { 'virtual-size'?: unknown })['virtual-size'];
+    if (typeof size !== 'number') throw new Error('no virtual-size');
+    return size;
+  } catch (e) {
+    throw new Error(`qemu-img info ${image} failed: ${stderrOf(e)}`);
+  }
+}
+
+function stderrOf(e: unknown): string {
+  const err = e as { stderr?: string; message: string };
+  return err.stderr?.trim() || err.message;
 }

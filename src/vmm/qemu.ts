@@ -2,6 +2,7 @@ import { spawn } from 'node:child_process';
 import { closeSync, openSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { QmpClient } from './qmp.js';
+import { type Volume, volumeCmdline, volumeQemuArgs } from './volumes.js';
 
 export type Accel = 'kvm' | 'tcg';
 
@@ -28,6 +29,12 @@ export interface VmSpec {
   memory?: { kind: 'ram' } | { kind: 'file'; path: string; share: boolean };
   /** Start paused, waiting for a migration stream (restore, resume, branch). */
   incoming?: boolean;
+  /**
+   * Host directories shared over virtio-9p (at most 4; src/vmm/volumes.ts). Their `hutch.vol=`
+   * kernel arguments are appended to `cmdline` here, so devices and mounts cannot disagree. A
+   * migration stream only fits a machine with the same devices: volumes are for cold boots.
+   */
+  volumes?: Volume[];
 }
 
 export interface RunPaths {
@@ -55,13 +62,15 @@ export const agentPortName = 'org.hutch.agent.0';
 
 /**
  * The QEMU command line. microvm + virtio-mmio keeps the device model (and attack surface) to
- * what a headless machine needs: one disk, a virtio-serial port for the agent, an entropy source
- * and the serial console. No network device at all unless asked for: isolation by absence.
+ * what a headless machine needs: one disk, a virtio-serial port for the agent, an entropy source,
+ * the serial console and the volumes asked for. No network device at all unless asked for:
+ * isolation by absence.
  */
 export function qemuArgs(spec: VmSpec): string[] {
   const p = runPaths(spec.runDir);
   const accel =
     spec.accel === 'kvm' ? ['-accel', 'kvm', '-cpu', 'host'] : ['-accel', 'tcg,tb-size=64', '-cpu', 'max'];
+  const volumes = spec.volumes ?? [];
   const args = [
     '-name',
     `guest=hutch-${spec.id},debug-threads=on`,
@@ -89,7 +98,7 @@ export function qemuArgs(spec: VmSpec): string[] {
     '-kernel',
     spec.kernel,
     '-append',
-    spec.cmdline,
+    volumes.length ? `${spec.cmdline} ${volumeCmdline(volumes)}` : spec.cmdline,
     '-chardev',
     `socket,id=ser0,path=${p.console},server=on,wait=off`,
     '-serial',
@@ -111,6 +120,7 @@ export function qemuArgs(spec: VmSpec): string[] {
     'rng-random,id=rng0,filename=/dev/urandom',
     '-device',
     'virtio-rng-device,rng=rng0,bus=virtio-mmio-bus.5',
+    ...volumeQemuArgs(volumes),
     '-pidfile',
     p.pidFile,
     // seccomp: QEMU may not exec, touch resource limits or use obsolete syscalls. set*id stays

@@ -1,7 +1,19 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { readFileSync, statSync, writeFileSync } from 'node:fs';
+import {
+  chmodSync,
+  chownSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  writeFileSync,
+} from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
@@ -512,6 +524,99 @@ describe('boxes from an OCI registry', { timeout: 600_000 }, () => {
     } finally {
       await cleanup(d);
       await reg.stop();
+    }
+  });
+});
+
+describe('box volumes', { timeout: 600_000 }, () => {
+  test('host directories inside the allowed roots are shared; readonly is enforced; others are refused', async () => {
+    const roots = mkdtempSync(join(tmpdir(), 'hutch-vols-'));
+    chmodSync(roots, 0o755);
+    const vm = readFileSync('/etc/passwd', 'utf8')
+      .split('\n')
+      .find((l) => l.startsWith('hutch-vm:'))
+      ?.split(':');
+    const own = (p: string): void => {
+      if (vm) chownSync(p, Number(vm[2]), Number(vm[3]));
+    };
+    const rw = join(roots, 'rw');
+    const ro = join(roots, 'ro');
+    for (const p of [rw, ro]) {
+      mkdirSync(p);
+      own(p);
+    }
+    writeFileSync(join(rw, 'from-host.txt'), 'host wrote this\n');
+    writeFileSync(join(ro, 'fixed.txt'), 'read only\n');
+    own(join(rw, 'from-host.txt'));
+    own(join(ro, 'fixed.txt'));
+    symlinkSync('/etc', join(roots, 'sneaky'));
+    const d = await startDaemon({ env: { HUTCH_VOLUME_ROOTS: roots } });
+    try {
+      const c = new BoxesClient({ socketPath: d.boxesSocket });
+      assert.deepEqual((await c.info<{ volume_roots: string[] }>()).volume_roots, [roots]);
+      const box = await c.create<{ id: string; volumes: unknown }>({
+        image: 'debian:bookworm',
+        ...small,
+        volumes: [
+          { host_path: rw, guest_path: '/root/src' },
+          { host_path: ro, guest_path: '/mnt/data files', readonly: true },
+        ],
+      });
+      assert.deepEqual(box.volumes, [
+        { host_path: rw, guest_path: '/root/src', readonly: false },
+        { host_path: ro, guest_path: '/mnt/data files', readonly: true },
+      ]);
+      const e = await c.exec<{ id: string }>(box.id, {
+        cmd: [
+          'sh',
+          '-c',
+          'cat /root/src/from-host.txt "/mnt/data files/fixed.txt"; echo guest wrote this > /root/src/from-guest.txt; ' +
+            'echo x > "/mnt/data files/new.txt" 2>/dev/null && echo WROTE || echo refused; ' +
+            'mount -o remount,rw "/mnt/data files" 2>/dev/null; echo y > "/mnt/data files/new2.txt" 2>/dev/null || echo refused again',
+        ],
+      });
+      assert.equal(
+        stdoutOf(await collect(c, box.id, e.id)).toString(),
+        'host wrote this\nread only\nrefused\nrefused again\n',
+      );
+      assert.equal(readFileSync(join(rw, 'from-guest.txt'), 'utf8'), 'guest wrote this\n');
+      assert.deepEqual(readdirSync(ro), ['fixed.txt']);
+      await rejects(
+        c.create({
+          image: 'debian:bookworm',
+          ...small,
+          volumes: [{ host_path: join(roots, 'sneaky'), guest_path: '/x' }],
+        }),
+        403,
+        'VOLUME_NOT_ALLOWED',
+      );
+      await rejects(
+        c.create({ image: 'debian:bookworm', ...small, volumes: [{ host_path: rw, guest_path: '/proc/x' }] }),
+        400,
+        'INVALID_ARGUMENT',
+      );
+      // A directory the VM user may not open: a clear boot failure, nothing left behind.
+      const closed = join(roots, 'closed');
+      mkdirSync(closed, { mode: 0o700 });
+      await rejects(
+        c.create({
+          image: 'debian:bookworm',
+          ...small,
+          volumes: [{ host_path: closed, guest_path: '/mnt/c' }],
+        }),
+        500,
+        'BOOT_FAILED',
+      );
+      assert.equal((await c.list()).boxes.length, 1);
+      // Volumes come back when a stopped box starts again.
+      await c.stop(box.id);
+      writeFileSync(join(rw, 'later.txt'), 'after the restart\n');
+      await c.start(box.id);
+      const again = await c.exec<{ id: string }>(box.id, { cmd: ['cat', '/root/src/later.txt'] });
+      assert.equal(stdoutOf(await collect(c, box.id, again.id)).toString(), 'after the restart\n');
+    } finally {
+      await cleanup(d);
+      rmSync(roots, { recursive: true, force: true });
     }
   });
 });

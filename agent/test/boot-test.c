@@ -1,0 +1,122 @@
+/* Unit tests of the boot parameters' pure parts (src/bootparam.c): `hutch.vol=` parsing and
+ * the ext4 superblock arithmetic behind growing the root filesystem. With an argument, the
+ * superblock checks also run on that file, a real image made by mkfs.ext4 (run-tests.py makes
+ * one). Prints `boot: N passed, M failed`. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../src/bootparam.h"
+
+static int passed, failed;
+
+static void check(int cond, const char *what)
+{
+	if (cond) {
+		passed++;
+	} else {
+		failed++;
+		printf("FAIL boot: %s\n", what);
+	}
+}
+
+static void t_volumes(void)
+{
+	struct volume v;
+	/* "/data" */
+	check(parse_volume("vol0:2f64617461:rw", &v) == 0 && strcmp(v.tag, "vol0") == 0 &&
+		      strcmp(v.path, "/data") == 0 && !v.readonly,
+	      "rw volume");
+	/* "/mnt/my dir,x" (a space and a comma survive hex), upper-case digits */
+	check(parse_volume("a_B-9:2F6D6E742F6D79206469722C78:ro", &v) == 0 && strcmp(v.path, "/mnt/my dir,x") == 0 &&
+		      v.readonly,
+	      "ro volume with a space and a comma");
+	static const char *bad[] = {
+		"",			      /* empty */
+		":2f64:rw",		      /* no tag */
+		"vol0",			      /* no path */
+		"vol0:2f64617461",	      /* no mode */
+		"vol0:2f64617461:",	      /* empty mode */
+		"vol0:2f64617461:rx",	      /* bad mode */
+		"vol0:2f64617461:rw:x",	      /* trailing field */
+		"vol0:2f6461746:rw",	      /* odd hex */
+		"vol0:2f6461746g:rw",	      /* not hex */
+		"vol0::rw",		      /* empty path */
+		"vol0:2f:rw",		      /* "/" */
+		"vol0:64617461:rw",	      /* "data": relative */
+		"vol0:2f2e2e:rw",	      /* "/.." */
+		"vol0:2f612f2e2f62:rw",	      /* "/a/./b" */
+		"vol0:2f612f2f62:rw",	      /* "/a//b" */
+		"vol0:2f612f:rw",	      /* "/a/" */
+		"vol0:2f610062:rw",	      /* NUL inside */
+		"vo l:2f64:rw",		      /* bad tag byte */
+		"v/l:2f64:rw",		      /* bad tag byte */
+		"abcdefghijabcdefghijabcdefghij12:2f64:rw", /* 32-byte tag */
+	};
+	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+		char what[96];
+		snprintf(what, sizeof what, "rejects %s", bad[i]);
+		check(parse_volume(bad[i], &v) < 0, what);
+	}
+	check(parse_volume("abcdefghijabcdefghijabcdefghij1:2f64:rw", &v) == 0, "31-byte tag");
+	/* the longest path: "/" + 254 x "a"; one more byte is too long */
+	char arg[600] = "t:2f";
+	for (int i = 0; i < 254; i++)
+		strcat(arg, "61");
+	check(parse_volume(strcat(arg, ":rw"), &v) == 0 && strlen(v.path) == 255, "255-byte path");
+	arg[strlen(arg) - 3] = 0;
+	check(parse_volume(strcat(arg, "61:rw"), &v) < 0, "256-byte path");
+}
+
+static void put32(uint8_t *p, uint32_t x)
+{
+	for (int i = 0; i < 4; i++)
+		p[i] = (uint8_t)(x >> (8 * i));
+}
+
+static void t_superblock(void)
+{
+	uint8_t sb[1024] = {0};
+	uint32_t bs;
+	uint64_t n;
+	check(ext4_sb_blocks(sb, &bs, &n) < 0, "no magic");
+	sb[0x38] = 0x53, sb[0x39] = 0xef;
+	put32(sb + 0x18, 2);
+	put32(sb + 0x04, 524288);
+	put32(sb + 0x150, 7); /* ignored without INCOMPAT_64BIT */
+	check(ext4_sb_blocks(sb, &bs, &n) == 0 && bs == 4096 && n == 524288, "32-bit count");
+	put32(sb + 0x60, 0x80 | 0x40);
+	check(ext4_sb_blocks(sb, &bs, &n) == 0 && n == (7ull << 32 | 524288), "64-bit count");
+	put32(sb + 0x18, 40);
+	check(ext4_sb_blocks(sb, &bs, &n) < 0, "absurd block size");
+
+	uint64_t gib = 1ull << 30;
+	check(grow_target(8 * gib, 4096, 524288) == 2097152, "2 GiB fs on an 8 GiB disk");
+	check(grow_target(2 * gib, 4096, 524288) == 0, "already full size");
+	check(grow_target(2 * gib + 4095, 4096, 524288) == 0, "less than a block more");
+	check(grow_target(1 * gib, 4096, 524288) == 0, "never shrink");
+	check(grow_target(8 * gib, 0, 0) == 0, "no block size");
+}
+
+static void t_image(const char *path, unsigned long long want_blocks)
+{
+	FILE *f = fopen(path, "rb");
+	uint8_t sb[1024];
+	int ok = f && fseek(f, 1024, SEEK_SET) == 0 && fread(sb, 1, sizeof sb, f) == sizeof sb;
+	if (f)
+		fclose(f);
+	check(ok, "read the image's superblock");
+	uint32_t bs = 0;
+	uint64_t n = 0;
+	check(ok && ext4_sb_blocks(sb, &bs, &n) == 0 && bs == 4096 && n == want_blocks, "mkfs.ext4 image's block count");
+}
+
+int main(int argc, char **argv)
+{
+	t_volumes();
+	t_superblock();
+	if (argc == 3)
+		t_image(argv[1], strtoull(argv[2], NULL, 10));
+	printf("boot: %d passed, %d failed\n", passed, failed);
+	return failed != 0;
+}
