@@ -63,6 +63,22 @@ export const errorTable = {
     doc: '"mode": "snapshot" was asked for, but the template\'s snapshot is not built yet.',
   },
   INTERNAL: { http: 500, grpc: 'INTERNAL', doc: 'An unexpected server error; the server log has details.' },
+  FILE_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No file at this path in the machine.' },
+  NOT_A_FILE: {
+    http: 409,
+    grpc: 'FAILED_PRECONDITION',
+    doc: 'The path names a directory (or something else that is not a regular file).',
+  },
+  FILE_TRANSFER_FAILED: {
+    http: 422,
+    grpc: 'FAILED_PRECONDITION',
+    doc: 'The guest could not read or write the file (e.g. ENOSPC, EACCES); the errno is in `errno`.',
+  },
+  UPGRADE_REQUIRED: {
+    http: 426,
+    grpc: 'INVALID_ARGUMENT',
+    doc: 'The endpoint is a WebSocket: ask for an upgrade (Connection: Upgrade, Upgrade: websocket).',
+  },
 } as const;
 
 export type ErrorCode = keyof typeof errorTable;

@@ -1,6 +1,6 @@
 import { z } from 'zod';
 import { errorTable } from '../errors.js';
-import { machineRoutes } from './routes.js';
+import { machineChannelRoutes, machineRoutes, machineStreamRoutes } from './routes.js';
 import { errorSchema } from './schemas.js';
 
 /** The OpenAPI 3.1 document, generated from the same route table and schemas the server uses. */
@@ -35,6 +35,47 @@ export function openApiDocument(): Record<string, unknown> {
     paths[r.path] ??= {};
     const entry = paths[r.path];
     if (entry) entry[r.method.toLowerCase()] = op;
+  }
+  const pathParams = (path: string): unknown[] =>
+    [...path.matchAll(/\{(\w+)\}/g)].map((m) => ({
+      name: m[1],
+      in: 'path',
+      required: true,
+      schema: { type: 'string' },
+    }));
+  const errors = {
+    default: { description: 'Error', content: { 'application/json': { schema: errorJson } } },
+  };
+  for (const r of machineStreamRoutes) {
+    const op: Record<string, unknown> = {
+      summary: r.summary,
+      parameters: [...pathParams(r.path), ...(r.openapi.parameters ?? [])],
+      responses: { ...r.openapi.responses, ...errors },
+    };
+    if (r.body)
+      op.requestBody = {
+        required: true,
+        content: { 'application/json': { schema: z.toJSONSchema(r.body, { io: 'input' }) } },
+      };
+    else if (r.openapi.requestBody) op.requestBody = r.openapi.requestBody;
+    paths[r.path] ??= {};
+    const entry = paths[r.path];
+    if (entry) entry[r.method.toLowerCase()] = op;
+  }
+  for (const r of machineChannelRoutes) {
+    paths[r.path] ??= {};
+    const entry = paths[r.path];
+    if (entry)
+      entry.get = {
+        summary: r.summary,
+        description: r.description,
+        parameters: [...pathParams(r.path), ...(r.parameters ?? [])],
+        responses: {
+          '101': { description: 'Switching Protocols: the WebSocket is open' },
+          '426': { description: 'Upgrade Required: a plain GET on a WebSocket endpoint' },
+          ...errors,
+        },
+      };
   }
   return {
     openapi: '3.1.0',
