@@ -27,7 +27,10 @@ export function incompleteUtf8Tail(b: Buffer): number {
   for (let back = 1; back <= Math.min(3, b.length); back++) {
     const byte = b[b.length - back] ?? 0;
     if ((byte & 0xc0) === 0x80) continue; // continuation byte: keep looking for the lead
-    const need = byte >= 0xf0 && byte <= 0xf4 ? 4 : byte >= 0xe0 ? 3 : byte >= 0xc2 && byte < 0xe0 ? 2 : 1;
+    let need = 1; // ASCII, or a byte that starts no valid sequence
+    if (byte >= 0xc2 && byte <= 0xdf) need = 2;
+    else if (byte >= 0xe0 && byte <= 0xef) need = 3;
+    else if (byte >= 0xf0 && byte <= 0xf4) need = 4;
     return need > back ? back : 0;
   }
   return 0;

@@ -79,6 +79,7 @@ export async function startHttpApi(
   const routes = compile(machineRoutes);
   const streamRoutes = compile<StreamRoute>(machineStreamRoutes);
   const openapi = JSON.stringify(openApiDocument());
+  // The one upgrade router of this server: every surface's WebSocket channels go in this list.
   const upgrades = createUpgradeRouter(
     machineChannelRoutes.map((r) => ({
       path: r.path,

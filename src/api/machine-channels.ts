@@ -334,9 +334,19 @@ export async function attach(ctx: ChannelContext): Promise<void> {
     if (!exited) h.cancel();
     session.release();
   });
+  // Keys wait for the agent's window; past 1 MiB in flight, stop reading the socket.
+  let inFlight = 0;
   ws.on('message', (data: RawData, isBinary: boolean) => {
     if (isBinary) {
-      h.write(toBuffer(data)).catch(noop);
+      const b = toBuffer(data);
+      inFlight += b.length;
+      if (inFlight > 1024 * 1024) ws.pause();
+      h.write(b)
+        .catch(noop)
+        .finally(() => {
+          inFlight -= b.length;
+          if (inFlight <= 256 * 1024 && ws.isPaused) ws.resume();
+        });
       return;
     }
     let msg: { type?: unknown; cols?: unknown; rows?: unknown };

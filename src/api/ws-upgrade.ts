@@ -102,6 +102,9 @@ export interface UpgradeRouter {
 }
 
 /**
+ * Use one router per HTTP server, given the channel routes of every surface (machines, boxes):
+ * it answers every upgrade, refusing unknown paths, so a second router would answer twice.
+ *
  * Routes upgrade requests by path to their handlers (`ws` in noServer mode: the HTTP server
  * stays the only listener). Unknown paths get 404 ROUTE_NOT_FOUND; a handler's HutchError
  * before `accept` becomes its HTTP error.

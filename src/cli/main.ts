@@ -349,7 +349,8 @@ function terminal(ws: WebSocket, opts: { resize: boolean; escape?: number }): Pr
     };
     stdin.on('data', onKeys);
     stdin.resume();
-    if (opts.resize) process.on('SIGWINCH', onResize);
+    // 'resize' follows SIGWINCH once Node has read the new size.
+    if (opts.resize) process.stdout.on('resize', onResize);
     ws.on('message', (data: RawData, isBinary: boolean) => {
       const b = Buffer.isBuffer(data)
         ? data
@@ -371,9 +372,10 @@ function terminal(ws: WebSocket, opts: { resize: boolean; escape?: number }): Pr
     ws.on('error', () => {
       // 'close' follows and reports
     });
+    ws.resume();
     ws.on('close', (code: number, reason: Buffer) => {
       stdin.off('data', onKeys);
-      process.off('SIGWINCH', onResize);
+      process.stdout.off('resize', onResize);
       if (raw) stdin.setRawMode(false);
       stdin.pause();
       if (exitCode !== undefined) return resolve(exitCode);

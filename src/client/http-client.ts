@@ -176,7 +176,9 @@ export class HutchClient {
 
   /**
    * Opens a WebSocket channel of a machine (`tty`, `attach`), resolving once it is open; an
-   * error answer to the upgrade becomes ApiError.
+   * error answer to the upgrade becomes ApiError. The socket comes back paused (the server may
+   * send its first frames, e.g. the console replay, together with the handshake): attach the
+   * 'message' listener, then call `resume()`.
    */
   openChannel(id: string, channel: string, query: Record<string, string> = {}): Promise<WebSocket> {
     const url = this.machinePath(id, channel);
@@ -184,7 +186,10 @@ export class HutchClient {
     for (const [k, v] of Object.entries(query)) url.searchParams.set(k, v);
     return new Promise((resolve, reject) => {
       const ws = new WebSocket(url);
-      ws.once('open', () => resolve(ws));
+      ws.once('open', () => {
+        ws.pause();
+        resolve(ws);
+      });
       ws.once('unexpected-response', (_req, res) => {
         let text = '';
         res.on('data', (b: Buffer) => {

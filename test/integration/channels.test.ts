@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { execFile, execFileSync, spawnSync } from 'node:child_process';
+import { execFile, execFileSync, spawn, spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -277,6 +277,19 @@ describe('machine channels: tty, files, streaming exec, attach', () => {
       ['stderr', 'b\n'],
       ['exit', 4],
     ]);
+
+    const withStdin: string[] = [];
+    for await (const e of client.execStream(id, { cmd: ['cat'], stdin: 'from stdin' }))
+      if (e.type === 'stdout') withStdin.push(e.data.toString());
+    assert.equal(withStdin.join(''), 'from stdin');
+    await assert.rejects(
+      async () => {
+        for await (const _ of client.execStream(id, { cmd: ['/no/such/program'] })) {
+          // nothing
+        }
+      },
+      { code: 'EXEC_FAILED', status: 422 },
+    );
   });
 
   test('streaming exec: bytes that are not UTF-8 round-trip exactly; UTF-8 stays text', async () => {
@@ -348,6 +361,33 @@ describe('machine channels: tty, files, streaming exec, attach', () => {
     const missing = hutch('download', id, '/root/nope');
     assert.equal(missing.status, 1);
     assert.match(missing.stderr.toString(), /FILE_NOT_FOUND/);
+  });
+
+  test('CLI: tty shows the console and types into it; Ctrl-] leaves', async () => {
+    const p = spawn('node', [join(root, 'bin', 'hutch.js'), 'tty', id], {
+      env: { ...process.env, HUTCH_URL: d.url },
+      stdio: ['pipe', 'pipe', 'pipe'],
+    });
+    let out = '';
+    let err = '';
+    p.stdout.on('data', (b: Buffer) => {
+      out += b.toString();
+    });
+    p.stderr.on('data', (b: Buffer) => {
+      err += b.toString();
+    });
+    const exited = new Promise<number | null>((r) => p.on('exit', (code) => r(code)));
+    try {
+      await until('the replay', () => out.length > 0).catch((e: Error) => {
+        throw new Error(`${e.message}; exit ${p.exitCode}, stderr: ${err}`);
+      });
+      p.stdin.write('echo cli-tty-$((2*21))\n');
+      await until('the typed command to run', () => /cli-tty-42/.test(out));
+      p.stdin.write(Buffer.from([0x1d]));
+      assert.equal(await exited, 0);
+    } finally {
+      p.kill();
+    }
   });
 
   test('attach: the real CLI under tmux (size, resize, Ctrl-C, exit code)', async () => {
