@@ -391,10 +391,11 @@ describe('machine channels: tty, files, streaming exec, attach', () => {
   });
 
   test('attach: the real CLI under tmux (size, resize, Ctrl-C, exit code)', async () => {
-    const sock = `hutch-test-${process.pid}`;
+    // A socket in the test's own directory: nothing of tmux outlives the test.
+    const sock = join(tmp, 'tmux.sock');
     const statusFile = join(tmp, 'attach-status');
     const tmux = (...args: string[]): string =>
-      execFileSync('tmux', ['-L', sock, ...args], { encoding: 'utf8' });
+      execFileSync('tmux', ['-S', sock, ...args], { encoding: 'utf8' });
     const screen = (): string => tmux('capture-pane', '-p', '-t', 't', '-S', '-200');
     const bin = join(root, 'bin', 'hutch.js');
     try {
@@ -439,7 +440,7 @@ describe('machine channels: tty, files, streaming exec, attach', () => {
       await until('the CLI to exit', () => existsSync(statusFile), 30_000);
       assert.equal(readFileSync(statusFile, 'utf8').trim(), 'exit=3');
     } finally {
-      spawnSync('tmux', ['-L', sock, 'kill-server']);
+      spawnSync('tmux', ['-S', sock, 'kill-server']);
     }
   });
 
