@@ -85,12 +85,6 @@ export const errorTable = {
     grpc: 'PERMISSION_DENIED',
     doc: "A volume's host_path is not inside a directory the server allows (HUTCH_VOLUME_ROOTS).",
   },
-  FILE_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No such file in the guest.' },
-  NOT_A_FILE: {
-    http: 400,
-    grpc: 'INVALID_ARGUMENT',
-    doc: 'The path names a directory or something else that is not a regular file.',
-  },
   IMAGE_NOT_FOUND: {
     http: 404,
     grpc: 'NOT_FOUND',
@@ -100,6 +94,22 @@ export const errorTable = {
     http: 502,
     grpc: 'UNAVAILABLE',
     doc: "Pulling the image failed (registry unreachable or a broken image); the message carries skopeo's or umoci's error.",
+  },
+  FILE_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No file at this path in the machine or box.' },
+  NOT_A_FILE: {
+    http: 409,
+    grpc: 'FAILED_PRECONDITION',
+    doc: 'The path names a directory (or something else that is not a regular file).',
+  },
+  FILE_TRANSFER_FAILED: {
+    http: 422,
+    grpc: 'FAILED_PRECONDITION',
+    doc: 'The guest could not read or write the file (e.g. ENOSPC, EACCES); the errno is in `errno`.',
+  },
+  UPGRADE_REQUIRED: {
+    http: 426,
+    grpc: 'INVALID_ARGUMENT',
+    doc: 'The endpoint is a WebSocket: ask for an upgrade (Connection: Upgrade, Upgrade: websocket).',
   },
 } as const;
 

@@ -8,12 +8,14 @@ import { pipeline } from 'node:stream/promises';
 import Busboy from 'busboy';
 import { type WebSocket, WebSocketServer } from 'ws';
 import type { Engine } from '../engine/engine.js';
-import { errorTable, HutchError, toHutchError } from '../errors.js';
+import { HutchError, toHutchError } from '../errors.js';
 import { AgentError } from '../guest/agent-connection.js';
 import { type BoxRoute, boxRoutes, uploadDest } from './boxes-routes.js';
 import { downloadBody } from './boxes-schemas.js';
+import { writeRespectingBackpressure } from './exec-stream.js';
 import { readJson, sendError, sendJson } from './http-server.js';
 import { parseWith } from './routes.js';
+import { rejectUpgrade } from './ws-upgrade.js';
 
 interface Compiled {
   route: BoxRoute;
@@ -135,12 +137,7 @@ export async function startBoxesApi(
       });
       wss.handleUpgrade(req, socket, head, (ws) => bridgeTerminal(ws, session));
     } catch (e) {
-      const err = toHutchError(e);
-      const body = JSON.stringify({ code: err.code, message: err.message });
-      const status = errorTable[err.code].http;
-      socket.end(
-        `HTTP/1.1 ${status} ${err.code}\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`,
-      );
+      rejectUpgrade(socket, toHutchError(e));
     }
   }
 
@@ -206,18 +203,9 @@ export async function startBoxesApi(
   };
 }
 
-/** Writes, waiting for the socket to drain when its buffer is full (a slow reader slows us). */
+/** Writes with backpressure; a client that went away ends the handler quietly. */
 async function write(res: ServerResponse, chunk: string | Buffer): Promise<void> {
-  if (res.write(chunk)) return;
-  await new Promise<void>((resolve) => {
-    const done = (): void => {
-      res.off('drain', done);
-      res.off('close', done);
-      resolve();
-    };
-    res.on('drain', done);
-    res.on('close', done);
-  });
+  await writeRespectingBackpressure(res, chunk).catch(() => {});
 }
 
 async function serveEvents(

@@ -3,17 +3,24 @@ import type { AddressInfo } from 'node:net';
 import type { Engine } from '../engine/engine.js';
 import { errorTable, HutchError, toHutchError } from '../errors.js';
 import { openApiDocument } from './openapi.js';
-import { machineRoutes, type Route } from './routes.js';
+import {
+  machineChannelRoutes,
+  machineRoutes,
+  machineStreamRoutes,
+  type Route,
+  type StreamRoute,
+} from './routes.js';
+import { createUpgradeRouter } from './ws-upgrade.js';
 
 const maxBodyBytes = 1024 * 1024;
 
-interface CompiledRoute {
-  route: Route;
+interface CompiledRoute<R = Route> {
+  route: R;
   regex: RegExp;
   names: string[];
 }
 
-function compile(routes: Route[]): CompiledRoute[] {
+function compile<R extends { path: string }>(routes: R[]): CompiledRoute<R>[] {
   return routes.map((route) => {
     const names: string[] = [];
     const pattern = route.path.replace(/\{(\w+)\}/g, (_, n: string) => {
@@ -70,10 +77,20 @@ export async function startHttpApi(
   opts: { host: string; port: number; owner: string },
 ): Promise<HttpApi> {
   const routes = compile(machineRoutes);
+  const streamRoutes = compile<StreamRoute>(machineStreamRoutes);
   const openapi = JSON.stringify(openApiDocument());
+  // The one upgrade router of this server: every surface's WebSocket channels go in this list.
+  const upgrades = createUpgradeRouter(
+    machineChannelRoutes.map((r) => ({
+      path: r.path,
+      handle: (ctx) => r.handle({ ...ctx, engine, owner: opts.owner }),
+    })),
+    { onError: (e) => console.error('websocket channel error:', e) },
+  );
   const server = createServer((req, res) => {
     void handle(req, res);
   });
+  server.on('upgrade', (req, socket, head) => upgrades.onUpgrade(req, socket, head));
   async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     try {
       const url = new URL(req.url ?? '/', 'http://localhost');
@@ -82,6 +99,36 @@ export async function startHttpApi(
         return;
       }
       let pathMatched = false;
+      for (const c of streamRoutes) {
+        const m = c.regex.exec(url.pathname);
+        if (!m) continue;
+        pathMatched = true;
+        if (c.route.method !== req.method) continue;
+        const params: Record<string, string> = {};
+        c.names.forEach((n, i) => {
+          params[n] = decodeURIComponent(m[i + 1] ?? '');
+        });
+        const body = c.route.body ? await readJson(req) : undefined;
+        const result = await c.route.handle({
+          engine,
+          owner: opts.owner,
+          params,
+          query: url.searchParams,
+          body,
+          req,
+          res,
+        });
+        if (!res.headersSent && !res.destroyed) sendJson(res, c.route.status, result);
+        return;
+      }
+      if (!pathMatched && upgrades.matches(url.pathname)) {
+        if (req.method !== 'GET')
+          throw new HutchError('METHOD_NOT_ALLOWED', `${req.method} is not allowed on ${url.pathname}`);
+        throw new HutchError(
+          'UPGRADE_REQUIRED',
+          `${url.pathname} is a WebSocket endpoint: upgrade to websocket`,
+        );
+      }
       for (const c of routes) {
         const m = c.regex.exec(url.pathname);
         if (!m) continue;
@@ -102,6 +149,8 @@ export async function startHttpApi(
     } catch (e) {
       const err = toHutchError(e);
       if (err.code === 'INTERNAL') console.error('internal error:', e);
+      // A body we did not read (a refused upload) is not drained: the connection closes instead.
+      if (!req.complete && !res.headersSent) res.setHeader('connection', 'close');
       if (!res.headersSent) sendError(res, err);
       else res.destroy();
     }
@@ -120,6 +169,7 @@ export async function startHttpApi(
     url: `http://${host}:${addr.port}`,
     close: () =>
       new Promise<void>((resolve) => {
+        upgrades.close();
         server.close(() => resolve());
         server.closeAllConnections();
       }),

@@ -147,3 +147,19 @@ export const healthSchema = z.object({
   max_machines: z.number().int(),
   uptime_s: z.number().int(),
 });
+
+export const attachQuery = z.object({
+  shell: z.string().startsWith('/').default('/bin/bash').describe('Absolute path of the shell to run.'),
+  cols: z.coerce.number().int().min(1).max(1000).default(80).describe('Terminal columns.'),
+  rows: z.coerce.number().int().min(1).max(1000).default(24).describe('Terminal rows.'),
+  term: z
+    .string()
+    .regex(/^[A-Za-z0-9._+-]{1,64}$/)
+    .default('xterm-256color')
+    .describe('TERM for the shell.'),
+});
+
+export const uploadResultSchema = z.object({
+  path: z.string().describe('Where the file was written: /root/<X-Filename>.'),
+  size: z.number().int().describe('Bytes written.'),
+});

@@ -1,5 +1,9 @@
-import { readFileSync } from 'node:fs';
+import { once } from 'node:events';
+import { createWriteStream, readFileSync } from 'node:fs';
+import { basename } from 'node:path';
+import { pipeline } from 'node:stream/promises';
 import { parseArgs } from 'node:util';
+import type { RawData, WebSocket } from 'ws';
 import { ApiError, HutchClient } from '../client/http-client.js';
 import { clientUrl, loadConfig } from '../config.js';
 import { jsonLogger, startDaemon } from '../daemon.js';
@@ -12,6 +16,11 @@ const usage = `hutch: real computers over an API
   hutch ls [--json]
   hutch get ID [--json]
   hutch exec [-i] [--env K=V]... [--cwd DIR] [--timeout MS] [--json] ID -- CMD [ARG...]
+                                   (output streams live; exits with the command's exit code)
+  hutch attach ID [--shell /bin/bash] [--term xterm-256color]   interactive shell (a PTY)
+  hutch tty ID                     the serial console (Ctrl-] leaves)
+  hutch upload ID FILE [--name NAME]           FILE to /root/NAME (default: its base name)
+  hutch download ID PATH [-o FILE]             to FILE, or to stdout
   hutch rm ID... [--json]
   hutch health [--json]
   hutch template build [NAME] [--image-dir D]
@@ -149,6 +158,9 @@ async function main(argv: string[]): Promise<void> {
         cwd: { type: 'string' },
         timeout: { type: 'string' },
         interactive: { type: 'boolean', short: 'i' },
+        shell: { type: 'string' },
+        term: { type: 'string' },
+        output: { type: 'string', short: 'o' },
       },
     }) as { values: Flags; positionals: string[] };
   } catch (e) {
@@ -231,6 +243,10 @@ async function main(argv: string[]): Promise<void> {
       if (flags.cwd) body.cwd = flags.cwd;
       if (flags.timeout) body.timeout_ms = Number(flags.timeout);
       if (flags.interactive) body.stdin = readFileSync(0, 'utf8');
+      if (!json) {
+        process.exitCode = await streamExec(client, id, body);
+        return;
+      }
       const r = await client.exec<{
         exit_code: number | null;
         signal: number | null;
@@ -248,9 +264,129 @@ async function main(argv: string[]): Promise<void> {
       process.exitCode = r.exit_code ?? 128 + (r.signal ?? 9);
       return;
     }
+    case 'attach': {
+      const id = positionals[0];
+      if (!id) fail('usage: hutch attach ID [--shell PATH] [--term TERM]');
+      const query: Record<string, string> = {
+        cols: String(process.stdout.columns ?? 80),
+        rows: String(process.stdout.rows ?? 24),
+        term: (flags.term as string | undefined) ?? 'xterm-256color',
+      };
+      if (flags.shell) query.shell = flags.shell as string;
+      const ws = await client.openChannel(id, 'attach', query);
+      process.exitCode = await terminal(ws, { resize: true });
+      return;
+    }
+    case 'tty': {
+      const id = positionals[0];
+      if (!id) fail('usage: hutch tty ID');
+      const ws = await client.openChannel(id, 'tty');
+      if (process.stdin.isTTY) process.stderr.write(`hutch: console of ${id}; Ctrl-] leaves\r\n`);
+      process.exitCode = await terminal(ws, { resize: false, escape: 0x1d });
+      return;
+    }
+    case 'upload': {
+      const [id, file] = positionals;
+      if (!id || !file) fail('usage: hutch upload ID FILE [--name NAME]');
+      const r = await client.upload(id, (flags.name as string | undefined) ?? basename(file), file);
+      if (json) printJson(r);
+      else process.stdout.write(`${r.path}\t${r.size}\n`);
+      return;
+    }
+    case 'download': {
+      const [id, path] = positionals;
+      if (!id || !path) fail('usage: hutch download ID PATH [-o FILE]');
+      const r = await client.download(id, path);
+      const out = flags.output as string | undefined;
+      await pipeline(r.stream, out && out !== '-' ? createWriteStream(out) : process.stdout);
+      return;
+    }
     default:
       fail(`unknown command ${JSON.stringify(cmd)}\n\n${usage}`);
   }
+}
+
+/** Writes to stdout/stderr, waiting when the pipe is full (output is never dropped or reordered). */
+async function writeOut(dest: NodeJS.WriteStream, data: Buffer): Promise<void> {
+  if (!dest.write(data)) await once(dest, 'drain');
+}
+
+/** Runs a command over the streaming endpoint: output live, bytes exact; returns its exit code. */
+async function streamExec(client: HutchClient, id: string, body: Record<string, unknown>): Promise<number> {
+  for await (const e of client.execStream(id, body)) {
+    if (e.type === 'stdout') await writeOut(process.stdout, e.data);
+    else if (e.type === 'stderr') await writeOut(process.stderr, e.data);
+    else if (e.type === 'exit') {
+      if (e.timed_out) process.stderr.write('hutch: command timed out\n');
+      return e.exit_code ?? 128 + (e.signal ?? 9);
+    } else if (e.type === 'error') {
+      process.stderr.write(`hutch: ${e.code}: ${e.message}\n`);
+      return 1;
+    }
+  }
+  process.stderr.write('hutch: the output stream ended without an exit status\n');
+  return 1;
+}
+
+/**
+ * Connects the local terminal to a channel: raw mode, keys to the socket, binary frames to
+ * stdout; with `resize`, the window size follows SIGWINCH. Resolves with the exit code.
+ */
+function terminal(ws: WebSocket, opts: { resize: boolean; escape?: number }): Promise<number> {
+  return new Promise((resolve) => {
+    const stdin = process.stdin;
+    const raw = stdin.isTTY === true;
+    if (raw) stdin.setRawMode(true);
+    let exitCode: number | undefined;
+    const onKeys = (b: Buffer): void => {
+      if (opts.escape !== undefined && b.includes(opts.escape)) {
+        ws.close(1000, 'detached');
+        return;
+      }
+      ws.send(b, { binary: true });
+    };
+    const onResize = (): void => {
+      if (!process.stdout.columns || !process.stdout.rows) return;
+      ws.send(JSON.stringify({ type: 'resize', cols: process.stdout.columns, rows: process.stdout.rows }));
+    };
+    stdin.on('data', onKeys);
+    stdin.resume();
+    // 'resize' follows SIGWINCH once Node has read the new size.
+    if (opts.resize) process.stdout.on('resize', onResize);
+    ws.on('message', (data: RawData, isBinary: boolean) => {
+      const b = Buffer.isBuffer(data)
+        ? data
+        : Buffer.concat(Array.isArray(data) ? data : [Buffer.from(data)]);
+      if (isBinary) {
+        if (!process.stdout.write(b)) {
+          ws.pause();
+          process.stdout.once('drain', () => ws.resume());
+        }
+        return;
+      }
+      try {
+        const msg = JSON.parse(b.toString('utf8')) as { type?: string; code?: number };
+        if (msg.type === 'exit' && typeof msg.code === 'number') exitCode = msg.code;
+      } catch {
+        // not a control message of ours: ignore
+      }
+    });
+    ws.on('error', () => {
+      // 'close' follows and reports
+    });
+    ws.resume();
+    ws.on('close', (code: number, reason: Buffer) => {
+      stdin.off('data', onKeys);
+      process.stdout.off('resize', onResize);
+      if (raw) stdin.setRawMode(false);
+      stdin.pause();
+      if (exitCode !== undefined) return resolve(exitCode);
+      const why = reason.toString('utf8');
+      if (code === 1000 && (why === 'detached' || why === '')) return resolve(0);
+      process.stderr.write(`\r\nhutch: connection closed (${code}${why ? `: ${why}` : ''})\r\n`);
+      resolve(1);
+    });
+  });
 }
 
 main(process.argv.slice(2)).catch((e: unknown) => {

@@ -1,3 +1,14 @@
+import { createReadStream } from 'node:fs';
+import { Readable } from 'node:stream';
+import type { ReadableStream as WebReadableStream } from 'node:stream/web';
+import { WebSocket } from 'ws';
+
+/** One event of a streamed exec, decoded: output bytes, or the end. */
+export type ExecStreamEvent =
+  | { type: 'stdout' | 'stderr'; data: Buffer }
+  | { type: 'exit'; exit_code: number | null; signal: number | null; timed_out: boolean; duration_ms: number }
+  | { type: 'error'; code: string; message: string };
+
 /**
  * A thin client of the public machines API. The CLI (and later the SDK and MCP server) use only
  * this: adapters add no behaviour of their own.
@@ -58,5 +69,155 @@ export class HutchClient {
   }
   exec<T = Record<string, unknown>>(id: string, body: Record<string, unknown>): Promise<T> {
     return this.request('POST', `/v1/machines/${encodeURIComponent(id)}/exec`, body);
+  }
+
+  private machinePath(id: string, rest: string): URL {
+    return new URL(`/v1/machines/${encodeURIComponent(id)}/${rest}`, this.baseUrl);
+  }
+
+  /** fetch, with a daemon that is down or an error answer turned into ApiError. */
+  private async send(url: URL, init: RequestInit & { duplex?: 'half' }): Promise<Response> {
+    let res: Response;
+    try {
+      res = await fetch(url, init);
+    } catch (e) {
+      if ((e as Error).name === 'AbortError') throw e;
+      const cause = (e as { cause?: { code?: string } }).cause?.code ?? (e as Error).message;
+      throw new ApiError(
+        0,
+        'UNREACHABLE',
+        `cannot reach the hutch daemon at ${this.baseUrl} (${cause}); is \`hutch serve\` running?`,
+      );
+    }
+    if (!res.ok) {
+      const text = await res.text();
+      let e: { code?: string; message?: string } = {};
+      try {
+        e = JSON.parse(text) as typeof e;
+      } catch {
+        // not JSON
+      }
+      throw new ApiError(res.status, e.code ?? `HTTP_${res.status}`, e.message ?? res.statusText);
+    }
+    return res;
+  }
+
+  /**
+   * Runs a command with POST /exec/stream and yields its output as it arrives (bytes exact),
+   * then its exit. Aborting `signal` (or leaving the loop early) kills the command.
+   */
+  async *execStream(
+    id: string,
+    body: Record<string, unknown>,
+    signal?: AbortSignal,
+  ): AsyncGenerator<ExecStreamEvent> {
+    const ac = new AbortController();
+    const onAbort = (): void => ac.abort();
+    signal?.addEventListener('abort', onAbort, { once: true });
+    try {
+      const res = await this.send(this.machinePath(id, 'exec/stream'), {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify(body),
+        signal: ac.signal,
+      });
+      let pending = '';
+      const decoder = new TextDecoder();
+      const parse = (line: string): ExecStreamEvent => {
+        const e = JSON.parse(line) as { type: string; data?: string; encoding?: string };
+        if (e.type === 'stdout' || e.type === 'stderr')
+          return {
+            type: e.type,
+            data: Buffer.from(e.data ?? '', e.encoding === 'base64' ? 'base64' : 'utf8'),
+          };
+        return e as ExecStreamEvent;
+      };
+      for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
+        pending += decoder.decode(chunk, { stream: true });
+        let nl = pending.indexOf('\n');
+        while (nl >= 0) {
+          const line = pending.slice(0, nl);
+          pending = pending.slice(nl + 1);
+          if (line.trim()) yield parse(line);
+          nl = pending.indexOf('\n');
+        }
+      }
+      pending += decoder.decode();
+      if (pending.trim()) yield parse(pending);
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
+      ac.abort();
+    }
+  }
+
+  /** Streams a local file (or any byte stream) to /root/<name> in the machine. */
+  async upload(id: string, name: string, source: string | Readable): Promise<{ path: string; size: number }> {
+    const stream = typeof source === 'string' ? createReadStream(source) : source;
+    const res = await this.send(this.machinePath(id, 'upload'), {
+      method: 'POST',
+      headers: { 'content-type': 'application/octet-stream', 'x-filename': encodeURIComponent(name) },
+      body: Readable.toWeb(stream) as unknown as BodyInit,
+      duplex: 'half',
+    });
+    return (await res.json()) as { path: string; size: number };
+  }
+
+  /** A file of the machine as a byte stream (and its size when the server knows it). */
+  async download(id: string, path: string): Promise<{ stream: Readable; size: number | undefined }> {
+    const url = this.machinePath(id, 'download');
+    url.searchParams.set('path', path);
+    const res = await this.send(url, { method: 'GET' });
+    const len = res.headers.get('content-length');
+    return {
+      stream: Readable.fromWeb(res.body as unknown as WebReadableStream<Uint8Array>),
+      size: len === null ? undefined : Number(len),
+    };
+  }
+
+  /**
+   * Opens a WebSocket channel of a machine (`tty`, `attach`), resolving once it is open; an
+   * error answer to the upgrade becomes ApiError. The socket comes back paused (the server may
+   * send its first frames, e.g. the console replay, together with the handshake): attach the
+   * 'message' listener, then call `resume()`.
+   */
+  openChannel(id: string, channel: string, query: Record<string, string> = {}): Promise<WebSocket> {
+    const url = this.machinePath(id, channel);
+    url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
+    for (const [k, v] of Object.entries(query)) url.searchParams.set(k, v);
+    return new Promise((resolve, reject) => {
+      const ws = new WebSocket(url);
+      ws.once('open', () => {
+        ws.pause();
+        resolve(ws);
+      });
+      ws.once('unexpected-response', (_req, res) => {
+        let text = '';
+        res.on('data', (b: Buffer) => {
+          text += b.toString('utf8');
+        });
+        res.on('end', () => {
+          let e: { code?: string; message?: string } = {};
+          try {
+            e = JSON.parse(text) as typeof e;
+          } catch {
+            // not JSON
+          }
+          const status = res.statusCode ?? 0;
+          reject(
+            new ApiError(status, e.code ?? `HTTP_${status}`, e.message ?? (res.statusMessage || 'error')),
+          );
+        });
+        ws.terminate();
+      });
+      ws.once('error', (e: Error & { code?: string }) =>
+        reject(
+          new ApiError(
+            0,
+            'UNREACHABLE',
+            `cannot reach the hutch daemon at ${this.baseUrl} (${e.code ?? e.message}); is \`hutch serve\` running?`,
+          ),
+        ),
+      );
+    });
   }
 }

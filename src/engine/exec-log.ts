@@ -33,7 +33,7 @@ export class Utf8Chunker {
 
   push(chunk: Buffer): { data: string; encoding?: 'base64' } | undefined {
     const buf = this.carry.length ? Buffer.concat([this.carry, chunk]) : chunk;
-    const cut = buf.length - incompleteTail(buf);
+    const cut = buf.length - incompleteUtf8Tail(buf);
     this.carry = Buffer.from(buf.subarray(cut));
     return cut === 0 ? undefined : encode(buf.subarray(0, cut));
   }
@@ -49,12 +49,16 @@ function encode(b: Buffer): { data: string; encoding?: 'base64' } {
   return isUtf8(b) ? { data: b.toString('utf8') } : { data: b.toString('base64'), encoding: 'base64' };
 }
 
-/** Bytes at the end of `b` that start a multi-byte UTF-8 sequence not yet complete (0–3). */
-function incompleteTail(b: Buffer): number {
+/** How many bytes at the end of `b` begin a UTF-8 sequence that `b` does not complete. */
+export function incompleteUtf8Tail(b: Buffer): number {
+  // A sequence is at most 4 bytes: look at the last 3 for the lead byte of an unfinished one.
   for (let back = 1; back <= Math.min(3, b.length); back++) {
     const byte = b[b.length - back] ?? 0;
-    if ((byte & 0xc0) === 0x80) continue; // continuation byte: look further back
-    const need = byte >= 0xf0 && byte < 0xf8 ? 4 : byte >= 0xe0 ? 3 : byte >= 0xc0 ? 2 : 1;
+    if ((byte & 0xc0) === 0x80) continue; // continuation byte: keep looking for the lead
+    let need = 1; // ASCII, or a byte that starts no valid sequence
+    if (byte >= 0xc2 && byte <= 0xdf) need = 2;
+    else if (byte >= 0xe0 && byte <= 0xef) need = 3;
+    else if (byte >= 0xf0 && byte <= 0xf4) need = 4;
     return need > back ? back : 0;
   }
   return 0;

@@ -74,7 +74,9 @@ export class ConsoleTap extends EventEmitter {
     this.sock?.write(b);
   }
 
+  /** Stops the tap; emits 'stop' once, so live viewers can be told the console is gone. */
   stop(): void {
+    if (!this.stopped) setImmediate(() => this.emit('stop'));
     this.stopped = true;
     this.sock?.destroy();
     if (this.logFd !== undefined) {

@@ -347,7 +347,7 @@ describe('boxes API', { timeout: 600_000 }, () => {
     const back = await readAll(await tcp.download(box.id, '/root/big.bin'));
     assert.ok(back.equals(big));
     await rejects(c.download(box.id, '/root/nope'), 404, 'FILE_NOT_FOUND');
-    await rejects(c.download(box.id, '/root'), 400, 'NOT_A_FILE');
+    await rejects(c.download(box.id, '/root'), 409, 'NOT_A_FILE');
     await rejects(c.download(box.id, 'relative'), 400, 'INVALID_ARGUMENT');
     await rejects(c.upload(box.id, '/root/../etc/passwd', Buffer.from('x')), 400, 'INVALID_ARGUMENT');
     await rejects(c.upload('box_000000000000', '/root/x', Buffer.from('x')), 404, 'BOX_NOT_FOUND');

@@ -1,0 +1,394 @@
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { performance } from 'node:perf_hooks';
+import type { Readable } from 'node:stream';
+import type { RawData, WebSocket } from 'ws';
+import type { Engine } from '../engine/engine.js';
+import { HutchError } from '../errors.js';
+import { AgentError, type ExecHandle } from '../guest/agent-connection.js';
+import type { ConsoleTap } from '../vmm/console.js';
+import { encodeEvent, OutputEncoder, writeRespectingBackpressure } from './exec-stream.js';
+import { parseWith } from './routes.js';
+import { attachQuery, execBody } from './schemas.js';
+import { closeCodes, sendBinary, type UpgradeContext, waitForDrain } from './ws-upgrade.js';
+
+/**
+ * The streaming side of the machines API: live exec output, file transfer and the WebSocket
+ * channels (serial console, PTY shell). Each handler opens an engine session (the machine is
+ * busy, never idle, while it runs) and only moves bytes between the client and the guest agent.
+ */
+
+export interface StreamContext {
+  engine: Engine;
+  owner: string;
+  params: Record<string, string>;
+  query: URLSearchParams;
+  body: unknown;
+  req: IncomingMessage;
+  res: ServerResponse;
+}
+
+export type ChannelContext = UpgradeContext & { engine: Engine; owner: string };
+
+const noop = (): void => {};
+
+function agentFailure(e: unknown, what: string, machine: string): HutchError {
+  if (e instanceof HutchError) return e;
+  if (e instanceof AgentError)
+    return new HutchError(
+      'EXEC_FAILED',
+      `cannot run ${what}: ${e.code}${e.agentMessage ? ` (${e.agentMessage})` : ''}`,
+      { errno: e.code },
+    );
+  return new HutchError('AGENT_UNAVAILABLE', `machine ${machine}: ${(e as Error).message}`);
+}
+
+function fileFailure(e: unknown, path: string, machine: string): HutchError {
+  if (e instanceof HutchError) return e;
+  if (e instanceof AgentError) {
+    if (e.code === 'ENOENT' || e.code === 'ENOTDIR')
+      return new HutchError('FILE_NOT_FOUND', `no file ${JSON.stringify(path)} in machine ${machine}`);
+    if (e.code === 'EISDIR')
+      return new HutchError('NOT_A_FILE', `${JSON.stringify(path)} is a directory`, { errno: e.code });
+    return new HutchError(
+      'FILE_TRANSFER_FAILED',
+      `${path}: ${e.code}${e.agentMessage ? ` (${e.agentMessage})` : ''}`,
+      { errno: e.code },
+    );
+  }
+  return new HutchError('AGENT_UNAVAILABLE', `machine ${machine}: ${(e as Error).message}`);
+}
+
+// ---- POST /v1/machines/{id}/exec/stream ---------------------------------------------------------
+
+export async function execStream(ctx: StreamContext): Promise<void> {
+  const b = parseWith(execBody, ctx.body);
+  const argv = typeof b.cmd === 'string' ? ['/bin/sh', '-c', b.cmd] : b.cmd;
+  const session = await ctx.engine.openSession(ctx.owner, ctx.params.id ?? '');
+  const t0 = performance.now();
+  let h: ExecHandle;
+  try {
+    h = session.agent.exec({
+      argv,
+      ...(b.env ? { env: b.env } : {}),
+      ...(b.cwd ? { cwd: b.cwd } : {}),
+      stdin: b.stdin !== undefined,
+      timeoutMs: b.timeout_ms ?? 60_000,
+    });
+    h.result.catch(noop);
+    await h.started;
+  } catch (e) {
+    session.release();
+    throw agentFailure(e, JSON.stringify(argv[0]), session.id);
+  }
+  const { res } = ctx;
+  let finished = false;
+  res.on('close', () => {
+    // The client went away before the end: the command goes too.
+    if (!finished) h.cancel();
+  });
+  if (b.stdin !== undefined)
+    h.write(b.stdin)
+      .then(() => h.end())
+      .catch(noop);
+  res.writeHead(200, {
+    'content-type': 'application/x-ndjson',
+    'cache-control': 'no-store',
+    'x-content-type-options': 'nosniff',
+  });
+  res.flushHeaders();
+  const write = (line: string): Promise<void> => writeRespectingBackpressure(res, line);
+  const pump = async (r: Readable, enc: OutputEncoder): Promise<void> => {
+    for await (const chunk of r as AsyncIterable<Buffer>) {
+      const ev = enc.push(chunk);
+      if (ev) await write(encodeEvent(ev));
+    }
+    const ev = enc.flush();
+    if (ev) await write(encodeEvent(ev));
+  };
+  try {
+    const [result] = await Promise.all([
+      h.result,
+      pump(h.stdout, new OutputEncoder('stdout')),
+      pump(h.stderr, new OutputEncoder('stderr')),
+    ]);
+    await write(
+      encodeEvent({
+        type: 'exit',
+        exit_code: result.exitCode,
+        signal: result.signal,
+        timed_out: result.timedOut,
+        duration_ms: Math.round(performance.now() - t0),
+      }),
+    );
+    finished = true;
+    res.end();
+  } catch (e) {
+    if (res.destroyed) {
+      h.cancel();
+    } else {
+      const err = agentFailure(e, JSON.stringify(argv[0]), session.id);
+      finished = true;
+      h.cancel();
+      res.end(encodeEvent({ type: 'error', code: err.code, message: err.message }));
+    }
+  } finally {
+    session.release();
+  }
+}
+
+// ---- POST /v1/machines/{id}/upload --------------------------------------------------------------
+
+/**
+ * The file name of an upload: the X-Filename header, percent-decoded (so any UTF-8 name can be
+ * sent), one path component: not empty, no `/`, no NUL, no `..`, at most 255 bytes.
+ */
+export function uploadName(header: string | string[] | undefined): string {
+  const raw = Array.isArray(header) ? header[0] : header;
+  if (raw === undefined || raw === '')
+    throw new HutchError('INVALID_ARGUMENT', 'X-Filename: the header is required (the file name in /root)');
+  let name: string;
+  try {
+    name = decodeURIComponent(raw);
+  } catch {
+    throw new HutchError('INVALID_ARGUMENT', 'X-Filename: not valid percent-encoding');
+  }
+  if (name === '' || name === '.' || name.includes('/') || name.includes('\0') || name.includes('..'))
+    throw new HutchError(
+      'INVALID_ARGUMENT',
+      `X-Filename: ${JSON.stringify(name)} is not a plain file name (no "/", "..", NUL; not empty)`,
+    );
+  if (Buffer.byteLength(name) > 255)
+    throw new HutchError('INVALID_ARGUMENT', 'X-Filename: longer than 255 bytes');
+  return name;
+}
+
+export async function upload(ctx: StreamContext): Promise<{ path: string; size: number }> {
+  const name = uploadName(ctx.req.headers['x-filename']);
+  const path = `/root/${name}`;
+  const session = await ctx.engine.openSession(ctx.owner, ctx.params.id ?? '');
+  try {
+    // The request stream itself: read only as fast as the agent's window lets the guest write.
+    const r = await session.agent.writeFile(path, ctx.req, { mode: 0o644 });
+    return { path, size: r.size };
+  } catch (e) {
+    if (ctx.req.destroyed || !ctx.req.complete)
+      throw new HutchError('INVALID_ARGUMENT', `upload of ${path} ended early: ${(e as Error).message}`);
+    throw fileFailure(e, path, session.id);
+  } finally {
+    session.release();
+  }
+}
+
+// ---- GET /v1/machines/{id}/download?path= --------------------------------------------------------
+
+export async function download(ctx: StreamContext): Promise<void> {
+  const path = ctx.query.get('path') ?? '';
+  if (!path.startsWith('/') || path.includes('\0'))
+    throw new HutchError('INVALID_ARGUMENT', 'path: an absolute path in the machine is required (?path=/…)');
+  const session = await ctx.engine.openSession(ctx.owner, ctx.params.id ?? '');
+  const { res } = ctx;
+  try {
+    const file = session.agent.readFile(path);
+    file.done.catch(noop);
+    // The size for content-length, asked for beside the read (the read alone says it at the end).
+    const sizeP = session.agent
+      .execCollect({ argv: ['stat', '-L', '-c', '%F:%s', '--', path] }, { maxOutputBytes: 4096 })
+      .then((r) => {
+        const m = /^regular (?:empty )?file:(\d+)\n?$/.exec(r.stdout.toString('utf8'));
+        return r.exitCode === 0 && m?.[1] ? Number(m[1]) : undefined;
+      })
+      .catch(() => undefined);
+    const it = (file.stream as AsyncIterable<Buffer>)[Symbol.asyncIterator]();
+    let first: IteratorResult<Buffer>;
+    try {
+      first = await it.next();
+    } catch (e) {
+      throw fileFailure(e, path, session.id);
+    }
+    const size = await sizeP;
+    const base = path.slice(path.lastIndexOf('/') + 1) || 'download';
+    res.writeHead(200, {
+      'content-type': 'application/octet-stream',
+      'content-disposition': `attachment; filename*=UTF-8''${encodeURIComponent(base)}`,
+      ...(size !== undefined ? { 'content-length': size } : {}),
+    });
+    let sent = 0;
+    try {
+      for (let r = first; !r.done; r = await it.next()) {
+        sent += r.value.length;
+        if (size !== undefined && sent > size) throw new Error(`${path} grew while it was sent`);
+        await writeRespectingBackpressure(res, r.value);
+      }
+      await file.done;
+      if (size !== undefined && sent !== size) throw new Error(`${path} changed size while it was sent`);
+      res.end();
+    } catch (e) {
+      // Headers are out: the only honest signal left is a cut connection.
+      await it.return?.();
+      res.destroy(e as Error);
+    }
+  } finally {
+    session.release();
+  }
+}
+
+// ---- WebSocket /v1/machines/{id}/tty ------------------------------------------------------------
+
+function toBuffer(data: RawData): Buffer {
+  if (Buffer.isBuffer(data)) return data;
+  if (Array.isArray(data)) return Buffer.concat(data);
+  return Buffer.from(data);
+}
+
+/** Opens the machine's console, keeping the machine busy (a paused one can be watched too). */
+async function openConsole(
+  ctx: ChannelContext,
+): Promise<{ id: string; console: ConsoleTap; release: () => void }> {
+  const id = ctx.params.id ?? '';
+  try {
+    const s = await ctx.engine.openSession(ctx.owner, id);
+    try {
+      return { ...ctx.engine.consoleOf(ctx.owner, s.id), release: s.release };
+    } catch (e) {
+      s.release();
+      throw e;
+    }
+  } catch (e) {
+    // Paused: no session (its agent is frozen), but the console is there to watch.
+    if (e instanceof HutchError && e.code === 'MACHINE_NOT_RUNNING')
+      return { ...ctx.engine.consoleOf(ctx.owner, id), release: noop };
+    throw e;
+  }
+}
+
+export async function tty(ctx: ChannelContext): Promise<void> {
+  const c = await openConsole(ctx);
+  let ws: WebSocket;
+  try {
+    ws = await ctx.accept();
+  } catch (e) {
+    c.release();
+    throw e;
+  }
+  const onData = (b: Buffer): void => {
+    if (!sendBinary(ws, b, 4 * 1024 * 1024))
+      // The console does not wait for anyone: a viewer that cannot keep up is let go.
+      ws.close(closeCodes.tryAgainLater, 'console viewer fell behind');
+  };
+  const onStop = (): void => {
+    const state = (() => {
+      try {
+        return ctx.engine.get(ctx.owner, c.id).status;
+      } catch {
+        return 'destroyed';
+      }
+    })();
+    ws.close(closeCodes.goingAway, `machine ${c.id} went away (${state})`);
+  };
+  ws.on('close', () => {
+    c.console.off('data', onData);
+    c.console.off('stop', onStop);
+    c.release();
+  });
+  ws.on('error', noop);
+  ws.on('message', (data: RawData) => c.console.write(toBuffer(data)));
+  // Replay then subscribe in one tick: no output is lost or shown twice.
+  const recent = c.console.recent();
+  if (recent.length) ws.send(recent, { binary: true });
+  c.console.on('data', onData);
+  c.console.once('stop', onStop);
+}
+
+// ---- WebSocket /v1/machines/{id}/attach ---------------------------------------------------------
+
+export async function attach(ctx: ChannelContext): Promise<void> {
+  const q = parseWith(attachQuery, Object.fromEntries(ctx.query));
+  const session = await ctx.engine.openSession(ctx.owner, ctx.params.id ?? '');
+  let h: ExecHandle;
+  let ws: WebSocket;
+  try {
+    h = session.agent.exec({
+      argv: [q.shell],
+      env: { TERM: q.term },
+      cwd: '/root',
+      stdin: true,
+      pty: { cols: q.cols, rows: q.rows },
+    });
+    h.result.catch(noop);
+    try {
+      await h.started;
+    } catch (e) {
+      throw agentFailure(e, JSON.stringify(q.shell), session.id);
+    }
+    ws = await ctx.accept().catch((e: unknown) => {
+      h.cancel();
+      throw e;
+    });
+  } catch (e) {
+    session.release();
+    throw e;
+  }
+  let exited = false;
+  ws.on('error', noop);
+  ws.on('close', () => {
+    if (!exited) h.cancel();
+    session.release();
+  });
+  // Keys wait for the agent's window; past 1 MiB in flight, stop reading the socket.
+  let inFlight = 0;
+  ws.on('message', (data: RawData, isBinary: boolean) => {
+    if (isBinary) {
+      const b = toBuffer(data);
+      inFlight += b.length;
+      if (inFlight > 1024 * 1024) ws.pause();
+      h.write(b)
+        .catch(noop)
+        .finally(() => {
+          inFlight -= b.length;
+          if (inFlight <= 256 * 1024 && ws.isPaused) ws.resume();
+        });
+      return;
+    }
+    let msg: { type?: unknown; cols?: unknown; rows?: unknown };
+    try {
+      msg = JSON.parse(toBuffer(data).toString('utf8')) as typeof msg;
+    } catch {
+      ws.close(closeCodes.unsupported, 'text frames must be JSON control messages');
+      return;
+    }
+    if (msg.type === 'resize') {
+      const ok = (n: unknown): n is number =>
+        Number.isInteger(n) && (n as number) >= 1 && (n as number) <= 1000;
+      if (ok(msg.cols) && ok(msg.rows)) h.resize(msg.cols, msg.rows);
+    }
+    // Unknown control messages are ignored, so clients can be newer than the server.
+  });
+  const pump = async (): Promise<void> => {
+    for await (const chunk of h.stdout as AsyncIterable<Buffer>) {
+      if (!sendBinary(ws, chunk)) await waitForDrain(ws);
+    }
+  };
+  try {
+    const [result] = await Promise.all([h.result, pump()]);
+    exited = true;
+    if (ws.readyState === ws.OPEN) {
+      const code = result.exitCode ?? 128 + (result.signal ?? 9);
+      ws.send(JSON.stringify({ type: 'exit', code }));
+      ws.close(closeCodes.normal, 'shell exited');
+    }
+  } catch (e) {
+    exited = true;
+    h.cancel();
+    const state = (() => {
+      try {
+        return ctx.engine.get(ctx.owner, session.id).status;
+      } catch {
+        return 'destroyed';
+      }
+    })();
+    ws.close(
+      closeCodes.goingAway,
+      `machine ${session.id} went away (${state}): ${(e as Error).message}`.slice(0, 120),
+    );
+  }
+}

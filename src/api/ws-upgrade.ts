@@ -1,0 +1,198 @@
+import type { IncomingMessage } from 'node:http';
+import type { Duplex } from 'node:stream';
+import { WebSocket, WebSocketServer } from 'ws';
+import { errorTable, HutchError, toHutchError } from '../errors.js';
+
+/**
+ * WebSocket plumbing shared by every API surface (machines, boxes): upgrades are routed by path
+ * like plain requests, a handler may refuse before the upgrade with an ordinary HTTP error
+ * (`{"code","message"}` with the code's status), and the server closes every socket it accepted
+ * when the API closes (upgraded sockets are no longer the HTTP server's to close).
+ */
+
+/** What an upgrade handler gets: the request, its path parameters and query, and `accept`. */
+export interface UpgradeContext {
+  req: IncomingMessage;
+  params: Record<string, string>;
+  query: URLSearchParams;
+  /**
+   * Completes the upgrade and returns the socket. Everything a handler throws before calling it
+   * becomes an HTTP error response; after it, the handler owns the socket.
+   */
+  accept: () => Promise<WebSocket>;
+}
+
+export interface UpgradeRoute {
+  /** Path with {param} segments, as in OpenAPI. */
+  path: string;
+  handle: (ctx: UpgradeContext) => Promise<void>;
+}
+
+/** Close codes used by hutch's channels (1000–1015 are the standard ones). */
+export const closeCodes = {
+  normal: 1000,
+  /** The machine went away (destroyed, suspended, failed) or the server is stopping. */
+  goingAway: 1001,
+  /** A frame the channel does not understand. */
+  unsupported: 1003,
+  /** The peer does not read fast enough to keep up with the output. */
+  tryAgainLater: 1013,
+  internal: 1011,
+} as const;
+
+/** Writes an HTTP error on a socket that was asking to upgrade, then closes it. */
+export function rejectUpgrade(socket: Duplex, error: HutchError): void {
+  const status = errorTable[error.code].http;
+  const body = JSON.stringify({ code: error.code, message: error.message, ...(error.details ?? {}) });
+  if (!socket.writable) {
+    socket.destroy();
+    return;
+  }
+  socket.once('finish', () => socket.destroy());
+  socket.end(
+    `HTTP/1.1 ${status} ${httpReason(status)}\r\n` +
+      'connection: close\r\n' +
+      'content-type: application/json\r\n' +
+      `content-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`,
+  );
+}
+
+function httpReason(status: number): string {
+  const reasons: Record<number, string> = {
+    400: 'Bad Request',
+    404: 'Not Found',
+    405: 'Method Not Allowed',
+    409: 'Conflict',
+    422: 'Unprocessable Entity',
+    426: 'Upgrade Required',
+    429: 'Too Many Requests',
+    500: 'Internal Server Error',
+    502: 'Bad Gateway',
+    503: 'Service Unavailable',
+  };
+  return reasons[status] ?? 'Error';
+}
+
+/** Compiles `/v1/x/{id}/y` into a matcher returning the decoded parameters, or undefined. */
+export function pathMatcher(path: string): (pathname: string) => Record<string, string> | undefined {
+  const names: string[] = [];
+  const pattern = path.replace(/\{(\w+)\}/g, (_, n: string) => {
+    names.push(n);
+    return '([^/]+)';
+  });
+  const regex = new RegExp(`^${pattern}$`);
+  return (pathname) => {
+    const m = regex.exec(pathname);
+    if (!m) return undefined;
+    const params: Record<string, string> = {};
+    names.forEach((n, i) => {
+      params[n] = decodeURIComponent(m[i + 1] ?? '');
+    });
+    return params;
+  };
+}
+
+export interface UpgradeRouter {
+  /** Does a route have this path? (The HTTP side answers a plain GET on it with 426.) */
+  matches(pathname: string): boolean;
+  /** The `upgrade` listener of an http.Server. */
+  onUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void;
+  /** Closes every accepted socket (close code 1001) and stops accepting. */
+  close(reason?: string): void;
+}
+
+/**
+ * Use one router per HTTP server, given the channel routes of every surface (machines, boxes):
+ * it answers every upgrade, refusing unknown paths, so a second router would answer twice.
+ *
+ * Routes upgrade requests by path to their handlers (`ws` in noServer mode: the HTTP server
+ * stays the only listener). Unknown paths get 404 ROUTE_NOT_FOUND; a handler's HutchError
+ * before `accept` becomes its HTTP error.
+ */
+export function createUpgradeRouter(
+  routes: UpgradeRoute[],
+  opts: { maxPayload?: number; onError?: (e: unknown) => void } = {},
+): UpgradeRouter {
+  const wss = new WebSocketServer({ noServer: true, maxPayload: opts.maxPayload ?? 1024 * 1024 });
+  const compiled = routes.map((r) => ({ route: r, match: pathMatcher(r.path) }));
+  let closed = false;
+  return {
+    matches: (pathname) => compiled.some((c) => c.match(pathname) !== undefined),
+    onUpgrade(req, socket, head) {
+      socket.on('error', () => {
+        // a peer that resets mid-handshake: nothing to answer
+      });
+      const url = new URL(req.url ?? '/', 'http://localhost');
+      let accepted = false;
+      const run = async (): Promise<void> => {
+        if (closed) throw new HutchError('AGENT_UNAVAILABLE', 'the server is stopping');
+        if (req.method !== 'GET')
+          throw new HutchError('METHOD_NOT_ALLOWED', `${req.method} is not allowed on ${url.pathname}`);
+        if ((req.headers.upgrade ?? '').toLowerCase() !== 'websocket')
+          throw new HutchError('INVALID_ARGUMENT', 'only WebSocket upgrades are served');
+        for (const c of compiled) {
+          const params = c.match(url.pathname);
+          if (!params) continue;
+          await c.route.handle({
+            req,
+            params,
+            query: url.searchParams,
+            accept: () =>
+              new Promise<WebSocket>((resolve, reject) => {
+                if (socket.destroyed) {
+                  reject(new Error('the client went away before the upgrade'));
+                  return;
+                }
+                accepted = true;
+                wss.handleUpgrade(req, socket, head, (ws) => resolve(ws));
+              }),
+          });
+          return;
+        }
+        throw new HutchError('ROUTE_NOT_FOUND', `no WebSocket endpoint ${url.pathname}`);
+      };
+      run().catch((e: unknown) => {
+        if (accepted) {
+          opts.onError?.(e);
+          return;
+        }
+        const err = toHutchError(e);
+        if (err.code === 'INTERNAL') opts.onError?.(e);
+        rejectUpgrade(socket, err);
+      });
+    },
+    close(reason = 'the server is stopping') {
+      closed = true;
+      for (const ws of wss.clients) ws.close(closeCodes.goingAway, reason);
+      const t = setTimeout(() => {
+        for (const ws of wss.clients) ws.terminate();
+      }, 1000);
+      t.unref();
+      wss.close();
+    },
+  };
+}
+
+/**
+ * Sends a binary frame, reporting whether the peer keeps up: false once more than `highWater`
+ * bytes are queued on the socket (pause the source, then wait for `waitForDrain`).
+ */
+export function sendBinary(ws: WebSocket, data: Buffer, highWater = 1024 * 1024): boolean {
+  if (ws.readyState !== WebSocket.OPEN) return false;
+  ws.send(data, { binary: true });
+  return ws.bufferedAmount <= highWater;
+}
+
+/** Resolves once the socket's send queue is at most `lowWater` bytes (or the socket closed). */
+export function waitForDrain(ws: WebSocket, lowWater = 256 * 1024): Promise<void> {
+  return new Promise((resolve) => {
+    const check = (): void => {
+      if (ws.readyState !== WebSocket.OPEN || ws.bufferedAmount <= lowWater) {
+        clearInterval(timer);
+        resolve();
+      }
+    };
+    const timer = setInterval(check, 10);
+    check();
+  });
+}
