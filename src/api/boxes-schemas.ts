@@ -77,6 +77,7 @@ export const boxSchema = z.object({
   error: z.string().nullable(),
   digest: z.string(),
   accel: z.string(),
+  mode: z.enum(['cold', 'snapshot']).describe("snapshot: restored from the image's snapshot; cold: booted."),
   boot_ms: z.number().nullable(),
 });
 

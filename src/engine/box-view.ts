@@ -41,6 +41,8 @@ export interface BoxView {
   error: string | null;
   digest: string;
   accel: string;
+  /** How the box last booted: `snapshot` (restored from its image's snapshot) or `cold`. */
+  mode: 'cold' | 'snapshot';
   boot_ms: number | null;
 }
 
@@ -79,6 +81,7 @@ export function toBoxView(row: MachineRow): BoxView {
     error: row.error,
     digest: spec.digest,
     accel: row.accel,
+    mode: row.mode === 'snapshot' ? 'snapshot' : 'cold',
     boot_ms: row.boot_ms,
   };
 }

@@ -138,6 +138,9 @@ export interface ImageResolver {
   resolve(ref: string): Promise<BootImage>;
 }
 
+/** Box snapshots are taken on a disk of the spec's default size (8 GiB). */
+const boxSnapshotDiskBytes = 8 * 1024 ** 3;
+
 export interface CreateBox {
   image: string;
   name?: string;
@@ -225,7 +228,7 @@ export class Engine {
     // QEMU processes of ours that the store does not know: a crash between launch and insert,
     // or a template snapshot whose builder died mid-way (its temp dir names the builder's pid).
     for (const q of listHutchQemus()) {
-      const snapTmp = q.argv.map((a) => /\/snapshots\/[^/]+\.tmp-(\d+)\//.exec(a)).find(Boolean);
+      const snapTmp = q.argv.map((a) => /\/snapshots\/[^/]*\.tmp-(\d+)/.exec(a)).find(Boolean);
       if (snapTmp && !isAlive(Number(snapTmp[1]))) {
         this.log('warn', 'killing orphan snapshot qemu', { pid: q.pid });
         await killAndWait(q.pid);
@@ -524,7 +527,7 @@ export class Engine {
       memoryMb: row.memory_mb,
       kernel: manifest.kernel,
       disk: join(row.run_dir, 'disk.qcow2'),
-      cmdline: `${this.kernelCmdline(manifest)} hutch.hostname=${row.id}`,
+      cmdline: `${this.kernelCmdline(manifest)} hutch.hostname=${hostnameOf(row.id)}`,
       runDir: row.run_dir,
       ...(this.runAs ? { runAs: this.runAs.user } : {}),
       ...extra,
@@ -614,7 +617,7 @@ export class Engine {
   private async giveIdentity(agent: AgentConnection, id: string): Promise<void> {
     await agent.configure(
       {
-        hostname: id,
+        hostname: hostnameOf(id),
         machineId: randomBytes(16).toString('hex'),
         entropy: randomBytes(64),
         timeNs: BigInt(Date.now()) * 1_000_000n,
@@ -1049,12 +1052,27 @@ export class Engine {
       started_at: null,
       stopped_at: null,
     };
+    const snap = volumes?.length ? undefined : this.boxSnapshot(image, req.cpu, req.memoryMb, diskBytes);
+    if (snap) row.mode = 'snapshot';
     this.insertRow(row);
     try {
       prepareRunDir(row.run_dir, this.runAs);
-      // The agent grows the root filesystem to the disk at boot.
-      await createOverlay(image.rootfs, join(row.run_dir, 'disk.qcow2'), 'raw', this.runAs, diskBytes);
-      await this.bootBox(row, image);
+      const disk = join(row.run_dir, 'disk.qcow2');
+      if (snap) {
+        await createOverlay(snap.disk, disk, 'qcow2', this.runAs, boxSnapshotDiskBytes);
+        const { live } = await this.restoreInto(row, image, snap.state, {
+          memory: { kind: 'file', path: snap.mem, share: false },
+          ignoreShared: true,
+        });
+        // The guest learns of a bigger disk from the resize; CONFIGURE then grows its filesystem.
+        if (diskBytes > boxSnapshotDiskBytes)
+          await (await this.qmpOf(id)).execute('block_resize', { device: 'root', size: diskBytes });
+        if (live.agent) await this.giveIdentity(live.agent, id);
+      } else {
+        // The agent grows the root filesystem to the disk at boot.
+        await createOverlay(image.rootfs, disk, 'raw', this.runAs, diskBytes);
+        await this.bootBox(row, image);
+      }
       return toBoxView(this.markRunningBox(id, t0));
     } catch (e) {
       const tail = this.live.get(id)?.console.recent().toString('utf8').slice(-1500) ?? '';
@@ -1065,6 +1083,45 @@ export class Engine {
         console_tail: tail,
       });
     }
+  }
+
+  /**
+   * The snapshot boxes of this image and size restore from, if it is ready; otherwise its
+   * first creation is started (in the background, after this create) and the box boots cold.
+   * Snapshots are taken with a disk of the default size: a bigger disk is a resize after the
+   * restore, a smaller one needs a cold boot (a filesystem does not shrink).
+   */
+  private boxSnapshot(
+    image: BootImage,
+    cpu: number,
+    memoryMb: number,
+    diskBytes: number,
+  ): TemplateSnapshot | undefined {
+    if (diskBytes < boxSnapshotDiskBytes) return undefined;
+    const manifest = { ...image, name: `box-${image.hash}-${cpu}c-${memoryMb}m` };
+    const ready = this.snapshots.get(manifest.name);
+    if (ready || this.snapshots.status(manifest.name) !== 'none') return ready;
+    setImmediate(() => {
+      if (this.closing) return;
+      this.snapshots
+        .ensure(manifest, {
+          ...this.snapshotParams(manifest),
+          vcpus: cpu,
+          memoryMb,
+          // Nothing is known to exist in an image but the agent: no warm-up commands.
+          warm: [],
+          diskBytes: boxSnapshotDiskBytes,
+        })
+        .then(
+          (s) => this.log('info', 'box snapshot ready', { image: image.ref, key: s.key }),
+          (e: unknown) =>
+            this.log('warn', 'box snapshot failed; boxes of this image boot cold', {
+              image: image.ref,
+              error: (e as Error).message,
+            }),
+        );
+    });
+    return undefined;
   }
 
   private async bootBox(row: MachineRow, image: TemplateManifest): Promise<void> {
@@ -1135,7 +1192,9 @@ export class Engine {
       if (row.state === 'running') return toBoxView(row);
       if (row.state !== 'stopped') throw new HutchError('BOX_NOT_RUNNING', `box ${id} is ${row.state}`);
       const image = this.boxImage(row);
-      this.store.admitUpdate(id, { state: 'starting', error: null }, (active) => this.admit(active, row));
+      this.store.admitUpdate(id, { state: 'starting', error: null, mode: 'cold' }, (active) =>
+        this.admit(active, row),
+      );
       try {
         prepareRunDir(row.run_dir, this.runAs);
         await this.bootBox(this.findBox(owner, id), image);
@@ -1914,6 +1973,8 @@ export class Engine {
     if (this.sweeper) clearInterval(this.sweeper);
     // Pooled machines belong to no one: they go with the daemon (a restart would kill them anyway).
     await this.refilling;
+    // A snapshot being taken has a QEMU of its own: let it finish rather than orphan it.
+    await this.snapshots.settle();
     for (const list of this.pool.values())
       await Promise.all(list.splice(0).map((p) => this.discardPooled(p)));
     await Promise.allSettled([...this.teardowns.values()]);
@@ -1946,6 +2007,11 @@ function lifetime(
 export function clampTtl(ttl: number | undefined): number {
   if (ttl === undefined) return ttlBounds.default;
   return Math.min(ttlBounds.max, Math.max(ttlBounds.min, Math.round(ttl)));
+}
+
+/** Box ids have an underscore, which a hostname may not (CONFIGURE checks [A-Za-z0-9.-]). */
+function hostnameOf(id: string): string {
+  return id.replace(/_/g, '-');
 }
 
 /** A box's volumes as the VM sees them: 9p tags vol0, vol1, … */

@@ -4,6 +4,7 @@ import {
   chownSync,
   existsSync,
   mkdirSync,
+  readdirSync,
   readFileSync,
   renameSync,
   rmSync,
@@ -48,7 +49,18 @@ export interface SnapshotParams {
   /** Kernel command line as machines boot it (host-specific timing flags included). */
   cmdline: string;
   runAs: { user: string; uid: number; gid: number } | undefined;
+  /** Commands run before the snapshot to warm the page cache; default: python and node. */
+  warm?: string[][];
+  /** Size of the snapshot's disk (the agent grows the root filesystem to it); default: the image's. */
+  diskBytes?: number;
 }
+
+/** What templates warm before their snapshot: what users start first. */
+const templateWarmUp = [
+  ['python3', '-c', 'import json, os, sys, subprocess, random'],
+  ['node', '-e', '0'],
+  ['sh', '-c', 'ls / >/dev/null; sync'],
+];
 
 /** Bump when the snapshot procedure or the QEMU device model changes: old snapshots stop matching. */
 const snapshotFormat = '1';
@@ -66,7 +78,8 @@ export function prepareRunDir(runDir: string, runAs: SnapshotParams['runAs']): v
 }
 
 export function snapshotKey(manifest: TemplateManifest, p: SnapshotParams): string {
-  return [manifest.hash, p.accel, p.vcpus, p.memoryMb, snapshotFormat, hashOf(p.cmdline)].join('-');
+  const key = [manifest.hash, p.accel, p.vcpus, p.memoryMb, snapshotFormat, hashOf(p.cmdline)].join('-');
+  return p.diskBytes ? `${key}-d${Math.round(p.diskBytes / 1024 ** 2)}` : key;
 }
 
 function hashOf(s: string): string {
@@ -93,6 +106,11 @@ export class SnapshotCache {
     if (this.building.has(template)) return 'building';
     if (this.failures.has(template)) return 'failed';
     return 'none';
+  }
+
+  /** Waits for every snapshot being taken to finish (or fail). */
+  async settle(): Promise<void> {
+    await Promise.allSettled([...this.building.values()]);
   }
 
   failure(template: string): string | undefined {
@@ -133,9 +151,20 @@ export class SnapshotCache {
     const release = await acquireFileLock(join(this.imageDir, 'snapshots', `.${manifest.name}.lock`));
     try {
       if (existsSync(meta)) return JSON.parse(readFileSync(meta, 'utf8')) as TemplateSnapshot;
+      this.removeAbandoned();
       return await this.create(manifest, params, key, dir);
     } finally {
       release();
+    }
+  }
+
+  /** Temporary dirs of snapshot builders that died mid-way (their pid is gone). */
+  private removeAbandoned(): void {
+    const root = join(this.imageDir, 'snapshots');
+    for (const e of readdirSync(root)) {
+      const m = /\.tmp-(\d+)/.exec(e);
+      if (m && Number(m[1]) !== process.pid && !isAlive(Number(m[1])))
+        rmSync(join(root, e), { recursive: true, force: true });
     }
   }
 
@@ -145,11 +174,12 @@ export class SnapshotCache {
     key: string,
     dir: string,
   ): Promise<TemplateSnapshot> {
-    const tmp = `${dir}.tmp-${process.pid}`;
+    // Short, not beside `dir`: QEMU's sockets live in it and a Unix socket path is < 108 bytes.
+    const tmp = join(this.imageDir, 'snapshots', `.tmp-${process.pid}-${randomBytes(3).toString('hex')}`);
     rmSync(tmp, { recursive: true, force: true });
     prepareRunDir(tmp, params.runAs);
     const p = runPaths(tmp);
-    await createOverlay(manifest.rootfs, join(tmp, 'disk.qcow2'), 'raw', params.runAs);
+    await createOverlay(manifest.rootfs, join(tmp, 'disk.qcow2'), 'raw', params.runAs, params.diskBytes);
     const t0 = performance.now();
     const pid = launchQemu(params.qemu, {
       id: `snapshot-${manifest.name}-${randomBytes(3).toString('hex')}`,
@@ -170,11 +200,7 @@ export class SnapshotCache {
       const bootMs = performance.now() - t0;
       // Warm the page cache with what users start first: a clone then finds python and node
       // in RAM instead of reading them from its disk.
-      for (const argv of [
-        ['python3', '-c', 'import json, os, sys, subprocess, random'],
-        ['node', '-e', '0'],
-        ['sh', '-c', 'ls / >/dev/null; sync'],
-      ]) {
+      for (const argv of params.warm ?? templateWarmUp) {
         const r = await agent.execCollect({ argv, timeoutMs: 60_000 }, { maxOutputBytes: 65536 });
         if (r.exitCode !== 0) throw new Error(`warm-up ${argv.join(' ')} failed: ${r.stderr.toString()}`);
       }

@@ -620,3 +620,73 @@ describe('box volumes', { timeout: 600_000 }, () => {
     }
   });
 });
+
+describe('box snapshots', { timeout: 600_000 }, () => {
+  test('boxes of an image and size restore from its snapshot once it exists, each its own machine', async () => {
+    const d = await startDaemon();
+    try {
+      const c = new BoxesClient({ socketPath: d.boxesSocket });
+      const size = { cpu: 1, memory_mb: 320 };
+      const first = await c.create<{ id: string; mode: string }>({ image: 'debian:bookworm', ...size });
+      assert.equal(first.mode, 'cold');
+      // The first create starts the snapshot; later ones restore from it.
+      let snap: { id: string; mode: string; boot_ms: number } | undefined;
+      const deadline = Date.now() + 120_000;
+      while (!snap && Date.now() < deadline) {
+        const b = await c.create<{ id: string; mode: string; boot_ms: number }>({
+          image: 'debian:bookworm',
+          ...size,
+          disk_size_gb: 12,
+          env: { WHO: 'restored' },
+        });
+        if (b.mode === 'snapshot') snap = b;
+        else {
+          await c.remove(b.id, true);
+          await new Promise((r) => setTimeout(r, 1000));
+        }
+      }
+      assert.ok(snap, 'no box was restored from a snapshot within 120 s');
+      const twin = await c.create<{ id: string; mode: string }>({ image: 'debian:bookworm', ...size });
+      assert.equal(twin.mode, 'snapshot');
+      const probe = [
+        'sh',
+        '-c',
+        'hostname; cat /etc/machine-id; head -c 16 /dev/urandom | od -An -tx1; echo $WHO; df -k / | tail -1',
+      ];
+      const a = stdoutOf(
+        await collect(c, snap.id, (await c.exec<{ id: string }>(snap.id, { cmd: probe })).id),
+      )
+        .toString()
+        .split('\n');
+      const b = stdoutOf(
+        await collect(c, twin.id, (await c.exec<{ id: string }>(twin.id, { cmd: probe })).id),
+      )
+        .toString()
+        .split('\n');
+      assert.equal(a[0], snap.id.replace('_', '-'));
+      assert.equal(b[0], twin.id.replace('_', '-'));
+      assert.notEqual(a[1], b[1]);
+      assert.notEqual(a[2], b[2]);
+      assert.equal(a[3], 'restored');
+      // The restored box's filesystem grew to its own disk size (12 GiB), the twin's is 8 GiB.
+      const kb = (line: string | undefined): number => Number((line ?? '').trim().split(/\s+/)[1]);
+      assert.ok(kb(a[4]) > 11 * 1024 * 1024, `df: ${a[4]}`);
+      assert.ok(kb(b[4]) > 7 * 1024 * 1024 && kb(b[4]) < 9 * 1024 * 1024, `df: ${b[4]}`);
+      // Files are each box's own.
+      await collect(
+        c,
+        snap.id,
+        (await c.exec<{ id: string }>(snap.id, { cmd: ['sh', '-c', 'echo mine > /root/f'] })).id,
+      );
+      const other = await c.exec<{ id: string }>(twin.id, { cmd: ['sh', '-c', 'cat /root/f 2>&1 || true'] });
+      assert.match(stdoutOf(await collect(c, twin.id, other.id)).toString(), /No such file/);
+      // A restored box stops and starts like any other, keeping what it wrote.
+      await c.stop(snap.id);
+      assert.equal((await c.start<{ mode: string }>(snap.id)).mode, 'cold');
+      const kept = await c.exec<{ id: string }>(snap.id, { cmd: ['cat', '/root/f'] });
+      assert.equal(stdoutOf(await collect(c, snap.id, kept.id)).toString(), 'mine\n');
+    } finally {
+      await cleanup(d);
+    }
+  });
+});
