@@ -4,14 +4,18 @@ import { createHash, randomBytes } from 'node:crypto';
 import {
   chmodSync,
   chownSync,
+  closeSync,
+  createReadStream,
   mkdirSync,
   mkdtempSync,
+  openSync,
   readdirSync,
   readFileSync,
   rmSync,
   statSync,
   symlinkSync,
   writeFileSync,
+  writeSync,
 } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -341,11 +345,42 @@ describe('boxes API', { timeout: 600_000 }, () => {
 
   test('files: large upload and download stream through the agent; bad input changes nothing', async () => {
     const box = await c.create<{ id: string }>({ image: 'debian:bookworm', ...small });
-    const big = randomBytes(16 * 1024 * 1024);
-    const up = await c.upload(box.id, '/root/big.bin', big);
-    assert.equal(up.size, big.length);
+    // 100 MB streamed from a file on the host, checked in the guest, back through curl and TCP.
+    const bigFile = join(d.stateDir, 'big.bin');
+    const hash = createHash('sha256');
+    const fd = openSync(bigFile, 'w');
+    for (let i = 0; i < 100; i++) {
+      const chunk = randomBytes(1024 * 1024);
+      hash.update(chunk);
+      writeSync(fd, chunk);
+    }
+    closeSync(fd);
+    const sum = hash.digest('hex');
+    const up = await c.upload(box.id, '/root/big.bin', createReadStream(bigFile), 'big.bin');
+    assert.equal(up.size, 100 * 1024 * 1024);
+    const inGuest = await c.exec<{ id: string }>(box.id, { cmd: ['sha256sum', '/root/big.bin'] });
+    assert.equal(
+      stdoutOf(await collect(c, box.id, inGuest.id))
+        .toString()
+        .split(' ')[0],
+      sum,
+    );
+    const viaCurl = join(d.stateDir, 'big.back');
+    const got = await curl(d.boxesSocket, [
+      '-o',
+      viaCurl,
+      '-X',
+      'POST',
+      `http://boxrun/v1/boxes/${box.id}/files/download`,
+      '-d',
+      '{"path":"/root/big.bin"}',
+    ]);
+    assert.equal(got.status, 200);
+    assert.equal((await run('sha256sum', [viaCurl])).stdout.split(' ')[0], sum);
     const back = await readAll(await tcp.download(box.id, '/root/big.bin'));
-    assert.ok(back.equals(big));
+    assert.equal(createHash('sha256').update(back).digest('hex'), sum);
+    rmSync(viaCurl);
+    rmSync(bigFile);
     await rejects(c.download(box.id, '/root/nope'), 404, 'FILE_NOT_FOUND');
     await rejects(c.download(box.id, '/root'), 409, 'NOT_A_FILE');
     await rejects(c.download(box.id, 'relative'), 400, 'INVALID_ARGUMENT');
@@ -371,6 +406,39 @@ describe('boxes API', { timeout: 600_000 }, () => {
     const ls = await c.exec<{ id: string }>(box.id, { cmd: ['ls', '/root'] });
     assert.equal(stdoutOf(await collect(c, box.id, ls.id)).toString(), 'big.bin\n');
     await c.remove(box.id, true);
+  });
+
+  test('every endpoint answers over TCP as over the socket', async () => {
+    const box = await tcp.create<{ id: string }>({ image: 'debian:bookworm', name: 'tcp', ...small });
+    assert.equal((await tcp.list<{ boxes: { id: string }[] }>('running')).boxes[0]?.id, box.id);
+    assert.equal((await tcp.get<{ name: string }>('tcp')).name, 'tcp');
+    const e = await tcp.exec<{ id: string }>('tcp', { cmd: ['sleep', '60'] });
+    assert.equal((await tcp.getExec<{ status: string }>('tcp', e.id)).status, 'running');
+    assert.equal((await tcp.execs<{ execs: unknown[] }>('tcp')).execs.length, 1);
+    assert.equal((await tcp.cancel<{ status: string }>('tcp', e.id)).status, 'cancelled');
+    assert.equal((await collect(tcp, 'tcp', e.id)).at(-1)?.event, 'exit');
+    await tcp.upload('tcp', '/root/t.txt', Buffer.from('over tcp\n'));
+    assert.equal((await readAll(await tcp.download('tcp', '/root/t.txt'))).toString(), 'over tcp\n');
+    const ws = tcp.attach('tcp', { cols: 90 });
+    const code = await new Promise<number>((resolve, reject) => {
+      ws.on('message', (data, isBinary) => {
+        if (!isBinary) resolve((JSON.parse(String(data)) as { code: number }).code);
+      });
+      ws.on('open', () => ws.send(Buffer.from('exit 5\n')));
+      ws.on('error', reject);
+    });
+    assert.equal(code, 5);
+    assert.equal((await tcp.stop<{ status: string }>('tcp')).status, 'stopped');
+    assert.equal((await tcp.start<{ status: string }>('tcp')).status, 'running');
+    await tcp.remove('tcp', true);
+    const r = await tcp.run<{ exit_code: number; stdout: string }>({
+      image: 'debian:bookworm',
+      cmd: ['echo', 'ran'],
+      ...small,
+    });
+    assert.deepEqual([r.exit_code, r.stdout], [0, 'ran\n']);
+    assert.deepEqual(await tcp.gc(), { removed: 0, ids: [] });
+    assert.equal((await tcp.list()).boxes.length, 0);
   });
 
   test('bad input gets the error format and changes nothing', async () => {
