@@ -10,50 +10,13 @@ import { type WebSocket, WebSocketServer } from 'ws';
 import type { Engine } from '../engine/engine.js';
 import { HutchError, toHutchError } from '../errors.js';
 import { AgentError } from '../guest/agent-connection.js';
-import { type BoxRoute, boxRoutes, uploadDest } from './boxes-routes.js';
+import { boxRoutes, uploadDest } from './boxes-routes.js';
 import { downloadBody } from './boxes-schemas.js';
 import { writeRespectingBackpressure } from './exec-stream.js';
 import { readJson, sendError, sendJson } from './http-server.js';
+import { compileRoutes, matchRoute } from './route-match.js';
 import { parseWith } from './routes.js';
 import { rejectUpgrade } from './ws-upgrade.js';
-
-interface Compiled {
-  route: BoxRoute;
-  regex: RegExp;
-  names: string[];
-}
-
-/** `{id}` matches one segment and stops at ":" so that `/v1/boxes/{id}:stop` routes as the spec writes it. */
-function compile(routes: BoxRoute[]): Compiled[] {
-  return routes.map((route) => {
-    const names: string[] = [];
-    const pattern = route.path.replace(/\{(\w+)\}/g, (_, n: string) => {
-      names.push(n);
-      return '([^/:]+)';
-    });
-    return { route, regex: new RegExp(`^${pattern}$`), names };
-  });
-}
-
-function match(
-  compiled: Compiled[],
-  method: string,
-  pathname: string,
-): { route: BoxRoute; params: Record<string, string> } | 'method' | undefined {
-  let pathMatched = false;
-  for (const c of compiled) {
-    const m = c.regex.exec(pathname);
-    if (!m) continue;
-    pathMatched = true;
-    if (c.route.method !== method) continue;
-    const params: Record<string, string> = {};
-    c.names.forEach((n, i) => {
-      params[n] = decodeURIComponent(m[i + 1] ?? '');
-    });
-    return { route: c.route, params };
-  }
-  return pathMatched ? 'method' : undefined;
-}
 
 export interface BoxesApi {
   servers: Server[];
@@ -71,14 +34,14 @@ export async function startBoxesApi(
   engine: Engine,
   opts: { socketPath: string | null; listen?: string | undefined; owner: string; version: string },
 ): Promise<BoxesApi> {
-  const compiled = compile(boxRoutes);
+  const compiled = compileRoutes(boxRoutes);
   const wss = new WebSocketServer({ noServer: true, maxPayload: 1024 * 1024 });
   const { owner } = opts;
 
   async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     try {
       const url = new URL((req.url ?? '/').replace(/%3a/gi, ':'), 'http://boxrun');
-      const m = match(compiled, req.method ?? 'GET', url.pathname);
+      const m = matchRoute(compiled, req.method ?? 'GET', url.pathname);
       if (m === 'method')
         throw new HutchError('METHOD_NOT_ALLOWED', `${req.method} is not allowed on ${url.pathname}`);
       if (!m) throw new HutchError('ROUTE_NOT_FOUND', `no endpoint ${req.method} ${url.pathname}`);
@@ -112,7 +75,7 @@ export async function startBoxesApi(
     socket.on('error', () => {});
     try {
       const url = new URL(req.url ?? '/', 'http://boxrun');
-      const m = match(compiled, 'GET', url.pathname);
+      const m = matchRoute(compiled, 'GET', url.pathname);
       if (!m || m === 'method' || m.route.kind !== 'attach')
         throw new HutchError('ROUTE_NOT_FOUND', `no WebSocket endpoint ${url.pathname}`);
       const q = url.searchParams;

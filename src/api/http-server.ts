@@ -3,33 +3,11 @@ import type { AddressInfo } from 'node:net';
 import type { Engine } from '../engine/engine.js';
 import { errorTable, HutchError, toHutchError } from '../errors.js';
 import { openApiDocument } from './openapi.js';
-import {
-  machineChannelRoutes,
-  machineRoutes,
-  machineStreamRoutes,
-  type Route,
-  type StreamRoute,
-} from './routes.js';
+import { compileRoutes, matchRoute } from './route-match.js';
+import { machineChannelRoutes, machineRoutes, machineStreamRoutes, type StreamRoute } from './routes.js';
 import { createUpgradeRouter } from './ws-upgrade.js';
 
 const maxBodyBytes = 1024 * 1024;
-
-interface CompiledRoute<R = Route> {
-  route: R;
-  regex: RegExp;
-  names: string[];
-}
-
-function compile<R extends { path: string }>(routes: R[]): CompiledRoute<R>[] {
-  return routes.map((route) => {
-    const names: string[] = [];
-    const pattern = route.path.replace(/\{(\w+)\}/g, (_, n: string) => {
-      names.push(n);
-      return '([^/]+)';
-    });
-    return { route, regex: new RegExp(`^${pattern}$`), names };
-  });
-}
 
 export function sendJson(res: ServerResponse, status: number, value: unknown): void {
   if (status === 204 || value === undefined) {
@@ -76,8 +54,8 @@ export async function startHttpApi(
   engine: Engine,
   opts: { host: string; port: number; owner: string },
 ): Promise<HttpApi> {
-  const routes = compile(machineRoutes);
-  const streamRoutes = compile<StreamRoute>(machineStreamRoutes);
+  const routes = compileRoutes(machineRoutes);
+  const streamRoutes = compileRoutes<StreamRoute>(machineStreamRoutes);
   const openapi = JSON.stringify(openApiDocument());
   // The one upgrade router of this server: every surface's WebSocket channels go in this list.
   const upgrades = createUpgradeRouter(
@@ -98,52 +76,38 @@ export async function startHttpApi(
         res.writeHead(200, { 'content-type': 'application/json' }).end(openapi);
         return;
       }
-      let pathMatched = false;
-      for (const c of streamRoutes) {
-        const m = c.regex.exec(url.pathname);
-        if (!m) continue;
-        pathMatched = true;
-        if (c.route.method !== req.method) continue;
-        const params: Record<string, string> = {};
-        c.names.forEach((n, i) => {
-          params[n] = decodeURIComponent(m[i + 1] ?? '');
-        });
-        const body = c.route.body ? await readJson(req) : undefined;
-        const result = await c.route.handle({
+      const method = req.method ?? 'GET';
+      const stream = matchRoute(streamRoutes, method, url.pathname);
+      if (stream && stream !== 'method') {
+        const body = stream.route.body ? await readJson(req) : undefined;
+        const result = await stream.route.handle({
           engine,
           owner: opts.owner,
-          params,
+          params: stream.params,
           query: url.searchParams,
           body,
           req,
           res,
         });
-        if (!res.headersSent && !res.destroyed) sendJson(res, c.route.status, result);
+        if (!res.headersSent && !res.destroyed) sendJson(res, stream.route.status, result);
         return;
       }
-      if (!pathMatched && upgrades.matches(url.pathname)) {
-        if (req.method !== 'GET')
+      if (!stream && upgrades.matches(url.pathname)) {
+        if (method !== 'GET')
           throw new HutchError('METHOD_NOT_ALLOWED', `${req.method} is not allowed on ${url.pathname}`);
         throw new HutchError(
           'UPGRADE_REQUIRED',
           `${url.pathname} is a WebSocket endpoint: upgrade to websocket`,
         );
       }
-      for (const c of routes) {
-        const m = c.regex.exec(url.pathname);
-        if (!m) continue;
-        pathMatched = true;
-        if (c.route.method !== req.method) continue;
-        const params: Record<string, string> = {};
-        c.names.forEach((n, i) => {
-          params[n] = decodeURIComponent(m[i + 1] ?? '');
-        });
-        const body = c.route.body ? await readJson(req) : undefined;
-        const result = await c.route.handle({ engine, owner: opts.owner, params, body });
-        sendJson(res, c.route.status, result);
+      const plain = matchRoute(routes, method, url.pathname);
+      if (plain && plain !== 'method') {
+        const body = plain.route.body ? await readJson(req) : undefined;
+        const result = await plain.route.handle({ engine, owner: opts.owner, params: plain.params, body });
+        sendJson(res, plain.route.status, result);
         return;
       }
-      if (pathMatched)
+      if (stream === 'method' || plain === 'method')
         throw new HutchError('METHOD_NOT_ALLOWED', `${req.method} is not allowed on ${url.pathname}`);
       throw new HutchError('ROUTE_NOT_FOUND', `no endpoint ${req.method} ${url.pathname}`);
     } catch (e) {

@@ -504,14 +504,19 @@ export class Engine {
       }
       return this.markRunning(id, Math.round(performance.now() - t0));
     } catch (e) {
-      const tail = this.live.get(id)?.console.recent().toString('utf8').slice(-1500) ?? '';
-      const current = this.store.get(id);
-      if (current) await this.teardown(current, 'deleted');
-      if (e instanceof HutchError) throw e;
-      throw new HutchError('BOOT_FAILED', `machine did not boot: ${(e as Error).message}`, {
-        console_tail: tail,
-      });
+      return this.bootFailed(id, 'machine', e);
     }
+  }
+
+  /** A create that failed: everything it made is removed; the error keeps the console's last words. */
+  private async bootFailed(id: string, what: 'machine' | 'box', e: unknown): Promise<never> {
+    const tail = this.live.get(id)?.console.recent().toString('utf8').slice(-1500) ?? '';
+    const current = this.store.get(id);
+    if (current) await this.teardown(current, 'deleted');
+    if (e instanceof HutchError) throw e;
+    throw new HutchError('BOOT_FAILED', `${what} did not boot: ${(e as Error).message}`, {
+      console_tail: tail,
+    });
   }
 
   /** Starts QEMU for `row` and starts watching its console. */
@@ -1075,13 +1080,7 @@ export class Engine {
       }
       return toBoxView(this.markRunningBox(id, t0));
     } catch (e) {
-      const tail = this.live.get(id)?.console.recent().toString('utf8').slice(-1500) ?? '';
-      const current = this.store.get(id);
-      if (current) await this.teardown(current, 'deleted');
-      if (e instanceof HutchError) throw e;
-      throw new HutchError('BOOT_FAILED', `box did not boot: ${(e as Error).message}`, {
-        console_tail: tail,
-      });
+      return this.bootFailed(id, 'box', e);
     }
   }
 
