@@ -25,7 +25,7 @@ const usage = `hutch: real computers over an API
   hutch rm ID... [--json]
   hutch health [--json]
   hutch template build [NAME] [--image-dir D]
-  hutch image pull REF [--image-dir D] [--json]   pull (or build, for debian:*) an OCI image into the cache
+  hutch image pull REF... [--image-dir D] [--json]   pull (debian:* builds locally) into the image cache
 
 Client commands talk to --url or $HUTCH_URL (default http://127.0.0.1:8080).
 
@@ -180,14 +180,14 @@ async function main(argv: string[]): Promise<void> {
       return;
     }
     case 'image': {
-      if (positionals[0] !== 'pull' || !positionals[1]) fail('usage: hutch image pull REF [--json]');
+      if (positionals[0] !== 'pull' || !positionals[1]) fail('usage: hutch image pull REF... [--json]');
       const config = loadConfig({ imageDir: flags['image-dir'] as string | undefined });
       const builder = new TemplateBuilder(config.imageDir);
       builder.on('progress', progressPrinter());
       const store = new ImageStore(config.imageDir, {
         insecureRegistries: config.insecureRegistries,
         builder,
-        log: (msg) => process.stderr.write(`${msg}\n`),
+        log: (msg) => process.stderr.write(`${'[image]'.padEnd(9)} ${msg}\n`),
       });
       const manifests = [];
       for (const ref of positionals.slice(1)) {
