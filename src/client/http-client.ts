@@ -201,7 +201,11 @@ export function openedSocket(ws: WebSocket, unreachable: (cause: string) => stri
       ws.pause();
       resolve(ws);
     });
+    let refused = false;
     ws.once('unexpected-response', (_req, res) => {
+      // The answer's body is the error: read it all, then drop the connection (terminating
+      // first would abort the response and report "unreachable" instead).
+      refused = true;
       let text = '';
       res.on('data', (b: Buffer) => {
         text += b.toString('utf8');
@@ -215,11 +219,11 @@ export function openedSocket(ws: WebSocket, unreachable: (cause: string) => stri
         }
         const status = res.statusCode ?? 0;
         reject(new ApiError(status, e.code ?? `HTTP_${status}`, e.message ?? (res.statusMessage || 'error')));
+        ws.terminate();
       });
-      ws.terminate();
     });
-    ws.once('error', (e: Error & { code?: string }) =>
-      reject(new ApiError(0, 'UNREACHABLE', unreachable(e.code ?? e.message))),
-    );
+    ws.on('error', (e: Error & { code?: string }) => {
+      if (!refused) reject(new ApiError(0, 'UNREACHABLE', unreachable(e.code ?? e.message)));
+    });
   });
 }
