@@ -23,7 +23,7 @@ export const boxUsage = `  hutch box create IMAGE [--name N] [--cpu N] [--memory
                    a box for one command: prints its output, exits with its exit code
   hutch box upload ID FILE [DEST]          FILE (- for stdin) to DEST (default /root/; a trailing / keeps the name)
   hutch box download ID PATH [-o FILE]     to FILE, or to stdout
-  hutch box gc [--older-than SECONDS] [--json]    remove stopped boxes
+  hutch box gc [--older-than SECONDS] [--json]    remove stopped boxes (default: every one)
   hutch box info [--json]
 
   Box commands talk to --socket PATH or --url http://HOST:PORT, else $HUTCH_BOXES_SOCKET or
