@@ -1,7 +1,8 @@
 #!/usr/bin/env node
-// Runs the whole suite: builds the template once into the shared image cache (every daemon the
-// tests start reuses it), then runs unit and integration tests with node's test runner, one file
-// at a time (the VM tests share 2 cores; running them side by side only makes each slower).
+// Runs the whole suite: builds the template and the debian:bookworm image once into the shared
+// image cache (every daemon the tests start reuses them), then runs unit and integration tests
+// with node's test runner, one file at a time (the VM tests share 2 cores; running them side by
+// side only makes each slower).
 import { spawnSync } from 'node:child_process';
 import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
@@ -13,6 +14,15 @@ const only = process.argv.slice(2);
 const build = spawnSync('node', ['bin/hutch.js', 'template', 'build', 'python'], { stdio: 'inherit', env });
 if (build.status !== 0) {
   console.error('template build failed');
+  process.exit(1);
+}
+// The boxes tests' image, built (or pulled) here rather than inside the first test's request.
+const pull = spawnSync('node', ['bin/hutch.js', 'image', 'pull', 'debian:bookworm'], {
+  stdio: 'inherit',
+  env,
+});
+if (pull.status !== 0) {
+  console.error('image pull failed');
   process.exit(1);
 }
 

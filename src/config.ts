@@ -145,3 +145,19 @@ export function loadConfig(
 export function clientUrl(flag: string | undefined, env: NodeJS.ProcessEnv = process.env): string {
   return flag ?? env.HUTCH_URL ?? 'http://127.0.0.1:8080';
 }
+
+/**
+ * Where `hutch box` finds the boxes API: --socket > --url > HUTCH_BOXES_SOCKET >
+ * HUTCH_BOXES_URL > the daemon's default socket, <HUTCH_STATE_DIR or /var/lib/hutch>/boxes.sock.
+ */
+export function clientBoxesEndpoint(
+  flags: { socket?: string | undefined; url?: string | undefined },
+  env: NodeJS.ProcessEnv = process.env,
+): { socketPath: string } | { url: string } {
+  if (flags.socket) return { socketPath: resolve(flags.socket) };
+  if (flags.url) return { url: flags.url };
+  if (env.HUTCH_BOXES_SOCKET && env.HUTCH_BOXES_SOCKET !== 'off')
+    return { socketPath: resolve(env.HUTCH_BOXES_SOCKET) };
+  if (env.HUTCH_BOXES_URL) return { url: env.HUTCH_BOXES_URL };
+  return { socketPath: resolve(env.HUTCH_STATE_DIR || '/var/lib/hutch', 'boxes.sock') };
+}

@@ -1,13 +1,14 @@
-import { once } from 'node:events';
 import { createWriteStream, readFileSync } from 'node:fs';
 import { basename } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { parseArgs } from 'node:util';
-import type { RawData, WebSocket } from 'ws';
 import { ApiError, HutchClient } from '../client/http-client.js';
 import { clientUrl, loadConfig } from '../config.js';
 import { jsonLogger, startDaemon } from '../daemon.js';
 import { type BuildProgress, TemplateBuilder } from '../images/builder.js';
+import { ImageStore } from '../images/oci.js';
+import { boxCommand, boxUsage } from './box.js';
+import { attachTerminal, envFlags, type Flags, fail, printJson, terminal, writeOut } from './common.js';
 
 const usage = `hutch: real computers over an API
 
@@ -24,19 +25,12 @@ const usage = `hutch: real computers over an API
   hutch rm ID... [--json]
   hutch health [--json]
   hutch template build [NAME] [--image-dir D]
+  hutch image pull REF... [--image-dir D] [--json]   pull (debian:* builds locally) into the image cache
 
-Client commands talk to --url or $HUTCH_URL (default http://127.0.0.1:8080).`;
+Client commands talk to --url or $HUTCH_URL (default http://127.0.0.1:8080).
 
-type Flags = Record<string, string | boolean | string[] | undefined>;
-
-function fail(msg: string, code = 2): never {
-  process.stderr.write(`hutch: ${msg}\n`);
-  process.exit(code);
-}
-
-function printJson(v: unknown): void {
-  process.stdout.write(`${JSON.stringify(v, null, 2)}\n`);
-}
+Boxes (the boxes API, on the daemon's Unix socket or TCP):
+${boxUsage}`;
 
 /** Progress for template builds: one line per step; on a terminal the running step shows a live timer. */
 export function progressPrinter(): (p: BuildProgress) => void {
@@ -133,6 +127,7 @@ async function main(argv: string[]): Promise<void> {
     process.stdout.write(`${usage}\n`);
     return;
   }
+  if (cmd === 'box') return boxCommand(rest);
   const dashdash = rest.indexOf('--');
   const own = dashdash >= 0 ? rest.slice(0, dashdash) : rest;
   const trailing = dashdash >= 0 ? rest.slice(dashdash + 1) : [];
@@ -184,6 +179,29 @@ async function main(argv: string[]): Promise<void> {
       if (json) printJson(built);
       return;
     }
+    case 'image': {
+      if (positionals[0] !== 'pull' || !positionals[1]) fail('usage: hutch image pull REF... [--json]');
+      const config = loadConfig({ imageDir: flags['image-dir'] as string | undefined });
+      const builder = new TemplateBuilder(config.imageDir);
+      builder.on('progress', progressPrinter());
+      const store = new ImageStore(config.imageDir, {
+        insecureRegistries: config.insecureRegistries,
+        builder,
+        log: (msg) => process.stderr.write(`${'[image]'.padEnd(9)} ${msg}\n`),
+      });
+      const manifests = [];
+      for (const ref of positionals.slice(1)) {
+        const t0 = Date.now();
+        const m = await store.resolve(ref);
+        manifests.push(m);
+        if (!json)
+          process.stdout.write(
+            `${m.canonical}\t${m.digest}\t${m.source}\t${m.diskSizeMb} MB\t${((Date.now() - t0) / 1000).toFixed(1)} s\n`,
+          );
+      }
+      if (json) printJson(manifests.length === 1 ? manifests[0] : manifests);
+      return;
+    }
     case 'new': {
       const body: Record<string, unknown> = { template: (flags.template as string | undefined) ?? 'python' };
       if (flags.ttl !== undefined) {
@@ -232,14 +250,9 @@ async function main(argv: string[]): Promise<void> {
       const id = positionals[0];
       const command = trailing.length ? trailing : positionals.slice(1);
       if (!id || command.length === 0) fail('usage: hutch exec ID -- CMD [ARG...]');
-      const env: Record<string, string> = {};
-      for (const kv of (flags.env as string[] | undefined) ?? []) {
-        const i = kv.indexOf('=');
-        if (i <= 0) fail(`--env wants KEY=VALUE, got ${JSON.stringify(kv)}`);
-        env[kv.slice(0, i)] = kv.slice(i + 1);
-      }
+      const env = envFlags(flags.env as string[] | undefined);
       const body: Record<string, unknown> = { cmd: command };
-      if (Object.keys(env).length) body.env = env;
+      if (env) body.env = env;
       if (flags.cwd) body.cwd = flags.cwd;
       if (flags.timeout) body.timeout_ms = Number(flags.timeout);
       if (flags.interactive) body.stdin = readFileSync(0, 'utf8');
@@ -267,14 +280,17 @@ async function main(argv: string[]): Promise<void> {
     case 'attach': {
       const id = positionals[0];
       if (!id) fail('usage: hutch attach ID [--shell PATH] [--term TERM]');
-      const query: Record<string, string> = {
-        cols: String(process.stdout.columns ?? 80),
-        rows: String(process.stdout.rows ?? 24),
-        term: (flags.term as string | undefined) ?? 'xterm-256color',
-      };
-      if (flags.shell) query.shell = flags.shell as string;
-      const ws = await client.openChannel(id, 'attach', query);
-      process.exitCode = await terminal(ws, { resize: true });
+      const shell = flags.shell as string | undefined;
+      process.exitCode = await attachTerminal(
+        (size) =>
+          client.openChannel(id, 'attach', {
+            cols: String(size.cols),
+            rows: String(size.rows),
+            term: size.term,
+            ...(shell ? { shell } : {}),
+          }),
+        flags.term as string | undefined,
+      );
       return;
     }
     case 'tty': {
@@ -306,11 +322,6 @@ async function main(argv: string[]): Promise<void> {
   }
 }
 
-/** Writes to stdout/stderr, waiting when the pipe is full (output is never dropped or reordered). */
-async function writeOut(dest: NodeJS.WriteStream, data: Buffer): Promise<void> {
-  if (!dest.write(data)) await once(dest, 'drain');
-}
-
 /** Runs a command over the streaming endpoint: output live, bytes exact; returns its exit code. */
 async function streamExec(client: HutchClient, id: string, body: Record<string, unknown>): Promise<number> {
   for await (const e of client.execStream(id, body)) {
@@ -326,67 +337,6 @@ async function streamExec(client: HutchClient, id: string, body: Record<string, 
   }
   process.stderr.write('hutch: the output stream ended without an exit status\n');
   return 1;
-}
-
-/**
- * Connects the local terminal to a channel: raw mode, keys to the socket, binary frames to
- * stdout; with `resize`, the window size follows SIGWINCH. Resolves with the exit code.
- */
-function terminal(ws: WebSocket, opts: { resize: boolean; escape?: number }): Promise<number> {
-  return new Promise((resolve) => {
-    const stdin = process.stdin;
-    const raw = stdin.isTTY === true;
-    if (raw) stdin.setRawMode(true);
-    let exitCode: number | undefined;
-    const onKeys = (b: Buffer): void => {
-      if (opts.escape !== undefined && b.includes(opts.escape)) {
-        ws.close(1000, 'detached');
-        return;
-      }
-      ws.send(b, { binary: true });
-    };
-    const onResize = (): void => {
-      if (!process.stdout.columns || !process.stdout.rows) return;
-      ws.send(JSON.stringify({ type: 'resize', cols: process.stdout.columns, rows: process.stdout.rows }));
-    };
-    stdin.on('data', onKeys);
-    stdin.resume();
-    // 'resize' follows SIGWINCH once Node has read the new size.
-    if (opts.resize) process.stdout.on('resize', onResize);
-    ws.on('message', (data: RawData, isBinary: boolean) => {
-      const b = Buffer.isBuffer(data)
-        ? data
-        : Buffer.concat(Array.isArray(data) ? data : [Buffer.from(data)]);
-      if (isBinary) {
-        if (!process.stdout.write(b)) {
-          ws.pause();
-          process.stdout.once('drain', () => ws.resume());
-        }
-        return;
-      }
-      try {
-        const msg = JSON.parse(b.toString('utf8')) as { type?: string; code?: number };
-        if (msg.type === 'exit' && typeof msg.code === 'number') exitCode = msg.code;
-      } catch {
-        // not a control message of ours: ignore
-      }
-    });
-    ws.on('error', () => {
-      // 'close' follows and reports
-    });
-    ws.resume();
-    ws.on('close', (code: number, reason: Buffer) => {
-      stdin.off('data', onKeys);
-      process.stdout.off('resize', onResize);
-      if (raw) stdin.setRawMode(false);
-      stdin.pause();
-      if (exitCode !== undefined) return resolve(exitCode);
-      const why = reason.toString('utf8');
-      if (code === 1000 && (why === 'detached' || why === '')) return resolve(0);
-      process.stderr.write(`\r\nhutch: connection closed (${code}${why ? `: ${why}` : ''})\r\n`);
-      resolve(1);
-    });
-  });
 }
 
 main(process.argv.slice(2)).catch((e: unknown) => {

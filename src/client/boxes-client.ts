@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { request as httpRequest, type IncomingMessage } from 'node:http';
 import { Readable } from 'node:stream';
 import WebSocket from 'ws';
-import { ApiError } from './http-client.js';
+import { ApiError, openedSocket } from './http-client.js';
 
 /** Where the boxes API is: a Unix socket path or an http://host:port URL. */
 export type BoxesEndpoint = { socketPath: string } | { url: string };
@@ -188,6 +188,14 @@ export class BoxesClient {
     return 'socketPath' in this.endpoint
       ? new WebSocket(`ws+unix://${this.endpoint.socketPath}:${path}`)
       : new WebSocket(new URL(path, this.endpoint.url.replace(/^http/, 'ws')));
+  }
+
+  /** attach, resolved once the terminal is open (paused); a refused upgrade rejects with ApiError. */
+  openAttach(
+    id: string,
+    q: { shell?: string; cols?: number; rows?: number; term?: string } = {},
+  ): Promise<WebSocket> {
+    return openedSocket(this.attach(id, q), (cause) => `cannot reach the boxes API (${cause})`);
   }
 }
 

@@ -184,40 +184,46 @@ export class HutchClient {
     const url = this.machinePath(id, channel);
     url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
     for (const [k, v] of Object.entries(query)) url.searchParams.set(k, v);
-    return new Promise((resolve, reject) => {
-      const ws = new WebSocket(url);
-      ws.once('open', () => {
-        ws.pause();
-        resolve(ws);
+    return openedSocket(
+      new WebSocket(url),
+      (cause) => `cannot reach the hutch daemon at ${this.baseUrl} (${cause}); is \`hutch serve\` running?`,
+    );
+  }
+}
+
+/**
+ * Resolves with the WebSocket once it is open (paused, so no frame is lost before the caller
+ * listens); a refused upgrade rejects with the server's {"code","message"} as an ApiError.
+ */
+export function openedSocket(ws: WebSocket, unreachable: (cause: string) => string): Promise<WebSocket> {
+  return new Promise((resolve, reject) => {
+    ws.once('open', () => {
+      ws.pause();
+      resolve(ws);
+    });
+    let refused = false;
+    ws.once('unexpected-response', (_req, res) => {
+      // The answer's body is the error: read it all, then drop the connection (terminating
+      // first would abort the response and report "unreachable" instead).
+      refused = true;
+      let text = '';
+      res.on('data', (b: Buffer) => {
+        text += b.toString('utf8');
       });
-      ws.once('unexpected-response', (_req, res) => {
-        let text = '';
-        res.on('data', (b: Buffer) => {
-          text += b.toString('utf8');
-        });
-        res.on('end', () => {
-          let e: { code?: string; message?: string } = {};
-          try {
-            e = JSON.parse(text) as typeof e;
-          } catch {
-            // not JSON
-          }
-          const status = res.statusCode ?? 0;
-          reject(
-            new ApiError(status, e.code ?? `HTTP_${status}`, e.message ?? (res.statusMessage || 'error')),
-          );
-        });
+      res.on('end', () => {
+        let e: { code?: string; message?: string } = {};
+        try {
+          e = JSON.parse(text) as typeof e;
+        } catch {
+          // not JSON
+        }
+        const status = res.statusCode ?? 0;
+        reject(new ApiError(status, e.code ?? `HTTP_${status}`, e.message ?? (res.statusMessage || 'error')));
         ws.terminate();
       });
-      ws.once('error', (e: Error & { code?: string }) =>
-        reject(
-          new ApiError(
-            0,
-            'UNREACHABLE',
-            `cannot reach the hutch daemon at ${this.baseUrl} (${e.code ?? e.message}); is \`hutch serve\` running?`,
-          ),
-        ),
-      );
     });
-  }
+    ws.on('error', (e: Error & { code?: string }) => {
+      if (!refused) reject(new ApiError(0, 'UNREACHABLE', unreachable(e.code ?? e.message)));
+    });
+  });
 }
