@@ -1,10 +1,9 @@
 import { createReadStream, createWriteStream, statSync } from 'node:fs';
 import { basename, resolve } from 'node:path';
 import { pipeline } from 'node:stream/promises';
-import { parseArgs } from 'node:util';
 import { BoxesClient } from '../client/boxes-client.js';
 import { clientBoxesEndpoint } from '../config.js';
-import { attachTerminal, envFlags, type Flags, fail, printJson, writeOut } from './common.js';
+import { attachTerminal, envFlags, type Flags, fail, parseCommand, printJson, writeOut } from './common.js';
 
 export const boxUsage = `  hutch box create IMAGE [--name N] [--cpu N] [--memory MB] [--disk GB] [--env K=V]... [--workdir DIR]
                    [--volume HOST:GUEST[:ro]]... [--network] [--json]       prints the box's id
@@ -146,40 +145,35 @@ export async function boxCommand(argv: string[]): Promise<void> {
     process.stdout.write(`${boxUsage}\n`);
     return;
   }
-  const dashdash = rest.indexOf('--');
-  const own = dashdash >= 0 ? rest.slice(0, dashdash) : rest;
-  const trailing = dashdash >= 0 ? rest.slice(dashdash + 1) : [];
-  let parsed: { values: Flags; positionals: string[] };
-  try {
-    parsed = parseArgs({
-      args: own,
-      allowPositionals: true,
-      options: {
-        json: { type: 'boolean' },
-        socket: { type: 'string' },
-        url: { type: 'string' },
-        name: { type: 'string' },
-        cpu: { type: 'string' },
-        memory: { type: 'string' },
-        disk: { type: 'string' },
-        env: { type: 'string', multiple: true },
-        workdir: { type: 'string' },
-        volume: { type: 'string', multiple: true },
-        network: { type: 'boolean' },
-        status: { type: 'string' },
-        force: { type: 'boolean', short: 'f' },
-        timeout: { type: 'string' },
-        detach: { type: 'boolean', short: 'd' },
-        shell: { type: 'string' },
-        term: { type: 'string' },
-        'older-than': { type: 'string' },
-        output: { type: 'string', short: 'o' },
-      },
-    }) as { values: Flags; positionals: string[] };
-  } catch (e) {
-    fail(`${(e as Error).message}\n\n${boxUsage}`);
-  }
-  const { values: flags, positionals: pos } = parsed;
+  const {
+    flags,
+    positionals: pos,
+    trailing,
+  } = parseCommand(
+    rest,
+    {
+      json: { type: 'boolean' },
+      socket: { type: 'string' },
+      url: { type: 'string' },
+      name: { type: 'string' },
+      cpu: { type: 'string' },
+      memory: { type: 'string' },
+      disk: { type: 'string' },
+      env: { type: 'string', multiple: true },
+      workdir: { type: 'string' },
+      volume: { type: 'string', multiple: true },
+      network: { type: 'boolean' },
+      status: { type: 'string' },
+      force: { type: 'boolean', short: 'f' },
+      timeout: { type: 'string' },
+      detach: { type: 'boolean', short: 'd' },
+      shell: { type: 'string' },
+      term: { type: 'string' },
+      'older-than': { type: 'string' },
+      output: { type: 'string', short: 'o' },
+    },
+    boxUsage,
+  );
   const json = flags.json === true;
   const client = new BoxesClient(
     clientBoxesEndpoint({ socket: flags.socket as string | undefined, url: flags.url as string | undefined }),

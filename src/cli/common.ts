@@ -1,9 +1,33 @@
 import { once } from 'node:events';
+import { type ParseArgsConfig, parseArgs } from 'node:util';
 import type { RawData, WebSocket } from 'ws';
 
 /** Helpers every CLI command shares: errors, JSON output, and the interactive terminal. */
 
 export type Flags = Record<string, string | boolean | string[] | undefined>;
+
+/**
+ * Splits `args` at `--` (what follows is the guest's argv) and parses the flags before it;
+ * a bad flag fails with the usage text.
+ */
+export function parseCommand(
+  args: string[],
+  options: ParseArgsConfig['options'],
+  usage: string,
+): { flags: Flags; positionals: string[]; trailing: string[] } {
+  const dashdash = args.indexOf('--');
+  const own = dashdash >= 0 ? args.slice(0, dashdash) : args;
+  const trailing = dashdash >= 0 ? args.slice(dashdash + 1) : [];
+  try {
+    const parsed = parseArgs({ args: own, allowPositionals: true, options }) as {
+      values: Flags;
+      positionals: string[];
+    };
+    return { flags: parsed.values, positionals: parsed.positionals, trailing };
+  } catch (e) {
+    fail(`${(e as Error).message}\n\n${usage}`);
+  }
+}
 
 export function fail(msg: string, code = 2): never {
   process.stderr.write(`hutch: ${msg}\n`);

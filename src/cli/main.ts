@@ -1,14 +1,22 @@
 import { createWriteStream, readFileSync } from 'node:fs';
 import { basename } from 'node:path';
 import { pipeline } from 'node:stream/promises';
-import { parseArgs } from 'node:util';
 import { ApiError, HutchClient } from '../client/http-client.js';
 import { clientUrl, loadConfig } from '../config.js';
 import { jsonLogger, startDaemon } from '../daemon.js';
 import { type BuildProgress, TemplateBuilder } from '../images/builder.js';
 import { ImageStore } from '../images/oci.js';
 import { boxCommand, boxUsage } from './box.js';
-import { attachTerminal, envFlags, type Flags, fail, printJson, terminal, writeOut } from './common.js';
+import {
+  attachTerminal,
+  envFlags,
+  type Flags,
+  fail,
+  parseCommand,
+  printJson,
+  terminal,
+  writeOut,
+} from './common.js';
 
 const usage = `hutch: real computers over an API
 
@@ -128,40 +136,31 @@ async function main(argv: string[]): Promise<void> {
     return;
   }
   if (cmd === 'box') return boxCommand(rest);
-  const dashdash = rest.indexOf('--');
-  const own = dashdash >= 0 ? rest.slice(0, dashdash) : rest;
-  const trailing = dashdash >= 0 ? rest.slice(dashdash + 1) : [];
-  let parsed: { values: Flags; positionals: string[] };
-  try {
-    parsed = parseArgs({
-      args: own,
-      allowPositionals: true,
-      options: {
-        json: { type: 'boolean' },
-        url: { type: 'string' },
-        host: { type: 'string' },
-        port: { type: 'string' },
-        'state-dir': { type: 'string' },
-        'image-dir': { type: 'string' },
-        accel: { type: 'string' },
-        config: { type: 'string' },
-        template: { type: 'string' },
-        ttl: { type: 'string' },
-        persistent: { type: 'boolean' },
-        name: { type: 'string' },
-        env: { type: 'string', multiple: true },
-        cwd: { type: 'string' },
-        timeout: { type: 'string' },
-        interactive: { type: 'boolean', short: 'i' },
-        shell: { type: 'string' },
-        term: { type: 'string' },
-        output: { type: 'string', short: 'o' },
-      },
-    }) as { values: Flags; positionals: string[] };
-  } catch (e) {
-    fail(`${(e as Error).message}\n\n${usage}`);
-  }
-  const { values: flags, positionals } = parsed;
+  const { flags, positionals, trailing } = parseCommand(
+    rest,
+    {
+      json: { type: 'boolean' },
+      url: { type: 'string' },
+      host: { type: 'string' },
+      port: { type: 'string' },
+      'state-dir': { type: 'string' },
+      'image-dir': { type: 'string' },
+      accel: { type: 'string' },
+      config: { type: 'string' },
+      template: { type: 'string' },
+      ttl: { type: 'string' },
+      persistent: { type: 'boolean' },
+      name: { type: 'string' },
+      env: { type: 'string', multiple: true },
+      cwd: { type: 'string' },
+      timeout: { type: 'string' },
+      interactive: { type: 'boolean', short: 'i' },
+      shell: { type: 'string' },
+      term: { type: 'string' },
+      output: { type: 'string', short: 'o' },
+    },
+    usage,
+  );
   const json = flags.json === true;
   const client = new HutchClient(clientUrl(flags.url as string | undefined));
 
