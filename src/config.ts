@@ -37,6 +37,12 @@ const configSchema = z.object({
     .int()
     .min(1024)
     .default(32 * 1024 * 1024),
+  /** Per-exec cap on the event log a box exec keeps on disk (replayed by /events); output past it is dropped. */
+  execLogMaxBytes: z.coerce
+    .number()
+    .int()
+    .min(4096)
+    .default(1024 * 1024 * 1024),
   owner: z.string().default('local'),
   /** Restored, warmed, paused machines kept per template for instant creates; 0 disables. */
   poolSize: z.coerce.number().int().min(0).max(64).default(2),
@@ -90,6 +96,7 @@ const envNames: Record<string, keyof ConfigInput> = {
   HUTCH_ALLOW_PERSISTENT: 'allowPersistent',
   HUTCH_BOOT_TIMEOUT_MS: 'bootTimeoutMs',
   HUTCH_EXEC_MAX_OUTPUT_BYTES: 'execMaxOutputBytes',
+  HUTCH_EXEC_LOG_MAX_BYTES: 'execLogMaxBytes',
   HUTCH_QEMU_USER: 'qemuUser',
   HUTCH_LOG_LEVEL: 'logLevel',
   HUTCH_AUTO_SUSPEND_SECONDS: 'autoSuspendSeconds',

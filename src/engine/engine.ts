@@ -1286,7 +1286,7 @@ export class Engine {
     };
     this.store.insertExec(row);
     mkdirSync(join(box.run_dir, 'execs'), { recursive: true, mode: 0o700 });
-    const log = new ExecLog(join(box.run_dir, 'execs', `${id}.ndjson`));
+    const log = new ExecLog(join(box.run_dir, 'execs', `${id}.ndjson`), this.config.execLogMaxBytes);
     let cancelled = false;
     const pipe = (stream: 'stdout' | 'stderr', r: NodeJS.ReadableStream): Promise<void> => {
       const chunker = new Utf8Chunker();
@@ -1317,6 +1317,7 @@ export class Engine {
           status: fields.status,
           signal: fields.signal,
           error: fields.error,
+          ...(log.truncated ? { truncated: true } : {}),
         }),
       });
       this.liveExecs.delete(id);

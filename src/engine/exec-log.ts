@@ -72,9 +72,16 @@ export function incompleteUtf8Tail(b: Buffer): number {
 export class ExecLog extends EventEmitter {
   private fd: number | undefined;
   private seq = 0;
+  private bytes = 0;
   private finished = false;
+  /** Output stopped being recorded: the cap was reached, or the host disk refused a write. */
+  truncated = false;
 
-  constructor(readonly path: string) {
+  constructor(
+    readonly path: string,
+    /** A guest can print forever; its log may not fill the host's disk. */
+    private readonly maxBytes = Number.POSITIVE_INFINITY,
+  ) {
     super();
     this.fd = openSync(path, 'a');
   }
@@ -83,10 +90,29 @@ export class ExecLog extends EventEmitter {
     return this.finished;
   }
 
-  append(ev: Omit<ExecEvent, 'seq'>): ExecEvent {
+  /**
+   * Records an event and tells live readers. Output past the cap (or after a failed write) is
+   * dropped for file and live readers alike, so a replay always equals what was seen live; the
+   * exit event is always attempted.
+   */
+  append(ev: Omit<ExecEvent, 'seq'>): ExecEvent | undefined {
     if (this.finished) throw new Error('exec log is closed');
-    const full: ExecEvent = { ...ev, seq: ++this.seq };
-    if (this.fd !== undefined) writeSync(this.fd, `${JSON.stringify(full)}\n`);
+    if (ev.event === 'log' && this.truncated) return undefined;
+    const full: ExecEvent = { ...ev, seq: this.seq + 1 };
+    const line = `${JSON.stringify(full)}\n`;
+    if (ev.event === 'log' && this.bytes + line.length > this.maxBytes) {
+      this.truncated = true;
+      return undefined;
+    }
+    try {
+      if (this.fd !== undefined) writeSync(this.fd, line);
+    } catch {
+      // ENOSPC and friends: the daemon carries on; this exec's output is cut here.
+      this.truncated = true;
+      if (ev.event === 'log') return undefined;
+    }
+    this.seq++;
+    this.bytes += line.length;
     this.emit('event', full);
     if (full.event === 'exit') this.close();
     return full;

@@ -536,6 +536,28 @@ describe('boxes across faults', { timeout: 600_000 }, () => {
   });
 });
 
+describe('box exec logs are bounded', { timeout: 600_000 }, () => {
+  test('a flood of output past the log cap is dropped, the command still finishes, the stream says so', async () => {
+    const d = await startDaemon({ env: { HUTCH_EXEC_LOG_MAX_BYTES: String(256 * 1024) } });
+    try {
+      const c = new BoxesClient({ socketPath: d.boxesSocket });
+      const box = await c.create<{ id: string }>({ image: 'debian:bookworm', ...small });
+      const e = await c.exec<{ id: string }>(box.id, {
+        cmd: ['sh', '-c', 'head -c 20000000 /dev/zero | tr "\\0" a; echo; echo done >&2'],
+      });
+      const events = await collect(c, box.id, e.id);
+      const exit = JSON.parse(events.at(-1)?.data.data ?? '{}') as { exit_code: number; truncated?: boolean };
+      assert.equal(exit.exit_code, 0);
+      assert.equal(exit.truncated, true);
+      const kept = stdoutOf(events).length;
+      assert.ok(kept > 100_000 && kept < 256 * 1024, `kept ${kept} bytes`);
+      assert.deepEqual(await collect(c, box.id, e.id), events);
+    } finally {
+      await cleanup(d);
+    }
+  });
+});
+
 describe('boxes from an OCI registry', { timeout: 600_000 }, () => {
   test('an image pushed to a local registry boots as a box with its layers, Env and WorkingDir', async () => {
     const reg = await startRegistry();

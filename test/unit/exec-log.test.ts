@@ -86,3 +86,32 @@ test('an orphaned log gets an exit event after its last whole line', () => {
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('a log stops recording output at its cap or on a failed write, and still ends', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'hutch-execlog-'));
+  try {
+    const path = join(dir, 'x.ndjson');
+    const log = new ExecLog(path, 1000);
+    let kept = 0;
+    for (let i = 0; i < 100; i++)
+      if (log.append({ event: 'log', stream: 'stdout', data: 'x'.repeat(50) })) kept++;
+    assert.ok(kept > 5 && kept < 20, `kept ${kept}`);
+    assert.equal(log.truncated, true);
+    const exit = log.append({ event: 'exit', stream: null, data: '{}' });
+    assert.equal(exit?.seq, kept + 1);
+    const seen: number[] = [];
+    for await (const e of replayExec(path, undefined)) seen.push(e.seq);
+    assert.deepEqual(
+      seen,
+      Array.from({ length: kept + 1 }, (_, i) => i + 1),
+    );
+    // /dev/full: every write fails with ENOSPC, as on a full disk. Nothing throws.
+    const full = new ExecLog('/dev/full');
+    assert.equal(full.append({ event: 'log', stream: 'stdout', data: 'a' }), undefined);
+    assert.equal(full.truncated, true);
+    assert.equal(full.append({ event: 'exit', stream: null, data: '{}' })?.event, 'exit');
+    assert.equal(full.done, true);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
