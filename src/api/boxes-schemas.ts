@@ -141,6 +141,8 @@ export const runResultSchema = z.object({
   stdout: z.string(),
   stderr: z.string(),
   error_message: z.string().nullable(),
+  status: z.enum(['completed', 'timed_out', 'failed']),
+  signal: z.number().nullable(),
 });
 
 export const gcBody = z

@@ -312,18 +312,15 @@ export async function boxCommand(argv: string[]): Promise<void> {
         stdout: string;
         stderr: string;
         error_message: string | null;
+        status: ExitData['status'];
+        signal: number | null;
       }>(body);
       if (json) printJson(r);
       else {
         await writeOut(process.stdout, r.stdout);
         await writeOut(process.stderr, r.stderr);
-        if (r.error_message) process.stderr.write(`hutch: ${r.error_message}\n`);
       }
-      // The run result has no status or signal field: its message tells a timeout or a signal.
-      const signal = /killed by signal (\d+)/.exec(r.error_message ?? '')?.[1];
-      process.exitCode =
-        r.exit_code ??
-        (/timeout/.test(r.error_message ?? '') ? 124 : signal !== undefined ? 128 + Number(signal) : 1);
+      process.exitCode = exitStatus({ ...r, error: r.error_message });
       return;
     }
     case 'upload': {

@@ -166,6 +166,9 @@ export interface RunResult {
   stdout: string;
   stderr: string;
   error_message: string | null;
+  /** As an exec's: completed, timed_out or failed (could not start); with the killing signal. */
+  status: 'completed' | 'timed_out' | 'failed';
+  signal: number | null;
 }
 
 /** An exec of the boxes API while it runs: its log (for live readers) and its agent stream. */
@@ -1475,6 +1478,8 @@ export class Engine {
           exit_code: r.exitCode,
           stdout: r.stdout.toString('utf8'),
           stderr: r.stderr.toString('utf8'),
+          status: r.timedOut ? 'timed_out' : 'completed',
+          signal: r.signal,
           error_message: r.timedOut
             ? `killed after its timeout of ${req.timeoutMs} ms`
             : r.signal !== null
@@ -1485,7 +1490,14 @@ export class Engine {
         };
       } catch (e) {
         const err = execError(req.cmd, e);
-        return { exit_code: null, stdout: '', stderr: '', error_message: err.message };
+        return {
+          exit_code: null,
+          stdout: '',
+          stderr: '',
+          error_message: err.message,
+          status: 'failed',
+          signal: null,
+        };
       }
     } finally {
       const row = this.store.get(box.id);

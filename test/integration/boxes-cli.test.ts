@@ -274,6 +274,8 @@ describe('hutch box CLI', { timeout: 900_000 }, () => {
       stdout: '',
       stderr: '',
       error_message: null,
+      status: 'completed',
+      signal: null,
     });
     // The ephemeral boxes are gone.
     assert.deepEqual(

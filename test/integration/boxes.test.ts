@@ -305,6 +305,8 @@ describe('boxes API', { timeout: 600_000 }, () => {
       stdout: 'hi\n',
       stderr: 'oops\n',
       error_message: null,
+      status: 'completed',
+      signal: null,
     });
     // The ephemeral box is gone.
     assert.equal((await c.list()).boxes.length, 1);
@@ -437,6 +439,15 @@ describe('boxes API', { timeout: 600_000 }, () => {
       ...small,
     });
     assert.deepEqual([r.exit_code, r.stdout], [0, 'ran\n']);
+    const slow = await tcp.run<{ status: string; exit_code: number | null; error_message: string }>({
+      image: 'debian:bookworm',
+      cmd: ['sleep', '30'],
+      timeout_ms: 300,
+      ...small,
+    });
+    assert.equal(slow.status, 'timed_out');
+    assert.equal(slow.exit_code, null);
+    assert.match(slow.error_message, /timeout/);
     assert.deepEqual(await tcp.gc(), { removed: 0, ids: [] });
     assert.equal((await tcp.list()).boxes.length, 0);
   });
