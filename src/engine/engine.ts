@@ -30,6 +30,7 @@ import {
   type TemplateSnapshot,
 } from '../images/snapshots.js';
 import type { AccelChoice } from '../vmm/accel.js';
+import { connectWhileAlive } from '../vmm/boot-wait.js';
 import { cgroupSupport, confine, listMachineCgroups, releaseCgroup } from '../vmm/cgroup.js';
 import { ConsoleTap } from '../vmm/console.js';
 import { createOverlay } from '../vmm/disk.js';
@@ -680,34 +681,16 @@ export class Engine {
     runDir: string,
     console: ConsoleTap,
   ): Promise<AgentConnection> {
-    const abort = new AbortController();
-    const deadline = this.config.bootTimeoutMs;
-    const exitReport = (): string => {
-      const log = safeRead(runPaths(runDir).qemuLog).trim().split('\n').slice(-3).join(' | ');
-      return `qemu exited during boot${log ? ` (${log})` : ''}`;
-    };
-    const died = new Promise<never>((_, reject) => {
-      const t = setInterval(() => {
-        if (abort.signal.aborted) return clearInterval(t);
-        if (!isAlive(pid)) {
-          clearInterval(t);
-          reject(new Error(`${exitReport()}; console: ${console.recent().toString('utf8').slice(-300)}`));
-        }
-      }, 25);
-    });
     try {
-      return await Promise.race([
-        connectAgent(runPaths(runDir).agent, { timeoutMs: deadline, signal: abort.signal }),
-        died,
-      ]);
+      return await connectWhileAlive(
+        pid,
+        runDir,
+        this.config.bootTimeoutMs,
+        () => `console: ${console.recent().toString('utf8').slice(-300)}`,
+      );
     } catch (e) {
-      // A dead QEMU also breaks the agent socket; the exit is the more useful report.
-      await new Promise((r) => setTimeout(r, 30));
-      if (!isAlive(pid)) throw new Error(exitReport());
-      throw new Error(`${id}: ${(e as Error).message}`);
-    } finally {
-      abort.abort();
-      died.catch(() => {});
+      const m = (e as Error).message;
+      throw new Error(m.startsWith('qemu exited') ? m : `${id}: ${m}`);
     }
   }
 

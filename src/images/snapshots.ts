@@ -11,7 +11,8 @@ import {
   writeFileSync,
 } from 'node:fs';
 import { join } from 'node:path';
-import { type AgentConnection, connectAgent } from '../guest/agent-connection.js';
+import type { AgentConnection } from '../guest/agent-connection.js';
+import { connectWhileAlive } from '../vmm/boot-wait.js';
 import { createOverlay } from '../vmm/disk.js';
 import { saveState } from '../vmm/migration.js';
 import type { Accel } from '../vmm/qemu.js';
@@ -196,7 +197,7 @@ export class SnapshotCache {
     let agent: AgentConnection | undefined;
     let qmp: QmpClient | undefined;
     try {
-      agent = await connectAgent(p.agent, { timeoutMs: 120_000 });
+      agent = await connectWhileAlive(pid, tmp, 120_000);
       const bootMs = performance.now() - t0;
       // Warm the page cache with what users start first: a clone then finds python and node
       // in RAM instead of reading them from its disk.
