@@ -49,6 +49,7 @@ import {
 } from '../vmm/qemu.js';
 import { QmpClient } from '../vmm/qmp.js';
 import { type Volume, validateVolumes } from '../vmm/volumes.js';
+import { type BoxExecRequest, BoxExecs, execEnv, execError } from './box-execs.js';
 import {
   type BoxSpec,
   type BoxView,
@@ -56,12 +57,11 @@ import {
   boxSpecOf,
   type ExecView,
   toBoxView,
-  toExecView,
 } from './box-view.js';
-import { type ExecEvent, ExecLog, endOrphanLog, replayExec, Utf8Chunker } from './exec-log.js';
-import { newBoxId, newExecId, newMachineId } from './ids.js';
+import type { ExecEvent } from './exec-log.js';
+import { newBoxId, newMachineId } from './ids.js';
 import { type MachineView, toView } from './machine-view.js';
-import { activeStates, type ExecRow, type MachineRow, Store } from './store.js';
+import { activeStates, type MachineRow, Store } from './store.js';
 
 export const ttlBounds = { min: 15, max: 900, default: 60 } as const;
 
@@ -155,13 +155,6 @@ export interface CreateBox {
   volumes: BoxVolume[] | null;
 }
 
-export interface BoxExecRequest {
-  cmd: string[];
-  env?: Record<string, string>;
-  workdir?: string;
-  timeoutMs?: number;
-}
-
 export interface RunResult {
   exit_code: number | null;
   stdout: string;
@@ -170,14 +163,6 @@ export interface RunResult {
   /** As an exec's: completed, timed_out or failed (could not start); with the killing signal. */
   status: 'completed' | 'timed_out' | 'failed';
   signal: number | null;
-}
-
-/** An exec of the boxes API while it runs: its log (for live readers) and its agent stream. */
-interface LiveExec {
-  boxId: string;
-  log: ExecLog;
-  cancel: () => void;
-  finished: Promise<void>;
 }
 
 type Log = (level: 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>) => void;
@@ -196,6 +181,7 @@ export class Engine {
   readonly snapshots: SnapshotCache;
   private readonly cgroups = cgroupSupport();
   private closing = false;
+  private readonly execs: BoxExecs;
 
   constructor(
     private readonly config: Config,
@@ -212,18 +198,14 @@ export class Engine {
     // QEMU, once it has dropped to its user, must reach its run dir to make migration sockets.
     if (this.runAs) for (const d of [config.stateDir, this.runRoot]) chmodSync(d, 0o711);
     this.snapshots = new SnapshotCache(config.imageDir);
+    this.execs = new BoxExecs(this.store, config.execLogMaxBytes);
   }
 
   /** Re-adopts machines left by a previous daemon, cleans what is dead, starts the sweeper. */
   async start(): Promise<void> {
     // Exec streams live on the agent connection of the daemon that started them: a restart
     // ends them (the agent kills their processes when that connection goes).
-    for (const x of this.store.runningExecs()) {
-      const box = this.store.get(x.box_id);
-      const reason = 'the daemon restarted while the command ran';
-      if (box) endOrphanLog(join(box.run_dir, 'execs', `${x.id}.ndjson`), reason);
-      this.store.updateExec(x.id, { status: 'failed', error: reason, finished_at: new Date().toISOString() });
-    }
+    this.execs.endOrphans('the daemon restarted while the command ran');
     const known = new Set<string>();
     for (const row of this.store.list()) {
       known.add(row.id);
@@ -844,14 +826,7 @@ export class Engine {
         duration_ms: Math.round(performance.now() - t0),
       };
     } catch (e) {
-      if (e instanceof AgentError)
-        throw new HutchError(
-          'EXEC_FAILED',
-          `cannot run ${JSON.stringify(req.argv[0])}: ${e.code}${e.agentMessage ? ` (${e.agentMessage})` : ''}`,
-          {
-            errno: e.code,
-          },
-        );
+      if (e instanceof AgentError) throw execError(req.argv, e);
       const now = this.store.get(row.id);
       if (now && now.state !== 'running')
         throw new HutchError(
@@ -1161,7 +1136,7 @@ export class Engine {
         }
       }
       await this.stopLive(row);
-      this.failLiveExecs(id, 'the box was stopped');
+      this.execs.failAll(id, 'the box was stopped');
       this.store.update(id, { state: 'stopped', pid: null, stopped_at: new Date().toISOString() });
       this.log('info', 'box stopped', { id });
       return toBoxView(this.findBox(owner, id));
@@ -1202,7 +1177,7 @@ export class Engine {
         'BOX_RUNNING',
         `box ${row.id} is ${row.state}: stop it first, or remove it with ?force=true`,
       );
-    this.failLiveExecs(row.id, 'the box was removed');
+    this.execs.failAll(row.id, 'the box was removed');
     await this.teardown(row, 'deleted');
   }
 
@@ -1222,18 +1197,14 @@ export class Engine {
     return { removed: victims.length, ids: victims.map((r) => r.id) };
   }
 
-  // ---- box execs ----
+  // ---- box execs (box-execs.ts) ----
 
-  private readonly liveExecs = new Map<string, LiveExec>();
-
-  /** The environment of a box exec: the image's, then the box's, then the exec's own. */
-  private execEnv(spec: BoxSpec, extra: Record<string, string> | undefined): Record<string, string> {
-    const env: Record<string, string> = {};
-    for (const kv of spec.image_env) {
-      const i = kv.indexOf('=');
-      if (i > 0) env[kv.slice(0, i)] = kv.slice(i + 1);
-    }
-    return { ...env, ...(spec.env ?? {}), ...(extra ?? {}) };
+  /** The agent of a box that is running; BOX_NOT_RUNNING otherwise. */
+  private boxAgent(box: MachineRow): AgentConnection {
+    const live = this.live.get(box.id);
+    if (box.state !== 'running' || !live?.agent)
+      throw new HutchError('BOX_NOT_RUNNING', `box ${box.id} is ${box.state}: start it first`);
+    return live.agent;
   }
 
   /**
@@ -1242,147 +1213,27 @@ export class Engine {
    */
   async startExec(owner: string, idOrName: string, req: BoxExecRequest): Promise<ExecView> {
     const box = this.findBox(owner, idOrName);
-    const live = this.live.get(box.id);
-    if (box.state !== 'running' || !live?.agent)
-      throw new HutchError('BOX_NOT_RUNNING', `box ${box.id} is ${box.state}: start it first`);
-    const spec = boxSpecOf(box);
-    const id = newExecId();
-    const handle = live.agent.exec({
-      argv: req.cmd,
-      env: this.execEnv(spec, req.env),
-      cwd: req.workdir ?? spec.workdir,
-      stdin: false,
-      ...(req.timeoutMs ? { timeoutMs: req.timeoutMs } : {}),
-    });
-    try {
-      await handle.started;
-    } catch (e) {
-      throw execError(req.cmd, e);
-    }
-    const row: ExecRow = {
-      id,
-      box_id: box.id,
-      cmd: JSON.stringify(req.cmd),
-      status: 'running',
-      exit_code: null,
-      signal: null,
-      error: null,
-      created_at: new Date().toISOString(),
-      finished_at: null,
-    };
-    this.store.insertExec(row);
-    mkdirSync(join(box.run_dir, 'execs'), { recursive: true, mode: 0o700 });
-    const log = new ExecLog(join(box.run_dir, 'execs', `${id}.ndjson`), this.config.execLogMaxBytes);
-    let cancelled = false;
-    const pipe = (stream: 'stdout' | 'stderr', r: NodeJS.ReadableStream): Promise<void> => {
-      const chunker = new Utf8Chunker();
-      const put = (c: { data: string; encoding?: 'base64' } | undefined): void => {
-        if (c && !log.done) log.append({ event: 'log', stream, ...c });
-      };
-      return new Promise<void>((resolve) => {
-        r.on('data', (b: Buffer) => put(chunker.push(b)));
-        const end = (): void => {
-          put(chunker.flush());
-          resolve();
-        };
-        r.on('end', end);
-        r.on('close', end);
-        r.on('error', end);
-      });
-    };
-    const outputs = Promise.all([pipe('stdout', handle.stdout), pipe('stderr', handle.stderr)]);
-    const finish = (fields: Pick<ExecRow, 'status' | 'exit_code' | 'signal' | 'error'>): void => {
-      if (log.done) return;
-      const finishedAt = new Date().toISOString();
-      this.store.updateExec(id, { ...fields, finished_at: finishedAt });
-      log.append({
-        event: 'exit',
-        stream: null,
-        data: JSON.stringify({
-          exit_code: fields.exit_code,
-          status: fields.status,
-          signal: fields.signal,
-          error: fields.error,
-          ...(log.truncated ? { truncated: true } : {}),
-        }),
-      });
-      this.liveExecs.delete(id);
-    };
-    const finished = handle.result.then(
-      async (r) => {
-        await outputs;
-        finish({
-          status: r.timedOut ? 'timed_out' : 'completed',
-          exit_code: r.exitCode,
-          signal: r.signal,
-          error: r.timedOut ? `killed after its timeout of ${req.timeoutMs} ms` : null,
-        });
-      },
-      (e: unknown) => {
-        if (cancelled) finish({ status: 'cancelled', exit_code: null, signal: 9, error: 'cancelled' });
-        else finish({ status: 'failed', exit_code: null, signal: null, error: (e as Error).message });
-      },
-    );
-    this.liveExecs.set(id, {
-      boxId: box.id,
-      log,
-      cancel: () => {
-        cancelled = true;
-        handle.cancel();
-      },
-      finished,
-    });
+    const view = await this.execs.start(box, this.boxAgent(box), req);
     this.touch(box.id);
-    return toExecView(this.store.getExec(id) as ExecRow);
-  }
-
-  private findExec(owner: string, boxRef: string, execId: string): { box: MachineRow; exec: ExecRow } {
-    const box = this.findBox(owner, boxRef);
-    const exec = this.store.getExec(execId);
-    if (!exec || exec.box_id !== box.id)
-      throw new HutchError('EXEC_NOT_FOUND', `box ${box.id} has no exec ${JSON.stringify(execId)}`);
-    return { box, exec };
+    return view;
   }
 
   listExecs(owner: string, boxRef: string): ExecView[] {
-    return this.store.listExecs(this.findBox(owner, boxRef).id).map(toExecView);
+    return this.execs.list(this.findBox(owner, boxRef));
   }
 
   getExec(owner: string, boxRef: string, execId: string): ExecView {
-    return toExecView(this.findExec(owner, boxRef, execId).exec);
+    return this.execs.get(this.findBox(owner, boxRef), execId);
   }
 
   /** Every event of an exec from the first one, then live ones until its exit event. */
   execEvents(owner: string, boxRef: string, execId: string): AsyncGenerator<ExecEvent> {
-    const { box, exec } = this.findExec(owner, boxRef, execId);
-    return replayExec(join(box.run_dir, 'execs', `${exec.id}.ndjson`), this.liveExecs.get(exec.id)?.log);
+    return this.execs.events(this.findBox(owner, boxRef), execId);
   }
 
   /** Ends a running exec (SIGKILL to its process group); a finished one is left as it is. */
-  async cancelExec(owner: string, boxRef: string, execId: string): Promise<ExecView> {
-    const { exec } = this.findExec(owner, boxRef, execId);
-    const live = this.liveExecs.get(exec.id);
-    if (live) {
-      live.cancel();
-      await live.finished;
-    }
-    return toExecView(this.store.getExec(exec.id) as ExecRow);
-  }
-
-  /** Execs of a box whose VM went away end as failed, with their exit event written. */
-  private failLiveExecs(boxId: string, reason: string): void {
-    for (const [id, e] of this.liveExecs) {
-      if (e.boxId !== boxId) continue;
-      this.liveExecs.delete(id);
-      if (!e.log.done) {
-        this.store.updateExec(id, { status: 'failed', error: reason, finished_at: new Date().toISOString() });
-        e.log.append({
-          event: 'exit',
-          stream: null,
-          data: JSON.stringify({ exit_code: null, status: 'failed', signal: null, error: reason }),
-        });
-      }
-    }
+  cancelExec(owner: string, boxRef: string, execId: string): Promise<ExecView> {
+    return this.execs.cancel(this.findBox(owner, boxRef), execId);
   }
 
   /** The agent of a running box, for streaming work (files, terminals); see openSession. */
@@ -1413,7 +1264,7 @@ export class Engine {
     opts: { shell?: string; cols: number; rows: number; term: string },
   ): Promise<{ id: string; handle: ExecHandle; release: () => void }> {
     const s = await this.openBoxSession(owner, idOrName);
-    const env = { ...this.execEnv(s.spec, undefined), TERM: opts.term };
+    const env = { ...execEnv(s.spec, undefined), TERM: opts.term };
     const start = async (shell: string): Promise<ExecHandle> => {
       const handle = s.agent.exec({
         argv: [shell],
@@ -1451,7 +1302,7 @@ export class Engine {
         const r = await live.agent.execCollect(
           {
             argv: req.cmd,
-            env: this.execEnv(spec, undefined),
+            env: execEnv(spec, undefined),
             cwd: spec.workdir,
             ...(req.timeoutMs ? { timeoutMs: req.timeoutMs } : {}),
           },
@@ -2045,18 +1896,6 @@ async function checkMounts(agent: AgentConnection, volumes: BoxVolume[]): Promis
         'BOOT_FAILED',
         `volume ${v.host_path} could not be mounted at ${v.guest_path}: the VM user must be able to read (and for a writable volume, write) it`,
       );
-}
-
-/** The error for a command the agent could not start (ENOENT, EACCES, …) or lost. */
-function execError(cmd: string[], e: unknown): HutchError {
-  if (e instanceof AgentError)
-    return new HutchError(
-      'EXEC_FAILED',
-      `cannot run ${JSON.stringify(cmd[0])}: ${e.code}${e.agentMessage ? ` (${e.agentMessage})` : ''}`,
-      { errno: e.code },
-    );
-  if (e instanceof HutchError) return e;
-  return new HutchError('AGENT_UNAVAILABLE', (e as Error).message);
 }
 
 function lookupUser(name: string): { user: string; uid: number; gid: number } | undefined {

@@ -1,0 +1,205 @@
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { HutchError } from '../errors.js';
+import { type AgentConnection, AgentError } from '../guest/agent-connection.js';
+import { type BoxSpec, boxSpecOf, type ExecView, toExecView } from './box-view.js';
+import { type ExecEvent, ExecLog, endOrphanLog, replayExec, Utf8Chunker } from './exec-log.js';
+import { newExecId } from './ids.js';
+import type { ExecRow, MachineRow, Store } from './store.js';
+
+export interface BoxExecRequest {
+  cmd: string[];
+  env?: Record<string, string>;
+  workdir?: string;
+  timeoutMs?: number;
+}
+
+/** An exec while it runs: its log (for live readers) and a way to end it. */
+interface LiveExec {
+  boxId: string;
+  log: ExecLog;
+  cancel: () => void;
+  finished: Promise<void>;
+}
+
+/** The environment of a box exec: the image's, then the box's, then the exec's own. */
+export function execEnv(spec: BoxSpec, extra: Record<string, string> | undefined): Record<string, string> {
+  const env: Record<string, string> = {};
+  for (const kv of spec.image_env) {
+    const i = kv.indexOf('=');
+    if (i > 0) env[kv.slice(0, i)] = kv.slice(i + 1);
+  }
+  return { ...env, ...(spec.env ?? {}), ...(extra ?? {}) };
+}
+
+/** The error for a command the agent could not start (ENOENT, EACCES, …) or lost. */
+export function execError(cmd: string[], e: unknown): HutchError {
+  if (e instanceof AgentError)
+    return new HutchError(
+      'EXEC_FAILED',
+      `cannot run ${JSON.stringify(cmd[0])}: ${e.code}${e.agentMessage ? ` (${e.agentMessage})` : ''}`,
+      { errno: e.code },
+    );
+  if (e instanceof HutchError) return e;
+  return new HutchError('AGENT_UNAVAILABLE', (e as Error).message);
+}
+
+const logPath = (box: MachineRow, execId: string): string => join(box.run_dir, 'execs', `${execId}.ndjson`);
+
+/**
+ * The execs of the boxes API: a row each in the store, an event log each beside its box, and
+ * the streams of the running ones. The engine finds the box and its agent; this owns the rest.
+ */
+export class BoxExecs {
+  private readonly live = new Map<string, LiveExec>();
+
+  constructor(
+    private readonly store: Store,
+    private readonly logMaxBytes: number,
+  ) {}
+
+  /** Execs left running by a daemon that died: their streams died with its agent connection. */
+  endOrphans(reason: string): void {
+    for (const x of this.store.runningExecs()) {
+      const box = this.store.get(x.box_id);
+      if (box) endOrphanLog(logPath(box, x.id), reason);
+      this.store.updateExec(x.id, { status: 'failed', error: reason, finished_at: new Date().toISOString() });
+    }
+  }
+
+  async start(box: MachineRow, agent: AgentConnection, req: BoxExecRequest): Promise<ExecView> {
+    const spec = boxSpecOf(box);
+    const id = newExecId();
+    const handle = agent.exec({
+      argv: req.cmd,
+      env: execEnv(spec, req.env),
+      cwd: req.workdir ?? spec.workdir,
+      stdin: false,
+      ...(req.timeoutMs ? { timeoutMs: req.timeoutMs } : {}),
+    });
+    try {
+      await handle.started;
+    } catch (e) {
+      throw execError(req.cmd, e);
+    }
+    this.store.insertExec({
+      id,
+      box_id: box.id,
+      cmd: JSON.stringify(req.cmd),
+      status: 'running',
+      exit_code: null,
+      signal: null,
+      error: null,
+      created_at: new Date().toISOString(),
+      finished_at: null,
+    });
+    mkdirSync(join(box.run_dir, 'execs'), { recursive: true, mode: 0o700 });
+    const log = new ExecLog(logPath(box, id), this.logMaxBytes);
+    let cancelled = false;
+    const pipe = (stream: 'stdout' | 'stderr', r: NodeJS.ReadableStream): Promise<void> => {
+      const chunker = new Utf8Chunker();
+      const put = (c: { data: string; encoding?: 'base64' } | undefined): void => {
+        if (c && !log.done) log.append({ event: 'log', stream, ...c });
+      };
+      return new Promise<void>((resolve) => {
+        r.on('data', (b: Buffer) => put(chunker.push(b)));
+        const end = (): void => {
+          put(chunker.flush());
+          resolve();
+        };
+        r.on('end', end);
+        r.on('close', end);
+        r.on('error', end);
+      });
+    };
+    const outputs = Promise.all([pipe('stdout', handle.stdout), pipe('stderr', handle.stderr)]);
+    const finished = handle.result.then(
+      async (r) => {
+        await outputs;
+        this.finish(id, log, {
+          status: r.timedOut ? 'timed_out' : 'completed',
+          exit_code: r.exitCode,
+          signal: r.signal,
+          error: r.timedOut ? `killed after its timeout of ${req.timeoutMs} ms` : null,
+        });
+      },
+      (e: unknown) =>
+        this.finish(
+          id,
+          log,
+          cancelled
+            ? { status: 'cancelled', exit_code: null, signal: 9, error: 'cancelled' }
+            : { status: 'failed', exit_code: null, signal: null, error: (e as Error).message },
+        ),
+    );
+    this.live.set(id, {
+      boxId: box.id,
+      log,
+      cancel: () => {
+        cancelled = true;
+        handle.cancel();
+      },
+      finished,
+    });
+    return toExecView(this.store.getExec(id) as ExecRow);
+  }
+
+  /** Records how an exec ended and writes its exit event (once: later calls do nothing). */
+  private finish(
+    id: string,
+    log: ExecLog,
+    fields: Pick<ExecRow, 'status' | 'exit_code' | 'signal' | 'error'>,
+  ): void {
+    this.live.delete(id);
+    if (log.done) return;
+    this.store.updateExec(id, { ...fields, finished_at: new Date().toISOString() });
+    log.append({
+      event: 'exit',
+      stream: null,
+      data: JSON.stringify({
+        exit_code: fields.exit_code,
+        status: fields.status,
+        signal: fields.signal,
+        error: fields.error,
+        ...(log.truncated ? { truncated: true } : {}),
+      }),
+    });
+  }
+
+  private find(box: MachineRow, execId: string): ExecRow {
+    const exec = this.store.getExec(execId);
+    if (!exec || exec.box_id !== box.id)
+      throw new HutchError('EXEC_NOT_FOUND', `box ${box.id} has no exec ${JSON.stringify(execId)}`);
+    return exec;
+  }
+
+  list(box: MachineRow): ExecView[] {
+    return this.store.listExecs(box.id).map(toExecView);
+  }
+
+  get(box: MachineRow, execId: string): ExecView {
+    return toExecView(this.find(box, execId));
+  }
+
+  events(box: MachineRow, execId: string): AsyncGenerator<ExecEvent> {
+    const exec = this.find(box, execId);
+    return replayExec(logPath(box, exec.id), this.live.get(exec.id)?.log);
+  }
+
+  async cancel(box: MachineRow, execId: string): Promise<ExecView> {
+    const exec = this.find(box, execId);
+    const live = this.live.get(exec.id);
+    if (live) {
+      live.cancel();
+      await live.finished;
+    }
+    return toExecView(this.store.getExec(exec.id) as ExecRow);
+  }
+
+  /** A box's VM went away (stopped, removed): its running execs end as failed, exit event written. */
+  failAll(boxId: string, reason: string): void {
+    for (const [id, e] of this.live)
+      if (e.boxId === boxId)
+        this.finish(id, e.log, { status: 'failed', exit_code: null, signal: null, error: reason });
+  }
+}
