@@ -169,3 +169,8 @@ export async function waitFor<T>(
     await sleep(100);
   }
 }
+
+/** Waits until a synchronous condition holds (polling like waitFor). */
+export async function until(what: string, cond: () => boolean, timeoutMs = 30_000): Promise<void> {
+  await waitFor(what, async () => (cond() ? true : undefined), timeoutMs);
+}

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -8,7 +8,8 @@ import { after, before, describe, test } from 'node:test';
 import type { WebSocket } from 'ws';
 import { BoxesClient } from '../../src/client/boxes-client.js';
 import { ApiError } from '../../src/client/http-client.js';
-import { cleanup, root, sleep, startDaemon, type TestDaemon, waitFor } from '../helpers/daemon.js';
+import { cleanup, root, sleep, startDaemon, type TestDaemon, until, waitFor } from '../helpers/daemon.js';
+import { checkTerminal, TmuxSession } from '../helpers/tmux.js';
 
 /** Sizes that spare the 2 cores. */
 const small = ['--cpu', '1', '--memory', '256'];
@@ -56,10 +57,6 @@ function cli(
 function ok(r: CliResult, code = 0): CliResult {
   assert.equal(r.code, code, `exit ${r.code}\nstdout: ${r.stdout}\nstderr: ${r.stderr}`);
   return r;
-}
-
-async function until(what: string, cond: () => boolean, timeoutMs = 30_000): Promise<void> {
-  await waitFor(what, async () => (cond() ? true : undefined), timeoutMs);
 }
 
 /** Runs a shell command over an attach WebSocket and resolves with the output seen so far. */
@@ -285,72 +282,44 @@ describe('hutch box CLI', { timeout: 900_000 }, () => {
   });
 
   test('attach: the real CLI under tmux (size, resize, Ctrl-C, top, exit code)', async () => {
-    const sock = join(tmp, 'tmux.sock');
     const statusFile = join(tmp, 'attach-status');
-    const tmux = (...args: string[]): string =>
-      execFileSync('tmux', ['-S', sock, ...args], { encoding: 'utf8' });
-    const screen = (): string => tmux('capture-pane', '-p', '-t', 't', '-S', '-200');
+    const t = new TmuxSession(tmp);
     const pgrep = async (name: string): Promise<string> =>
       (await box$('exec', box, '--', 'sh', '-c', `pgrep -x ${name} || true`)).stdout.toString().trim();
     try {
-      tmux(
-        'new-session',
-        '-d',
-        '-s',
-        't',
-        '-x',
-        '100',
-        '-y',
-        '30',
+      t.start(
         `node ${bin} box attach ${box} --socket ${d.boxesSocket}; echo "exit=$?" > ${statusFile}; sleep 60`,
+        100,
+        30,
       );
-      await until('a shell prompt', () => /[#$] *$/m.test(screen()), 60_000);
-      tmux('send-keys', '-t', 't', 'echo shell=$0', 'Enter');
-      await until('bash, the default shell', () => /^shell=\/bin\/bash\s*$/m.test(screen()));
-      tmux('send-keys', '-t', 't', 'tput cols', 'Enter');
-      await until('tput cols = 100', () => /^100\s*$/m.test(screen()));
-
-      tmux('resize-window', '-t', 't', '-x', '120', '-y', '30');
-      await waitFor(
-        'tput cols = 120 after the resize',
-        async () => {
-          tmux('send-keys', '-t', 't', 'tput cols', 'Enter');
-          await sleep(1000);
-          return /^120\s*$/m.test(screen()) ? true : undefined;
-        },
-        30_000,
-      );
-
-      tmux('send-keys', '-t', 't', 'sleep 100', 'Enter');
-      await waitFor('sleep 100 to run', async () => ((await pgrep('sleep')) ? true : undefined), 30_000);
-      tmux('send-keys', '-t', 't', 'C-c');
-      tmux('send-keys', '-t', 't', 'echo after-$((40+2))', 'Enter');
-      await until('the shell back after Ctrl-C', () => /^after-42\s*$/m.test(screen()), 30_000);
-      assert.equal(await pgrep('sleep'), '', 'sleep 100 was interrupted');
+      await until('a shell prompt', () => /[#$] *$/m.test(t.screen()), 60_000);
+      t.keys('echo shell=$0', 'Enter');
+      await until('bash, the default shell', () => /^shell=\/bin\/bash\s*$/m.test(t.screen()));
+      await checkTerminal(t, pgrep);
 
       // A full-screen program: top draws its header, q leaves it, the shell is back.
-      tmux('send-keys', '-t', 't', 'clear; top', 'Enter');
+      t.keys('clear; top', 'Enter');
       await until(
         'top to draw',
-        () => /^top - .*load average/m.test(screen()) && /^Tasks:/m.test(screen()),
+        () => /^top - .*load average/m.test(t.screen()) && /^Tasks:/m.test(t.screen()),
         60_000,
       );
       assert.ok(await pgrep('top'), 'top runs');
-      tmux('send-keys', '-t', 't', 'q');
+      t.keys('q');
       // Keys typed while top is still exiting may be flushed by it: wait until it is gone.
       await waitFor('top to exit on q', async () => ((await pgrep('top')) === '' ? true : undefined), 30_000);
-      tmux('send-keys', '-t', 't', 'echo top-$((6*7))', 'Enter');
-      await until('the shell back after top', () => /^top-42\s*$/m.test(screen()), 30_000).catch(
+      t.keys('echo top-$((6*7))', 'Enter');
+      await until('the shell back after top', () => /^top-42\s*$/m.test(t.screen()), 30_000).catch(
         (e: Error) => {
-          throw new Error(`${e.message}; the screen:\n${screen()}`);
+          throw new Error(`${e.message}; the screen:\n${t.screen()}`);
         },
       );
 
-      tmux('send-keys', '-t', 't', 'exit 3', 'Enter');
+      t.keys('exit 3', 'Enter');
       await until('the CLI to exit', () => existsSync(statusFile), 30_000);
       assert.equal(readFileSync(statusFile, 'utf8').trim(), 'exit=3');
     } finally {
-      spawnSync('tmux', ['-S', sock, 'kill-server']);
+      t.kill();
     }
   });
 

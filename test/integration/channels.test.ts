@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { execFile, execFileSync, spawn, spawnSync } from 'node:child_process';
+import { execFile, spawn, spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, rmSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -9,7 +9,8 @@ import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
 import { WebSocket } from 'ws';
 import { HutchClient } from '../../src/client/http-client.js';
-import { api, cleanup, root, sleep, startDaemon, type TestDaemon, waitFor } from '../helpers/daemon.js';
+import { api, cleanup, root, startDaemon, type TestDaemon, until, waitFor } from '../helpers/daemon.js';
+import { checkTerminal, TmuxSession } from '../helpers/tmux.js';
 
 /** A WebSocket viewer that keeps everything it received. */
 interface Viewer {
@@ -49,10 +50,6 @@ function refusedUpgrade(url: string): Promise<{ status: number; body: Record<str
       // after unexpected-response
     });
   });
-}
-
-async function until(what: string, cond: () => boolean, timeoutMs = 30_000): Promise<void> {
-  await waitFor(what, async () => (cond() ? true : undefined), timeoutMs);
 }
 
 /** Runs a program without blocking the event loop (a blocked loop breaks fetch's idle sockets). */
@@ -391,56 +388,21 @@ describe('machine channels: tty, files, streaming exec, attach', () => {
   });
 
   test('attach: the real CLI under tmux (size, resize, Ctrl-C, exit code)', async () => {
-    // A socket in the test's own directory: nothing of tmux outlives the test.
-    const sock = join(tmp, 'tmux.sock');
     const statusFile = join(tmp, 'attach-status');
-    const tmux = (...args: string[]): string =>
-      execFileSync('tmux', ['-S', sock, ...args], { encoding: 'utf8' });
-    const screen = (): string => tmux('capture-pane', '-p', '-t', 't', '-S', '-200');
+    const t = new TmuxSession(tmp);
     const bin = join(root, 'bin', 'hutch.js');
     try {
-      tmux(
-        'new-session',
-        '-d',
-        '-s',
-        't',
-        '-x',
-        '100',
-        '-y',
-        '30',
+      t.start(
         `HUTCH_URL=${d.url} node ${bin} attach ${id}; echo "exit=$?" > ${statusFile}; sleep 60`,
+        100,
+        30,
       );
-      await until('a shell prompt', () => /[#$] *$/m.test(screen()), 60_000);
-      tmux('send-keys', '-t', 't', 'tput cols', 'Enter');
-      await until('tput cols = 100', () => /^100\s*$/m.test(screen()));
-
-      tmux('resize-window', '-t', 't', '-x', '120', '-y', '30');
-      await waitFor(
-        'tput cols = 120 after the resize',
-        async () => {
-          tmux('send-keys', '-t', 't', 'tput cols', 'Enter');
-          await sleep(1000);
-          return /^120\s*$/m.test(screen()) ? true : undefined;
-        },
-        30_000,
-      );
-
-      tmux('send-keys', '-t', 't', 'sleep 100', 'Enter');
-      await waitFor(
-        'sleep 100 to run',
-        async () => (/\d/.test((await sh('pgrep -x sleep || true')).stdout) ? true : undefined),
-        30_000,
-      );
-      tmux('send-keys', '-t', 't', 'C-c');
-      tmux('send-keys', '-t', 't', 'echo after-$((40+2))', 'Enter');
-      await until('the shell back after Ctrl-C', () => /^after-42\s*$/m.test(screen()), 30_000);
-      assert.equal((await sh('pgrep -x sleep || true')).stdout.trim(), '', 'sleep 100 was interrupted');
-
-      tmux('send-keys', '-t', 't', 'exit 3', 'Enter');
+      await checkTerminal(t, async (name) => (await sh(`pgrep -x ${name} || true`)).stdout.trim());
+      t.keys('exit 3', 'Enter');
       await until('the CLI to exit', () => existsSync(statusFile), 30_000);
       assert.equal(readFileSync(statusFile, 'utf8').trim(), 'exit=3');
     } finally {
-      spawnSync('tmux', ['-S', sock, 'kill-server']);
+      t.kill();
     }
   });
 
