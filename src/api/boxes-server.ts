@@ -317,8 +317,13 @@ async function serveDownload(
     });
     if (!first.done) await write(res, first.value);
     for (;;) {
+      if (res.destroyed) {
+        // The client went away: stop the read in the guest instead of waiting for its end.
+        h.stream.destroy();
+        return;
+      }
       const n = (await it.next()) as IteratorResult<Buffer>;
-      if (n.done || res.destroyed) break;
+      if (n.done) break;
       await write(res, n.value);
     }
     await h.done;
