@@ -4,7 +4,7 @@
 // with node's test runner, one file at a time (the VM tests share 2 cores; running them side by
 // side only makes each slower).
 import { spawnSync } from 'node:child_process';
-import { readdirSync } from 'node:fs';
+import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 
 const imageDir = process.env.HUTCH_IMAGE_DIR ?? '/var/lib/hutch/images';
@@ -27,7 +27,9 @@ if (pull.status !== 0) {
 }
 
 const files = [];
-for (const dir of ['dist/test/unit', 'dist/test/integration']) {
+// hostile/: the hostile-client and hostile-guest suite (each file prints `N tried, N held`).
+for (const dir of ['dist/test/unit', 'dist/test/integration', 'dist/test/hostile']) {
+  if (!existsSync(dir)) continue;
   for (const f of readdirSync(dir).sort()) {
     if (f.endsWith('.test.js') && (only.length === 0 || only.some((o) => f.includes(o))))
       files.push(join(dir, f));

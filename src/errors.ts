@@ -111,6 +111,16 @@ export const errorTable = {
     grpc: 'INVALID_ARGUMENT',
     doc: 'The endpoint is a WebSocket: ask for an upgrade (Connection: Upgrade, Upgrade: websocket).',
   },
+  STORAGE_FULL: {
+    http: 507,
+    grpc: 'RESOURCE_EXHAUSTED',
+    doc: "The host's state filesystem is full (or this would commit more disk than it can give); nothing was changed. Other operations keep working.",
+  },
+  REQUEST_TIMEOUT: {
+    http: 408,
+    grpc: 'DEADLINE_EXCEEDED',
+    doc: 'The request body stopped arriving (no bytes for too long); the connection is closed.',
+  },
 } as const;
 
 export type ErrorCode = keyof typeof errorTable;
