@@ -62,6 +62,23 @@ const configSchema = z.object({
   maxBoxMemoryMb: z.coerce.number().int().min(64).optional(),
   maxBoxDiskGb: z.coerce.number().int().min(1).default(64),
   /** Host directories boxes may mount as volumes (colon-separated in the environment); none by default. */
+  /** All exec logs of one box together, and of every box: past either, output is dropped (and flagged). */
+  execLogsBoxMaxBytes: z.coerce
+    .number()
+    .int()
+    .min(4096)
+    .default(4 * 1024 ** 3),
+  execLogsTotalMaxBytes: z.coerce
+    .number()
+    .int()
+    .min(4096)
+    .default(16 * 1024 ** 3),
+  /**
+   * How much more guest disk may be promised than the state filesystem can hold: 1 (the
+   * default) promises only what is free, so no guest can fill the host's disk by filling its
+   * own; 2 lets the promised total be twice that, betting that guests don't fill their disks.
+   */
+  diskOvercommit: z.coerce.number().min(0.01).max(1000).default(1),
   volumeRoots: z
     .union([z.array(z.string()), z.string()])
     .transform((v) => (Array.isArray(v) ? v : v.split(':')).filter((x) => x !== '').map((x) => resolve(x)))
@@ -109,6 +126,9 @@ const envNames: Record<string, keyof ConfigInput> = {
   HUTCH_MAX_BOX_DISK_GB: 'maxBoxDiskGb',
   HUTCH_VOLUME_ROOTS: 'volumeRoots',
   HUTCH_INSECURE_REGISTRIES: 'insecureRegistries',
+  HUTCH_EXEC_LOGS_BOX_MAX_BYTES: 'execLogsBoxMaxBytes',
+  HUTCH_EXEC_LOGS_TOTAL_MAX_BYTES: 'execLogsTotalMaxBytes',
+  HUTCH_DISK_OVERCOMMIT: 'diskOvercommit',
 };
 
 export function loadConfig(

@@ -230,7 +230,12 @@ export const boxRoutes: BoxRoute[] = [
     summary: 'Server limits',
     response: infoSchema,
     status: 200,
-    handle: ({ engine, version }) => ({ ...engine.boxLimits(), accel: engine.health().accel, version }),
+    handle: ({ engine, version }) => ({
+      ...engine.boxLimits(),
+      accel: engine.health().accel,
+      version,
+      disk: engine.diskRoom(),
+    }),
   },
   {
     kind: 'json',

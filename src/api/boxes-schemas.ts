@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { diskRoomSchema } from './schemas.js';
 
 /**
  * Schemas of the boxes API (../shared/specs/boxes-rest-api.txt), field names and defaults as the
@@ -125,6 +126,7 @@ export const infoSchema = z.object({
   volume_roots: z.array(z.string()),
   accel: z.string(),
   version: z.string(),
+  disk: diskRoomSchema,
 });
 
 export const runBody = z

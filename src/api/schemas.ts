@@ -134,6 +134,21 @@ export const execResultSchema = z.object({
 
 export const errorSchema = z.object({ code: z.string(), message: z.string() });
 
+/** Guest disk against the host's state filesystem (thin disks are promised, not yet used). */
+export const diskRoomSchema = z
+  .object({
+    free_bytes: z.number().describe('Free bytes on the state filesystem.'),
+    promised_bytes: z
+      .number()
+      .describe("Bytes guests' disks may still grow by (each disk's size less what it holds)."),
+    overcommit: z
+      .number()
+      .describe(
+        'How many times the free space may be promised (HUTCH_DISK_OVERCOMMIT; 1: never more than is free).',
+      ),
+  })
+  .describe('A disk is only created when its size fits: promised + new ≤ free × overcommit.');
+
 export const healthSchema = z.object({
   status: z.literal('ok'),
   running: z.number().int(),
@@ -146,6 +161,7 @@ export const healthSchema = z.object({
   guest_memory_mb: z.object({ used: z.number().int(), cap: z.number().int() }),
   max_machines: z.number().int(),
   uptime_s: z.number().int(),
+  disk: diskRoomSchema,
 });
 
 export const attachQuery = z.object({

@@ -1,6 +1,7 @@
 import { createWriteStream, readFileSync } from 'node:fs';
 import { basename } from 'node:path';
 import { pipeline } from 'node:stream/promises';
+import { installFaultHandlers } from '../background.js';
 import { ApiError, HutchClient } from '../client/http-client.js';
 import { clientUrl, loadConfig } from '../config.js';
 import { jsonLogger, startDaemon } from '../daemon.js';
@@ -85,6 +86,7 @@ async function serve(flags: Flags): Promise<void> {
     flags.config as string | undefined,
   );
   const log = jsonLogger(config.logLevel);
+  installFaultHandlers(log);
   const daemon = await startDaemon(config, { log, onProgress: progressPrinter() });
   process.stderr.write(
     `hutch is serving ${daemon.http.url} (accelerator: ${daemon.engine.health().accel})\n`,

@@ -1,9 +1,9 @@
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { HutchError } from '../errors.js';
 import { type AgentConnection, AgentError } from '../guest/agent-connection.js';
 import { type BoxSpec, boxSpecOf, type ExecView, toExecView } from './box-view.js';
-import { type ExecEvent, ExecLog, endOrphanLog, replayExec, Utf8Chunker } from './exec-log.js';
+import { ByteBudget, type ExecEvent, ExecLog, endOrphanLog, replayExec, Utf8Chunker } from './exec-log.js';
 import { newExecId } from './ids.js';
 import type { ExecRow, MachineRow, Store } from './store.js';
 
@@ -52,11 +52,61 @@ const logPath = (box: MachineRow, execId: string): string => join(box.run_dir, '
  */
 export class BoxExecs {
   private readonly live = new Map<string, LiveExec>();
+  /** Exec logs of every box together, and of each box. */
+  private readonly total: ByteBudget;
+  private readonly perBox = new Map<string, ByteBudget>();
+  /** How execs ended that the store could not record yet (a full disk); retried by flush(). */
+  private readonly unsaved = new Map<string, Partial<ExecRow>>();
 
   constructor(
     private readonly store: Store,
-    private readonly logMaxBytes: number,
-  ) {}
+    private readonly limits: { perExec: number; perBox: number; total: number },
+    private readonly log: (msg: string, fields: Record<string, unknown>) => void,
+  ) {
+    this.total = new ByteBudget(limits.total);
+    // What earlier daemons' execs left on disk counts from the start.
+    for (const row of store.list()) if (row.kind === 'box') this.total.used += this.budgetOf(row).used;
+  }
+
+  private budgetOf(box: MachineRow): ByteBudget {
+    let b = this.perBox.get(box.id);
+    if (!b) {
+      let used = 0;
+      const dir = join(box.run_dir, 'execs');
+      try {
+        for (const f of readdirSync(dir)) used += statSync(join(dir, f)).size;
+      } catch {
+        // no execs yet
+      }
+      b = new ByteBudget(this.limits.perBox, used);
+      this.perBox.set(box.id, b);
+    }
+    return b;
+  }
+
+  /** A removed box's logs are gone with its run dir: their bytes go back to the total. */
+  forget(boxId: string): void {
+    const b = this.perBox.get(boxId);
+    if (b) this.total.give(b.used);
+    this.perBox.delete(boxId);
+  }
+
+  /** Records the ends the store refused earlier (called periodically; cheap when none). */
+  flush(): void {
+    for (const [id, fields] of this.unsaved) {
+      try {
+        this.store.updateExec(id, fields);
+        this.unsaved.delete(id);
+      } catch {
+        return; // still full: next time
+      }
+    }
+  }
+
+  private withUnsaved(row: ExecRow): ExecRow {
+    const u = this.unsaved.get(row.id);
+    return u ? { ...row, ...u } : row;
+  }
 
   /** Execs left running by a daemon that died: their streams died with its agent connection. */
   endOrphans(reason: string): void {
@@ -67,21 +117,13 @@ export class BoxExecs {
     }
   }
 
+  /**
+   * Starts a command. Its row and log exist before anything runs in the guest: when the host
+   * cannot record an exec (a full disk: STORAGE_FULL), the command never starts.
+   */
   async start(box: MachineRow, agent: AgentConnection, req: BoxExecRequest): Promise<ExecView> {
     const spec = boxSpecOf(box);
     const id = newExecId();
-    const handle = agent.exec({
-      argv: req.cmd,
-      env: execEnv(spec, req.env),
-      cwd: req.workdir ?? spec.workdir,
-      stdin: false,
-      ...(req.timeoutMs ? { timeoutMs: req.timeoutMs } : {}),
-    });
-    try {
-      await handle.started;
-    } catch (e) {
-      throw execError(req.cmd, e);
-    }
     this.store.insertExec({
       id,
       box_id: box.id,
@@ -93,8 +135,43 @@ export class BoxExecs {
       created_at: new Date().toISOString(),
       finished_at: null,
     });
-    mkdirSync(join(box.run_dir, 'execs'), { recursive: true, mode: 0o700 });
-    const log = new ExecLog(logPath(box, id), this.logMaxBytes);
+    let log: ExecLog;
+    let handle: ReturnType<AgentConnection['exec']>;
+    try {
+      try {
+        mkdirSync(join(box.run_dir, 'execs'), { recursive: true, mode: 0o700 });
+        log = new ExecLog(logPath(box, id), this.limits.perExec, [this.budgetOf(box), this.total]);
+      } catch (e) {
+        throw new HutchError('STORAGE_FULL', `cannot create the exec's log: ${(e as Error).message}`);
+      }
+      handle = agent.exec({
+        argv: req.cmd,
+        env: execEnv(spec, req.env),
+        cwd: req.workdir ?? spec.workdir,
+        stdin: false,
+        ...(req.timeoutMs ? { timeoutMs: req.timeoutMs } : {}),
+      });
+      handle.result.catch(() => {}); // observed below, once it has started
+      try {
+        await handle.started;
+      } catch (e) {
+        log.close();
+        throw execError(req.cmd, e);
+      }
+    } catch (e) {
+      // Nothing ran: no trace of the exec is kept (best effort on a full disk).
+      rmSync(logPath(box, id), { force: true });
+      try {
+        this.store.deleteExec(id);
+      } catch {
+        this.unsaved.set(id, {
+          status: 'failed',
+          error: (e as Error).message,
+          finished_at: new Date().toISOString(),
+        });
+      }
+      throw e;
+    }
     let cancelled = false;
     const pipe = (stream: 'stdout' | 'stderr', r: NodeJS.ReadableStream): Promise<void> => {
       const chunker = new Utf8Chunker();
@@ -132,6 +209,7 @@ export class BoxExecs {
             : { status: 'failed', exit_code: null, signal: null, error: (e as Error).message },
         ),
     );
+    finished.catch((e: unknown) => this.log('exec end failed', { id, error: (e as Error).message }));
     this.live.set(id, {
       boxId: box.id,
       log,
@@ -152,7 +230,14 @@ export class BoxExecs {
   ): void {
     this.live.delete(id);
     if (log.done) return;
-    this.store.updateExec(id, { ...fields, finished_at: new Date().toISOString() });
+    const ended = { ...fields, finished_at: new Date().toISOString() };
+    try {
+      this.store.updateExec(id, ended);
+    } catch (e) {
+      // The exit event below still reaches readers; the row catches up when there is space.
+      this.unsaved.set(id, ended);
+      this.log('exec end not recorded yet', { id, error: (e as Error).message });
+    }
     log.append({
       event: 'exit',
       stream: null,
@@ -170,11 +255,11 @@ export class BoxExecs {
     const exec = this.store.getExec(execId);
     if (!exec || exec.box_id !== box.id)
       throw new HutchError('EXEC_NOT_FOUND', `box ${box.id} has no exec ${JSON.stringify(execId)}`);
-    return exec;
+    return this.withUnsaved(exec);
   }
 
   list(box: MachineRow): ExecView[] {
-    return this.store.listExecs(box.id).map(toExecView);
+    return this.store.listExecs(box.id).map((r) => toExecView(this.withUnsaved(r)));
   }
 
   get(box: MachineRow, execId: string): ExecView {
@@ -193,7 +278,7 @@ export class BoxExecs {
       live.cancel();
       await live.finished;
     }
-    return toExecView(this.store.getExec(exec.id) as ExecRow);
+    return toExecView(this.withUnsaved(this.store.getExec(exec.id) as ExecRow));
   }
 
   /** A box's VM went away (stopped, removed): its running execs end as failed, exit event written. */

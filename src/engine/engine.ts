@@ -1,6 +1,5 @@
 import { randomBytes } from 'node:crypto';
 import {
-  chmodSync,
   chownSync,
   constants,
   copyFileSync,
@@ -13,6 +12,7 @@ import {
   statSync,
 } from 'node:fs';
 import { join } from 'node:path';
+import { inBackground, type Log } from '../background.js';
 import type { Config } from '../config.js';
 import { HutchError } from '../errors.js';
 import {
@@ -28,6 +28,7 @@ import {
   SnapshotCache,
   type SnapshotParams,
   type TemplateSnapshot,
+  traversableByQemu,
 } from '../images/snapshots.js';
 import type { AccelChoice } from '../vmm/accel.js';
 import { connectWhileAlive } from '../vmm/boot-wait.js';
@@ -58,12 +59,20 @@ import {
   type ExecView,
   toBoxView,
 } from './box-view.js';
+import { checkDiskRoom, type DiskClaim, type DiskRoom, diskRoom } from './disk-room.js';
 import type { ExecEvent } from './exec-log.js';
 import { newBoxId, newMachineId } from './ids.js';
 import { type MachineView, toView } from './machine-view.js';
 import { activeStates, type MachineRow, Store } from './store.js';
 
 export const ttlBounds = { min: 15, max: 900, default: 60 } as const;
+
+/** Agent link retries: 250 ms doubling to 30 s; a link up for 10 s is healthy again. */
+const agentBackoffMs = 250;
+const agentBackoffMaxMs = 30_000;
+const agentHealthyMs = 10_000;
+/** Consecutive failed reconnects (about 5 minutes of backoff) before the machine is failed. */
+const agentMaxFailures = 16;
 
 export interface CreateMachine {
   template: string;
@@ -107,6 +116,7 @@ export interface Health {
   guest_memory_mb: { used: number; cap: number };
   max_machines: number;
   uptime_s: number;
+  disk: DiskRoom;
 }
 
 /** What the engine holds for a live machine beyond its row: connections and timers. */
@@ -165,8 +175,6 @@ export interface RunResult {
   signal: number | null;
 }
 
-type Log = (level: 'info' | 'warn' | 'error', msg: string, fields?: Record<string, unknown>) => void;
-
 /**
  * The one place that changes machine state. API adapters parse and validate, then call these
  * methods; nothing else touches QEMU, the store or the run directories.
@@ -195,10 +203,21 @@ export class Engine {
     mkdirSync(this.runRoot, { recursive: true, mode: 0o700 });
     this.store = new Store(join(config.stateDir, 'hutch.db'));
     this.runAs = lookupUser(config.qemuUser);
-    // QEMU, once it has dropped to its user, must reach its run dir to make migration sockets.
-    if (this.runAs) for (const d of [config.stateDir, this.runRoot]) chmodSync(d, 0o711);
+    // QEMU, once it has dropped to its user, must reach its run dir to make migration sockets,
+    // and its kernel and disks in the image cache; other local users reach none of it.
+    for (const d of [config.stateDir, this.runRoot]) traversableByQemu(d, this.runAs);
+    mkdirSync(config.imageDir, { recursive: true });
+    traversableByQemu(config.imageDir, this.runAs);
     this.snapshots = new SnapshotCache(config.imageDir);
-    this.execs = new BoxExecs(this.store, config.execLogMaxBytes);
+    this.execs = new BoxExecs(
+      this.store,
+      {
+        perExec: config.execLogMaxBytes,
+        perBox: config.execLogsBoxMaxBytes,
+        total: config.execLogsTotalMaxBytes,
+      },
+      (msg, fields) => this.log('warn', msg, fields),
+    );
   }
 
   /** Re-adopts machines left by a previous daemon, cleans what is dead, starts the sweeper. */
@@ -236,7 +255,7 @@ export class Engine {
     for (const name of listMachineCgroups()) {
       if (!liveIds.has(name)) await releaseCgroup(name, 100);
     }
-    this.sweeper = setInterval(() => this.sweep(), 500);
+    this.sweeper = setInterval(() => this.background('sweep', {}, () => this.sweep()), 500);
     this.sweeper.unref();
   }
 
@@ -384,6 +403,7 @@ export class Engine {
       },
       max_machines: this.config.maxMachines,
       uptime_s: Math.round((Date.now() - this.startedAt) / 1000),
+      disk: this.diskRoom(),
     };
   }
 
@@ -470,7 +490,7 @@ export class Engine {
       started_at: null,
       stopped_at: null,
     };
-    this.insertRow(row);
+    await this.admitUser(row, this.diskBytesOf(row));
 
     try {
       const disk = join(runDir, 'disk.qcow2');
@@ -642,18 +662,86 @@ export class Engine {
     return live.qmp;
   }
 
-  private admit(active: MachineRow[], row: MachineRow): void {
-    if (active.length + 1 > this.config.maxMachines)
+  /**
+   * Whether one more machine fits, called inside the transaction that inserts it. Every QEMU of
+   * this daemon counts: users' machines, the warm pool's and snapshots being taken (the pool
+   * yields to users first: see yieldPool). `diskBytes` is the new machine's disk size, promised
+   * against the host's free space; 0 when its disk already exists (a box starting again).
+   */
+  private admit(active: MachineRow[], row: MachineRow, diskBytes: number): void {
+    const extra = this.extraQemus();
+    if (active.length + extra.count + 1 > this.config.maxMachines)
       throw new HutchError(
         'RESOURCE_EXHAUSTED',
-        `at most ${this.config.maxMachines} machines may run at once (${active.length} running)`,
+        `at most ${this.config.maxMachines} machines may run at once (${active.length} running${extra.count ? `, ${extra.count} warm or being snapshotted` : ''})`,
       );
-    const used = active.reduce((s, r) => s + r.memory_mb, 0);
+    const used = active.reduce((s, r) => s + r.memory_mb, 0) + extra.memoryMb;
     if (used + row.memory_mb > this.config.maxGuestMemoryMb)
       throw new HutchError(
         'RESOURCE_EXHAUSTED',
         `guest memory cap reached: ${used} MiB in use + ${row.memory_mb} MiB requested > ${this.config.maxGuestMemoryMb} MiB`,
       );
+    if (diskBytes > 0) checkDiskRoom(this.diskRoom(), diskBytes, `${row.kind} ${row.id}`);
+  }
+
+  /** QEMUs that are no user's machine: the warm pool (ready and being made) and snapshot builds. */
+  private extraQemus(): { count: number; memoryMb: number } {
+    let count = this.poolMaking + this.snapshots.inFlight();
+    for (const l of this.pool.values()) count += l.length;
+    return { count, memoryMb: count * this.config.machineMemoryMb };
+  }
+
+  /** Guest disk promised against the state filesystem's free space (reported by /v1/info). */
+  diskRoom(): DiskRoom {
+    const claims: DiskClaim[] = [];
+    // A failed machine's run dir is gone; a failed box is stopped and keeps its disk.
+    for (const r of this.store.list())
+      if (!(r.kind === 'machine' && r.state === 'failed'))
+        claims.push({ virtualBytes: this.diskBytesOf(r), file: join(r.run_dir, 'disk.qcow2') });
+    for (const l of this.pool.values())
+      for (const p of l)
+        claims.push({ virtualBytes: this.diskBytesOf(p.row), file: join(p.row.run_dir, 'disk.qcow2') });
+    return diskRoom(this.config.stateDir, claims, this.config.diskOvercommit);
+  }
+
+  /** How big a machine's disk may grow: a box's asked-for size, else its template's image. */
+  private diskBytesOf(row: MachineRow): number {
+    if (row.kind === 'box') return boxSpecOf(row).disk_size_gb * 1024 ** 3;
+    const manifest = this.templates.get(row.template);
+    if (!manifest) return 0;
+    try {
+      return statSync(manifest.rootfs).size;
+    } catch {
+      return 0;
+    }
+  }
+
+  /**
+   * Makes room for a user's machine by giving back pooled ones: the pool only ever holds what
+   * no user is asking for. While a user waits here, the pool does not grow.
+   */
+  private async yieldPool(memoryMb: number): Promise<void> {
+    for (let i = 0; i <= this.config.poolSize * this.templates.size + 1 && !this.hasRoomFor(memoryMb); i++) {
+      const victim = [...this.pool.values()].find((l) => l.length > 0)?.pop();
+      if (victim) await this.discardPooled(victim);
+      else if (this.refilling && this.poolMaking > 0) await this.refilling;
+      else return;
+    }
+  }
+
+  /** Users between yieldPool and their insert: the pool must not take back what they freed. */
+  private usersWaiting = 0;
+  private poolMaking = 0;
+
+  /** Inserts a user's machine after making room for it from the pool; admission as in admit(). */
+  private async admitUser(row: MachineRow, diskBytes: number): Promise<void> {
+    this.usersWaiting++;
+    try {
+      await this.yieldPool(row.memory_mb);
+      this.insertRow(row, diskBytes);
+    } finally {
+      this.usersWaiting--;
+    }
   }
 
   /** Connects to the agent, failing fast (with the console's last words) if QEMU dies first. */
@@ -676,34 +764,82 @@ export class Engine {
     }
   }
 
+  /** Work nobody awaits: its failure is logged, never an unhandled rejection. */
+  private background(what: string, fields: Record<string, unknown>, work: () => unknown): void {
+    inBackground(this.log, what, fields, work);
+  }
+
+  /**
+   * Watches a running machine's agent link. When QEMU died with it, the machine failed. When the
+   * guest broke the protocol (or the link dropped), the machine keeps running with the cause in
+   * its `error` ("agent broken: …") and the link is retried with exponential backoff, so a guest
+   * that keeps corrupting its port costs the host a few reconnects a minute, not a busy loop.
+   * A link that stays up for agentHealthyMs clears the error and the backoff.
+   */
   private watchAgent(id: string, agent: AgentConnection): void {
-    void agent.closed.then(async (err: Error | undefined) => {
-      const row = this.store.get(id);
+    const healthy = setTimeout(() => {
+      if (!agent.isOpen || this.live.get(id)?.agent !== agent) return;
+      if (this.agentFailures.delete(id) && this.store.get(id)?.error?.startsWith('agent broken'))
+        this.tryUpdate(id, { error: null });
+    }, agentHealthyMs);
+    healthy.unref();
+    this.background('agent watch', { id }, async () => {
+      const err = await agent.closed;
+      clearTimeout(healthy);
       const live = this.live.get(id);
-      if (row?.state !== 'running' || !live || live.agent !== agent) return;
+      if (this.store.get(id)?.state !== 'running' || !live || live.agent !== agent) return;
       // The agent connection drops when QEMU dies; tell the two apart.
       await new Promise((r) => setTimeout(r, 50));
       if (!isAlive(live.pid)) {
-        await this.teardown(row, 'failed', `qemu exited unexpectedly${err ? ` (${err.message})` : ''}`);
-      } else {
-        this.log('warn', 'agent connection lost; reconnecting', { id, error: err?.message });
-        try {
-          live.agent = await connectAgent(runPaths(row.run_dir).agent, { timeoutMs: 10_000 });
-          this.watchAgent(id, live.agent);
-        } catch (e) {
-          await this.teardown(row, 'failed', `agent stopped answering: ${(e as Error).message}`);
+        const row = this.store.get(id);
+        if (row)
+          await this.teardown(row, 'failed', `qemu exited unexpectedly${err ? ` (${err.message})` : ''}`);
+        return;
+      }
+      live.agent = undefined;
+      await this.reconnectAgent(id, live, err?.message ?? 'the link closed');
+    });
+  }
+
+  /** Consecutive agent link failures per machine (cleared by a link that stays up). */
+  private readonly agentFailures = new Map<string, number>();
+
+  private async reconnectAgent(id: string, live: Live, cause: string): Promise<void> {
+    for (;;) {
+      const failures = (this.agentFailures.get(id) ?? 0) + 1;
+      this.agentFailures.set(id, failures);
+      const delay = Math.min(agentBackoffMaxMs, agentBackoffMs * 2 ** (failures - 1));
+      this.tryUpdate(id, { error: `agent broken: ${cause}`.slice(0, 500) });
+      this.log('warn', 'agent link broken; reconnecting', { id, cause, failures, delay_ms: delay });
+      await new Promise((r) => setTimeout(r, delay));
+      const row = this.store.get(id);
+      if (row?.state !== 'running' || this.live.get(id) !== live || this.closing) return;
+      if (!isAlive(live.pid)) {
+        await this.teardown(row, 'failed', `qemu exited unexpectedly (agent: ${cause})`);
+        return;
+      }
+      try {
+        live.agent = await connectAgent(runPaths(row.run_dir).agent, { timeoutMs: 10_000 });
+        this.watchAgent(id, live.agent);
+        return;
+      } catch (e) {
+        cause = (e as Error).message;
+        if (failures >= agentMaxFailures) {
+          await this.teardown(row, 'failed', `agent broken: gave up after ${failures} tries: ${cause}`);
+          return;
         }
       }
-    });
+    }
   }
 
   private armTtl(row: MachineRow): void {
     const live = this.live.get(row.id);
     if (!row.expires_at) return;
     const ms = Math.max(0, new Date(row.expires_at).getTime() - Date.now());
-    const timer = setTimeout(() => {
-      void this.expire(row.id);
-    }, ms);
+    const timer = setTimeout(
+      () => this.background('ttl expiry', { id: row.id }, () => this.expire(row.id)),
+      ms,
+    );
     timer.unref();
     if (live) live.ttl = timer;
     else this.orphanTimers.set(row.id, timer);
@@ -721,15 +857,21 @@ export class Engine {
   /** Safety net for timers and deaths nobody reported: runs every 500 ms. */
   private sweep(): void {
     this.shrinkPoolUnderPressure();
+    this.execs.flush();
     for (const row of this.store.list()) {
       if (row.expires_at && new Date(row.expires_at).getTime() <= Date.now() && row.state !== 'destroying') {
-        void this.expire(row.id);
+        this.background('ttl expiry', { id: row.id }, () => this.expire(row.id));
+      } else if (row.state === 'destroying' && !this.teardowns.has(row.id)) {
+        // A teardown whose last write failed (a full disk): its resources are gone, the row not yet.
+        this.background('destroy retry', { id: row.id }, () => this.teardown(row, 'deleted'));
       } else if (
         (row.state === 'running' || row.state === 'paused') &&
         row.pid !== null &&
         !isAlive(row.pid)
       ) {
-        void this.teardown(row, 'failed', 'qemu exited unexpectedly');
+        this.background('failure cleanup', { id: row.id }, () =>
+          this.teardown(row, 'failed', 'qemu exited unexpectedly'),
+        );
       } else if (row.state === 'running' && this.idleSuspendDue(row)) {
         this.suspend(row.owner, row.id).catch((e: unknown) =>
           this.log('warn', 'auto-suspend failed', { id: row.id, error: (e as Error).message }),
@@ -754,7 +896,9 @@ export class Engine {
     const pending = this.teardowns.get(row.id);
     if (pending) return pending;
     const p = (async () => {
-      if (outcome === 'deleted') this.store.update(row.id, { state: 'destroying' });
+      // Marked first so a daemon that dies mid-way finishes the job at its next start; on a full
+      // disk the mark fails, and the teardown goes on anyway: it frees the space it needs.
+      if (outcome === 'deleted') this.tryUpdate(row.id, { state: 'destroying' });
       const live = this.live.get(row.id);
       this.live.delete(row.id);
       if (live?.ttl) clearTimeout(live.ttl);
@@ -773,6 +917,7 @@ export class Engine {
         return;
       }
       rmSync(row.run_dir, { recursive: true, force: true });
+      if (row.kind === 'box') this.execs.forget(row.id);
       if (outcome === 'deleted') {
         this.store.delete(row.id);
         this.lastActive.delete(row.id);
@@ -787,6 +932,19 @@ export class Engine {
     return p;
   }
 
+  /** A state write that may fail (a full disk) without stopping what it describes; logged. */
+  private tryUpdate(id: string, fields: Partial<Omit<MachineRow, 'id'>>): void {
+    try {
+      this.store.update(id, fields);
+    } catch (e) {
+      this.log('warn', 'state not recorded', {
+        id,
+        fields: Object.keys(fields),
+        error: (e as Error).message,
+      });
+    }
+  }
+
   async exec(owner: string, idOrName: string, req: ExecRequest): Promise<ExecResult> {
     let row = this.find(owner, idOrName);
     // A suspended machine wakes up for work: that is what makes idle auto-suspend invisible.
@@ -795,15 +953,10 @@ export class Engine {
       row = this.find(owner, row.id);
     }
     this.touch(row.id);
-    const live = this.live.get(row.id);
-    if (row.state !== 'running' || !live?.agent)
-      throw new HutchError(
-        'MACHINE_NOT_RUNNING',
-        `machine ${row.id} is ${row.state}${row.error ? `: ${row.error}` : ''}`,
-      );
+    const agent = this.agentOf(row);
     const t0 = performance.now();
     try {
-      const r = await live.agent.execCollect(
+      const r = await agent.execCollect(
         {
           argv: req.argv,
           ...(req.env ? { env: req.env } : {}),
@@ -853,19 +1006,14 @@ export class Engine {
       await this.resume(owner, row.id);
       row = this.find(owner, row.id);
     }
-    const live = this.live.get(row.id);
-    if (row.state !== 'running' || !live?.agent)
-      throw new HutchError(
-        'MACHINE_NOT_RUNNING',
-        `machine ${row.id} is ${row.state}${row.error ? `: ${row.error}` : ''}`,
-      );
+    const agent = this.agentOf(row);
     const id = row.id;
     this.sessions.set(id, (this.sessions.get(id) ?? 0) + 1);
     this.touch(id);
     let released = false;
     return {
       id,
-      agent: live.agent,
+      agent: agent,
       release: () => {
         if (released) return;
         released = true;
@@ -1020,7 +1168,7 @@ export class Engine {
     };
     const snap = volumes?.length ? undefined : this.boxSnapshot(image, req.cpu, req.memoryMb, diskBytes);
     if (snap) row.mode = 'snapshot';
-    this.insertRow(row);
+    await this.admitUser(row, diskBytes);
     try {
       prepareRunDir(row.run_dir, this.runAs);
       const disk = join(row.run_dir, 'disk.qcow2');
@@ -1062,7 +1210,8 @@ export class Engine {
     const ready = this.snapshots.get(manifest.name);
     if (ready || this.snapshots.status(manifest.name) !== 'none') return ready;
     setImmediate(() => {
-      if (this.closing) return;
+      // A snapshot build is a QEMU too: it waits for a later create when the caps are reached.
+      if (this.closing || !this.hasRoomFor(memoryMb)) return;
       this.snapshots
         .ensure(manifest, {
           ...this.snapshotParams(manifest),
@@ -1152,8 +1301,9 @@ export class Engine {
       if (row.state === 'running') return toBoxView(row);
       if (row.state !== 'stopped') throw new HutchError('BOX_NOT_RUNNING', `box ${id} is ${row.state}`);
       const image = this.boxImage(row);
+      await this.yieldPool(row.memory_mb);
       this.store.admitUpdate(id, { state: 'starting', error: null, mode: 'cold' }, (active) =>
-        this.admit(active, row),
+        this.admit(active, row, 0),
       );
       try {
         prepareRunDir(row.run_dir, this.runAs);
@@ -1197,15 +1347,28 @@ export class Engine {
     return { removed: victims.length, ids: victims.map((r) => r.id) };
   }
 
-  // ---- box execs (box-execs.ts) ----
-
-  /** The agent of a box that is running; BOX_NOT_RUNNING otherwise. */
-  private boxAgent(box: MachineRow): AgentConnection {
-    const live = this.live.get(box.id);
-    if (box.state !== 'running' || !live?.agent)
-      throw new HutchError('BOX_NOT_RUNNING', `box ${box.id} is ${box.state}: start it first`);
-    return live.agent;
+  /**
+   * The agent of a running machine or box. Running without one means its link is broken and
+   * being retried: AGENT_UNAVAILABLE with the cause, not "not running".
+   */
+  private agentOf(row: MachineRow): AgentConnection {
+    const agent = this.live.get(row.id)?.agent;
+    if (row.state === 'running' && agent) return agent;
+    const what = `${row.kind} ${row.id}`;
+    if (row.state === 'running')
+      throw new HutchError(
+        'AGENT_UNAVAILABLE',
+        `${what}'s agent is not answering: ${row.error ?? 'reconnecting'}`,
+      );
+    if (row.kind === 'box')
+      throw new HutchError('BOX_NOT_RUNNING', `${what} is ${row.state}: start it first`);
+    throw new HutchError(
+      'MACHINE_NOT_RUNNING',
+      `${what} is ${row.state}${row.error ? `: ${row.error}` : ''}`,
+    );
   }
+
+  // ---- box execs (box-execs.ts) ----
 
   /**
    * Starts a command in a box and returns at once; its output goes to the exec's event log
@@ -1213,7 +1376,7 @@ export class Engine {
    */
   async startExec(owner: string, idOrName: string, req: BoxExecRequest): Promise<ExecView> {
     const box = this.findBox(owner, idOrName);
-    const view = await this.execs.start(box, this.boxAgent(box), req);
+    const view = await this.execs.start(box, this.agentOf(box), req);
     this.touch(box.id);
     return view;
   }
@@ -1242,13 +1405,11 @@ export class Engine {
     idOrName: string,
   ): Promise<{ id: string; agent: AgentConnection; spec: BoxSpec; release: () => void }> {
     const box = this.findBox(owner, idOrName);
-    const live = this.live.get(box.id);
-    if (box.state !== 'running' || !live?.agent)
-      throw new HutchError('BOX_NOT_RUNNING', `box ${box.id} is ${box.state}: start it first`);
+    const agent = this.agentOf(box);
     this.touch(box.id);
     return {
       id: box.id,
-      agent: live.agent,
+      agent: agent,
       spec: boxSpecOf(box),
       release: () => this.touch(box.id),
     };
@@ -1373,7 +1534,7 @@ export class Engine {
       auto_suspend_seconds: req.autoSuspendSeconds ?? null,
     };
     try {
-      this.insertRow(row);
+      this.insertRow(row, this.diskBytesOf(row));
     } catch (e) {
       await this.discardPooled(pooled);
       throw e;
@@ -1391,7 +1552,7 @@ export class Engine {
       throw new HutchError('BOOT_FAILED', `pooled machine did not start: ${(e as Error).message}`);
     } finally {
       // After the hand-out, not before: the refill's restore must not delay this create.
-      setImmediate(() => this.schedulePoolRefill());
+      setImmediate(() => this.background('pool refill', {}, () => this.schedulePoolRefill()));
     }
   }
 
@@ -1399,15 +1560,24 @@ export class Engine {
    * Room for one more pooled machine: the pool never takes what users could have (their caps
    * count it), and it stops growing when the host runs short of memory.
    */
-  private poolHasRoom(): boolean {
+  private poolHasRoom(manifest: TemplateManifest): boolean {
+    if (this.usersWaiting > 0 || !this.hasRoomFor(this.config.machineMemoryMb)) return false;
+    if (hostMemAvailableMb() <= this.config.machineMemoryMb + 1024) return false;
+    try {
+      checkDiskRoom(this.diskRoom(), statSync(manifest.rootfs).size, 'a pooled machine');
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  /** Whether one more QEMU of `memoryMb` fits under the caps, counting every QEMU we run. */
+  private hasRoomFor(memoryMb: number): boolean {
     const active = this.store.list().filter((r) => activeStates.includes(r.state));
-    let pooled = 0;
-    for (const l of this.pool.values()) pooled += l.length;
-    const memory = (active.length + pooled + 1) * this.config.machineMemoryMb;
+    const extra = this.extraQemus();
+    const memory = active.reduce((s, r) => s + r.memory_mb, 0) + extra.memoryMb + memoryMb;
     return (
-      active.length + pooled + 1 <= this.config.maxMachines &&
-      memory <= this.config.maxGuestMemoryMb &&
-      hostMemAvailableMb() > this.config.machineMemoryMb + 1024
+      active.length + extra.count + 1 <= this.config.maxMachines && memory <= this.config.maxGuestMemoryMb
     );
   }
 
@@ -1424,12 +1594,15 @@ export class Engine {
       if (!snap) continue;
       const list = this.pool.get(manifest.name) ?? [];
       this.pool.set(manifest.name, list);
-      while (list.length < this.config.poolSize && !this.closing && this.poolHasRoom()) {
+      while (list.length < this.config.poolSize && !this.closing && this.poolHasRoom(manifest)) {
+        this.poolMaking++;
         try {
           list.push(await this.makePooled(manifest, snap));
         } catch (e) {
           this.log('warn', 'pool refill failed', { template: manifest.name, error: (e as Error).message });
           return;
+        } finally {
+          this.poolMaking--;
         }
       }
     }
@@ -1504,7 +1677,7 @@ export class Engine {
       const p = list.pop();
       if (p) {
         this.log('warn', 'memory pressure: shrinking the warm pool', { id: p.row.id });
-        void this.discardPooled(p);
+        this.background('pool discard', { id: p.row.id }, () => this.discardPooled(p));
         return;
       }
     }
@@ -1551,7 +1724,7 @@ export class Engine {
       jail: null,
       parent_id: source.id,
     };
-    this.insertRow(row);
+    await this.admitUser(row, this.diskBytesOf(row));
     const stateFile = join(row.run_dir, 'branch.state');
     let pauseMs = 0;
     try {
@@ -1594,9 +1767,9 @@ export class Engine {
     }
   }
 
-  private insertRow(row: MachineRow): void {
+  private insertRow(row: MachineRow, diskBytes: number): void {
     try {
-      this.store.insertMachine(row, (active) => this.admit(active, row));
+      this.store.insertMachine(row, (active) => this.admit(active, row, diskBytes));
     } catch (e) {
       if (e instanceof HutchError) throw e;
       if (/UNIQUE/.test((e as Error).message))

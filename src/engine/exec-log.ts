@@ -65,6 +65,25 @@ export function incompleteUtf8Tail(b: Buffer): number {
 }
 
 /**
+ * Bytes a group of logs may hold together (all of one box's, all of every box's): what a guest
+ * can make the host store is bounded per box and in total, not only per exec.
+ */
+export class ByteBudget {
+  constructor(
+    readonly max: number,
+    public used = 0,
+  ) {}
+
+  fits(n: number): boolean {
+    return this.used + n <= this.max;
+  }
+
+  give(n: number): void {
+    this.used = Math.max(0, this.used - n);
+  }
+}
+
+/**
  * The event log of one exec: every event appended to a file (NDJSON) as it happens, and told to
  * live readers. The file is what makes replay complete: a reader that connects at any time,
  * or reconnects, gets every event from seq 1, in order, then the live ones.
@@ -81,9 +100,11 @@ export class ExecLog extends EventEmitter {
     readonly path: string,
     /** A guest can print forever; its log may not fill the host's disk. */
     private readonly maxBytes = Number.POSITIVE_INFINITY,
+    /** Budgets shared with other logs (the box's, everyone's): output stops when one is spent. */
+    private readonly budgets: ByteBudget[] = [],
   ) {
     super();
-    this.fd = openSync(path, 'a');
+    this.fd = openSync(path, 'a', 0o600);
   }
 
   get done(): boolean {
@@ -100,7 +121,10 @@ export class ExecLog extends EventEmitter {
     if (ev.event === 'log' && this.truncated) return undefined;
     const full: ExecEvent = { ...ev, seq: this.seq + 1 };
     const line = `${JSON.stringify(full)}\n`;
-    if (ev.event === 'log' && this.bytes + line.length > this.maxBytes) {
+    if (
+      ev.event === 'log' &&
+      (this.bytes + line.length > this.maxBytes || !this.budgets.every((b) => b.fits(line.length)))
+    ) {
       this.truncated = true;
       return undefined;
     }
@@ -113,6 +137,7 @@ export class ExecLog extends EventEmitter {
     }
     this.seq++;
     this.bytes += line.length;
+    for (const b of this.budgets) b.used += line.length;
     this.emit('event', full);
     if (full.event === 'exit') this.close();
     return full;

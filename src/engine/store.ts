@@ -1,4 +1,6 @@
+import { chmodSync, closeSync, existsSync, openSync } from 'node:fs';
 import Database from 'better-sqlite3';
+import { HutchError } from '../errors.js';
 
 export type MachineState =
   | 'starting'
@@ -120,6 +122,10 @@ export class Store {
   private readonly db: Database.Database;
 
   constructor(path: string) {
+    // Box specs and their env live here: owner-only from the first byte (SQLite gives its -wal
+    // and -shm files the database file's mode).
+    closeSync(openSync(path, 'a', 0o600));
+    for (const f of [path, `${path}-wal`, `${path}-shm`]) if (existsSync(f)) chmodSync(f, 0o600);
     this.db = new Database(path);
     this.db.pragma('journal_mode = WAL');
     this.db.pragma('synchronous = FULL');
@@ -148,22 +154,24 @@ export class Store {
    * insert run in one transaction, so concurrent creates cannot both squeeze under a cap.
    */
   insertMachine(row: MachineRow, admit: (active: MachineRow[]) => void): void {
-    this.db.transaction(() => {
-      const active = this.db
-        .prepare(`SELECT * FROM machines WHERE state IN (${activeStates.map((x) => `'${x}'`).join(', ')})`)
-        .all() as MachineRow[];
-      admit(active);
-      this.db
-        .prepare(
-          `INSERT INTO machines (id, owner, name, template, template_hash, state, mode, accel, vcpus, memory_mb,
+    this.write(() => {
+      this.db.transaction(() => {
+        const active = this.db
+          .prepare(`SELECT * FROM machines WHERE state IN (${activeStates.map((x) => `'${x}'`).join(', ')})`)
+          .all() as MachineRow[];
+        admit(active);
+        this.db
+          .prepare(
+            `INSERT INTO machines (id, owner, name, template, template_hash, state, mode, accel, vcpus, memory_mb,
              persistent, ttl_seconds, created_at, expires_at, boot_ms, pid, run_dir, error, jail, auto_suspend_seconds,
              parent_id, kind, spec, started_at, stopped_at)
            VALUES (@id, @owner, @name, @template, @template_hash, @state, @mode, @accel, @vcpus, @memory_mb,
              @persistent, @ttl_seconds, @created_at, @expires_at, @boot_ms, @pid, @run_dir, @error, @jail,
              @auto_suspend_seconds, @parent_id, @kind, @spec, @started_at, @stopped_at)`,
-        )
-        .run(row);
-    })();
+          )
+          .run(row);
+      })();
+    });
   }
 
   /** Updates a machine if `admit` accepts the machines holding resources now (a box starting again). */
@@ -172,20 +180,24 @@ export class Store {
     fields: Partial<Omit<MachineRow, 'id'>>,
     admit: (active: MachineRow[]) => void,
   ): void {
-    this.db.transaction(() => {
-      const active = this.db
-        .prepare(`SELECT * FROM machines WHERE state IN (${activeStates.map((x) => `'${x}'`).join(', ')})`)
-        .all() as MachineRow[];
-      admit(active);
-      this.update(id, fields);
-    })();
+    this.write(() => {
+      this.db.transaction(() => {
+        const active = this.db
+          .prepare(`SELECT * FROM machines WHERE state IN (${activeStates.map((x) => `'${x}'`).join(', ')})`)
+          .all() as MachineRow[];
+        admit(active);
+        this.update(id, fields);
+      })();
+    });
   }
 
   update(id: string, fields: Partial<Omit<MachineRow, 'id'>>): void {
-    const keys = Object.keys(fields);
-    if (keys.length === 0) return;
-    const set = keys.map((k) => `${k} = @${k}`).join(', ');
-    this.db.prepare(`UPDATE machines SET ${set} WHERE id = @id`).run({ ...fields, id });
+    this.write(() => {
+      const keys = Object.keys(fields);
+      if (keys.length === 0) return;
+      const set = keys.map((k) => `${k} = @${k}`).join(', ');
+      this.db.prepare(`UPDATE machines SET ${set} WHERE id = @id`).run({ ...fields, id });
+    });
   }
 
   get(id: string): MachineRow | undefined {
@@ -207,26 +219,38 @@ export class Store {
   }
 
   delete(id: string): void {
-    this.db.transaction(() => {
-      this.db.prepare('DELETE FROM execs WHERE box_id = ?').run(id);
-      this.db.prepare('DELETE FROM machines WHERE id = ?').run(id);
-    })();
+    this.write(() => {
+      this.db.transaction(() => {
+        this.db.prepare('DELETE FROM execs WHERE box_id = ?').run(id);
+        this.db.prepare('DELETE FROM machines WHERE id = ?').run(id);
+      })();
+    });
   }
 
   insertExec(row: ExecRow): void {
-    this.db
-      .prepare(
-        `INSERT INTO execs (id, box_id, cmd, status, exit_code, signal, error, created_at, finished_at)
+    this.write(() => {
+      this.db
+        .prepare(
+          `INSERT INTO execs (id, box_id, cmd, status, exit_code, signal, error, created_at, finished_at)
          VALUES (@id, @box_id, @cmd, @status, @exit_code, @signal, @error, @created_at, @finished_at)`,
-      )
-      .run(row);
+        )
+        .run(row);
+    });
   }
 
   updateExec(id: string, fields: Partial<Omit<ExecRow, 'id' | 'box_id'>>): void {
-    const keys = Object.keys(fields);
-    if (keys.length === 0) return;
-    const set = keys.map((k) => `${k} = @${k}`).join(', ');
-    this.db.prepare(`UPDATE execs SET ${set} WHERE id = @id`).run({ ...fields, id });
+    this.write(() => {
+      const keys = Object.keys(fields);
+      if (keys.length === 0) return;
+      const set = keys.map((k) => `${k} = @${k}`).join(', ');
+      this.db.prepare(`UPDATE execs SET ${set} WHERE id = @id`).run({ ...fields, id });
+    });
+  }
+
+  deleteExec(id: string): void {
+    this.write(() => {
+      this.db.prepare('DELETE FROM execs WHERE id = ?').run(id);
+    });
   }
 
   getExec(id: string): ExecRow | undefined {
@@ -246,5 +270,22 @@ export class Store {
 
   close(): void {
     this.db.close();
+  }
+
+  /**
+   * Every write goes through here: a full disk (or an I/O error) becomes STORAGE_FULL, a clear
+   * 507 for the operation that needed the space, with the transaction rolled back; reads and
+   * everything else keep working.
+   */
+  private write(fn: () => void): void {
+    try {
+      fn();
+    } catch (e) {
+      if (e instanceof HutchError) throw e;
+      const code = (e as { code?: unknown }).code;
+      if (typeof code === 'string' && /^(SQLITE_FULL|SQLITE_IOERR|SQLITE_CANTOPEN|ENOSPC)/.test(code))
+        throw new HutchError('STORAGE_FULL', `the state database cannot be written: ${(e as Error).message}`);
+      throw e;
+    }
   }
 }

@@ -71,11 +71,25 @@ const snapshotFormat = '1';
  * dir owned by the QEMU user (QEMU creates and connects to migration sockets there).
  */
 export function prepareRunDir(runDir: string, runAs: SnapshotParams['runAs']): void {
-  mkdirSync(runDir, { recursive: true, mode: 0o711 });
-  chmodSync(runDir, 0o711);
+  mkdirSync(runDir, { recursive: true, mode: 0o700 });
+  traversableByQemu(runDir, runAs);
   const mig = runPaths(runDir).migDir;
   mkdirSync(mig, { recursive: true, mode: 0o700 });
   if (runAs) chownSync(mig, runAs.uid, runAs.gid);
+}
+
+/**
+ * A directory QEMU's user must pass through (to its disks, kernel, migration sockets) but no
+ * other local user may enter: group QEMU's user, mode 0710. Without a separate QEMU user the
+ * daemon's own user runs QEMU, and 0700 does.
+ */
+export function traversableByQemu(dir: string, runAs: SnapshotParams['runAs']): void {
+  if (runAs) {
+    chownSync(dir, process.getuid?.() ?? 0, runAs.gid);
+    chmodSync(dir, 0o710);
+  } else {
+    chmodSync(dir, 0o700);
+  }
 }
 
 export function snapshotKey(manifest: TemplateManifest, p: SnapshotParams): string {
@@ -107,6 +121,11 @@ export class SnapshotCache {
     if (this.building.has(template)) return 'building';
     if (this.failures.has(template)) return 'failed';
     return 'none';
+  }
+
+  /** Snapshots being taken (or loaded) now: each may have a QEMU running. */
+  inFlight(): number {
+    return this.building.size;
   }
 
   /** Waits for every snapshot being taken to finish (or fail). */

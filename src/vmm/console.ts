@@ -14,6 +14,8 @@ export class ConsoleTap extends EventEmitter {
   private logFd: number | undefined;
   private logBytes = 0;
   private stopped = false;
+  /** Console bytes the log file could not take (a full disk); the ring still had them. */
+  droppedLogBytes = 0;
 
   constructor(
     private readonly socketPath: string,
@@ -25,7 +27,6 @@ export class ConsoleTap extends EventEmitter {
   }
 
   start(): void {
-    this.logFd = openSync(this.logPath, 'a');
     this.connectLoop();
   }
 
@@ -51,17 +52,32 @@ export class ConsoleTap extends EventEmitter {
     while (this.ringBytes > this.ringLimit && this.ring.length > 1) {
       this.ringBytes -= this.ring.shift()?.length ?? 0;
     }
-    if (this.logFd !== undefined) {
+    this.writeLog(b);
+    this.emit('data', b);
+  }
+
+  /**
+   * Appends to the log file, rotating at its limit. A write the host's disk refuses (ENOSPC)
+   * drops those bytes from the file only: the ring and live viewers still get them, and the
+   * daemon carries on (this runs in a socket callback, where a throw would take it down).
+   */
+  private writeLog(b: Buffer): void {
+    if (this.stopped) return;
+    try {
+      // What a guest prints is its user's business: owner-only, like every state file.
+      if (this.logFd === undefined) this.logFd = openSync(this.logPath, 'a', 0o600);
       if (this.logBytes + b.length > this.logLimit) {
         closeSync(this.logFd);
+        this.logFd = undefined;
         renameSync(this.logPath, `${this.logPath}.1`);
-        this.logFd = openSync(this.logPath, 'w');
+        this.logFd = openSync(this.logPath, 'w', 0o600);
         this.logBytes = 0;
       }
       writeSync(this.logFd, b);
       this.logBytes += b.length;
+    } catch {
+      this.droppedLogBytes += b.length;
     }
-    this.emit('data', b);
   }
 
   /** Recent console output (at most the ring's size). */

@@ -1,5 +1,5 @@
 import { execFile } from 'node:child_process';
-import { chown } from 'node:fs/promises';
+import { chmod, chown } from 'node:fs/promises';
 import { promisify } from 'node:util';
 
 const run = promisify(execFile);
@@ -39,6 +39,8 @@ export async function createOverlay(
   // QEMU reopens its disk after an incoming migration, by then as its unprivileged user: the
   // machine's own overlay is that user's (the layers below only need to be readable).
   if (owner) await chown(overlay, owner.uid, owner.gid);
+  // qemu-img creates it world-readable; what the guest writes is its user's alone.
+  await chmod(overlay, 0o600);
 }
 
 /** The virtual size (bytes) of a disk image. */

@@ -50,7 +50,8 @@ export async function saveState(
   const sockPath = join(runDir, 'mig-out.sock');
   rmSync(sockPath, { force: true });
   const tmp = `${outFile}.partial`;
-  const out = createWriteStream(tmp);
+  // The guest's whole memory: nobody but the daemon reads it.
+  const out = createWriteStream(tmp, { mode: 0o600 });
   let received = false;
   const server = createServer((s) => {
     received = true;

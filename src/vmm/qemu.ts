@@ -148,7 +148,7 @@ function memoryObject(spec: VmSpec): string {
  */
 export function launchQemu(binary: string, spec: VmSpec): number {
   const p = runPaths(spec.runDir);
-  const log = openSync(p.qemuLog, 'a');
+  const log = openSync(p.qemuLog, 'a', 0o600);
   try {
     const child = spawn(binary, qemuArgs(spec), {
       detached: true,
