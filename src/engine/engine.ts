@@ -59,7 +59,8 @@ import {
   type ExecView,
   toBoxView,
 } from './box-view.js';
-import { checkDiskRoom, type DiskClaim, type DiskRoom, diskRoom } from './disk-room.js';
+import { DiskPauses } from './disk-pauses.js';
+import { checkDiskRoom, type DiskClaim, type DiskRoom, diskRoom, orStorageFull } from './disk-room.js';
 import type { ExecEvent } from './exec-log.js';
 import { newBoxId, newMachineId } from './ids.js';
 import { type MachineView, toView } from './machine-view.js';
@@ -190,6 +191,7 @@ export class Engine {
   private readonly cgroups = cgroupSupport();
   private closing = false;
   private readonly execs: BoxExecs;
+  private readonly diskPauses: DiskPauses;
 
   constructor(
     private readonly config: Config,
@@ -209,6 +211,17 @@ export class Engine {
     mkdirSync(config.imageDir, { recursive: true });
     traversableByQemu(config.imageDir, this.runAs);
     this.snapshots = new SnapshotCache(config.imageDir);
+    this.diskPauses = new DiskPauses({
+      stateDir: config.stateDir,
+      running: () =>
+        this.store
+          .list()
+          .filter((r) => r.state === 'running' && this.live.has(r.id))
+          .map((r) => r.id),
+      qmp: (id) => this.qmpOf(id),
+      setError: (id, error) => this.tryUpdate(id, { error }),
+      log: (level, msg, fields) => this.log(level, msg, fields),
+    });
     this.execs = new BoxExecs(
       this.store,
       {
@@ -265,6 +278,10 @@ export class Engine {
     if (row.state === 'running' && alive && row.pid !== null) {
       const live = adopt(row.pid);
       try {
+        // Stopped by a full host disk (werror=enospc) while we were away: retry its write now.
+        const qmp = await this.qmpOf(row.id);
+        if ((await qmp.execute<{ status: string }>('query-status')).status === 'io-error')
+          await qmp.execute('cont');
         live.agent = await connectAgent(runPaths(row.run_dir).agent, { timeoutMs: 10_000 });
         this.watchAgent(row.id, live.agent);
         this.armTtl(row);
@@ -415,7 +432,13 @@ export class Engine {
     return this.store
       .list(owner)
       .filter((r) => r.kind === 'machine')
-      .map((r) => this.view(r));
+      .map((r) => this.view(this.withCause(r)));
+  }
+
+  /** A row with the cause the engine knows of now, even when the store could not record it. */
+  private withCause(row: MachineRow): MachineRow {
+    const cause = this.diskPauses.cause(row.id);
+    return cause ? { ...row, error: cause } : row;
   }
 
   get(owner: string, idOrName: string): MachineView {
@@ -426,14 +449,14 @@ export class Engine {
     const row = this.store.get(idOrName) ?? this.store.findByName(owner, idOrName);
     if (!row || row.owner !== owner || row.kind !== 'machine')
       throw new HutchError('MACHINE_NOT_FOUND', `no machine ${JSON.stringify(idOrName)}`);
-    return row;
+    return this.withCause(row);
   }
 
   private findBox(owner: string, idOrName: string): MachineRow {
     const row = this.store.get(idOrName) ?? this.store.findByName(owner, idOrName);
     if (!row || row.owner !== owner || row.kind !== 'box')
       throw new HutchError('BOX_NOT_FOUND', `no box ${JSON.stringify(idOrName)}`);
-    return row;
+    return this.withCause(row);
   }
 
   async create(owner: string, req: CreateMachine): Promise<MachineView> {
@@ -520,7 +543,7 @@ export class Engine {
     const current = this.store.get(id);
     if (current) await this.teardown(current, 'deleted');
     if (e instanceof HutchError) throw e;
-    throw new HutchError('BOOT_FAILED', `${what} did not boot: ${(e as Error).message}`, {
+    throw orStorageFull(e, 'BOOT_FAILED', `${what} did not boot: ${(e as Error).message}`, {
       console_tail: tail,
     });
   }
@@ -858,6 +881,7 @@ export class Engine {
   private sweep(): void {
     this.shrinkPoolUnderPressure();
     this.execs.flush();
+    this.background('disk pause check', {}, () => this.diskPauses.check());
     for (const row of this.store.list()) {
       if (row.expires_at && new Date(row.expires_at).getTime() <= Date.now() && row.state !== 'destroying') {
         this.background('ttl expiry', { id: row.id }, () => this.expire(row.id));
@@ -916,6 +940,7 @@ export class Engine {
         this.log('warn', 'box stopped by a failure', { id: row.id, reason });
         return;
       }
+      this.diskPauses.forget(row.id);
       rmSync(row.run_dir, { recursive: true, force: true });
       if (row.kind === 'box') this.execs.forget(row.id);
       if (outcome === 'deleted') {
@@ -1060,7 +1085,7 @@ export class Engine {
     return this.store
       .list(owner)
       .filter((r) => r.kind === 'box')
-      .map((r) => toBoxView(r))
+      .map((r) => toBoxView(this.withCause(r)))
       .filter((b) => status === undefined || b.status === status);
   }
 
@@ -1314,7 +1339,7 @@ export class Engine {
         await this.stopLive(current);
         this.store.update(id, { state: 'stopped', pid: null, error: (e as Error).message });
         if (e instanceof HutchError) throw e;
-        throw new HutchError('BOOT_FAILED', `box ${id} did not start: ${(e as Error).message}`);
+        throw orStorageFull(e, 'BOOT_FAILED', `box ${id} did not start: ${(e as Error).message}`);
       }
     });
   }
@@ -1353,8 +1378,11 @@ export class Engine {
    */
   private agentOf(row: MachineRow): AgentConnection {
     const agent = this.live.get(row.id)?.agent;
-    if (row.state === 'running' && agent) return agent;
     const what = `${row.kind} ${row.id}`;
+    // Its vCPUs are stopped until the host has space: a request would only hang.
+    const paused = this.diskPauses.cause(row.id);
+    if (paused) throw new HutchError('STORAGE_FULL', `${what} is ${paused}`);
+    if (row.state === 'running' && agent) return agent;
     if (row.state === 'running')
       throw new HutchError(
         'AGENT_UNAVAILABLE',
@@ -1763,7 +1791,7 @@ export class Engine {
       const current = this.store.get(id);
       if (current) await this.teardown(current, 'deleted');
       if (e instanceof HutchError) throw e;
-      throw new HutchError('BOOT_FAILED', `branch of ${source.id} failed: ${(e as Error).message}`);
+      throw orStorageFull(e, 'BOOT_FAILED', `branch of ${source.id} failed: ${(e as Error).message}`);
     }
   }
 
@@ -1886,7 +1914,8 @@ export class Engine {
         );
         if (live.agent) this.watchAgent(id, live.agent);
         this.store.update(id, { state: 'running' });
-        throw new HutchError(
+        throw orStorageFull(
+          e,
           'INTERNAL',
           `suspend of ${id} failed, machine left running: ${(e as Error).message}`,
         );

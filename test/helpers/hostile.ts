@@ -21,13 +21,26 @@ export class Tally {
     this.attempts.push({ what, held, detail });
   }
 
-  /** Runs `check`; a throw counts as not held, with its message as the detail. */
-  async check(what: string, check: () => Promise<string | undefined> | string | undefined): Promise<void> {
+  /**
+   * Runs `check`; a throw counts as not held, with its message as the detail, and so does a
+   * check still pending after `timeoutMs` (a hung request is a failure, not a stuck suite).
+   */
+  async check(
+    what: string,
+    check: () => Promise<string | undefined> | string | undefined,
+    timeoutMs = 90_000,
+  ): Promise<void> {
+    let timer: NodeJS.Timeout | undefined;
+    const hung = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`no answer in ${timeoutMs} ms`)), timeoutMs);
+    });
     try {
-      const detail = await check();
+      const detail = await Promise.race([Promise.resolve().then(check), hung]);
       this.record(what, true, detail ?? '');
     } catch (e) {
       this.record(what, false, (e as Error).message);
+    } finally {
+      clearTimeout(timer);
     }
   }
 
