@@ -190,3 +190,61 @@ describe('hostile local user', () => {
     tally.report();
   });
 });
+
+describe('hostile guest: output the host must store', () => {
+  let d: TestDaemon;
+  const tally = new Tally('guest-storage');
+  const mib = 1024 * 1024;
+  before(async () => {
+    d = await startDaemon({
+      env: {
+        HUTCH_EXEC_LOG_MAX_BYTES: String(2 * mib),
+        HUTCH_EXEC_LOGS_BOX_MAX_BYTES: String(3 * mib),
+        HUTCH_EXEC_LOGS_TOTAL_MAX_BYTES: String(5 * mib),
+      },
+    });
+  });
+  after(async () => cleanup(d));
+
+  test('exec logs are bounded per exec, per box and in total', async () => {
+    const boxes = new BoxesClient({ socketPath: d.boxesSocket });
+    const logBytes = (box: string): number => {
+      const dir = join(d.stateDir, 'run', box, 'execs');
+      return readdirSync(dir).reduce((s, f) => s + statSync(join(dir, f)).size, 0);
+    };
+    const print = async (box: string, mb: number): Promise<{ truncated: boolean; got: number }> => {
+      const x = await boxes.exec<{ id: string }>(box, {
+        cmd: ['sh', '-c', `head -c ${mb * mib} /dev/zero | tr '\\0' x`],
+      });
+      let got = 0;
+      let truncated = false;
+      for await (const e of boxes.events(box, x.id)) {
+        if (e.data.stream === 'stdout') got += e.data.data.length;
+        if (e.event === 'exit') truncated = JSON.parse(e.data.data).truncated === true;
+      }
+      return { truncated, got };
+    };
+    const a = (await boxes.create<{ id: string }>({ image: 'debian:bookworm' })).id;
+    const b = (await boxes.create<{ id: string }>({ image: 'debian:bookworm' })).id;
+    const one = await print(a, 4);
+    tally.record('one exec stops at its cap', one.truncated && one.got < 2 * mib, `${one.got} bytes kept`);
+    const two = await print(a, 4);
+    tally.record(
+      'the box stops at its cap',
+      two.truncated && logBytes(a) <= 3 * mib + 4096,
+      `${logBytes(a)} bytes`,
+    );
+    const three = await print(b, 4);
+    tally.record(
+      'every box together stops at the total',
+      three.truncated && logBytes(a) + logBytes(b) <= 5 * mib + 8192,
+      `${logBytes(a) + logBytes(b)} bytes`,
+    );
+    // Removing a box gives its bytes back.
+    await boxes.remove(a, true);
+    const four = await print(b, 0.5);
+    tally.record('a removed box frees its share', !four.truncated && four.got === mib / 2, `${four.got} bytes`);
+    await boxes.remove(b, true);
+    tally.report();
+  });
+});

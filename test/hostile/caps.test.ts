@@ -1,0 +1,99 @@
+/**
+ * The caps cap QEMUs: a burst of parallel creates (machines and boxes) against a daemon with a
+ * warm pool never runs more QEMU processes than HUTCH_MAX_MACHINES, admits exactly what fits
+ * (the pool gives its machines back to users first), and refuses the rest with 429.
+ */
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import { BoxesClient } from '../../src/client/boxes-client.js';
+import { ApiError } from '../../src/client/http-client.js';
+import { api, cleanup, qemusOf, startDaemon, type TestDaemon, waitFor } from '../helpers/daemon.js';
+import { Tally } from '../helpers/hostile.js';
+
+const cap = 4;
+const pool = 2;
+
+/** Samples the QEMU processes of a state dir until stopped; returns the most seen at once. */
+function sampleQemus(stateDir: string): { stop: () => number } {
+  let most = 0;
+  const timer = setInterval(() => {
+    most = Math.max(most, qemusOf(stateDir).length);
+  }, 20);
+  return {
+    stop: () => {
+      clearInterval(timer);
+      return Math.max(most, qemusOf(stateDir).length);
+    },
+  };
+}
+
+describe('hostile: parallel creates against the cap', () => {
+  const tally = new Tally('caps');
+  let d: TestDaemon;
+  before(async () => {
+    d = await startDaemon({ env: { HUTCH_MAX_MACHINES: String(cap), HUTCH_POOL_SIZE: String(pool) } });
+    await waitFor(
+      'the warm pool',
+      async () => {
+        const h = (await api(d.url, 'GET', '/healthz')).body as { pool: Record<string, { ready: number }> };
+        return h.pool.python?.ready === pool ? true : undefined;
+      },
+      180_000,
+    );
+  });
+  after(async () => cleanup(d));
+
+  test(`${cap * 3} machine creates at once, ${pool} pooled: at most ${cap} QEMUs, ${cap} admitted`, async () => {
+    assert.equal(qemusOf(d.stateDir).length, pool, 'the pool runs its machines');
+    const sampler = sampleQemus(d.stateDir);
+    const results = await Promise.all(
+      Array.from({ length: cap * 3 }, () => api(d.url, 'POST', '/v1/machines', { ttl_seconds: 120 })),
+    );
+    // Let a refill (which must not happen: the cap is reached) have its chance.
+    await new Promise((r) => setTimeout(r, 3000));
+    const most = sampler.stop();
+    const admitted = results.filter((r) => r.status === 201);
+    const refused = results.filter((r) => r.status === 429 && r.body.code === 'RESOURCE_EXHAUSTED');
+    tally.record('never more QEMUs than the cap', most <= cap, `at most ${most} QEMUs at once`);
+    tally.record(`exactly ${cap} admitted`, admitted.length === cap, `${admitted.length} admitted`);
+    tally.record(
+      'the rest refused with 429 RESOURCE_EXHAUSTED',
+      refused.length === results.length - cap,
+      results.map((r) => r.status).join(','),
+    );
+    tally.record(
+      'pooled machines went to users first',
+      admitted.filter((r) => r.body.mode === 'pool').length === pool,
+      admitted.map((r) => r.body.mode).join(','),
+    );
+    const h = (await api(d.url, 'GET', '/healthz')).body as { pool: Record<string, { ready: number }> };
+    tally.record('the pool stays empty while users hold the cap', h.pool.python?.ready === 0);
+    console.log(`machines: ${results.length} creates, ${admitted.length} admitted, at most ${most} QEMUs`);
+  });
+
+  test('boxes share the cap', async () => {
+    const boxes = new BoxesClient({ socketPath: d.boxesSocket });
+    // One slot back: a machine goes, then three boxes race for it.
+    const first = ((await api(d.url, 'GET', '/v1/machines')).body.machines as { id: string }[])[0];
+    assert.ok(first);
+    await api(d.url, 'DELETE', `/v1/machines/${first.id}`);
+    const sampler = sampleQemus(d.stateDir);
+    const results = await Promise.all(
+      Array.from({ length: 3 }, () =>
+        boxes.create({ image: 'debian:bookworm' }).then(
+          () => 'created',
+          (e: unknown) => (e instanceof ApiError ? e.code : String(e)),
+        ),
+      ),
+    );
+    const most = sampler.stop();
+    tally.record('never more QEMUs than the cap (boxes)', most <= cap, `at most ${most}`);
+    tally.record(
+      'one box admitted, two refused',
+      results.filter((r) => r === 'created').length === 1 &&
+        results.filter((r) => r === 'RESOURCE_EXHAUSTED').length === 2,
+      results.join(','),
+    );
+    tally.report();
+  });
+});
