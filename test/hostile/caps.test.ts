@@ -1,7 +1,8 @@
 /**
  * The caps cap QEMUs: a burst of parallel creates (machines and boxes) against a daemon with a
  * warm pool never runs more QEMU processes than HUTCH_MAX_MACHINES, admits exactly what fits
- * (the pool gives its machines back to users first), and refuses the rest with 429.
+ * (the pool gives its machines up for users' creates, even those it cannot serve), and refuses
+ * the rest with 429.
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
@@ -43,11 +44,14 @@ describe('hostile: parallel creates against the cap', () => {
   });
   after(async () => cleanup(d));
 
-  test(`${cap * 3} machine creates at once, ${pool} pooled: at most ${cap} QEMUs, ${cap} admitted`, async () => {
+  test(`${cap * 3} machine creates at once (cold), ${pool} pooled: at most ${cap} QEMUs, ${cap} admitted`, async () => {
     assert.equal(qemusOf(d.stateDir).length, pool, 'the pool runs its machines');
     const sampler = sampleQemus(d.stateDir);
+    // Cold boots, which the pool cannot serve: its machines must make room for them.
     const results = await Promise.all(
-      Array.from({ length: cap * 3 }, () => api(d.url, 'POST', '/v1/machines', { ttl_seconds: 120 })),
+      Array.from({ length: cap * 3 }, () =>
+        api(d.url, 'POST', '/v1/machines', { ttl_seconds: 120, mode: 'cold' }),
+      ),
     );
     // Let a refill (which must not happen: the cap is reached) have its chance.
     await new Promise((r) => setTimeout(r, 3000));
@@ -60,11 +64,6 @@ describe('hostile: parallel creates against the cap', () => {
       'the rest refused with 429 RESOURCE_EXHAUSTED',
       refused.length === results.length - cap,
       results.map((r) => r.status).join(','),
-    );
-    tally.record(
-      'pooled machines went to users first',
-      admitted.filter((r) => r.body.mode === 'pool').length === pool,
-      admitted.map((r) => r.body.mode).join(','),
     );
     const h = (await api(d.url, 'GET', '/healthz')).body as { pool: Record<string, { ready: number }> };
     tally.record('the pool stays empty while users hold the cap', h.pool.python?.ready === 0);

@@ -90,7 +90,7 @@ describe('hostile guest', () => {
         .log()
         .split('\n')
         .slice(before)
-        .filter((l) => l.includes('agent link broken') && l.includes(victim)).length;
+        .filter((l) => l.includes('reconnecting') && l.includes(victim)).length;
       const rss = memoryOf(d.proc.pid as number).rssMb;
       tally.record(`${mode}: daemon alive`, processAlive(d.proc.pid as number));
       tally.record(`${mode}: reported as "agent broken: …" while running`, sawBroken);
@@ -243,7 +243,11 @@ describe('hostile guest: output the host must store', () => {
     // Removing a box gives its bytes back.
     await boxes.remove(a, true);
     const four = await print(b, 0.5);
-    tally.record('a removed box frees its share', !four.truncated && four.got === mib / 2, `${four.got} bytes`);
+    tally.record(
+      'a removed box frees its share',
+      !four.truncated && four.got === mib / 2,
+      `${four.got} bytes`,
+    );
     await boxes.remove(b, true);
     tally.report();
   });
