@@ -206,6 +206,10 @@ async function serveEvents(
 /**
  * Multipart upload: fields `file` and `dest` in either order. When `dest` comes first the file
  * streams straight into the box; otherwise it is spooled to a host temp file until `dest` is known.
+ *
+ * Whatever the body looks like, the handler returns only once everything it started has settled
+ * (the write into the box, the spool file), so the spool is never removed under a stream still
+ * writing it and no promise is left to reject after the answer.
  */
 async function serveUpload(
   engine: Engine,
@@ -214,35 +218,56 @@ async function serveUpload(
   req: IncomingMessage,
   res: ServerResponse,
 ): Promise<void> {
-  const session = await engine.openBoxSession(owner, boxRef);
-  const spool = mkdtempSync(join(tmpdir(), 'hutch-upload-'));
+  const ctype = req.headers['content-type'] ?? '';
+  if (!/^multipart\/form-data/i.test(ctype))
+    throw new HutchError(
+      'INVALID_ARGUMENT',
+      'upload needs a multipart/form-data body with fields file and dest',
+    );
+  let bb: Busboy.Busboy;
   try {
-    const ctype = req.headers['content-type'] ?? '';
-    if (!/^multipart\/form-data/i.test(ctype))
-      throw new HutchError(
-        'INVALID_ARGUMENT',
-        'upload needs a multipart/form-data body with fields file and dest',
-      );
-    let bb: Busboy.Busboy;
-    try {
-      bb = Busboy({ headers: req.headers, limits: { files: 1, fields: 8, fieldSize: 8192 } });
-    } catch (e) {
-      throw new HutchError('INVALID_ARGUMENT', `bad multipart body: ${(e as Error).message}`);
-    }
+    bb = Busboy({ headers: req.headers, limits: { files: 1, fields: 8, parts: 16, fieldSize: 8192 } });
+  } catch (e) {
+    throw new HutchError('INVALID_ARGUMENT', `bad multipart body: ${(e as Error).message}`);
+  }
+  const session = await engine.openBoxSession(owner, boxRef);
+  let spool: string | undefined;
+  // Everything the body started; each is settled (never rejects) before the cleanup below.
+  const started: Promise<unknown>[] = [];
+  let failure: HutchError | undefined;
+  let fail: (e: HutchError) => void = () => {};
+  try {
     let dest: string | undefined;
     let filename = '';
     let written: Promise<{ dest: string; size: number }> | undefined;
     let spooled: Promise<string> | undefined;
-    const toBox = (d: string, from: Readable): Promise<{ dest: string; size: number }> =>
-      session.agent
+    const toBox = (d: string, from: Readable): Promise<{ dest: string; size: number }> => {
+      const p = session.agent
         .writeFile(d, from, { mode: 0o644, mkdirs: true })
         .then((r) => ({ dest: d, size: r.size }));
-    const finished = new Promise<void>((resolve, reject) => {
-      bb.on('field', (name, value) => {
-        if (name === 'dest') dest = value;
+      started.push(p.catch(() => from.resume()));
+      return p;
+    };
+    const parsed = new Promise<void>((resolve, reject) => {
+      fail = (e) => {
+        if (failure) return;
+        failure = e;
+        // Stops the parse; busboy destroys the file stream with it, ending its writer.
+        req.unpipe(bb);
+        bb.destroy(e);
+        // The rest of the body is read and dropped, so the connection stays usable.
+        req.resume();
+        reject(e);
+      };
+      bb.on('field', (name, value, info) => {
+        if (name !== 'dest') return;
+        if (info.valueTruncated) fail(new HutchError('INVALID_ARGUMENT', 'dest is longer than 8192 bytes'));
+        else dest = value;
       });
       bb.on('file', (name, stream, info) => {
-        if (name !== 'file') {
+        // Its errors reach the writer below (or come from our own failure): never unhandled.
+        stream.on('error', () => {});
+        if (name !== 'file' || failure) {
           stream.resume();
           return;
         }
@@ -253,30 +278,49 @@ async function serveUpload(
             d = uploadDest(dest, filename);
           } catch (e) {
             stream.resume();
-            reject(e);
+            fail(toHutchError(e));
             return;
           }
           written = toBox(d, stream);
-          written.catch(() => stream.resume());
         } else {
+          try {
+            spool = mkdtempSync(join(tmpdir(), 'hutch-upload-'));
+          } catch (e) {
+            stream.resume();
+            fail(spoolError(e));
+            return;
+          }
           const path = join(spool, 'file');
-          spooled = pipeline(stream, createWriteStream(path)).then(() => path);
+          const out = createWriteStream(path);
+          // The file is closed (or never opened) before the spool directory may go.
+          started.push(new Promise<void>((r) => out.once('close', () => r())));
+          spooled = pipeline(stream, out).then(() => path);
+          started.push(spooled.catch(() => {}));
         }
       });
       bb.on('error', (e: Error) =>
-        reject(new HutchError('INVALID_ARGUMENT', `bad multipart body: ${e.message}`)),
+        fail(new HutchError('INVALID_ARGUMENT', `bad multipart body: ${e.message}`)),
       );
       bb.on('close', () => resolve());
+      req.on('error', () => fail(new HutchError('INVALID_ARGUMENT', 'the upload ended early')));
+      req.on('close', () => {
+        if (!req.complete) fail(new HutchError('INVALID_ARGUMENT', 'the upload ended early'));
+      });
     });
     req.pipe(bb);
-    await finished;
+    await parsed;
     if (!written && !spooled)
       throw new HutchError('INVALID_ARGUMENT', 'the multipart body has no "file" field');
     if (dest === undefined)
       throw new HutchError('INVALID_ARGUMENT', 'the multipart body has no "dest" field');
     if (!written) {
       const d = uploadDest(dest, filename);
-      const path = await (spooled as Promise<string>);
+      let path: string;
+      try {
+        path = await (spooled as Promise<string>);
+      } catch (e) {
+        throw spoolError(e);
+      }
       written = toBox(d, createReadStream(path));
     }
     let r: { dest: string; size: number };
@@ -286,10 +330,23 @@ async function serveUpload(
       throw fileError(e, dest);
     }
     sendJson(res, 200, { ok: true, dest: r.dest, size: r.size });
+  } catch (e) {
+    // A failure of the handler itself (not of the body) stops the parse all the same.
+    fail(toHutchError(e));
+    throw e;
   } finally {
+    await Promise.allSettled(started);
     session.release();
-    rmSync(spool, { recursive: true, force: true });
+    if (spool) rmSync(spool, { recursive: true, force: true });
   }
+}
+
+/** The host could not hold the spooled upload. */
+function spoolError(e: unknown): HutchError {
+  const code = (e as NodeJS.ErrnoException).code;
+  if (code === 'ENOSPC' || code === 'EDQUOT')
+    return new HutchError('STORAGE_FULL', 'no space left on the host to spool the upload');
+  return new HutchError('INTERNAL', `spooling the upload: ${(e as Error).message}`);
 }
 
 async function serveDownload(
