@@ -14,9 +14,9 @@ import { boxRoutes, uploadDest } from './boxes-routes.js';
 import { downloadBody } from './boxes-schemas.js';
 import { writeRespectingBackpressure } from './exec-stream.js';
 import { readJson, sendError, sendJson } from './http-server.js';
-import { compileRoutes, matchRoute } from './route-match.js';
+import { compileRoutes, matchRoute, requestUrl } from './route-match.js';
 import { parseWith } from './routes.js';
-import { rejectUpgrade } from './ws-upgrade.js';
+import { checkHandshake, rejectUpgrade } from './ws-upgrade.js';
 
 export interface BoxesApi {
   servers: Server[];
@@ -40,7 +40,7 @@ export async function startBoxesApi(
 
   async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     try {
-      const url = new URL((req.url ?? '/').replace(/%3a/gi, ':'), 'http://boxrun');
+      const url = requestUrl((req.url ?? '/').replace(/%3a/gi, ':'));
       const m = matchRoute(compiled, req.method ?? 'GET', url.pathname);
       if (m === 'method')
         throw new HutchError('METHOD_NOT_ALLOWED', `${req.method} is not allowed on ${url.pathname}`);
@@ -74,10 +74,13 @@ export async function startBoxesApi(
   async function upgrade(req: IncomingMessage, socket: Duplex, head: Buffer): Promise<void> {
     socket.on('error', () => {});
     try {
-      const url = new URL(req.url ?? '/', 'http://boxrun');
+      const url = requestUrl(req.url);
       const m = matchRoute(compiled, 'GET', url.pathname);
       if (!m || m === 'method' || m.route.kind !== 'attach')
         throw new HutchError('ROUTE_NOT_FOUND', `no WebSocket endpoint ${url.pathname}`);
+      if (req.method !== 'GET')
+        throw new HutchError('METHOD_NOT_ALLOWED', `${req.method} is not allowed on ${url.pathname}`);
+      checkHandshake(req);
       const q = url.searchParams;
       const dim = (name: string, dflt: number): number => {
         const v = q.get(name);
@@ -98,6 +101,13 @@ export async function startBoxesApi(
         rows: dim('rows', 24),
         term,
       });
+      if (!socket.readable || !socket.writable) {
+        // The client left while the shell started: ws would drop the socket without calling back.
+        session.handle.cancel();
+        session.release();
+        socket.destroy();
+        return;
+      }
       wss.handleUpgrade(req, socket, head, (ws) => bridgeTerminal(ws, session));
     } catch (e) {
       rejectUpgrade(socket, toHutchError(e));

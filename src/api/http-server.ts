@@ -3,7 +3,7 @@ import type { AddressInfo } from 'node:net';
 import type { Engine } from '../engine/engine.js';
 import { errorTable, HutchError, toHutchError } from '../errors.js';
 import { openApiDocument } from './openapi.js';
-import { compileRoutes, matchRoute } from './route-match.js';
+import { compileRoutes, matchRoute, requestUrl } from './route-match.js';
 import { machineChannelRoutes, machineRoutes, machineStreamRoutes, type StreamRoute } from './routes.js';
 import { createUpgradeRouter } from './ws-upgrade.js';
 
@@ -71,7 +71,7 @@ export async function startHttpApi(
   server.on('upgrade', (req, socket, head) => upgrades.onUpgrade(req, socket, head));
   async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     try {
-      const url = new URL(req.url ?? '/', 'http://localhost');
+      const url = requestUrl(req.url);
       if (req.method === 'GET' && url.pathname === '/openapi.json') {
         res.writeHead(200, { 'content-type': 'application/json' }).end(openapi);
         return;
