@@ -93,8 +93,8 @@ export async function startBoxesApi(
       const term = q.get('term') ?? 'xterm-256color';
       if (!/^[A-Za-z0-9._+-]{1,64}$/.test(term)) throw new HutchError('INVALID_ARGUMENT', 'bad term');
       const shell = q.get('shell') ?? undefined;
-      if (shell !== undefined && !shell.startsWith('/'))
-        throw new HutchError('INVALID_ARGUMENT', 'shell must be an absolute path');
+      if (shell !== undefined && (!shell.startsWith('/') || shell.includes('\0') || shell.length > 4096))
+        throw new HutchError('INVALID_ARGUMENT', 'shell must be an absolute path (no NUL, at most 4096)');
       const session = await engine.boxTerminal(owner, m.params.id ?? '', {
         ...(shell !== undefined ? { shell } : {}),
         cols: dim('cols', 80),
