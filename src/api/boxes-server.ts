@@ -12,6 +12,7 @@ import { HutchError, toHutchError } from '../errors.js';
 import { AgentError } from '../guest/agent-connection.js';
 import { boxRoutes, uploadDest } from './boxes-routes.js';
 import { downloadBody } from './boxes-schemas.js';
+import { attachmentDisposition } from './content-disposition.js';
 import { writeRespectingBackpressure } from './exec-stream.js';
 import { readJson, sendError, sendJson } from './http-server.js';
 import { compileRoutes, matchRoute, requestUrl } from './route-match.js';
@@ -368,8 +369,9 @@ async function serveDownload(
 ): Promise<void> {
   const { path } = parseWith(downloadBody, body);
   const session = await engine.openBoxSession(owner, boxRef);
+  let h: ReturnType<typeof session.agent.readFile> | undefined;
   try {
-    const h = session.agent.readFile(path);
+    h = session.agent.readFile(path);
     h.done.catch(() => {});
     const it = h.stream[Symbol.asyncIterator]();
     let first: IteratorResult<Buffer>;
@@ -380,15 +382,11 @@ async function serveDownload(
     }
     res.writeHead(200, {
       'content-type': 'application/octet-stream',
-      'content-disposition': `attachment; filename="${basename(path).replace(/["\\\r\n]/g, '_')}"`,
+      'content-disposition': attachmentDisposition(basename(path)),
     });
     if (!first.done) await write(res, first.value);
     for (;;) {
-      if (res.destroyed) {
-        // The client went away: stop the read in the guest instead of waiting for its end.
-        h.stream.destroy();
-        return;
-      }
+      if (res.destroyed) return;
       const n = (await it.next()) as IteratorResult<Buffer>;
       if (n.done) break;
       await write(res, n.value);
@@ -399,6 +397,9 @@ async function serveDownload(
     if (res.headersSent) res.destroy();
     throw e;
   } finally {
+    // Whatever ended the handler (the client went away, a failed write, an error), the read in
+    // the guest ends too instead of waiting for a reader that is gone. A no-op once it is done.
+    h?.stream.destroy();
     session.release();
   }
 }
