@@ -1,5 +1,5 @@
 import { createReadStream, createWriteStream, mkdtempSync, rmSync } from 'node:fs';
-import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
@@ -15,6 +15,7 @@ import { downloadBody } from './boxes-schemas.js';
 import { attachmentDisposition } from './content-disposition.js';
 import { writeRespectingBackpressure } from './exec-stream.js';
 import { readJson, sendError, sendJson } from './http-server.js';
+import { createGuardedServer, defaultRequestLimits, type RequestLimits } from './request-guard.js';
 import { compileRoutes, matchRoute, requestUrl } from './route-match.js';
 import { parseWith } from './routes.js';
 import { checkHandshake, rejectUpgrade } from './ws-upgrade.js';
@@ -33,7 +34,13 @@ export interface BoxesApi {
  */
 export async function startBoxesApi(
   engine: Engine,
-  opts: { socketPath: string | null; listen?: string | undefined; owner: string; version: string },
+  opts: {
+    socketPath: string | null;
+    listen?: string | undefined;
+    owner: string;
+    version: string;
+    limits?: RequestLimits;
+  },
 ): Promise<BoxesApi> {
   const compiled = compileRoutes(boxRoutes);
   const wss = new WebSocketServer({ noServer: true, maxPayload: 1024 * 1024 });
@@ -118,15 +125,12 @@ export async function startBoxesApi(
   const servers: Server[] = [];
   const endpoints: string[] = [];
   const make = (): Server => {
-    const s = createServer((req, res) => {
+    const s = createGuardedServer(opts.limits ?? defaultRequestLimits, (req, res) => {
       void handle(req, res);
     });
     s.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
       void upgrade(req, socket, head);
     });
-    // Box creation pulls images and boots; exec events stream for as long as a command runs.
-    s.requestTimeout = 0;
-    s.headersTimeout = 60_000;
     servers.push(s);
     return s;
   };

@@ -41,7 +41,10 @@ export const closeCodes = {
   internal: 1011,
 } as const;
 
-/** Writes an HTTP error on a socket that was asking to upgrade, then closes it. */
+/**
+ * Writes an HTTP error on a socket no ServerResponse goes with (an upgrade request, or a request
+ * node could not parse), then closes it.
+ */
 export function rejectUpgrade(socket: Duplex, error: HutchError): void {
   const status = errorTable[error.code].http;
   const body = JSON.stringify({ code: error.code, message: error.message, ...(error.details ?? {}) });
@@ -63,6 +66,7 @@ function httpReason(status: number): string {
     400: 'Bad Request',
     404: 'Not Found',
     405: 'Method Not Allowed',
+    408: 'Request Timeout',
     409: 'Conflict',
     422: 'Unprocessable Entity',
     426: 'Upgrade Required',
