@@ -592,8 +592,11 @@ describe('request fuzzer: every route of both REST APIs', { timeout: 900_000 }, 
 
   after(async () => {
     for (const t of tallies) console.log(`  ${t.name}: ${t.attempts.length} tried`);
-    if (d) await cleanup(d);
-    rmSync(spoolDir, { recursive: true, force: true });
+    try {
+      if (d) await cleanup(d);
+    } finally {
+      rmSync(spoolDir, { recursive: true, force: true });
+    }
   });
 
   const newTally = (name: string): Tally => {
