@@ -89,6 +89,10 @@ const configSchema = z.object({
     .transform((v) => (Array.isArray(v) ? v : v.split(',')).map((x) => x.trim()).filter((x) => x !== ''))
     .default(['localhost', '127.0.0.1']),
   logLevel: z.enum(['debug', 'info', 'warn', 'error']).default('info'),
+  /** A request body (or its headers) sending nothing for this long is cut off with 408, on every API. */
+  bodyIdleTimeoutMs: z.coerce.number().int().min(100).default(30_000),
+  /** Connections each API server keeps open at once; more are closed when accepted. */
+  maxConnections: z.coerce.number().int().min(1).default(1024),
 });
 
 export type Config = Omit<z.infer<typeof configSchema>, 'boxesSocket' | 'maxBoxMemoryMb'> & {
@@ -129,6 +133,8 @@ const envNames: Record<string, keyof ConfigInput> = {
   HUTCH_EXEC_LOGS_BOX_MAX_BYTES: 'execLogsBoxMaxBytes',
   HUTCH_EXEC_LOGS_TOTAL_MAX_BYTES: 'execLogsTotalMaxBytes',
   HUTCH_DISK_OVERCOMMIT: 'diskOvercommit',
+  HUTCH_BODY_IDLE_TIMEOUT_MS: 'bodyIdleTimeoutMs',
+  HUTCH_MAX_CONNECTIONS: 'maxConnections',
 };
 
 export function loadConfig(

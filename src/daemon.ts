@@ -68,12 +68,19 @@ export async function startDaemon(
   const engine = new Engine(config, templates, accel, opts.log, images);
   await engine.start();
   engine.prepareSnapshots();
-  const http = await startHttpApi(engine, { host: config.host, port: config.port, owner: config.owner });
+  const limits = { bodyIdleTimeoutMs: config.bodyIdleTimeoutMs, maxConnections: config.maxConnections };
+  const http = await startHttpApi(engine, {
+    host: config.host,
+    port: config.port,
+    owner: config.owner,
+    limits,
+  });
   const boxes = await startBoxesApi(engine, {
     socketPath: config.boxesSocket,
     listen: config.boxesListen,
     owner: config.owner,
     version: packageVersion(),
+    limits,
   });
   opts.log('info', 'listening', { url: http.url, boxes: boxes.endpoints, state_dir: config.stateDir });
   return {

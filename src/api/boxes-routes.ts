@@ -51,11 +51,18 @@ export function uploadDest(dest: string, filename: string): string {
       'INVALID_ARGUMENT',
       `dest must be an absolute path without "..", got ${JSON.stringify(dest)}`,
     );
-  if (!dest.endsWith('/')) return dest;
+  if (!dest.endsWith('/')) return within(dest);
   const name = posix.basename(filename);
-  if (!name || name === '.' || name === '..')
+  if (!name || name === '.' || name === '..' || name.includes('\0'))
     throw new HutchError('INVALID_ARGUMENT', 'dest is a directory and the file part has no usable filename');
-  return posix.join(dest, name);
+  return within(posix.join(dest, name));
+}
+
+/** A path the guest can take: at most PATH_MAX bytes (and the agent request stays one frame). */
+function within(path: string): string {
+  if (Buffer.byteLength(path) > 4096)
+    throw new HutchError('INVALID_ARGUMENT', 'the destination path is longer than 4096 bytes');
+  return path;
 }
 
 const status = (q: URLSearchParams): string | undefined => {

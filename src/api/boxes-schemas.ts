@@ -1,5 +1,6 @@
 import { z } from 'zod';
-import { diskRoomSchema } from './schemas.js';
+import { MAX_PAYLOAD } from '../guest/protocol.js';
+import { checkExecFits, cString, diskRoomSchema } from './schemas.js';
 
 /**
  * Schemas of the boxes API (../shared/specs/boxes-rest-api.txt), field names and defaults as the
@@ -58,7 +59,11 @@ export const createBoxBody = z
       .optional()
       .describe("Working directory of every exec; default: the image's WorkingDir, else /root."),
   })
-  .strict();
+  .strict()
+  // Every exec carries these in its agent request: half of it is left for the commands.
+  .superRefine((b, ctx) =>
+    checkExecFits(ctx, { argv: [], env: b.env, cwd: b.workdir }, MAX_PAYLOAD / 2, 'env and workdir'),
+  );
 
 export const boxSchema = z.object({
   id: z.string(),
@@ -86,7 +91,7 @@ export const boxListSchema = z.object({ boxes: z.array(boxSchema) });
 
 export const boxExecBody = z
   .object({
-    cmd: z.array(z.string()).min(1).describe('argv (no shell: use ["sh","-c","…"] for one).'),
+    cmd: z.array(cString()).min(1).describe('argv (no shell: use ["sh","-c","…"] for one).'),
     env: envSchema.optional(),
     workdir: absPath.optional().describe("Default: the box's workdir."),
     timeout_ms: z
@@ -98,7 +103,8 @@ export const boxExecBody = z
       .optional()
       .describe('Kill the command after this long (status timed_out).'),
   })
-  .strict();
+  .strict()
+  .superRefine((b, ctx) => checkExecFits(ctx, { argv: b.cmd, env: b.env, cwd: b.workdir }));
 
 export const execSchema = z.object({
   id: z.string(),
@@ -132,11 +138,12 @@ export const infoSchema = z.object({
 export const runBody = z
   .object({
     image: imageRef,
-    cmd: z.array(z.string()).min(1),
+    cmd: z.array(cString()).min(1),
     ...sizes,
     timeout_ms: z.number().int().min(1).max(86_400_000).nullable().default(null),
   })
-  .strict();
+  .strict()
+  .superRefine((b, ctx) => checkExecFits(ctx, { argv: b.cmd, env: b.env }));
 
 export const runResultSchema = z.object({
   exit_code: z.number().nullable(),

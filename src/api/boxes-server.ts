@@ -1,5 +1,5 @@
 import { createReadStream, createWriteStream, mkdtempSync, rmSync } from 'node:fs';
-import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
@@ -12,11 +12,13 @@ import { HutchError, toHutchError } from '../errors.js';
 import { AgentError } from '../guest/agent-connection.js';
 import { boxRoutes, uploadDest } from './boxes-routes.js';
 import { downloadBody } from './boxes-schemas.js';
+import { attachmentDisposition } from './content-disposition.js';
 import { writeRespectingBackpressure } from './exec-stream.js';
 import { readJson, sendError, sendJson } from './http-server.js';
-import { compileRoutes, matchRoute } from './route-match.js';
+import { createGuardedServer, defaultRequestLimits, type RequestLimits } from './request-guard.js';
+import { compileRoutes, matchRoute, requestUrl } from './route-match.js';
 import { parseWith } from './routes.js';
-import { rejectUpgrade } from './ws-upgrade.js';
+import { checkHandshake, rejectUpgrade } from './ws-upgrade.js';
 
 export interface BoxesApi {
   servers: Server[];
@@ -32,7 +34,13 @@ export interface BoxesApi {
  */
 export async function startBoxesApi(
   engine: Engine,
-  opts: { socketPath: string | null; listen?: string | undefined; owner: string; version: string },
+  opts: {
+    socketPath: string | null;
+    listen?: string | undefined;
+    owner: string;
+    version: string;
+    limits?: RequestLimits;
+  },
 ): Promise<BoxesApi> {
   const compiled = compileRoutes(boxRoutes);
   const wss = new WebSocketServer({ noServer: true, maxPayload: 1024 * 1024 });
@@ -40,7 +48,7 @@ export async function startBoxesApi(
 
   async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     try {
-      const url = new URL((req.url ?? '/').replace(/%3a/gi, ':'), 'http://boxrun');
+      const url = requestUrl((req.url ?? '/').replace(/%3a/gi, ':'));
       const m = matchRoute(compiled, req.method ?? 'GET', url.pathname);
       if (m === 'method')
         throw new HutchError('METHOD_NOT_ALLOWED', `${req.method} is not allowed on ${url.pathname}`);
@@ -74,10 +82,13 @@ export async function startBoxesApi(
   async function upgrade(req: IncomingMessage, socket: Duplex, head: Buffer): Promise<void> {
     socket.on('error', () => {});
     try {
-      const url = new URL(req.url ?? '/', 'http://boxrun');
+      const url = requestUrl(req.url);
       const m = matchRoute(compiled, 'GET', url.pathname);
       if (!m || m === 'method' || m.route.kind !== 'attach')
         throw new HutchError('ROUTE_NOT_FOUND', `no WebSocket endpoint ${url.pathname}`);
+      if (req.method !== 'GET')
+        throw new HutchError('METHOD_NOT_ALLOWED', `${req.method} is not allowed on ${url.pathname}`);
+      checkHandshake(req);
       const q = url.searchParams;
       const dim = (name: string, dflt: number): number => {
         const v = q.get(name);
@@ -90,14 +101,21 @@ export async function startBoxesApi(
       const term = q.get('term') ?? 'xterm-256color';
       if (!/^[A-Za-z0-9._+-]{1,64}$/.test(term)) throw new HutchError('INVALID_ARGUMENT', 'bad term');
       const shell = q.get('shell') ?? undefined;
-      if (shell !== undefined && !shell.startsWith('/'))
-        throw new HutchError('INVALID_ARGUMENT', 'shell must be an absolute path');
+      if (shell !== undefined && (!shell.startsWith('/') || shell.includes('\0') || shell.length > 4096))
+        throw new HutchError('INVALID_ARGUMENT', 'shell must be an absolute path (no NUL, at most 4096)');
       const session = await engine.boxTerminal(owner, m.params.id ?? '', {
         ...(shell !== undefined ? { shell } : {}),
         cols: dim('cols', 80),
         rows: dim('rows', 24),
         term,
       });
+      if (!socket.readable || !socket.writable) {
+        // The client left while the shell started: ws would drop the socket without calling back.
+        session.handle.cancel();
+        session.release();
+        socket.destroy();
+        return;
+      }
       wss.handleUpgrade(req, socket, head, (ws) => bridgeTerminal(ws, session));
     } catch (e) {
       rejectUpgrade(socket, toHutchError(e));
@@ -107,15 +125,12 @@ export async function startBoxesApi(
   const servers: Server[] = [];
   const endpoints: string[] = [];
   const make = (): Server => {
-    const s = createServer((req, res) => {
+    const s = createGuardedServer(opts.limits ?? defaultRequestLimits, (req, res) => {
       void handle(req, res);
     });
     s.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) => {
       void upgrade(req, socket, head);
     });
-    // Box creation pulls images and boots; exec events stream for as long as a command runs.
-    s.requestTimeout = 0;
-    s.headersTimeout = 60_000;
     servers.push(s);
     return s;
   };
@@ -206,6 +221,10 @@ async function serveEvents(
 /**
  * Multipart upload: fields `file` and `dest` in either order. When `dest` comes first the file
  * streams straight into the box; otherwise it is spooled to a host temp file until `dest` is known.
+ *
+ * Whatever the body looks like, the handler returns only once everything it started has settled
+ * (the write into the box, the spool file), so the spool is never removed under a stream still
+ * writing it and no promise is left to reject after the answer.
  */
 async function serveUpload(
   engine: Engine,
@@ -214,35 +233,56 @@ async function serveUpload(
   req: IncomingMessage,
   res: ServerResponse,
 ): Promise<void> {
-  const session = await engine.openBoxSession(owner, boxRef);
-  const spool = mkdtempSync(join(tmpdir(), 'hutch-upload-'));
+  const ctype = req.headers['content-type'] ?? '';
+  if (!/^multipart\/form-data/i.test(ctype))
+    throw new HutchError(
+      'INVALID_ARGUMENT',
+      'upload needs a multipart/form-data body with fields file and dest',
+    );
+  let bb: Busboy.Busboy;
   try {
-    const ctype = req.headers['content-type'] ?? '';
-    if (!/^multipart\/form-data/i.test(ctype))
-      throw new HutchError(
-        'INVALID_ARGUMENT',
-        'upload needs a multipart/form-data body with fields file and dest',
-      );
-    let bb: Busboy.Busboy;
-    try {
-      bb = Busboy({ headers: req.headers, limits: { files: 1, fields: 8, fieldSize: 8192 } });
-    } catch (e) {
-      throw new HutchError('INVALID_ARGUMENT', `bad multipart body: ${(e as Error).message}`);
-    }
+    bb = Busboy({ headers: req.headers, limits: { files: 1, fields: 8, parts: 16, fieldSize: 8192 } });
+  } catch (e) {
+    throw new HutchError('INVALID_ARGUMENT', `bad multipart body: ${(e as Error).message}`);
+  }
+  const session = await engine.openBoxSession(owner, boxRef);
+  let spool: string | undefined;
+  // Everything the body started; each is settled (never rejects) before the cleanup below.
+  const started: Promise<unknown>[] = [];
+  let failure: HutchError | undefined;
+  let fail: (e: HutchError) => void = () => {};
+  try {
     let dest: string | undefined;
     let filename = '';
     let written: Promise<{ dest: string; size: number }> | undefined;
     let spooled: Promise<string> | undefined;
-    const toBox = (d: string, from: Readable): Promise<{ dest: string; size: number }> =>
-      session.agent
+    const toBox = (d: string, from: Readable): Promise<{ dest: string; size: number }> => {
+      const p = session.agent
         .writeFile(d, from, { mode: 0o644, mkdirs: true })
         .then((r) => ({ dest: d, size: r.size }));
-    const finished = new Promise<void>((resolve, reject) => {
-      bb.on('field', (name, value) => {
-        if (name === 'dest') dest = value;
+      started.push(p.catch(() => from.resume()));
+      return p;
+    };
+    const parsed = new Promise<void>((resolve, reject) => {
+      fail = (e) => {
+        if (failure) return;
+        failure = e;
+        // Stops the parse; busboy destroys the file stream with it, ending its writer.
+        req.unpipe(bb);
+        bb.destroy(e);
+        // The rest of the body is read and dropped, so the connection stays usable.
+        req.resume();
+        reject(e);
+      };
+      bb.on('field', (name, value, info) => {
+        if (name !== 'dest') return;
+        if (info.valueTruncated) fail(new HutchError('INVALID_ARGUMENT', 'dest is longer than 8192 bytes'));
+        else dest = value;
       });
       bb.on('file', (name, stream, info) => {
-        if (name !== 'file') {
+        // Its errors reach the writer below (or come from our own failure): never unhandled.
+        stream.on('error', () => {});
+        if (name !== 'file' || failure) {
           stream.resume();
           return;
         }
@@ -253,30 +293,49 @@ async function serveUpload(
             d = uploadDest(dest, filename);
           } catch (e) {
             stream.resume();
-            reject(e);
+            fail(toHutchError(e));
             return;
           }
           written = toBox(d, stream);
-          written.catch(() => stream.resume());
         } else {
+          try {
+            spool = mkdtempSync(join(tmpdir(), 'hutch-upload-'));
+          } catch (e) {
+            stream.resume();
+            fail(spoolError(e));
+            return;
+          }
           const path = join(spool, 'file');
-          spooled = pipeline(stream, createWriteStream(path)).then(() => path);
+          const out = createWriteStream(path);
+          // The file is closed (or never opened) before the spool directory may go.
+          started.push(new Promise<void>((r) => out.once('close', () => r())));
+          spooled = pipeline(stream, out).then(() => path);
+          started.push(spooled.catch(() => {}));
         }
       });
       bb.on('error', (e: Error) =>
-        reject(new HutchError('INVALID_ARGUMENT', `bad multipart body: ${e.message}`)),
+        fail(new HutchError('INVALID_ARGUMENT', `bad multipart body: ${e.message}`)),
       );
       bb.on('close', () => resolve());
+      req.on('error', () => fail(new HutchError('INVALID_ARGUMENT', 'the upload ended early')));
+      req.on('close', () => {
+        if (!req.complete) fail(new HutchError('INVALID_ARGUMENT', 'the upload ended early'));
+      });
     });
     req.pipe(bb);
-    await finished;
+    await parsed;
     if (!written && !spooled)
       throw new HutchError('INVALID_ARGUMENT', 'the multipart body has no "file" field');
     if (dest === undefined)
       throw new HutchError('INVALID_ARGUMENT', 'the multipart body has no "dest" field');
     if (!written) {
       const d = uploadDest(dest, filename);
-      const path = await (spooled as Promise<string>);
+      let path: string;
+      try {
+        path = await (spooled as Promise<string>);
+      } catch (e) {
+        throw spoolError(e);
+      }
       written = toBox(d, createReadStream(path));
     }
     let r: { dest: string; size: number };
@@ -286,10 +345,23 @@ async function serveUpload(
       throw fileError(e, dest);
     }
     sendJson(res, 200, { ok: true, dest: r.dest, size: r.size });
+  } catch (e) {
+    // A failure of the handler itself (not of the body) stops the parse all the same.
+    fail(toHutchError(e));
+    throw e;
   } finally {
+    await Promise.allSettled(started);
     session.release();
-    rmSync(spool, { recursive: true, force: true });
+    if (spool) rmSync(spool, { recursive: true, force: true });
   }
+}
+
+/** The host could not hold the spooled upload. */
+function spoolError(e: unknown): HutchError {
+  const code = (e as NodeJS.ErrnoException).code;
+  if (code === 'ENOSPC' || code === 'EDQUOT')
+    return new HutchError('STORAGE_FULL', 'no space left on the host to spool the upload');
+  return new HutchError('INTERNAL', `spooling the upload: ${(e as Error).message}`);
 }
 
 async function serveDownload(
@@ -301,8 +373,9 @@ async function serveDownload(
 ): Promise<void> {
   const { path } = parseWith(downloadBody, body);
   const session = await engine.openBoxSession(owner, boxRef);
+  let h: ReturnType<typeof session.agent.readFile> | undefined;
   try {
-    const h = session.agent.readFile(path);
+    h = session.agent.readFile(path);
     h.done.catch(() => {});
     const it = h.stream[Symbol.asyncIterator]();
     let first: IteratorResult<Buffer>;
@@ -313,15 +386,11 @@ async function serveDownload(
     }
     res.writeHead(200, {
       'content-type': 'application/octet-stream',
-      'content-disposition': `attachment; filename="${basename(path).replace(/["\\\r\n]/g, '_')}"`,
+      'content-disposition': attachmentDisposition(basename(path)),
     });
     if (!first.done) await write(res, first.value);
     for (;;) {
-      if (res.destroyed) {
-        // The client went away: stop the read in the guest instead of waiting for its end.
-        h.stream.destroy();
-        return;
-      }
+      if (res.destroyed) return;
       const n = (await it.next()) as IteratorResult<Buffer>;
       if (n.done) break;
       await write(res, n.value);
@@ -332,6 +401,9 @@ async function serveDownload(
     if (res.headersSent) res.destroy();
     throw e;
   } finally {
+    // Whatever ended the handler (the client went away, a failed write, an error), the read in
+    // the guest ends too instead of waiting for a reader that is gone. A no-op once it is done.
+    h?.stream.destroy();
     session.release();
   }
 }

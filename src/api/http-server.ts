@@ -1,9 +1,10 @@
-import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Engine } from '../engine/engine.js';
 import { errorTable, HutchError, toHutchError } from '../errors.js';
 import { openApiDocument } from './openapi.js';
-import { compileRoutes, matchRoute } from './route-match.js';
+import { createGuardedServer, defaultRequestLimits, type RequestLimits } from './request-guard.js';
+import { compileRoutes, matchRoute, requestUrl } from './route-match.js';
 import { machineChannelRoutes, machineRoutes, machineStreamRoutes, type StreamRoute } from './routes.js';
 import { createUpgradeRouter } from './ws-upgrade.js';
 
@@ -29,11 +30,17 @@ export function sendError(res: ServerResponse, e: HutchError): void {
 export async function readJson(req: IncomingMessage): Promise<unknown> {
   const chunks: Buffer[] = [];
   let size = 0;
-  for await (const chunk of req as AsyncIterable<Buffer>) {
-    size += chunk.length;
-    if (size > maxBodyBytes)
-      throw new HutchError('BODY_TOO_LARGE', `request body over ${maxBodyBytes} bytes`);
-    chunks.push(chunk);
+  try {
+    for await (const chunk of req as AsyncIterable<Buffer>) {
+      size += chunk.length;
+      if (size > maxBodyBytes)
+        throw new HutchError('BODY_TOO_LARGE', `request body over ${maxBodyBytes} bytes`);
+      chunks.push(chunk);
+    }
+  } catch (e) {
+    if (e instanceof HutchError) throw e;
+    // The client went away or was cut off mid-body: its mistake, not the server's.
+    throw new HutchError('INVALID_ARGUMENT', `the request body ended early (${(e as Error).message})`);
   }
   const text = Buffer.concat(chunks).toString('utf8').trim();
   if (text === '') return undefined;
@@ -52,7 +59,7 @@ export interface HttpApi {
 
 export async function startHttpApi(
   engine: Engine,
-  opts: { host: string; port: number; owner: string },
+  opts: { host: string; port: number; owner: string; limits?: RequestLimits },
 ): Promise<HttpApi> {
   const routes = compileRoutes(machineRoutes);
   const streamRoutes = compileRoutes<StreamRoute>(machineStreamRoutes);
@@ -65,13 +72,13 @@ export async function startHttpApi(
     })),
     { onError: (e) => console.error('websocket channel error:', e) },
   );
-  const server = createServer((req, res) => {
+  const server = createGuardedServer(opts.limits ?? defaultRequestLimits, (req, res) => {
     void handle(req, res);
   });
   server.on('upgrade', (req, socket, head) => upgrades.onUpgrade(req, socket, head));
   async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     try {
-      const url = new URL(req.url ?? '/', 'http://localhost');
+      const url = requestUrl(req.url);
       if (req.method === 'GET' && url.pathname === '/openapi.json') {
         res.writeHead(200, { 'content-type': 'application/json' }).end(openapi);
         return;
@@ -119,9 +126,6 @@ export async function startHttpApi(
       else res.destroy();
     }
   }
-  // Boot under TCG can take a while; never cut a create off mid-way.
-  server.requestTimeout = 0;
-  server.headersTimeout = 60_000;
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
     server.listen(opts.port, opts.host, () => resolve());

@@ -6,6 +6,7 @@ import type { Engine } from '../engine/engine.js';
 import { HutchError } from '../errors.js';
 import { AgentError, type ExecHandle } from '../guest/agent-connection.js';
 import type { ConsoleTap } from '../vmm/console.js';
+import { attachmentDisposition } from './content-disposition.js';
 import { encodeEvent, OutputEncoder, writeRespectingBackpressure } from './exec-stream.js';
 import { parseWith } from './routes.js';
 import { attachQuery, execBody } from './schemas.js';
@@ -199,26 +200,44 @@ export async function download(ctx: StreamContext): Promise<void> {
       })
       .catch(() => undefined);
     const it = (file.stream as AsyncIterable<Buffer>)[Symbol.asyncIterator]();
-    let first: IteratorResult<Buffer>;
+    // The first 64 KiB are read before answering: a file that ends within them gets its exact
+    // length, and a read that fails early gets a proper error rather than a cut connection.
+    const head: Buffer[] = [];
+    let headBytes = 0;
+    let ended = false;
     try {
-      first = await it.next();
+      while (headBytes < downloadHeadBytes) {
+        const r = await it.next();
+        if (r.done) {
+          ended = true;
+          break;
+        }
+        head.push(r.value);
+        headBytes += r.value.length;
+      }
     } catch (e) {
+      await it.return?.();
       throw fileFailure(e, path, session.id);
     }
-    const size = await sizeP;
+    const stat = await sizeP;
+    // stat's size is trusted only beyond what was read: pseudo-files say 0 (/proc) or 4096
+    // (/sys) whatever they hold, and both are shorter than 64 KiB or say 0.
+    const size = ended ? headBytes : stat !== undefined && stat > headBytes ? stat : undefined;
     const base = path.slice(path.lastIndexOf('/') + 1) || 'download';
     res.writeHead(200, {
       'content-type': 'application/octet-stream',
-      'content-disposition': `attachment; filename*=UTF-8''${encodeURIComponent(base)}`,
+      'content-disposition': attachmentDisposition(base),
       ...(size !== undefined ? { 'content-length': size } : {}),
     });
     let sent = 0;
     try {
-      for (let r = first; !r.done; r = await it.next()) {
-        sent += r.value.length;
+      const send = async (b: Buffer): Promise<void> => {
+        sent += b.length;
         if (size !== undefined && sent > size) throw new Error(`${path} grew while it was sent`);
-        await writeRespectingBackpressure(res, r.value);
-      }
+        await writeRespectingBackpressure(res, b);
+      };
+      for (const b of head) await send(b);
+      if (!ended) for (let r = await it.next(); !r.done; r = await it.next()) await send(r.value);
       await file.done;
       if (size !== undefined && sent !== size) throw new Error(`${path} changed size while it was sent`);
       res.end();
@@ -231,6 +250,9 @@ export async function download(ctx: StreamContext): Promise<void> {
     session.release();
   }
 }
+
+/** What a download reads before it answers (see download). */
+const downloadHeadBytes = 64 * 1024;
 
 // ---- WebSocket /v1/machines/{id}/tty ------------------------------------------------------------
 

@@ -1,3 +1,5 @@
+import { HutchError } from '../errors.js';
+
 /**
  * Path matching shared by the route tables. `{name}` matches one path segment and stops at ":",
  * so custom methods written the Google-API way (`/v1/boxes/{id}:stop`) route as the spec writes
@@ -37,9 +39,41 @@ export function matchRoute<R extends { path: string; method: string }>(
     if (c.route.method !== method) continue;
     const params: Record<string, string> = {};
     c.names.forEach((n, i) => {
-      params[n] = decodeURIComponent(m[i + 1] ?? '');
+      params[n] = decodePathSegment(m[i + 1] ?? '');
     });
     return { route: c.route, params };
   }
   return pathMatched ? 'method' : undefined;
+}
+
+/**
+ * A percent-decoded path parameter. A malformed escape (`%zz`, a cut or invalid UTF-8 sequence)
+ * is the client's mistake, so it is a 400, not the URIError decodeURIComponent throws.
+ */
+export function decodePathSegment(segment: string): string {
+  try {
+    return decodeURIComponent(segment);
+  } catch {
+    throw new HutchError(
+      'INVALID_ARGUMENT',
+      `malformed percent-escape in the path: ${JSON.stringify(segment.slice(0, 200))}`,
+    );
+  }
+}
+
+/**
+ * The URL of a request. An origin-form target (`/…`) is always a path, so `//x/…` does not turn
+ * `x` into a host; a target no URL parser accepts is a 400 wherever it is parsed (a throw in an
+ * `upgrade` listener would otherwise escape every handler).
+ */
+export function requestUrl(target: string | undefined): URL {
+  const raw = target ?? '/';
+  try {
+    return raw.startsWith('/') ? new URL(`http://localhost${raw}`) : new URL(raw, 'http://localhost');
+  } catch {
+    throw new HutchError(
+      'INVALID_ARGUMENT',
+      `not a valid request target: ${JSON.stringify(raw.slice(0, 200))}`,
+    );
+  }
 }

@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { execPayloadBound, MAX_PAYLOAD } from '../guest/protocol.js';
 
 /**
  * Request and response schemas of the machines API. The same objects validate requests, give the
@@ -37,13 +38,40 @@ export const createMachineBody = z
   })
   .strict();
 
+/** A string the guest can take as a C string (argv, environment, paths): no NUL. */
+export const cString = (): z.ZodString => z.string().refine((v) => !v.includes('\0'), 'must not contain NUL');
+
+/**
+ * Checks that a command fits the one agent request that carries it (argv, environment and
+ * working directory in one frame of at most 64 KiB), reporting the sizes rather than letting the
+ * request fail on its way to the guest.
+ */
+export function checkExecFits(
+  ctx: z.RefinementCtx,
+  req: { argv: readonly string[]; env?: Record<string, string> | null | undefined; cwd?: string | undefined },
+  limit = MAX_PAYLOAD,
+  what = 'the command, its environment and working directory',
+): void {
+  const n = execPayloadBound({
+    argv: req.argv,
+    ...(req.env ? { env: req.env } : {}),
+    ...(req.cwd !== undefined ? { cwd: req.cwd } : {}),
+  });
+  if (n > limit)
+    ctx.addIssue({
+      code: 'custom',
+      path: [],
+      message: `${what} take ${n} bytes encoded, over the limit of ${limit} bytes (the guest agent protocol carries a command in one frame of at most 64 KiB)`,
+    });
+}
+
 export const execBody = z
   .object({
     cmd: z
-      .union([z.array(z.string()).min(1), z.string().min(1)])
+      .union([z.array(cString()).min(1), cString().min(1)])
       .describe('argv (no shell), or a string run with /bin/sh -c.'),
-    env: z.record(z.string().regex(/^[^=\0]+$/), z.string()).optional(),
-    cwd: z.string().startsWith('/').optional().describe('Working directory, default /root.'),
+    env: z.record(z.string().regex(/^[^=\0]+$/), cString()).optional(),
+    cwd: cString().startsWith('/').optional().describe('Working directory, default /root.'),
     stdin: z.string().optional().describe("Text written to the command's standard input (then closed)."),
     timeout_ms: z
       .number()
@@ -53,7 +81,14 @@ export const execBody = z
       .optional()
       .describe('Kill the command after this long; default 60000.'),
   })
-  .strict();
+  .strict()
+  .superRefine((b, ctx) =>
+    checkExecFits(ctx, {
+      argv: typeof b.cmd === 'string' ? ['/bin/sh', '-c', b.cmd] : b.cmd,
+      env: b.env,
+      cwd: b.cwd,
+    }),
+  );
 
 export const jailSchema = z
   .object({ seccomp: z.boolean(), user: z.string().nullable(), cgroup: z.string().nullable() })
@@ -165,7 +200,11 @@ export const healthSchema = z.object({
 });
 
 export const attachQuery = z.object({
-  shell: z.string().startsWith('/').default('/bin/bash').describe('Absolute path of the shell to run.'),
+  shell: cString()
+    .startsWith('/')
+    .max(4096)
+    .default('/bin/bash')
+    .describe('Absolute path of the shell to run.'),
   cols: z.coerce.number().int().min(1).max(1000).default(80).describe('Terminal columns.'),
   rows: z.coerce.number().int().min(1).max(1000).default(24).describe('Terminal rows.'),
   term: z

@@ -2,6 +2,7 @@ import type { IncomingMessage } from 'node:http';
 import type { Duplex } from 'node:stream';
 import { WebSocket, WebSocketServer } from 'ws';
 import { errorTable, HutchError, toHutchError } from '../errors.js';
+import { decodePathSegment, requestUrl } from './route-match.js';
 
 /**
  * WebSocket plumbing shared by every API surface (machines, boxes): upgrades are routed by path
@@ -40,7 +41,10 @@ export const closeCodes = {
   internal: 1011,
 } as const;
 
-/** Writes an HTTP error on a socket that was asking to upgrade, then closes it. */
+/**
+ * Writes an HTTP error on a socket no ServerResponse goes with (an upgrade request, or a request
+ * node could not parse), then closes it.
+ */
 export function rejectUpgrade(socket: Duplex, error: HutchError): void {
   const status = errorTable[error.code].http;
   const body = JSON.stringify({ code: error.code, message: error.message, ...(error.details ?? {}) });
@@ -62,6 +66,7 @@ function httpReason(status: number): string {
     400: 'Bad Request',
     404: 'Not Found',
     405: 'Method Not Allowed',
+    408: 'Request Timeout',
     409: 'Conflict',
     422: 'Unprocessable Entity',
     426: 'Upgrade Required',
@@ -71,6 +76,30 @@ function httpReason(status: number): string {
     503: 'Service Unavailable',
   };
   return reasons[status] ?? 'Error';
+}
+
+const tokenList = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:[ \t]*,[ \t]*[!#$%&'*+\-.^_`|~0-9A-Za-z]+)*$/;
+
+/**
+ * Refuses, with the error format, every upgrade request that `ws` would refuse itself. `ws`
+ * answers those with a plain-text 400 and never calls back, so a handler that had already
+ * started work for the socket (a shell, a session) would wait for it forever: check first.
+ */
+export function checkHandshake(req: IncomingMessage): void {
+  const h = req.headers;
+  if ((h.upgrade ?? '').toLowerCase() !== 'websocket')
+    throw new HutchError('INVALID_ARGUMENT', 'only WebSocket upgrades are served (Upgrade: websocket)');
+  if (!/^[+/0-9A-Za-z]{22}==$/.test(h['sec-websocket-key'] ?? ''))
+    throw new HutchError('INVALID_ARGUMENT', 'missing or invalid Sec-WebSocket-Key header');
+  const version = Number(h['sec-websocket-version']);
+  if (version !== 13 && version !== 8)
+    throw new HutchError('INVALID_ARGUMENT', 'missing or invalid Sec-WebSocket-Version header (13)');
+  const protocols = h['sec-websocket-protocol'];
+  if (protocols !== undefined) {
+    const names = protocols.split(',').map((p) => p.trim());
+    if (!tokenList.test(protocols) || new Set(names).size !== names.length)
+      throw new HutchError('INVALID_ARGUMENT', 'invalid Sec-WebSocket-Protocol header');
+  }
 }
 
 /** Compiles `/v1/x/{id}/y` into a matcher returning the decoded parameters, or undefined. */
@@ -86,7 +115,7 @@ export function pathMatcher(path: string): (pathname: string) => Record<string, 
     if (!m) return undefined;
     const params: Record<string, string> = {};
     names.forEach((n, i) => {
-      params[n] = decodeURIComponent(m[i + 1] ?? '');
+      params[n] = decodePathSegment(m[i + 1] ?? '');
     });
     return params;
   };
@@ -122,14 +151,13 @@ export function createUpgradeRouter(
       socket.on('error', () => {
         // a peer that resets mid-handshake: nothing to answer
       });
-      const url = new URL(req.url ?? '/', 'http://localhost');
       let accepted = false;
       const run = async (): Promise<void> => {
         if (closed) throw new HutchError('AGENT_UNAVAILABLE', 'the server is stopping');
+        const url = requestUrl(req.url);
         if (req.method !== 'GET')
           throw new HutchError('METHOD_NOT_ALLOWED', `${req.method} is not allowed on ${url.pathname}`);
-        if ((req.headers.upgrade ?? '').toLowerCase() !== 'websocket')
-          throw new HutchError('INVALID_ARGUMENT', 'only WebSocket upgrades are served');
+        checkHandshake(req);
         for (const c of compiled) {
           const params = c.match(url.pathname);
           if (!params) continue;
@@ -139,7 +167,7 @@ export function createUpgradeRouter(
             query: url.searchParams,
             accept: () =>
               new Promise<WebSocket>((resolve, reject) => {
-                if (socket.destroyed) {
+                if (!socket.readable || !socket.writable) {
                   reject(new Error('the client went away before the upgrade'));
                   return;
                 }

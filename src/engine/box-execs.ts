@@ -2,6 +2,7 @@ import { mkdirSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { HutchError } from '../errors.js';
 import { type AgentConnection, AgentError } from '../guest/agent-connection.js';
+import { execPayloadBound, MAX_PAYLOAD } from '../guest/protocol.js';
 import { type BoxSpec, boxSpecOf, type ExecView, toExecView } from './box-view.js';
 import { ByteBudget, type ExecEvent, ExecLog, endOrphanLog, replayExec, Utf8Chunker } from './exec-log.js';
 import { newExecId } from './ids.js';
@@ -123,6 +124,15 @@ export class BoxExecs {
    */
   async start(box: MachineRow, agent: AgentConnection, req: BoxExecRequest): Promise<ExecView> {
     const spec = boxSpecOf(box);
+    const env = execEnv(spec, req.env);
+    const cwd = req.workdir ?? spec.workdir;
+    // The request was checked alone; with the image's and the box's environment it may not fit.
+    const size = execPayloadBound({ argv: req.cmd, env, cwd });
+    if (size > MAX_PAYLOAD)
+      throw new HutchError(
+        'INVALID_ARGUMENT',
+        `the command with the box's environment takes ${size} bytes encoded, over the limit of ${MAX_PAYLOAD} bytes (one agent protocol frame)`,
+      );
     const id = newExecId();
     this.store.insertExec({
       id,
@@ -146,8 +156,8 @@ export class BoxExecs {
       }
       handle = agent.exec({
         argv: req.cmd,
-        env: execEnv(spec, req.env),
-        cwd: req.workdir ?? spec.workdir,
+        env,
+        cwd,
         stdin: false,
         ...(req.timeoutMs ? { timeoutMs: req.timeoutMs } : {}),
       });

@@ -673,6 +673,22 @@ function frameWithPayload(type: number, stream: number, payload: Buffer, what: s
   return encodeFrame(type, stream, payload);
 }
 
+/**
+ * The most an EXEC payload for this argv, env and cwd can take (every optional field counted),
+ * so a request can be checked against MAX_PAYLOAD before it is built: one that fits here always
+ * encodes.
+ */
+export function execPayloadBound(req: Pick<ExecRequestFields, 'argv' | 'env' | 'cwd'>): number {
+  const tlv = 5;
+  let n = 0;
+  for (const a of req.argv) n += tlv + Buffer.byteLength(a, 'utf8');
+  for (const [k, v] of Object.entries(req.env ?? {}))
+    n += tlv + Buffer.byteLength(k, 'utf8') + 1 + Buffer.byteLength(v, 'utf8');
+  if (req.cwd !== undefined) n += tlv + Buffer.byteLength(req.cwd, 'utf8');
+  // PTY (cols, rows), TIMEOUT_MS (u32), STDIN (u8)
+  return n + (tlv + 4) + (tlv + 4) + (tlv + 1);
+}
+
 export function encodeExec(stream: number, req: ExecRequestFields): Buffer {
   if (req.argv.length < 1) throw new TypeError('argv must have at least one element');
   const fields: Tlv[] = [];

@@ -14,9 +14,11 @@ import {
   encodeResize,
   encodeSignal,
   encodeTlv,
+  execPayloadBound,
   type Frame,
   FrameDecoder,
   FrameType,
+  HEADER_SIZE,
   MAX_FRAME_LEN,
   MAX_FRAME_SIZE,
   MAX_PAYLOAD,
@@ -289,6 +291,19 @@ describe('messages', () => {
     assert.throws(() => encodeFileRead(1, '/a\0'), TypeError);
     assert.throws(() => encodePing(Buffer.alloc(65)), RangeError);
     assert.throws(() => encodeCredit(1, 2 ** 32), RangeError);
+  });
+
+  it('bounds the EXEC payload from argv, env and cwd alone', () => {
+    const req = { argv: ['sh', '-c', 'é€😀'], env: { A: 'x=y', LANG: 'C.UTF-8' }, cwd: '/w' };
+    const full = encodeExec(1, { ...req, pty: { cols: 80, rows: 24 }, timeoutMs: 1, stdin: true });
+    assert.equal(full.length - HEADER_SIZE, execPayloadBound(req));
+    assert.ok(encodeExec(1, req).length - HEADER_SIZE < execPayloadBound(req));
+    const fits = { argv: ['x'.repeat(MAX_PAYLOAD - execPayloadBound({ argv: [''] }))] };
+    assert.equal(execPayloadBound(fits), MAX_PAYLOAD);
+    encodeExec(1, { ...fits, pty: { cols: 1, rows: 1 }, timeoutMs: 1 });
+    assert.throws(() =>
+      encodeExec(1, { argv: [`${fits.argv[0]}x`], timeoutMs: 1, pty: { cols: 1, rows: 1 } }),
+    );
   });
 
   it('encodes the other host frames', () => {
