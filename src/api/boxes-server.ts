@@ -3,7 +3,7 @@ import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
-import type { Duplex, Readable } from 'node:stream';
+import { type Duplex, type Readable, Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import Busboy from 'busboy';
 import { type WebSocket, WebSocketServer } from 'ws';
@@ -306,10 +306,23 @@ async function serveUpload(
             return;
           }
           const path = join(spool, 'file');
-          const out = createWriteStream(path);
+          const out = createWriteStream(path, { mode: 0o600 });
           // The file is closed (or never opened) before the spool directory may go.
           started.push(new Promise<void>((r) => out.once('close', () => r())));
-          spooled = pipeline(stream, out).then(() => path);
+          let held = 0;
+          const bounded = new Transform({
+            transform(chunk: Buffer, _enc, done) {
+              held += chunk.length;
+              if (held <= maxSpoolBytes) return done(null, chunk);
+              const e = new HutchError(
+                'BODY_TOO_LARGE',
+                `a file sent before the "dest" field is held on the host until dest arrives, at most ${maxSpoolBytes} bytes; send dest first to stream a file of any size`,
+              );
+              fail(e);
+              done(e);
+            },
+          });
+          spooled = pipeline(stream, bounded, out).then(() => path);
           started.push(spooled.catch(() => {}));
         }
       });
@@ -356,8 +369,12 @@ async function serveUpload(
   }
 }
 
+/** What a client may make the host hold for one upload whose dest it has not sent yet. */
+const maxSpoolBytes = 64 * 1024 * 1024;
+
 /** The host could not hold the spooled upload. */
 function spoolError(e: unknown): HutchError {
+  if (e instanceof HutchError) return e;
   const code = (e as NodeJS.ErrnoException).code;
   if (code === 'ENOSPC' || code === 'EDQUOT')
     return new HutchError('STORAGE_FULL', 'no space left on the host to spool the upload');
