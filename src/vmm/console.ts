@@ -14,6 +14,8 @@ export class ConsoleTap extends EventEmitter {
   private logFd: number | undefined;
   private logBytes = 0;
   private stopped = false;
+  /** Settles when the console socket has drained, while it holds more than its high-water mark. */
+  private drained: Promise<void> | undefined;
 
   constructor(
     private readonly socketPath: string,
@@ -69,9 +71,30 @@ export class ConsoleTap extends EventEmitter {
     return Buffer.concat(this.ring);
   }
 
-  /** Bytes to the guest's serial port (keyboard input of the console). */
-  write(b: Buffer | string): void {
-    this.sock?.write(b);
+  /**
+   * Bytes to the guest's serial port (keyboard input of the console). Resolves at once while the
+   * socket takes them, else once it has drained: QEMU reads only as fast as the guest's UART, so
+   * writers that wait for this hold the rest (several viewers may type at once). Without a
+   * connection the bytes are lost, as keys typed on an unplugged serial line are.
+   */
+  write(b: Buffer | string): Promise<void> {
+    const s = this.sock;
+    if (!s || s.destroyed) return Promise.resolve();
+    if (s.write(b)) return Promise.resolve();
+    if (!this.drained) {
+      // One wait for every writer, not a listener pair each.
+      this.drained = new Promise<void>((resolve) => {
+        const done = (): void => {
+          s.off('drain', done);
+          s.off('close', done);
+          this.drained = undefined;
+          resolve();
+        };
+        s.on('drain', done);
+        s.on('close', done);
+      });
+    }
+    return this.drained;
   }
 
   /** Stops the tap; emits 'stop' once, so live viewers can be told the console is gone. */
