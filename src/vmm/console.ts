@@ -2,13 +2,18 @@ import { EventEmitter } from 'node:events';
 import { closeSync, openSync, renameSync, writeSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 
+/** Recent output is kept in blocks of this size. */
+const ringBlock = 16 * 1024;
+
 /**
  * The guest's serial console: kept in a ring buffer (recent output, replayed to new viewers and
  * quoted in boot errors) and in a log file that rotates at a fixed size, so a guest that floods
  * its console costs the host a bounded amount of memory and disk.
  */
 export class ConsoleTap extends EventEmitter {
+  /** Blocks of `ringBlock` bytes, all full but the last (filled up to `ringTail`). */
   private ring: Buffer[] = [];
+  private ringTail = 0;
   private ringBytes = 0;
   private sock: Socket | undefined;
   private logFd: number | undefined;
@@ -48,11 +53,7 @@ export class ConsoleTap extends EventEmitter {
   }
 
   private onData(b: Buffer): void {
-    this.ring.push(b);
-    this.ringBytes += b.length;
-    while (this.ringBytes > this.ringLimit && this.ring.length > 1) {
-      this.ringBytes -= this.ring.shift()?.length ?? 0;
-    }
+    this.remember(b);
     if (this.logFd !== undefined) {
       if (this.logBytes + b.length > this.logLimit) {
         closeSync(this.logFd);
@@ -66,9 +67,38 @@ export class ConsoleTap extends EventEmitter {
     this.emit('data', b);
   }
 
+  /**
+   * Keeps the output in the ring, copied into blocks: a guest printing a byte at a time comes in
+   * reads of a byte or two, and kept as they came each would cost a few hundred bytes of Buffer
+   * (256 KiB of recent output held as ~70 MiB).
+   */
+  private remember(b: Buffer): void {
+    for (let off = 0; off < b.length; ) {
+      let last = this.ring[this.ring.length - 1];
+      if (!last || this.ringTail === last.length) {
+        last = Buffer.allocUnsafe(ringBlock);
+        this.ring.push(last);
+        this.ringTail = 0;
+      }
+      const n = b.copy(last, this.ringTail, off);
+      this.ringTail += n;
+      this.ringBytes += n;
+      off += n;
+    }
+    // Drop whole blocks from the front while what stays is still at least the limit.
+    while (this.ring.length > 1 && this.ringBytes - ringBlock >= this.ringLimit) {
+      this.ring.shift();
+      this.ringBytes -= ringBlock;
+    }
+  }
+
   /** Recent console output (at most the ring's size). */
   recent(): Buffer {
-    return Buffer.concat(this.ring);
+    const parts = this.ring.map((blk, i) =>
+      i === this.ring.length - 1 ? blk.subarray(0, this.ringTail) : blk,
+    );
+    const all = Buffer.concat(parts);
+    return all.length > this.ringLimit ? all.subarray(all.length - this.ringLimit) : all;
   }
 
   /**
