@@ -13,7 +13,7 @@ import { AgentError } from '../guest/agent-connection.js';
 import { boxRoutes, uploadDest } from './boxes-routes.js';
 import { downloadBody } from './boxes-schemas.js';
 import { writeRespectingBackpressure } from './exec-stream.js';
-import { readJson, sendError, sendJson } from './http-server.js';
+import { readJson, sendError, sendJson, sendResult } from './http-server.js';
 import { compileRoutes, matchRoute } from './route-match.js';
 import { parseWith } from './routes.js';
 import { feedInput, rejectUpgrade, WsOutput } from './ws-upgrade.js';
@@ -51,7 +51,7 @@ export async function startBoxesApi(
         case 'json': {
           const body = route.body ? await readJson(req) : undefined;
           const result = await route.handle({ engine, owner, params, query, body, version: opts.version });
-          sendJson(res, route.status, result);
+          await sendResult(res, route.status, result);
           return;
         }
         case 'events':
