@@ -37,6 +37,15 @@ const configSchema = z.object({
     .int()
     .min(1024)
     .default(32 * 1024 * 1024),
+  /**
+   * Cap on the output all buffered execs (POST /exec, POST /v1/run) hold at once, until their
+   * replies are written; past it output is cut and flagged, like past the per-stream cap.
+   */
+  execBufferBytes: z.coerce
+    .number()
+    .int()
+    .min(1024)
+    .default(64 * 1024 * 1024),
   /** Per-exec cap on the event log a box exec keeps on disk (replayed by /events); output past it is dropped. */
   execLogMaxBytes: z.coerce
     .number()
@@ -117,6 +126,7 @@ const envNames: Record<string, keyof ConfigInput> = {
   HUTCH_ALLOW_PERSISTENT: 'allowPersistent',
   HUTCH_BOOT_TIMEOUT_MS: 'bootTimeoutMs',
   HUTCH_EXEC_MAX_OUTPUT_BYTES: 'execMaxOutputBytes',
+  HUTCH_EXEC_BUFFER_BYTES: 'execBufferBytes',
   HUTCH_EXEC_LOG_MAX_BYTES: 'execLogMaxBytes',
   HUTCH_QEMU_USER: 'qemuUser',
   HUTCH_LOG_LEVEL: 'logLevel',

@@ -14,11 +14,11 @@ import { boxRoutes, uploadDest } from './boxes-routes.js';
 import { downloadBody } from './boxes-schemas.js';
 import { attachmentDisposition } from './content-disposition.js';
 import { writeRespectingBackpressure } from './exec-stream.js';
-import { readJson, sendError, sendJson } from './http-server.js';
+import { readJson, sendError, sendJson, sendResult } from './http-server.js';
 import { createGuardedServer, defaultRequestLimits, type RequestLimits } from './request-guard.js';
 import { compileRoutes, matchRoute, requestUrl } from './route-match.js';
 import { parseWith } from './routes.js';
-import { checkHandshake, rejectUpgrade } from './ws-upgrade.js';
+import { checkHandshake, feedInput, rejectUpgrade, WsOutput } from './ws-upgrade.js';
 
 export interface BoxesApi {
   servers: Server[];
@@ -59,7 +59,7 @@ export async function startBoxesApi(
         case 'json': {
           const body = route.body ? await readJson(req) : undefined;
           const result = await route.handle({ engine, owner, params, query, body, version: opts.version });
-          sendJson(res, route.status, result);
+          await sendResult(res, route.status, result);
           return;
         }
         case 'events':
@@ -440,34 +440,35 @@ function fileError(e: unknown, path: string): HutchError {
 /** Binary frames ⇄ the terminal; text frames are JSON control: resize in, exit out. */
 function bridgeTerminal(ws: WebSocket, session: Awaited<ReturnType<Engine['boxTerminal']>>): void {
   const { handle } = session;
-  let inFlight = 0;
+  const out = new WsOutput(ws);
+  let paused = false;
   const forward = (b: Buffer): void => {
-    if (ws.readyState !== ws.OPEN) return;
-    inFlight++;
+    if (ws.readyState !== ws.OPEN || out.send(b) || paused) return;
     // A viewer that reads slowly pauses the guest's output rather than growing our buffers.
-    if (inFlight > 64) handle.stdout.pause();
-    ws.send(b, { binary: true }, () => {
-      inFlight--;
-      if (inFlight <= 16) handle.stdout.resume();
+    paused = true;
+    handle.stdout.pause();
+    handle.stderr.pause();
+    void out.drained().then(() => {
+      paused = false;
+      handle.stdout.resume();
+      handle.stderr.resume();
     });
   };
   handle.stdout.on('data', forward);
   handle.stderr.on('data', forward);
-  ws.on('message', (data, isBinary) => {
-    const buf = Buffer.isBuffer(data) ? data : Buffer.concat(data as Buffer[]);
-    if (isBinary) {
-      handle.write(buf).catch(() => {});
-      return;
-    }
-    try {
-      const msg = JSON.parse(buf.toString('utf8')) as { type?: string; cols?: unknown; rows?: unknown };
-      const ok = (n: unknown): n is number =>
-        Number.isInteger(n) && (n as number) >= 1 && (n as number) <= 1000;
-      if (msg.type === 'resize' && ok(msg.cols) && ok(msg.rows)) handle.resize(msg.cols, msg.rows);
-      else ws.send(JSON.stringify({ type: 'error', message: 'unknown control message' }));
-    } catch {
-      ws.send(JSON.stringify({ type: 'error', message: 'control frames are JSON' }));
-    }
+  // Keys wait for the agent's window; past 1 MiB in flight the socket is not read.
+  feedInput(ws, (b) => handle.write(b), {
+    onText: (text) => {
+      try {
+        const msg = JSON.parse(text) as { type?: string; cols?: unknown; rows?: unknown };
+        const ok = (n: unknown): n is number =>
+          Number.isInteger(n) && (n as number) >= 1 && (n as number) <= 1000;
+        if (msg.type === 'resize' && ok(msg.cols) && ok(msg.rows)) handle.resize(msg.cols, msg.rows);
+        else out.sendText(JSON.stringify({ type: 'error', message: 'unknown control message' }));
+      } catch {
+        out.sendText(JSON.stringify({ type: 'error', message: 'control frames are JSON' }));
+      }
+    },
   });
   ws.on('close', () => {
     handle.cancel();
@@ -476,13 +477,13 @@ function bridgeTerminal(ws: WebSocket, session: Awaited<ReturnType<Engine['boxTe
   handle.result.then(
     (r) => {
       if (ws.readyState === ws.OPEN) {
-        ws.send(JSON.stringify({ type: 'exit', code: r.exitCode ?? 128 + (r.signal ?? 0) }));
-        ws.close(1000, 'exited');
+        out.sendText(JSON.stringify({ type: 'exit', code: r.exitCode ?? 128 + (r.signal ?? 0) }));
+        out.close(1000, 'exited');
       }
       session.release();
     },
     (e: unknown) => {
-      if (ws.readyState === ws.OPEN) ws.close(1011, (e as Error).message.slice(0, 100));
+      if (ws.readyState === ws.OPEN) out.close(1011, (e as Error).message.slice(0, 100));
       session.release();
     },
   );

@@ -1,7 +1,9 @@
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Engine } from '../engine/engine.js';
+import { HeldText } from '../engine/output-budget.js';
 import { errorTable, HutchError, toHutchError } from '../errors.js';
+import { writeRespectingBackpressure } from './exec-stream.js';
 import { openApiDocument } from './openapi.js';
 import { createGuardedServer, defaultRequestLimits, type RequestLimits } from './request-guard.js';
 import { compileRoutes, matchRoute, requestUrl } from './route-match.js';
@@ -18,6 +20,55 @@ export function sendJson(res: ServerResponse, status: number, value: unknown): v
   const body = JSON.stringify(value);
   res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
   res.end(body);
+}
+
+/** Pieces of a streamed reply are gathered up to this size before each write. */
+const replyPiece = 64 * 1024;
+
+/**
+ * sendJson for a route's result, which may carry held exec output (HeldText): then the reply
+ * is written a piece at a time as the client takes it, never as one string (a 32 MiB binary
+ * output decodes and escapes to several times that), and the output's budget is given back
+ * once it is written or the client has gone. Same bytes as JSON.stringify of the result.
+ */
+export async function sendResult(res: ServerResponse, status: number, value: unknown): Promise<void> {
+  const entries = value !== null && typeof value === 'object' ? Object.entries(value) : [];
+  const held = entries.map(([, v]) => v).filter((v): v is HeldText => v instanceof HeldText);
+  if (held.length === 0) {
+    sendJson(res, status, value);
+    return;
+  }
+  try {
+    res.writeHead(status, { 'content-type': 'application/json' });
+    let piece = '';
+    const put = async (s: string): Promise<void> => {
+      piece += s;
+      if (piece.length < replyPiece) return;
+      const out = piece;
+      piece = '';
+      await writeRespectingBackpressure(res, out);
+    };
+    let sep = '{';
+    for (const [k, v] of entries) {
+      if (v === undefined) continue;
+      await put(`${sep}${JSON.stringify(k)}:`);
+      sep = ',';
+      if (v instanceof HeldText) {
+        for (const p of v.jsonPieces()) await put(p);
+        v.release();
+      } else {
+        await put(JSON.stringify(v));
+      }
+    }
+    res.end(`${piece}}`);
+  } catch (e) {
+    // Headers are out: a cut connection is all that is left to say. A client that went away
+    // is no error of ours; anything else is.
+    if (!res.destroyed) console.error('reply failed:', e);
+    res.destroy();
+  } finally {
+    for (const h of held) h.release();
+  }
 }
 
 export function sendError(res: ServerResponse, e: HutchError): void {
@@ -111,7 +162,7 @@ export async function startHttpApi(
       if (plain && plain !== 'method') {
         const body = plain.route.body ? await readJson(req) : undefined;
         const result = await plain.route.handle({ engine, owner: opts.owner, params: plain.params, body });
-        sendJson(res, plain.route.status, result);
+        await sendResult(res, plain.route.status, result);
         return;
       }
       if (stream === 'method' || plain === 'method')

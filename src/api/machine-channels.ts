@@ -1,7 +1,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { performance } from 'node:perf_hooks';
 import type { Readable } from 'node:stream';
-import type { RawData, WebSocket } from 'ws';
+import type { WebSocket } from 'ws';
 import type { Engine } from '../engine/engine.js';
 import { HutchError } from '../errors.js';
 import { AgentError, type ExecHandle } from '../guest/agent-connection.js';
@@ -10,7 +10,7 @@ import { attachmentDisposition } from './content-disposition.js';
 import { encodeEvent, OutputEncoder, writeRespectingBackpressure } from './exec-stream.js';
 import { parseWith } from './routes.js';
 import { attachQuery, execBody } from './schemas.js';
-import { closeCodes, sendBinary, type UpgradeContext, waitForDrain } from './ws-upgrade.js';
+import { closeCodes, feedInput, type UpgradeContext, WsOutput } from './ws-upgrade.js';
 
 /**
  * The streaming side of the machines API: live exec output, file transfer and the WebSocket
@@ -256,12 +256,6 @@ const downloadHeadBytes = 64 * 1024;
 
 // ---- WebSocket /v1/machines/{id}/tty ------------------------------------------------------------
 
-function toBuffer(data: RawData): Buffer {
-  if (Buffer.isBuffer(data)) return data;
-  if (Array.isArray(data)) return Buffer.concat(data);
-  return Buffer.from(data);
-}
-
 /** Opens the machine's console, keeping the machine busy (a paused one can be watched too). */
 async function openConsole(
   ctx: ChannelContext,
@@ -283,6 +277,9 @@ async function openConsole(
   }
 }
 
+/** Keyboard input goes to the console socket in slices of this size. */
+const consoleSlice = 16 * 1024;
+
 export async function tty(ctx: ChannelContext): Promise<void> {
   const c = await openConsole(ctx);
   let ws: WebSocket;
@@ -292,10 +289,11 @@ export async function tty(ctx: ChannelContext): Promise<void> {
     c.release();
     throw e;
   }
+  const out = new WsOutput(ws, 4 * 1024 * 1024);
   const onData = (b: Buffer): void => {
-    if (!sendBinary(ws, b, 4 * 1024 * 1024))
+    if (!out.send(b))
       // The console does not wait for anyone: a viewer that cannot keep up is let go.
-      ws.close(closeCodes.tryAgainLater, 'console viewer fell behind');
+      out.close(closeCodes.tryAgainLater, 'console viewer fell behind');
   };
   const onStop = (): void => {
     const state = (() => {
@@ -305,18 +303,35 @@ export async function tty(ctx: ChannelContext): Promise<void> {
         return 'destroyed';
       }
     })();
-    ws.close(closeCodes.goingAway, `machine ${c.id} went away (${state})`);
+    out.close(closeCodes.goingAway, `machine ${c.id} went away (${state})`);
   };
+  let open = true;
   ws.on('close', () => {
+    open = false;
     c.console.off('data', onData);
     c.console.off('stop', onStop);
     c.release();
   });
   ws.on('error', noop);
-  ws.on('message', (data: RawData) => c.console.write(toBuffer(data)));
+  // Keys: a serial line is slow (tens of KB/s), so little is let in flight before the socket
+  // stops being read, and a message goes out a slice at a time, in order: what a viewer sent
+  // and had not gone out when it left is dropped rather than typed for minutes after.
+  let typed = Promise.resolve();
+  const type = async (b: Buffer): Promise<void> => {
+    for (let off = 0; off < b.length && open; off += consoleSlice)
+      await c.console.write(b.subarray(off, off + consoleSlice));
+  };
+  feedInput(
+    ws,
+    (b) => {
+      typed = typed.then(() => type(b));
+      return typed;
+    },
+    { highWater: 64 * 1024 },
+  );
   // Replay then subscribe in one tick: no output is lost or shown twice.
   const recent = c.console.recent();
-  if (recent.length) ws.send(recent, { binary: true });
+  if (recent.length) out.send(recent);
   c.console.on('data', onData);
   c.console.once('stop', onStop);
 }
@@ -356,38 +371,28 @@ export async function attach(ctx: ChannelContext): Promise<void> {
     if (!exited) h.cancel();
     session.release();
   });
-  // Keys wait for the agent's window; past 1 MiB in flight, stop reading the socket.
-  let inFlight = 0;
-  ws.on('message', (data: RawData, isBinary: boolean) => {
-    if (isBinary) {
-      const b = toBuffer(data);
-      inFlight += b.length;
-      if (inFlight > 1024 * 1024) ws.pause();
-      h.write(b)
-        .catch(noop)
-        .finally(() => {
-          inFlight -= b.length;
-          if (inFlight <= 256 * 1024 && ws.isPaused) ws.resume();
-        });
-      return;
-    }
-    let msg: { type?: unknown; cols?: unknown; rows?: unknown };
-    try {
-      msg = JSON.parse(toBuffer(data).toString('utf8')) as typeof msg;
-    } catch {
-      ws.close(closeCodes.unsupported, 'text frames must be JSON control messages');
-      return;
-    }
-    if (msg.type === 'resize') {
-      const ok = (n: unknown): n is number =>
-        Number.isInteger(n) && (n as number) >= 1 && (n as number) <= 1000;
-      if (ok(msg.cols) && ok(msg.rows)) h.resize(msg.cols, msg.rows);
-    }
-    // Unknown control messages are ignored, so clients can be newer than the server.
+  const out = new WsOutput(ws);
+  // Keys wait for the agent's window; past 1 MiB in flight the socket is not read.
+  feedInput(ws, (b) => h.write(b), {
+    onText: (text) => {
+      let msg: { type?: unknown; cols?: unknown; rows?: unknown };
+      try {
+        msg = JSON.parse(text) as typeof msg;
+      } catch {
+        out.close(closeCodes.unsupported, 'text frames must be JSON control messages');
+        return;
+      }
+      if (msg.type === 'resize') {
+        const ok = (n: unknown): n is number =>
+          Number.isInteger(n) && (n as number) >= 1 && (n as number) <= 1000;
+        if (ok(msg.cols) && ok(msg.rows)) h.resize(msg.cols, msg.rows);
+      }
+      // Unknown control messages are ignored, so clients can be newer than the server.
+    },
   });
   const pump = async (): Promise<void> => {
     for await (const chunk of h.stdout as AsyncIterable<Buffer>) {
-      if (!sendBinary(ws, chunk)) await waitForDrain(ws);
+      if (!out.send(chunk)) await out.drained();
     }
   };
   try {
@@ -395,8 +400,8 @@ export async function attach(ctx: ChannelContext): Promise<void> {
     exited = true;
     if (ws.readyState === ws.OPEN) {
       const code = result.exitCode ?? 128 + (result.signal ?? 9);
-      ws.send(JSON.stringify({ type: 'exit', code }));
-      ws.close(closeCodes.normal, 'shell exited');
+      out.sendText(JSON.stringify({ type: 'exit', code }));
+      out.close(closeCodes.normal, 'shell exited');
     }
   } catch (e) {
     exited = true;
@@ -408,7 +413,7 @@ export async function attach(ctx: ChannelContext): Promise<void> {
         return 'destroyed';
       }
     })();
-    ws.close(
+    out.close(
       closeCodes.goingAway,
       `machine ${session.id} went away (${state}): ${(e as Error).message}`.slice(0, 120),
     );

@@ -1,7 +1,8 @@
 import type { IncomingMessage } from 'node:http';
 import type { Duplex } from 'node:stream';
-import { WebSocket, WebSocketServer } from 'ws';
+import { type RawData, WebSocket, WebSocketServer } from 'ws';
 import { errorTable, HutchError, toHutchError } from '../errors.js';
+import { OutputChunks } from '../guest/output-chunks.js';
 import { decodePathSegment, requestUrl } from './route-match.js';
 
 /**
@@ -202,25 +203,146 @@ export function createUpgradeRouter(
 }
 
 /**
- * Sends a binary frame, reporting whether the peer keeps up: false once more than `highWater`
- * bytes are queued on the socket (pause the source, then wait for `waitForDrain`).
+ * What one frame queued for a peer costs beyond its payload: ws's header buffer and the socket's
+ * write request, chunk and callback. Measured on Node 20 against a peer that does not read:
+ * 650–850 bytes a frame whatever its size; rounded up, so the bound errs on the safe side. (A
+ * console flood comes in reads of ~35 bytes: counted by payload alone, two never-reading viewers
+ * "limited" to 4 MiB each grew the daemon by ~290 MiB in 90 s.)
  */
-export function sendBinary(ws: WebSocket, data: Buffer, highWater = 1024 * 1024): boolean {
-  if (ws.readyState !== WebSocket.OPEN) return false;
-  ws.send(data, { binary: true });
-  return ws.bufferedAmount <= highWater;
+const frameOverhead = 1024;
+
+/**
+ * The daemon → client half of a WebSocket channel, bounded by what it really holds for the
+ * peer: every frame not yet handed to the kernel counts at its payload plus `frameOverhead`, and
+ * while a frame is in flight new output waits (compactly) to go out as one frame with the rest,
+ * so a peer that reads slowly gets fewer, bigger frames instead of ever more tiny ones. Text
+ * frames and the close go through here too, so they stay behind the output that preceded them.
+ */
+export class WsOutput {
+  /** Frames handed to ws and not yet to the kernel, with their overhead. */
+  private inFlightBytes = 0;
+  private inFlightFrames = 0;
+  /** Output waiting for the in-flight frame (tiny chunks copied together: see OutputChunks). */
+  private pending = new OutputChunks();
+  private readonly waiters = new Set<{ lowWater: number; resolve: () => void }>();
+
+  constructor(
+    private readonly ws: WebSocket,
+    /** `send` reports false past this many bytes held for the peer. */
+    private readonly highWater = 1024 * 1024,
+  ) {
+    ws.once('close', () => this.wake(true));
+  }
+
+  /** Bytes held for this peer: frames in flight (with their overhead) and output waiting. */
+  get queued(): number {
+    return this.inFlightBytes + this.pending.bytes;
+  }
+
+  /**
+   * Queues output; false once more than `highWater` is held for the peer (pause the source and
+   * wait for `drained`, or let the peer go), or when the socket is no longer open.
+   */
+  send(b: Buffer): boolean {
+    if (this.ws.readyState !== WebSocket.OPEN) return false;
+    if (b.length === 0) return true;
+    if (this.inFlightFrames === 0) this.frame(b);
+    else this.pending.push(b);
+    return this.queued <= this.highWater;
+  }
+
+  /** A text frame (JSON control), after the output queued before it. */
+  sendText(text: string): void {
+    this.flush();
+    if (this.ws.readyState === WebSocket.OPEN) this.ws.send(text);
+  }
+
+  /** Closes after the output queued before (ws sends the close frame behind it). */
+  close(code: number, reason: string): void {
+    this.flush();
+    this.ws.close(code, reason);
+  }
+
+  /** Resolves once at most `lowWater` bytes are held for the peer, or the socket closed. */
+  drained(lowWater = this.highWater / 4): Promise<void> {
+    if (this.queued <= lowWater || this.ws.readyState !== WebSocket.OPEN) return Promise.resolve();
+    return new Promise((resolve) => this.waiters.add({ lowWater, resolve }));
+  }
+
+  private frame(b: Buffer): void {
+    const cost = b.length + frameOverhead;
+    this.inFlightBytes += cost;
+    this.inFlightFrames++;
+    // The callback comes once the frame is with the kernel (or with an error once the socket is gone).
+    this.ws.send(b, { binary: true }, () => {
+      this.inFlightBytes -= cost;
+      this.inFlightFrames--;
+      if (this.inFlightFrames === 0) this.flush();
+      this.wake(false);
+    });
+  }
+
+  /** Sends what waits as one frame. */
+  private flush(): void {
+    if (this.pending.bytes === 0) return;
+    const parts = this.pending.chunks();
+    this.pending = new OutputChunks();
+    if (this.ws.readyState !== WebSocket.OPEN) return;
+    this.frame(parts.length === 1 ? (parts[0] as Buffer) : Buffer.concat(parts));
+  }
+
+  private wake(closed: boolean): void {
+    for (const w of this.waiters) {
+      if (closed || this.queued <= w.lowWater) {
+        this.waiters.delete(w);
+        w.resolve();
+      }
+    }
+  }
 }
 
-/** Resolves once the socket's send queue is at most `lowWater` bytes (or the socket closed). */
-export function waitForDrain(ws: WebSocket, lowWater = 256 * 1024): Promise<void> {
-  return new Promise((resolve) => {
-    const check = (): void => {
-      if (ws.readyState !== WebSocket.OPEN || ws.bufferedAmount <= lowWater) {
-        clearInterval(timer);
-        resolve();
-      }
-    };
-    const timer = setInterval(check, 10);
-    check();
+/** What one message from a client costs us beyond its bytes while it waits to be written. */
+const messageOverhead = 1024;
+
+const noop = (): void => {};
+
+/** A message's bytes as one Buffer (ws hands over fragments as an array). */
+function messageBytes(data: RawData): Buffer {
+  if (Buffer.isBuffer(data)) return data;
+  if (Array.isArray(data)) return Buffer.concat(data);
+  return Buffer.from(data);
+}
+
+/**
+ * The client → daemon half of a WebSocket channel: binary frames go to `write`, whose promise
+ * settles once the bytes have left the daemon's hands (the agent's window took them, the
+ * console socket drained). Past `highWater` bytes in flight (each message counted with an
+ * overhead, so tiny frames are bounded too) the socket is not read: a client that types faster
+ * than the guest takes it is held back by TCP, not by our memory; reading resumes at a quarter.
+ * Text frames go to `onText` (JSON control), or are input like binary ones without it.
+ */
+export function feedInput(
+  ws: WebSocket,
+  write: (b: Buffer) => Promise<unknown>,
+  opts: { onText?: (text: string) => void; highWater?: number } = {},
+): void {
+  const highWater = opts.highWater ?? 1024 * 1024;
+  let inFlight = 0;
+  ws.on('message', (data: RawData, isBinary: boolean) => {
+    const b = messageBytes(data);
+    if (!isBinary && opts.onText) {
+      opts.onText(b.toString('utf8'));
+      return;
+    }
+    const cost = b.length + messageOverhead;
+    inFlight += cost;
+    // Messages already read from the socket still arrive after this; they are few and bounded.
+    if (inFlight > highWater && !ws.isPaused) ws.pause();
+    write(b)
+      .catch(noop)
+      .finally(() => {
+        inFlight -= cost;
+        if (inFlight <= highWater / 4 && ws.isPaused) ws.resume();
+      });
   });
 }

@@ -64,6 +64,7 @@ import { checkDiskRoom, type DiskClaim, type DiskRoom, diskRoom, orStorageFull }
 import type { ExecEvent } from './exec-log.js';
 import { newBoxId, newMachineId } from './ids.js';
 import { type MachineView, toView } from './machine-view.js';
+import { HeldText, OutputBudget } from './output-budget.js';
 import { activeStates, type MachineRow, Store } from './store.js';
 
 export const ttlBounds = { min: 15, max: 900, default: 60 } as const;
@@ -99,8 +100,9 @@ export interface ExecResult {
   exit_code: number | null;
   signal: number | null;
   timed_out: boolean;
-  stdout: string;
-  stderr: string;
+  /** Held until the reply is written (see output-budget.ts). */
+  stdout: HeldText;
+  stderr: HeldText;
   truncated: boolean;
   duration_ms: number;
 }
@@ -168,8 +170,8 @@ export interface CreateBox {
 
 export interface RunResult {
   exit_code: number | null;
-  stdout: string;
-  stderr: string;
+  stdout: HeldText;
+  stderr: HeldText;
   error_message: string | null;
   /** As an exec's: completed, timed_out or failed (could not start); with the killing signal. */
   status: 'completed' | 'timed_out' | 'failed';
@@ -192,6 +194,8 @@ export class Engine {
   private closing = false;
   private readonly execs: BoxExecs;
   private readonly diskPauses: DiskPauses;
+  /** Output held by buffered execs (exec, runOnce) until their replies are written. */
+  private readonly execOutput: OutputBudget;
 
   constructor(
     private readonly config: Config,
@@ -231,6 +235,7 @@ export class Engine {
       },
       (msg, fields) => this.log('warn', msg, fields),
     );
+    this.execOutput = new OutputBudget(config.execBufferBytes);
   }
 
   /** Re-adopts machines left by a previous daemon, cleans what is dead, starts the sweeper. */
@@ -981,7 +986,7 @@ export class Engine {
     const agent = this.agentOf(row);
     const t0 = performance.now();
     try {
-      const r = await agent.execCollect(
+      const r = await agent.execBuffered(
         {
           argv: req.argv,
           ...(req.env ? { env: req.env } : {}),
@@ -992,14 +997,15 @@ export class Engine {
         {
           ...(req.stdin !== undefined ? { stdin: req.stdin } : {}),
           maxOutputBytes: this.config.execMaxOutputBytes,
+          allowance: this.execOutput,
         },
       );
       return {
         exit_code: r.exitCode,
         signal: r.signal,
         timed_out: r.timedOut,
-        stdout: r.stdout.toString('utf8'),
-        stderr: r.stderr.toString('utf8'),
+        stdout: new HeldText(r.stdout, this.execOutput),
+        stderr: new HeldText(r.stderr, this.execOutput),
         truncated: r.truncated,
         duration_ms: Math.round(performance.now() - t0),
       };
@@ -1488,19 +1494,19 @@ export class Engine {
       if (!live?.agent) throw new HutchError('BOX_NOT_RUNNING', `box ${box.id} has no agent`);
       const spec = boxSpecOf(this.findBox(owner, box.id));
       try {
-        const r = await live.agent.execCollect(
+        const r = await live.agent.execBuffered(
           {
             argv: req.cmd,
             env: execEnv(spec, undefined),
             cwd: spec.workdir,
             ...(req.timeoutMs ? { timeoutMs: req.timeoutMs } : {}),
           },
-          { maxOutputBytes: this.config.execMaxOutputBytes },
+          { maxOutputBytes: this.config.execMaxOutputBytes, allowance: this.execOutput },
         );
         return {
           exit_code: r.exitCode,
-          stdout: r.stdout.toString('utf8'),
-          stderr: r.stderr.toString('utf8'),
+          stdout: new HeldText(r.stdout, this.execOutput),
+          stderr: new HeldText(r.stderr, this.execOutput),
           status: r.timedOut ? 'timed_out' : 'completed',
           signal: r.signal,
           error_message: r.timedOut
@@ -1508,15 +1514,15 @@ export class Engine {
             : r.signal !== null
               ? `killed by signal ${r.signal}`
               : r.truncated
-                ? `output over ${this.config.execMaxOutputBytes} bytes was cut`
+                ? `output was cut: over ${this.config.execMaxOutputBytes} bytes, or the server's buffer for all runs at once (${this.config.execBufferBytes} bytes) was full`
                 : null,
         };
       } catch (e) {
         const err = execError(req.cmd, e);
         return {
           exit_code: null,
-          stdout: '',
-          stderr: '',
+          stdout: new HeldText(),
+          stderr: new HeldText(),
           error_message: err.message,
           status: 'failed',
           signal: null,

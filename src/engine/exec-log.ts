@@ -1,16 +1,7 @@
 import { isUtf8 } from 'node:buffer';
 import { EventEmitter } from 'node:events';
-import {
-  appendFileSync,
-  closeSync,
-  createReadStream,
-  existsSync,
-  openSync,
-  readFileSync,
-  truncateSync,
-  writeSync,
-} from 'node:fs';
-import { createInterface } from 'node:readline';
+import { appendFileSync, closeSync, openSync, readFileSync, truncateSync, writeSync } from 'node:fs';
+import { type FileHandle, open } from 'node:fs/promises';
 
 /**
  * One event of an exec's output, as the SSE stream carries it. `data` is text when the bytes
@@ -151,60 +142,105 @@ export class ExecLog extends EventEmitter {
   }
 }
 
+/** What a replay reads of the log at a time (it grows only for a longer line). */
+const replayChunk = 64 * 1024;
+
 /**
- * Every event of an exec from the first, then live ones until the exit event. Live events are
- * captured from before the file is read, so none falls between the two; seq dedupes the overlap.
+ * Every event of an exec from the first, then live ones until the exit event. The log file is
+ * complete (an event is written before it is told), so a reader only ever reads the file, from
+ * its own offset and at its own pace, and waits for a wake-up when it has reached the end: it
+ * holds a read buffer and a position, whatever its speed and however long the exec runs.
+ * Only whole lines are parsed (a line still being written waits for the next read); seq keeps
+ * the order and drops anything seen before. An exit that could not be written (full disk) is
+ * still told: it is the one event a reader keeps from the live side.
  */
 export async function* replayExec(path: string, live: ExecLog | undefined): AsyncGenerator<ExecEvent> {
-  const pending: ExecEvent[] = [];
+  let changed = false;
   let wake: (() => void) | undefined;
-  let closed = !live || live.done;
+  let exit: ExecEvent | undefined;
   const onEvent = (e: ExecEvent): void => {
-    pending.push(e);
+    if (e.event === 'exit') exit = e;
+    changed = true;
     wake?.();
   };
   const onClosed = (): void => {
-    closed = true;
+    changed = true;
     wake?.();
   };
-  if (live && !live.done) {
+  const watching = live !== undefined && !live.done;
+  if (watching) {
     live.on('event', onEvent);
     live.on('closed', onClosed);
   }
+  let file: FileHandle | undefined;
   try {
+    let buf = Buffer.allocUnsafe(replayChunk);
+    /** Bytes of `buf` read but not yet parsed: the start of a line whose end is not read yet. */
+    let held = 0;
+    /** File offset of buf[0]. */
+    let offset = 0;
     let last = 0;
-    if (existsSync(path)) {
-      const lines = createInterface({ input: createReadStream(path), crlfDelay: Number.POSITIVE_INFINITY });
-      for await (const line of lines) {
+    for (;;) {
+      // Decided before reading: if the log was closed by then, this read sees all of it.
+      const complete = !watching || live.done;
+      changed = false;
+      if (held === buf.length) {
+        const bigger = Buffer.allocUnsafe(buf.length * 2);
+        buf.copy(bigger, 0, 0, held);
+        buf = bigger;
+      }
+      file ??= await openForReplay(path);
+      const n = file ? (await file.read(buf, held, buf.length - held, offset + held)).bytesRead : 0;
+      held += n;
+      const data = buf.subarray(0, held);
+      let start = 0;
+      for (let nl = data.indexOf(10); nl >= 0; nl = data.indexOf(10, start)) {
+        const line = data.toString('utf8', start, nl);
+        start = nl + 1;
         let e: ExecEvent;
         try {
           e = JSON.parse(line) as ExecEvent;
         } catch {
-          break; // a line still being written: the live queue has it
+          continue; // a line a failed write left half-written: what follows is still good
         }
-        if (e.seq !== last + 1) break;
-        last = e.seq;
-        yield e;
-        if (e.event === 'exit') return;
-      }
-    }
-    for (;;) {
-      while (pending.length) {
-        const e = pending.shift() as ExecEvent;
         if (e.seq <= last) continue;
         last = e.seq;
         yield e;
         if (e.event === 'exit') return;
       }
-      if (closed) return;
-      await new Promise<void>((r) => {
-        wake = r;
-      });
+      buf.copy(buf, 0, start, held);
+      held -= start;
+      offset += start;
+      if (n > 0) continue;
+      // At the end of the file. The start of a line being written is read again next time
+      // (whole, whatever became of it), and nothing is held open while waiting: a silent exec
+      // may run for days.
+      held = 0;
+      await file?.close();
+      file = undefined;
+      if (complete) {
+        if (exit && exit.seq > last) yield exit;
+        return;
+      }
+      if (!changed)
+        await new Promise<void>((r) => {
+          wake = r;
+        });
       wake = undefined;
     }
   } finally {
     live?.off('event', onEvent);
     live?.off('closed', onClosed);
+    await file?.close();
+  }
+}
+
+async function openForReplay(path: string): Promise<FileHandle | undefined> {
+  try {
+    return await open(path, 'r');
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined; // nothing written yet
+    throw e;
   }
 }
 

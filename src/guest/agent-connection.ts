@@ -10,6 +10,7 @@ import { randomBytes } from 'node:crypto';
 import net from 'node:net';
 import { performance } from 'node:perf_hooks';
 import { type Duplex, Readable } from 'node:stream';
+import { OutputChunks } from './output-chunks.js';
 import {
   decodeMessage,
   encodeConfigure,
@@ -84,6 +85,12 @@ export interface ExecHandle {
   cancel(): void;
   readonly result: Promise<ExecResult>;
   stats(): StreamStats;
+}
+
+/** A share of a bytes budget: `take` grants what is left of n (maybe 0), `release` gives it back. */
+export interface ByteAllowance {
+  take(n: number): number;
+  release(n: number): void;
 }
 
 export interface ExecCollectResult extends ExecResult {
@@ -1062,25 +1069,41 @@ export class AgentConnection {
     req: ExecRequest,
     opts: { stdin?: Buffer | string; maxOutputBytes: number },
   ): Promise<ExecCollectResult> {
+    const r = await this.execBuffered(req, opts);
+    return { ...r, stdout: r.stdout.concat(), stderr: r.stderr.concat() };
+  }
+
+  /**
+   * Runs a command to completion, keeping the start of each output stream: at most
+   * maxOutputBytes, and only what `allowance` grants (bytes kept are taken from it; on success
+   * the caller gives them back, on failure this does). Past either, the rest of that stream is
+   * dropped and `truncated` set: what is kept is always a prefix.
+   */
+  async execBuffered(
+    req: ExecRequest,
+    opts: { stdin?: Buffer | string; maxOutputBytes: number; allowance?: ByteAllowance },
+  ): Promise<ExecResult & { stdout: OutputChunks; stderr: OutputChunks; truncated: boolean }> {
     const h = this.exec({ ...req, stdin: req.stdin === true || opts.stdin !== undefined });
     let truncated = false;
-    const collect = (r: Readable): { chunks: Buffer[]; ended: Promise<void> } => {
-      const chunks: Buffer[] = [];
-      let kept = 0;
+    const collect = (r: Readable): { kept: OutputChunks; ended: Promise<void> } => {
+      const kept = new OutputChunks();
+      let full = false;
       r.on('data', (chunk: Buffer) => {
-        const room = opts.maxOutputBytes - kept;
-        if (chunk.length > room) truncated = true;
-        if (room <= 0) return;
-        const part = chunk.length > room ? chunk.subarray(0, room) : chunk;
-        chunks.push(part);
-        kept += part.length;
+        if (full) return;
+        const want = Math.min(chunk.length, opts.maxOutputBytes - kept.bytes);
+        const granted = opts.allowance ? opts.allowance.take(want) : want;
+        if (granted < chunk.length) {
+          truncated = true;
+          full = true;
+        }
+        if (granted > 0) kept.push(granted < chunk.length ? chunk.subarray(0, granted) : chunk);
       });
       const ended = new Promise<void>((resolve) => {
         r.on('end', resolve);
         r.on('close', resolve);
         r.on('error', () => resolve());
       });
-      return { chunks, ended };
+      return { kept, ended };
     };
     const out = collect(h.stdout);
     const err = collect(h.stderr);
@@ -1092,9 +1115,14 @@ export class AgentConnection {
     } else if (req.stdin) {
       h.end().catch(noop);
     }
-    const result = await h.result;
-    await Promise.all([out.ended, err.ended]);
-    return { ...result, stdout: Buffer.concat(out.chunks), stderr: Buffer.concat(err.chunks), truncated };
+    try {
+      const result = await h.result;
+      await Promise.all([out.ended, err.ended]);
+      return { ...result, stdout: out.kept, stderr: err.kept, truncated };
+    } catch (e) {
+      opts.allowance?.release(out.kept.bytes + err.kept.bytes);
+      throw e;
+    }
   }
 
   /** Writes a file atomically (temporary file + rename in the guest). */

@@ -2,13 +2,18 @@ import { EventEmitter } from 'node:events';
 import { closeSync, openSync, renameSync, writeSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 
+/** Recent output is kept in blocks of this size. */
+const ringBlock = 16 * 1024;
+
 /**
  * The guest's serial console: kept in a ring buffer (recent output, replayed to new viewers and
  * quoted in boot errors) and in a log file that rotates at a fixed size, so a guest that floods
  * its console costs the host a bounded amount of memory and disk.
  */
 export class ConsoleTap extends EventEmitter {
+  /** Blocks of `ringBlock` bytes, all full but the last (filled up to `ringTail`). */
   private ring: Buffer[] = [];
+  private ringTail = 0;
   private ringBytes = 0;
   private sock: Socket | undefined;
   private logFd: number | undefined;
@@ -16,6 +21,8 @@ export class ConsoleTap extends EventEmitter {
   private stopped = false;
   /** Console bytes the log file could not take (a full disk); the ring still had them. */
   droppedLogBytes = 0;
+  /** Settles when the console socket has drained, while it holds more than its high-water mark. */
+  private drained: Promise<void> | undefined;
 
   constructor(
     private readonly socketPath: string,
@@ -47,11 +54,7 @@ export class ConsoleTap extends EventEmitter {
   }
 
   private onData(b: Buffer): void {
-    this.ring.push(b);
-    this.ringBytes += b.length;
-    while (this.ringBytes > this.ringLimit && this.ring.length > 1) {
-      this.ringBytes -= this.ring.shift()?.length ?? 0;
-    }
+    this.remember(b);
     this.writeLog(b);
     this.emit('data', b);
   }
@@ -80,14 +83,64 @@ export class ConsoleTap extends EventEmitter {
     }
   }
 
-  /** Recent console output (at most the ring's size). */
-  recent(): Buffer {
-    return Buffer.concat(this.ring);
+  /**
+   * Keeps the output in the ring, copied into blocks: a guest printing a byte at a time comes in
+   * reads of a byte or two, and kept as they came each would cost a few hundred bytes of Buffer
+   * (256 KiB of recent output held as ~70 MiB).
+   */
+  private remember(b: Buffer): void {
+    for (let off = 0; off < b.length; ) {
+      let last = this.ring[this.ring.length - 1];
+      if (!last || this.ringTail === last.length) {
+        last = Buffer.allocUnsafe(ringBlock);
+        this.ring.push(last);
+        this.ringTail = 0;
+      }
+      const n = b.copy(last, this.ringTail, off);
+      this.ringTail += n;
+      this.ringBytes += n;
+      off += n;
+    }
+    // Drop whole blocks from the front while what stays is still at least the limit.
+    while (this.ring.length > 1 && this.ringBytes - ringBlock >= this.ringLimit) {
+      this.ring.shift();
+      this.ringBytes -= ringBlock;
+    }
   }
 
-  /** Bytes to the guest's serial port (keyboard input of the console). */
-  write(b: Buffer | string): void {
-    this.sock?.write(b);
+  /** Recent console output (at most the ring's size). */
+  recent(): Buffer {
+    const parts = this.ring.map((blk, i) =>
+      i === this.ring.length - 1 ? blk.subarray(0, this.ringTail) : blk,
+    );
+    const all = Buffer.concat(parts);
+    return all.length > this.ringLimit ? all.subarray(all.length - this.ringLimit) : all;
+  }
+
+  /**
+   * Bytes to the guest's serial port (keyboard input of the console). Resolves at once while the
+   * socket takes them, else once it has drained: QEMU reads only as fast as the guest's UART, so
+   * writers that wait for this hold the rest (several viewers may type at once). Without a
+   * connection the bytes are lost, as keys typed on an unplugged serial line are.
+   */
+  write(b: Buffer | string): Promise<void> {
+    const s = this.sock;
+    if (!s || s.destroyed) return Promise.resolve();
+    if (s.write(b)) return Promise.resolve();
+    if (!this.drained) {
+      // One wait for every writer, not a listener pair each.
+      this.drained = new Promise<void>((resolve) => {
+        const done = (): void => {
+          s.off('drain', done);
+          s.off('close', done);
+          this.drained = undefined;
+          resolve();
+        };
+        s.on('drain', done);
+        s.on('close', done);
+      });
+    }
+    return this.drained;
   }
 
   /** Stops the tap; emits 'stop' once, so live viewers can be told the console is gone. */

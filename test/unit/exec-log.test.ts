@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { EventEmitter } from 'node:events';
+import { appendFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -111,6 +112,87 @@ test('a log stops recording output at its cap or on a failed write, and still en
     assert.equal(full.truncated, true);
     assert.equal(full.append({ event: 'exit', stream: null, data: '{}' })?.event, 'exit');
     assert.equal(full.done, true);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+/** A live log written by hand: the test decides what is in the file and when readers are told. */
+function handLog(): ExecLog & { done: boolean } {
+  return Object.assign(new EventEmitter(), { done: false }) as unknown as ExecLog & { done: boolean };
+}
+
+const line = (e: ExecEvent): string => `${JSON.stringify(e)}\n`;
+const logEvent = (seq: number, data: string): ExecEvent => ({ event: 'log', stream: 'stdout', data, seq });
+
+test('a replay reads only whole lines, and a reader that stalls catches up from the file', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'hutch-execlog-'));
+  try {
+    const path = join(dir, 'x.ndjson');
+    const live = handLog();
+    writeFileSync(path, line(logEvent(1, 'one')));
+    const reader = replayExec(path, live);
+    assert.equal((await reader.next()).value?.seq, 1);
+    // Half a line: the reader is told, reads, and must wait for the rest rather than parse it.
+    const two = line(logEvent(2, 'x'.repeat(200_000)));
+    appendFileSync(path, two.slice(0, 1000));
+    const next = reader.next();
+    live.emit('event', logEvent(2, ''));
+    await new Promise((r) => setTimeout(r, 50));
+    appendFileSync(path, two.slice(1000));
+    live.emit('event', logEvent(2, ''));
+    const got = await next;
+    assert.equal(got.value?.seq, 2);
+    assert.equal(got.value?.data.length, 200_000);
+    // Stalled (no next() for a while) while many events are written: all are there later.
+    for (let seq = 3; seq <= 2000; seq++) {
+      appendFileSync(path, line(logEvent(seq, `line ${seq}`)));
+      live.emit('event', logEvent(seq, ''));
+    }
+    const exit: ExecEvent = { event: 'exit', stream: null, data: '{}', seq: 2001 };
+    appendFileSync(path, line(exit));
+    live.emit('event', exit);
+    live.done = true;
+    live.emit('closed');
+    const seen: number[] = [];
+    for await (const e of reader) seen.push(e.seq);
+    assert.deepEqual(
+      seen,
+      Array.from({ length: 1999 }, (_, i) => i + 3),
+    );
+    assert.equal(live.listenerCount('event'), 0, 'the reader let go of the log');
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('an exit the disk refused is still told to live readers; a garbled line is skipped', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'hutch-execlog-'));
+  try {
+    const path = join(dir, 'x.ndjson');
+    const live = handLog();
+    writeFileSync(path, `${line(logEvent(1, 'a'))}{"event":"log","str\n${line(logEvent(3, 'c'))}`);
+    const reader = replayExec(path, live);
+    const first = await reader.next();
+    assert.equal(first.value?.seq, 1);
+    const rest = (async () => {
+      const seen: ExecEvent[] = [];
+      for await (const e of reader) seen.push(e);
+      return seen;
+    })();
+    await new Promise((r) => setTimeout(r, 20));
+    // The exit event's write failed (full disk): only the live side has it.
+    live.emit('event', { event: 'exit', stream: null, data: '{"status":"failed"}', seq: 4 });
+    live.done = true;
+    live.emit('closed');
+    const seen = await rest;
+    assert.deepEqual(
+      seen.map((e) => [e.seq, e.event]),
+      [
+        [3, 'log'],
+        [4, 'exit'],
+      ],
+    );
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
