@@ -156,10 +156,7 @@ export class Store {
   insertMachine(row: MachineRow, admit: (active: MachineRow[]) => void): void {
     this.write(() => {
       this.db.transaction(() => {
-        const active = this.db
-          .prepare(`SELECT * FROM machines WHERE state IN (${activeStates.map((x) => `'${x}'`).join(', ')})`)
-          .all() as MachineRow[];
-        admit(active);
+        admit(this.activeRows());
         this.db
           .prepare(
             `INSERT INTO machines (id, owner, name, template, template_hash, state, mode, accel, vcpus, memory_mb,
@@ -174,6 +171,13 @@ export class Store {
     });
   }
 
+  /** The machines holding host resources now (what the caps count). */
+  private activeRows(): MachineRow[] {
+    return this.db
+      .prepare(`SELECT * FROM machines WHERE state IN (${activeStates.map((x) => `'${x}'`).join(', ')})`)
+      .all() as MachineRow[];
+  }
+
   /** Updates a machine if `admit` accepts the machines holding resources now (a box starting again). */
   admitUpdate(
     id: string,
@@ -182,10 +186,7 @@ export class Store {
   ): void {
     this.write(() => {
       this.db.transaction(() => {
-        const active = this.db
-          .prepare(`SELECT * FROM machines WHERE state IN (${activeStates.map((x) => `'${x}'`).join(', ')})`)
-          .all() as MachineRow[];
-        admit(active);
+        admit(this.activeRows());
         this.update(id, fields);
       })();
     });

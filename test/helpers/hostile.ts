@@ -63,6 +63,11 @@ export function memoryOf(pid: number): { rssMb: number; peakMb: number } {
   return { rssMb: Math.round(kb('VmRSS') / 1024), peakMb: Math.round(kb('VmHWM') / 1024) };
 }
 
+/** Lines of a daemon's log that report a bug: an error nothing handled (src/background.ts). */
+export function bugLines(log: string): string[] {
+  return log.split('\n').filter((l) => /unhandled rejection|uncaught exception/.test(l));
+}
+
 /** Whether a process is still there (and not a zombie). */
 export function processAlive(pid: number): boolean {
   try {

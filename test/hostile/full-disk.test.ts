@@ -25,7 +25,7 @@ import { BoxesClient } from '../../src/client/boxes-client.js';
 import { ApiError } from '../../src/client/http-client.js';
 import { ConsoleTap } from '../../src/vmm/console.js';
 import { api, cleanup, qemusOf, sleep, startDaemon, type TestDaemon, waitFor } from '../helpers/daemon.js';
-import { memoryOf, processAlive, Tally } from '../helpers/hostile.js';
+import { bugLines, memoryOf, processAlive, Tally } from '../helpers/hostile.js';
 
 const fsBytes = 400 * 1024 * 1024;
 
@@ -55,13 +55,6 @@ async function storageCode(p: Promise<unknown>): Promise<string> {
   } catch (e) {
     return e instanceof ApiError ? e.code : `thrown: ${(e as Error).message}`;
   }
-}
-
-function bugLines(d: TestDaemon): string[] {
-  return d
-    .log()
-    .split('\n')
-    .filter((l) => /unhandled rejection|uncaught exception/.test(l));
 }
 
 describe('hostile: a full state filesystem', () => {
@@ -266,7 +259,11 @@ describe('hostile: a full state filesystem', () => {
     });
     const rss = memoryOf(pid).rssMb;
     tally.record('daemon memory bounded', rss - rss0 < 150, `RSS ${rss0} → ${rss} MiB`);
-    tally.record('no unhandled error in the daemon log', bugLines(d).length === 0, bugLines(d).join('\n'));
+    tally.record(
+      'no unhandled error in the daemon log',
+      bugLines(d.log()).length === 0,
+      bugLines(d.log()).join('\n'),
+    );
 
     if (tally.attempts.some((a) => !a.held))
       console.log(

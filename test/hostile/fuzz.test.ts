@@ -26,6 +26,7 @@ import { BoxesClient } from '../../src/client/boxes-client.js';
 import { type ErrorCode, errorTable } from '../../src/errors.js';
 import { api, cleanup, qemusOf, sleep, startDaemon, type TestDaemon } from '../helpers/daemon.js';
 import { memoryOf, processAlive, Tally } from '../helpers/hostile.js';
+import { prng } from '../helpers/prng.js';
 import {
   type Endpoint,
   exchange,
@@ -126,16 +127,6 @@ const routes = routesFromTables();
 
 // ---- deterministic choices ----------------------------------------------------------------------
 
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 const random = prng(0x5eed0008);
 /** Up to n items of a list, chosen by the seeded generator (in list order). */
 function sample<T>(list: T[], n: number): T[] {

@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { BoxesClient } from '../../src/client/boxes-client.js';
 import { api, cleanup, imageDir, sleep, startDaemon, type TestDaemon, waitFor } from '../helpers/daemon.js';
-import { memoryOf, processAlive, Tally } from '../helpers/hostile.js';
+import { bugLines, memoryOf, processAlive, Tally } from '../helpers/hostile.js';
 
 /** Runs in the guest as root: `garbage` writes random short frames, `flood` 64 KiB blocks of 0xff. */
 const portAttack = `
@@ -43,13 +43,6 @@ async function upload(d: TestDaemon, id: string, name: string, body: string): Pr
     body,
   });
   assert.equal(r.status, 200, await r.text());
-}
-
-function bugLines(d: TestDaemon): string[] {
-  return d
-    .log()
-    .split('\n')
-    .filter((l) => /unhandled rejection|uncaught exception/.test(l));
 }
 
 describe('hostile guest', () => {
@@ -137,7 +130,11 @@ describe('hostile guest', () => {
   });
 
   test('what held', () => {
-    tally.record('no unhandled error in the daemon log', bugLines(d).length === 0, bugLines(d).join('\n'));
+    tally.record(
+      'no unhandled error in the daemon log',
+      bugLines(d.log()).length === 0,
+      bugLines(d.log()).join('\n'),
+    );
     tally.report();
   });
 });

@@ -13,7 +13,7 @@ import { after, before, describe, test } from 'node:test';
 import { WebSocket } from 'ws';
 import { BoxesClient } from '../../src/client/boxes-client.js';
 import { api, cleanup, sleep, startDaemon, type TestDaemon, until, waitFor } from '../helpers/daemon.js';
-import { memoryOf, processAlive, Tally } from '../helpers/hostile.js';
+import { bugLines, memoryOf, processAlive, Tally } from '../helpers/hostile.js';
 
 const MiB = 1024 * 1024;
 
@@ -417,6 +417,8 @@ describe('hostile streams: floods, never-reading viewers, stalled readers, big b
 
   test('tally', () => {
     for (const p of peaks) console.log(`  ${p}`);
+    const bugs = bugLines(d.log());
+    tally.record('no unhandled error in the daemon log', bugs.length === 0, bugs.join('\n'));
     tally.report();
   });
 });

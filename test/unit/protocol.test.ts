@@ -30,18 +30,7 @@ import {
   quoteBytes,
   SequenceScanner,
 } from '../../src/guest/protocol.js';
-
-/** Deterministic PRNG (mulberry32) so chunkings are reproducible. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+import { prng } from '../helpers/prng.js';
 
 function kindOf(fn: () => unknown): string {
   try {
