@@ -56,12 +56,19 @@ export async function writeRespectingBackpressure(
   dest: Writable,
   data: Buffer | string,
   stats?: { stalls: number },
+  /** A reader that takes nothing for this long fails the write (default: wait for ever). */
+  stallTimeoutMs?: number,
 ): Promise<void> {
   if (dest.destroyed) throw new Error('the client went away');
   if (dest.write(data)) return;
   if (stats) stats.stalls++;
   await new Promise<void>((resolve, reject) => {
+    const timer =
+      stallTimeoutMs === undefined
+        ? undefined
+        : setTimeout(() => done(new StalledReaderError(stallTimeoutMs)), stallTimeoutMs);
     const done = (err?: Error): void => {
+      clearTimeout(timer);
       dest.off('drain', onDrain);
       dest.off('close', onClose);
       if (err) reject(err);
@@ -72,4 +79,12 @@ export async function writeRespectingBackpressure(
     dest.on('drain', onDrain);
     dest.on('close', onClose);
   });
+}
+
+/** The reader took nothing for the allowed time (it is cut off: the client's doing, not a bug). */
+export class StalledReaderError extends Error {
+  constructor(ms: number) {
+    super(`the client read nothing for ${ms} ms`);
+    this.name = 'StalledReaderError';
+  }
 }

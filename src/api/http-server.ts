@@ -3,7 +3,7 @@ import type { AddressInfo } from 'node:net';
 import type { Engine } from '../engine/engine.js';
 import { HeldText } from '../engine/output-budget.js';
 import { errorTable, HutchError, toHutchError } from '../errors.js';
-import { writeRespectingBackpressure } from './exec-stream.js';
+import { StalledReaderError, writeRespectingBackpressure } from './exec-stream.js';
 import { openApiDocument } from './openapi.js';
 import { createGuardedServer, defaultRequestLimits, type RequestLimits } from './request-guard.js';
 import { compileRoutes, matchRoute, requestUrl } from './route-match.js';
@@ -31,6 +31,9 @@ const replyPiece = 64 * 1024;
  * output decodes and escapes to several times that), and the output's budget is given back
  * once it is written or the client has gone. Same bytes as JSON.stringify of the result.
  */
+/** How long a buffered reply waits for a client that reads nothing before cutting it off. */
+const replyStallMs = 30_000;
+
 export async function sendResult(res: ServerResponse, status: number, value: unknown): Promise<void> {
   const entries = value !== null && typeof value === 'object' ? Object.entries(value) : [];
   const held = entries.map(([, v]) => v).filter((v): v is HeldText => v instanceof HeldText);
@@ -46,7 +49,8 @@ export async function sendResult(res: ServerResponse, status: number, value: unk
       if (piece.length < replyPiece) return;
       const out = piece;
       piece = '';
-      await writeRespectingBackpressure(res, out);
+      // Held output is a shared budget: a client that stops reading gives its share back.
+      await writeRespectingBackpressure(res, out, undefined, replyStallMs);
     };
     let sep = '{';
     for (const [k, v] of entries) {
@@ -64,7 +68,7 @@ export async function sendResult(res: ServerResponse, status: number, value: unk
   } catch (e) {
     // Headers are out: a cut connection is all that is left to say. A client that went away
     // is no error of ours; anything else is.
-    if (!res.destroyed) console.error('reply failed:', e);
+    if (!res.destroyed && !(e instanceof StalledReaderError)) console.error('reply failed:', e);
     res.destroy();
   } finally {
     for (const h of held) h.release();

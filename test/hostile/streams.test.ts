@@ -9,6 +9,7 @@
 import assert from 'node:assert/strict';
 import { writeFileSync } from 'node:fs';
 import { request as httpRequest, type IncomingMessage } from 'node:http';
+import { connect } from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { WebSocket } from 'ws';
 import { BoxesClient } from '../../src/client/boxes-client.js';
@@ -414,6 +415,37 @@ describe('hostile streams: floods, never-reading viewers, stalled readers, big b
       // The budget held, plus output dropped past it that the GC has not collected yet (the old
       // code grew by over 1.3 GiB here).
       growthBoundMb + 2 * execBufferMb,
+    );
+  });
+
+  test('a client that never reads its buffered reply gives its share back', async () => {
+    await tally.check(
+      'stalled /exec replies are cut and their budget freed',
+      async () => {
+        // Two execs of 32 MiB each (the whole 64 MiB budget), whose replies are never read.
+        const body = JSON.stringify({ cmd: 'head -c 32M /dev/zero', timeout_ms: 120_000 });
+        const stalled = [0, 1].map(() => {
+          const sock = connect(Number(new URL(d.url).port), '127.0.0.1');
+          sock.on('error', () => {});
+          sock.write(
+            `POST /v1/machines/${machine}/exec HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`,
+          );
+          sock.pause();
+          return { sock, closed: new Promise<void>((r) => sock.once('close', () => r())) };
+        });
+        const t0 = Date.now();
+        await Promise.race([Promise.all(stalled.map((s) => s.closed)), sleep(90_000)]);
+        const cutAfter = Date.now() - t0;
+        for (const s of stalled) s.sock.destroy();
+        // With their shares back, another exec gets its whole 32 MiB.
+        const big = await postJson({ url: d.url }, `/v1/machines/${machine}/exec`, {
+          cmd: 'head -c 32M /dev/zero',
+          timeout_ms: 120_000,
+        });
+        assert.equal(big.json?.truncated, false, 'the budget is free again');
+        return `the stalled replies were cut ${Math.round(cutAfter / 1000)} s after they were asked for`;
+      },
+      180_000,
     );
   });
 
