@@ -13,6 +13,7 @@ import {
   mkdirSync,
   mkdtempSync,
   openSync,
+  readFileSync,
   rmSync,
   statfsSync,
   writeSync,
@@ -65,6 +66,14 @@ describe('hostile: a full state filesystem', () => {
   let boxes: BoxesClient;
 
   before(() => {
+    // A run whose process died mid-way (as the old code's did) left its filesystem mounted.
+    for (const line of readFileSync('/proc/mounts', 'utf8').split('\n')) {
+      const at = line.split(' ')[1] ?? '';
+      if (/\/hutch-fulldisk-[^/]+\/mnt$/.test(at)) {
+        execFileSync('umount', ['-l', at]);
+        rmSync(join(at, '..'), { recursive: true, force: true });
+      }
+    }
     const base = mkdtempSync(join(tmpdir(), 'hutch-fulldisk-'));
     chmodSync(base, 0o755); // QEMU's user passes through it to its run dirs
     img = join(base, 'fs.img');
@@ -79,7 +88,7 @@ describe('hostile: a full state filesystem', () => {
     try {
       if (d) await cleanup(d);
     } finally {
-      execFileSync('umount', [mnt]);
+      execFileSync('umount', ['-l', mnt]);
       rmSync(join(mnt, '..'), { recursive: true, force: true });
     }
   });
