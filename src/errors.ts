@@ -149,3 +149,25 @@ export function toHutchError(e: unknown): HutchError {
   const message = e instanceof Error ? e.message : String(e);
   return new HutchError('INTERNAL', message);
 }
+
+/** Whether an error is the host running out of space (a file write, qemu-img, SQLite). */
+export function isDiskFull(e: unknown): boolean {
+  const err = e as { code?: unknown; message?: unknown };
+  if (err?.code === 'ENOSPC' || err?.code === 'EDQUOT' || err?.code === 'SQLITE_FULL') return true;
+  return /ENOSPC|EDQUOT|No space left on device|SQLITE_FULL/.test(String(err?.message));
+}
+
+/**
+ * The error for a failed operation: STORAGE_FULL when the host ran out of space on the way (the
+ * caller has undone what it made), else `code`. A full disk is the operator's to fix, not a bug.
+ */
+export function orStorageFull(
+  e: unknown,
+  code: ErrorCode,
+  message: string,
+  details?: Record<string, unknown>,
+): HutchError {
+  if (e instanceof HutchError) return e;
+  if (isDiskFull(e)) return new HutchError('STORAGE_FULL', `the host's disk is full: ${message}`);
+  return new HutchError(code, message, details);
+}

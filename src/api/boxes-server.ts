@@ -8,7 +8,7 @@ import { pipeline } from 'node:stream/promises';
 import Busboy from 'busboy';
 import { type WebSocket, WebSocketServer } from 'ws';
 import type { Engine } from '../engine/engine.js';
-import { HutchError, toHutchError } from '../errors.js';
+import { HutchError, orStorageFull, toHutchError } from '../errors.js';
 import { AgentError } from '../guest/agent-connection.js';
 import { boxRoutes, uploadDest } from './boxes-routes.js';
 import { downloadBody } from './boxes-schemas.js';
@@ -374,11 +374,7 @@ const maxSpoolBytes = 64 * 1024 * 1024;
 
 /** The host could not hold the spooled upload. */
 function spoolError(e: unknown): HutchError {
-  if (e instanceof HutchError) return e;
-  const code = (e as NodeJS.ErrnoException).code;
-  if (code === 'ENOSPC' || code === 'EDQUOT')
-    return new HutchError('STORAGE_FULL', 'no space left on the host to spool the upload');
-  return new HutchError('INTERNAL', `spooling the upload: ${(e as Error).message}`);
+  return orStorageFull(e, 'INTERNAL', `spooling the upload: ${(e as Error).message}`);
 }
 
 async function serveDownload(

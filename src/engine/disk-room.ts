@@ -1,5 +1,5 @@
 import { statfsSync, statSync } from 'node:fs';
-import { type ErrorCode, HutchError } from '../errors.js';
+import { HutchError } from '../errors.js';
 
 /** A guest disk: how big the guest may make it, and the host file that grows as it does. */
 export interface DiskClaim {
@@ -47,21 +47,4 @@ function allocatedBytes(file: string): number {
   } catch {
     return 0;
   }
-}
-
-/**
- * The error for a failed operation: STORAGE_FULL when the host ran out of space on the way (the
- * caller has undone what it made), else `code`. A full disk is the operator's to fix, not a bug.
- */
-export function orStorageFull(
-  e: unknown,
-  code: ErrorCode,
-  message: string,
-  details?: Record<string, unknown>,
-): HutchError {
-  if (e instanceof HutchError) return e;
-  const err = e as { code?: unknown; message?: unknown };
-  if (err.code === 'ENOSPC' || /ENOSPC|No space left on device|SQLITE_FULL/.test(String(err.message)))
-    return new HutchError('STORAGE_FULL', `the host's disk is full: ${message}`);
-  return new HutchError(code, message, details);
 }

@@ -14,7 +14,7 @@ import {
 import { join } from 'node:path';
 import { inBackground, type Log } from '../background.js';
 import type { Config } from '../config.js';
-import { HutchError } from '../errors.js';
+import { HutchError, orStorageFull } from '../errors.js';
 import {
   type AgentConnection,
   AgentError,
@@ -60,7 +60,7 @@ import {
   toBoxView,
 } from './box-view.js';
 import { DiskPauses } from './disk-pauses.js';
-import { checkDiskRoom, type DiskClaim, type DiskRoom, diskRoom, orStorageFull } from './disk-room.js';
+import { checkDiskRoom, type DiskClaim, type DiskRoom, diskRoom } from './disk-room.js';
 import type { ExecEvent } from './exec-log.js';
 import { newBoxId, newMachineId } from './ids.js';
 import { type MachineView, toView } from './machine-view.js';
@@ -697,19 +697,20 @@ export class Engine {
    * against the host's free space; 0 when its disk already exists (a box starting again).
    */
   private admit(active: MachineRow[], row: MachineRow, diskBytes: number): void {
+    const over = this.overCaps(active, row.memory_mb);
+    if (over) throw new HutchError('RESOURCE_EXHAUSTED', over);
+    if (diskBytes > 0) checkDiskRoom(this.diskRoom(), diskBytes, `${row.kind} ${row.id}`);
+  }
+
+  /** Why one more QEMU of `memoryMb` would break a cap beside `active` (and our other QEMUs). */
+  private overCaps(active: MachineRow[], memoryMb: number): string | undefined {
     const extra = this.extraQemus();
     if (active.length + extra.count + 1 > this.config.maxMachines)
-      throw new HutchError(
-        'RESOURCE_EXHAUSTED',
-        `at most ${this.config.maxMachines} machines may run at once (${active.length} running${extra.count ? `, ${extra.count} warm or being snapshotted` : ''})`,
-      );
+      return `at most ${this.config.maxMachines} machines may run at once (${active.length} running${extra.count ? `, ${extra.count} warm or being snapshotted` : ''})`;
     const used = active.reduce((s, r) => s + r.memory_mb, 0) + extra.memoryMb;
-    if (used + row.memory_mb > this.config.maxGuestMemoryMb)
-      throw new HutchError(
-        'RESOURCE_EXHAUSTED',
-        `guest memory cap reached: ${used} MiB in use + ${row.memory_mb} MiB requested > ${this.config.maxGuestMemoryMb} MiB`,
-      );
-    if (diskBytes > 0) checkDiskRoom(this.diskRoom(), diskBytes, `${row.kind} ${row.id}`);
+    if (used + memoryMb > this.config.maxGuestMemoryMb)
+      return `guest memory cap reached: ${used} MiB in use + ${memoryMb} MiB requested > ${this.config.maxGuestMemoryMb} MiB`;
+    return undefined;
   }
 
   /** QEMUs that are no user's machine: the warm pool (ready and being made) and snapshot builds. */
@@ -1607,12 +1608,7 @@ export class Engine {
 
   /** Whether one more QEMU of `memoryMb` fits under the caps, counting every QEMU we run. */
   private hasRoomFor(memoryMb: number): boolean {
-    const active = this.store.list().filter((r) => activeStates.includes(r.state));
-    const extra = this.extraQemus();
-    const memory = active.reduce((s, r) => s + r.memory_mb, 0) + extra.memoryMb + memoryMb;
-    return (
-      active.length + extra.count + 1 <= this.config.maxMachines && memory <= this.config.maxGuestMemoryMb
-    );
+    return this.overCaps(this.store.activeRows(), memoryMb) === undefined;
   }
 
   schedulePoolRefill(): void {

@@ -1,6 +1,6 @@
 import { chmodSync, closeSync, existsSync, openSync } from 'node:fs';
 import Database from 'better-sqlite3';
-import { HutchError } from '../errors.js';
+import { HutchError, isDiskFull } from '../errors.js';
 
 export type MachineState =
   | 'starting'
@@ -172,7 +172,7 @@ export class Store {
   }
 
   /** The machines holding host resources now (what the caps count). */
-  private activeRows(): MachineRow[] {
+  activeRows(): MachineRow[] {
     return this.db
       .prepare(`SELECT * FROM machines WHERE state IN (${activeStates.map((x) => `'${x}'`).join(', ')})`)
       .all() as MachineRow[];
@@ -283,8 +283,8 @@ export class Store {
       fn();
     } catch (e) {
       if (e instanceof HutchError) throw e;
-      const code = (e as { code?: unknown }).code;
-      if (typeof code === 'string' && /^(SQLITE_FULL|SQLITE_IOERR|SQLITE_CANTOPEN|ENOSPC)/.test(code))
+      const code = String((e as { code?: unknown }).code);
+      if (isDiskFull(e) || /^(SQLITE_IOERR|SQLITE_CANTOPEN)/.test(code))
         throw new HutchError('STORAGE_FULL', `the state database cannot be written: ${(e as Error).message}`);
       throw e;
     }
