@@ -3,6 +3,8 @@ import { join } from 'node:path';
 import { type BoxesApi, startBoxesApi } from './api/boxes-server.js';
 import { type HttpApi, startHttpApi } from './api/http-server.js';
 import type { Config } from './config.js';
+import { actionsFor } from './core/dispatch.js';
+import { localPrincipal } from './core/principal.js';
 import { Engine } from './engine/engine.js';
 import { type BuildProgress, TemplateBuilder, type TemplateManifest } from './images/builder.js';
 import { ImageStore } from './images/oci.js';
@@ -72,13 +74,13 @@ export async function startDaemon(
   const http = await startHttpApi(engine, {
     host: config.host,
     port: config.port,
-    owner: config.owner,
+    act: actionsFor(engine, localPrincipal(config.owner), opts.log),
     limits,
   });
   const boxes = await startBoxesApi(engine, {
     socketPath: config.boxesSocket,
     listen: config.boxesListen,
-    owner: config.owner,
+    act: actionsFor(engine, localPrincipal(config.owner, 'socket'), opts.log),
     version: packageVersion(),
     limits,
   });

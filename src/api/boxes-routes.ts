@@ -1,5 +1,6 @@
 import { posix } from 'node:path';
 import type { z } from 'zod';
+import type { Actions } from '../core/dispatch.js';
 import type { Engine } from '../engine/engine.js';
 import { HutchError } from '../errors.js';
 import {
@@ -21,7 +22,7 @@ import { parseWith } from './routes.js';
 
 export interface BoxRouteContext {
   engine: Engine;
-  owner: string;
+  act: Actions;
   params: Record<string, string>;
   query: URLSearchParams;
   body: unknown;
@@ -89,9 +90,9 @@ export const boxRoutes: BoxRoute[] = [
     body: createBoxBody,
     response: boxSchema,
     status: 201,
-    handle: ({ engine, owner, body }) => {
+    handle: ({ act, body }) => {
       const b = parseWith(createBoxBody, body ?? {});
-      return engine.createBox(owner, {
+      return act.createBox({
         image: b.image,
         ...(b.name !== undefined ? { name: b.name } : {}),
         cpu: b.cpu,
@@ -111,7 +112,7 @@ export const boxRoutes: BoxRoute[] = [
     summary: 'List boxes (?status=running|stopped)',
     response: boxListSchema,
     status: 200,
-    handle: ({ engine, owner, query }) => ({ boxes: engine.listBoxes(owner, status(query)) }),
+    handle: ({ act, query }) => ({ boxes: act.listBoxes(status(query)) }),
   },
   {
     kind: 'json',
@@ -120,7 +121,7 @@ export const boxRoutes: BoxRoute[] = [
     summary: 'Get a box by id or name',
     response: boxSchema,
     status: 200,
-    handle: ({ engine, owner, params }) => engine.getBox(owner, params.id ?? ''),
+    handle: ({ act, params }) => act.getBox(params.id ?? ''),
   },
   {
     kind: 'json',
@@ -129,7 +130,7 @@ export const boxRoutes: BoxRoute[] = [
     summary: 'Stop a box (its disk is kept)',
     response: boxSchema,
     status: 200,
-    handle: ({ engine, owner, params }) => engine.stopBox(owner, params.id ?? ''),
+    handle: ({ act, params }) => act.stopBox(params.id ?? ''),
   },
   {
     kind: 'json',
@@ -138,7 +139,7 @@ export const boxRoutes: BoxRoute[] = [
     summary: 'Start a stopped box again',
     response: boxSchema,
     status: 200,
-    handle: ({ engine, owner, params }) => engine.startBox(owner, params.id ?? ''),
+    handle: ({ act, params }) => act.startBox(params.id ?? ''),
   },
   {
     kind: 'json',
@@ -146,8 +147,8 @@ export const boxRoutes: BoxRoute[] = [
     path: '/v1/boxes/{id}',
     summary: 'Remove a box and its disk (?force=true for a running one)',
     status: 204,
-    handle: async ({ engine, owner, params, query }) => {
-      await engine.removeBox(owner, params.id ?? '', boolParam(query, 'force'));
+    handle: async ({ act, params, query }) => {
+      await act.removeBox(params.id ?? '', boolParam(query, 'force'));
       return undefined;
     },
   },
@@ -159,9 +160,9 @@ export const boxRoutes: BoxRoute[] = [
     body: boxExecBody,
     response: execSchema,
     status: 201,
-    handle: ({ engine, owner, params, body }) => {
+    handle: ({ act, params, body }) => {
       const b = parseWith(boxExecBody, body);
-      return engine.startExec(owner, params.id ?? '', {
+      return act.startExec(params.id ?? '', {
         cmd: b.cmd,
         ...(b.env ? { env: b.env } : {}),
         ...(b.workdir ? { workdir: b.workdir } : {}),
@@ -176,7 +177,7 @@ export const boxRoutes: BoxRoute[] = [
     summary: 'List the execs of a box',
     response: execListSchema,
     status: 200,
-    handle: ({ engine, owner, params }) => ({ execs: engine.listExecs(owner, params.id ?? '') }),
+    handle: ({ act, params }) => ({ execs: act.listExecs(params.id ?? '') }),
   },
   {
     kind: 'json',
@@ -185,7 +186,7 @@ export const boxRoutes: BoxRoute[] = [
     summary: 'Get an exec',
     response: execSchema,
     status: 200,
-    handle: ({ engine, owner, params }) => engine.getExec(owner, params.id ?? '', params.eid ?? ''),
+    handle: ({ act, params }) => act.getExec(params.id ?? '', params.eid ?? ''),
   },
   {
     kind: 'events',
@@ -203,7 +204,7 @@ export const boxRoutes: BoxRoute[] = [
     summary: 'Cancel a running exec (a finished one is left as it is)',
     response: execSchema,
     status: 200,
-    handle: ({ engine, owner, params }) => engine.cancelExec(owner, params.id ?? '', params.eid ?? ''),
+    handle: ({ act, params }) => act.cancelExec(params.id ?? '', params.eid ?? ''),
   },
   {
     kind: 'upload',
@@ -252,9 +253,9 @@ export const boxRoutes: BoxRoute[] = [
     body: runBody,
     response: runResultSchema,
     status: 200,
-    handle: ({ engine, owner, body }) => {
+    handle: ({ act, body }) => {
       const b = parseWith(runBody, body);
-      return engine.runOnce(owner, {
+      return act.runOnce({
         image: b.image,
         cmd: b.cmd,
         cpu: b.cpu,
@@ -275,6 +276,6 @@ export const boxRoutes: BoxRoute[] = [
     body: gcBody,
     response: gcResultSchema,
     status: 200,
-    handle: ({ engine, owner, body }) => engine.gcBoxes(owner, parseWith(gcBody, body ?? {}).older_than),
+    handle: ({ act, body }) => act.gcBoxes(parseWith(gcBody, body ?? {}).older_than),
   },
 ];

@@ -7,6 +7,7 @@ import { type Duplex, type Readable, Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import Busboy from 'busboy';
 import { type WebSocket, WebSocketServer } from 'ws';
+import type { Actions } from '../core/dispatch.js';
 import type { Engine } from '../engine/engine.js';
 import { HutchError, orStorageFull, toHutchError } from '../errors.js';
 import { AgentError } from '../guest/agent-connection.js';
@@ -37,14 +38,14 @@ export async function startBoxesApi(
   opts: {
     socketPath: string | null;
     listen?: string | undefined;
-    owner: string;
+    act: Actions;
     version: string;
     limits?: RequestLimits;
   },
 ): Promise<BoxesApi> {
   const compiled = compileRoutes(boxRoutes);
   const wss = new WebSocketServer({ noServer: true, maxPayload: 1024 * 1024 });
-  const { owner } = opts;
+  const { act } = opts;
 
   async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     try {
@@ -58,16 +59,16 @@ export async function startBoxesApi(
       switch (route.kind) {
         case 'json': {
           const body = route.body ? await readJson(req) : undefined;
-          const result = await route.handle({ engine, owner, params, query, body, version: opts.version });
+          const result = await route.handle({ engine, act, params, query, body, version: opts.version });
           await sendResult(res, route.status, result);
           return;
         }
         case 'events':
-          return await serveEvents(engine, owner, params, req, res);
+          return await serveEvents(act, params, req, res);
         case 'upload':
-          return await serveUpload(engine, owner, params.id ?? '', req, res);
+          return await serveUpload(act, params.id ?? '', req, res);
         case 'download':
-          return await serveDownload(engine, owner, params.id ?? '', await readJson(req), res);
+          return await serveDownload(act, params.id ?? '', await readJson(req), res);
         case 'attach':
           throw new HutchError('INVALID_ARGUMENT', 'attach is a WebSocket endpoint: send an Upgrade request');
       }
@@ -103,7 +104,7 @@ export async function startBoxesApi(
       const shell = q.get('shell') ?? undefined;
       if (shell !== undefined && (!shell.startsWith('/') || shell.includes('\0') || shell.length > 4096))
         throw new HutchError('INVALID_ARGUMENT', 'shell must be an absolute path (no NUL, at most 4096)');
-      const session = await engine.boxTerminal(owner, m.params.id ?? '', {
+      const session = await act.boxTerminal(m.params.id ?? '', {
         ...(shell !== undefined ? { shell } : {}),
         cols: dim('cols', 80),
         rows: dim('rows', 24),
@@ -187,13 +188,12 @@ async function write(res: ServerResponse, chunk: string | Buffer): Promise<void>
 }
 
 async function serveEvents(
-  engine: Engine,
-  owner: string,
+  act: Actions,
   params: Record<string, string>,
   req: IncomingMessage,
   res: ServerResponse,
 ): Promise<void> {
-  const events = engine.execEvents(owner, params.id ?? '', params.eid ?? '');
+  const events = act.execEvents(params.id ?? '', params.eid ?? '');
   res.writeHead(200, {
     'content-type': 'text/event-stream',
     'cache-control': 'no-cache',
@@ -227,8 +227,7 @@ async function serveEvents(
  * writing it and no promise is left to reject after the answer.
  */
 async function serveUpload(
-  engine: Engine,
-  owner: string,
+  act: Actions,
   boxRef: string,
   req: IncomingMessage,
   res: ServerResponse,
@@ -245,7 +244,7 @@ async function serveUpload(
   } catch (e) {
     throw new HutchError('INVALID_ARGUMENT', `bad multipart body: ${(e as Error).message}`);
   }
-  const session = await engine.openBoxSession(owner, boxRef);
+  const session = await act.openBoxSession(boxRef);
   let spool: string | undefined;
   // Everything the body started; each is settled (never rejects) before the cleanup below.
   const started: Promise<unknown>[] = [];
@@ -378,14 +377,13 @@ function spoolError(e: unknown): HutchError {
 }
 
 async function serveDownload(
-  engine: Engine,
-  owner: string,
+  act: Actions,
   boxRef: string,
   body: unknown,
   res: ServerResponse,
 ): Promise<void> {
   const { path } = parseWith(downloadBody, body);
-  const session = await engine.openBoxSession(owner, boxRef);
+  const session = await act.openBoxSession(boxRef);
   let h: ReturnType<typeof session.agent.readFile> | undefined;
   try {
     h = session.agent.readFile(path);

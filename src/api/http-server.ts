@@ -1,5 +1,6 @@
 import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
+import type { Actions } from '../core/dispatch.js';
 import type { Engine } from '../engine/engine.js';
 import { HeldText } from '../engine/output-budget.js';
 import { errorTable, HutchError, toHutchError } from '../errors.js';
@@ -114,7 +115,7 @@ export interface HttpApi {
 
 export async function startHttpApi(
   engine: Engine,
-  opts: { host: string; port: number; owner: string; limits?: RequestLimits },
+  opts: { host: string; port: number; act: Actions; limits?: RequestLimits },
 ): Promise<HttpApi> {
   const routes = compileRoutes(machineRoutes);
   const streamRoutes = compileRoutes<StreamRoute>(machineStreamRoutes);
@@ -123,7 +124,7 @@ export async function startHttpApi(
   const upgrades = createUpgradeRouter(
     machineChannelRoutes.map((r) => ({
       path: r.path,
-      handle: (ctx) => r.handle({ ...ctx, engine, owner: opts.owner }),
+      handle: (ctx) => r.handle({ ...ctx, engine, act: opts.act }),
     })),
     { onError: (e) => console.error('websocket channel error:', e) },
   );
@@ -144,7 +145,7 @@ export async function startHttpApi(
         const body = stream.route.body ? await readJson(req) : undefined;
         const result = await stream.route.handle({
           engine,
-          owner: opts.owner,
+          act: opts.act,
           params: stream.params,
           query: url.searchParams,
           body,
@@ -165,7 +166,7 @@ export async function startHttpApi(
       const plain = matchRoute(routes, method, url.pathname);
       if (plain && plain !== 'method') {
         const body = plain.route.body ? await readJson(req) : undefined;
-        const result = await plain.route.handle({ engine, owner: opts.owner, params: plain.params, body });
+        const result = await plain.route.handle({ engine, act: opts.act, params: plain.params, body });
         await sendResult(res, plain.route.status, result);
         return;
       }

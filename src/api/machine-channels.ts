@@ -2,6 +2,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import { performance } from 'node:perf_hooks';
 import type { Readable } from 'node:stream';
 import type { WebSocket } from 'ws';
+import type { Actions } from '../core/dispatch.js';
 import type { Engine } from '../engine/engine.js';
 import { HutchError } from '../errors.js';
 import { AgentError, type ExecHandle } from '../guest/agent-connection.js';
@@ -20,7 +21,7 @@ import { closeCodes, feedInput, type UpgradeContext, WsOutput } from './ws-upgra
 
 export interface StreamContext {
   engine: Engine;
-  owner: string;
+  act: Actions;
   params: Record<string, string>;
   query: URLSearchParams;
   body: unknown;
@@ -28,7 +29,7 @@ export interface StreamContext {
   res: ServerResponse;
 }
 
-export type ChannelContext = UpgradeContext & { engine: Engine; owner: string };
+export type ChannelContext = UpgradeContext & { engine: Engine; act: Actions };
 
 const noop = (): void => {};
 
@@ -64,7 +65,7 @@ function fileFailure(e: unknown, path: string, machine: string): HutchError {
 export async function execStream(ctx: StreamContext): Promise<void> {
   const b = parseWith(execBody, ctx.body);
   const argv = typeof b.cmd === 'string' ? ['/bin/sh', '-c', b.cmd] : b.cmd;
-  const session = await ctx.engine.openSession(ctx.owner, ctx.params.id ?? '');
+  const session = await ctx.act.openSession(ctx.params.id ?? '');
   const t0 = performance.now();
   let h: ExecHandle;
   try {
@@ -166,7 +167,7 @@ export function uploadName(header: string | string[] | undefined): string {
 export async function upload(ctx: StreamContext): Promise<{ path: string; size: number }> {
   const name = uploadName(ctx.req.headers['x-filename']);
   const path = `/root/${name}`;
-  const session = await ctx.engine.openSession(ctx.owner, ctx.params.id ?? '');
+  const session = await ctx.act.openSession(ctx.params.id ?? '');
   try {
     // The request stream itself: read only as fast as the agent's window lets the guest write.
     const r = await session.agent.writeFile(path, ctx.req, { mode: 0o644 });
@@ -186,7 +187,7 @@ export async function download(ctx: StreamContext): Promise<void> {
   const path = ctx.query.get('path') ?? '';
   if (!path.startsWith('/') || path.includes('\0'))
     throw new HutchError('INVALID_ARGUMENT', 'path: an absolute path in the machine is required (?path=/…)');
-  const session = await ctx.engine.openSession(ctx.owner, ctx.params.id ?? '');
+  const session = await ctx.act.openSession(ctx.params.id ?? '');
   const { res } = ctx;
   try {
     const file = session.agent.readFile(path);
@@ -262,9 +263,9 @@ async function openConsole(
 ): Promise<{ id: string; console: ConsoleTap; release: () => void }> {
   const id = ctx.params.id ?? '';
   try {
-    const s = await ctx.engine.openSession(ctx.owner, id);
+    const s = await ctx.act.openSession(id);
     try {
-      return { ...ctx.engine.consoleOf(ctx.owner, s.id), release: s.release };
+      return { ...ctx.act.consoleOf(s.id), release: s.release };
     } catch (e) {
       s.release();
       throw e;
@@ -272,7 +273,7 @@ async function openConsole(
   } catch (e) {
     // Paused: no session (its agent is frozen), but the console is there to watch.
     if (e instanceof HutchError && e.code === 'MACHINE_NOT_RUNNING')
-      return { ...ctx.engine.consoleOf(ctx.owner, id), release: noop };
+      return { ...ctx.act.consoleOf(id), release: noop };
     throw e;
   }
 }
@@ -298,7 +299,7 @@ export async function tty(ctx: ChannelContext): Promise<void> {
   const onStop = (): void => {
     const state = (() => {
       try {
-        return ctx.engine.get(ctx.owner, c.id).status;
+        return ctx.act.get(c.id).status;
       } catch {
         return 'destroyed';
       }
@@ -340,7 +341,7 @@ export async function tty(ctx: ChannelContext): Promise<void> {
 
 export async function attach(ctx: ChannelContext): Promise<void> {
   const q = parseWith(attachQuery, Object.fromEntries(ctx.query));
-  const session = await ctx.engine.openSession(ctx.owner, ctx.params.id ?? '');
+  const session = await ctx.act.openSession(ctx.params.id ?? '');
   let h: ExecHandle;
   let ws: WebSocket;
   try {
@@ -408,7 +409,7 @@ export async function attach(ctx: ChannelContext): Promise<void> {
     h.cancel();
     const state = (() => {
       try {
-        return ctx.engine.get(ctx.owner, session.id).status;
+        return ctx.act.get(session.id).status;
       } catch {
         return 'destroyed';
       }

@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import type { Actions } from '../core/dispatch.js';
 import type { Engine } from '../engine/engine.js';
 import { HutchError } from '../errors.js';
 import {
@@ -27,7 +28,7 @@ import {
 
 export interface RouteContext {
   engine: Engine;
-  owner: string;
+  act: Actions;
   params: Record<string, string>;
   body: unknown;
 }
@@ -97,9 +98,9 @@ export const machineRoutes: Route[] = [
     body: createMachineBody,
     response: machineSchema,
     status: 201,
-    handle: ({ engine, owner, body }) => {
+    handle: ({ act, body }) => {
       const b = parseWith(createMachineBody, body ?? {});
-      return engine.create(owner, {
+      return act.create({
         template: b.template,
         ...(b.ttl_seconds !== undefined ? { ttlSeconds: b.ttl_seconds } : {}),
         ...(b.persistent !== undefined ? { persistent: b.persistent } : {}),
@@ -116,7 +117,7 @@ export const machineRoutes: Route[] = [
     summary: 'List machines',
     response: machineListSchema,
     status: 200,
-    handle: ({ engine, owner }) => ({ machines: engine.list(owner) }),
+    handle: ({ act }) => ({ machines: act.list() }),
   },
   {
     method: 'GET',
@@ -124,15 +125,15 @@ export const machineRoutes: Route[] = [
     summary: 'Fetch one machine (by id or name)',
     response: machineSchema,
     status: 200,
-    handle: ({ engine, owner, params }) => engine.get(owner, params.id ?? ''),
+    handle: ({ act, params }) => act.get(params.id ?? ''),
   },
   {
     method: 'DELETE',
     path: '/v1/machines/{id}',
     summary: 'Destroy a machine now',
     status: 204,
-    handle: async ({ engine, owner, params }) => {
-      await engine.destroy(owner, params.id ?? '');
+    handle: async ({ act, params }) => {
+      await act.destroy(params.id ?? '');
       return undefined;
     },
   },
@@ -143,9 +144,9 @@ export const machineRoutes: Route[] = [
     body: execBody,
     response: execResultSchema,
     status: 200,
-    handle: ({ engine, owner, params, body }) => {
+    handle: ({ act, params, body }) => {
       const b = parseWith(execBody, body);
-      return engine.exec(owner, params.id ?? '', {
+      return act.exec(params.id ?? '', {
         argv: typeof b.cmd === 'string' ? ['/bin/sh', '-c', b.cmd] : b.cmd,
         ...(b.env ? { env: b.env } : {}),
         ...(b.cwd ? { cwd: b.cwd } : {}),
@@ -161,9 +162,9 @@ export const machineRoutes: Route[] = [
     body: branchBody,
     response: branchResultSchema,
     status: 201,
-    handle: ({ engine, owner, params, body }) => {
+    handle: ({ act, params, body }) => {
       const b = parseWith(branchBody, body ?? {});
-      return engine.branch(owner, params.id ?? '', {
+      return act.branch(params.id ?? '', {
         ...(b.name !== undefined ? { name: b.name } : {}),
         ...(b.ttl_seconds !== undefined ? { ttlSeconds: b.ttl_seconds } : {}),
       });
@@ -175,7 +176,7 @@ export const machineRoutes: Route[] = [
     summary: 'Pause: stop the vCPUs, keep everything in memory',
     response: lifecycleResultSchema,
     status: 200,
-    handle: ({ engine, owner, params }) => engine.pause(owner, params.id ?? ''),
+    handle: ({ act, params }) => act.pause(params.id ?? ''),
   },
   {
     method: 'POST',
@@ -183,7 +184,7 @@ export const machineRoutes: Route[] = [
     summary: 'Resume a paused or suspended machine',
     response: lifecycleResultSchema,
     status: 200,
-    handle: ({ engine, owner, params }) => engine.resume(owner, params.id ?? ''),
+    handle: ({ act, params }) => act.resume(params.id ?? ''),
   },
   {
     method: 'POST',
@@ -191,7 +192,7 @@ export const machineRoutes: Route[] = [
     summary: 'Suspend: write the machine to disk and free its memory',
     response: lifecycleResultSchema,
     status: 200,
-    handle: ({ engine, owner, params }) => engine.suspend(owner, params.id ?? ''),
+    handle: ({ act, params }) => act.suspend(params.id ?? ''),
   },
   {
     method: 'POST',
@@ -200,8 +201,8 @@ export const machineRoutes: Route[] = [
     body: autoSuspendBody,
     response: machineSchema,
     status: 200,
-    handle: ({ engine, owner, params, body }) =>
-      engine.setAutoSuspend(owner, params.id ?? '', parseWith(autoSuspendBody, body).seconds),
+    handle: ({ act, params, body }) =>
+      act.setAutoSuspend(params.id ?? '', parseWith(autoSuspendBody, body).seconds),
   },
 ];
 

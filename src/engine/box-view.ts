@@ -1,4 +1,4 @@
-import type { BootImage } from './engine.js';
+import type { BootImage } from './images.js';
 import type { ExecRow, MachineRow } from './store.js';
 
 export interface BoxVolume {

@@ -1,5 +1,5 @@
 import { statfsSync } from 'node:fs';
-import type { QmpClient } from '../vmm/qmp.js';
+import type { Qmp } from '../vmm/hypervisor.js';
 
 /** Below this much free space the host's disk counts as full for guests. */
 const lowBytes = 64 * 1024 * 1024;
@@ -10,7 +10,7 @@ export interface DiskPauseHost {
   stateDir: string;
   /** Machines whose vCPUs should be running (state running), with a way to reach their QEMU. */
   running(): string[];
-  qmp(id: string): Promise<QmpClient>;
+  qmp(id: string): Promise<Qmp>;
   /** Records (or clears, with null) the cause the machine shows its owner. */
   setError(id: string, error: string | null): void;
   log(level: 'info' | 'warn', msg: string, fields: Record<string, unknown>): void;

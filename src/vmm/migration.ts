@@ -11,7 +11,7 @@ import {
 } from 'node:fs';
 import { connect, createServer } from 'node:net';
 import { join } from 'node:path';
-import type { QmpClient } from './qmp.js';
+import type { Qmp } from './hypervisor.js';
 
 /**
  * Saving and loading a machine's device state (and, unless ignoreShared, its RAM) through QEMU
@@ -26,7 +26,7 @@ export interface MigrationResult {
   ms: number;
 }
 
-async function setCaps(qmp: QmpClient, ignoreShared: boolean): Promise<void> {
+async function setCaps(qmp: Qmp, ignoreShared: boolean): Promise<void> {
   await qmp.execute('migrate-set-capabilities', {
     capabilities: [{ capability: 'x-ignore-shared', state: ignoreShared }],
   });
@@ -37,7 +37,7 @@ async function setCaps(qmp: QmpClient, ignoreShared: boolean): Promise<void> {
  * looks complete). The caller stops the vCPUs first and decides whether to `cont` after.
  */
 export async function saveState(
-  qmp: QmpClient,
+  qmp: Qmp,
   runDir: string,
   outFile: string,
   opts: { ignoreShared: boolean; timeoutMs?: number; maxBytesPerSecond?: number },
@@ -87,7 +87,7 @@ export async function saveState(
   }
 }
 
-async function waitMigration(qmp: QmpClient, timeoutMs: number): Promise<void> {
+async function waitMigration(qmp: Qmp, timeoutMs: number): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const st = await qmp.execute<{ status?: string; 'error-desc'?: string }>('query-migrate');
@@ -107,7 +107,7 @@ async function waitMigration(qmp: QmpClient, timeoutMs: number): Promise<void> {
  * until the caller says `cont`). Resolves when QEMU has the whole machine.
  */
 export async function loadState(
-  qmp: QmpClient,
+  qmp: Qmp,
   runDir: string,
   stateFile: string,
   opts: { ignoreShared: boolean; timeoutMs?: number },

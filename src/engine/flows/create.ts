@@ -1,0 +1,370 @@
+import { realpathSync, statSync } from 'node:fs';
+import { join } from 'node:path';
+import type { Principal } from '../../core/principal.js';
+import { HutchError } from '../../errors.js';
+import type { AgentConnection } from '../../guest/agent-connection.js';
+import { templateRecipes } from '../../images/recipes.js';
+import type { TemplateSnapshot } from '../../images/snapshots.js';
+import { type Volume, validateVolumes } from '../../vmm/volumes.js';
+import { type BoxSpec, type BoxVolume, boxSpecOf } from '../box-view.js';
+import { newBoxId, newMachineId } from '../ids.js';
+import type { BootImage } from '../images.js';
+import type { Machine } from '../machine.js';
+import type { MachineRow } from '../store.js';
+import { clampTtl, type FlowContext, lifetime } from './context.js';
+
+export interface CreateMachine {
+  template: string;
+  name?: string;
+  ttlSeconds?: number;
+  persistent?: boolean;
+  net?: boolean;
+  /** `cold` forces a full boot; `snapshot` requires a snapshot; absent: pool, then snapshot, then cold. */
+  mode?: 'cold' | 'snapshot';
+  autoSuspendSeconds?: number;
+}
+
+export interface CreateBox {
+  image: string;
+  name?: string;
+  cpu: number;
+  memoryMb: number;
+  diskSizeGb: number;
+  network: boolean;
+  /** Absent: the image's WorkingDir, else /root. */
+  workdir?: string;
+  env: Record<string, string> | null;
+  volumes: BoxVolume[] | null;
+}
+
+/** Box snapshots are taken on a disk of the spec's default size (8 GiB). */
+export const boxSnapshotDiskBytes = 8 * 1024 ** 3;
+
+/** Creates a machine from a template: a pooled one if any, else from its snapshot, else cold. */
+export async function createMachine(
+  cx: FlowContext,
+  principal: Principal,
+  req: CreateMachine,
+): Promise<MachineRow> {
+  const { rt, config } = cx;
+  const t0 = performance.now();
+  if (rt.d.closing()) throw new HutchError('AGENT_UNAVAILABLE', 'the daemon is shutting down');
+  if (!templateRecipes[req.template])
+    throw new HutchError(
+      'TEMPLATE_NOT_FOUND',
+      `no template named ${JSON.stringify(req.template)}; known: ${Object.keys(templateRecipes).join(', ')}`,
+    );
+  const manifest = cx.templates.get(req.template);
+  if (!manifest) throw new HutchError('TEMPLATE_NOT_READY', `template ${req.template} is not built yet`);
+  if (req.net)
+    throw new HutchError(
+      'NETWORK_UNAVAILABLE',
+      'guest networking ("net": true) is not available in this version; machines have no network',
+    );
+  if (req.name !== undefined && rt.store.findByName(principal.user, req.name))
+    throw new HutchError('NAME_TAKEN', `a machine named ${JSON.stringify(req.name)} already exists`);
+
+  const persistent = req.persistent === true && config.allowPersistent;
+  const ttl = clampTtl(req.ttlSeconds);
+  const pooled = req.mode === 'cold' ? undefined : cx.pool.take(req.template);
+  if (pooled)
+    return cx.pool.handOut(
+      pooled,
+      principal,
+      {
+        name: req.name ?? null,
+        ...lifetime(persistent, ttl),
+        auto_suspend_seconds: req.autoSuspendSeconds ?? null,
+      },
+      t0,
+    );
+  const snap = req.mode === 'cold' ? undefined : cx.snapshots.get(req.template);
+  if (req.mode === 'snapshot' && !snap)
+    throw new HutchError(
+      'SNAPSHOT_NOT_READY',
+      `template ${req.template} has no snapshot yet (${cx.snapshots.status(req.template)}); omit "mode" to cold-boot`,
+    );
+  const id = newMachineId();
+  const row: MachineRow = {
+    id,
+    owner: principal.user,
+    name: req.name ?? null,
+    template: req.template,
+    template_hash: manifest.hash,
+    state: 'starting',
+    mode: snap ? 'snapshot' : 'cold',
+    accel: rt.d.accel.accel,
+    vcpus: config.machineVcpus,
+    memory_mb: config.machineMemoryMb,
+    ...lifetime(persistent, ttl),
+    boot_ms: null,
+    pid: null,
+    run_dir: join(rt.d.runRoot, id),
+    error: null,
+    jail: null,
+    auto_suspend_seconds: req.autoSuspendSeconds ?? null,
+    parent_id: null,
+    kind: 'machine',
+    spec: null,
+    started_at: null,
+    stopped_at: null,
+  };
+  await cx.admission.insert(row, cx.admission.diskBytesOf(row), principal.quota);
+  const m = rt.machine(row);
+  return m.lock.run(async () => {
+    try {
+      rt.own(m, 'machine');
+      const disk = join(row.run_dir, 'disk.qcow2');
+      if (snap) {
+        await rt.d.hv.createOverlay(snap.disk, disk, 'qcow2', rt.d.runAs);
+        const { vm } = await rt.restoreInto(m, row, manifest, snap.state, {
+          memory: { kind: 'file', path: snap.mem, share: false },
+          ignoreShared: true,
+        });
+        if (vm.agent) await rt.giveIdentity(vm.agent, id);
+      } else {
+        await rt.d.hv.createOverlay(manifest.rootfs, disk, 'raw', rt.d.runAs);
+        const vm = rt.launch(m, row, manifest, {});
+        vm.agent = await rt.waitForAgent(m, vm);
+      }
+      return rt.markRunning(m, Math.round(performance.now() - t0));
+    } catch (e) {
+      return rt.bootFailed(m, 'machine', e);
+    }
+  });
+}
+
+/** The limits one box may ask for, as GET /v1/info reports them. */
+export function boxLimits(cx: FlowContext): {
+  max_cpu: number;
+  max_memory_mb: number;
+  max_disk_size_gb: number;
+  max_boxes: number;
+  volume_roots: string[];
+} {
+  return {
+    max_cpu: cx.config.maxBoxCpu,
+    max_memory_mb: cx.config.maxBoxMemoryMb,
+    max_disk_size_gb: cx.config.maxBoxDiskGb,
+    max_boxes: cx.config.maxMachines,
+    volume_roots: cx.config.volumeRoots,
+  };
+}
+
+/** Checks what a box asks for against the limits and the volume allow-list; throws, changes nothing. */
+function checkBoxRequest(cx: FlowContext, req: CreateBox): BoxVolume[] | null {
+  const lim = boxLimits(cx);
+  const over = (what: string, v: number, max: number, unit = ''): HutchError =>
+    new HutchError('LIMIT_EXCEEDED', `${what} ${v}${unit} is over this server's limit of ${max}${unit}`);
+  if (req.cpu > lim.max_cpu) throw over('cpu', req.cpu, lim.max_cpu);
+  if (req.memoryMb > lim.max_memory_mb) throw over('memory_mb', req.memoryMb, lim.max_memory_mb, ' MiB');
+  if (req.diskSizeGb > lim.max_disk_size_gb)
+    throw over('disk_size_gb', req.diskSizeGb, lim.max_disk_size_gb, ' GiB');
+  if (req.network)
+    throw new HutchError(
+      'NETWORK_UNAVAILABLE',
+      'guest networking ("network": true) is not available in this version; boxes have no network',
+    );
+  if (!req.volumes?.length) return req.volumes;
+  const seen = new Set<string>();
+  const roots = cx.config.volumeRoots;
+  const checked = req.volumes.map((v) => {
+    let real: string;
+    try {
+      real = realpathSync(v.host_path);
+    } catch {
+      throw new HutchError('INVALID_ARGUMENT', `volume host_path ${v.host_path} does not exist`);
+    }
+    if (!statSync(real).isDirectory())
+      throw new HutchError('INVALID_ARGUMENT', `volume host_path ${v.host_path} is not a directory`);
+    // The resolved path, so a symlink inside an allowed root cannot lead outside it.
+    if (!roots.some((root) => real === root || real.startsWith(`${root}/`)))
+      throw new HutchError(
+        'VOLUME_NOT_ALLOWED',
+        `volume host_path ${v.host_path} is not inside an allowed root (${roots.join(', ') || 'none configured: set HUTCH_VOLUME_ROOTS'})`,
+      );
+    if (seen.has(v.guest_path))
+      throw new HutchError('INVALID_ARGUMENT', `two volumes mount at ${v.guest_path}`);
+    seen.add(v.guest_path);
+    return { ...v, host_path: real };
+  });
+  try {
+    validateVolumes(toVmVolumes(checked));
+  } catch (e) {
+    throw new HutchError('INVALID_ARGUMENT', (e as Error).message);
+  }
+  return checked;
+}
+
+/** Creates a box from an image and boots it (from the image's snapshot when one fits, else cold). */
+export async function createBox(cx: FlowContext, principal: Principal, req: CreateBox): Promise<MachineRow> {
+  const { rt } = cx;
+  const t0 = performance.now();
+  if (rt.d.closing()) throw new HutchError('AGENT_UNAVAILABLE', 'the daemon is shutting down');
+  const volumes = checkBoxRequest(cx, req);
+  if (req.name !== undefined && rt.store.findByName(principal.user, req.name))
+    throw new HutchError('NAME_TAKEN', `a box named ${JSON.stringify(req.name)} already exists`);
+  if (!cx.images) throw new HutchError('INTERNAL', 'this daemon has no image store');
+  const image = await cx.images.resolve(req.image);
+  const diskBytes = req.diskSizeGb * 1024 ** 3;
+  const baseBytes = statSync(image.rootfs).size;
+  if (baseBytes > diskBytes)
+    throw new HutchError(
+      'INVALID_ARGUMENT',
+      `image ${req.image} needs a disk of at least ${Math.ceil(baseBytes / 1024 ** 3)} GiB (disk_size_gb ${req.diskSizeGb})`,
+    );
+  const id = newBoxId();
+  const spec: BoxSpec = {
+    image: req.image,
+    manifest: image,
+    digest: image.digest,
+    disk_size_gb: req.diskSizeGb,
+    network: req.network,
+    workdir: req.workdir ?? image.workdir ?? '/root',
+    env: req.env,
+    volumes,
+    image_env: image.env,
+  };
+  const row: MachineRow = {
+    id,
+    owner: principal.user,
+    name: req.name ?? null,
+    template: req.image,
+    template_hash: image.hash,
+    state: 'starting',
+    mode: 'cold',
+    accel: rt.d.accel.accel,
+    vcpus: req.cpu,
+    memory_mb: req.memoryMb,
+    // Boxes live until they are removed (or collected once stopped): no TTL.
+    ...lifetime(true, 0),
+    boot_ms: null,
+    pid: null,
+    run_dir: join(rt.d.runRoot, id),
+    error: null,
+    jail: null,
+    auto_suspend_seconds: 0,
+    parent_id: null,
+    kind: 'box',
+    spec: JSON.stringify(spec),
+    started_at: null,
+    stopped_at: null,
+  };
+  const snap = volumes?.length ? undefined : boxSnapshot(cx, image, req.cpu, req.memoryMb, diskBytes);
+  if (snap) row.mode = 'snapshot';
+  await cx.admission.insert(row, diskBytes, principal.quota);
+  const m = rt.machine(row);
+  return m.lock.run(async () => {
+    try {
+      rt.own(m, 'box');
+      const disk = join(row.run_dir, 'disk.qcow2');
+      if (snap) {
+        await rt.d.hv.createOverlay(snap.disk, disk, 'qcow2', rt.d.runAs, boxSnapshotDiskBytes);
+        const { vm } = await rt.restoreInto(m, row, image, snap.state, {
+          memory: { kind: 'file', path: snap.mem, share: false },
+          ignoreShared: true,
+        });
+        // The guest learns of a bigger disk from the resize; CONFIGURE then grows its filesystem.
+        if (diskBytes > boxSnapshotDiskBytes)
+          await (await rt.qmpOf(m)).execute('block_resize', { device: 'root', size: diskBytes });
+        if (vm.agent) await rt.giveIdentity(vm.agent, id);
+      } else {
+        // The agent grows the root filesystem to the disk at boot.
+        await rt.d.hv.createOverlay(image.rootfs, disk, 'raw', rt.d.runAs, diskBytes);
+        await bootBox(cx, m, row, image);
+      }
+      return rt.markRunning(m, Math.round(performance.now() - t0));
+    } catch (e) {
+      return rt.bootFailed(m, 'box', e);
+    }
+  });
+}
+
+/**
+ * The snapshot boxes of this image and size restore from, if it is ready; otherwise its
+ * first creation is started (in the background, after this create) and the box boots cold.
+ * Snapshots are taken with a disk of the default size: a bigger disk is a resize after the
+ * restore, a smaller one needs a cold boot (a filesystem does not shrink).
+ */
+function boxSnapshot(
+  cx: FlowContext,
+  image: BootImage,
+  cpu: number,
+  memoryMb: number,
+  diskBytes: number,
+): TemplateSnapshot | undefined {
+  if (diskBytes < boxSnapshotDiskBytes) return undefined;
+  const manifest = { ...image, name: `box-${image.hash}-${cpu}c-${memoryMb}m` };
+  const ready = cx.snapshots.get(manifest.name);
+  if (ready || cx.snapshots.status(manifest.name) !== 'none') return ready;
+  const { rt } = cx;
+  setImmediate(() => {
+    // A snapshot build is a QEMU too: it waits for a later create when the caps are reached.
+    if (rt.d.closing() || !cx.admission.hasRoomFor(memoryMb)) return;
+    cx.snapshots
+      .ensure(manifest, {
+        ...rt.snapshotParams(manifest),
+        vcpus: cpu,
+        memoryMb,
+        // Nothing is known to exist in an image but the agent: no warm-up commands.
+        warm: [],
+        diskBytes: boxSnapshotDiskBytes,
+      })
+      .then(
+        (s) => rt.d.log('info', 'box snapshot ready', { image: image.ref, key: s.key }),
+        (e: unknown) =>
+          rt.d.log('warn', 'box snapshot failed; boxes of this image boot cold', {
+            image: image.ref,
+            error: (e as Error).message,
+          }),
+      );
+  });
+  return undefined;
+}
+
+/** Boots a box's VM cold on its own disk, with its volumes mounted. */
+export async function bootBox(cx: FlowContext, m: Machine, row: MachineRow, image: BootImage): Promise<void> {
+  const spec = boxSpecOf(row);
+  const volumes = toVmVolumes(spec.volumes ?? []);
+  const vm = cx.rt.launch(m, row, image, volumes.length ? { volumes } : {});
+  vm.agent = await cx.rt.waitForAgent(m, vm);
+  if (volumes.length) await checkMounts(vm.agent, spec.volumes ?? []);
+}
+
+/** A box's volumes as the VM sees them: 9p tags vol0, vol1, … */
+function toVmVolumes(volumes: BoxVolume[]): Volume[] {
+  return volumes.map((v, i) => ({
+    tag: `vol${i}`,
+    hostPath: v.host_path,
+    guestPath: v.guest_path,
+    readonly: v.readonly,
+  }));
+}
+
+/**
+ * The agent mounts volumes at boot and only logs a failure (a boot must not hang on one): a
+ * box is not handed out with a volume silently missing. The usual cause is a host directory
+ * the unprivileged QEMU user cannot open.
+ */
+async function checkMounts(agent: AgentConnection, volumes: BoxVolume[]): Promise<void> {
+  const h = agent.readFile('/proc/self/mounts');
+  const chunks: Buffer[] = [];
+  for await (const c of h.stream) chunks.push(c as Buffer);
+  await h.done;
+  const mounted = new Set(
+    Buffer.concat(chunks)
+      .toString('utf8')
+      .split('\n')
+      .map((l) => l.split(' '))
+      .filter((f) => f[2] === '9p')
+      .map((f) =>
+        (f[1] ?? '').replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(Number.parseInt(o, 8))),
+      ),
+  );
+  for (const v of volumes)
+    if (!mounted.has(v.guest_path))
+      throw new HutchError(
+        'BOOT_FAILED',
+        `volume ${v.host_path} could not be mounted at ${v.guest_path}: the VM user must be able to read (and for a writable volume, write) it`,
+      );
+}

@@ -1,0 +1,433 @@
+// The engine's lifecycle, crash recovery and cleanup stack against an in-memory hypervisor
+// (test/helpers/fake-vmm.ts): every transition, every recovery case, in seconds, without QEMU.
+// The same flows run against QEMU in test/integration/.
+import assert from 'node:assert/strict';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, describe, test } from 'node:test';
+import type { Log } from '../../src/background.js';
+import { loadConfig } from '../../src/config.js';
+import { actionsFor } from '../../src/core/dispatch.js';
+import { localPrincipal, type Principal } from '../../src/core/principal.js';
+import { CleanupStack, ends } from '../../src/engine/cleanup-stack.js';
+import { Engine } from '../../src/engine/engine.js';
+import {
+  allowedTransitions,
+  checkTransition,
+  type LifecycleEvent,
+  nextState,
+  recoveryOf,
+} from '../../src/engine/lifecycle.js';
+import { type MachineRow, type MachineState, Store } from '../../src/engine/store.js';
+import { HutchError } from '../../src/errors.js';
+import type { TemplateManifest } from '../../src/images/builder.js';
+import { FakeVmm } from '../helpers/fake-vmm.js';
+
+const states: MachineState[] = [
+  'starting',
+  'running',
+  'paused',
+  'suspending',
+  'suspended',
+  'resuming',
+  'failed',
+  'destroying',
+  'stopping',
+  'stopped',
+];
+const events: LifecycleEvent[] = [
+  'booted',
+  'pause',
+  'continue',
+  'suspend',
+  'suspended',
+  'suspend-undone',
+  'wake',
+  'woke',
+  'wake-failed',
+  'stop',
+  'stopped',
+  'start',
+  'destroy',
+  'fail',
+  'branch',
+  'work',
+];
+
+const roots: string[] = [];
+after(() => {
+  for (const r of roots) rmSync(r, { recursive: true, force: true });
+});
+
+interface Rig {
+  engine: Engine;
+  vmm: FakeVmm;
+  dir: string;
+  logs: { level: string; msg: string; fields: Record<string, unknown> }[];
+  alice: Principal;
+  reopen(): Promise<Rig>;
+}
+
+async function rig(shared?: { dir: string; vmm: FakeVmm }): Promise<Rig> {
+  const dir = shared?.dir ?? mkdtempSync(join(tmpdir(), 'hutch-engine-'));
+  if (!shared) roots.push(dir);
+  const imageDir = join(dir, 'images');
+  mkdirSync(imageDir, { recursive: true });
+  const kernel = join(imageDir, 'vmlinux');
+  const rootfs = join(imageDir, 'rootfs.img');
+  writeFileSync(kernel, 'kernel');
+  writeFileSync(rootfs, Buffer.alloc(1024 * 1024));
+  const manifest: TemplateManifest = {
+    name: 'python',
+    hash: 'h1',
+    kernel,
+    rootfs,
+    cmdline: 'console=ttyS0',
+    kernelHz: 100,
+    builtAt: '',
+    buildSeconds: 0,
+  };
+  const config = loadConfig({ stateDir: dir, imageDir, poolSize: 0, maxMachines: 4 }, {});
+  const vmm = shared?.vmm ?? new FakeVmm();
+  const logs: Rig['logs'] = [];
+  const log: Log = (level, msg, fields = {}) => logs.push({ level, msg, fields });
+  const engine = new Engine(config, new Map([['python', manifest]]), { accel: 'tcg', reason: 'test' }, log, {
+    hypervisor: vmm.hypervisor,
+    guest: vmm.guest,
+    runAs: null,
+  });
+  await engine.start();
+  const r: Rig = {
+    engine,
+    vmm,
+    dir,
+    logs,
+    alice: localPrincipal('alice'),
+    reopen: async () => {
+      await engine.close();
+      return rig({ dir, vmm });
+    },
+  };
+  return r;
+}
+
+async function rejects(p: Promise<unknown> | (() => unknown), code: string): Promise<void> {
+  await assert.rejects(
+    async () => (typeof p === 'function' ? p() : p),
+    (e: unknown) => e instanceof HutchError && e.code === code,
+  );
+}
+
+describe('lifecycle table', () => {
+  test('every state × event pair is either a listed transition or a refusal naming the state', () => {
+    for (const kind of ['machine', 'box'] as const) {
+      const allowed = new Map(allowedTransitions(kind).map(([s, e, to]) => [`${s}/${e}`, to]));
+      for (const state of states)
+        for (const event of events) {
+          const row = { id: 'x', kind, state, error: null } as unknown as MachineRow;
+          const to = allowed.get(`${state}/${event}`);
+          if (to !== undefined) {
+            assert.equal(checkTransition(row, event), to, `${kind} ${state} ${event}`);
+          } else {
+            assert.throws(
+              () => checkTransition(row, event),
+              (e: unknown) =>
+                e instanceof HutchError &&
+                e.code === (kind === 'box' ? 'BOX_NOT_RUNNING' : 'MACHINE_NOT_RUNNING') &&
+                e.message.includes(`it is ${state}`),
+              `${kind} ${state} ${event} should be refused`,
+            );
+          }
+        }
+    }
+  });
+
+  test('policies: a failed machine keeps its row as failed, a failed box is stopped; only boxes stop', () => {
+    assert.equal(nextState('machine', 'running', 'fail'), 'failed');
+    assert.equal(nextState('box', 'running', 'fail'), 'stopped');
+    assert.equal(nextState('machine', 'running', 'stop'), undefined);
+    assert.equal(nextState('box', 'running', 'suspend'), undefined);
+    const machineStates = states.filter((s) => s !== 'stopping' && s !== 'stopped');
+    for (const s of machineStates)
+      if (nextState('machine', s, 'destroy') === undefined) assert.fail(`cannot destroy a ${s} machine`);
+    for (const s of ['starting', 'running', 'stopping', 'stopped'] as const)
+      if (nextState('box', s, 'destroy') === undefined) assert.fail(`cannot remove a ${s} box`);
+  });
+
+  test('recovery after a restart, from the state and what is found on the host', () => {
+    const row = (state: MachineState, kind: 'machine' | 'box' = 'machine', started = false): MachineRow =>
+      ({ id: 'x', kind, state, started_at: started ? 'now' : null }) as unknown as MachineRow;
+    const cases: [MachineRow, boolean, boolean, string][] = [
+      [row('running'), true, false, 'adopt-running'],
+      [row('running'), false, false, 'fail'],
+      [row('paused'), true, false, 'adopt-paused'],
+      [row('suspending'), true, true, 'finish-suspend'],
+      [row('suspending'), true, false, 'undo-suspend'],
+      [row('suspending'), false, true, 'back-to-suspended'],
+      [row('suspending'), false, false, 'fail'],
+      [row('resuming'), true, true, 'back-to-suspended'],
+      [row('resuming'), false, false, 'fail'],
+      [row('suspended'), false, true, 'keep'],
+      [row('starting'), true, false, 'remove'],
+      [row('starting', 'box', true), false, false, 'box-stopped'],
+      [row('starting', 'box', false), true, false, 'remove'],
+      [row('stopping', 'box'), true, false, 'box-stopped'],
+      [row('destroying'), true, false, 'remove'],
+    ];
+    for (const [r, alive, saved, want] of cases)
+      assert.equal(recoveryOf(r, { alive, saved }), want, `${r.kind} ${r.state} alive=${alive} saved=${saved}`);
+  });
+});
+
+describe('cleanup stack', () => {
+  test('runs each ending once, newest first, past failures; later resources are undone at once', async () => {
+    const done: string[] = [];
+    const s = new CleanupStack();
+    s.push('run dir', ends.machine, () => done.push('run dir'));
+    s.push('qemu', ends.vm, () => done.push('qemu'));
+    s.push('agent', ends.handle, () => {
+      done.push('agent');
+      throw new Error('already closed');
+    });
+    s.push('console', ends.handle, () => done.push('console'));
+    const detached = await s.run('detach');
+    assert.deepEqual(done, ['console', 'agent']);
+    assert.equal(detached[0]?.what, 'agent');
+    assert.deepEqual(s.list(), ['run dir', 'qemu']);
+    await s.run('halt');
+    assert.deepEqual(done, ['console', 'agent', 'qemu']);
+    await s.run('destroy');
+    await s.run('destroy');
+    assert.deepEqual(done, ['console', 'agent', 'qemu', 'run dir']);
+    s.push('tap', ends.vm, () => done.push('tap'));
+    await new Promise((r) => setImmediate(r));
+    assert.deepEqual(done.at(-1), 'tap');
+    assert.deepEqual(s.list(), []);
+  });
+});
+
+describe('engine with a fake hypervisor', () => {
+  test('create → exec → pause → resume → suspend → exec wakes it → destroy leaves nothing', async () => {
+    const { engine, vmm, dir, alice } = await rig();
+    const m = await engine.create(alice, { template: 'python' });
+    assert.equal(m.status, 'running');
+    assert.equal(m.mode, 'cold');
+    assert.equal(vmm.running().length, 1);
+    await engine.exec(alice, m.id, { argv: ['write', '/root/f', 'kept'] });
+    assert.equal((await engine.pause(alice, m.id)).status, 'paused');
+    await rejects(engine.pause(alice, 'm-nothere'), 'MACHINE_NOT_FOUND');
+    assert.equal((await engine.resume(alice, m.id)).status, 'running');
+    const s = await engine.suspend(alice, m.id);
+    assert.equal(s.status, 'suspended');
+    assert.equal(vmm.running().length, 0, 'a suspended machine has no QEMU');
+    assert.ok(existsSync(join(dir, 'run', m.id, 'suspend.state')));
+    // Work on a suspended machine wakes it, with what it had in memory.
+    const r = await engine.exec(alice, m.id, { argv: ['read', '/root/f'] });
+    assert.equal(r.stdout.toJSON(), 'kept');
+    assert.equal(engine.get(alice, m.id).status, 'running');
+    await engine.destroy(alice, m.id);
+    await rejects(async () => engine.get(alice, m.id), 'MACHINE_NOT_FOUND');
+    assert.equal(vmm.running().length, 0);
+    assert.deepEqual(readdirSync(join(dir, 'run')), []);
+    await engine.close();
+  });
+
+  test("another owner's machine does not exist for them; lifecycle refusals name the state", async () => {
+    const { engine, alice } = await rig();
+    const bob = localPrincipal('bob');
+    const m = await engine.create(alice, { template: 'python', name: 'shared-name' });
+    await rejects(async () => engine.get(bob, m.id), 'MACHINE_NOT_FOUND');
+    await rejects(engine.destroy(bob, m.id), 'MACHINE_NOT_FOUND');
+    await rejects(engine.exec(bob, m.id, { argv: ['true'] }), 'MACHINE_NOT_FOUND');
+    assert.deepEqual(engine.list(bob), []);
+    // Names are per owner.
+    const b = await engine.create(bob, { template: 'python', name: 'shared-name' });
+    assert.equal(engine.get(bob, 'shared-name').id, b.id);
+    await engine.suspend(alice, m.id);
+    await assert.rejects(engine.pause(alice, m.id), /cannot pause machine .*: it is suspended/);
+    await engine.close();
+  });
+
+  test('branch: the clone runs with the source memory; the source runs on', async () => {
+    const { engine, vmm, alice } = await rig();
+    const src = await engine.create(alice, { template: 'python' });
+    await engine.exec(alice, src.id, { argv: ['write', 'k', 'v1'] });
+    const clone = await engine.branch(alice, src.id, {});
+    assert.equal(clone.status, 'running');
+    assert.equal(clone.forked_from, src.id);
+    assert.equal((await engine.exec(alice, clone.id, { argv: ['read', 'k'] })).stdout.toJSON(), 'v1');
+    assert.equal(engine.get(alice, src.id).status, 'running');
+    assert.equal(vmm.running().length, 2);
+    await engine.close();
+  });
+
+  test('a failed suspend leaves the machine running with everything it had', async () => {
+    const { engine, vmm, alice } = await rig();
+    const m = await engine.create(alice, { template: 'python' });
+    vmm.faults.saveFails = true;
+    await rejects(engine.suspend(alice, m.id), 'STORAGE_FULL');
+    vmm.faults.saveFails = false;
+    assert.equal(engine.get(alice, m.id).status, 'running');
+    assert.equal((await engine.exec(alice, m.id, { argv: ['echo', 'hi'] })).stdout.toJSON(), 'echo hi');
+    await engine.close();
+  });
+
+  test('a boot that fails removes everything it made', async () => {
+    const { engine, vmm, dir, alice } = await rig();
+    vmm.faults.agentDead = true;
+    await rejects(engine.create(alice, { template: 'python' }), 'BOOT_FAILED');
+    vmm.faults.agentDead = false;
+    assert.deepEqual(engine.list(alice), []);
+    assert.equal(vmm.running().length, 0);
+    assert.deepEqual(readdirSync(join(dir, 'run')), []);
+    await engine.close();
+  });
+
+  test('QEMU dying under a running machine fails it with the cause, and its resources go', async () => {
+    const { engine, vmm, dir, alice } = await rig();
+    const m = await engine.create(alice, { template: 'python' });
+    vmm.crash(m.id);
+    for (let i = 0; i < 100 && engine.get(alice, m.id).status !== 'failed'; i++) await new Promise((r) => setTimeout(r, 20));
+    const v = engine.get(alice, m.id);
+    assert.equal(v.status, 'failed');
+    assert.match(v.error ?? '', /qemu exited unexpectedly/);
+    assert.ok(!existsSync(join(dir, 'run', m.id)));
+    await engine.destroy(alice, m.id);
+    assert.deepEqual(engine.list(alice), []);
+    await engine.close();
+  });
+
+  test('caps and per-caller quotas are checked at insert', async () => {
+    const { engine, alice } = await rig();
+    const limited: Principal = { ...localPrincipal('carol'), quota: { maxActive: 1 } };
+    await engine.create(limited, { template: 'python' });
+    await rejects(engine.create(limited, { template: 'python' }), 'RESOURCE_EXHAUSTED');
+    await engine.create(alice, { template: 'python' });
+    await engine.create(alice, { template: 'python' });
+    await engine.create(alice, { template: 'python' });
+    await rejects(engine.create(alice, { template: 'python' }), 'RESOURCE_EXHAUSTED');
+    await engine.close();
+  });
+
+  test('boxes: a machine with the box policy (stop keeps the disk, start boots it again, failure stops it)', async () => {
+    const { engine, vmm, dir, alice } = await rig();
+    const image = {
+      resolve: async () => ({
+        name: 'debian',
+        hash: 'img1',
+        kernel: join(dir, 'images', 'vmlinux'),
+        rootfs: join(dir, 'images', 'rootfs.img'),
+        cmdline: 'console=ttyS0',
+        kernelHz: 100,
+        builtAt: '',
+        buildSeconds: 0,
+        ref: 'debian:bookworm',
+        digest: 'sha256:1',
+        env: [],
+        workdir: null,
+      }),
+    };
+    // A second engine over the same state, with an image store.
+    await engine.close();
+    const e2 = new Engine(
+      loadConfig({ stateDir: dir, imageDir: join(dir, 'images'), poolSize: 0 }, {}),
+      new Map(),
+      { accel: 'tcg', reason: 'test' },
+      () => {},
+      { hypervisor: vmm.hypervisor, guest: vmm.guest, runAs: null, images: image },
+    );
+    await e2.start();
+    const box = await e2.createBox(alice, {
+      image: 'debian:bookworm',
+      cpu: 1,
+      memoryMb: 256,
+      diskSizeGb: 1,
+      network: false,
+      env: null,
+      volumes: null,
+    });
+    assert.equal(box.status, 'running');
+    await rejects(e2.removeBox(alice, box.id, false), 'BOX_RUNNING');
+    assert.equal((await e2.stopBox(alice, box.id)).status, 'stopped');
+    assert.equal(vmm.running().length, 0);
+    assert.ok(existsSync(join(dir, 'run', box.id, 'disk.qcow2')), 'a stopped box keeps its disk');
+    await rejects(e2.suspend(alice, box.id), 'MACHINE_NOT_FOUND');
+    assert.equal((await e2.startBox(alice, box.id)).status, 'running');
+    vmm.crash(box.id);
+    for (let i = 0; i < 100 && e2.getBox(alice, box.id).status !== 'stopped'; i++) await new Promise((r) => setTimeout(r, 20));
+    assert.equal(e2.getBox(alice, box.id).status, 'stopped');
+    assert.ok(existsSync(join(dir, 'run', box.id, 'disk.qcow2')), 'a failed box keeps its disk');
+    await e2.removeBox(alice, box.id, false);
+    assert.ok(!existsSync(join(dir, 'run', box.id)));
+    await e2.close();
+  });
+
+  test('a restarted daemon adopts running and paused machines and ends what was cut mid-way', async () => {
+    const r = await rig();
+    const { engine, vmm, dir, alice } = r;
+    const running = await engine.create(alice, { template: 'python' });
+    const paused = await engine.create(alice, { template: 'python' });
+    await engine.pause(alice, paused.id);
+    const suspended = await engine.create(alice, { template: 'python' });
+    await engine.suspend(alice, suspended.id);
+    const dies = await engine.create(alice, { template: 'python' });
+    await engine.close();
+    // While the daemon is down: one QEMU dies; rows are left mid-flow as a kill -9 would leave them.
+    vmm.crash(dies.id);
+    const store = new Store(join(dir, 'hutch.db'));
+    const half = (id: string, state: MachineState, pid: number | null): void => {
+      const base = store.get(running.id) as MachineRow;
+      mkdirSync(join(dir, 'run', id), { recursive: true });
+      store.insertMachine({ ...base, id, name: null, state, pid, run_dir: join(dir, 'run', id) }, () => {});
+    };
+    // Mid-create: a QEMU was launched, the boot never finished.
+    const launched = vmm.hypervisor.launch({ ...vmm.running()[0]!.spec, id: 'm-0000c0de', runDir: join(dir, 'run', 'm-0000c0de') });
+    half('m-0000c0de', 'starting', launched);
+    // Mid-destroy, QEMU already gone.
+    half('m-0000dead', 'destroying', null);
+    // Mid-suspend, state file not complete: the source carries on.
+    const cut = vmm.hypervisor.launch({ ...vmm.running()[0]!.spec, id: 'm-00000cut', runDir: join(dir, 'run', 'm-00000cut') });
+    half('m-00000cut', 'suspending', cut);
+    writeFileSync(join(dir, 'run', 'm-00000cut', 'suspend.state.partial'), 'half');
+    store.close();
+
+    const r2 = await rig({ dir, vmm });
+    const e = r2.engine;
+    assert.equal(e.get(alice, running.id).status, 'running');
+    assert.equal((await e.exec(alice, running.id, { argv: ['echo', 'adopted'] })).stdout.toJSON(), 'echo adopted');
+    assert.equal(e.get(alice, paused.id).status, 'paused');
+    assert.equal((await e.resume(alice, paused.id)).status, 'running');
+    assert.equal(e.get(alice, suspended.id).status, 'suspended');
+    assert.equal(e.get(alice, dies.id).status, 'failed');
+    assert.match(e.get(alice, dies.id).error ?? '', /qemu exited while the daemon was down/);
+    await rejects(async () => e.get(alice, 'm-0000c0de'), 'MACHINE_NOT_FOUND');
+    await rejects(async () => e.get(alice, 'm-0000dead'), 'MACHINE_NOT_FOUND');
+    assert.equal(e.get(alice, 'm-00000cut').status, 'running');
+    assert.ok(!existsSync(join(dir, 'run', 'm-00000cut', 'suspend.state.partial')));
+    // Only the machines that run now have a QEMU; no run dir without a row.
+    const ids = new Set(e.list(alice).map((m) => m.id));
+    for (const v of vmm.running()) assert.ok(ids.has(v.id), `orphan qemu ${v.id}`);
+    for (const d of readdirSync(join(dir, 'run'))) assert.ok(ids.has(d), `orphan run dir ${d}`);
+    await e.close();
+  });
+
+  test('the one way in: actions bound to a caller leave an audit line for what changes something', async () => {
+    const { engine, logs, alice } = await rig();
+    const act = actionsFor(engine, alice, (level, msg, fields = {}) => logs.push({ level, msg, fields }));
+    const m = await act.create({ template: 'python' });
+    act.list();
+    await assert.rejects(act.pause('m-nothere'));
+    const audit = logs.filter((l) => l.msg === 'audit');
+    assert.deepEqual(
+      audit.map((l) => [l.fields.action, l.fields.outcome, l.fields.user]),
+      [
+        ['create', 'ok', 'alice'],
+        ['pause', 'error', 'alice'],
+      ],
+    );
+    assert.equal(audit[0]?.fields.id, m.id);
+    assert.equal(audit[1]?.fields.code, 'MACHINE_NOT_FOUND');
+    await engine.close();
+  });
+});
