@@ -7,10 +7,11 @@ import { HutchError } from '../errors.js';
 import { type AgentConnection, AgentError, type ExecHandle } from '../guest/agent-connection.js';
 import type { TemplateManifest } from '../images/builder.js';
 import { templateRecipes } from '../images/recipes.js';
-import { SnapshotCache, traversableByQemu } from '../images/snapshots.js';
+import { SnapshotCache } from '../images/snapshots.js';
 import type { AccelChoice } from '../vmm/accel.js';
 import type { ConsoleTap } from '../vmm/console.js';
 import { agentLink, type GuestLink, type Hypervisor, qemuHypervisor } from '../vmm/hypervisor.js';
+import { traversableByQemu } from '../vmm/run-dir.js';
 import { Admission } from './admission.js';
 import { type BoxExecRequest, BoxExecs, execEnv, execError } from './box-execs.js';
 import { type BoxSpec, type BoxView, boxSpecOf, type ExecView, toBoxView } from './box-view.js';
@@ -20,6 +21,7 @@ import type { ExecEvent } from './exec-log.js';
 import { branchMachine } from './flows/branch.js';
 import type { FlowContext } from './flows/context.js';
 import { boxLimits, type CreateBox, type CreateMachine, createBox, createMachine } from './flows/create.js';
+import { takeSnapshot } from './flows/snapshot.js';
 import { startBox, stopBox } from './flows/stop-start.js';
 import { pauseMachine, resumeMachine, suspendMachine } from './flows/suspend.js';
 import type { ImageResolver } from './images.js';
@@ -127,7 +129,6 @@ export class Engine {
     for (const d of [config.stateDir, runRoot]) traversableByQemu(d, runAs);
     mkdirSync(config.imageDir, { recursive: true });
     traversableByQemu(config.imageDir, runAs);
-    this.snapshots = p.snapshots ?? new SnapshotCache(config.imageDir);
     this.hv = p.hypervisor ?? qemuHypervisor(config.qemuBinary);
     this.execs = new BoxExecs(
       this.store,
@@ -153,6 +154,9 @@ export class Engine {
       diskPauses: () => this.diskPauses,
       closing: () => this.closing,
     });
+    this.snapshots =
+      p.snapshots ??
+      new SnapshotCache(config.imageDir, (image, params, dir) => takeSnapshot(this.rt, image, params, dir));
     this.diskPauses = new DiskPauses({
       stateDir: config.stateDir,
       running: () =>

@@ -1,6 +1,7 @@
 import { existsSync, readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { runPaths } from '../vmm/qemu.js';
+import { snapshotBuilderOf } from './flows/snapshot.js';
 import { recoveryOf } from './lifecycle.js';
 import type { Machine } from './machine.js';
 import type { Runtime } from './runtime.js';
@@ -22,10 +23,10 @@ export async function recover(rt: Runtime): Promise<void> {
   }
   const { hv, log, runRoot } = rt.d;
   // QEMU processes of ours that the store does not know: a crash between launch and insert,
-  // or a template snapshot whose builder died mid-way (its temp dir names the builder's pid).
+  // or a snapshot whose builder died mid-way (its VM's name carries the builder's pid).
   for (const q of hv.list()) {
-    const snapTmp = q.argv.map((a) => /\/snapshots\/[^/]*\.tmp-(\d+)/.exec(a)).find(Boolean);
-    if (snapTmp && !hv.isAlive(Number(snapTmp[1]))) {
+    const builder = snapshotBuilderOf(q.id);
+    if (builder !== undefined && builder !== process.pid && !processAlive(builder)) {
       log('warn', 'killing orphan snapshot qemu', { pid: q.pid });
       await hv.kill(q.pid);
       continue;
@@ -126,5 +127,14 @@ async function recoverOne(rt: Runtime, m: Machine, row: MachineRow): Promise<voi
     case 'remove':
       await rt.end(m, 'deleted');
       return;
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
   }
 }

@@ -11,15 +11,21 @@ import {
   writeFileSync,
 } from 'node:fs';
 import { join } from 'node:path';
-import type { AgentConnection } from '../guest/agent-connection.js';
-import { connectWhileAlive } from '../vmm/boot-wait.js';
-import { createOverlay } from '../vmm/disk.js';
-import { saveState } from '../vmm/migration.js';
 import type { Accel } from '../vmm/qemu.js';
-import { isAlive, killAndWait, launchQemu, runPaths, stopQemu } from '../vmm/qemu.js';
-import { QmpClient } from '../vmm/qmp.js';
 import type { TemplateManifest } from './builder.js';
 import { acquireFileLock } from './file-lock.js';
+
+/**
+ * Boots a machine from `manifest` in `dir`, warms it with `params.warm`, and leaves there its
+ * disk (`disk.qcow2`), memory (`mem`) and device state (`state`), its VM gone. The engine
+ * does this (engine/flows/snapshot.ts) with the same launch path as every machine; this
+ * module only stores what it made.
+ */
+export type SnapshotTaker = (
+  manifest: TemplateManifest,
+  params: SnapshotParams & { warm: string[][] },
+  dir: string,
+) => Promise<{ stateBytes: number; bootMs: number; saveMs: number }>;
 
 /** A template's snapshot: booted, agent ready, warmed, then frozen. Immutable once written. */
 export interface TemplateSnapshot {
@@ -66,32 +72,6 @@ const templateWarmUp = [
 /** Bump when the snapshot procedure or the QEMU device model changes: old snapshots stop matching. */
 const snapshotFormat = '1';
 
-/**
- * Makes a directory QEMU can use after dropping root: the run dir traversable, the migration
- * dir owned by the QEMU user (QEMU creates and connects to migration sockets there).
- */
-export function prepareRunDir(runDir: string, runAs: SnapshotParams['runAs']): void {
-  mkdirSync(runDir, { recursive: true, mode: 0o700 });
-  traversableByQemu(runDir, runAs);
-  const mig = runPaths(runDir).migDir;
-  mkdirSync(mig, { recursive: true, mode: 0o700 });
-  if (runAs) chownSync(mig, runAs.uid, runAs.gid);
-}
-
-/**
- * A directory QEMU's user must pass through (to its disks, kernel, migration sockets) but no
- * other local user may enter: group QEMU's user, mode 0710. Without a separate QEMU user the
- * daemon's own user runs QEMU, and 0700 does.
- */
-export function traversableByQemu(dir: string, runAs: SnapshotParams['runAs']): void {
-  if (runAs) {
-    chownSync(dir, process.getuid?.() ?? 0, runAs.gid);
-    chmodSync(dir, 0o710);
-  } else {
-    chmodSync(dir, 0o700);
-  }
-}
-
 export function snapshotKey(manifest: TemplateManifest, p: SnapshotParams): string {
   const key = [manifest.hash, p.accel, p.vcpus, p.memoryMb, snapshotFormat, hashOf(p.cmdline)].join('-');
   return p.diskBytes ? `${key}-d${Math.round(p.diskBytes / 1024 ** 2)}` : key;
@@ -114,7 +94,10 @@ export class SnapshotCache {
   private readonly ready = new Map<string, TemplateSnapshot>();
   private readonly failures = new Map<string, string>();
 
-  constructor(private readonly imageDir: string) {}
+  constructor(
+    private readonly imageDir: string,
+    private readonly take: SnapshotTaker,
+  ) {}
 
   status(template: string): 'ready' | 'building' | 'failed' | 'none' {
     if (this.ready.has(template)) return 'ready';
@@ -183,7 +166,7 @@ export class SnapshotCache {
     const root = join(this.imageDir, 'snapshots');
     for (const e of readdirSync(root)) {
       const m = /\.tmp-(\d+)/.exec(e);
-      if (m && Number(m[1]) !== process.pid && !isAlive(Number(m[1])))
+      if (m && Number(m[1]) !== process.pid && !processAlive(Number(m[1])))
         rmSync(join(root, e), { recursive: true, force: true });
     }
   }
@@ -197,48 +180,10 @@ export class SnapshotCache {
     // Short, not beside `dir`: QEMU's sockets live in it and a Unix socket path is < 108 bytes.
     const tmp = join(this.imageDir, 'snapshots', `.tmp-${process.pid}-${randomBytes(3).toString('hex')}`);
     rmSync(tmp, { recursive: true, force: true });
-    prepareRunDir(tmp, params.runAs);
-    const p = runPaths(tmp);
-    await createOverlay(manifest.rootfs, join(tmp, 'disk.qcow2'), 'raw', params.runAs, params.diskBytes);
-    const t0 = performance.now();
-    const pid = launchQemu(params.qemu, {
-      id: `snapshot-${manifest.name}-${randomBytes(3).toString('hex')}`,
-      accel: params.accel,
-      vcpus: params.vcpus,
-      memoryMb: params.memoryMb,
-      kernel: manifest.kernel,
-      disk: join(tmp, 'disk.qcow2'),
-      cmdline: `${params.cmdline} hutch.hostname=hutch`,
-      runDir: tmp,
-      memory: { kind: 'file', path: join(tmp, 'mem'), share: true },
-      ...(params.runAs ? { runAs: params.runAs.user } : {}),
-    });
-    let agent: AgentConnection | undefined;
-    let qmp: QmpClient | undefined;
     try {
-      agent = await connectWhileAlive(pid, tmp, 120_000);
-      const bootMs = performance.now() - t0;
-      // Warm the page cache with what users start first: a clone then finds python and node
-      // in RAM instead of reading them from its disk.
-      for (const argv of params.warm ?? templateWarmUp) {
-        const r = await agent.execCollect({ argv, timeoutMs: 60_000 }, { maxOutputBytes: 65536 });
-        if (r.exitCode !== 0) throw new Error(`warm-up ${argv.join(' ')} failed: ${r.stderr.toString()}`);
-      }
-      // Let the agent see the host leave, so every clone's agent starts with no stream open.
-      agent.close();
-      await new Promise((r) => setTimeout(r, 100));
-      qmp = await QmpClient.connect(p.qmp, 5000);
-      await qmp.execute('stop');
-      const saved = await saveState(qmp, p.migDir, join(tmp, 'state'), { ignoreShared: true });
-      await qmp.execute('quit').catch(() => {});
-      qmp.close();
-      qmp = undefined;
-      const deadline = Date.now() + 5000;
-      while (isAlive(pid) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
-      if (isAlive(pid)) await killAndWait(pid);
-      for (const f of ['qmp.sock', 'agent.sock', 'console.sock', 'qemu.pid'])
-        rmSync(join(tmp, f), { force: true });
-      rmSync(p.migDir, { recursive: true, force: true });
+      const taken = await this.take(manifest, { ...params, warm: params.warm ?? templateWarmUp }, tmp);
+      for (const f of ['qmp.sock', 'agent.sock', 'console.sock', 'qemu.pid', 'mig'])
+        rmSync(join(tmp, f), { recursive: true, force: true });
       const snap: TemplateSnapshot = {
         template: manifest.name,
         key,
@@ -250,9 +195,9 @@ export class SnapshotCache {
         vcpus: params.vcpus,
         accel: params.accel,
         cmdline: params.cmdline,
-        stateBytes: saved.bytes,
-        bootMs: Math.round(bootMs),
-        saveMs: Math.round(saved.ms),
+        stateBytes: taken.stateBytes,
+        bootMs: Math.round(taken.bootMs),
+        saveMs: Math.round(taken.saveMs),
         createdAt: new Date().toISOString(),
       };
       chmodSync(tmp, 0o755);
@@ -261,11 +206,17 @@ export class SnapshotCache {
       renameSync(tmp, dir);
       return snap;
     } catch (e) {
-      agent?.close();
-      qmp?.close();
-      await stopQemu(pid, p.qmp, 200);
       rmSync(tmp, { recursive: true, force: true });
       throw new Error(`snapshot of template ${manifest.name} failed: ${(e as Error).message}`);
     }
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
   }
 }

@@ -83,7 +83,14 @@ export class FakeAgent {
     if (cmd === 'write' && args[0] !== undefined) this.vm.memory[args[0]] = args[1] ?? '';
     else if (cmd === 'read' && args[0] !== undefined) out.push(Buffer.from(this.vm.memory[args[0]] ?? ''));
     else out.push(Buffer.from(req.argv.join(' ')));
-    return { exitCode: 0, signal: null, timedOut: false, stdout: out, stderr: new OutputChunks(), truncated: false };
+    return {
+      exitCode: 0,
+      signal: null,
+      timedOut: false,
+      stdout: out,
+      stderr: new OutputChunks(),
+      truncated: false,
+    };
   }
 
   async execCollect(req: { argv: string[] }, opts: unknown): Promise<unknown> {
@@ -139,7 +146,11 @@ export class FakeVmm {
       return v?.alive === true && v.id === id;
     },
     list: (): VmProcess[] =>
-      this.running().map((v) => ({ pid: v.pid, id: v.id, argv: ['qemu', '-name', `guest=hutch-${v.id}`, v.runDir] })),
+      this.running().map((v) => ({
+        pid: v.pid,
+        id: v.id,
+        argv: ['qemu', '-name', `guest=hutch-${v.id}`, v.runDir],
+      })),
     kill: async (pid) => {
       this.calls.push(`kill ${pid}`);
       const v = this.vms.get(pid);

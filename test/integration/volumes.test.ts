@@ -24,11 +24,11 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { type AgentConnection, connectAgent } from '../../src/guest/agent-connection.js';
 import { TemplateBuilder, type TemplateManifest } from '../../src/images/builder.js';
-import { prepareRunDir } from '../../src/images/snapshots.js';
 import { createOverlay } from '../../src/vmm/disk.js';
 import { tcgTimingArgs } from '../../src/vmm/host.js';
 import { isAlive, killAndWait, launchQemu, runPaths } from '../../src/vmm/qemu.js';
 import { QmpClient } from '../../src/vmm/qmp.js';
+import { prepareRunDir } from '../../src/vmm/run-dir.js';
 import type { Volume } from '../../src/vmm/volumes.js';
 import { imageDir } from '../helpers/daemon.js';
 

@@ -176,7 +176,11 @@ describe('lifecycle table', () => {
       [row('destroying'), true, false, 'remove'],
     ];
     for (const [r, alive, saved, want] of cases)
-      assert.equal(recoveryOf(r, { alive, saved }), want, `${r.kind} ${r.state} alive=${alive} saved=${saved}`);
+      assert.equal(
+        recoveryOf(r, { alive, saved }),
+        want,
+        `${r.kind} ${r.state} alive=${alive} saved=${saved}`,
+      );
   });
 });
 
@@ -288,7 +292,8 @@ describe('engine with a fake hypervisor', () => {
     const { engine, vmm, dir, alice } = await rig();
     const m = await engine.create(alice, { template: 'python' });
     vmm.crash(m.id);
-    for (let i = 0; i < 100 && engine.get(alice, m.id).status !== 'failed'; i++) await new Promise((r) => setTimeout(r, 20));
+    for (let i = 0; i < 100 && engine.get(alice, m.id).status !== 'failed'; i++)
+      await new Promise((r) => setTimeout(r, 20));
     const v = engine.get(alice, m.id);
     assert.equal(v.status, 'failed');
     assert.match(v.error ?? '', /qemu exited unexpectedly/);
@@ -355,7 +360,8 @@ describe('engine with a fake hypervisor', () => {
     await rejects(e2.suspend(alice, box.id), 'MACHINE_NOT_FOUND');
     assert.equal((await e2.startBox(alice, box.id)).status, 'running');
     vmm.crash(box.id);
-    for (let i = 0; i < 100 && e2.getBox(alice, box.id).status !== 'stopped'; i++) await new Promise((r) => setTimeout(r, 20));
+    for (let i = 0; i < 100 && e2.getBox(alice, box.id).status !== 'stopped'; i++)
+      await new Promise((r) => setTimeout(r, 20));
     assert.equal(e2.getBox(alice, box.id).status, 'stopped');
     assert.ok(existsSync(join(dir, 'run', box.id, 'disk.qcow2')), 'a failed box keeps its disk');
     await e2.removeBox(alice, box.id, false);
@@ -382,12 +388,20 @@ describe('engine with a fake hypervisor', () => {
       store.insertMachine({ ...base, id, name: null, state, pid, run_dir: join(dir, 'run', id) }, () => {});
     };
     // Mid-create: a QEMU was launched, the boot never finished.
-    const launched = vmm.hypervisor.launch({ ...vmm.running()[0]!.spec, id: 'm-0000c0de', runDir: join(dir, 'run', 'm-0000c0de') });
+    const launched = vmm.hypervisor.launch({
+      ...vmm.running()[0]!.spec,
+      id: 'm-0000c0de',
+      runDir: join(dir, 'run', 'm-0000c0de'),
+    });
     half('m-0000c0de', 'starting', launched);
     // Mid-destroy, QEMU already gone.
     half('m-0000dead', 'destroying', null);
     // Mid-suspend, state file not complete: the source carries on.
-    const cut = vmm.hypervisor.launch({ ...vmm.running()[0]!.spec, id: 'm-00000cut', runDir: join(dir, 'run', 'm-00000cut') });
+    const cut = vmm.hypervisor.launch({
+      ...vmm.running()[0]!.spec,
+      id: 'm-00000cut',
+      runDir: join(dir, 'run', 'm-00000cut'),
+    });
     half('m-00000cut', 'suspending', cut);
     writeFileSync(join(dir, 'run', 'm-00000cut', 'suspend.state.partial'), 'half');
     store.close();
@@ -395,7 +409,10 @@ describe('engine with a fake hypervisor', () => {
     const r2 = await rig({ dir, vmm });
     const e = r2.engine;
     assert.equal(e.get(alice, running.id).status, 'running');
-    assert.equal((await e.exec(alice, running.id, { argv: ['echo', 'adopted'] })).stdout.toJSON(), 'echo adopted');
+    assert.equal(
+      (await e.exec(alice, running.id, { argv: ['echo', 'adopted'] })).stdout.toJSON(),
+      'echo adopted',
+    );
     assert.equal(e.get(alice, paused.id).status, 'paused');
     assert.equal((await e.resume(alice, paused.id)).status, 'running');
     assert.equal(e.get(alice, suspended.id).status, 'suspended');
