@@ -1,4 +1,3 @@
-import { randomBytes } from 'node:crypto';
 import {
   chownSync,
   constants,
@@ -21,6 +20,7 @@ import {
   connectAgent,
   type ExecHandle,
 } from '../guest/agent-connection.js';
+import { configureGuest } from '../guest/guest-setup.js';
 import type { TemplateManifest } from '../images/builder.js';
 import { templateRecipes } from '../images/recipes.js';
 import {
@@ -535,6 +535,7 @@ export class Engine {
         await createOverlay(manifest.rootfs, disk, 'raw', this.runAs);
         const live = this.launch(row, manifest, {});
         live.agent = await this.waitForAgent(id, live.pid, runDir, live.console);
+        await this.giveIdentity(live.agent, id);
       }
       return this.markRunning(id, Math.round(performance.now() - t0));
     } catch (e) {
@@ -566,7 +567,7 @@ export class Engine {
       memoryMb: row.memory_mb,
       kernel: manifest.kernel,
       disk: join(row.run_dir, 'disk.qcow2'),
-      cmdline: `${this.kernelCmdline(manifest)} hutch.hostname=${hostnameOf(row.id)}`,
+      cmdline: this.kernelCmdline(manifest),
       runDir: row.run_dir,
       ...(this.runAs ? { runAs: this.runAs.user } : {}),
       ...extra,
@@ -650,19 +651,12 @@ export class Engine {
   }
 
   /**
-   * Makes a restored machine its own: every clone of a snapshot starts with the snapshot's
-   * hostname, machine-id, kernel RNG state and a clock stopped at snapshot time.
+   * Configures a booted or restored machine (src/guest/guest-setup.ts): / grown to its disk,
+   * its volumes, and an identity of its own (every clone of a snapshot starts with the
+   * snapshot's hostname, machine-id, kernel RNG state and a clock stopped at snapshot time).
    */
-  private async giveIdentity(agent: AgentConnection, id: string): Promise<void> {
-    await agent.configure(
-      {
-        hostname: hostnameOf(id),
-        machineId: randomBytes(16).toString('hex'),
-        entropy: randomBytes(64),
-        timeNs: BigInt(Date.now()) * 1_000_000n,
-      },
-      10_000,
-    );
+  private async giveIdentity(agent: AgentConnection, id: string, volumes: Volume[] = []): Promise<void> {
+    await configureGuest(agent, { hostname: hostnameOf(id), growRoot: true, volumes });
   }
 
   private confine(id: string, pid: number, row: MachineRow): MachineView['jail'] {
@@ -1270,7 +1264,7 @@ export class Engine {
     const volumes = toVmVolumes(spec.volumes ?? []);
     const live = this.launch(row, image, volumes.length ? { volumes } : {});
     live.agent = await this.waitForAgent(row.id, live.pid, row.run_dir, live.console);
-    if (volumes.length) await checkMounts(live.agent, spec.volumes ?? []);
+    await this.giveIdentity(live.agent, row.id, volumes);
   }
 
   private markRunningBox(id: string, t0: number): MachineRow {
@@ -2072,34 +2066,6 @@ function toVmVolumes(volumes: BoxVolume[]): Volume[] {
     guestPath: v.guest_path,
     readonly: v.readonly,
   }));
-}
-
-/**
- * The agent mounts volumes at boot and only logs a failure (a boot must not hang on one): a
- * box is not handed out with a volume silently missing. The usual cause is a host directory
- * the unprivileged QEMU user cannot open.
- */
-async function checkMounts(agent: AgentConnection, volumes: BoxVolume[]): Promise<void> {
-  const h = agent.readFile('/proc/self/mounts');
-  const chunks: Buffer[] = [];
-  for await (const c of h.stream) chunks.push(c as Buffer);
-  await h.done;
-  const mounted = new Set(
-    Buffer.concat(chunks)
-      .toString('utf8')
-      .split('\n')
-      .map((l) => l.split(' '))
-      .filter((f) => f[2] === '9p')
-      .map((f) =>
-        (f[1] ?? '').replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(Number.parseInt(o, 8))),
-      ),
-  );
-  for (const v of volumes)
-    if (!mounted.has(v.guest_path))
-      throw new HutchError(
-        'BOOT_FAILED',
-        `volume ${v.host_path} could not be mounted at ${v.guest_path}: the VM user must be able to read (and for a writable volume, write) it`,
-      );
 }
 
 function lookupUser(name: string): { user: string; uid: number; gid: number } | undefined {

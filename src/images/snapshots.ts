@@ -12,6 +12,7 @@ import {
 } from 'node:fs';
 import { join } from 'node:path';
 import type { AgentConnection } from '../guest/agent-connection.js';
+import { configureGuest } from '../guest/guest-setup.js';
 import { connectWhileAlive } from '../vmm/boot-wait.js';
 import { createOverlay } from '../vmm/disk.js';
 import { saveState } from '../vmm/migration.js';
@@ -208,7 +209,7 @@ export class SnapshotCache {
       memoryMb: params.memoryMb,
       kernel: manifest.kernel,
       disk: join(tmp, 'disk.qcow2'),
-      cmdline: `${params.cmdline} hutch.hostname=hutch`,
+      cmdline: params.cmdline,
       runDir: tmp,
       memory: { kind: 'file', path: join(tmp, 'mem'), share: true },
       ...(params.runAs ? { runAs: params.runAs.user } : {}),
@@ -217,6 +218,8 @@ export class SnapshotCache {
     let qmp: QmpClient | undefined;
     try {
       agent = await connectWhileAlive(pid, tmp, 120_000);
+      // Grown here, so clones restored onto a disk of the snapshot's size have nothing to do.
+      await configureGuest(agent, { hostname: 'hutch', growRoot: true });
       const bootMs = performance.now() - t0;
       // Warm the page cache with what users start first: a clone then finds python and node
       // in RAM instead of reading them from its disk.
