@@ -234,6 +234,8 @@ static void host_connected(void)
 {
 	A.host = 1;
 	A.synced = 0;
+	A.host_version = 0;
+	A.host_features = 0;
 	buf_clear(&A.in);
 	logmsg("host connected");
 }
@@ -341,6 +343,16 @@ static void transport_open(int64_t now)
 
 static void handle_frame(const struct proto_frame *f);
 
+static void send_unsupported(uint8_t type, uint32_t stream)
+{
+	logmsg("frame type 0x%02x from the host is not supported; skipped", type);
+	size_t start = proto_begin(&A.out, T_UNSUPPORTED, 0);
+	proto_tlv_u8(&A.out, UNSUP_TYPE, type);
+	if (stream)
+		proto_tlv_u32(&A.out, UNSUP_STREAM, stream);
+	proto_end(&A.out, start);
+}
+
 /* Returns the offset of the first plausible PING header in the input, or -1. */
 static long find_ping(void)
 {
@@ -374,6 +386,14 @@ static void process_input(void)
 		int r = proto_decode(buf_data(&A.in), buf_size(&A.in), &f, &flen);
 		if (r == PROTO_NEED_MORE)
 			return;
+		if (r == PROTO_BAD_TYPE) {
+			/* A newer host's frame: skip it whole (its len framed it) and say so, rather
+			 * than take the host for broken. The host sends such frames only by mistake
+			 * (it checks our features first), so the stream of a request stays unopened. */
+			send_unsupported(f.type, f.stream);
+			buf_consume(&A.in, flen);
+			continue;
+		}
 		if (r != PROTO_OK) {
 			violation(proto_result_name(r));
 			buf_consume(&A.in, 1);
@@ -432,7 +452,8 @@ static void do_poweroff(void)
 
 static void handle_frame(const struct proto_frame *f)
 {
-	int conn_level = f->type == T_PING || f->type == T_POWEROFF || f->type == T_RESET;
+	int conn_level = f->type == T_PING || f->type == T_POWEROFF || f->type == T_RESET ||
+			 f->type == T_HELLO || f->type == T_UNSUPPORTED;
 	if (conn_level != (f->stream == 0)) {
 		violation("frame on the wrong stream");
 		return;
@@ -449,6 +470,27 @@ static void handle_frame(const struct proto_frame *f)
 		proto_end(&A.out, start);
 		return;
 	}
+	case T_HELLO: {
+		/* The host's version and features; the answer is ours. Unknown fields are skipped
+		 * like in every TLV payload. */
+		for (size_t i = 0; i < f->nfields; i++) {
+			const struct proto_field *fl = &f->fields[i];
+			if (fl->tag == HELLO_VERSION && fl->len == 4)
+				A.host_version = (uint32_t)proto_get_uint(fl->val, 4);
+			else if (fl->tag == HELLO_FEATURES && fl->len == 8)
+				A.host_features = proto_get_uint(fl->val, 8);
+		}
+		size_t start = proto_begin(&A.out, T_HELLO, 0);
+		proto_tlv_u32(&A.out, HELLO_VERSION, PROTO_VERSION);
+		proto_tlv_u64(&A.out, HELLO_FEATURES, AGENT_FEATURES);
+		proto_end(&A.out, start);
+		return;
+	}
+	case T_UNSUPPORTED:
+		/* We never send the host a frame it did not announce, so this is for the console:
+		 * whatever it refers to has no stream to end. */
+		logmsg("the host does not support a frame we sent");
+		return;
 	case T_POWEROFF:
 		flush_out();
 		do_poweroff();

@@ -56,6 +56,10 @@ struct agent {
 	int fd;                   /* transport, -1 when not open */
 	int host;                 /* a host is at the other end */
 	int synced;               /* 0: discard input until a PING header */
+	/* What the host announced in HELLO (0, 0: none yet, a host of protocol 1). Nothing
+	 * depends on it today; a frame the host may not know must wait for its feature bit. */
+	uint32_t host_version;
+	uint64_t host_features;
 	struct buf in, out;
 	size_t out_frame_left; /* unsent bytes of the frame at the head of `out` */
 	struct stream *streams;
@@ -105,11 +109,12 @@ void configure_open(const struct proto_frame *f);
 /* init.c */
 void init_setup(void);
 /* boot.c: remember root= of the kernel command line; grow the root ext4 on it to fill its
- * disk (at boot, and again at each CONFIGURE: a restored machine's disk may be larger than
- * the snapshot's); mount one `hutch.vol=` volume (the value). */
+ * disk; mount one volume (-1 with errno and *what, the step that failed). Both on CONFIGURE's
+ * request. */
+struct volume;
 void set_root_device(const char *dev);
 void grow_root(void);
-void mount_volume_arg(const char *val);
+int mount_volume(const struct volume *v, const char **what);
 int64_t console_tick(int64_t now);
 int console_reaped(pid_t pid);
 _Noreturn void power_off(void);

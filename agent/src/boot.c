@@ -1,8 +1,7 @@
-/* Boot-time work PID 1 does before serving the host: grow the root ext4 to fill its disk, and
- * mount the host's 9p volumes. Both come from the machine's configuration (the disk's size,
- * `hutch.vol=` kernel arguments; docs/agent-protocol.md "Boot parameters"). Failures are
- * logged to the console and never stop the boot: a machine without its volume is still a
- * machine the host can inspect. */
+/* Disk work PID 1 does when CONFIGURE asks (docs/agent-protocol.md, CONFIGURE): grow the root
+ * ext4 to fill its disk, and mount the host's 9p volumes. A failed grow is logged and never
+ * answered (a machine with less space is still usable); a failed mount is the CONFIGURE's
+ * ERROR. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
@@ -102,16 +101,13 @@ static int mkdir_p(char *path)
 	}
 }
 
-void mount_volume_arg(const char *val)
+int mount_volume(const struct volume *vol, const char **what)
 {
-	struct volume v;
-	if (parse_volume(val, &v) < 0) {
-		logmsg("hutch.vol=%.80s: invalid, ignored", val);
-		return;
-	}
+	struct volume v = *vol; /* mkdir_p writes into the path */
+	*what = "mkdir";
 	if (mkdir_p(v.path) < 0) {
 		logmsg("volume %s: mkdir %s: %s", v.tag, v.path, strerror(errno));
-		return;
+		return -1;
 	}
 	/* cache=mmap: no page cache for reads and writes, so both sides see each other's changes
 	 * at once (the host's files can change under the guest), yet shared mmap works (cache=none
@@ -120,6 +116,10 @@ void mount_volume_arg(const char *val)
 	char opts[128];
 	snprintf(opts, sizeof opts, "trans=virtio,version=9p2000.L,msize=%d,cache=mmap", VOL_MSIZE);
 	unsigned long flags = MS_NODEV | MS_NOSUID | (v.readonly ? MS_RDONLY : 0);
-	if (mount(v.tag, v.path, "9p", flags, opts) < 0)
+	*what = "mount";
+	if (mount(v.tag, v.path, "9p", flags, opts) < 0) {
 		logmsg("volume %s: mount on %s: %s", v.tag, v.path, strerror(errno));
+		return -1;
+	}
+	return 0;
 }

@@ -3,17 +3,6 @@
 
 #include "bootparam.h"
 
-static int hexval(char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
-}
-
 static int path_ok(const char *p)
 {
 	if (p[0] != '/' || p[1] == 0)
@@ -29,34 +18,35 @@ static int path_ok(const char *p)
 	}
 }
 
-int parse_volume(const char *val, struct volume *v)
+static int tag_char(uint8_t c)
+{
+	return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+	       c == '-';
+}
+
+int parse_volume(const uint8_t *p, size_t n, struct volume *v)
 {
 	memset(v, 0, sizeof *v);
-	size_t t = 0;
-	for (; val[t] && val[t] != ':'; t++) {
-		char c = val[t];
-		if (t >= VOL_TAG_MAX || !((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-					  (c >= '0' && c <= '9') || c == '_' || c == '-'))
+	size_t i = 0, t = 0;
+	for (; i < n && p[i] != 0; i++, t++) {
+		if (t >= VOL_TAG_MAX || !tag_char(p[i]))
 			return -1;
-		v->tag[t] = c;
+		v->tag[t] = (char)p[i];
 	}
-	if (t == 0 || val[t] != ':')
+	if (t == 0 || i == n)
 		return -1;
-	const char *h = val + t + 1;
-	size_t n = 0;
-	for (; h[2 * n] && h[2 * n] != ':'; n++) {
-		int hi = hexval(h[2 * n]), lo = hi < 0 ? -1 : hexval(h[2 * n + 1]);
-		if (hi < 0 || lo < 0 || n >= VOL_PATH_MAX || (hi == 0 && lo == 0))
+	size_t k = 0;
+	for (i++; i < n && p[i] != 0; i++, k++) {
+		if (k >= VOL_PATH_MAX)
 			return -1;
-		v->path[n] = (char)(hi << 4 | lo);
+		v->path[k] = (char)p[i];
 	}
-	if (h[2 * n] != ':' || !path_ok(v->path))
+	if (i == n || !path_ok(v->path))
 		return -1;
-	const char *mode = h + 2 * n + 1;
-	if (strcmp(mode, "ro") == 0)
-		v->readonly = 1;
-	else if (strcmp(mode, "rw") != 0)
+	i++;
+	if (n - i != 2 || p[i] != 'r' || (p[i + 1] != 'o' && p[i + 1] != 'w'))
 		return -1;
+	v->readonly = p[i + 1] == 'o';
 	return 0;
 }
 

@@ -1,4 +1,4 @@
-/* Boot parameters (docs/agent-protocol.md, "Boot parameters"): the pure parts, so that the
+/* Boot and CONFIGURE parameters (docs/agent-protocol.md): the pure parts, so that the
  * host can unit-test them (test/boot-test.c); boot.c does the syscalls. */
 #ifndef HUTCH_BOOTPARAM_H
 #define HUTCH_BOOTPARAM_H
@@ -15,10 +15,10 @@ struct volume {
 	int readonly;
 };
 
-/* Parses the value of `hutch.vol=<tag>:<hex path>:<ro|rw>`. 0, or -1 if anything is off:
- * a bad tag, odd or non-hex digits, a path that is not absolute, is `/`, holds NUL, `.` or
- * `..` components or `//`, or is too long, a mode other than ro/rw, trailing bytes. */
-int parse_volume(const char *val, struct volume *v);
+/* Parses CONFIGURE's volume field, `TAG NUL PATH NUL MODE`. 0, or -1 if anything is off:
+ * a bad tag, a path that is not absolute, is `/`, holds `.` or `..` components or `//`, or is
+ * too long, a mode other than ro/rw, a missing NUL, trailing bytes. */
+int parse_volume(const uint8_t *p, size_t n, struct volume *v);
 
 /* From the first 1024 bytes of an ext4 superblock (device offset 1024): the block size and
  * the block count. 0, or -1 if the magic is wrong. */

@@ -1,7 +1,8 @@
-/* CONFIGURE: gives a machine restored from a shared memory snapshot its own identity
- * (docs/agent-protocol.md, "Identity after restore"). Every clone of a snapshot wakes up with
- * the same hostname, the same kernel RNG state and a clock stuck at snapshot time; the host
- * sends each one its own hostname, machine id, entropy and the current time.
+/* CONFIGURE: the one way the host configures a guest after a boot or a restore
+ * (docs/agent-protocol.md, CONFIGURE): grow / to its disk, mount volumes, and give the machine
+ * its own identity. Every clone of a snapshot wakes up with the same hostname, the same kernel
+ * RNG state and a clock stuck at snapshot time; the host sends each one its own hostname,
+ * machine id, entropy and the current time.
  *
  * The request is validated as a whole first, so a bad request changes nothing. Only the
  * guest's init (PID 1) applies it; anywhere else (--connect in host tests) the agent must not
@@ -18,6 +19,7 @@
 #include <unistd.h>
 
 #include "agent.h"
+#include "bootparam.h"
 
 /* From <linux/random.h>, which musl does not ship. */
 #ifndef RNDADDENTROPY
@@ -30,12 +32,15 @@
 #define HOSTNAME_MAX 64
 #define ENTROPY_MAX 512
 #define MACHINE_ID_LEN 32
+#define VOLUMES_MAX 8
 
 #define HOSTNAME_FILE "/etc/hostname"
 #define MACHINE_ID_FILE "/etc/machine-id"
 
 struct config {
-	const struct proto_field *hostname, *time_ns, *entropy, *machine_id;
+	const struct proto_field *hostname, *time_ns, *entropy, *machine_id, *grow_root;
+	struct volume volumes[VOLUMES_MAX];
+	size_t nvolumes;
 };
 
 static int hostname_char(uint8_t c)
@@ -59,6 +64,18 @@ static const char *validate(const struct proto_frame *f, struct config *c)
 		case CFG_TIME_NS: slot = &c->time_ns; break;
 		case CFG_ENTROPY: slot = &c->entropy; break;
 		case CFG_MACHINE_ID: slot = &c->machine_id; break;
+		case CFG_GROW_ROOT: slot = &c->grow_root; break;
+		case CFG_VOLUME:
+			if (c->nvolumes == VOLUMES_MAX)
+				return "more than 8 volumes";
+			if (parse_volume(fl->val, fl->len, &c->volumes[c->nvolumes]) < 0)
+				return "a volume must be TAG NUL PATH NUL ro|rw: a 1-31 byte tag of "
+				       "[A-Za-z0-9_-], an absolute normalised path of at most 255 bytes, not /";
+			for (size_t k = 0; k < c->nvolumes; k++)
+				if (strcmp(c->volumes[k].path, c->volumes[c->nvolumes].path) == 0)
+					return "two volumes at the same path";
+			c->nvolumes++;
+			continue;
 		default: continue; /* unknown tags are skipped (forward compatibility) */
 		}
 		if (*slot)
@@ -72,6 +89,8 @@ static const char *validate(const struct proto_frame *f, struct config *c)
 			if (!hostname_char(c->hostname->val[i]))
 				return "hostname may only contain A-Z, a-z, 0-9, '.' and '-'";
 	}
+	if (c->grow_root && c->grow_root->val[0] > 1)
+		return "grow_root must be 0 or 1";
 	if (c->entropy && (c->entropy->len < 1 || c->entropy->len > ENTROPY_MAX))
 		return "entropy must be 1 to 512 bytes";
 	if (c->machine_id) {
@@ -196,6 +215,15 @@ static int apply(uint32_t id, const struct config *c)
 			return -1;
 		}
 	}
+	for (size_t i = 0; i < c->nvolumes; i++) {
+		const char *what;
+		if (mount_volume(&c->volumes[i], &what) < 0) {
+			char ctx[VOL_PATH_MAX + 64];
+			snprintf(ctx, sizeof ctx, "%s %s on %s", what, c->volumes[i].tag, c->volumes[i].path);
+			send_errno(id, errno, ctx);
+			return -1;
+		}
+	}
 	if (c->time_ns) {
 		uint64_t ns = proto_get_uint(c->time_ns->val, 8);
 		struct timespec ts = {.tv_sec = (time_t)(ns / 1000000000u), .tv_nsec = (long)(ns % 1000000000u)};
@@ -216,10 +244,11 @@ void configure_open(const struct proto_frame *f)
 		return;
 	}
 	if (A.pid1) {
-		/* A restored machine's disk may be larger than the one the snapshot was taken with:
-		 * grow / first (a no-op costing one superblock read when it already fills the disk),
-		 * so the time set last stays fresh. Failures are logged, never answered. */
-		grow_root();
+		/* First, so that mount points and the files written land on the grown / and the
+		 * time set last stays fresh. A no-op costing one superblock read when / already
+		 * fills its disk; failures are logged, never answered. */
+		if (c.grow_root && c.grow_root->val[0])
+			grow_root();
 		if (apply(f->stream, &c) < 0)
 			return;
 	}

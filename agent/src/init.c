@@ -87,11 +87,10 @@ static void loopback_up(void)
 	close(fd);
 }
 
-#define MAX_VOLUME_ARGS 8
-
-/* The hutch.* kernel arguments (docs/agent-protocol.md, "Boot parameters"), in order: the
- * hostname and console switch, then growing / (which needs root=), then the volumes (whose
- * mount points may be created on the grown /). */
+/* The kernel arguments read at boot (docs/agent-protocol.md, "Boot parameters"): root= (the
+ * device CONFIGURE's grow_root may grow) and hutch.console. Everything else about the guest
+ * comes with CONFIGURE; hutch.hostname= and hutch.vol=, which protocol-1 agents read here,
+ * are ignored (the host still writes hutch.vol= for them, see the docs). */
 static void read_cmdline(void)
 {
 	char buf[4096];
@@ -103,29 +102,16 @@ static void read_cmdline(void)
 	if (n <= 0)
 		return;
 	buf[n] = 0;
-	const char *root = NULL, *vols[MAX_VOLUME_ARGS];
-	size_t nvols = 0;
+	const char *root = NULL;
 	for (char *save = NULL, *tok = strtok_r(buf, " \t\n", &save); tok;
 	     tok = strtok_r(NULL, " \t\n", &save)) {
-		if (strncmp(tok, "hutch.hostname=", 15) == 0) {
-			const char *name = tok + 15;
-			if (*name && sethostname(name, strlen(name)) < 0)
-				logmsg("sethostname %s: %s", name, strerror(errno));
-		} else if (strncmp(tok, "hutch.vol=", 10) == 0) {
-			if (nvols < MAX_VOLUME_ARGS)
-				vols[nvols++] = tok + 10;
-			else
-				logmsg("more than %d volumes: %.40s ignored", MAX_VOLUME_ARGS, tok);
-		} else if (strncmp(tok, "root=", 5) == 0) {
+		if (strncmp(tok, "root=", 5) == 0) {
 			root = tok + 5;
 		} else if (strcmp(tok, "hutch.console=0") == 0) {
 			console_enabled = 0;
 		}
 	}
 	set_root_device(root);
-	grow_root();
-	for (size_t i = 0; i < nvols; i++)
-		mount_volume_arg(vols[i]);
 }
 
 void init_setup(void)

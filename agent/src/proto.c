@@ -44,6 +44,8 @@ int proto_payload_kind(uint8_t type)
 	case T_FILE_READ:
 	case T_DONE:
 	case T_CONFIGURE:
+	case T_HELLO:
+	case T_UNSUPPORTED:
 		return PK_TLV;
 	default:
 		return -1;
@@ -57,6 +59,8 @@ const char *proto_type_name(uint8_t type)
 	case T_PONG: return "PONG";
 	case T_POWEROFF: return "POWEROFF";
 	case T_RESET: return "RESET";
+	case T_HELLO: return "HELLO";
+	case T_UNSUPPORTED: return "UNSUPPORTED";
 	case T_EXEC: return "EXEC";
 	case T_STARTED: return "STARTED";
 	case T_STDIN: return "STDIN";
@@ -119,6 +123,12 @@ int proto_tag_info(uint8_t type, uint8_t tag, const char **key, uint32_t *size)
 		{T_CONFIGURE, CFG_TIME_NS, "time_ns", 8},
 		{T_CONFIGURE, CFG_ENTROPY, "entropy", 0},
 		{T_CONFIGURE, CFG_MACHINE_ID, "machine_id", 0},
+		{T_CONFIGURE, CFG_VOLUME, "volume", 0},
+		{T_CONFIGURE, CFG_GROW_ROOT, "grow_root", 1},
+		{T_HELLO, HELLO_VERSION, "version", 4},
+		{T_HELLO, HELLO_FEATURES, "features", 8},
+		{T_UNSUPPORTED, UNSUP_TYPE, "type", 1},
+		{T_UNSUPPORTED, UNSUP_STREAM, "stream", 4},
 	};
 	for (size_t i = 0; i < sizeof tags / sizeof tags[0]; i++) {
 		if (tags[i].type == type && tags[i].tag == tag) {
@@ -141,11 +151,6 @@ int proto_decode(const uint8_t *buf, size_t n, struct proto_frame *f, size_t *fr
 		return PROTO_TOO_SMALL;
 	if (len > PROTO_MAX_LEN)
 		return PROTO_TOO_LARGE;
-	if (n < 5)
-		return PROTO_NEED_MORE;
-	int kind = proto_payload_kind(buf[4]);
-	if (kind < 0)
-		return PROTO_BAD_TYPE;
 	if (n < 4 + (size_t)len)
 		return PROTO_NEED_MORE;
 
@@ -157,6 +162,10 @@ int proto_decode(const uint8_t *buf, size_t n, struct proto_frame *f, size_t *fr
 	f->cols = f->rows = 0;
 	f->nfields = 0;
 	*frame_len = 4 + (size_t)len;
+	/* Framed by its length like any other, so the reader can skip it whole. */
+	int kind = proto_payload_kind(f->type);
+	if (kind < 0)
+		return PROTO_BAD_TYPE;
 
 	const uint8_t *p = f->payload;
 	uint32_t plen = f->payload_len;

@@ -24,6 +24,8 @@ enum proto_type {
 	T_PONG = 0x02,
 	T_POWEROFF = 0x03,
 	T_RESET = 0x04,
+	T_HELLO = 0x06,
+	T_UNSUPPORTED = 0x07,
 	T_EXEC = 0x10,
 	T_STARTED = 0x11,
 	T_STDIN = 0x12,
@@ -50,8 +52,25 @@ enum {
 	FW_PATH = 1, FW_MODE = 2, FW_MKDIRS = 3,
 	FR_PATH = 1,
 	DONE_SIZE = 1, DONE_MODE = 2,
-	CFG_HOSTNAME = 1, CFG_TIME_NS = 2, CFG_ENTROPY = 3, CFG_MACHINE_ID = 4,
+	CFG_HOSTNAME = 1, CFG_TIME_NS = 2, CFG_ENTROPY = 3, CFG_MACHINE_ID = 4, CFG_VOLUME = 5,
+	CFG_GROW_ROOT = 6,
+	HELLO_VERSION = 1, HELLO_FEATURES = 2,
+	UNSUP_TYPE = 1, UNSUP_STREAM = 2,
 };
+
+/* Protocol version and feature bits (docs/agent-protocol.md, "Versions and features"); the
+ * host's copy is src/guest/protocol.ts. Bits are never reused. */
+#define PROTO_VERSION 2u
+#define FEAT_EXEC (1ull << 0)
+#define FEAT_FILES (1ull << 1)
+#define FEAT_RESET (1ull << 2)
+#define FEAT_CONFIGURE (1ull << 3)
+#define FEAT_CONFIGURE_VOLUMES (1ull << 4)
+#define FEAT_CONFIGURE_GROW_ROOT (1ull << 5)
+#define FEAT_UNSUPPORTED (1ull << 6)
+#define AGENT_FEATURES                                                                        \
+	(FEAT_EXEC | FEAT_FILES | FEAT_RESET | FEAT_CONFIGURE | FEAT_CONFIGURE_VOLUMES |        \
+	 FEAT_CONFIGURE_GROW_ROOT | FEAT_UNSUPPORTED)
 
 enum proto_result {
 	PROTO_OK = 0,
@@ -96,8 +115,10 @@ const char *proto_result_name(int r);
 int proto_tag_info(uint8_t type, uint8_t tag, const char **key, uint32_t *size);
 
 /* Decodes the frame at the start of buf[0..n). On PROTO_OK, *frame_len is its length
- * including the len field. Errors are reported as soon as the bytes at hand prove them,
- * so a bogus len is rejected before its payload arrives. */
+ * including the len field. Length errors are reported as soon as the 4 length bytes are in,
+ * so a bogus len is rejected before its payload arrives. An unknown type is PROTO_BAD_TYPE
+ * once the whole frame is in, with f->type, f->stream and *frame_len set: the reader skips
+ * the frame and answers UNSUPPORTED. */
 int proto_decode(const uint8_t *buf, size_t n, struct proto_frame *f, size_t *frame_len);
 
 /* Reads a fixed-size big-endian value of 1, 2, 4 or 8 bytes. */

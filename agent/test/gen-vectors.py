@@ -11,7 +11,7 @@ import sys
 T = dict(PING=0x01, PONG=0x02, POWEROFF=0x03, RESET=0x04, EXEC=0x10, STARTED=0x11, STDIN=0x12,
          STDOUT=0x13, STDERR=0x14, SIGNAL=0x15, RESIZE=0x16, EXIT=0x17, ERROR=0x18,
          CREDIT=0x19, FILE_WRITE=0x20, FILE_READ=0x21, DATA=0x22, DONE=0x23, CANCEL=0x24,
-         CONFIGURE=0x25)
+         CONFIGURE=0x25, HELLO=0x06, UNSUPPORTED=0x07)
 
 
 def frame(typ, stream, payload=b""):
@@ -49,7 +49,7 @@ HEADER = """\
 #
 # Notes that pin down what the prose leaves open (the agent implements exactly this):
 # - Checks happen in this order: len (too-small / too-large) as soon as the 4 length bytes are
-#   known, then type (bad-type) as soon as the type byte is known, then the payload (truncated).
+#   known, then type (bad-type), then the payload (truncated).
 #   So some error vectors stop right after the header: a decoder must reject them without waiting
 #   for the payload that len announces (a hostile peer may announce 4 GiB).
 # - Integers (u8/u16/u32/u64) print in decimal, unsigned; a mode of 0644 prints as mode=420.
@@ -65,6 +65,10 @@ HEADER = """\
 # - CONFIGURE (0x25): only time_ns (u64) has a fixed size; repeated fields and out-of-range
 #   hostname/entropy/machine_id values decode fine and are rejected by the agent (ERROR EINVAL).
 #   Before 0x25 was assigned, vector !type-25 used it as an unknown type; it is now !type-26.
+# - Protocol 2: an unknown type (bad-type) is framed by its len like any frame, so a reader can
+#   skip it whole and answer UNSUPPORTED: a decoder reports bad-type once the frame is complete
+#   (a prefix only asks for more bytes). Every !type-* vector is a complete frame.
+#   CONFIGURE's volume value (TAG NUL PATH NUL ro|rw) is bytes to the decoder; the agent checks it.
 """
 
 
@@ -240,6 +244,26 @@ def main():
     bad("configure-time-ns-empty", frame("CONFIGURE", 1, tlv(1, b"vm") + tlv(2, b"")), "truncated")
     bad("configure-time-ns-long", frame("CONFIGURE", 1, tlv(2, ns + b"\0")), "bad-length")
     bad("configure-hostname-past-end", frame("CONFIGURE", 1, b"\x01\x00\x00\x00\x09vm-1"), "truncated")
+
+    # Protocol 2: HELLO (0x06), UNSUPPORTED (0x07), CONFIGURE's volume (5) and grow_root (6).
+    feats = struct.pack(">Q", 0x7F)
+    ok("hello-agent", frame("HELLO", 0, tlv(1, struct.pack(">I", 2)) + tlv(2, feats)),
+       "HELLO stream=0 version=2 features=127")
+    ok("hello-future", frame("HELLO", 0, tlv(1, struct.pack(">I", 3)) + tlv(2, b"\xff" * 8) + tlv(3, b"later")),
+       "HELLO stream=0 version=3 features=18446744073709551615 unknown=3")
+    ok("hello-empty", frame("HELLO", 0), "HELLO stream=0")
+    bad("hello-features-short", frame("HELLO", 0, tlv(2, b"\0\0\0\x7f")), "truncated")
+    bad("hello-version-long", frame("HELLO", 0, tlv(1, b"\0\0\0\0\x02")), "bad-length")
+    ok("unsupported-stream", frame("UNSUPPORTED", 0, tlv(1, b"\x30") + tlv(2, struct.pack(">I", 9))),
+       "UNSUPPORTED stream=0 type=48 stream=9")
+    ok("unsupported-conn", frame("UNSUPPORTED", 0, tlv(1, b"\xff")), "UNSUPPORTED stream=0 type=255")
+    bad("unsupported-type-empty", frame("UNSUPPORTED", 0, tlv(1, b"")), "truncated")
+    ok("configure-volumes-grow", frame("CONFIGURE", 28, tlv(6, b"\x01") + tlv(5, b"vol0\0/work/my dir\0rw")
+                                       + tlv(5, b"vol1\0/ref\0ro") + tlv(1, b"box-1")),
+       'CONFIGURE stream=28 grow_root=1 volume="vol0\\x00/work/my dir\\x00rw" volume="vol1\\x00/ref\\x00ro"'
+       ' hostname="box-1"')
+    bad("configure-grow-root-empty", frame("CONFIGURE", 1, tlv(6, b"")), "truncated")
+    bad("configure-grow-root-long", frame("CONFIGURE", 1, tlv(6, b"\x01\x00")), "bad-length")
 
     out = [HEADER]
     for name, b, text in V:

@@ -16,6 +16,7 @@ import time
 import traceback
 
 PING, PONG, POWEROFF = 0x01, 0x02, 0x03
+HELLO, UNSUPPORTED = 0x06, 0x07
 EXEC, STARTED, STDIN, STDOUT, STDERR, SIGNAL, RESIZE, EXIT, ERROR, CREDIT = range(0x10, 0x1A)
 FILE_WRITE, FILE_READ, DATA, DONE, CANCEL, CONFIGURE = 0x20, 0x21, 0x22, 0x23, 0x24, 0x25
 WINDOW = 262144
@@ -158,9 +159,10 @@ class Host:
         return True
 
     def on_frame(self, t, sid, payload):
-        check(t in (PONG, STARTED, STDOUT, STDERR, EXIT, ERROR, CREDIT, DATA, DONE),
+        check(t in (PONG, HELLO, UNSUPPORTED, STARTED, STDOUT, STDERR, EXIT, ERROR, CREDIT, DATA, DONE),
               "agent sent frame type 0x%02x" % t)
-        if t == PONG:
+        if t in (PONG, HELLO, UNSUPPORTED):
+            check(sid == 0, "frame 0x%02x on stream %d" % (t, sid))
             self.frames.setdefault(0, []).append((t, payload))
             return
         check(sid in self.frames, "frame 0x%02x for unknown stream %d" % (t, sid))
@@ -544,10 +546,42 @@ def t_disconnect(h):
     h.accept()
 
 
+def wait_conn_frame(h, t):
+    deadline = time.time() + 3
+    while True:
+        for i, (ft, p) in enumerate(h.frames.get(0, [])):
+            if ft == t:
+                del h.frames[0][i]
+                return p
+        check(time.time() < deadline, "no frame 0x%02x" % t)
+        h.pump(0.05)
+
+
+def t_hello(h):
+    h.sendall(frame(HELLO, 0, tlv(1, struct.pack(">I", 2)) + tlv(2, struct.pack(">Q", 1 << 63)) + tlv(9, "x")))
+    f = dict(parse_tlv(wait_conn_frame(h, HELLO)))
+    check(f.get(1) == struct.pack(">I", 2), "HELLO version %r" % f.get(1))
+    check(f.get(2) == struct.pack(">Q", 0x7F), "HELLO features %r" % f.get(2))
+    t_echo(h)
+
+
+def t_unsupported(h):
+    # A newer host's frames are skipped whole and answered; nothing else is disturbed.
+    sid = h.exec(["sh", "-c", "echo $$; exec sleep 100"])
+    pid = h.wait_started(sid)
+    h.sendall(frame(0x7E, 0, b"x" * 1000) + frame(0x31, 4242))
+    f1 = dict(parse_tlv(wait_conn_frame(h, UNSUPPORTED)))
+    f2 = dict(parse_tlv(wait_conn_frame(h, UNSUPPORTED)))
+    check(f1 == {1: b"\x7e"} and f2 == {1: b"\x31", 2: struct.pack(">I", 4242)}, "UNSUPPORTED %r %r" % (f1, f2))
+    check(pid_alive(pid), "an unknown frame killed an exec")
+    t_echo(h)
+    h.sendall(frame(CANCEL, sid))
+
+
 def t_violation(h):
     sid = h.exec(["sh", "-c", "echo $$; exec sleep 100"])
     pid = h.wait_started(sid)
-    h.sendall(struct.pack(">IBI", 5, 0x7E, 0) + b"garbage\x00\x00")
+    h.sendall(struct.pack(">IBI", 0x7FFFFFFF, STDIN, sid) + b"garbage\x00\x00")
     deadline = time.time() + 3
     while pid_alive(pid):
         check(time.time() < deadline, "exec survived a protocol violation")
@@ -672,7 +706,7 @@ def run_tests(a, h, passed, failed):
         ("background-holder", t_background_holder), ("pty-resize", t_pty),
         ("concurrent", t_concurrent), ("files-5mb", t_files), ("file-errors", t_file_errors),
         ("file-cancel", t_file_cancel), ("configure", t_configure), ("write-blocked", t_write_blocked),
-        ("disconnect", t_disconnect), ("violation-resync", t_violation), ("poweroff", t_poweroff),
+        ("disconnect", t_disconnect), ("hello", t_hello), ("unsupported", t_unsupported), ("violation-resync", t_violation), ("poweroff", t_poweroff),
     ]
     for name, fn in tests:
         if a.k and a.k not in name:

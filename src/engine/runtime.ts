@@ -1,10 +1,10 @@
-import { randomBytes } from 'node:crypto';
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { inBackground, type Log } from '../background.js';
 import type { Config } from '../config.js';
 import { HutchError, orStorageFull } from '../errors.js';
 import type { AgentConnection } from '../guest/agent-connection.js';
+import { configureGuest, type GuestVolume } from '../guest/guest-setup.js';
 import type { TemplateManifest } from '../images/builder.js';
 import type { SnapshotParams } from '../images/snapshots.js';
 import type { AccelChoice } from '../vmm/accel.js';
@@ -131,7 +131,7 @@ export class Runtime {
       memoryMb: row.memory_mb,
       kernel: image.kernel,
       disk: join(row.run_dir, 'disk.qcow2'),
-      cmdline: `${this.kernelCmdline(image)} hutch.hostname=${hostnameOf(row.id)}`,
+      cmdline: this.kernelCmdline(image),
       runDir: row.run_dir,
       ...(this.d.runAs ? { runAs: this.d.runAs.user } : {}),
       ...extra,
@@ -234,19 +234,16 @@ export class Runtime {
   }
 
   /**
-   * Makes a restored machine its own: every clone of a snapshot starts with the snapshot's
-   * hostname, machine-id, kernel RNG state and a clock stopped at snapshot time.
+   * Makes a booted or restored machine its own, with one CONFIGURE: its hostname, a fresh
+   * machine-id and kernel RNG state (every clone of a snapshot starts with the snapshot's), the
+   * clock, its root filesystem grown to its disk, and its volumes mounted.
    */
-  async giveIdentity(agent: AgentConnection, id: string): Promise<void> {
-    await agent.configure(
-      {
-        hostname: hostnameOf(id),
-        machineId: randomBytes(16).toString('hex'),
-        entropy: randomBytes(64),
-        timeNs: BigInt(Date.now()) * 1_000_000n,
-      },
-      10_000,
-    );
+  async giveIdentity(
+    agent: AgentConnection,
+    id: string,
+    volumes: readonly GuestVolume[] = [],
+  ): Promise<void> {
+    await configureGuest(agent, { hostname: hostnameOf(id), growRoot: true, volumes });
   }
 
   /** The kernel command line for this host: the image's, plus TCG's timing flags. */

@@ -12,6 +12,7 @@ import { performance } from 'node:perf_hooks';
 import { type Duplex, Readable } from 'node:stream';
 import { OutputChunks } from './output-chunks.js';
 import {
+  ALL_FEATURES,
   decodeMessage,
   encodeConfigure,
   encodeCredit,
@@ -19,23 +20,34 @@ import {
   encodeFileRead,
   encodeFileWrite,
   encodeFrame,
+  encodeHello,
   encodePing,
   encodeResize,
   encodeSignal,
+  encodeUnsupported,
+  type FeatureName,
   type Frame,
   FrameDecoder,
   FrameType,
+  featureNames,
   fixedValue,
   frameTypeName,
+  type HelloInfo,
   INITIAL_WINDOW,
+  isKnownFrameType,
+  LEGACY_FEATURES,
   MAX_PAYLOAD,
   MAX_STREAM_ID,
   type Message,
+  PROTOCOL_VERSION,
   ProtocolError,
   parseDone,
   parseError,
   parseExit,
+  parseHello,
+  parseUnsupported,
   SequenceScanner,
+  type UnsupportedInfo,
 } from './protocol.js';
 
 // ---------------------------------------------------------------------------------------
@@ -109,6 +121,10 @@ export interface ReadFileHandle {
  * them in the order hostname, machineId, entropy, timeNs.
  */
 export interface ConfigureOptions {
+  /** Shares to mount (needs the configure-volumes feature). */
+  volumes?: readonly { tag: string; path: string; readonly: boolean }[];
+  /** Grow / to its disk first (needs configure-grow-root; a version-1 agent always does). */
+  growRoot?: boolean;
   /** 1–64 bytes of [A-Za-z0-9.-]; set with sethostname() and written to /etc/hostname. */
   hostname?: string;
   /** Unix epoch nanoseconds for the guest's CLOCK_REALTIME. */
@@ -122,6 +138,17 @@ export interface ConfigureOptions {
 export interface ConnectionStats {
   openStreams: number;
   ignoredFrames: number;
+  /** Frames of a type this host does not know, skipped (and answered with UNSUPPORTED). */
+  unknownFrames: number;
+}
+
+/** What the agent said it speaks in the handshake (version 1: it did not answer HELLO). */
+export interface AgentFeatures {
+  version: number;
+  /** Every bit announced, including bits this host has no name for. */
+  bits: bigint;
+  /** The announced features this host knows. */
+  names: ReadonlySet<FeatureName>;
 }
 
 /** An ERROR frame from the agent (`code` is e.g. ENOENT, EACCES, EINVAL). */
@@ -897,9 +924,11 @@ class ConfigureStream extends StreamBase {
 // ---------------------------------------------------------------------------------------
 // The connection
 
-/** Frame types the agent may send; anything else from it is a protocol violation. */
+/** Known frame types the agent may send; a known host-only type from it is a protocol violation. */
 const AGENT_TYPES: ReadonlySet<number> = new Set([
   FrameType.PONG,
+  FrameType.HELLO,
+  FrameType.UNSUPPORTED,
   FrameType.STARTED,
   FrameType.STDOUT,
   FrameType.STDERR,
@@ -927,6 +956,13 @@ export class AgentConnection {
   private resolveClosed!: (err: Error | undefined) => void;
   private nextId = 1;
   private ignored = 0;
+  private unknown = 0;
+  /** Types already answered with UNSUPPORTED: one answer each bounds what a flood makes us write. */
+  private readonly answeredTypes = new Set<number>();
+  /** The agent's HELLO, while the handshake waits for it (undefined: none, or handshake over). */
+  private peerHello: HelloInfo | undefined;
+  private negotiating = false;
+  private agentFeatures: AgentFeatures = featuresOf(1, LEGACY_FEATURES);
   private closeReason: Error | undefined;
   private isClosed = false;
   private poweringOff = false;
@@ -967,6 +1003,7 @@ export class AgentConnection {
    */
   static handshake(socket: Duplex, opts: HandshakeOptions): Promise<AgentConnection> {
     return new Promise<AgentConnection>((resolve, reject) => {
+      const deadline = performance.now() + opts.timeoutMs;
       const nonce = randomBytes(16);
       const ping = encodePing(nonce);
       const scanner = new SequenceScanner(encodeFrame(FrameType.PONG, 0, nonce));
@@ -992,7 +1029,14 @@ export class AgentConnection {
         if (rest === null) return;
         cleanup();
         // Same tick: the connection's own listener is attached before any other chunk.
-        resolve(new AgentConnection(socket, rest, nonce));
+        const conn = new AgentConnection(socket, rest, nonce);
+        conn.negotiate(Math.max(1, deadline - performance.now())).then(
+          () => resolve(conn),
+          (err: unknown) => {
+            conn.close();
+            reject(new Error(`agent handshake failed: ${toError(err).message}`, { cause: err }));
+          },
+        );
       };
       const onError = (err: Error): void =>
         fail(new Error(`agent handshake failed: ${err.message}`, { cause: err }));
@@ -1027,7 +1071,37 @@ export class AgentConnection {
   }
 
   get stats(): ConnectionStats {
-    return { openStreams: this.streams.size, ignoredFrames: this.ignored };
+    return { openStreams: this.streams.size, ignoredFrames: this.ignored, unknownFrames: this.unknown };
+  }
+
+  /** The agent's protocol version and features, as announced in the handshake. */
+  get features(): AgentFeatures {
+    return this.agentFeatures;
+  }
+
+  /** Whether the agent announced `feature` (a version-1 agent: LEGACY_FEATURES). */
+  supports(feature: FeatureName): boolean {
+    return this.agentFeatures.names.has(feature);
+  }
+
+  /**
+   * The second half of the handshake: HELLO, then a PING that fences the answer. A version-2
+   * agent answers HELLO with its own before the PONG; a version-1 agent takes HELLO for a host
+   * error, drops it and resynchronises on the PING, so the PONG comes with no HELLO before it.
+   * Either way the PONG settles it without a timeout guess.
+   */
+  private async negotiate(timeoutMs: number): Promise<void> {
+    this.negotiating = true;
+    try {
+      const fence = this.pingFrame(timeoutMs, 'HELLO');
+      this.send(Buffer.concat([encodeHello(PROTOCOL_VERSION, ALL_FEATURES), fence.frame]));
+      await fence.answered;
+      const hello = this.peerHello;
+      if (hello) this.agentFeatures = featuresOf(hello.version, hello.features);
+    } finally {
+      this.negotiating = false;
+      this.peerHello = undefined;
+    }
   }
 
   get isOpen(): boolean {
@@ -1036,6 +1110,15 @@ export class AgentConnection {
 
   /** Round trip of a PING, in milliseconds. */
   async ping(timeoutMs: number): Promise<number> {
+    const p = this.pingFrame(timeoutMs, 'PING');
+    const t0 = performance.now();
+    this.send(p.frame);
+    await p.answered;
+    return performance.now() - t0;
+  }
+
+  /** A PING frame to send and the promise of its PONG (rejected after timeoutMs). */
+  private pingFrame(timeoutMs: number, what: string): { frame: Buffer; answered: Promise<void> } {
     this.ensureOpen();
     const nonce = randomBytes(16);
     const key = nonce.toString('hex');
@@ -1043,17 +1126,12 @@ export class AgentConnection {
     this.pings.set(key, d);
     const timer = setTimeout(() => {
       this.pings.delete(key);
-      d.reject(new AgentTimeoutError(`agent did not answer PING within ${timeoutMs} ms`));
+      d.reject(new AgentTimeoutError(`agent did not answer ${what} within ${timeoutMs} ms`));
     }, timeoutMs);
     timer.unref();
-    const t0 = performance.now();
-    this.send(encodePing(nonce));
-    try {
-      await d.promise;
-    } finally {
-      clearTimeout(timer);
-    }
-    return performance.now() - t0;
+    const answered = d.promise.finally(() => clearTimeout(timer));
+    answered.catch(noop);
+    return { frame: encodePing(nonce), answered };
   }
 
   exec(req: ExecRequest): ExecHandle {
@@ -1163,8 +1241,10 @@ export class AgentConnection {
   }
 
   /**
-   * Gives a machine restored from a snapshot its own identity (hostname, machine id, fresh
-   * kernel randomness, the current time). Resolves once the agent has applied everything;
+   * Configures the guest after a boot or a restore: its root filesystem's size, its volumes
+   * and its own identity (hostname, machine id, fresh kernel randomness, the current time).
+   * Volumes need an agent with configure-volumes (else EOPNOTSUPP, before anything is sent).
+   * Resolves once the agent has applied everything;
    * rejects with AgentError (EINVAL for a bad or repeated value, else the errno of the first
    * step that failed, earlier steps staying applied), with AgentTimeoutError after timeoutMs
    * (absent or 0: no host timeout), or with AgentClosedError. An agent that is not the
@@ -1174,8 +1254,19 @@ export class AgentConnection {
     if (timeoutMs !== undefined && !(Number.isFinite(timeoutMs) && timeoutMs >= 0)) {
       throw new RangeError(`timeoutMs must be a non-negative number, got ${timeoutMs}`);
     }
+    if (opts.volumes?.length && !this.supports('configure-volumes')) {
+      // An agent without the feature would skip the field and answer DONE: refuse instead.
+      throw new AgentError(
+        'EOPNOTSUPP',
+        `protocol ${this.agentFeatures.version} agent cannot mount volumes at CONFIGURE`,
+        'configure',
+      );
+    }
+    const req = { ...opts };
+    // A version-1 agent grows / at every CONFIGURE anyway; the field is for agents that ask.
+    if (!this.supports('configure-grow-root')) delete req.growRoot;
     const id = this.allocId();
-    const frame = encodeConfigure(id, opts); // throws on a request that cannot be encoded
+    const frame = encodeConfigure(id, req); // throws on a request that cannot be encoded
     const stream = new ConfigureStream(id, this.internals, timeoutMs);
     this.register(stream, frame);
     await stream.done;
@@ -1266,10 +1357,20 @@ export class AgentConnection {
   }
 
   private onFrame(frame: Frame): void {
+    if (!isKnownFrameType(frame.type)) {
+      this.unknownFrame(frame);
+      return;
+    }
     if (!AGENT_TYPES.has(frame.type)) {
       throw new ProtocolError('unexpected', `the agent sent ${frameTypeName(frame.type)}, a host-only frame`);
     }
     const msg = decodeMessage(frame);
+    if (msg.type === FrameType.HELLO || msg.type === FrameType.UNSUPPORTED) {
+      if (msg.stream !== 0) throw new ProtocolError('unexpected', `${msg.name} on stream ${msg.stream}`);
+      if (msg.type === FrameType.HELLO) this.onHello(parseHello(msg));
+      else this.onUnsupported(parseUnsupported(msg));
+      return;
+    }
     if (msg.type === FrameType.PONG && msg.stream === 0) {
       const f = msg.fields[0];
       const key = f?.kind === 'bytes' ? f.value.toString('hex') : '';
@@ -1289,6 +1390,40 @@ export class AgentConnection {
       return;
     }
     stream.handle(msg);
+  }
+
+  /**
+   * A frame of a type this host does not know (a newer agent's): skipped whole, counted
+   * against the same budget as frames for unknown streams, and answered once per type so that
+   * a flood of them cannot make the host queue writes to a guest that does not read.
+   */
+  private unknownFrame(frame: Frame): void {
+    this.unknown++;
+    if (!this.answeredTypes.has(frame.type)) {
+      this.answeredTypes.add(frame.type);
+      this.send(encodeUnsupported(frame.type, frame.stream));
+    }
+    this.ignore();
+  }
+
+  /** Only the handshake's HELLO counts; a later one changes nothing. */
+  private onHello(hello: HelloInfo): void {
+    if (this.negotiating && this.peerHello === undefined) this.peerHello = hello;
+    else this.ignore();
+  }
+
+  /**
+   * The agent did not know a frame this host sent. The operation on that stream (if any)
+   * fails with EOPNOTSUPP; the connection goes on.
+   */
+  private onUnsupported(u: UnsupportedInfo): void {
+    const stream = u.stream === 0 ? undefined : this.streams.get(u.stream);
+    if (stream === undefined) {
+      this.ignore();
+      return;
+    }
+    const name = frameTypeName(u.type) ?? `0x${u.type.toString(16).padStart(2, '0')}`;
+    stream.abort(new AgentError('EOPNOTSUPP', `the agent does not support ${name} frames`, stream.what));
   }
 
   private ignore(): void {
@@ -1315,6 +1450,10 @@ export class AgentConnection {
     this.drainWaiters = [];
     this.resolveClosed(reason);
   }
+}
+
+function featuresOf(version: number, bits: bigint): AgentFeatures {
+  return { version, bits, names: new Set(featureNames(bits)) };
 }
 
 /**

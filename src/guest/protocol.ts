@@ -35,6 +35,8 @@ export const FrameType = {
   PONG: 0x02,
   POWEROFF: 0x03,
   RESET: 0x04,
+  HELLO: 0x06,
+  UNSUPPORTED: 0x07,
   EXEC: 0x10,
   STARTED: 0x11,
   STDIN: 0x12,
@@ -82,7 +84,62 @@ export const FileReadTag = { PATH: 0x01 } as const;
 /** TLV tags of DONE. */
 export const DoneTag = { SIZE: 0x01, MODE: 0x02 } as const;
 /** TLV tags of CONFIGURE. */
-export const ConfigureTag = { HOSTNAME: 0x01, TIME_NS: 0x02, ENTROPY: 0x03, MACHINE_ID: 0x04 } as const;
+export const ConfigureTag = {
+  HOSTNAME: 0x01,
+  TIME_NS: 0x02,
+  ENTROPY: 0x03,
+  MACHINE_ID: 0x04,
+  VOLUME: 0x05,
+  GROW_ROOT: 0x06,
+} as const;
+/** TLV tags of HELLO. */
+export const HelloTag = { VERSION: 0x01, FEATURES: 0x02 } as const;
+/** TLV tags of UNSUPPORTED. */
+export const UnsupportedTag = { TYPE: 0x01, STREAM: 0x02 } as const;
+
+// ---------------------------------------------------------------------------------------
+// Versions and features (docs/agent-protocol.md, "Versions and features")
+
+/**
+ * This side's protocol version. 1 is the protocol before HELLO existed: a peer that does not
+ * answer HELLO speaks version 1 with LEGACY_FEATURES.
+ */
+export const PROTOCOL_VERSION = 2;
+
+/**
+ * One bit per capability a peer announces in HELLO. Bits are never reused or renumbered; a
+ * peer ignores bits it does not know. A request a feature gates is sent only to a peer that
+ * announced the feature, so an old peer is never handed a field it would skip.
+ */
+export const Feature = {
+  /** EXEC and its stream frames (STDIN … EXIT, PTY, timeout). */
+  exec: 1n << 0n,
+  /** FILE_WRITE and FILE_READ. */
+  files: 1n << 1n,
+  /** RESET. */
+  reset: 1n << 2n,
+  /** CONFIGURE with hostname, time_ns, entropy, machine_id. */
+  configure: 1n << 3n,
+  /** CONFIGURE's volume field: mount virtio-9p shares (instead of `hutch.vol=` at boot). */
+  'configure-volumes': 1n << 4n,
+  /** CONFIGURE's grow_root field: grow / to its disk (instead of at every boot). */
+  'configure-grow-root': 1n << 5n,
+  /** Answers a frame of an unknown type with UNSUPPORTED instead of resynchronising. */
+  unsupported: 1n << 6n,
+} as const;
+
+export type FeatureName = keyof typeof Feature;
+
+/** What a version-1 peer (no HELLO) can do: the agent of git 77b0647 and before, back to RESET. */
+export const LEGACY_FEATURES: bigint = Feature.exec | Feature.files | Feature.reset | Feature.configure;
+
+/** Every feature this build implements: what the host announces in its HELLO. */
+export const ALL_FEATURES: bigint = (Object.values(Feature) as bigint[]).reduce((a, b) => a | b, 0n);
+
+/** The names of the known bits set in `bits` (unknown bits are kept by the caller, not named). */
+export function featureNames(bits: bigint): FeatureName[] {
+  return (Object.keys(Feature) as FeatureName[]).filter((n) => (bits & Feature[n]) !== 0n);
+}
 
 // ---------------------------------------------------------------------------------------
 // Errors
@@ -163,15 +220,14 @@ function checkType(type: number): void {
 }
 
 /**
- * Decodes a buffer holding exactly one frame (header checks only; see decodeMessage for the
- * payload). Throws ProtocolError: too-small/too-large/bad-type as the stream decoder would,
+ * Decodes a buffer holding exactly one frame (length checks only; the type and the payload
+ * are decodeMessage's). Throws ProtocolError: too-small/too-large as the stream decoder would,
  * `truncated` if the buffer ends early, `bad-length` if bytes follow the frame.
  */
 export function decodeFrame(buf: Buffer): Frame {
   if (buf.length < LEN_SIZE) throw new ProtocolError('truncated', `${buf.length} bytes, no frame length`);
   const len = buf.readUInt32BE(0);
   checkLen(len);
-  if (buf.length > LEN_SIZE) checkType(buf.readUInt8(4));
   if (buf.length < LEN_SIZE + len) {
     throw new ProtocolError('truncated', `frame of ${LEN_SIZE + len} bytes, only ${buf.length} present`);
   }
@@ -183,9 +239,11 @@ export function decodeFrame(buf: Buffer): Frame {
 
 /**
  * Incremental frame decoder. Feed it chunks cut anywhere; it validates `len` as soon as the
- * 4 length bytes are in and the type as soon as its byte is in, and it never holds more
- * than one (partial) frame plus the unconsumed rest of the last chunk. After an error it is
- * dead: every later call throws the same error.
+ * 4 length bytes are in, and it never holds more than one (partial) frame plus the
+ * unconsumed rest of the last chunk. It frames every type, known or not: a frame of an
+ * unknown type is skipped whole by its reader (and answered with UNSUPPORTED), which only
+ * works if the framing layer never cares about the type. After an error it is dead: every
+ * later call throws the same error.
  */
 export class FrameDecoder {
   private chunks: Buffer[] = [];
@@ -219,8 +277,6 @@ export class FrameDecoder {
         if (this.buffered < LEN_SIZE) return;
         const len = this.peekU32();
         checkLen(len);
-        if (this.buffered < LEN_SIZE + 1) return;
-        checkType(this.peekByte(LEN_SIZE));
         if (this.buffered < LEN_SIZE + len) return;
         const bytes = this.take(LEN_SIZE + len);
         onFrame({
@@ -451,6 +507,22 @@ const SPECS: Record<FrameTypeName, PayloadSpec> = {
       [ConfigureTag.TIME_NS, uintTag('time_ns', 8)],
       [ConfigureTag.ENTROPY, bytesTag('entropy')],
       [ConfigureTag.MACHINE_ID, bytesTag('machine_id')],
+      [ConfigureTag.VOLUME, bytesTag('volume')],
+      [ConfigureTag.GROW_ROOT, uintTag('grow_root', 1)],
+    ]),
+  },
+  HELLO: {
+    layout: 'tlv',
+    tags: new Map<number, TagSpec>([
+      [HelloTag.VERSION, uintTag('version', 4)],
+      [HelloTag.FEATURES, uintTag('features', 8)],
+    ]),
+  },
+  UNSUPPORTED: {
+    layout: 'tlv',
+    tags: new Map<number, TagSpec>([
+      [UnsupportedTag.TYPE, uintTag('type', 1)],
+      [UnsupportedTag.STREAM, uintTag('stream', 4)],
     ]),
   },
 };
@@ -731,7 +803,20 @@ export function encodeFileRead(stream: number, path: string): Buffer {
   );
 }
 
-/** The identity a machine restored from a snapshot gets (docs/agent-protocol.md, CONFIGURE). */
+/** A virtio-9p share for CONFIGURE to mount (the same rules as src/vmm/volumes.ts). */
+export interface ConfigureVolume {
+  /** The share's mount_tag: 1–31 bytes of [A-Za-z0-9_-]. */
+  tag: string;
+  /** Absolute, normalised, not `/`, at most 255 bytes. */
+  path: string;
+  readonly: boolean;
+}
+
+/**
+ * A guest's configuration after boot or restore (docs/agent-protocol.md, CONFIGURE). Send
+ * `volumes` and `growRoot` only to an agent that announced configure-volumes /
+ * configure-grow-root: an older one skips the fields it does not know.
+ */
 export interface ConfigureRequestFields {
   /** 1–64 bytes of [A-Za-z0-9.-]: sethostname() and /etc/hostname. */
   hostname?: string;
@@ -741,6 +826,10 @@ export interface ConfigureRequestFields {
   entropy?: Uint8Array;
   /** 32 lower-case hex digits: /etc/machine-id. */
   machineId?: string;
+  /** Shares to mount (at most 8), each field `TAG NUL PATH NUL ro|rw`. */
+  volumes?: readonly ConfigureVolume[];
+  /** Grow / to fill its disk before anything else. */
+  growRoot?: boolean;
 }
 
 /**
@@ -766,6 +855,17 @@ export function encodeConfigure(stream: number, req: ConfigureRequestFields): Bu
     if (typeof req.machineId !== 'string') throw new TypeError('machineId must be a string');
     fields.push({ tag: ConfigureTag.MACHINE_ID, value: Buffer.from(req.machineId, 'utf8') });
   }
+  for (const v of req.volumes ?? []) {
+    const value = Buffer.concat([
+      noNul('volume tag', v.tag),
+      Buffer.from([0]),
+      noNul('volume path', v.path),
+      Buffer.from([0]),
+      Buffer.from(v.readonly ? 'ro' : 'rw'),
+    ]);
+    fields.push({ tag: ConfigureTag.VOLUME, value });
+  }
+  if (req.growRoot) fields.push({ tag: ConfigureTag.GROW_ROOT, value: u8('growRoot', 1) });
   return frameWithPayload(FrameType.CONFIGURE, stream, encodeTlv(fields), 'CONFIGURE');
 }
 
@@ -779,6 +879,25 @@ export function encodeSignal(stream: number, signal: number): Buffer {
 
 export function encodeResize(stream: number, cols: number, rows: number): Buffer {
   return encodeFrame(FrameType.RESIZE, stream, Buffer.concat([u16('cols', cols), u16('rows', rows)]));
+}
+
+/** HELLO: this side's protocol version and features (host -> agent and agent -> host). */
+export function encodeHello(version: number, features: bigint): Buffer {
+  return encodeFrame(
+    FrameType.HELLO,
+    0,
+    encodeTlv([
+      { tag: HelloTag.VERSION, value: u32('version', version) },
+      { tag: HelloTag.FEATURES, value: writeUint(features, 8) },
+    ]),
+  );
+}
+
+/** UNSUPPORTED: the answer to a frame of a type this side does not know (always stream 0). */
+export function encodeUnsupported(type: number, stream: number): Buffer {
+  const fields: Tlv[] = [{ tag: UnsupportedTag.TYPE, value: u8('type', type) }];
+  if (stream !== 0) fields.push({ tag: UnsupportedTag.STREAM, value: u32('stream', stream) });
+  return encodeFrame(FrameType.UNSUPPORTED, 0, encodeTlv(fields));
 }
 
 export function encodePing(nonce: Uint8Array): Buffer {
@@ -847,6 +966,33 @@ export function parseDone(msg: Message): DoneInfo {
   if (size > BigInt(Number.MAX_SAFE_INTEGER))
     throw new ProtocolError('too-large', `DONE size ${size} is absurd`);
   return { size: Number(size), mode: Number(uintField(msg, 'mode') ?? 0n) };
+}
+
+export interface HelloInfo {
+  /** 0 when the peer left the field out. */
+  version: number;
+  /** Every bit the peer announced, unknown ones included. */
+  features: bigint;
+}
+
+export function parseHello(msg: Message): HelloInfo {
+  return {
+    version: Number(uintField(msg, 'version') ?? 0n),
+    features: uintField(msg, 'features') ?? 0n,
+  };
+}
+
+export interface UnsupportedInfo {
+  type: number;
+  /** 0 when the unknown frame was on stream 0 (or the field is missing). */
+  stream: number;
+}
+
+export function parseUnsupported(msg: Message): UnsupportedInfo {
+  return {
+    type: Number(uintField(msg, 'type') ?? 0n),
+    stream: Number(uintField(msg, 'stream') ?? 0n),
+  };
 }
 
 // ---------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ const run = promisify(execFile);
  * ever written. Asynchronous: qemu-img takes ~20 ms, which must not stall other requests.
  *
  * `size` (bytes) makes the overlay's virtual disk larger than the base: the guest's agent grows
- * the root ext4 to fill it at boot (docs/agent-protocol.md, "Boot parameters"). Without it the
+ * the root ext4 to fill it when CONFIGURE asks (docs/agent-protocol.md, "Growing /"). Without it the
  * overlay is the base's size. Smaller than the base is an error (qemu-img would refuse too,
  * less clearly); sizes are rounded up to whole MiB.
  */

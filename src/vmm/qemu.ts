@@ -31,7 +31,8 @@ export interface VmSpec {
   incoming?: boolean;
   /**
    * Host directories shared over virtio-9p (at most 4; src/vmm/volumes.ts). Their `hutch.vol=`
-   * kernel arguments are appended to `cmdline` here, so devices and mounts cannot disagree. A
+   * kernel arguments (for protocol-1 agents) are appended to `cmdline` here, so devices and
+   * mounts cannot disagree; protocol-2 agents mount them from CONFIGURE. A
    * migration stream only fits a machine with the same devices: volumes are for cold boots.
    */
   volumes?: Volume[];

@@ -1,8 +1,9 @@
 import { isAbsolute } from 'node:path';
 
 /**
- * A host directory shared into the guest over virtio-9p. The agent (PID 1) mounts it at boot
- * from the kernel command line (`hutch.vol=`, docs/agent-protocol.md "Boot parameters").
+ * A host directory shared into the guest over virtio-9p. The agent (PID 1) mounts it when
+ * CONFIGURE asks (src/guest/guest-setup.ts); a protocol-1 agent did at boot, from `hutch.vol=`
+ * (docs/agent-protocol.md "Boot parameters").
  *
  * QEMU opens the directory after it has dropped to hutch-vm (-runas), under seccomp, so the
  * host side must prepare it: every parent searchable by hutch-vm (o+x or an ACL), the directory
@@ -104,7 +105,8 @@ export function volumeQemuArgs(volumes: readonly Volume[]): string[] {
 }
 
 /**
- * The kernel arguments that tell the agent to mount the volumes:
+ * The kernel arguments that tell a protocol-1 agent to mount the volumes at boot (a box whose
+ * disk predates protocol 2 still runs one; a protocol-2 agent ignores them):
  * `hutch.vol=<tag>:<guest path, hex>:<ro|rw>` each. Hex, because a kernel argument ends at a
  * space and quoting rules differ between bootloaders; hex survives any byte.
  */

@@ -1,6 +1,6 @@
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, renameSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -8,6 +8,7 @@ import { fileURLToPath } from 'node:url';
 import { AgentConnection, connectAgent } from '../../src/guest/agent-connection.js';
 import {
   encodeFrame,
+  encodeHello,
   encodePing,
   type Frame,
   FrameDecoder,
@@ -34,6 +35,35 @@ export function agentBinary(): string {
     execFileSync('make', ['-C', path.join(root, 'agent')], { stdio: ['ignore', 'ignore', 'inherit'] });
   }
   if (!existsSync(bin)) throw new Error(`make -C agent did not produce ${bin}`);
+  return bin;
+}
+
+/**
+ * The last commit whose agent speaks protocol 1 (no HELLO): machines booted before the upgrade
+ * run this agent, and a daemon must keep working with them.
+ */
+export const PREVIOUS_AGENT_COMMIT = '77b0647';
+
+/** That agent, built from the commit's agent/ sources (git archive) into a cache on first use. */
+export function previousAgentBinary(): string {
+  const root = repoRoot();
+  const dir = path.join(os.tmpdir(), `hutch-agent-${PREVIOUS_AGENT_COMMIT}`);
+  const bin = path.join(dir, 'agent', 'build', 'hutch-agent');
+  if (existsSync(bin)) return bin;
+  const tmp = mkdtempSync(path.join(os.tmpdir(), 'hutch-agent-prev-'));
+  try {
+    const tar = execFileSync('git', ['-C', root, 'archive', PREVIOUS_AGENT_COMMIT, 'agent'], {
+      maxBuffer: 64 * 1024 * 1024,
+    });
+    execFileSync('tar', ['-x', '-C', tmp], { input: tar });
+    execFileSync('make', ['-C', path.join(tmp, 'agent'), 'build/hutch-agent'], {
+      stdio: ['ignore', 'ignore', 'inherit'],
+    });
+    rmSync(dir, { recursive: true, force: true });
+    renameSync(tmp, dir);
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
   return bin;
 }
 
@@ -121,8 +151,8 @@ export class AgentProcess {
     });
   }
 
-  static async start(): Promise<AgentProcess> {
-    const bin = agentBinary();
+  /** `bin`: another agent binary (previousAgentBinary()); default: this tree's. */
+  static async start(bin = agentBinary()): Promise<AgentProcess> {
     const tmp = tempSocketDir('hutch-agent-test-');
     const server = await SocketServer.listen(tmp.socketPath);
     const child = spawn(bin, ['--connect', tmp.socketPath], { stdio: ['ignore', 'ignore', 'pipe'] });
@@ -259,9 +289,13 @@ export class FakeAgent {
 
   /**
    * Starts a fake agent and connects to it with connectAgent(). `beforePong` is written
-   * just before the PONG, `afterPong` right after it in the same write.
+   * just before the PONG, `afterPong` right after it in the same write. With `hello` it
+   * answers the host's HELLO like a protocol-2 agent; without, it ignores HELLO like a
+   * protocol-1 agent. HELLO frames are not recorded, like PINGs.
    */
-  static async start(opts: { beforePong?: Buffer; afterPong?: Buffer } = {}): Promise<FakeAgent> {
+  static async start(
+    opts: { beforePong?: Buffer; afterPong?: Buffer; hello?: { version: number; features: bigint } } = {},
+  ): Promise<FakeAgent> {
     const tmp = tempSocketDir('hutch-fake-agent-');
     const server = await SocketServer.listen(tmp.socketPath);
     const frames: Frame[] = [];
@@ -273,6 +307,10 @@ export class FakeAgent {
     peer.on('data', (chunk: Buffer) => {
       decoder.feed(chunk, (f) => {
         const frame = { type: f.type, stream: f.stream, payload: Buffer.from(f.payload) };
+        if (frame.type === FrameType.HELLO) {
+          if (opts.hello) peer.write(encodeHello(opts.hello.version, opts.hello.features));
+          return;
+        }
         if (frame.type === FrameType.PING) {
           const pong = encodeFrame(FrameType.PONG, 0, frame.payload);
           if (answered) {

@@ -56,6 +56,10 @@ export class FakeAgent {
 
   async reset(): Promise<void> {}
 
+  supports(_feature: string): boolean {
+    return true;
+  }
+
   async configure(opts: Record<string, unknown>): Promise<void> {
     this.configured.push(opts);
   }

@@ -124,11 +124,23 @@ describe('FrameDecoder', () => {
     );
   });
 
-  it('rejects an unknown type as soon as the type byte is in', () => {
+  it('frames an unknown type by its length, so a reader can skip it whole', () => {
     const dec = new FrameDecoder();
-    dec.feed(Buffer.from([0x00, 0x01, 0x00, 0x05]), () => {});
+    const unknown = encodeFrame(0x77, 3, Buffer.from('from a newer peer'));
+    const got: Frame[] = [];
+    dec.feed(Buffer.concat([unknown, frames[0]!]), (f) =>
+      got.push({ ...f, payload: Buffer.from(f.payload) }),
+    );
+    assert.deepEqual(
+      got.map((f) => [f.type, f.stream]),
+      [
+        [0x77, 3],
+        [decodeFrame(frames[0]!).type, decodeFrame(frames[0]!).stream],
+      ],
+    );
+    // Only the message layer names the problem.
     assert.equal(
-      kindOf(() => dec.feed(Buffer.from([0x77]), () => {})),
+      kindOf(() => decodeMessage(got[0]!)),
       'bad-type',
     );
   });

@@ -2,7 +2,6 @@ import { realpathSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Principal } from '../../core/principal.js';
 import { HutchError } from '../../errors.js';
-import type { AgentConnection } from '../../guest/agent-connection.js';
 import { templateRecipes } from '../../images/recipes.js';
 import type { TemplateSnapshot } from '../../images/snapshots.js';
 import { type Volume, validateVolumes } from '../../vmm/volumes.js';
@@ -126,6 +125,7 @@ export async function createMachine(
         await rt.d.hv.createOverlay(manifest.rootfs, disk, 'raw', rt.d.runAs);
         const vm = rt.launch(m, row, manifest, {});
         vm.agent = await rt.waitForAgent(m, vm);
+        await rt.giveIdentity(vm.agent, id);
       }
       return rt.markRunning(m, Math.round(performance.now() - t0));
     } catch (e) {
@@ -328,7 +328,17 @@ export async function bootBox(cx: FlowContext, m: Machine, row: MachineRow, imag
   const volumes = toVmVolumes(spec.volumes ?? []);
   const vm = cx.rt.launch(m, row, image, volumes.length ? { volumes } : {});
   vm.agent = await cx.rt.waitForAgent(m, vm);
-  if (volumes.length) await checkMounts(vm.agent, spec.volumes ?? []);
+  try {
+    await cx.rt.giveIdentity(vm.agent, row.id, volumes);
+  } catch (e) {
+    if (!volumes.length) throw e;
+    // The usual cause is a host directory the unprivileged QEMU user cannot open.
+    const where = volumes.map((v) => `${v.hostPath} at ${v.guestPath}`).join(', ');
+    throw new HutchError(
+      'BOOT_FAILED',
+      `the volumes (${where}) could not all be mounted: the VM user must be able to read (and for a writable volume, write) them: ${(e as Error).message}`,
+    );
+  }
 }
 
 /** A box's volumes as the VM sees them: 9p tags vol0, vol1, … */
@@ -339,32 +349,4 @@ function toVmVolumes(volumes: BoxVolume[]): Volume[] {
     guestPath: v.guest_path,
     readonly: v.readonly,
   }));
-}
-
-/**
- * The agent mounts volumes at boot and only logs a failure (a boot must not hang on one): a
- * box is not handed out with a volume silently missing. The usual cause is a host directory
- * the unprivileged QEMU user cannot open.
- */
-async function checkMounts(agent: AgentConnection, volumes: BoxVolume[]): Promise<void> {
-  const h = agent.readFile('/proc/self/mounts');
-  const chunks: Buffer[] = [];
-  for await (const c of h.stream) chunks.push(c as Buffer);
-  await h.done;
-  const mounted = new Set(
-    Buffer.concat(chunks)
-      .toString('utf8')
-      .split('\n')
-      .map((l) => l.split(' '))
-      .filter((f) => f[2] === '9p')
-      .map((f) =>
-        (f[1] ?? '').replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(Number.parseInt(o, 8))),
-      ),
-  );
-  for (const v of volumes)
-    if (!mounted.has(v.guest_path))
-      throw new HutchError(
-        'BOOT_FAILED',
-        `volume ${v.host_path} could not be mounted at ${v.guest_path}: the VM user must be able to read (and for a writable volume, write) it`,
-      );
 }

@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
+import { configureGuest } from '../../guest/guest-setup.js';
 import type { TemplateManifest } from '../../images/builder.js';
 import type { SnapshotParams } from '../../images/snapshots.js';
 import { runPaths } from '../../vmm/qemu.js';
@@ -44,6 +45,8 @@ export async function takeSnapshot(
     const vm = rt.launch(m, row, image, { memory: { kind: 'file', path: join(dir, 'mem'), share: true } });
     const agent = await rt.d.guest.connectBooting(vm.pid, dir, 120_000, () => '');
     vm.agent = agent;
+    // Grown here, so clones restored onto a disk of the snapshot's size have nothing to do.
+    await configureGuest(agent, { hostname: 'hutch', growRoot: true });
     const bootMs = performance.now() - t0;
     // Warm the page cache with what users start first: a clone then finds python and node
     // in RAM instead of reading them from its disk.
