@@ -15,12 +15,8 @@ import { join } from 'node:path';
 import { inBackground, type Log } from '../background.js';
 import type { Config } from '../config.js';
 import { HutchError, orStorageFull } from '../errors.js';
-import {
-  type AgentConnection,
-  AgentError,
-  connectAgent,
-  type ExecHandle,
-} from '../guest/agent-connection.js';
+import { type AgentConnection, AgentError, connectAgent } from '../guest/agent-connection.js';
+import { GuestOps } from '../guest/guest-ops.js';
 import type { TemplateManifest } from '../images/builder.js';
 import { templateRecipes } from '../images/recipes.js';
 import {
@@ -1029,10 +1025,7 @@ export class Engine {
    * file transfer). A suspended machine is woken first, like a plain exec. While the session is
    * open the machine never counts as idle; `release` ends that (call it exactly once).
    */
-  async openSession(
-    owner: string,
-    idOrName: string,
-  ): Promise<{ id: string; agent: AgentConnection; release: () => void }> {
+  async openSession(owner: string, idOrName: string): Promise<GuestOps> {
     let row = this.find(owner, idOrName);
     if (row.state === 'suspended') {
       await this.resume(owner, row.id);
@@ -1043,18 +1036,14 @@ export class Engine {
     this.sessions.set(id, (this.sessions.get(id) ?? 0) + 1);
     this.touch(id);
     let released = false;
-    return {
-      id,
-      agent: agent,
-      release: () => {
-        if (released) return;
-        released = true;
-        const n = (this.sessions.get(id) ?? 1) - 1;
-        if (n <= 0) this.sessions.delete(id);
-        else this.sessions.set(id, n);
-        this.touch(id);
-      },
-    };
+    return new GuestOps(agent, { kind: 'machine', id }, {}, () => {
+      if (released) return;
+      released = true;
+      const n = (this.sessions.get(id) ?? 1) - 1;
+      if (n <= 0) this.sessions.delete(id);
+      else this.sessions.set(id, n);
+      this.touch(id);
+    });
   }
 
   /** Open streaming sessions per machine: a machine with one is busy, never idle. */
@@ -1434,57 +1423,21 @@ export class Engine {
     return this.execs.cancel(this.findBox(owner, boxRef), execId);
   }
 
-  /** The agent of a running box, for streaming work (files, terminals); see openSession. */
-  async openBoxSession(
-    owner: string,
-    idOrName: string,
-  ): Promise<{ id: string; agent: AgentConnection; spec: BoxSpec; release: () => void }> {
+  /**
+   * Guest operations in a running box, for streaming work (files, terminals; see openSession):
+   * commands and terminals get the box's environment and workdir.
+   */
+  async openBoxSession(owner: string, idOrName: string): Promise<GuestOps> {
     const box = this.findBox(owner, idOrName);
     const agent = this.agentOf(box);
+    const spec = boxSpecOf(box);
     this.touch(box.id);
-    return {
-      id: box.id,
-      agent: agent,
-      spec: boxSpecOf(box),
-      release: () => this.touch(box.id),
-    };
-  }
-
-  /**
-   * A shell on a terminal in a box (attach): a PTY exec with the box's environment and workdir.
-   * The default shell falls back to /bin/sh in images without bash.
-   */
-  async boxTerminal(
-    owner: string,
-    idOrName: string,
-    opts: { shell?: string; cols: number; rows: number; term: string },
-  ): Promise<{ id: string; handle: ExecHandle; release: () => void }> {
-    const s = await this.openBoxSession(owner, idOrName);
-    const env = { ...execEnv(s.spec, undefined), TERM: opts.term };
-    const start = async (shell: string): Promise<ExecHandle> => {
-      const handle = s.agent.exec({
-        argv: [shell],
-        env,
-        cwd: s.spec.workdir,
-        stdin: true,
-        pty: { cols: opts.cols, rows: opts.rows },
-      });
-      await handle.started;
-      return handle;
-    };
-    try {
-      let handle: ExecHandle;
-      try {
-        handle = await start(opts.shell ?? '/bin/bash');
-      } catch (e) {
-        if (opts.shell !== undefined || !(e instanceof AgentError) || e.code !== 'ENOENT') throw e;
-        handle = await start('/bin/sh');
-      }
-      return { id: s.id, handle, release: s.release };
-    } catch (e) {
-      s.release();
-      throw execError([opts.shell ?? '/bin/bash'], e);
-    }
+    return new GuestOps(
+      agent,
+      { kind: 'box', id: box.id },
+      { env: execEnv(spec, undefined), cwd: spec.workdir },
+      () => this.touch(box.id),
+    );
   }
 
   /** Ephemeral run: a box for one command, removed afterwards whatever happened. */
