@@ -30,14 +30,19 @@ type Ctx<Q, B> = BoxesApp & RequestParts<Q, B>;
 
 // ---- GET /v1/boxes/{id}/exec/{eid}/events ------------------------------------------------------
 
-/** Every event of the exec from the first, then live ones until its exit. */
-export async function* execEvents(ctx: Ctx<undefined, undefined>): AsyncGenerator<SseEvent> {
+/**
+ * Every event of the exec from the first, then live ones until its exit. The box and the exec
+ * are looked up now, so an unknown one is an HTTP error rather than a cut stream.
+ */
+export function execEvents(ctx: Ctx<undefined, undefined>): AsyncGenerator<SseEvent> {
   const events = ctx.engine.execEvents(ctx.owner, ctx.params.id ?? '', ctx.params.eid ?? '');
-  try {
-    for await (const e of events) yield { event: e.event, data: eventData(e) };
-  } finally {
-    await events.return(undefined);
-  }
+  return (async function* () {
+    try {
+      for await (const e of events) yield { event: e.event, data: eventData(e) };
+    } finally {
+      await events.return(undefined);
+    }
+  })();
 }
 
 function eventData(e: ExecEvent): Record<string, unknown> {

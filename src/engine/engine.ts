@@ -15,7 +15,7 @@ import { join } from 'node:path';
 import { inBackground, type Log } from '../background.js';
 import type { Config } from '../config.js';
 import { HutchError, orStorageFull } from '../errors.js';
-import { type AgentConnection, AgentError, connectAgent } from '../guest/agent-connection.js';
+import { type AgentConnection, connectAgent } from '../guest/agent-connection.js';
 import { GuestOps } from '../guest/guest-ops.js';
 import type { TemplateManifest } from '../images/builder.js';
 import { templateRecipes } from '../images/recipes.js';
@@ -980,22 +980,18 @@ export class Engine {
       row = this.find(owner, row.id);
     }
     this.touch(row.id);
-    const agent = this.agentOf(row);
+    const ops = new GuestOps(this.agentOf(row), { kind: 'machine', id: row.id }, {}, () => {});
     const t0 = performance.now();
     try {
-      const r = await agent.execBuffered(
+      const r = await ops.execBuffered(
         {
           argv: req.argv,
           ...(req.env ? { env: req.env } : {}),
           ...(req.cwd ? { cwd: req.cwd } : {}),
-          stdin: req.stdin !== undefined,
+          ...(req.stdin !== undefined ? { stdinData: req.stdin } : {}),
           ...(req.timeoutMs ? { timeoutMs: req.timeoutMs } : {}),
         },
-        {
-          ...(req.stdin !== undefined ? { stdin: req.stdin } : {}),
-          maxOutputBytes: this.config.execMaxOutputBytes,
-          allowance: this.execOutput,
-        },
+        { maxOutputBytes: this.config.execMaxOutputBytes, allowance: this.execOutput },
       );
       return {
         exit_code: r.exitCode,
@@ -1007,14 +1003,14 @@ export class Engine {
         duration_ms: Math.round(performance.now() - t0),
       };
     } catch (e) {
-      if (e instanceof AgentError) throw execError(req.argv, e);
+      // The agent went away because the machine stopped running: say that instead.
       const now = this.store.get(row.id);
-      if (now && now.state !== 'running')
+      if (e instanceof HutchError && e.code === 'AGENT_UNAVAILABLE' && now && now.state !== 'running')
         throw new HutchError(
           'MACHINE_NOT_RUNNING',
           `machine ${row.id} became ${now.state} while the command ran; the command was stopped`,
         );
-      throw new HutchError('AGENT_UNAVAILABLE', `machine ${row.id}: ${(e as Error).message}`);
+      throw e;
     } finally {
       this.touch(row.id);
     }
