@@ -52,7 +52,8 @@ export async function execStream(
       stdin: b.stdin !== undefined,
       ...(b.timeout_ms !== undefined ? { timeoutMs: b.timeout_ms } : {}),
     });
-    // The client went away before the end: the command goes too.
+    // The client went away before the end (or while it started): the command goes too.
+    if (ctx.signal.aborted) p.cancel();
     ctx.signal.addEventListener('abort', () => p.cancel());
     if (b.stdin !== undefined)
       p.write(b.stdin)
