@@ -1,10 +1,9 @@
-import { posix } from 'node:path';
-import type { z } from 'zod';
-import type { Actions } from '../core/dispatch.js';
-import type { Engine } from '../engine/engine.js';
-import { HutchError } from '../errors.js';
+import { z } from 'zod';
+import { attachTerminal, type BoxesApp, downloadFile, execEvents, uploadFile } from './boxes-channels.js';
 import {
+  boxAttachQuery,
   boxExecBody,
+  boxListQuery,
   boxListSchema,
   boxSchema,
   createBoxBody,
@@ -14,76 +13,23 @@ import {
   gcBody,
   gcResultSchema,
   infoSchema,
+  removeBoxQuery,
   runBody,
   runResultSchema,
   uploadResultSchema,
 } from './boxes-schemas.js';
-import { parseWith } from './routes.js';
+import { type ApiRoute, routesOf } from './http/routes.js';
 
-export interface BoxRouteContext {
-  engine: Engine;
-  act: Actions;
-  params: Record<string, string>;
-  query: URLSearchParams;
-  body: unknown;
-  version: string;
-}
+const route = routesOf<BoxesApp>();
+
+const binary = { schema: { type: 'string', contentMediaType: 'application/octet-stream' } };
 
 /**
- * A route of the boxes API. `json` routes parse, call one engine method and answer JSON; the
- * other kinds move bytes (SSE, multipart, raw downloads, WebSocket terminals) in boxes-server.ts.
+ * The boxes API: each route's input is parsed by the server, and the handler calls one engine
+ * method; the streaming ones (events, files, attach) only move bytes (boxes-server.ts).
  */
-export type BoxRoute = {
-  method: 'GET' | 'POST' | 'DELETE';
-  path: string;
-  summary: string;
-  status: number;
-  body?: z.ZodType;
-  response?: z.ZodType;
-} & (
-  | { kind: 'json'; handle: (ctx: BoxRouteContext) => Promise<unknown> | unknown }
-  | { kind: 'events' | 'upload' | 'download' | 'attach' }
-);
-
-/** `dest` of an upload: absolute, no `..`; a trailing `/` means "this directory, the file's own name". */
-export function uploadDest(dest: string, filename: string): string {
-  if (!dest.startsWith('/') || dest.includes('\0') || dest.split('/').includes('..'))
-    throw new HutchError(
-      'INVALID_ARGUMENT',
-      `dest must be an absolute path without "..", got ${JSON.stringify(dest)}`,
-    );
-  if (!dest.endsWith('/')) return within(dest);
-  const name = posix.basename(filename);
-  if (!name || name === '.' || name === '..' || name.includes('\0'))
-    throw new HutchError('INVALID_ARGUMENT', 'dest is a directory and the file part has no usable filename');
-  return within(posix.join(dest, name));
-}
-
-/** A path the guest can take: at most PATH_MAX bytes (and the agent request stays one frame). */
-function within(path: string): string {
-  if (Buffer.byteLength(path) > 4096)
-    throw new HutchError('INVALID_ARGUMENT', 'the destination path is longer than 4096 bytes');
-  return path;
-}
-
-const status = (q: URLSearchParams): string | undefined => {
-  const s = q.get('status');
-  if (s === null) return undefined;
-  if (s !== 'running' && s !== 'stopped')
-    throw new HutchError('INVALID_ARGUMENT', `status must be running or stopped, got ${JSON.stringify(s)}`);
-  return s;
-};
-
-const boolParam = (q: URLSearchParams, name: string): boolean => {
-  const v = q.get(name);
-  if (v === null || v === 'false' || v === '0') return false;
-  if (v === 'true' || v === '1' || v === '') return true;
-  throw new HutchError('INVALID_ARGUMENT', `${name} must be true or false`);
-};
-
-export const boxRoutes: BoxRoute[] = [
-  {
-    kind: 'json',
+export const boxRoutes: ApiRoute<BoxesApp>[] = [
+  route.json({
     method: 'POST',
     path: '/v1/boxes',
     summary: 'Create a box (pulls or builds its image, boots it)',
@@ -91,7 +37,7 @@ export const boxRoutes: BoxRoute[] = [
     response: boxSchema,
     status: 201,
     handle: ({ act, body }) => {
-      const b = parseWith(createBoxBody, body ?? {});
+      const b = body;
       return act.createBox({
         image: b.image,
         ...(b.name !== undefined ? { name: b.name } : {}),
@@ -104,56 +50,52 @@ export const boxRoutes: BoxRoute[] = [
         volumes: b.volumes,
       });
     },
-  },
-  {
-    kind: 'json',
+  }),
+  route.json({
     method: 'GET',
     path: '/v1/boxes',
-    summary: 'List boxes (?status=running|stopped)',
+    summary: 'List boxes',
+    query: boxListQuery,
     response: boxListSchema,
     status: 200,
-    handle: ({ act, query }) => ({ boxes: act.listBoxes(status(query)) }),
-  },
-  {
-    kind: 'json',
+    handle: ({ act, query }) => ({ boxes: act.listBoxes(query.status) }),
+  }),
+  route.json({
     method: 'GET',
     path: '/v1/boxes/{id}',
     summary: 'Get a box by id or name',
     response: boxSchema,
     status: 200,
     handle: ({ act, params }) => act.getBox(params.id ?? ''),
-  },
-  {
-    kind: 'json',
+  }),
+  route.json({
     method: 'POST',
     path: '/v1/boxes/{id}:stop',
     summary: 'Stop a box (its disk is kept)',
     response: boxSchema,
     status: 200,
     handle: ({ act, params }) => act.stopBox(params.id ?? ''),
-  },
-  {
-    kind: 'json',
+  }),
+  route.json({
     method: 'POST',
     path: '/v1/boxes/{id}:start',
     summary: 'Start a stopped box again',
     response: boxSchema,
     status: 200,
     handle: ({ act, params }) => act.startBox(params.id ?? ''),
-  },
-  {
-    kind: 'json',
+  }),
+  route.json({
     method: 'DELETE',
     path: '/v1/boxes/{id}',
-    summary: 'Remove a box and its disk (?force=true for a running one)',
+    summary: 'Remove a box and its disk',
+    query: removeBoxQuery,
     status: 204,
     handle: async ({ act, params, query }) => {
-      await act.removeBox(params.id ?? '', boolParam(query, 'force'));
+      await act.removeBox(params.id ?? '', query.force);
       return undefined;
     },
-  },
-  {
-    kind: 'json',
+  }),
+  route.json({
     method: 'POST',
     path: '/v1/boxes/{id}/exec',
     summary: 'Start a command; its output streams from /events',
@@ -161,7 +103,7 @@ export const boxRoutes: BoxRoute[] = [
     response: execSchema,
     status: 201,
     handle: ({ act, params, body }) => {
-      const b = parseWith(boxExecBody, body);
+      const b = body;
       return act.startExec(params.id ?? '', {
         cmd: b.cmd,
         ...(b.env ? { env: b.env } : {}),
@@ -169,70 +111,109 @@ export const boxRoutes: BoxRoute[] = [
         ...(b.timeout_ms ? { timeoutMs: b.timeout_ms } : {}),
       });
     },
-  },
-  {
-    kind: 'json',
+  }),
+  route.json({
     method: 'GET',
     path: '/v1/boxes/{id}/execs',
     summary: 'List the execs of a box',
     response: execListSchema,
     status: 200,
     handle: ({ act, params }) => ({ execs: act.listExecs(params.id ?? '') }),
-  },
-  {
-    kind: 'json',
+  }),
+  route.json({
     method: 'GET',
     path: '/v1/boxes/{id}/exec/{eid}',
     summary: 'Get an exec',
     response: execSchema,
     status: 200,
     handle: ({ act, params }) => act.getExec(params.id ?? '', params.eid ?? ''),
-  },
-  {
-    kind: 'events',
-    method: 'GET',
+  }),
+  route.sse({
     path: '/v1/boxes/{id}/exec/{eid}/events',
-    summary:
-      'Server-Sent Events: every `log` event from seq 1 (replayed), then live ones, then one `exit`; ' +
-      'data is {"stream","data","seq"}, with "encoding":"base64" when the bytes are not UTF-8',
+    summary: 'Server-Sent Events: the output of an exec, replayed from the start, then live',
     status: 200,
-  },
-  {
-    kind: 'json',
+    doc: {
+      responses: {
+        '200': {
+          description:
+            'Every `log` event from seq 1 (replayed), then live ones, then one `exit`; data is ' +
+            '{"stream","data","seq"}, with "encoding":"base64" when the bytes are not UTF-8',
+          content: { 'text/event-stream': { schema: { type: 'string' } } },
+        },
+      },
+    },
+    handle: execEvents,
+  }),
+  route.json({
     method: 'POST',
     path: '/v1/boxes/{id}/exec/{eid}:cancel',
     summary: 'Cancel a running exec (a finished one is left as it is)',
     response: execSchema,
     status: 200,
     handle: ({ act, params }) => act.cancelExec(params.id ?? '', params.eid ?? ''),
-  },
-  {
-    kind: 'upload',
+  }),
+  route.raw({
     method: 'POST',
     path: '/v1/boxes/{id}/files/upload',
-    summary: 'Upload a file: multipart/form-data with fields file and dest (a trailing / keeps the name)',
-    response: uploadResultSchema,
+    summary: 'Upload a file into the box (multipart/form-data, streamed)',
     status: 200,
-  },
-  {
-    kind: 'download',
+    doc: {
+      requestBody: {
+        required: true,
+        content: {
+          'multipart/form-data': {
+            schema: {
+              type: 'object',
+              properties: {
+                dest: {
+                  type: 'string',
+                  description:
+                    'Absolute path in the box; a trailing / keeps the file name. Send it before the file ' +
+                    'to stream a file of any size (a file sent first is held on the host, at most 64 MiB).',
+                },
+                file: { type: 'string', contentMediaType: 'application/octet-stream' },
+              },
+              required: ['dest', 'file'],
+            },
+          },
+        },
+      },
+      responses: {
+        '200': {
+          description: 'Written (atomically: a temporary file renamed into place)',
+          content: { 'application/json': { schema: z.toJSONSchema(uploadResultSchema) } },
+        },
+      },
+    },
+    handle: uploadFile,
+  }),
+  route.raw({
     method: 'POST',
     path: '/v1/boxes/{id}/files/download',
-    summary: 'Download a file: {"path"} → its bytes (application/octet-stream)',
+    summary: 'Download a file from the box (streamed)',
     body: downloadBody,
     status: 200,
-  },
-  {
-    kind: 'attach',
-    method: 'GET',
+    doc: {
+      responses: {
+        '200': {
+          description: 'The file; content-length when the size is known up front',
+          content: { 'application/octet-stream': binary },
+        },
+      },
+    },
+    handle: downloadFile,
+  }),
+  route.websocket({
     path: '/v1/boxes/{id}/attach',
-    summary:
-      'WebSocket terminal (?shell=/bin/bash&cols=80&rows=24&term=xterm-256color): binary frames are raw ' +
-      'terminal I/O; text frames JSON: {"type":"resize","cols","rows"} in, {"type":"exit","code"} out',
-    status: 101,
-  },
-  {
-    kind: 'json',
+    summary: 'WebSocket: a terminal in the box (its environment and workdir)',
+    description:
+      'Binary frames: raw terminal I/O. Text frames: JSON control; client to server ' +
+      '{"type":"resize","cols","rows"}; server to client {"type":"exit","code"} (then close 1000). ' +
+      'Closing the socket kills the shell; 1001 with a reason when the box goes away.',
+    query: boxAttachQuery,
+    handle: attachTerminal,
+  }),
+  route.json({
     method: 'GET',
     path: '/v1/info',
     summary: 'Server limits',
@@ -244,9 +225,8 @@ export const boxRoutes: BoxRoute[] = [
       version,
       disk: engine.diskRoom(),
     }),
-  },
-  {
-    kind: 'json',
+  }),
+  route.json({
     method: 'POST',
     path: '/v1/run',
     summary: 'Ephemeral run: create a box, run one command, return its output, remove the box',
@@ -254,7 +234,7 @@ export const boxRoutes: BoxRoute[] = [
     response: runResultSchema,
     status: 200,
     handle: ({ act, body }) => {
-      const b = parseWith(runBody, body);
+      const b = body;
       return act.runOnce({
         image: b.image,
         cmd: b.cmd,
@@ -267,15 +247,14 @@ export const boxRoutes: BoxRoute[] = [
         ...(b.timeout_ms ? { timeoutMs: b.timeout_ms } : {}),
       });
     },
-  },
-  {
-    kind: 'json',
+  }),
+  route.json({
     method: 'POST',
     path: '/v1/gc',
     summary: 'Remove stopped boxes stopped at least older_than seconds ago',
     body: gcBody,
     response: gcResultSchema,
     status: 200,
-    handle: ({ act, body }) => act.gcBoxes(parseWith(gcBody, body ?? {}).older_than),
-  },
+    handle: ({ act, body }) => act.gcBoxes(body.older_than),
+  }),
 ];

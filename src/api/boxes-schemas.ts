@@ -1,6 +1,6 @@
 import { z } from 'zod';
 import { MAX_PAYLOAD } from '../guest/protocol.js';
-import { checkExecFits, cString, diskRoomSchema } from './schemas.js';
+import { attachQuery, checkExecFits, cString, diskRoomSchema } from './schemas.js';
 
 /**
  * Schemas of the boxes API (../shared/specs/boxes-rest-api.txt), field names and defaults as the
@@ -166,3 +166,24 @@ export const gcBody = z
   .strict();
 
 export const gcResultSchema = z.object({ removed: z.number(), ids: z.array(z.string()) });
+
+/** A flag in a query: `?force`, `?force=true|1` or `?force=false|0`. */
+const queryFlag = z
+  .enum(['true', 'false', '1', '0', ''])
+  .optional()
+  .transform((v) => v === 'true' || v === '1' || v === '');
+
+export const boxListQuery = z.object({
+  status: z.enum(['running', 'stopped']).optional().describe('Only the boxes in this state.'),
+});
+
+export const removeBoxQuery = z.object({
+  force: queryFlag.describe('Remove a running box too (it is stopped first).'),
+});
+
+export const boxAttachQuery = attachQuery.extend({
+  shell: attachQuery.shape.shell
+    .unwrap()
+    .optional()
+    .describe('Absolute path of the shell to run; default /bin/bash, else /bin/sh.'),
+});

@@ -1,140 +1,91 @@
-import type { IncomingMessage, ServerResponse } from 'node:http';
 import { performance } from 'node:perf_hooks';
-import type { Readable } from 'node:stream';
 import type { WebSocket } from 'ws';
+import type { z } from 'zod';
 import type { Actions } from '../core/dispatch.js';
 import type { Engine } from '../engine/engine.js';
 import { HutchError } from '../errors.js';
-import { AgentError, type ExecHandle } from '../guest/agent-connection.js';
 import type { ConsoleTap } from '../vmm/console.js';
-import { attachmentDisposition } from './content-disposition.js';
-import { encodeEvent, OutputEncoder, writeRespectingBackpressure } from './exec-stream.js';
-import { parseWith } from './routes.js';
-import { attachQuery, execBody } from './schemas.js';
-import { closeCodes, feedInput, type UpgradeContext, WsOutput } from './ws-upgrade.js';
+import { OutputEncoder } from './exec-stream.js';
+import { sendFile } from './http/respond.js';
+import type { NdjsonWriter, RequestParts, StreamParts } from './http/routes.js';
+import { closeCodes, feedInput, WsOutput } from './http/websocket.js';
+import type { attachQuery, downloadQuery, execBody } from './schemas.js';
+import { serveTerminal } from './terminal.js';
 
 /**
  * The streaming side of the machines API: live exec output, file transfer and the WebSocket
  * channels (serial console, PTY shell). Each handler opens an engine session (the machine is
- * busy, never idle, while it runs) and only moves bytes between the client and the guest agent.
+ * busy, never idle, while it runs) and only moves bytes between the client and the guest.
  */
 
-export interface StreamContext {
+/** What the machines API's handlers get besides the request. */
+export interface MachinesApp {
   engine: Engine;
   act: Actions;
-  params: Record<string, string>;
-  query: URLSearchParams;
-  body: unknown;
-  req: IncomingMessage;
-  res: ServerResponse;
 }
 
-export type ChannelContext = UpgradeContext & { engine: Engine; act: Actions };
+type Ctx<Q, B> = MachinesApp & RequestParts<Q, B>;
 
 const noop = (): void => {};
 
-function agentFailure(e: unknown, what: string, machine: string): HutchError {
-  if (e instanceof HutchError) return e;
-  if (e instanceof AgentError)
-    return new HutchError(
-      'EXEC_FAILED',
-      `cannot run ${what}: ${e.code}${e.agentMessage ? ` (${e.agentMessage})` : ''}`,
-      { errno: e.code },
-    );
-  return new HutchError('AGENT_UNAVAILABLE', `machine ${machine}: ${(e as Error).message}`);
-}
-
-function fileFailure(e: unknown, path: string, machine: string): HutchError {
-  if (e instanceof HutchError) return e;
-  if (e instanceof AgentError) {
-    if (e.code === 'ENOENT' || e.code === 'ENOTDIR')
-      return new HutchError('FILE_NOT_FOUND', `no file ${JSON.stringify(path)} in machine ${machine}`);
-    if (e.code === 'EISDIR')
-      return new HutchError('NOT_A_FILE', `${JSON.stringify(path)} is a directory`, { errno: e.code });
-    return new HutchError(
-      'FILE_TRANSFER_FAILED',
-      `${path}: ${e.code}${e.agentMessage ? ` (${e.agentMessage})` : ''}`,
-      { errno: e.code },
-    );
+/** A machine's state for a close reason, `destroyed` once it is gone. */
+function stateOf(ctx: MachinesApp, id: string): string {
+  try {
+    return ctx.act.get(id).status;
+  } catch {
+    return 'destroyed';
   }
-  return new HutchError('AGENT_UNAVAILABLE', `machine ${machine}: ${(e as Error).message}`);
 }
 
 // ---- POST /v1/machines/{id}/exec/stream ---------------------------------------------------------
 
-export async function execStream(ctx: StreamContext): Promise<void> {
-  const b = parseWith(execBody, ctx.body);
-  const argv = typeof b.cmd === 'string' ? ['/bin/sh', '-c', b.cmd] : b.cmd;
-  const session = await ctx.act.openSession(ctx.params.id ?? '');
+export async function execStream(
+  ctx: Ctx<undefined, z.output<typeof execBody>> & StreamParts & { ndjson: () => NdjsonWriter },
+): Promise<void> {
+  const b = ctx.body;
+  const ops = await ctx.act.openSession(ctx.params.id ?? '');
   const t0 = performance.now();
-  let h: ExecHandle;
   try {
-    h = session.agent.exec({
-      argv,
+    const p = await ops.exec({
+      argv: typeof b.cmd === 'string' ? ['/bin/sh', '-c', b.cmd] : b.cmd,
       ...(b.env ? { env: b.env } : {}),
       ...(b.cwd ? { cwd: b.cwd } : {}),
       stdin: b.stdin !== undefined,
-      timeoutMs: b.timeout_ms ?? 60_000,
+      ...(b.timeout_ms !== undefined ? { timeoutMs: b.timeout_ms } : {}),
     });
-    h.result.catch(noop);
-    await h.started;
-  } catch (e) {
-    session.release();
-    throw agentFailure(e, JSON.stringify(argv[0]), session.id);
-  }
-  const { res } = ctx;
-  let finished = false;
-  res.on('close', () => {
-    // The client went away before the end: the command goes too.
-    if (!finished) h.cancel();
-  });
-  if (b.stdin !== undefined)
-    h.write(b.stdin)
-      .then(() => h.end())
-      .catch(noop);
-  res.writeHead(200, {
-    'content-type': 'application/x-ndjson',
-    'cache-control': 'no-store',
-    'x-content-type-options': 'nosniff',
-  });
-  res.flushHeaders();
-  const write = (line: string): Promise<void> => writeRespectingBackpressure(res, line);
-  const pump = async (r: Readable, enc: OutputEncoder): Promise<void> => {
-    for await (const chunk of r as AsyncIterable<Buffer>) {
-      const ev = enc.push(chunk);
-      if (ev) await write(encodeEvent(ev));
-    }
-    const ev = enc.flush();
-    if (ev) await write(encodeEvent(ev));
-  };
-  try {
-    const [result] = await Promise.all([
-      h.result,
-      pump(h.stdout, new OutputEncoder('stdout')),
-      pump(h.stderr, new OutputEncoder('stderr')),
-    ]);
-    await write(
-      encodeEvent({
+    // The client went away before the end (or while it started): the command goes too.
+    if (ctx.signal.aborted) p.cancel();
+    ctx.signal.addEventListener('abort', () => p.cancel());
+    if (b.stdin !== undefined)
+      p.write(b.stdin)
+        .then(() => p.end())
+        .catch(noop);
+    const send = ctx.ndjson();
+    const encoders = { stdout: new OutputEncoder('stdout'), stderr: new OutputEncoder('stderr') };
+    try {
+      const result = await p.run(async (stream, chunk) => {
+        const ev = encoders[stream].push(chunk);
+        if (ev) await send(ev);
+      });
+      for (const enc of Object.values(encoders)) {
+        const ev = enc.flush();
+        if (ev) await send(ev);
+      }
+      await send({
         type: 'exit',
         exit_code: result.exitCode,
         signal: result.signal,
         timed_out: result.timedOut,
         duration_ms: Math.round(performance.now() - t0),
-      }),
-    );
-    finished = true;
-    res.end();
-  } catch (e) {
-    if (res.destroyed) {
-      h.cancel();
-    } else {
-      const err = agentFailure(e, JSON.stringify(argv[0]), session.id);
-      finished = true;
-      h.cancel();
-      res.end(encodeEvent({ type: 'error', code: err.code, message: err.message }));
+      });
+    } catch (e) {
+      p.cancel();
+      if (ctx.signal.aborted || !(e instanceof HutchError)) return;
+      // Headers are out: the failure is the last line.
+      await send({ type: 'error', code: e.code, message: e.message }).catch(noop);
     }
   } finally {
-    session.release();
+    ops.release();
   }
 }
 
@@ -164,102 +115,45 @@ export function uploadName(header: string | string[] | undefined): string {
   return name;
 }
 
-export async function upload(ctx: StreamContext): Promise<{ path: string; size: number }> {
+export async function upload(
+  ctx: Ctx<undefined, undefined> & StreamParts,
+): Promise<{ path: string; size: number }> {
   const name = uploadName(ctx.req.headers['x-filename']);
   const path = `/root/${name}`;
-  const session = await ctx.act.openSession(ctx.params.id ?? '');
+  const ops = await ctx.act.openSession(ctx.params.id ?? '');
   try {
     // The request stream itself: read only as fast as the agent's window lets the guest write.
-    const r = await session.agent.writeFile(path, ctx.req, { mode: 0o644 });
+    const r = await ops.writeFile(path, ctx.req, { mode: 0o644 });
     return { path, size: r.size };
   } catch (e) {
+    // A body that stopped coming is the client's doing, whatever the guest made of it.
     if (ctx.req.destroyed || !ctx.req.complete)
       throw new HutchError('INVALID_ARGUMENT', `upload of ${path} ended early: ${(e as Error).message}`);
-    throw fileFailure(e, path, session.id);
+    throw e;
   } finally {
-    session.release();
+    ops.release();
   }
 }
 
 // ---- GET /v1/machines/{id}/download?path= --------------------------------------------------------
 
-export async function download(ctx: StreamContext): Promise<void> {
-  const path = ctx.query.get('path') ?? '';
-  if (!path.startsWith('/') || path.includes('\0'))
-    throw new HutchError('INVALID_ARGUMENT', 'path: an absolute path in the machine is required (?path=/…)');
-  const session = await ctx.act.openSession(ctx.params.id ?? '');
-  const { res } = ctx;
+export async function download(
+  ctx: Ctx<z.output<typeof downloadQuery>, undefined> & StreamParts,
+): Promise<void> {
+  const { path } = ctx.query;
+  const ops = await ctx.act.openSession(ctx.params.id ?? '');
   try {
-    const file = session.agent.readFile(path);
-    file.done.catch(noop);
-    // The size for content-length, asked for beside the read (the read alone says it at the end).
-    const sizeP = session.agent
-      .execCollect({ argv: ['stat', '-L', '-c', '%F:%s', '--', path] }, { maxOutputBytes: 4096 })
-      .then((r) => {
-        const m = /^regular (?:empty )?file:(\d+)\n?$/.exec(r.stdout.toString('utf8'));
-        return r.exitCode === 0 && m?.[1] ? Number(m[1]) : undefined;
-      })
-      .catch(() => undefined);
-    const it = (file.stream as AsyncIterable<Buffer>)[Symbol.asyncIterator]();
-    // The first 64 KiB are read before answering: a file that ends within them gets its exact
-    // length, and a read that fails early gets a proper error rather than a cut connection.
-    const head: Buffer[] = [];
-    let headBytes = 0;
-    let ended = false;
-    try {
-      while (headBytes < downloadHeadBytes) {
-        const r = await it.next();
-        if (r.done) {
-          ended = true;
-          break;
-        }
-        head.push(r.value);
-        headBytes += r.value.length;
-      }
-    } catch (e) {
-      await it.return?.();
-      throw fileFailure(e, path, session.id);
-    }
-    const stat = await sizeP;
-    // stat's size is trusted only beyond what was read: pseudo-files say 0 (/proc) or 4096
-    // (/sys) whatever they hold, and both are shorter than 64 KiB or say 0.
-    const size = ended ? headBytes : stat !== undefined && stat > headBytes ? stat : undefined;
-    const base = path.slice(path.lastIndexOf('/') + 1) || 'download';
-    res.writeHead(200, {
-      'content-type': 'application/octet-stream',
-      'content-disposition': attachmentDisposition(base),
-      ...(size !== undefined ? { 'content-length': size } : {}),
-    });
-    let sent = 0;
-    try {
-      const send = async (b: Buffer): Promise<void> => {
-        sent += b.length;
-        if (size !== undefined && sent > size) throw new Error(`${path} grew while it was sent`);
-        await writeRespectingBackpressure(res, b);
-      };
-      for (const b of head) await send(b);
-      if (!ended) for (let r = await it.next(); !r.done; r = await it.next()) await send(r.value);
-      await file.done;
-      if (size !== undefined && sent !== size) throw new Error(`${path} changed size while it was sent`);
-      res.end();
-    } catch (e) {
-      // Headers are out: the only honest signal left is a cut connection.
-      await it.return?.();
-      res.destroy(e as Error);
-    }
+    await sendFile(ctx.res, path, await ops.readFile(path));
   } finally {
-    session.release();
+    ops.release();
   }
 }
-
-/** What a download reads before it answers (see download). */
-const downloadHeadBytes = 64 * 1024;
 
 // ---- WebSocket /v1/machines/{id}/tty ------------------------------------------------------------
 
 /** Opens the machine's console, keeping the machine busy (a paused one can be watched too). */
 async function openConsole(
-  ctx: ChannelContext,
+  ctx: Ctx<undefined, undefined>,
 ): Promise<{ id: string; console: ConsoleTap; release: () => void }> {
   const id = ctx.params.id ?? '';
   try {
@@ -281,7 +175,9 @@ async function openConsole(
 /** Keyboard input goes to the console socket in slices of this size. */
 const consoleSlice = 16 * 1024;
 
-export async function tty(ctx: ChannelContext): Promise<void> {
+export async function tty(
+  ctx: Ctx<undefined, undefined> & { accept: () => Promise<WebSocket> },
+): Promise<void> {
   const c = await openConsole(ctx);
   let ws: WebSocket;
   try {
@@ -297,14 +193,7 @@ export async function tty(ctx: ChannelContext): Promise<void> {
       out.close(closeCodes.tryAgainLater, 'console viewer fell behind');
   };
   const onStop = (): void => {
-    const state = (() => {
-      try {
-        return ctx.act.get(c.id).status;
-      } catch {
-        return 'destroyed';
-      }
-    })();
-    out.close(closeCodes.goingAway, `machine ${c.id} went away (${state})`);
+    out.close(closeCodes.goingAway, `machine ${c.id} went away (${stateOf(ctx, c.id)})`);
   };
   let open = true;
   ws.on('close', () => {
@@ -339,84 +228,14 @@ export async function tty(ctx: ChannelContext): Promise<void> {
 
 // ---- WebSocket /v1/machines/{id}/attach ---------------------------------------------------------
 
-export async function attach(ctx: ChannelContext): Promise<void> {
-  const q = parseWith(attachQuery, Object.fromEntries(ctx.query));
-  const session = await ctx.act.openSession(ctx.params.id ?? '');
-  let h: ExecHandle;
-  let ws: WebSocket;
-  try {
-    h = session.agent.exec({
-      argv: [q.shell],
-      env: { TERM: q.term },
-      cwd: '/root',
-      stdin: true,
-      pty: { cols: q.cols, rows: q.rows },
-    });
-    h.result.catch(noop);
-    try {
-      await h.started;
-    } catch (e) {
-      throw agentFailure(e, JSON.stringify(q.shell), session.id);
-    }
-    ws = await ctx.accept().catch((e: unknown) => {
-      h.cancel();
-      throw e;
-    });
-  } catch (e) {
-    session.release();
-    throw e;
-  }
-  let exited = false;
-  ws.on('error', noop);
-  ws.on('close', () => {
-    if (!exited) h.cancel();
-    session.release();
-  });
-  const out = new WsOutput(ws);
-  // Keys wait for the agent's window; past 1 MiB in flight the socket is not read.
-  feedInput(ws, (b) => h.write(b), {
-    onText: (text) => {
-      let msg: { type?: unknown; cols?: unknown; rows?: unknown };
-      try {
-        msg = JSON.parse(text) as typeof msg;
-      } catch {
-        out.close(closeCodes.unsupported, 'text frames must be JSON control messages');
-        return;
-      }
-      if (msg.type === 'resize') {
-        const ok = (n: unknown): n is number =>
-          Number.isInteger(n) && (n as number) >= 1 && (n as number) <= 1000;
-        if (ok(msg.cols) && ok(msg.rows)) h.resize(msg.cols, msg.rows);
-      }
-      // Unknown control messages are ignored, so clients can be newer than the server.
-    },
-  });
-  const pump = async (): Promise<void> => {
-    for await (const chunk of h.stdout as AsyncIterable<Buffer>) {
-      if (!out.send(chunk)) await out.drained();
-    }
-  };
-  try {
-    const [result] = await Promise.all([h.result, pump()]);
-    exited = true;
-    if (ws.readyState === ws.OPEN) {
-      const code = result.exitCode ?? 128 + (result.signal ?? 9);
-      out.sendText(JSON.stringify({ type: 'exit', code }));
-      out.close(closeCodes.normal, 'shell exited');
-    }
-  } catch (e) {
-    exited = true;
-    h.cancel();
-    const state = (() => {
-      try {
-        return ctx.act.get(session.id).status;
-      } catch {
-        return 'destroyed';
-      }
-    })();
-    out.close(
-      closeCodes.goingAway,
-      `machine ${session.id} went away (${state}): ${(e as Error).message}`.slice(0, 120),
-    );
-  }
+export async function attach(
+  ctx: Ctx<z.output<typeof attachQuery>, undefined> & { accept: () => Promise<WebSocket> },
+): Promise<void> {
+  const ops = await ctx.act.openSession(ctx.params.id ?? '');
+  await serveTerminal(
+    ops,
+    ctx.query,
+    ctx.accept,
+    () => `machine ${ops.id} went away (${stateOf(ctx, ops.id)})`,
+  );
 }

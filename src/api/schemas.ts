@@ -218,3 +218,9 @@ export const uploadResultSchema = z.object({
   path: z.string().describe('Where the file was written: /root/<X-Filename>.'),
   size: z.number().int().describe('Bytes written.'),
 });
+
+export const downloadQuery = z.object({
+  path: cString()
+    .startsWith('/', 'an absolute path in the machine is required (?path=/…)')
+    .describe('Absolute path in the machine.'),
+});

@@ -35,7 +35,6 @@ export const actionTable = {
   execEvents: { audit: false },
   cancelExec: { audit: true },
   openBoxSession: { audit: true },
-  boxTerminal: { audit: true },
   runOnce: { audit: true },
 } as const satisfies Record<string, { audit: boolean }>;
 

@@ -1,7 +1,8 @@
 import { mkdirSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { HutchError } from '../errors.js';
-import { type AgentConnection, AgentError } from '../guest/agent-connection.js';
+import type { AgentConnection } from '../guest/agent-connection.js';
+import { guestError } from '../guest/guest-ops.js';
 import { execPayloadBound, MAX_PAYLOAD } from '../guest/protocol.js';
 import { type BoxSpec, boxSpecOf, type ExecView, toExecView } from './box-view.js';
 import { ByteBudget, type ExecEvent, ExecLog, endOrphanLog, replayExec, Utf8Chunker } from './exec-log.js';
@@ -35,14 +36,7 @@ export function execEnv(spec: BoxSpec, extra: Record<string, string> | undefined
 
 /** The error for a command the agent could not start (ENOENT, EACCES, …) or lost. */
 export function execError(cmd: string[], e: unknown): HutchError {
-  if (e instanceof AgentError)
-    return new HutchError(
-      'EXEC_FAILED',
-      `cannot run ${JSON.stringify(cmd[0])}: ${e.code}${e.agentMessage ? ` (${e.agentMessage})` : ''}`,
-      { errno: e.code },
-    );
-  if (e instanceof HutchError) return e;
-  return new HutchError('AGENT_UNAVAILABLE', (e as Error).message);
+  return guestError(e, { exec: cmd[0] ?? '' });
 }
 
 const logPath = (box: MachineRow, execId: string): string => join(box.run_dir, 'execs', `${execId}.ndjson`);

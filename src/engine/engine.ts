@@ -4,7 +4,8 @@ import type { Log } from '../background.js';
 import type { Config } from '../config.js';
 import type { Principal } from '../core/principal.js';
 import { HutchError } from '../errors.js';
-import { type AgentConnection, AgentError, type ExecHandle } from '../guest/agent-connection.js';
+import type { AgentConnection } from '../guest/agent-connection.js';
+import { GuestOps } from '../guest/guest-ops.js';
 import type { TemplateManifest } from '../images/builder.js';
 import { templateRecipes } from '../images/recipes.js';
 import { SnapshotCache } from '../images/snapshots.js';
@@ -14,7 +15,7 @@ import { agentLink, type GuestLink, type Hypervisor, qemuHypervisor } from '../v
 import { traversableByQemu } from '../vmm/run-dir.js';
 import { Admission } from './admission.js';
 import { type BoxExecRequest, BoxExecs, execEnv, execError } from './box-execs.js';
-import { type BoxSpec, type BoxView, boxSpecOf, type ExecView, toBoxView } from './box-view.js';
+import { type BoxView, boxSpecOf, type ExecView, toBoxView } from './box-view.js';
 import { DiskPauses } from './disk-pauses.js';
 import type { DiskRoom } from './disk-room.js';
 import type { ExecEvent } from './exec-log.js';
@@ -368,21 +369,18 @@ export class Engine {
 
   async exec(p: Principal, idOrName: string, req: ExecRequest): Promise<ExecResult> {
     const { m, row, agent } = await this.agentFor(p, idOrName, 'machine');
+    const ops = new GuestOps(agent, { kind: 'machine', id: row.id }, {}, () => {});
     const t0 = performance.now();
     try {
-      const r = await agent.execBuffered(
+      const r = await ops.execBuffered(
         {
           argv: req.argv,
           ...(req.env ? { env: req.env } : {}),
           ...(req.cwd ? { cwd: req.cwd } : {}),
-          stdin: req.stdin !== undefined,
+          ...(req.stdin !== undefined ? { stdinData: req.stdin } : {}),
           ...(req.timeoutMs ? { timeoutMs: req.timeoutMs } : {}),
         },
-        {
-          ...(req.stdin !== undefined ? { stdin: req.stdin } : {}),
-          maxOutputBytes: this.config.execMaxOutputBytes,
-          allowance: this.execOutput,
-        },
+        { maxOutputBytes: this.config.execMaxOutputBytes, allowance: this.execOutput },
       );
       return {
         exit_code: r.exitCode,
@@ -394,14 +392,14 @@ export class Engine {
         duration_ms: Math.round(performance.now() - t0),
       };
     } catch (e) {
-      if (e instanceof AgentError) throw execError(req.argv, e);
+      // The agent went away because the machine stopped running: say that instead.
       const now = this.store.get(row.id);
-      if (now && now.state !== 'running')
+      if (e instanceof HutchError && e.code === 'AGENT_UNAVAILABLE' && now && now.state !== 'running')
         throw new HutchError(
           'MACHINE_NOT_RUNNING',
           `machine ${row.id} became ${now.state} while the command ran; the command was stopped`,
         );
-      throw new HutchError('AGENT_UNAVAILABLE', `machine ${row.id}: ${(e as Error).message}`);
+      throw e;
     } finally {
       m.touch();
     }
@@ -412,12 +410,9 @@ export class Engine {
    * file transfer). While the session is open the machine never counts as idle; `release` ends
    * that (call it exactly once).
    */
-  async openSession(
-    p: Principal,
-    idOrName: string,
-  ): Promise<{ id: string; agent: AgentConnection; release: () => void }> {
+  async openSession(p: Principal, idOrName: string): Promise<GuestOps> {
     const s = await this.session(p, idOrName, 'machine');
-    return { id: s.id, agent: s.agent, release: s.release };
+    return new GuestOps(s.agent, { kind: 'machine', id: s.id }, {}, s.release);
   }
 
   private async session(
@@ -540,50 +535,19 @@ export class Engine {
     return this.execs.cancel(this.find(p, boxRef, 'box'), execId);
   }
 
-  /** The agent of a running box, for streaming work (files, terminals); see openSession. */
-  async openBoxSession(
-    p: Principal,
-    idOrName: string,
-  ): Promise<{ id: string; agent: AgentConnection; spec: BoxSpec; release: () => void }> {
-    const s = await this.session(p, idOrName, 'box');
-    return { id: s.id, agent: s.agent, spec: boxSpecOf(s.row), release: s.release };
-  }
-
   /**
-   * A shell on a terminal in a box (attach): a PTY exec with the box's environment and workdir.
-   * The default shell falls back to /bin/sh in images without bash.
+   * Guest operations in a running box, for streaming work (files, terminals; see openSession):
+   * commands and terminals get the box's environment and workdir.
    */
-  async boxTerminal(
-    p: Principal,
-    idOrName: string,
-    opts: { shell?: string; cols: number; rows: number; term: string },
-  ): Promise<{ id: string; handle: ExecHandle; release: () => void }> {
-    const s = await this.openBoxSession(p, idOrName);
-    const env = { ...execEnv(s.spec, undefined), TERM: opts.term };
-    const start = async (shell: string): Promise<ExecHandle> => {
-      const handle = s.agent.exec({
-        argv: [shell],
-        env,
-        cwd: s.spec.workdir,
-        stdin: true,
-        pty: { cols: opts.cols, rows: opts.rows },
-      });
-      await handle.started;
-      return handle;
-    };
-    try {
-      let handle: ExecHandle;
-      try {
-        handle = await start(opts.shell ?? '/bin/bash');
-      } catch (e) {
-        if (opts.shell !== undefined || !(e instanceof AgentError) || e.code !== 'ENOENT') throw e;
-        handle = await start('/bin/sh');
-      }
-      return { id: s.id, handle, release: s.release };
-    } catch (e) {
-      s.release();
-      throw execError([opts.shell ?? '/bin/bash'], e);
-    }
+  async openBoxSession(p: Principal, idOrName: string): Promise<GuestOps> {
+    const s = await this.session(p, idOrName, 'box');
+    const spec = boxSpecOf(s.row);
+    return new GuestOps(
+      s.agent,
+      { kind: 'box', id: s.id },
+      { env: execEnv(spec, undefined), cwd: spec.workdir },
+      s.release,
+    );
   }
 
   /** Ephemeral run: a box for one command, removed afterwards whatever happened. */

@@ -19,9 +19,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { z } from 'zod';
-import { boxRoutes, uploadDest } from '../../src/api/boxes-routes.js';
+import { uploadDest } from '../../src/api/boxes-channels.js';
+import { boxRoutes } from '../../src/api/boxes-routes.js';
+import type { ApiRoute } from '../../src/api/http/routes.js';
 import { uploadName } from '../../src/api/machine-channels.js';
-import { machineChannelRoutes, machineRoutes, machineStreamRoutes } from '../../src/api/routes.js';
+import { machineRoutes } from '../../src/api/routes.js';
 import { BoxesClient } from '../../src/client/boxes-client.js';
 import { type ErrorCode, errorTable } from '../../src/errors.js';
 import { api, cleanup, qemusOf, sleep, startDaemon, type TestDaemon } from '../helpers/daemon.js';
@@ -69,58 +71,44 @@ interface DocParam {
   in: string;
 }
 
+/** What a route reads besides its path, from its table entry (kind, schemas, documented body). */
+function inputOf(r: ApiRoute<unknown>): FuzzRoute['input'] {
+  if (r.kind === 'websocket') return 'websocket';
+  if (r.body) return 'json';
+  if (r.kind === 'json' || r.kind === 'sse') return 'none';
+  const content = (r.doc.requestBody as { content?: Record<string, unknown> } | undefined)?.content ?? {};
+  if ('multipart/form-data' in content) return 'multipart';
+  return 'application/octet-stream' in content ? 'raw' : 'none';
+}
+
+/** Whether a route changes nothing: a GET, or a download (a POST only to carry its JSON body). */
+function readOnlyOf(r: ApiRoute<unknown>): boolean {
+  if (r.method === 'GET') return true;
+  const ok = r.kind === 'raw' ? (r.doc.responses['200'] as { content?: Record<string, unknown> }) : undefined;
+  return ok?.content !== undefined && 'application/octet-stream' in ok.content;
+}
+
 function routesFromTables(): FuzzRoute[] {
-  const params = (list: unknown[] | undefined, where: string): string[] =>
-    ((list ?? []) as DocParam[]).filter((p) => p.in === where).map((p) => p.name);
-  const out: FuzzRoute[] = [];
-  for (const r of machineRoutes)
-    out.push({
-      api: 'machines',
+  const docParams = (r: ApiRoute<unknown>, where: string): string[] =>
+    r.kind === 'json' || r.kind === 'websocket'
+      ? []
+      : ((r.doc.parameters ?? []) as DocParam[]).filter((p) => p.in === where).map((p) => p.name);
+  const tables: [Api, ApiRoute<unknown>[]][] = [
+    ['machines', machineRoutes as ApiRoute<unknown>[]],
+    ['boxes', boxRoutes as ApiRoute<unknown>[]],
+  ];
+  return tables.flatMap(([api, table]) =>
+    table.map((r) => ({
+      api,
       method: r.method,
       path: r.path,
       body: r.body,
-      input: r.body ? 'json' : 'none',
-      readOnly: r.method === 'GET',
-      headerParams: [],
-      queryParams: [],
-    });
-  for (const r of machineStreamRoutes)
-    out.push({
-      api: 'machines',
-      method: r.method,
-      path: r.path,
-      body: r.body,
-      input: r.body ? 'json' : r.method === 'GET' ? 'none' : 'raw',
-      readOnly: r.method === 'GET',
-      headerParams: params(r.openapi.parameters, 'header'),
-      queryParams: params(r.openapi.parameters, 'query'),
-    });
-  for (const r of machineChannelRoutes)
-    out.push({
-      api: 'machines',
-      method: 'GET',
-      path: r.path,
-      body: undefined,
-      input: 'websocket',
-      readOnly: true,
-      headerParams: [],
-      queryParams: params(r.parameters, 'query'),
-    });
-  // The boxes table documents its query parameters in the summaries ("?status=running|stopped").
-  const summaryParams = (summary: string): string[] =>
-    [...summary.matchAll(/[?&](\w+)=/g)].map((m) => m[1] as string);
-  for (const r of boxRoutes)
-    out.push({
-      api: 'boxes',
-      method: r.method,
-      path: r.path,
-      body: r.body,
-      input: r.kind === 'attach' ? 'websocket' : r.kind === 'upload' ? 'multipart' : r.body ? 'json' : 'none',
-      readOnly: r.method === 'GET' || r.kind === 'download',
-      headerParams: [],
-      queryParams: summaryParams(r.summary),
-    });
-  return out;
+      input: inputOf(r),
+      readOnly: readOnlyOf(r),
+      headerParams: docParams(r, 'header'),
+      queryParams: [...Object.keys(r.query?.shape ?? {}), ...docParams(r, 'query')],
+    })),
+  );
 }
 
 const routes = routesFromTables();

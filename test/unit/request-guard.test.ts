@@ -3,9 +3,9 @@ import type { IncomingMessage, Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { attachmentDisposition } from '../../src/api/content-disposition.js';
-import { createGuardedServer } from '../../src/api/request-guard.js';
-import { decodePathSegment, requestUrl } from '../../src/api/route-match.js';
-import { checkHandshake } from '../../src/api/ws-upgrade.js';
+import { decodePathSegment, requestUrl } from '../../src/api/http/match.js';
+import { createGuardedServer } from '../../src/api/http/request-guard.js';
+import { checkHandshake } from '../../src/api/http/websocket.js';
 import { HutchError } from '../../src/errors.js';
 import { type Endpoint, exchange, rawRequest, tcpEndpoint } from '../helpers/raw-http.js';
 

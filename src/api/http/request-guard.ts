@@ -6,8 +6,8 @@ import {
   type ServerResponse,
 } from 'node:http';
 import type { Duplex } from 'node:stream';
-import { errorTable, HutchError } from '../errors.js';
-import { rejectUpgrade } from './ws-upgrade.js';
+import { HutchError } from '../../errors.js';
+import { rejectUpgrade, sendError } from './respond.js';
 
 /**
  * What every HTTP server of hutch (the machines API, the boxes API on its socket and on TCP)
@@ -141,13 +141,7 @@ function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): void {
   );
 }
 
-/** Sends a JSON error on a response that the handler will not get to. */
+/** Sends a JSON error on a response that the handler will not get to, and closes. */
 function answer(res: ServerResponse, e: HutchError): void {
-  const body = JSON.stringify({ code: e.code, message: e.message });
-  res.writeHead(errorTable[e.code].http, {
-    'content-type': 'application/json',
-    'content-length': Buffer.byteLength(body),
-    connection: 'close',
-  });
-  res.end(body);
+  sendError(res, e, { close: true });
 }

@@ -1,34 +1,13 @@
 import type { IncomingMessage } from 'node:http';
-import type { Duplex } from 'node:stream';
-import { type RawData, WebSocket, WebSocketServer } from 'ws';
-import { errorTable, HutchError, toHutchError } from '../errors.js';
-import { OutputChunks } from '../guest/output-chunks.js';
-import { decodePathSegment, requestUrl } from './route-match.js';
+import { type RawData, WebSocket } from 'ws';
+import { HutchError } from '../../errors.js';
+import { OutputChunks } from '../../guest/output-chunks.js';
 
 /**
- * WebSocket plumbing shared by every API surface (machines, boxes): upgrades are routed by path
- * like plain requests, a handler may refuse before the upgrade with an ordinary HTTP error
- * (`{"code","message"}` with the code's status), and the server closes every socket it accepted
- * when the API closes (upgraded sockets are no longer the HTTP server's to close).
+ * WebSocket plumbing shared by every API surface (machines, boxes): the handshake check, and
+ * both halves of a channel bounded by what they hold. Upgrades are routed by the one server
+ * (server.ts) like any other request.
  */
-
-/** What an upgrade handler gets: the request, its path parameters and query, and `accept`. */
-export interface UpgradeContext {
-  req: IncomingMessage;
-  params: Record<string, string>;
-  query: URLSearchParams;
-  /**
-   * Completes the upgrade and returns the socket. Everything a handler throws before calling it
-   * becomes an HTTP error response; after it, the handler owns the socket.
-   */
-  accept: () => Promise<WebSocket>;
-}
-
-export interface UpgradeRoute {
-  /** Path with {param} segments, as in OpenAPI. */
-  path: string;
-  handle: (ctx: UpgradeContext) => Promise<void>;
-}
 
 /** Close codes used by hutch's channels (1000–1015 are the standard ones). */
 export const closeCodes = {
@@ -41,43 +20,6 @@ export const closeCodes = {
   tryAgainLater: 1013,
   internal: 1011,
 } as const;
-
-/**
- * Writes an HTTP error on a socket no ServerResponse goes with (an upgrade request, or a request
- * node could not parse), then closes it.
- */
-export function rejectUpgrade(socket: Duplex, error: HutchError): void {
-  const status = errorTable[error.code].http;
-  const body = JSON.stringify({ code: error.code, message: error.message, ...(error.details ?? {}) });
-  if (!socket.writable) {
-    socket.destroy();
-    return;
-  }
-  socket.once('finish', () => socket.destroy());
-  socket.end(
-    `HTTP/1.1 ${status} ${httpReason(status)}\r\n` +
-      'connection: close\r\n' +
-      'content-type: application/json\r\n' +
-      `content-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`,
-  );
-}
-
-function httpReason(status: number): string {
-  const reasons: Record<number, string> = {
-    400: 'Bad Request',
-    404: 'Not Found',
-    405: 'Method Not Allowed',
-    408: 'Request Timeout',
-    409: 'Conflict',
-    422: 'Unprocessable Entity',
-    426: 'Upgrade Required',
-    429: 'Too Many Requests',
-    500: 'Internal Server Error',
-    502: 'Bad Gateway',
-    503: 'Service Unavailable',
-  };
-  return reasons[status] ?? 'Error';
-}
 
 const tokenList = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?:[ \t]*,[ \t]*[!#$%&'*+\-.^_`|~0-9A-Za-z]+)*$/;
 
@@ -101,105 +43,6 @@ export function checkHandshake(req: IncomingMessage): void {
     if (!tokenList.test(protocols) || new Set(names).size !== names.length)
       throw new HutchError('INVALID_ARGUMENT', 'invalid Sec-WebSocket-Protocol header');
   }
-}
-
-/** Compiles `/v1/x/{id}/y` into a matcher returning the decoded parameters, or undefined. */
-export function pathMatcher(path: string): (pathname: string) => Record<string, string> | undefined {
-  const names: string[] = [];
-  const pattern = path.replace(/\{(\w+)\}/g, (_, n: string) => {
-    names.push(n);
-    return '([^/]+)';
-  });
-  const regex = new RegExp(`^${pattern}$`);
-  return (pathname) => {
-    const m = regex.exec(pathname);
-    if (!m) return undefined;
-    const params: Record<string, string> = {};
-    names.forEach((n, i) => {
-      params[n] = decodePathSegment(m[i + 1] ?? '');
-    });
-    return params;
-  };
-}
-
-export interface UpgradeRouter {
-  /** Does a route have this path? (The HTTP side answers a plain GET on it with 426.) */
-  matches(pathname: string): boolean;
-  /** The `upgrade` listener of an http.Server. */
-  onUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void;
-  /** Closes every accepted socket (close code 1001) and stops accepting. */
-  close(reason?: string): void;
-}
-
-/**
- * Use one router per HTTP server, given the channel routes of every surface (machines, boxes):
- * it answers every upgrade, refusing unknown paths, so a second router would answer twice.
- *
- * Routes upgrade requests by path to their handlers (`ws` in noServer mode: the HTTP server
- * stays the only listener). Unknown paths get 404 ROUTE_NOT_FOUND; a handler's HutchError
- * before `accept` becomes its HTTP error.
- */
-export function createUpgradeRouter(
-  routes: UpgradeRoute[],
-  opts: { maxPayload?: number; onError?: (e: unknown) => void } = {},
-): UpgradeRouter {
-  const wss = new WebSocketServer({ noServer: true, maxPayload: opts.maxPayload ?? 1024 * 1024 });
-  const compiled = routes.map((r) => ({ route: r, match: pathMatcher(r.path) }));
-  let closed = false;
-  return {
-    matches: (pathname) => compiled.some((c) => c.match(pathname) !== undefined),
-    onUpgrade(req, socket, head) {
-      socket.on('error', () => {
-        // a peer that resets mid-handshake: nothing to answer
-      });
-      let accepted = false;
-      const run = async (): Promise<void> => {
-        if (closed) throw new HutchError('AGENT_UNAVAILABLE', 'the server is stopping');
-        const url = requestUrl(req.url);
-        if (req.method !== 'GET')
-          throw new HutchError('METHOD_NOT_ALLOWED', `${req.method} is not allowed on ${url.pathname}`);
-        checkHandshake(req);
-        for (const c of compiled) {
-          const params = c.match(url.pathname);
-          if (!params) continue;
-          await c.route.handle({
-            req,
-            params,
-            query: url.searchParams,
-            accept: () =>
-              new Promise<WebSocket>((resolve, reject) => {
-                if (!socket.readable || !socket.writable) {
-                  reject(new Error('the client went away before the upgrade'));
-                  return;
-                }
-                accepted = true;
-                wss.handleUpgrade(req, socket, head, (ws) => resolve(ws));
-              }),
-          });
-          return;
-        }
-        throw new HutchError('ROUTE_NOT_FOUND', `no WebSocket endpoint ${url.pathname}`);
-      };
-      run().catch((e: unknown) => {
-        if (accepted) {
-          opts.onError?.(e);
-          return;
-        }
-        const err = toHutchError(e);
-        if (err.code === 'INTERNAL') opts.onError?.(e);
-        rejectUpgrade(socket, err);
-      });
-    },
-    close(reason = 'the server is stopping') {
-      closed = true;
-      for (const ws of wss.clients) ws.close(closeCodes.goingAway, reason);
-      const t = setTimeout(() => {
-        for (const ws of wss.clients) ws.terminate();
-      }, 1000);
-      t.unref();
-      wss.close();
-    },
-  };
 }
 
 /**

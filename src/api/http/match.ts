@@ -1,4 +1,4 @@
-import { HutchError } from '../errors.js';
+import { HutchError } from '../../errors.js';
 
 /**
  * Path matching shared by the route tables. `{name}` matches one path segment and stops at ":",

@@ -1,0 +1,246 @@
+import { rmSync } from 'node:fs';
+import type { IncomingMessage, Server, ServerResponse } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import type { Duplex } from 'node:stream';
+import { type WebSocket, WebSocketServer } from 'ws';
+import { HutchError, toHutchError } from '../../errors.js';
+import { encodeEvent, writeRespectingBackpressure } from '../exec-stream.js';
+import { compileRoutes, matchRoute, requestUrl } from './match.js';
+import { createGuardedServer, defaultRequestLimits, type RequestLimits } from './request-guard.js';
+import { readJson, rejectUpgrade, sendError, sendResult } from './respond.js';
+import { type ApiRoute, type NdjsonWriter, parseWith, type RequestParts } from './routes.js';
+import { checkHandshake, closeCodes } from './websocket.js';
+
+/**
+ * The one HTTP server of hutch: a route table (routes.ts) and what its handlers get (`app`),
+ * served on any number of listeners (TCP, Unix socket) with the same matching, validation, error
+ * answers, request guard (request-guard.ts) and WebSocket upgrades.
+ */
+export interface ApiServer {
+  /** Listens on TCP; resolves to the base URL. */
+  listenTcp(host: string, port: number): Promise<string>;
+  /** Listens on a Unix socket created owner-only; resolves to `unix:<path>`. */
+  listenUnix(path: string): Promise<string>;
+  readonly servers: Server[];
+  /** Closes every listener and connection; WebSockets get 1001 (then are cut after 1 s). */
+  close(): Promise<void>;
+}
+
+export interface ApiServerOptions {
+  limits?: RequestLimits | undefined;
+  /** Served at GET /openapi.json when given. */
+  openapi?: string;
+}
+
+const noop = (): void => {};
+
+export function createApiServer<A extends object>(
+  routes: ApiRoute<A>[],
+  app: A,
+  opts: ApiServerOptions = {},
+): ApiServer {
+  const compiled = compileRoutes(routes);
+  const upgrades = compileRoutes(routes.filter((r) => r.kind === 'websocket'));
+  const wss = new WebSocketServer({ noServer: true, maxPayload: 1024 * 1024 });
+  const servers: Server[] = [];
+  const sockets = new Set<string>();
+  let closed = false;
+
+  /** Path parameters, the query and the body, each checked by the route's schemas. */
+  async function parts(
+    route: ApiRoute<A>,
+    params: Record<string, string>,
+    url: URL,
+    req: IncomingMessage,
+  ): Promise<RequestParts<unknown, unknown>> {
+    const query = route.query
+      ? parseWith(route.query, Object.fromEntries(url.searchParams), 'query')
+      : undefined;
+    // An absent body is an empty object: routes whose fields are all optional take none.
+    const body = route.body ? parseWith(route.body, (await readJson(req)) ?? {}) : undefined;
+    return { params, query, body, req };
+  }
+
+  async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    try {
+      const url = requestUrl(req.url);
+      const method = req.method ?? 'GET';
+      if (opts.openapi !== undefined && method === 'GET' && url.pathname === '/openapi.json') {
+        res.writeHead(200, { 'content-type': 'application/json' }).end(opts.openapi);
+        return;
+      }
+      const m = matchRoute(compiled, method, routePath(url));
+      if (m === 'method')
+        throw new HutchError('METHOD_NOT_ALLOWED', `${req.method} is not allowed on ${url.pathname}`);
+      if (!m) throw new HutchError('ROUTE_NOT_FOUND', `no endpoint ${req.method} ${url.pathname}`);
+      const { route } = m;
+      if (route.kind === 'websocket')
+        throw new HutchError(
+          'UPGRADE_REQUIRED',
+          `${url.pathname} is a WebSocket endpoint: upgrade to websocket`,
+        );
+      const ctx = { ...app, ...(await parts(route, m.params, url, req)) };
+      const abort = new AbortController();
+      res.on('close', () => {
+        if (!res.writableFinished) abort.abort();
+      });
+      const stream = { res, signal: abort.signal };
+      switch (route.kind) {
+        case 'json':
+          await sendResult(res, route.status, await route.handle(ctx));
+          return;
+        case 'raw': {
+          const result = await route.handle({ ...ctx, ...stream });
+          if (!res.headersSent && !res.destroyed) await sendResult(res, route.status, result);
+          return;
+        }
+        case 'ndjson': {
+          const ndjson = (): NdjsonWriter => {
+            res.writeHead(route.status, {
+              'content-type': 'application/x-ndjson',
+              'cache-control': 'no-store',
+              'x-content-type-options': 'nosniff',
+            });
+            res.flushHeaders();
+            return (event) => writeRespectingBackpressure(res, encodeEvent(event as never));
+          };
+          await route.handle({ ...ctx, ...stream, ndjson });
+          if (!res.writableEnded && !res.destroyed) res.end();
+          return;
+        }
+        case 'sse': {
+          const events = await route.handle(ctx);
+          // Keep-alive is node's to say (HTTP/1.1 keeps the connection open by default).
+          res.writeHead(route.status, {
+            'content-type': 'text/event-stream',
+            'cache-control': 'no-cache',
+            'x-accel-buffering': 'no',
+          });
+          res.flushHeaders();
+          try {
+            for await (const e of events) {
+              if (abort.signal.aborted) break;
+              await writeRespectingBackpressure(
+                res,
+                `event: ${e.event}\ndata: ${JSON.stringify(e.data)}\n\n`,
+              );
+            }
+          } catch {
+            // The client went away: nothing to say to it.
+          } finally {
+            await events.return(undefined);
+            res.end();
+          }
+          return;
+        }
+      }
+    } catch (e) {
+      const err = toHutchError(e);
+      if (err.code === 'INTERNAL') console.error('internal error:', e);
+      // A body we did not read (a refused upload) is not drained: the connection closes instead.
+      if (!res.headersSent) sendError(res, err, { close: !req.complete });
+      else res.destroy();
+    }
+  }
+
+  function onUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {
+    socket.on('error', noop);
+    let accepted = false;
+    const run = async (): Promise<void> => {
+      if (closed) throw new HutchError('AGENT_UNAVAILABLE', 'the server is stopping');
+      const url = requestUrl(req.url);
+      const m = matchRoute(upgrades, 'GET', routePath(url));
+      if (!m || m === 'method')
+        throw new HutchError('ROUTE_NOT_FOUND', `no WebSocket endpoint ${url.pathname}`);
+      if (req.method !== 'GET')
+        throw new HutchError('METHOD_NOT_ALLOWED', `${req.method} is not allowed on ${url.pathname}`);
+      checkHandshake(req);
+      const route = m.route;
+      if (route.kind !== 'websocket') return;
+      const accept = (): Promise<WebSocket> =>
+        new Promise<WebSocket>((resolve, reject) => {
+          if (!socket.readable || !socket.writable) {
+            reject(new Error('the client went away before the upgrade'));
+            return;
+          }
+          accepted = true;
+          wss.handleUpgrade(req, socket, head, (ws) => resolve(ws));
+        });
+      await route.handle({ ...app, ...(await parts(route, m.params, url, req)), accept });
+    };
+    run().catch((e: unknown) => {
+      if (accepted) {
+        console.error('websocket channel error:', e);
+        return;
+      }
+      const err = toHutchError(e);
+      if (err.code === 'INTERNAL') console.error('websocket channel error:', e);
+      rejectUpgrade(socket, err);
+    });
+  }
+
+  const make = (): Server => {
+    const s = createGuardedServer(opts.limits ?? defaultRequestLimits, (req, res) => {
+      void handle(req, res);
+    });
+    s.on('upgrade', onUpgrade);
+    servers.push(s);
+    return s;
+  };
+  const listen = (s: Server, ...args: [string] | [number, string]): Promise<void> =>
+    new Promise<void>((resolve, reject) => {
+      s.once('error', reject);
+      s.listen(...(args as [number, string]), () => resolve());
+    });
+
+  return {
+    servers,
+    async listenTcp(host, port) {
+      const s = make();
+      await listen(s, port, host);
+      const addr = s.address() as AddressInfo;
+      return `http://${addr.family === 'IPv6' ? `[${addr.address}]` : addr.address}:${addr.port}`;
+    },
+    async listenUnix(path) {
+      rmSync(path, { force: true });
+      const s = make();
+      // Owner-only from the start (no window with wider permissions): whoever can open the
+      // socket has full control.
+      const old = process.umask(0o177);
+      try {
+        await listen(s, path);
+      } finally {
+        process.umask(old);
+      }
+      sockets.add(path);
+      return `unix:${path}`;
+    },
+    async close() {
+      closed = true;
+      for (const ws of wss.clients) ws.close(closeCodes.goingAway, 'the server is stopping');
+      const t = setTimeout(() => {
+        for (const ws of wss.clients) ws.terminate();
+      }, 1000);
+      t.unref();
+      wss.close();
+      await Promise.all(
+        servers.map(
+          (s) =>
+            new Promise<void>((resolve) => {
+              s.close(() => resolve());
+              s.closeAllConnections();
+            }),
+        ),
+      );
+      for (const path of sockets) rmSync(path, { force: true });
+    },
+  };
+}
+
+/**
+ * The path routes are matched against: `%3A` is a ":" (clients encode the custom methods of
+ * `/v1/boxes/{id}:stop`), which no id or name contains.
+ */
+function routePath(url: URL): string {
+  return url.pathname.replace(/%3a/gi, ':');
+}
