@@ -97,6 +97,17 @@ const configSchema = z.object({
     .union([z.array(z.string()), z.string()])
     .transform((v) => (Array.isArray(v) ? v : v.split(',')).map((x) => x.trim()).filter((x) => x !== ''))
     .default(['localhost', '127.0.0.1']),
+  /** Collect unused templates, images and snapshots from the image cache at start (src/images/cache-gc.ts). */
+  cacheGcOnStart: z
+    .union([z.boolean(), z.enum(['1', '0', 'true', 'false'])])
+    .transform((v) => v === true || v === '1' || v === 'true')
+    .default(true),
+  /** The collector keeps anything built or used within this many seconds. */
+  cacheMinAgeSeconds: z.coerce
+    .number()
+    .int()
+    .min(0)
+    .default(24 * 3600),
   logLevel: z.enum(['debug', 'info', 'warn', 'error']).default('info'),
   /** A request body (or its headers) sending nothing for this long is cut off with 408, on every API. */
   bodyIdleTimeoutMs: z.coerce.number().int().min(100).default(30_000),
@@ -130,6 +141,8 @@ const envNames: Record<string, keyof ConfigInput> = {
   HUTCH_EXEC_LOG_MAX_BYTES: 'execLogMaxBytes',
   HUTCH_QEMU_USER: 'qemuUser',
   HUTCH_LOG_LEVEL: 'logLevel',
+  HUTCH_CACHE_GC_ON_START: 'cacheGcOnStart',
+  HUTCH_CACHE_MIN_AGE_SECONDS: 'cacheMinAgeSeconds',
   HUTCH_AUTO_SUSPEND_SECONDS: 'autoSuspendSeconds',
   HUTCH_MIGRATION_MAX_MBPS: 'migrationMaxMBps',
   HUTCH_POOL_SIZE: 'poolSize',

@@ -2,11 +2,14 @@ import { mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { type BoxesApi, startBoxesApi } from './api/boxes-server.js';
 import { type HttpApi, startHttpApi } from './api/http-server.js';
+import { inBackground } from './background.js';
 import type { Config } from './config.js';
 import { actionsFor } from './core/dispatch.js';
 import { localPrincipal } from './core/principal.js';
 import { Engine } from './engine/engine.js';
 import { type BuildProgress, TemplateBuilder, type TemplateManifest } from './images/builder.js';
+import { collectCacheGarbage } from './images/cache-gc.js';
+import { registerHolder } from './images/cache-holders.js';
 import { ImageStore } from './images/oci.js';
 import { repoRoot } from './paths.js';
 import { chooseAccel } from './vmm/accel.js';
@@ -52,6 +55,10 @@ export async function startDaemon(
   mkdirSync(config.stateDir, { recursive: true, mode: 0o700 });
   const builder = new TemplateBuilder(config.imageDir);
   if (opts.onProgress) builder.on('progress', opts.onProgress);
+  // Registered before anything is built: another daemon's cache collection then keeps what this
+  // one resolves to and what its machines use, from now on (src/images/cache-holders.ts).
+  mkdirSync(config.imageDir, { recursive: true });
+  registerHolder(config.imageDir, config.stateDir, process.pid, await builder.currentKeys());
   const templates = new Map<string, TemplateManifest>();
   for (const name of config.templates) templates.set(name, await builder.build(name));
   const first = templates.values().next().value as TemplateManifest;
@@ -70,6 +77,23 @@ export async function startDaemon(
   const engine = new Engine(config, templates, accel, opts.log, images);
   await engine.start();
   engine.prepareSnapshots();
+  // After start: the rows left are the machines and boxes that survived the restart.
+  if (config.cacheGcOnStart)
+    inBackground(opts.log, 'cache collection', {}, async () => {
+      const r = await collectCacheGarbage({
+        imageDir: config.imageDir,
+        stateDir: config.stateDir,
+        minAgeMs: config.cacheMinAgeSeconds * 1000,
+        daemonPid: process.pid,
+      });
+      const freed = Object.fromEntries(
+        Object.entries(r.kinds)
+          .filter(([, k]) => k.removed > 0)
+          .map(([kind, k]) => [kind, { count: k.removed, bytes: k.bytes }]),
+      );
+      opts.log('info', 'cache collected', { removed: r.freed.count, bytes: r.freed.bytes, freed });
+      for (const w of r.warnings) opts.log('warn', 'cache collection', { warning: w });
+    });
   const limits = { bodyIdleTimeoutMs: config.bodyIdleTimeoutMs, maxConnections: config.maxConnections };
   const http = await startHttpApi(engine, {
     host: config.host,

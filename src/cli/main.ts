@@ -6,6 +6,7 @@ import { ApiError, HutchClient } from '../client/http-client.js';
 import { clientUrl, loadConfig } from '../config.js';
 import { jsonLogger, startDaemon } from '../daemon.js';
 import { type BuildProgress, TemplateBuilder } from '../images/builder.js';
+import { collectCacheGarbage, type GcReport } from '../images/cache-gc.js';
 import { ImageStore } from '../images/oci.js';
 import { boxCommand, boxUsage } from './box.js';
 import {
@@ -35,6 +36,8 @@ const usage = `hutch: real computers over an API
   hutch health [--json]
   hutch template build [NAME] [--image-dir D]
   hutch image pull REF... [--image-dir D] [--json]   pull (debian:* builds locally) into the image cache
+  hutch cache gc [--dry-run] [--min-age SECONDS] [--state-dir D] [--image-dir D] [--json]
+                                   remove templates, images and snapshots nothing uses (no daemon needed)
 
 Client commands talk to --url or $HUTCH_URL (default http://127.0.0.1:8080).
 
@@ -160,6 +163,8 @@ async function main(argv: string[]): Promise<void> {
       shell: { type: 'string' },
       term: { type: 'string' },
       output: { type: 'string', short: 'o' },
+      'dry-run': { type: 'boolean' },
+      'min-age': { type: 'string' },
     },
     usage,
   );
@@ -201,6 +206,26 @@ async function main(argv: string[]): Promise<void> {
           );
       }
       if (json) printJson(manifests.length === 1 ? manifests[0] : manifests);
+      return;
+    }
+    case 'cache': {
+      if (positionals[0] !== 'gc' || positionals.length > 1)
+        fail('usage: hutch cache gc [--dry-run] [--min-age SECONDS] [--json]');
+      const config = loadConfig({
+        stateDir: flags['state-dir'] as string | undefined,
+        imageDir: flags['image-dir'] as string | undefined,
+      });
+      const minAge = flags['min-age'] === undefined ? config.cacheMinAgeSeconds : Number(flags['min-age']);
+      if (!Number.isInteger(minAge) || minAge < 0)
+        fail(`--min-age must be a whole number of seconds, got ${JSON.stringify(flags['min-age'])}`);
+      const r = await collectCacheGarbage({
+        imageDir: config.imageDir,
+        stateDir: config.stateDir,
+        minAgeMs: minAge * 1000,
+        dryRun: flags['dry-run'] === true,
+      });
+      if (json) printJson(r);
+      else printGcReport(r);
       return;
     }
     case 'new': {
@@ -321,6 +346,20 @@ async function main(argv: string[]): Promise<void> {
     default:
       fail(`unknown command ${JSON.stringify(cmd)}\n\n${usage}`);
   }
+}
+
+const mib = (bytes: number): string => `${(bytes / 2 ** 20).toFixed(1)} MiB`;
+
+function printGcReport(r: GcReport): void {
+  const verb = r.dry_run ? 'would remove' : 'removed';
+  for (const e of r.removed) process.stdout.write(`${verb}\t${e.kind}\t${mib(e.bytes)}\t${e.path}\n`);
+  for (const [kind, k] of Object.entries(r.kinds))
+    if (k.removed > 0 || k.kept > 0)
+      process.stdout.write(`${kind.padEnd(12)} ${verb} ${k.removed} (${mib(k.bytes)}), kept ${k.kept}\n`);
+  process.stdout.write(
+    `${r.dry_run ? 'would free' : 'freed'} ${mib(r.freed.bytes)} in ${r.freed.count} entries\n`,
+  );
+  for (const w of r.warnings) process.stderr.write(`hutch: ${w}\n`);
 }
 
 /** Runs a command over the streaming endpoint: output live, bytes exact; returns its exit code. */

@@ -13,8 +13,10 @@ import {
 import { join } from 'node:path';
 import { HutchError } from '../errors.js';
 import { repoRoot } from '../paths.js';
+import { markUsed } from './cache-holders.js';
 import { acquireFileLock } from './file-lock.js';
-import { type RootfsSpec, type TemplateRecipe, templateRecipes } from './recipes.js';
+import { localImageDigest } from './oci.js';
+import { localImageRecipes, type RootfsSpec, type TemplateRecipe, templateRecipes } from './recipes.js';
 import { runCapture, runLogged } from './run-command.js';
 import { fileHash, guestCmdline, contentHash as hash, makeExt4, stageGuestFiles } from './staging.js';
 
@@ -50,6 +52,19 @@ export interface BuildParts {
   rootfs?: string;
 }
 
+/** The cache keys of one build of hutch (see TemplateBuilder.currentKeys). */
+export interface BuildKeys {
+  kernel: string;
+  /** Hash of the agent binary as built now; absent when it is not built (then any agent counts). */
+  agent?: string;
+  /** Template name → key of templates/<name>-<key>. */
+  templates: Record<string, string>;
+  /** Keys of rootfs/<key>: the trees of the template recipes and of the local image recipes. */
+  rootfs: string[];
+  /** Digests of the local image recipes (debian:bookworm and its aliases). */
+  localImages: string[];
+}
+
 /**
  * Builds templates from their recipes into a content-addressed cache:
  *   kernels/<hash>/vmlinux        hash of the kernel config + build script + linux-source version
@@ -75,7 +90,29 @@ export class TemplateBuilder extends EventEmitter {
     const key = await this.templateKey(recipe);
     const manifestPath = join(this.imageDir, 'templates', `${name}-${key}`, 'manifest.json');
     if (!existsSync(manifestPath)) return undefined;
+    markUsed(join(manifestPath, '..'));
     return JSON.parse(readFileSync(manifestPath, 'utf8')) as TemplateManifest;
+  }
+
+  /**
+   * The cache keys this checkout resolves to now: what a daemon of this build would boot, so
+   * the cache's garbage collector keeps it (src/images/cache-gc.ts).
+   */
+  async currentKeys(): Promise<BuildKeys> {
+    const kernel = await this.kernelKey();
+    const agentPath = join(this.root, 'agent', 'build', 'hutch-agent');
+    const templates: Record<string, string> = {};
+    for (const [name, recipe] of Object.entries(templateRecipes))
+      templates[name] = await this.templateKey(recipe);
+    const locals = Object.values(localImageRecipes);
+    const rootfs = new Set([...Object.values(templateRecipes), ...locals].map((r) => this.rootfsKey(r)));
+    return {
+      kernel,
+      ...(existsSync(agentPath) ? { agent: hash(readFileSync(agentPath)) } : {}),
+      templates,
+      rootfs: [...rootfs].sort(),
+      localImages: [...new Set(locals.map((r) => localImageDigest(r, this.rootfsKey(r))))].sort(),
+    };
   }
 
   async build(name: string): Promise<TemplateManifest> {
@@ -159,6 +196,8 @@ export class TemplateBuilder extends EventEmitter {
     }
     const m = /^CONFIG_HZ=(\d+)/m.exec(readFileSync(join(kdir, 'config'), 'utf8'));
     const bytes = readFileSync(agentPath);
+    markUsed(kdir);
+    if (tree) markUsed(join(tree, '..'));
     return {
       kernel: { path: join(kdir, 'vmlinux'), hz: m ? Number(m[1]) : 100, key },
       agent: { path: agentPath, bytes, hash: hash(bytes) },
@@ -217,6 +256,7 @@ export class TemplateBuilder extends EventEmitter {
       return m ? Number(m[1]) : 100;
     };
     if (existsSync(vmlinux)) {
+      markUsed(dir);
       this.progress({ step: 'kernel', state: 'cached', message: `kernel ${key} (cached)` });
       return { path: vmlinux, hz: hzOf() };
     }
@@ -266,6 +306,7 @@ export class TemplateBuilder extends EventEmitter {
     const key = this.rootfsKey(recipe);
     const dir = join(this.imageDir, 'rootfs', key);
     if (existsSync(join(dir, 'root', 'usr', 'bin'))) {
+      markUsed(dir);
       this.progress({ step: 'rootfs', state: 'cached', message: `root filesystem ${key} (cached)` });
       return join(dir, 'root');
     }

@@ -3,8 +3,9 @@ import { chmodSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, wri
 import { join } from 'node:path';
 import { HutchError } from '../errors.js';
 import type { BuildParts, TemplateBuilder, TemplateManifest } from './builder.js';
+import { markUsed } from './cache-holders.js';
 import { type ImageRef, isInsecureRegistry, parseImageRef } from './image-ref.js';
-import { localImageRecipes } from './recipes.js';
+import { type LocalImageRecipe, localImageRecipes } from './recipes.js';
 import { runCaptureBytes, runLogged } from './run-command.js';
 import {
   contentHash,
@@ -65,7 +66,19 @@ interface PulledImage extends ImageConfig {
   pulledAt: string;
 }
 
-const digestHex = (digest: string): string => digest.slice('sha256:'.length);
+export const digestHex = (digest: string): string => digest.slice('sha256:'.length);
+
+/** The digest a local image recipe stands for: its root filesystem tree and its Env. */
+export function localImageDigest(recipe: LocalImageRecipe, rootfsKey: string): string {
+  return `sha256:${createHash('sha256')
+    .update(JSON.stringify({ rootfs: rootfsKey, env: recipe.env }))
+    .digest('hex')}`;
+}
+
+/** The name of the disk under oci/disks/ made from `digest` with this agent and kernel. */
+export function imageDiskName(digest: string, agentHash: string, kernelKey: string): string {
+  return `${digestHex(digest).slice(0, 16)}-${contentHash(digest, agentHash, kernelKey, ociAssemblyVersion)}`;
+}
 
 /**
  * OCI images → bootable root disks, cached under `imageDir/oci`:
@@ -120,9 +133,7 @@ export class ImageStore {
     this.makeDirs();
     const local = ref.digest ? undefined : localImageRecipes[ref.canonical];
     if (local) {
-      const digest = `sha256:${createHash('sha256')
-        .update(JSON.stringify({ rootfs: this.builder.rootfsKey(local), env: local.env }))
-        .digest('hex')}`;
+      const digest = localImageDigest(local, this.builder.rootfsKey(local));
       const parts = await this.builder.prepare(local);
       const config = { env: local.env, workdir: null };
       return this.assemble(ref, digest, 'local', parts.rootfs!, config, parts, t0);
@@ -216,6 +227,7 @@ export class ImageStore {
     const dir = join(this.dir, 'pulls', digestHex(digest));
     const infoPath = join(dir, 'image.json');
     if (existsSync(infoPath)) {
+      markUsed(dir);
       this.log(`image ${ref.canonical} (${digest}) is already pulled`);
       return { ...(JSON.parse(readFileSync(infoPath, 'utf8')) as PulledImage), rootfs: join(dir, 'rootfs') };
     }
@@ -289,11 +301,13 @@ export class ImageStore {
     parts: BuildParts,
     t0: number,
   ): Promise<ImageManifest> {
-    const key = contentHash(digest, parts.agent.hash, parts.kernel.key, ociAssemblyVersion);
-    const dir = join(this.dir, 'disks', `${digestHex(digest).slice(0, 16)}-${key}`);
+    const name = imageDiskName(digest, parts.agent.hash, parts.kernel.key);
+    const key = name.slice(17);
+    const dir = join(this.dir, 'disks', name);
     const manifestPath = join(dir, 'manifest.json');
     const cached = this.load(manifestPath);
     if (cached) {
+      markUsed(dir);
       this.log(`disk for ${ref.canonical} is up to date (${key})`);
       return cached;
     }

@@ -12,6 +12,7 @@ import {
 import { join } from 'node:path';
 import type { Accel } from '../vmm/qemu.js';
 import type { TemplateManifest } from './builder.js';
+import { markUsed } from './cache-holders.js';
 import { acquireFileLock } from './file-lock.js';
 
 /**
@@ -69,7 +70,7 @@ const templateWarmUp = [
 ];
 
 /** Bump when the snapshot procedure or the QEMU device model changes: old snapshots stop matching. */
-const snapshotFormat = '1';
+export const snapshotFormat = '1';
 
 export function snapshotKey(manifest: TemplateManifest, p: SnapshotParams): string {
   const key = [manifest.hash, p.accel, p.vcpus, p.memoryMb, snapshotFormat, hashOf(p.cmdline)].join('-');
@@ -119,12 +120,21 @@ export class SnapshotCache {
     return this.failures.get(template);
   }
 
+  /**
+   * The snapshot ready for `template`. One the cache's garbage collector has since removed is
+   * forgotten (the next ensure() takes it again); one in use is marked so, which keeps it.
+   */
   get(template: string): TemplateSnapshot | undefined {
-    return this.ready.get(template);
+    const s = this.ready.get(template);
+    if (s && !markUsed(s.dir)) {
+      this.ready.delete(template);
+      return undefined;
+    }
+    return s;
   }
 
   ensure(manifest: TemplateManifest, params: SnapshotParams): Promise<TemplateSnapshot> {
-    const cached = this.ready.get(manifest.name);
+    const cached = this.get(manifest.name);
     if (cached) return Promise.resolve(cached);
     let p = this.building.get(manifest.name);
     if (!p) {
@@ -148,7 +158,7 @@ export class SnapshotCache {
     const key = snapshotKey(manifest, params);
     const dir = join(this.imageDir, 'snapshots', `${manifest.name}-${key}`);
     const meta = join(dir, 'meta.json');
-    if (existsSync(meta)) return JSON.parse(readFileSync(meta, 'utf8')) as TemplateSnapshot;
+    if (existsSync(meta) && markUsed(dir)) return JSON.parse(readFileSync(meta, 'utf8')) as TemplateSnapshot;
     mkdirSync(join(this.imageDir, 'snapshots'), { recursive: true });
     const release = await acquireFileLock(join(this.imageDir, 'snapshots', `.${manifest.name}.lock`));
     try {

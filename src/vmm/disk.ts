@@ -1,5 +1,7 @@
 import { execFile } from 'node:child_process';
+import { closeSync, openSync, readSync } from 'node:fs';
 import { chmod, chown } from 'node:fs/promises';
+import { dirname, resolve } from 'node:path';
 import { promisify } from 'node:util';
 
 const run = promisify(execFile);
@@ -58,4 +60,26 @@ export async function virtualSize(image: string, format: 'raw' | 'qcow2'): Promi
 function stderrOf(e: unknown): string {
   const err = e as { stderr?: string; message: string };
   return err.stderr?.trim() || err.message;
+}
+
+/**
+ * The backing file a qcow2 image names (resolved against the image's directory, as QEMU does),
+ * or undefined for a raw image or a qcow2 without one. Read from the header itself: the cache's
+ * garbage collector follows every overlay's chain and must not spawn qemu-img per disk.
+ */
+export function backingFile(image: string): string | undefined {
+  const fd = openSync(image, 'r');
+  try {
+    const header = Buffer.alloc(20);
+    if (readSync(fd, header, 0, 20, 0) < 20 || header.readUInt32BE(0) !== 0x514649fb) return undefined;
+    const offset = Number(header.readBigUInt64BE(8));
+    const size = header.readUInt32BE(16);
+    // The name is at most 1023 bytes (QEMU's limit); anything else is not a header QEMU wrote.
+    if (offset === 0 || size === 0 || size > 1023) return undefined;
+    const name = Buffer.alloc(size);
+    if (readSync(fd, name, 0, size, offset) < size) return undefined;
+    return resolve(dirname(image), name.toString('utf8'));
+  } finally {
+    closeSync(fd);
+  }
 }

@@ -39,6 +39,8 @@ export async function startDaemon(
         HUTCH_IMAGE_DIR: imageDir,
         HUTCH_LOG_LEVEL: 'info',
         HUTCH_POOL_SIZE: '0',
+        // The shared cache serves test runs of other checkouts too: a test daemon never prunes it.
+        HUTCH_CACHE_GC_ON_START: '0',
         ...opts.env,
       },
       stdio: ['ignore', 'pipe', 'pipe'],
