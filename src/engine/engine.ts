@@ -36,7 +36,24 @@ import { cgroupSupport, confine, listMachineCgroups, releaseCgroup } from '../vm
 import { ConsoleTap } from '../vmm/console.js';
 import { createOverlay } from '../vmm/disk.js';
 import { tcgTimingArgs } from '../vmm/host.js';
-import { loadState, saveState } from '../vmm/migration.js';
+import {
+  type CopyOptions,
+  copyMemoryFile,
+  createMemoryFile,
+  launchOrForget,
+  memoryDirOf,
+  memoryFileOf,
+  prepareMemoryDir,
+  removeMemoryFile,
+  sweepMemoryFiles,
+} from '../vmm/memory-file.js';
+import {
+  branchTimings,
+  loadState,
+  type MachineSave,
+  type MachineSaved,
+  saveMachine,
+} from '../vmm/migration.js';
 import {
   type Accel,
   isAlive,
@@ -196,6 +213,8 @@ export class Engine {
   private readonly diskPauses: DiskPauses;
   /** Output held by buffered execs (exec, runOnce) until their replies are written. */
   private readonly execOutput: OutputBudget;
+  /** Where machines' RAM files live (tmpfs): src/vmm/memory-file.ts. */
+  private readonly memDir: string;
 
   constructor(
     private readonly config: Config,
@@ -215,6 +234,8 @@ export class Engine {
     mkdirSync(config.imageDir, { recursive: true });
     traversableByQemu(config.imageDir, this.runAs);
     this.snapshots = new SnapshotCache(config.imageDir);
+    this.memDir = memoryDirOf(config.stateDir);
+    prepareMemoryDir(this.memDir, this.runAs);
     this.diskPauses = new DiskPauses({
       stateDir: config.stateDir,
       running: () =>
@@ -267,6 +288,9 @@ export class Engine {
     for (const dir of readdirSync(this.runRoot)) {
       if (!this.store.get(dir)) rmSync(join(this.runRoot, dir), { recursive: true, force: true });
     }
+    // RAM files of machines not adopted above (their QEMU is gone): nothing maps them any more.
+    for (const id of sweepMemoryFiles(this.memDir, (id) => this.live.has(id)))
+      this.log('info', 'removed the memory file of a machine that is gone', { id });
     // cgroups are named by machine id, which is unique across daemons: one with no live QEMU
     // and no running row anywhere here is debris from a crash.
     const liveIds = new Set(listHutchQemus().map((q) => q.id));
@@ -315,6 +339,8 @@ export class Engine {
     // A state file still being written when the daemon died is never complete: drop it.
     for (const partial of [`${stateFile}.partial`, join(row.run_dir, 'branch.state.partial')])
       rmSync(partial, { force: true });
+    // Its memory is copied before the state is written: without the state it is debris.
+    if (!existsSync(stateFile)) removeMemoryFile(join(row.run_dir, 'suspend.ram'));
     if (row.state === 'suspending' && alive && row.pid !== null) {
       if (existsSync(stateFile)) {
         // The snapshot was complete (it is renamed into place last): finish the suspend.
@@ -526,7 +552,7 @@ export class Engine {
         prepareRunDir(runDir, this.runAs);
         await createOverlay(snap.disk, disk, 'qcow2', this.runAs);
         const { live } = await this.restoreInto(row, manifest, snap.state, {
-          memory: { kind: 'file', path: snap.mem, share: false },
+          memoryFrom: snap.mem,
           ignoreShared: true,
         });
         if (live.agent) await this.giveIdentity(live.agent, id);
@@ -557,20 +583,27 @@ export class Engine {
   private launch(
     row: MachineRow,
     manifest: TemplateManifest,
-    extra: Pick<VmSpec, 'memory' | 'incoming' | 'volumes'>,
+    extra: Pick<VmSpec, 'incoming' | 'volumes'>,
   ): Live {
-    const pid = launchQemu(this.config.qemuBinary, {
-      id: row.id,
-      accel: row.accel as Accel,
-      vcpus: row.vcpus,
-      memoryMb: row.memory_mb,
-      kernel: manifest.kernel,
-      disk: join(row.run_dir, 'disk.qcow2'),
-      cmdline: `${this.kernelCmdline(manifest)} hutch.hostname=${hostnameOf(row.id)}`,
-      runDir: row.run_dir,
-      ...(this.runAs ? { runAs: this.runAs.user } : {}),
-      ...extra,
-    });
+    // Its own RAM file, shared: a cold boot starts from an empty one, a restore from the copy
+    // restoreInto made (or an empty one, filled by the migration stream).
+    const memory = this.memoryOf(row.id);
+    if (!extra.incoming || !existsSync(memory)) createMemoryFile(memory, row.memory_mb * 2 ** 20, this.runAs);
+    const pid = launchOrForget(memory, () =>
+      launchQemu(this.config.qemuBinary, {
+        memory: { kind: 'file', path: memory, share: true },
+        id: row.id,
+        accel: row.accel as Accel,
+        vcpus: row.vcpus,
+        memoryMb: row.memory_mb,
+        kernel: manifest.kernel,
+        disk: join(row.run_dir, 'disk.qcow2'),
+        cmdline: `${this.kernelCmdline(manifest)} hutch.hostname=${hostnameOf(row.id)}`,
+        runDir: row.run_dir,
+        ...(this.runAs ? { runAs: this.runAs.user } : {}),
+        ...extra,
+      }),
+    );
     const jail = this.confine(row.id, pid, row);
     this.store.update(row.id, { pid, jail: JSON.stringify(jail) });
     return this.attach(row, pid, jail);
@@ -598,17 +631,19 @@ export class Engine {
     row: MachineRow,
     manifest: TemplateManifest,
     stateFile: string,
-    opts: { memory: VmSpec['memory']; ignoreShared: boolean },
-  ): Promise<{ live: Live; restoredUs: number }> {
-    const live = this.launch(row, manifest, { memory: opts.memory, incoming: true });
+    opts: { memoryFrom?: string; ignoreShared: boolean },
+  ): Promise<{ live: Live; restoredUs: number; agentUs: number }> {
+    if (opts.memoryFrom) await copyMemoryFile(opts.memoryFrom, this.memoryOf(row.id), { owner: this.runAs });
+    const live = this.launch(row, manifest, { incoming: true });
     const qmp = await this.qmpOf(row.id);
     const t0 = performance.now();
     await loadState(qmp, runPaths(row.run_dir).migDir, stateFile, { ignoreShared: opts.ignoreShared });
     await qmp.execute('cont');
-    const restoredUs = Math.round((performance.now() - t0) * 1000);
+    const t1 = performance.now();
+    const restoredUs = Math.round((t1 - t0) * 1000);
     live.agent = await this.waitForAgent(row.id, live.pid, row.run_dir, live.console);
     await live.agent.reset();
-    return { live, restoredUs };
+    return { live, restoredUs, agentUs: Math.round((performance.now() - t1) * 1000) };
   }
 
   private markRunning(id: string, bootMs: number): MachineView {
@@ -628,6 +663,11 @@ export class Engine {
     this.touch(id);
     this.log('info', 'machine started', { id, mode: final.mode, boot_ms: bootMs });
     return this.view(final);
+  }
+
+  /** The machine's RAM file (it exists while its QEMU runs). */
+  private memoryOf(id: string): string {
+    return memoryFileOf(this.memDir, id);
   }
 
   /** The kernel command line for this host: the template's, plus TCG's timing flags. */
@@ -1207,7 +1247,7 @@ export class Engine {
       if (snap) {
         await createOverlay(snap.disk, disk, 'qcow2', this.runAs, boxSnapshotDiskBytes);
         const { live } = await this.restoreInto(row, image, snap.state, {
-          memory: { kind: 'file', path: snap.mem, share: false },
+          memoryFrom: snap.mem,
           ignoreShared: true,
         });
         // The guest learns of a bigger disk from the resize; CONFIGURE then grows its filesystem.
@@ -1676,7 +1716,7 @@ export class Engine {
     await createOverlay(snap.disk, join(row.run_dir, 'disk.qcow2'), 'qcow2', this.runAs);
     try {
       const { live } = await this.restoreInto(row, manifest, snap.state, {
-        memory: { kind: 'file', path: snap.mem, share: false },
+        memoryFrom: snap.mem,
         ignoreShared: true,
       });
       // Warm both paths a hand-out takes: an exec, and the identity step (overwritten then).
@@ -1757,6 +1797,8 @@ export class Engine {
     await this.admitUser(row, this.diskBytesOf(row));
     const stateFile = join(row.run_dir, 'branch.state');
     let pauseMs = 0;
+    let saved: MachineSaved | undefined;
+    let diskMs = 0;
     try {
       prepareRunDir(row.run_dir, this.runAs);
       await this.withLock(source.id, async () => {
@@ -1767,26 +1809,42 @@ export class Engine {
         const p0 = performance.now();
         if (wasRunning) await qmp.execute('stop');
         try {
-          // A completed migration has flushed the source's disk, so the copy is consistent.
-          await saveState(qmp, runPaths(src.run_dir).migDir, stateFile, {
-            ignoreShared: false,
+          // Device state plus a copy of the source's RAM file, which becomes the clone's own.
+          saved = await saveMachine(qmp, runPaths(src.run_dir).migDir, {
+            state: stateFile,
+            memory: this.memoryCopy(src.id, this.memoryOf(id)),
             maxBytesPerSecond: this.config.migrationMaxMBps * 1e6,
           });
+          // A completed migration has flushed the source's disk, so the copy is consistent.
+          const d0 = performance.now();
           const disk = join(row.run_dir, 'disk.qcow2');
           copyFileSync(join(src.run_dir, 'disk.qcow2'), disk, constants.COPYFILE_FICLONE);
           if (this.runAs) chownSync(disk, this.runAs.uid, this.runAs.gid);
+          diskMs = performance.now() - d0;
         } finally {
           if (wasRunning) await qmp.execute('cont');
           pauseMs = performance.now() - p0;
           this.touch(src.id);
         }
       });
-      const { live } = await this.restoreInto(this.find(owner, id), manifest, stateFile, {
-        memory: { kind: 'ram' },
-        ignoreShared: false,
-      });
+      const r0 = performance.now();
+      const { live, restoredUs, agentUs } = await this.restoreInto(
+        this.find(owner, id),
+        manifest,
+        stateFile,
+        {
+          ignoreShared: saved?.ignoreShared ?? false,
+        },
+      );
+      const r1 = performance.now();
       if (live.agent) await this.giveIdentity(live.agent, id);
       rmSync(stateFile, { force: true });
+      this.log('info', 'machine branched', {
+        id,
+        source: source.id,
+        ...branchTimings({ t0, r0, r1, pauseMs, diskMs, restoredUs, agentUs, saved }),
+        identity_ms: Math.round((performance.now() - r1) * 10) / 10,
+      });
       const view = this.markRunning(id, Math.round(performance.now() - t0));
       return { ...view, pause_ms: Math.round(pauseMs * 10) / 10 };
     } catch (e) {
@@ -1795,6 +1853,12 @@ export class Engine {
       if (e instanceof HutchError) throw e;
       throw orStorageFull(e, 'BOOT_FAILED', `branch of ${source.id} failed: ${(e as Error).message}`);
     }
+  }
+
+  /** What a save copies of `id`'s RAM: its own file, unless an older daemon started it without. */
+  private memoryCopy(id: string, to: string, copy: CopyOptions = {}): MachineSave['memory'] {
+    const from = this.memoryOf(id);
+    return existsSync(from) ? { from, to, copy: { owner: this.runAs, ...copy } } : undefined;
   }
 
   private insertRow(row: MachineRow, diskBytes: number): void {
@@ -1890,6 +1954,7 @@ export class Engine {
       if (!live) throw this.notRunning(row, 'suspend');
       const t0 = performance.now();
       const stateFile = join(row.run_dir, 'suspend.state');
+      const memoryFile = join(row.run_dir, 'suspend.ram');
       const qmp = await this.qmpOf(id);
       this.store.update(id, { state: 'suspending' });
       try {
@@ -1899,12 +1964,19 @@ export class Engine {
         live.agent = undefined;
         await new Promise((r) => setTimeout(r, 50));
         await qmp.execute('stop');
-        await saveState(qmp, runPaths(row.run_dir).migDir, stateFile, {
-          ignoreShared: false,
-          maxBytesPerSecond: this.config.migrationMaxMBps * 1e6,
+        const bytesPerSecond = this.config.migrationMaxMBps * 1e6;
+        await saveMachine(qmp, runPaths(row.run_dir).migDir, {
+          state: stateFile,
+          memory: this.memoryCopy(id, memoryFile, {
+            durable: true,
+            bytesPerSecond,
+            stillWanted: () => isAlive(live.pid),
+          }),
+          maxBytesPerSecond: bytesPerSecond,
         });
       } catch (e) {
         rmSync(stateFile, { force: true });
+        removeMemoryFile(memoryFile);
         if (!isAlive(live.pid)) {
           await this.teardown(this.find(owner, id), 'failed', 'qemu exited during suspend');
           throw new HutchError('MACHINE_NOT_RUNNING', `suspend of ${id} failed: qemu exited during suspend`);
@@ -1939,17 +2011,21 @@ export class Engine {
         `machine ${row.id} cannot be resumed: its saved state is gone`,
       );
     this.store.update(row.id, { state: 'resuming' });
+    // Saved since machines have RAM files of their own; without it, RAM is in the state stream.
+    const memoryFile = join(row.run_dir, 'suspend.ram');
+    const withMemory = existsSync(memoryFile);
     try {
       prepareRunDir(row.run_dir, this.runAs);
       const { live, restoredUs } = await this.restoreInto(row, manifest, stateFile, {
-        memory: { kind: 'ram' },
-        ignoreShared: false,
+        ...(withMemory ? { memoryFrom: memoryFile } : {}),
+        ignoreShared: withMemory,
       });
       // The guest clock stood still while the machine was on disk.
       await live.agent?.configure({ timeNs: BigInt(Date.now()) * 1_000_000n }, 10_000);
       if (live.agent) this.watchAgent(row.id, live.agent);
       this.store.update(row.id, { state: 'running' });
       rmSync(stateFile, { force: true });
+      removeMemoryFile(memoryFile);
       this.log('info', 'machine resumed', { id: row.id, resume_us: restoredUs });
       return restoredUs;
     } catch (e) {
@@ -1988,6 +2064,8 @@ export class Engine {
     live?.console.stop();
     const qemu = live?.pid ?? pid;
     if (qemu !== null && isQemuOf(qemu, id)) await stopQemu(qemu, runPaths(runDir).qmp);
+    // Before the cgroup: its pages are charged there, and a memcg with charges lingers.
+    removeMemoryFile(this.memoryOf(id));
     if (!(await releaseCgroup(id))) this.log('warn', 'cgroup not removed yet', { id });
   }
 

@@ -11,6 +11,7 @@ import {
 } from 'node:fs';
 import { connect, createServer } from 'node:net';
 import { join } from 'node:path';
+import { type CopyOptions, copyMemoryFile } from './memory-file.js';
 import type { QmpClient } from './qmp.js';
 
 /**
@@ -136,4 +137,71 @@ export async function loadState(
   }
   rmSync(sockPath, { force: true });
   return { bytes: statSync(stateFile).size, ms: performance.now() - t0 };
+}
+
+export interface MachineSave {
+  /** Device state file written (the commit marker: it is renamed into place last). */
+  state: string;
+  /**
+   * The machine's RAM file (shared, file-backed) and where its copy goes. Without it the RAM is
+   * anonymous or privately mapped (a machine started by an older daemon) and goes in the stream.
+   */
+  memory?: { from: string; to: string; copy: CopyOptions } | undefined;
+  maxBytesPerSecond?: number;
+}
+
+export interface MachineSaved {
+  stateBytes: number;
+  stateMs: number;
+  memoryBytes: number;
+  memoryMs: number;
+  /** Whether RAM was left out of the stream (the copy holds it): restore with x-ignore-shared. */
+  ignoreShared: boolean;
+}
+
+/**
+ * Saves a stopped machine: a copy of its RAM file first, then its device state, so a state file
+ * that exists always has its memory beside it. The vCPUs must stay stopped throughout: the copy
+ * and the device state describe the same instant only if the guest writes nothing in between.
+ */
+export async function saveMachine(qmp: QmpClient, migDir: string, save: MachineSave): Promise<MachineSaved> {
+  let memoryBytes = 0;
+  let memoryMs = 0;
+  if (save.memory) {
+    const t0 = performance.now();
+    memoryBytes = await copyMemoryFile(save.memory.from, save.memory.to, save.memory.copy);
+    memoryMs = performance.now() - t0;
+  }
+  const ignoreShared = save.memory !== undefined;
+  const s = await saveState(qmp, migDir, save.state, {
+    ignoreShared,
+    ...(save.maxBytesPerSecond ? { maxBytesPerSecond: save.maxBytesPerSecond } : {}),
+  });
+  return { stateBytes: s.bytes, stateMs: s.ms, memoryBytes, memoryMs, ignoreShared };
+}
+
+/** Where a branch's time went (ms), for the log: the source's pause split, then the clone's start. */
+export function branchTimings(t: {
+  t0: number;
+  r0: number;
+  r1: number;
+  pauseMs: number;
+  diskMs: number;
+  restoredUs: number;
+  agentUs: number;
+  saved: MachineSaved | undefined;
+}): Record<string, number> {
+  const ms = (x: number): number => Math.round(x * 10) / 10;
+  return {
+    before_pause_ms: ms(t.r0 - t.t0 - t.pauseMs),
+    pause_ms: ms(t.pauseMs),
+    memory_copy_ms: ms(t.saved?.memoryMs ?? 0),
+    memory_copy_mb: ms((t.saved?.memoryBytes ?? 0) / 2 ** 20),
+    state_save_ms: ms(t.saved?.stateMs ?? 0),
+    state_kb: ms((t.saved?.stateBytes ?? 0) / 1024),
+    disk_copy_ms: ms(t.diskMs),
+    clone_launch_ms: ms(t.r1 - t.r0 - (t.restoredUs + t.agentUs) / 1000),
+    clone_load_cont_ms: ms(t.restoredUs / 1000),
+    clone_agent_ms: ms(t.agentUs / 1000),
+  };
 }
