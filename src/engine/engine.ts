@@ -32,7 +32,15 @@ import {
 } from '../images/snapshots.js';
 import type { AccelChoice } from '../vmm/accel.js';
 import { connectWhileAlive } from '../vmm/boot-wait.js';
-import { cgroupSupport, confine, listMachineCgroups, releaseCgroup } from '../vmm/cgroup.js';
+import {
+  cgroupSupport,
+  confine,
+  listMachineCgroups,
+  machineLimits,
+  prepareCgroup,
+  procsFiles,
+  releaseCgroup,
+} from '../vmm/cgroup.js';
 import { ConsoleTap } from '../vmm/console.js';
 import { createOverlay } from '../vmm/disk.js';
 import { tcgTimingArgs } from '../vmm/host.js';
@@ -633,7 +641,11 @@ export class Engine {
     stateFile: string,
     opts: { memoryFrom?: string; ignoreShared: boolean },
   ): Promise<{ live: Live; restoredUs: number; agentUs: number }> {
-    if (opts.memoryFrom) await copyMemoryFile(opts.memoryFrom, this.memoryOf(row.id), { owner: this.runAs });
+    if (opts.memoryFrom)
+      await copyMemoryFile(opts.memoryFrom, this.memoryOf(row.id), {
+        owner: this.runAs,
+        chargeTo: this.chargeTo(row),
+      });
     const live = this.launch(row, manifest, { incoming: true });
     const qmp = await this.qmpOf(row.id);
     const t0 = performance.now();
@@ -709,16 +721,22 @@ export class Engine {
     const jail = { seccomp: true, user: this.runAs?.user ?? null, cgroup: null as string | null };
     if (this.cgroups === 'none') return jail;
     try {
-      // Guest RAM plus room for QEMU itself and the TCG translation cache.
-      jail.cgroup = confine(id, pid, {
-        memoryBytes: (row.memory_mb + 192) * 1024 * 1024,
-        cpus: row.vcpus,
-        pids: 256,
-      }).kind;
+      jail.cgroup = confine(id, pid, machineLimits(row.memory_mb, row.vcpus)).kind;
     } catch (e) {
       this.log('warn', 'cgroup confinement failed', { id, error: (e as Error).message });
     }
     return jail;
+  }
+
+  /** The cgroup a copy of `row`'s RAM is written from (made before its QEMU), when there is one. */
+  private chargeTo(row: MachineRow): string[] | undefined {
+    if (this.cgroups === 'none') return undefined;
+    try {
+      return procsFiles(prepareCgroup(row.id, machineLimits(row.memory_mb, row.vcpus)));
+    } catch (e) {
+      this.log('warn', 'cgroup confinement failed', { id: row.id, error: (e as Error).message });
+      return undefined;
+    }
   }
 
   /** The machine's QMP connection, opened on first use and kept (QEMU serves one client at a time). */
@@ -1812,8 +1830,9 @@ export class Engine {
           // Device state plus a copy of the source's RAM file, which becomes the clone's own.
           saved = await saveMachine(qmp, runPaths(src.run_dir).migDir, {
             state: stateFile,
-            memory: this.memoryCopy(src.id, this.memoryOf(id)),
+            memory: this.memoryCopy(src.id, this.memoryOf(id), { chargeTo: this.chargeTo(row) }),
             maxBytesPerSecond: this.config.migrationMaxMBps * 1e6,
+            durable: false,
           });
           // A completed migration has flushed the source's disk, so the copy is consistent.
           const d0 = performance.now();
@@ -1973,6 +1992,7 @@ export class Engine {
             stillWanted: () => isAlive(live.pid),
           }),
           maxBytesPerSecond: bytesPerSecond,
+          durable: true,
         });
       } catch (e) {
         rmSync(stateFile, { force: true });

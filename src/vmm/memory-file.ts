@@ -90,6 +90,11 @@ export interface CopyOptions {
   durable?: boolean;
   /** Checked while a throttled copy runs: the copy stops (and throws) once it returns false. */
   stillWanted?: () => boolean;
+  /**
+   * cgroup.procs files the copying process joins first, so the pages it writes are charged to
+   * the machine that will own them (tmpfs pages stay charged to whoever wrote them first).
+   */
+  chargeTo?: string[] | undefined;
 }
 
 /**
@@ -103,7 +108,7 @@ export async function copyMemoryFile(src: string, dst: string, opts: CopyOptions
   createMemoryFile(tmp, 0, opts.owner);
   try {
     if (opts.bytesPerSecond) await throttledSparseCopy(src, tmp, opts.bytesPerSecond, opts.stillWanted);
-    else await run('cp', ['--sparse=always', '--reflink=never', '-T', src, tmp]);
+    else await sparseCopy(src, tmp, opts.chargeTo ?? []);
     if (opts.durable) {
       const fd = openSync(tmp, 'r');
       try {
@@ -118,6 +123,22 @@ export async function copyMemoryFile(src: string, dst: string, opts: CopyOptions
     rmSync(tmp, { force: true });
     throw new Error(`copying memory file ${src}: ${stderrOf(e)}`);
   }
+}
+
+/**
+ * cp does the sparse copy (SEEK_DATA/SEEK_HOLE, zero blocks left as holes): Node has no lseek.
+ * Started through sh when it must first join the machine's cgroup.
+ */
+async function sparseCopy(src: string, dst: string, chargeTo: string[]): Promise<void> {
+  const cp = ['--sparse=always', '--reflink=never', '-T', src, dst];
+  if (!chargeTo.length) {
+    await run('cp', cp);
+    return;
+  }
+  const joinThenCopy = 'for f in $HUTCH_CGROUPS; do echo $$ > "$f" || exit 1; done; exec cp "$@"';
+  await run('sh', ['-c', joinThenCopy, 'sh', ...cp], {
+    env: { PATH: '/usr/sbin:/usr/bin:/sbin:/bin', HUTCH_CGROUPS: chargeTo.join(' ') },
+  });
 }
 
 const page = 4096;

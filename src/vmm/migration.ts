@@ -41,7 +41,15 @@ export async function saveState(
   qmp: QmpClient,
   runDir: string,
   outFile: string,
-  opts: { ignoreShared: boolean; timeoutMs?: number; maxBytesPerSecond?: number },
+  opts: {
+    ignoreShared: boolean;
+    timeoutMs?: number;
+    maxBytesPerSecond?: number;
+    /** fsync before the rename (default): off for a state only this run needs (a branch's). */
+    durable?: boolean;
+    /** Leave the result at `${outFile}.partial` for the caller to rename (default: renamed here). */
+    commit?: boolean;
+  },
 ): Promise<MigrationResult> {
   const t0 = performance.now();
   await setCaps(qmp, opts.ignoreShared);
@@ -73,9 +81,12 @@ export async function saveState(
     await waitMigration(qmp, opts.timeoutMs ?? 60_000);
     if (!received) throw new Error('QEMU never connected to the migration socket');
     await written;
-    const fd = openSync(tmp, 'r');
-    fsyncSync(fd);
-    closeSync(fd);
+    if (opts.durable !== false) {
+      const fd = openSync(tmp, 'r');
+      fsyncSync(fd);
+      closeSync(fd);
+    }
+    if (opts.commit === false) return { bytes: statSync(tmp).size, ms: performance.now() - t0 };
     renameSync(tmp, outFile);
     return { bytes: statSync(outFile).size, ms: performance.now() - t0 };
   } catch (e) {
@@ -148,6 +159,8 @@ export interface MachineSave {
    */
   memory?: { from: string; to: string; copy: CopyOptions } | undefined;
   maxBytesPerSecond?: number;
+  /** fsync what is written (a suspend); a branch's files live only until its clone starts. */
+  durable: boolean;
 }
 
 export interface MachineSaved {
@@ -160,24 +173,41 @@ export interface MachineSaved {
 }
 
 /**
- * Saves a stopped machine: a copy of its RAM file first, then its device state, so a state file
- * that exists always has its memory beside it. The vCPUs must stay stopped throughout: the copy
- * and the device state describe the same instant only if the guest writes nothing in between.
+ * Saves a stopped machine: its device state and a copy of its RAM file, side by side (the
+ * device state leaves RAM out, so the two do not wait for each other while the source is
+ * stopped). The state file is renamed into place only once both are complete, so one that exists
+ * always has its memory beside it. The vCPUs must stay stopped throughout: the copy and the
+ * device state describe the same instant only if the guest writes nothing in between.
  */
 export async function saveMachine(qmp: QmpClient, migDir: string, save: MachineSave): Promise<MachineSaved> {
-  let memoryBytes = 0;
-  let memoryMs = 0;
-  if (save.memory) {
+  const memory = save.memory;
+  const ignoreShared = memory !== undefined;
+  const copy = async (): Promise<{ bytes: number; ms: number }> => {
+    if (!memory) return { bytes: 0, ms: 0 };
     const t0 = performance.now();
-    memoryBytes = await copyMemoryFile(save.memory.from, save.memory.to, save.memory.copy);
-    memoryMs = performance.now() - t0;
-  }
-  const ignoreShared = save.memory !== undefined;
-  const s = await saveState(qmp, migDir, save.state, {
+    const bytes = await copyMemoryFile(memory.from, memory.to, { ...memory.copy, durable: save.durable });
+    return { bytes, ms: performance.now() - t0 };
+  };
+  const state = saveState(qmp, migDir, save.state, {
     ignoreShared,
+    durable: save.durable,
+    commit: false,
     ...(save.maxBytesPerSecond ? { maxBytesPerSecond: save.maxBytesPerSecond } : {}),
   });
-  return { stateBytes: s.bytes, stateMs: s.ms, memoryBytes, memoryMs, ignoreShared };
+  const [c, s] = await Promise.allSettled([copy(), state]);
+  if (c.status === 'rejected' || s.status === 'rejected') {
+    rmSync(`${save.state}.partial`, { force: true });
+    if (memory && c.status === 'fulfilled') rmSync(memory.to, { force: true });
+    throw c.status === 'rejected' ? c.reason : (s as PromiseRejectedResult).reason;
+  }
+  renameSync(`${save.state}.partial`, save.state);
+  return {
+    stateBytes: s.value.bytes,
+    stateMs: s.value.ms,
+    memoryBytes: c.value.bytes,
+    memoryMs: c.value.ms,
+    ignoreShared,
+  };
 }
 
 /** Where a branch's time went (ms), for the log: the source's pause split, then the clone's start. */
