@@ -37,8 +37,8 @@ import {
   confine,
   listMachineCgroups,
   machineLimits,
+  memoryProcsFiles,
   prepareCgroup,
-  procsFiles,
   releaseCgroup,
 } from '../vmm/cgroup.js';
 import { ConsoleTap } from '../vmm/console.js';
@@ -732,7 +732,7 @@ export class Engine {
   private chargeTo(row: MachineRow): string[] | undefined {
     if (this.cgroups === 'none') return undefined;
     try {
-      return procsFiles(prepareCgroup(row.id, machineLimits(row.memory_mb, row.vcpus)));
+      return memoryProcsFiles(prepareCgroup(row.id, machineLimits(row.memory_mb, row.vcpus)));
     } catch (e) {
       this.log('warn', 'cgroup confinement failed', { id: row.id, error: (e as Error).message });
       return undefined;

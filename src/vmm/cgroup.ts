@@ -58,9 +58,13 @@ export function machineLimits(memoryMb: number, vcpus: number): CgroupLimits {
   return { memoryBytes: (memoryMb + 192) * 1024 * 1024, cpus: vcpus, pids: 256 };
 }
 
-/** The files a process writes its pid to to join the cgroup (every controller's). */
-export function procsFiles(handle: CgroupHandle): string[] {
-  return handle.paths.map((dir) => join(dir, 'cgroup.procs'));
+/**
+ * The file(s) a process writes its pid to to join the cgroup's memory accounting: under v1 only
+ * the memory controller's (a copy joining the machine's cpu group would be throttled by its quota).
+ */
+export function memoryProcsFiles(handle: CgroupHandle): string[] {
+  const dirs = handle.kind === 'v2' ? handle.paths : handle.paths.filter((d) => d.includes('/memory/'));
+  return dirs.map((dir) => join(dir, 'cgroup.procs'));
 }
 
 /**
