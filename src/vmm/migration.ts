@@ -62,8 +62,13 @@ export async function saveState(
   // The guest's whole memory: nobody but the daemon reads it.
   const out = createWriteStream(tmp, { mode: 0o600 });
   let received = false;
+  let connected: () => void = () => {};
+  const accepted = new Promise<void>((r) => {
+    connected = r;
+  });
   const server = createServer((s) => {
     received = true;
+    connected();
     s.pipe(out);
   });
   const written = new Promise<void>((resolve, reject) => {
@@ -79,6 +84,9 @@ export async function saveState(
   try {
     await qmp.execute('migrate', { uri: `unix:${sockPath}` });
     await waitMigration(qmp, opts.timeoutMs ?? 60_000);
+    // A small state (RAM left out) fits in the socket's buffer: QEMU can report the migration
+    // complete before this side has even accepted the connection.
+    await Promise.race([accepted, new Promise((r) => setTimeout(r, 5000).unref())]);
     if (!received) throw new Error('QEMU never connected to the migration socket');
     await written;
     if (opts.durable !== false) {
