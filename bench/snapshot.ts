@@ -7,7 +7,7 @@
  *   npm run bench:snapshot [-- --runs 20]
  */
 import { spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -94,10 +94,39 @@ async function bareRestore(
   }
 }
 
-function memoryOf(pid: number): { rss: number; pss: number; privateDirty: number } {
+interface QemuMemory {
+  rss: number;
+  pss: number;
+  privateDirty: number;
+  pssShmem: number;
+  /** MiB allocated in the machine's own shared RAM file (0 when it maps a snapshot privately). */
+  ownFile: number;
+  /**
+   * What the machine costs the host, MiB: its PSS, with its own RAM file counted whole (mapped
+   * or not) instead of the part of it QEMU has touched since it started.
+   */
+  total: number;
+}
+
+function memoryOf(pid: number): QemuMemory {
   const t = readFileSync(`/proc/${pid}/smaps_rollup`, 'utf8');
   const kb = (k: string): number => Number(new RegExp(`^${k}:\\s+(\\d+) kB`, 'm').exec(t)?.[1] ?? 0) / 1024;
-  return { rss: kb('Rss'), pss: kb('Pss'), privateDirty: kb('Private_Dirty') };
+  const argv = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+  const shared = /mem-path=([^,\0]+),share=on/.exec(argv)?.[1];
+  const ownFile = shared ? statSync(shared).blocks / 2048 : 0;
+  const m = { rss: kb('Rss'), pss: kb('Pss'), privateDirty: kb('Private_Dirty'), pssShmem: kb('Pss_Shmem') };
+  return { ...m, ownFile, total: shared ? m.pss - m.pssShmem + ownFile : m.pss };
+}
+
+/** The daemon's 'machine branched' log lines since `from`: where each branch's time went. */
+function branchSplits(log: string): Record<string, number[]> {
+  const out: Record<string, number[]> = {};
+  for (const l of log.split('\n')) {
+    if (!l.includes('"machine branched"')) continue;
+    for (const [k, v] of Object.entries(JSON.parse(l) as Record<string, unknown>))
+      if (typeof v === 'number') (out[k] ??= []).push(v);
+  }
+  return out;
 }
 
 async function main(): Promise<void> {
@@ -174,6 +203,10 @@ async function main(): Promise<void> {
     }
     line("branch → clone's first exec", branch);
     line('  of which the source was stopped', pauseMs);
+    // Split from the daemon's log (absent on daemons older than the per-machine RAM files).
+    for (const [k, xs] of Object.entries(branchSplits(d.log())))
+      if (k.endsWith('_ms')) line(`  branch split: ${k}`, xs);
+      else console.log(`${`  branch split: ${k}`.padEnd(40)} median=${median(xs).toFixed(1)}`);
 
     const resumeApi: number[] = [];
     const resumeQemu: number[] = [];
@@ -201,10 +234,12 @@ async function main(): Promise<void> {
     line('suspend (API)', suspendMs);
     line('resume from disk → first exec', resumeDisk);
 
-    // Memory: an idle restored machine vs an idle cold-booted one.
-    const restored = String((await create(d, { mode: 'snapshot' })).id);
+    // Memory: idle restored machines (several, so what they share is split between them) vs an
+    // idle cold-booted one.
+    const clones: string[] = [];
+    for (let i = 0; i < 4; i++) clones.push(String((await create(d, { mode: 'snapshot' })).id));
     const booted = String((await create(d, { mode: 'cold' })).id);
-    await exec(d, restored);
+    for (const id of clones) await exec(d, id);
     await exec(d, booted);
     await new Promise((r) => setTimeout(r, 2000));
     const pidOf = (id: string): number => {
@@ -212,15 +247,22 @@ async function main(): Promise<void> {
         if (readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(`hutch-${id},`)) return pid;
       throw new Error(`no qemu for ${id}`);
     };
-    const mr = memoryOf(pidOf(restored));
-    const mc = memoryOf(pidOf(booted));
-    console.log(
-      `${'memory restored (MiB)'.padEnd(40)} rss=${mr.rss.toFixed(0)} pss=${mr.pss.toFixed(0)} private_dirty=${mr.privateDirty.toFixed(0)}`,
-    );
-    console.log(
-      `${'memory cold-booted (MiB)'.padEnd(40)} rss=${mc.rss.toFixed(0)} pss=${mc.pss.toFixed(0)} private_dirty=${mc.privateDirty.toFixed(0)}`,
-    );
-    for (const id of [src, restored, booted]) await api(d.url, 'DELETE', `/v1/machines/${id}`);
+    const show = (name: string, m: QemuMemory): void =>
+      console.log(
+        `${name.padEnd(40)} host=${m.total.toFixed(0)} rss=${m.rss.toFixed(0)} pss=${m.pss.toFixed(0)} private_dirty=${m.privateDirty.toFixed(0)} own_ram_file=${m.ownFile.toFixed(0)}`,
+      );
+    const mr = clones.map((id) => memoryOf(pidOf(id)));
+    const mean = (f: (m: QemuMemory) => number): number => mr.reduce((a, m) => a + f(m), 0) / mr.length;
+    show('memory per idle restored clone (MiB, 4)', {
+      rss: mean((m) => m.rss),
+      pss: mean((m) => m.pss),
+      privateDirty: mean((m) => m.privateDirty),
+      pssShmem: mean((m) => m.pssShmem),
+      ownFile: mean((m) => m.ownFile),
+      total: mean((m) => m.total),
+    });
+    show('memory cold-booted (MiB)', memoryOf(pidOf(booted)));
+    for (const id of [src, ...clones, booted]) await api(d.url, 'DELETE', `/v1/machines/${id}`);
 
     // 20 concurrent creates.
     const t0 = performance.now();

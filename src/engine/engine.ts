@@ -12,6 +12,7 @@ import { SnapshotCache } from '../images/snapshots.js';
 import type { AccelChoice } from '../vmm/accel.js';
 import type { ConsoleTap } from '../vmm/console.js';
 import { agentLink, type GuestLink, type Hypervisor, qemuHypervisor } from '../vmm/hypervisor.js';
+import { memoryDirOf } from '../vmm/memory-file.js';
 import { traversableByQemu } from '../vmm/run-dir.js';
 import { Admission } from './admission.js';
 import { type BoxExecRequest, BoxExecs, execEnv, execError } from './box-execs.js';
@@ -130,7 +131,7 @@ export class Engine {
     for (const d of [config.stateDir, runRoot]) traversableByQemu(d, runAs);
     mkdirSync(config.imageDir, { recursive: true });
     traversableByQemu(config.imageDir, runAs);
-    this.hv = p.hypervisor ?? qemuHypervisor(config.qemuBinary);
+    this.hv = p.hypervisor ?? qemuHypervisor(config.qemuBinary, memoryDirOf(config.stateDir), runAs);
     this.execs = new BoxExecs(
       this.store,
       {

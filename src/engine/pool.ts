@@ -209,7 +209,7 @@ export class WarmPool implements OtherQemus {
       this.rt.own(m, 'machine');
       await this.rt.d.hv.createOverlay(snap.disk, join(row.run_dir, 'disk.qcow2'), 'qcow2', this.rt.d.runAs);
       const { vm } = await this.rt.restoreInto(m, row, manifest, snap.state, {
-        memory: { kind: 'file', path: snap.mem, share: false },
+        memoryFrom: snap.mem,
         ignoreShared: true,
       });
       // Warm both paths a hand-out takes: an exec, and the identity step (overwritten then).

@@ -40,6 +40,9 @@ export async function recover(rt: Runtime): Promise<void> {
   }
   for (const dir of readdirSync(runRoot))
     if (!rt.store.get(dir)) rmSync(join(runRoot, dir), { recursive: true, force: true });
+  // RAM files of machines not adopted above (their QEMU is gone): nothing maps them any more.
+  for (const id of hv.ram.sweep((id) => rt.d.registry.get(id)?.vm !== undefined))
+    log('info', 'removed the memory file of a machine that is gone', { id });
   // cgroups are named by machine id, which is unique across daemons: one with no live QEMU
   // and no running row anywhere here is debris from a crash.
   const liveIds = new Set(hv.list().map((q) => q.id));
@@ -53,6 +56,8 @@ async function recoverOne(rt: Runtime, m: Machine, row: MachineRow): Promise<voi
   // A state file still being written when the daemon died is never complete: drop it.
   for (const partial of [`${stateFile}.partial`, join(row.run_dir, 'branch.state.partial')])
     rmSync(partial, { force: true });
+  // Its memory is copied before the state is written: without the state it is debris.
+  if (!existsSync(stateFile)) hv.ram.remove(join(row.run_dir, 'suspend.ram'));
   const step = recoveryOf(row, { alive, saved: existsSync(stateFile) });
   // Failed machines already gave everything back but their row.
   if (row.state !== 'failed') rt.own(m, row.kind);

@@ -1,4 +1,4 @@
-import { rmSync } from 'node:fs';
+import { existsSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { inBackground, type Log } from '../background.js';
 import type { Config } from '../config.js';
@@ -8,8 +8,11 @@ import { configureGuest, type GuestVolume } from '../guest/guest-setup.js';
 import type { TemplateManifest } from '../images/builder.js';
 import type { SnapshotParams } from '../images/snapshots.js';
 import type { AccelChoice } from '../vmm/accel.js';
+import { machineLimits } from '../vmm/cgroup.js';
 import { tcgTimingArgs } from '../vmm/host.js';
 import type { GuestLink, Hypervisor, Qmp } from '../vmm/hypervisor.js';
+import type { CopyOptions } from '../vmm/memory-file.js';
+import type { MachineSave } from '../vmm/migration.js';
 import { type Accel, runPaths, type VmSpec } from '../vmm/qemu.js';
 import { prepareRunDir } from '../vmm/run-dir.js';
 import type { BoxExecs } from './box-execs.js';
@@ -124,7 +127,13 @@ export class Runtime {
     image: TemplateManifest,
     extra: Pick<VmSpec, 'memory' | 'incoming' | 'volumes'>,
   ): Vm {
-    const pid = this.d.hv.launch({
+    // Its own RAM file, shared, so a branch or suspend copies the file instead of streaming all
+    // of RAM: a cold boot starts from an empty one, a restore from the copy restoreInto made (or
+    // an empty one, filled by the migration stream). A snapshot being taken names its own.
+    const ram = this.d.hv.ram.fileOf(row.id);
+    if (!extra.memory && (!extra.incoming || !existsSync(ram)))
+      this.d.hv.ram.create(ram, row.memory_mb * 2 ** 20, this.d.runAs);
+    const spec: VmSpec = {
       id: row.id,
       accel: row.accel as Accel,
       vcpus: row.vcpus,
@@ -134,8 +143,16 @@ export class Runtime {
       cmdline: this.kernelCmdline(image),
       runDir: row.run_dir,
       ...(this.d.runAs ? { runAs: this.d.runAs.user } : {}),
+      memory: { kind: 'file', path: ram, share: true },
       ...extra,
-    });
+    };
+    let pid: number;
+    try {
+      pid = this.d.hv.launch(spec);
+    } catch (e) {
+      if (!extra.memory) this.d.hv.ram.remove(ram);
+      throw e;
+    }
     const vm = this.adopt(m, pid);
     vm.jail = this.confine(row, pid);
     this.store.update(row.id, { pid, jail: JSON.stringify(vm.jail) });
@@ -147,6 +164,8 @@ export class Runtime {
     m.cleanup.push('cgroup', ends.vm, async () => {
       if (!(await this.d.hv.releaseCgroup(m.id))) this.d.log('warn', 'cgroup not removed yet', { id: m.id });
     });
+    // After its QEMU is gone and before its cgroup: the file's pages are charged there.
+    m.cleanup.push('ram file', ends.vm, () => this.d.hv.ram.remove(this.d.hv.ram.fileOf(m.id)));
     m.cleanup.push('qemu', ends.vm, async () => {
       if (this.d.hv.isVmOf(pid, m.id)) await this.d.hv.stop(pid, runPaths(m.runDir).qmp);
     });
@@ -169,11 +188,7 @@ export class Runtime {
     if (this.d.hv.cgroups === 'none') return jail;
     try {
       // Guest RAM plus room for QEMU itself and the TCG translation cache.
-      jail.cgroup = this.d.hv.confine(row.id, pid, {
-        memoryBytes: (row.memory_mb + 192) * 1024 * 1024,
-        cpus: row.vcpus,
-        pids: 256,
-      });
+      jail.cgroup = this.d.hv.confine(row.id, pid, machineLimits(row.memory_mb, row.vcpus));
     } catch (e) {
       this.d.log('warn', 'cgroup confinement failed', { id: row.id, error: (e as Error).message });
     }
@@ -189,19 +204,45 @@ export class Runtime {
     row: MachineRow,
     image: TemplateManifest,
     stateFile: string,
-    opts: { memory: VmSpec['memory']; ignoreShared: boolean },
-  ): Promise<{ vm: Vm; restoredUs: number }> {
-    const vm = this.launch(m, row, image, { memory: opts.memory, incoming: true });
+    opts: { memoryFrom?: string; ignoreShared: boolean },
+  ): Promise<{ vm: Vm; restoredUs: number; agentUs: number }> {
+    if (opts.memoryFrom) {
+      const to = this.d.hv.ram.fileOf(row.id);
+      // Registered before the copy: a copy cut short is removed with the rest.
+      m.cleanup.push('ram copy', ends.vm, () => this.d.hv.ram.remove(to));
+      await this.d.hv.ram.copy(opts.memoryFrom, to, { owner: this.d.runAs, chargeTo: this.chargeTo(row) });
+    }
+    const vm = this.launch(m, row, image, { incoming: true });
     const qmp = await this.qmpOf(m);
     const t0 = performance.now();
     await this.d.hv.loadState(qmp, runPaths(row.run_dir).migDir, stateFile, {
       ignoreShared: opts.ignoreShared,
     });
     await qmp.execute('cont');
-    const restoredUs = Math.round((performance.now() - t0) * 1000);
+    const t1 = performance.now();
     vm.agent = await this.waitForAgent(m, vm);
     await vm.agent.reset();
-    return { vm, restoredUs };
+    return {
+      vm,
+      restoredUs: Math.round((t1 - t0) * 1000),
+      agentUs: Math.round((performance.now() - t1) * 1000),
+    };
+  }
+
+  /** The cgroup a copy of `row`'s RAM is written from (made before its QEMU), when there is one. */
+  chargeTo(row: Pick<MachineRow, 'id' | 'memory_mb' | 'vcpus'>): string[] | undefined {
+    try {
+      return this.d.hv.chargeTo(row.id, machineLimits(row.memory_mb, row.vcpus));
+    } catch (e) {
+      this.d.log('warn', 'cgroup confinement failed', { id: row.id, error: (e as Error).message });
+      return undefined;
+    }
+  }
+
+  /** What a save copies of `m`'s RAM: its own file, unless an older daemon started it without one. */
+  ramCopy(m: Machine, to: string, copy: CopyOptions = {}): MachineSave['memory'] {
+    const from = this.d.hv.ram.fileOf(m.id);
+    return existsSync(from) ? { from, to, copy: { owner: this.d.runAs, ...copy } } : undefined;
   }
 
   /** Connects to a booting VM's agent, failing fast (with the console's last words) if QEMU dies. */

@@ -47,6 +47,32 @@ export function cgroupSupport(): 'v2' | 'v1' | 'none' {
 
 /** Creates the machine's cgroup(s), sets the limits and moves `pid` in. Throws if it can't. */
 export function confine(name: string, pid: number, limits: CgroupLimits): CgroupHandle {
+  const handle = prepareCgroup(name, limits);
+  // Threads QEMU starts later inherit the cgroup, so moving the process once is enough.
+  for (const dir of handle.paths) write(join(dir, 'cgroup.procs'), String(pid));
+  return handle;
+}
+
+/** What a machine of this size may take from the host: guest RAM plus QEMU and TCG's cache. */
+export function machineLimits(memoryMb: number, vcpus: number): CgroupLimits {
+  return { memoryBytes: (memoryMb + 192) * 1024 * 1024, cpus: vcpus, pids: 256 };
+}
+
+/**
+ * The file(s) a process writes its pid to to join the cgroup's memory accounting: under v1 only
+ * the memory controller's (a copy joining the machine's cpu group would be throttled by its quota).
+ */
+export function memoryProcsFiles(handle: CgroupHandle): string[] {
+  const dirs = handle.kind === 'v2' ? handle.paths : handle.paths.filter((d) => d.includes('/memory/'));
+  return dirs.map((dir) => join(dir, 'cgroup.procs'));
+}
+
+/**
+ * Creates the machine's cgroup(s) with their limits, nobody in them yet (idempotent). Made
+ * before QEMU starts when the daemon fills the machine's RAM file for it: tmpfs pages are charged
+ * to the cgroup of whoever writes them first, and they belong to the machine, not the daemon.
+ */
+export function prepareCgroup(name: string, limits: CgroupLimits): CgroupHandle {
   const v2 = v2Root();
   if (v2) {
     const parent = join(v2, 'hutch');
@@ -61,7 +87,6 @@ export function confine(name: string, pid: number, limits: CgroupLimits): Cgroup
     write(join(dir, 'memory.max'), String(limits.memoryBytes));
     write(join(dir, 'cpu.max'), `${Math.round(limits.cpus * periodUs)} ${periodUs}`);
     write(join(dir, 'pids.max'), String(limits.pids));
-    write(join(dir, 'cgroup.procs'), String(pid));
     return { kind: 'v2', paths: [dir] };
   }
   const paths: string[] = [];
@@ -80,8 +105,6 @@ export function confine(name: string, pid: number, limits: CgroupLimits): Cgroup
     const pids = mk('pids');
     write(join(pids, 'pids.max'), String(limits.pids));
   }
-  // Threads QEMU starts later inherit the cgroup, so moving the process once is enough.
-  for (const dir of paths) write(join(dir, 'cgroup.procs'), String(pid));
   return { kind: 'v1', paths };
 }
 

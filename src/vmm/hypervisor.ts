@@ -1,10 +1,34 @@
 import { chownSync, constants, copyFileSync } from 'node:fs';
 import { type AgentConnection, connectAgent } from '../guest/agent-connection.js';
 import { connectWhileAlive } from './boot-wait.js';
-import { type CgroupLimits, cgroupSupport, confine, listMachineCgroups, releaseCgroup } from './cgroup.js';
+import {
+  type CgroupLimits,
+  cgroupSupport,
+  confine,
+  listMachineCgroups,
+  memoryProcsFiles,
+  prepareCgroup,
+  releaseCgroup,
+} from './cgroup.js';
 import { ConsoleTap } from './console.js';
 import { createOverlay } from './disk.js';
-import { loadState, type MigrationResult, saveState } from './migration.js';
+import {
+  type CopyOptions,
+  copyMemoryFile,
+  createMemoryFile,
+  memoryFileOf,
+  prepareMemoryDir,
+  removeMemoryFile,
+  sweepMemoryFiles,
+} from './memory-file.js';
+import {
+  loadState,
+  type MachineSave,
+  type MachineSaved,
+  type MigrationResult,
+  saveMachine,
+  saveState,
+} from './migration.js';
 import { isAlive, isQemuOf, killAndWait, launchQemu, listHutchQemus, stopQemu, type VmSpec } from './qemu.js';
 import { QmpClient } from './qmp.js';
 
@@ -56,6 +80,15 @@ export interface Hypervisor {
     stateFile: string,
     opts: { ignoreShared: boolean },
   ): Promise<MigrationResult>;
+  /** A stopped machine's device state plus a copy of its RAM file (src/vmm/migration.ts). */
+  saveMachine(qmp: Qmp, migDir: string, save: MachineSave): Promise<MachineSaved>;
+  /** Machines' RAM files: shared, file-backed guest memory on tmpfs (src/vmm/memory-file.ts). */
+  readonly ram: RamFiles;
+  /**
+   * The cgroup.procs files a copy of machine `id`'s RAM is written from (its cgroup made ahead
+   * of its QEMU), so the pages are charged to the machine that will own them.
+   */
+  chargeTo(id: string, limits: CgroupLimits): string[] | undefined;
   /** Puts the VM in its own cgroup with these limits; returns the cgroup kind. Throws if it can't. */
   confine(id: string, pid: number, limits: CgroupLimits): string;
   releaseCgroup(id: string, timeoutMs?: number): Promise<boolean>;
@@ -72,6 +105,17 @@ export interface Hypervisor {
   copyDisk(from: string, to: string, owner?: Owner): void;
 }
 
+export interface RamFiles {
+  fileOf(machineId: string): string;
+  /** An empty (all holes) RAM file of `bytes`. */
+  create(path: string, bytes: number, owner?: Owner): void;
+  /** A sparse copy (only what the guest touched), renamed into place when complete. */
+  copy(from: string, to: string, opts: CopyOptions): Promise<number>;
+  remove(path: string): void;
+  /** Removes the files of machines `keep` does not claim; returns their ids. */
+  sweep(keep: (machineId: string) => boolean): string[];
+}
+
 /** The guest side: connecting to a VM's agent. */
 export interface GuestLink {
   connect(socket: string, timeoutMs: number): Promise<AgentConnection>;
@@ -84,10 +128,12 @@ export interface GuestLink {
   ): Promise<AgentConnection>;
 }
 
-/** QEMU, as the engine uses it on a real host. */
-export function qemuHypervisor(binary: string): Hypervisor {
+/** QEMU, as the engine uses it on a real host; machines' RAM files live in `ramDir`. */
+export function qemuHypervisor(binary: string, ramDir: string, qemuUser?: Owner): Hypervisor {
+  prepareMemoryDir(ramDir, qemuUser);
+  const cgroups = cgroupSupport();
   return {
-    cgroups: cgroupSupport(),
+    cgroups,
     launch: (spec) => launchQemu(binary, spec),
     isAlive,
     isVmOf: isQemuOf,
@@ -97,6 +143,15 @@ export function qemuHypervisor(binary: string): Hypervisor {
     qmp: (socket, timeoutMs) => QmpClient.connect(socket, timeoutMs),
     saveState: (qmp, migDir, out, opts) => saveState(qmp, migDir, out, opts),
     loadState: (qmp, migDir, file, opts) => loadState(qmp, migDir, file, opts),
+    saveMachine,
+    ram: {
+      fileOf: (id) => memoryFileOf(ramDir, id),
+      create: createMemoryFile,
+      copy: copyMemoryFile,
+      remove: removeMemoryFile,
+      sweep: (keep) => sweepMemoryFiles(ramDir, keep),
+    },
+    chargeTo: (id, limits) => (cgroups === 'none' ? undefined : memoryProcsFiles(prepareCgroup(id, limits))),
     confine: (id, pid, limits) => confine(id, pid, limits).kind,
     releaseCgroup,
     listCgroups: listMachineCgroups,

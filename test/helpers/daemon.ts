@@ -4,6 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { BoxesClient } from '../../src/client/boxes-client.js';
 import { repoRoot } from '../../src/paths.js';
+import { memoryDirOf } from '../../src/vmm/memory-file.js';
 
 export const root = repoRoot();
 export const imageDir = process.env.HUTCH_IMAGE_DIR ?? '/var/lib/hutch/images';
@@ -123,7 +124,19 @@ export function qemusOf(stateDir: string): number[] {
   return pids;
 }
 
-/** Deletes every machine, stops the daemon, and fails if any QEMU process or run dir is left. */
+/** The daemon's machines' RAM files (on tmpfs): one per machine whose QEMU runs. */
+export function memoryFilesOf(stateDir: string): string[] {
+  try {
+    return readdirSync(memoryDirOf(stateDir)).sort();
+  } catch {
+    return [];
+  }
+}
+
+/**
+ * Deletes every machine, stops the daemon, and fails if any QEMU process, run dir or memory
+ * file is left.
+ */
 export async function cleanup(d: TestDaemon): Promise<void> {
   try {
     const r = await api(d.url, 'GET', '/v1/machines');
@@ -149,9 +162,12 @@ export async function cleanup(d: TestDaemon): Promise<void> {
   } catch {
     // no run dir
   }
+  const memoryFiles = memoryFilesOf(d.stateDir);
   rmSync(d.stateDir, { recursive: true, force: true });
+  rmSync(memoryDirOf(d.stateDir), { recursive: true, force: true });
   if (left.length) throw new Error(`orphan qemu processes left: ${left.join(', ')}`);
   if (runDirs.length) throw new Error(`orphan run dirs left: ${runDirs.join(', ')}`);
+  if (memoryFiles.length) throw new Error(`orphan memory files left: ${memoryFiles.join(', ')}`);
 }
 
 export function sleep(ms: number): Promise<void> {

@@ -1,8 +1,17 @@
 // A hypervisor and guest link that keep their "VMs" in memory, for the engine's unit tests:
 // lifecycle transitions, crash recovery and the cleanup stack, in milliseconds and without QEMU.
 // Processes "outlive" an engine that is closed or dropped, like QEMU outlives the daemon.
-import { copyFileSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
-import { basename, dirname } from 'node:path';
+import {
+  copyFileSync,
+  existsSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+} from 'node:fs';
+import { tmpdir } from 'node:os';
+import { basename, dirname, join } from 'node:path';
 import type { AgentConnection } from '../../src/guest/agent-connection.js';
 import { OutputChunks } from '../../src/guest/output-chunks.js';
 import { ConsoleTap } from '../../src/vmm/console.js';
@@ -107,6 +116,13 @@ export class FakeVmm {
   readonly faults: FakeFaults = {};
   readonly calls: string[] = [];
   private nextPid = 4_000_000;
+  /** Where machines' RAM files go (tmpfs on a real host). */
+  readonly ramDir = mkdtempSync(join(tmpdir(), 'hutch-fake-ram-'));
+
+  /** RAM files that exist now. */
+  ramFiles(): string[] {
+    return readdirSync(this.ramDir);
+  }
 
   /** VMs that run now. */
   running(): FakeVm[] {
@@ -185,6 +201,40 @@ export class FakeVmm {
       vm.status = 'paused';
       return { bytes: 10, ms: 1 };
     },
+    saveMachine: async (_qmp, migDir, save) => {
+      if (this.faults.saveFails) throw new Error('migration failed: No space left on device');
+      const vm = this.byRunDir(dirname(migDir));
+      if (!vm) throw new Error('no vm');
+      if (save.memory) copyFileSync(save.memory.from, save.memory.to);
+      writeFileSync(save.state, JSON.stringify(vm.memory));
+      return {
+        stateBytes: 10,
+        stateMs: 1,
+        memoryBytes: 0,
+        memoryMs: 0,
+        ignoreShared: save.memory !== undefined,
+      };
+    },
+    ram: {
+      fileOf: (id) => join(this.ramDir, `${id}.ram`),
+      create: (path) => writeFileSync(path, ''),
+      copy: async (from, to) => {
+        copyFileSync(from, to);
+        return 0;
+      },
+      remove: (path) => rmSync(path, { force: true }),
+      sweep: (keep) => {
+        const gone: string[] = [];
+        for (const f of readdirSync(this.ramDir)) {
+          const id = f.replace(/\.ram$/, '');
+          if (keep(id)) continue;
+          rmSync(join(this.ramDir, f), { force: true });
+          gone.push(id);
+        }
+        return gone;
+      },
+    },
+    chargeTo: () => undefined,
     confine: () => 'v2',
     releaseCgroup: async () => true,
     listCgroups: () => [],

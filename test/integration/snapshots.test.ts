@@ -1,8 +1,16 @@
 import assert from 'node:assert/strict';
-import { existsSync, readdirSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { api, cleanup, qemusOf, startDaemon, type TestDaemon, waitFor } from '../helpers/daemon.js';
+import {
+  api,
+  cleanup,
+  memoryFilesOf,
+  qemusOf,
+  startDaemon,
+  type TestDaemon,
+  waitFor,
+} from '../helpers/daemon.js';
 
 type Body = Record<string, unknown>;
 
@@ -235,6 +243,13 @@ describe('branch', () => {
   test("a branch has the source's files and processes; both go on independently; open execs continue", async () => {
     const src = String((await api(d.url, 'POST', '/v1/machines', { ttl_seconds: 600 })).body.id);
     const pid = await plant(d, src, 'parent');
+    // 100 MB, still in the guest's page cache when the branch happens (no sync): it must come
+    // over in the clone's memory as well as on its disk.
+    const bigSum = await out(
+      d,
+      src,
+      'head -c 100000000 /dev/urandom > /root/big; sha256sum /root/big | cut -c1-64',
+    );
     const longExec = api(d.url, 'POST', `/v1/machines/${src}/exec`, { cmd: 'sleep 3; echo finished' });
     await new Promise((r) => setTimeout(r, 500));
     const b = await api(d.url, 'POST', `/v1/machines/${src}/branch`, { ttl_seconds: 300 });
@@ -243,9 +258,16 @@ describe('branch', () => {
     assert.equal(b.body.forked_from, src);
     assert.equal(b.body.ttl_seconds, 300);
     const clone = String(b.body.id);
+    assert.deepEqual(
+      memoryFilesOf(d.stateDir),
+      [`${clone}.ram`, `${src}.ram`].sort(),
+      'each machine runs on a memory file of its own',
+    );
     assert.equal((await longExec).body.stdout, 'finished\n', "the source's open exec finished normally");
     await check(d, clone, 'parent', pid);
     await check(d, src, 'parent', pid);
+    for (const id of [clone, src])
+      assert.equal(await out(d, id, 'sha256sum /root/big | cut -c1-64'), bigSum, `the 100 MB file on ${id}`);
     assert.equal(await out(d, clone, 'hostname'), `${clone}\n`);
     await out(d, clone, 'echo clone-only > /root/diverged');
     assert.equal(
@@ -255,6 +277,33 @@ describe('branch', () => {
     );
     await out(d, src, 'echo source-only > /root/source-file');
     assert.equal((await sh(d, clone, 'cat /root/source-file')).exit_code, 1, "nor the clone the source's");
+    assert.equal((await api(d.url, 'DELETE', `/v1/machines/${clone}`)).status, 204);
+    assert.deepEqual(
+      memoryFilesOf(d.stateDir),
+      [`${src}.ram`],
+      "a deleted machine's memory file goes with it",
+    );
+    await api(d.url, 'DELETE', `/v1/machines/${src}`);
+  });
+
+  test('memory files survive a daemon kill -9 with their machines, and go with the ones that died meanwhile', async () => {
+    const keep = String((await api(d.url, 'POST', '/v1/machines', { ttl_seconds: 600 })).body.id);
+    const lost = String((await api(d.url, 'POST', '/v1/machines', { ttl_seconds: 600 })).body.id);
+    const pid = await plant(d, keep, 'adopted');
+    await d.stop('SIGKILL');
+    const lostQemu = qemusOf(d.stateDir).find((q) =>
+      readFileSync(`/proc/${q}/cmdline`, 'utf8').includes(`hutch-${lost},`),
+    );
+    assert.ok(lostQemu);
+    process.kill(lostQemu, 'SIGKILL');
+    d = await startDaemon({ stateDir: d.stateDir });
+    assert.deepEqual(memoryFilesOf(d.stateDir), [`${keep}.ram`], 'adopted, or removed: no orphan');
+    await check(d, keep, 'adopted', pid);
+    const b = await api(d.url, 'POST', `/v1/machines/${keep}/branch`, {});
+    assert.equal(b.status, 201, JSON.stringify(b.body));
+    await check(d, String(b.body.id), 'adopted', pid);
+    for (const id of [keep, String(b.body.id)]) await api(d.url, 'DELETE', `/v1/machines/${id}`);
+    assert.deepEqual(memoryFilesOf(d.stateDir), []);
   });
 
   test('many branches of one source, branches of branches, and deleting parents keeps children working', async () => {

@@ -226,6 +226,8 @@ describe('engine with a fake hypervisor', () => {
     assert.equal(s.status, 'suspended');
     assert.equal(vmm.running().length, 0, 'a suspended machine has no QEMU');
     assert.ok(existsSync(join(dir, 'run', m.id, 'suspend.state')));
+    assert.ok(existsSync(join(dir, 'run', m.id, 'suspend.ram')), 'RAM is saved beside the device state');
+    assert.deepEqual(vmm.ramFiles(), [], 'a suspended machine holds no RAM file');
     // Work on a suspended machine wakes it, with what it had in memory.
     const r = await engine.exec(alice, m.id, { argv: ['read', '/root/f'] });
     assert.equal(r.stdout.toJSON(), 'kept');
@@ -234,6 +236,7 @@ describe('engine with a fake hypervisor', () => {
     await rejects(async () => engine.get(alice, m.id), 'MACHINE_NOT_FOUND');
     assert.equal(vmm.running().length, 0);
     assert.deepEqual(readdirSync(join(dir, 'run')), []);
+    assert.deepEqual(vmm.ramFiles(), [], 'the RAM file goes with the machine');
     await engine.close();
   });
 
@@ -263,6 +266,11 @@ describe('engine with a fake hypervisor', () => {
     assert.equal((await engine.exec(alice, clone.id, { argv: ['read', 'k'] })).stdout.toJSON(), 'v1');
     assert.equal(engine.get(alice, src.id).status, 'running');
     assert.equal(vmm.running().length, 2);
+    assert.deepEqual(
+      vmm.ramFiles().sort(),
+      [`${clone.id}.ram`, `${src.id}.ram`].sort(),
+      'each machine has its own RAM file',
+    );
     await engine.close();
   });
 

@@ -117,7 +117,7 @@ export async function createMachine(
       if (snap) {
         await rt.d.hv.createOverlay(snap.disk, disk, 'qcow2', rt.d.runAs);
         const { vm } = await rt.restoreInto(m, row, manifest, snap.state, {
-          memory: { kind: 'file', path: snap.mem, share: false },
+          memoryFrom: snap.mem,
           ignoreShared: true,
         });
         if (vm.agent) await rt.giveIdentity(vm.agent, id);
@@ -261,7 +261,7 @@ export async function createBox(cx: FlowContext, principal: Principal, req: Crea
       if (snap) {
         await rt.d.hv.createOverlay(snap.disk, disk, 'qcow2', rt.d.runAs, boxSnapshotDiskBytes);
         const { vm } = await rt.restoreInto(m, row, image, snap.state, {
-          memory: { kind: 'file', path: snap.mem, share: false },
+          memoryFrom: snap.mem,
           ignoreShared: true,
         });
         // The guest learns of a bigger disk from the resize; CONFIGURE then grows its filesystem.

@@ -12,6 +12,11 @@ export function suspendStateFile(row: Pick<MachineRow, 'run_dir'>): string {
   return join(row.run_dir, 'suspend.state');
 }
 
+/** Its RAM, beside the state (absent for a machine suspended before RAM files: RAM is in the state). */
+export function suspendRamFile(row: Pick<MachineRow, 'run_dir'>): string {
+  return join(row.run_dir, 'suspend.ram');
+}
+
 /** Stops the vCPUs; memory and everything else stays. Callers hold the machine's lock. */
 export async function pauseMachine(cx: FlowContext, m: Machine): Promise<{ row: MachineRow; us: number }> {
   const row = cx.rt.store.get(m.id) as MachineRow;
@@ -75,12 +80,20 @@ export async function suspendMachine(cx: FlowContext, m: Machine): Promise<{ row
     vm.agent = undefined;
     await new Promise((r) => setTimeout(r, 50));
     await qmp.execute('stop');
-    await rt.d.hv.saveState(qmp, runPaths(row.run_dir).migDir, stateFile, {
-      ignoreShared: false,
-      maxBytesPerSecond: cx.config.migrationMaxMBps * 1e6,
+    const bytesPerSecond = cx.config.migrationMaxMBps * 1e6;
+    await rt.d.hv.saveMachine(qmp, runPaths(row.run_dir).migDir, {
+      state: stateFile,
+      memory: rt.ramCopy(m, suspendRamFile(row), {
+        durable: true,
+        bytesPerSecond,
+        stillWanted: () => rt.d.hv.isAlive(vm.pid),
+      }),
+      maxBytesPerSecond: bytesPerSecond,
+      durable: true,
     });
   } catch (e) {
     rmSync(stateFile, { force: true });
+    rt.d.hv.ram.remove(suspendRamFile(row));
     if (!rt.d.hv.isAlive(vm.pid)) {
       await rt.end(m, 'failed', 'qemu exited during suspend');
       throw new HutchError('MACHINE_NOT_RUNNING', `suspend of ${m.id} failed: qemu exited during suspend`);
@@ -113,17 +126,21 @@ async function resumeFromDisk(cx: FlowContext, m: Machine, row: MachineRow): Pro
       `machine ${row.id} cannot be resumed: its saved state is gone`,
     );
   rt.transition(m.id, 'wake');
+  // Saved since machines have RAM files of their own; without it, RAM is in the state stream.
+  const ramFile = suspendRamFile(row);
+  const withRam = existsSync(ramFile);
   try {
     rt.own(m, row.kind);
     const { vm, restoredUs } = await rt.restoreInto(m, row, manifest, stateFile, {
-      memory: { kind: 'ram' },
-      ignoreShared: false,
+      ...(withRam ? { memoryFrom: ramFile } : {}),
+      ignoreShared: withRam,
     });
     // The guest clock stood still while the machine was on disk.
     await vm.agent?.configure({ timeNs: BigInt(Date.now()) * 1_000_000n }, 10_000);
     if (vm.agent) rt.watchAgent(m, vm.agent);
     rt.transition(m.id, 'woke');
     rmSync(stateFile, { force: true });
+    rt.d.hv.ram.remove(ramFile);
     rt.d.log('info', 'machine resumed', { id: row.id, resume_us: restoredUs });
     return restoredUs;
   } catch (e) {
