@@ -124,7 +124,11 @@ function branchSplits(log: string): Record<string, number[]> {
   for (const l of log.split('\n')) {
     if (!l.includes('"machine branched"')) continue;
     for (const [k, v] of Object.entries(JSON.parse(l) as Record<string, unknown>))
-      if (typeof v === 'number') (out[k] ??= []).push(v);
+      if (typeof v === 'number') {
+        const list = out[k] ?? [];
+        list.push(v);
+        out[k] = list;
+      }
   }
   return out;
 }
