@@ -17,6 +17,7 @@ import { type AgentConnection, connectAgent } from '../src/guest/agent-connectio
 import { TemplateBuilder, type TemplateManifest } from '../src/images/builder.js';
 import { createOverlay } from '../src/vmm/disk.js';
 import { tcgTimingArgs } from '../src/vmm/host.js';
+import { standardMachine } from '../src/vmm/machine-spec.js';
 import { killAndWait, launchQemu, runPaths } from '../src/vmm/qemu.js';
 import { prepareRunDir } from '../src/vmm/run-dir.js';
 import type { Volume } from '../src/vmm/volumes.js';
@@ -65,14 +66,18 @@ async function boot(
   const pid = launchQemu('qemu-system-x86_64', {
     id: `bench-vol-${process.pid}-${seq}`,
     accel: 'tcg',
-    vcpus: 1,
-    memoryMb: 256,
+    machine: standardMachine({
+      vcpus: 1,
+      memoryMb: 256,
+      disk,
+      agentSocket: p.agent,
+      consoleSocket: p.console,
+      volumes,
+    }),
     kernel: m.kernel,
-    disk,
     cmdline: `${m.cmdline} ${tcgTimingArgs(m.kernelHz)} hutch.hostname=bench`,
     runDir: dir,
     ...(user ? { runAs: user.user } : {}),
-    volumes,
   });
   let out = '';
   let tap: Socket | undefined;

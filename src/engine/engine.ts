@@ -225,7 +225,8 @@ export class Engine {
     const snapshots: Health['snapshots'] = {};
     for (const name of Object.keys(templateRecipes)) {
       templates[name] = this.templates.has(name) ? 'ready' : 'not built';
-      snapshots[name] = this.snapshots.status(name);
+      const manifest = this.templates.get(name);
+      snapshots[name] = manifest ? this.snapshots.status(manifest, this.rt.snapshotParams(manifest)) : 'none';
     }
     return {
       status: 'ok',

@@ -130,9 +130,9 @@ export class WarmPool implements OtherQemus {
 
   /** Room for one more pooled machine (it stops growing when the host runs short of memory). */
   private hasRoom(manifest: TemplateManifest): boolean {
-    if (this.admission.usersWaiting > 0 || !this.admission.hasRoomFor(this.config.machineMemoryMb))
-      return false;
-    if (hostMemAvailableMb() <= this.config.machineMemoryMb + 1024) return false;
+    const { memoryMb } = this.rt.templateSize(manifest.name);
+    if (this.admission.usersWaiting > 0 || !this.admission.hasRoomFor(memoryMb)) return false;
+    if (hostMemAvailableMb() <= memoryMb + 1024) return false;
     try {
       return this.admission.diskFits(statSync(manifest.rootfs).size);
     } catch {
@@ -149,7 +149,7 @@ export class WarmPool implements OtherQemus {
 
   private async refillNow(): Promise<void> {
     for (const manifest of this.templates.values()) {
-      const snap = this.snapshots.get(manifest.name);
+      const snap = this.snapshots.get(manifest, this.rt.snapshotParams(manifest));
       if (!snap) continue;
       const list = this.pool.get(manifest.name) ?? [];
       this.pool.set(manifest.name, list);
@@ -177,6 +177,7 @@ export class WarmPool implements OtherQemus {
    */
   private async make(manifest: TemplateManifest, snap: TemplateSnapshot): Promise<Pooled> {
     const id = newMachineId();
+    const size = this.rt.templateSize(manifest.name);
     const row: MachineRow = {
       id,
       owner: '',
@@ -186,8 +187,8 @@ export class WarmPool implements OtherQemus {
       state: 'starting',
       mode: 'pool',
       accel: this.rt.d.accel.accel,
-      vcpus: this.config.machineVcpus,
-      memory_mb: this.config.machineMemoryMb,
+      vcpus: size.vcpus,
+      memory_mb: size.memoryMb,
       persistent: 0,
       ttl_seconds: null,
       created_at: new Date().toISOString(),
@@ -211,6 +212,7 @@ export class WarmPool implements OtherQemus {
       const { vm } = await this.rt.restoreInto(m, row, manifest, snap.state, {
         memoryFrom: snap.mem,
         ignoreShared: true,
+        layout: snap.layout,
       });
       // Warm both paths a hand-out takes: an exec, and the identity step (overwritten then).
       await vm.agent?.execCollect({ argv: ['true'] }, { maxOutputBytes: 1024 });

@@ -6,15 +6,25 @@ import { HutchError, orStorageFull } from '../errors.js';
 import type { AgentConnection } from '../guest/agent-connection.js';
 import { configureGuest, type GuestVolume } from '../guest/guest-setup.js';
 import type { TemplateManifest } from '../images/builder.js';
+import { templateSize } from '../images/recipes.js';
 import type { SnapshotParams } from '../images/snapshots.js';
 import type { AccelChoice } from '../vmm/accel.js';
 import { machineLimits } from '../vmm/cgroup.js';
 import { tcgTimingArgs } from '../vmm/host.js';
 import type { GuestLink, Hypervisor, Qmp } from '../vmm/hypervisor.js';
+import {
+  allocate,
+  checkSameLayout,
+  type Layout,
+  layoutOf,
+  type MachineSpec,
+  standardMachine,
+} from '../vmm/machine-spec.js';
 import type { CopyOptions } from '../vmm/memory-file.js';
 import type { MachineSave } from '../vmm/migration.js';
 import { type Accel, runPaths, type VmSpec } from '../vmm/qemu.js';
 import { prepareRunDir } from '../vmm/run-dir.js';
+import type { Volume } from '../vmm/volumes.js';
 import type { BoxExecs } from './box-execs.js';
 import { ends } from './cleanup-stack.js';
 import type { DiskPauses } from './disk-pauses.js';
@@ -125,8 +135,15 @@ export class Runtime {
     m: Machine,
     row: MachineRow,
     image: TemplateManifest,
-    extra: Pick<VmSpec, 'memory' | 'incoming' | 'volumes'>,
+    extra: Pick<VmSpec, 'memory' | 'incoming'> & {
+      volumes?: Volume[];
+      /** A restore's: the layout its state was saved with; another layout is refused before QEMU starts. */
+      layout?: Layout;
+    },
   ): Vm {
+    const { volumes, layout, ...vmExtra } = extra;
+    const machine = this.machineOf(row, volumes);
+    if (layout) checkSameLayout(layout, layoutOf(allocate(machine)));
     // Its own RAM file, shared, so a branch or suspend copies the file instead of streaming all
     // of RAM: a cold boot starts from an empty one, a restore from the copy restoreInto made (or
     // an empty one, filled by the migration stream). A snapshot being taken names its own.
@@ -136,15 +153,13 @@ export class Runtime {
     const spec: VmSpec = {
       id: row.id,
       accel: row.accel as Accel,
-      vcpus: row.vcpus,
-      memoryMb: row.memory_mb,
+      machine,
       kernel: image.kernel,
-      disk: join(row.run_dir, 'disk.qcow2'),
       cmdline: this.kernelCmdline(image),
       runDir: row.run_dir,
       ...(this.d.runAs ? { runAs: this.d.runAs.user } : {}),
       memory: { kind: 'file', path: ram, share: true },
-      ...extra,
+      ...vmExtra,
     };
     let pid: number;
     try {
@@ -157,6 +172,19 @@ export class Runtime {
     vm.jail = this.confine(row, pid);
     this.store.update(row.id, { pid, jail: JSON.stringify(vm.jail) });
     return vm;
+  }
+
+  /** The machine a row describes: its size, the standard devices on its own backends, its volumes. */
+  machineOf(row: Pick<MachineRow, 'vcpus' | 'memory_mb' | 'run_dir'>, volumes?: Volume[]): MachineSpec {
+    const p = runPaths(row.run_dir);
+    return standardMachine({
+      vcpus: row.vcpus,
+      memoryMb: row.memory_mb,
+      disk: join(row.run_dir, 'disk.qcow2'),
+      agentSocket: p.agent,
+      consoleSocket: p.console,
+      ...(volumes ? { volumes } : {}),
+    });
   }
 
   /** Registers a QEMU that runs already (launched now, or found after a restart) on its machine. */
@@ -204,7 +232,7 @@ export class Runtime {
     row: MachineRow,
     image: TemplateManifest,
     stateFile: string,
-    opts: { memoryFrom?: string; ignoreShared: boolean },
+    opts: { memoryFrom?: string; ignoreShared: boolean; layout?: Layout },
   ): Promise<{ vm: Vm; restoredUs: number; agentUs: number }> {
     if (opts.memoryFrom) {
       const to = this.d.hv.ram.fileOf(row.id);
@@ -212,7 +240,10 @@ export class Runtime {
       m.cleanup.push('ram copy', ends.vm, () => this.d.hv.ram.remove(to));
       await this.d.hv.ram.copy(opts.memoryFrom, to, { owner: this.d.runAs, chargeTo: this.chargeTo(row) });
     }
-    const vm = this.launch(m, row, image, { incoming: true });
+    const vm = this.launch(m, row, image, {
+      incoming: true,
+      ...(opts.layout ? { layout: opts.layout } : {}),
+    });
     const qmp = await this.qmpOf(m);
     const t0 = performance.now();
     await this.d.hv.loadState(qmp, runPaths(row.run_dir).migDir, stateFile, {
@@ -292,16 +323,30 @@ export class Runtime {
     return this.d.accel.accel === 'tcg' ? `${image.cmdline} ${tcgTimingArgs(image.kernelHz)}` : image.cmdline;
   }
 
-  /** The parameters template snapshots are taken with; a snapshot only fits machines booted alike. */
-  snapshotParams(image: TemplateManifest): SnapshotParams {
+  /**
+   * The parameters snapshots are taken with; a snapshot only fits machines booted alike. `size`:
+   * the machines' (a box's); absent, a template's (its recipe's, else the server's defaults).
+   */
+  snapshotParams(image: TemplateManifest, size = this.templateSize(image.name)): SnapshotParams {
+    const { vcpus, memoryMb } = size;
     return {
       qemu: this.d.config.qemuBinary,
       accel: this.d.accel.accel,
-      vcpus: this.d.config.machineVcpus,
-      memoryMb: this.d.config.machineMemoryMb,
+      vcpus,
+      memoryMb,
       cmdline: this.kernelCmdline(image),
+      // The run dir does not matter: a layout has no backends.
+      layout: layoutOf(allocate(this.machineOf({ vcpus, memory_mb: memoryMb, run_dir: '/' }))),
       runAs: this.d.runAs,
     };
+  }
+
+  /** The size of a template's machines: its recipe's when it declares one, else the server's defaults. */
+  templateSize(template: string): { vcpus: number; memoryMb: number } {
+    return templateSize(template, {
+      vcpus: this.d.config.machineVcpus,
+      memoryMb: this.d.config.machineMemoryMb,
+    });
   }
 
   /** A boot that finished: the machine is running, watched, and its TTL armed. */

@@ -14,6 +14,18 @@ export interface TemplateRecipe extends RootfsSpec {
   description: string;
   /** Virtual size of the machine's disk (the image is sparse). */
   diskSizeMb: number;
+  /** The machines' size when the template needs one of its own; absent: the server's defaults. */
+  vcpus?: number;
+  memoryMb?: number;
+}
+
+/** The size of a template's machines: what its recipe declares, else the server's defaults. */
+export function templateSize(
+  name: string,
+  defaults: { vcpus: number; memoryMb: number },
+): { vcpus: number; memoryMb: number } {
+  const r = templateRecipes[name];
+  return { vcpus: r?.vcpus ?? defaults.vcpus, memoryMb: r?.memoryMb ?? defaults.memoryMb };
 }
 
 export const templateRecipes: Record<string, TemplateRecipe> = {

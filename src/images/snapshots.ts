@@ -10,6 +10,7 @@ import {
   writeFileSync,
 } from 'node:fs';
 import { join } from 'node:path';
+import { type Layout, layoutFingerprint } from '../vmm/machine-spec.js';
 import type { Accel } from '../vmm/qemu.js';
 import type { TemplateManifest } from './builder.js';
 import { markUsed } from './cache-holders.js';
@@ -42,6 +43,8 @@ export interface TemplateSnapshot {
   vcpus: number;
   accel: Accel;
   cmdline: string;
+  /** The device layout the state was saved with: a restore must build the same one. */
+  layout: Layout;
   stateBytes: number;
   bootMs: number;
   saveMs: number;
@@ -55,6 +58,11 @@ export interface SnapshotParams {
   memoryMb: number;
   /** Kernel command line as machines boot it (host-specific timing flags included). */
   cmdline: string;
+  /**
+   * The device layout of the machine the snapshot is taken on (and of every machine restored
+   * from it): guest side only, so machines with other disk paths or sockets share the snapshot.
+   */
+  layout: Layout;
   runAs: { user: string; uid: number; gid: number } | undefined;
   /** Commands run before the snapshot to warm the page cache; default: python and node. */
   warm?: string[][];
@@ -70,10 +78,19 @@ const templateWarmUp = [
 ];
 
 /** Bump when the snapshot procedure or the QEMU device model changes: old snapshots stop matching. */
-export const snapshotFormat = '1';
+export const snapshotFormat = '2';
 
+/** <hash>-<accel>-<vcpus>-<memory>-<format>-<cmdline>-<layout>[-d<disk MiB>] (cache-gc.ts reads the format). */
 export function snapshotKey(manifest: TemplateManifest, p: SnapshotParams): string {
-  const key = [manifest.hash, p.accel, p.vcpus, p.memoryMb, snapshotFormat, hashOf(p.cmdline)].join('-');
+  const key = [
+    manifest.hash,
+    p.accel,
+    p.vcpus,
+    p.memoryMb,
+    snapshotFormat,
+    hashOf(p.cmdline),
+    layoutFingerprint(p.layout),
+  ].join('-');
   return p.diskBytes ? `${key}-d${Math.round(p.diskBytes / 1024 ** 2)}` : key;
 }
 
@@ -99,10 +116,19 @@ export class SnapshotCache {
     private readonly take: SnapshotTaker,
   ) {}
 
-  status(template: string): 'ready' | 'building' | 'failed' | 'none' {
-    if (this.ready.has(template)) return 'ready';
-    if (this.building.has(template)) return 'building';
-    if (this.failures.has(template)) return 'failed';
+  /**
+   * One template (or image) has a snapshot per machine it fits (size, layout, accelerator…): the
+   * cache knows them by `<name>-<key>`, the directory they live in.
+   */
+  private slotOf(manifest: TemplateManifest, params: SnapshotParams): string {
+    return `${manifest.name}-${snapshotKey(manifest, params)}`;
+  }
+
+  status(manifest: TemplateManifest, params: SnapshotParams): 'ready' | 'building' | 'failed' | 'none' {
+    const slot = this.slotOf(manifest, params);
+    if (this.ready.has(slot)) return 'ready';
+    if (this.building.has(slot)) return 'building';
+    if (this.failures.has(slot)) return 'failed';
     return 'none';
   }
 
@@ -116,40 +142,42 @@ export class SnapshotCache {
     await Promise.allSettled([...this.building.values()]);
   }
 
-  failure(template: string): string | undefined {
-    return this.failures.get(template);
+  failure(manifest: TemplateManifest, params: SnapshotParams): string | undefined {
+    return this.failures.get(this.slotOf(manifest, params));
   }
 
   /**
    * The snapshot ready for `template`. One the cache's garbage collector has since removed is
    * forgotten (the next ensure() takes it again); one in use is marked so, which keeps it.
    */
-  get(template: string): TemplateSnapshot | undefined {
-    const s = this.ready.get(template);
+  get(manifest: TemplateManifest, params: SnapshotParams): TemplateSnapshot | undefined {
+    const slot = this.slotOf(manifest, params);
+    const s = this.ready.get(slot);
     if (s && !markUsed(s.dir)) {
-      this.ready.delete(template);
+      this.ready.delete(slot);
       return undefined;
     }
     return s;
   }
 
   ensure(manifest: TemplateManifest, params: SnapshotParams): Promise<TemplateSnapshot> {
-    const cached = this.get(manifest.name);
+    const cached = this.get(manifest, params);
     if (cached) return Promise.resolve(cached);
-    let p = this.building.get(manifest.name);
+    const slot = this.slotOf(manifest, params);
+    let p = this.building.get(slot);
     if (!p) {
       p = this.load(manifest, params)
         .then((s) => {
-          this.ready.set(manifest.name, s);
-          this.failures.delete(manifest.name);
+          this.ready.set(slot, s);
+          this.failures.delete(slot);
           return s;
         })
         .catch((e: unknown) => {
-          this.failures.set(manifest.name, (e as Error).message);
+          this.failures.set(slot, (e as Error).message);
           throw e;
         })
-        .finally(() => this.building.delete(manifest.name));
-      this.building.set(manifest.name, p);
+        .finally(() => this.building.delete(slot));
+      this.building.set(slot, p);
     }
     return p;
   }
@@ -204,6 +232,7 @@ export class SnapshotCache {
         vcpus: params.vcpus,
         accel: params.accel,
         cmdline: params.cmdline,
+        layout: params.layout,
         stateBytes: taken.stateBytes,
         bootMs: Math.round(taken.bootMs),
         saveMs: Math.round(taken.saveMs),

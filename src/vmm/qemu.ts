@@ -1,8 +1,9 @@
 import { spawn } from 'node:child_process';
 import { closeSync, openSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { allocate, type MachineSpec, machineArgs, volumesOf } from './machine-spec.js';
 import { QmpClient } from './qmp.js';
-import { type Volume, volumeCmdline, volumeQemuArgs } from './volumes.js';
+import { volumeCmdline } from './volumes.js';
 
 export type Accel = 'kvm' | 'tcg';
 
@@ -11,11 +12,9 @@ export interface VmSpec {
   /** Machine id; also QEMU's -name, which is how a restarted daemon recognises its processes. */
   id: string;
   accel: Accel;
-  vcpus: number;
-  memoryMb: number;
+  /** Size and devices; their transports come from the one slot table (src/vmm/machine-spec.ts). */
+  machine: MachineSpec;
   kernel: string;
-  /** The machine's own writable disk (a qcow2 overlay over the template's read-only image). */
-  disk: string;
   cmdline: string;
   runDir: string;
   /** Drop QEMU's privileges to this user after setup (-runas), when set. */
@@ -29,13 +28,6 @@ export interface VmSpec {
   memory?: { kind: 'ram' } | { kind: 'file'; path: string; share: boolean };
   /** Start paused, waiting for a migration stream (restore, resume, branch). */
   incoming?: boolean;
-  /**
-   * Host directories shared over virtio-9p (at most 4; src/vmm/volumes.ts). Their `hutch.vol=`
-   * kernel arguments (for protocol-1 agents) are appended to `cmdline` here, so devices and
-   * mounts cannot disagree; protocol-2 agents mount them from CONFIGURE. A
-   * migration stream only fits a machine with the same devices: volumes are for cold boots.
-   */
-  volumes?: Volume[];
 }
 
 export interface RunPaths {
@@ -59,36 +51,23 @@ export function runPaths(runDir: string): RunPaths {
   };
 }
 
-export const agentPortName = 'org.hutch.agent.0';
-
 /**
  * The QEMU command line. microvm + virtio-mmio keeps the device model (and attack surface) to
- * what a headless machine needs: one disk, a virtio-serial port for the agent, an entropy source,
- * the serial console and the volumes asked for. No network device at all unless asked for:
- * isolation by absence.
+ * what a headless machine needs: the devices of its spec, no network device unless asked for
+ * (isolation by absence). The board and the devices come from the allocated spec; the volumes'
+ * `hutch.vol=` kernel arguments (for protocol-1 agents; protocol-2 agents mount from CONFIGURE)
+ * are appended here, so devices and mounts cannot disagree.
  */
 export function qemuArgs(spec: VmSpec): string[] {
   const p = runPaths(spec.runDir);
+  const machine = allocate(spec.machine);
   const accel =
     spec.accel === 'kvm' ? ['-accel', 'kvm', '-cpu', 'host'] : ['-accel', 'tcg,tb-size=64', '-cpu', 'max'];
-  const volumes = spec.volumes ?? [];
+  const volumes = volumesOf(spec.machine);
   const args = [
     '-name',
     `guest=hutch-${spec.id},debug-threads=on`,
-    '-M',
-    // acpi=off: QEMU then lists the virtio-mmio devices on the kernel command line, which our
-    // ACPI-less kernel reads (VIRTIO_MMIO_CMDLINE_DEVICES). rtc=on explicitly: its default is off
-    // under KVM, and a boot without it spends ~1.8 s in RTC probing. images/kernel/README.md has
-    // the measurements.
-    'microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,memory-backend=mem',
-    // Modern virtio-mmio: vhost-user devices (virtiofs) refuse legacy transports.
-    '-global',
-    'virtio-mmio.force-legacy=false',
     ...accel,
-    '-smp',
-    String(spec.vcpus),
-    '-m',
-    `${spec.memoryMb}M`,
     '-object',
     memoryObject(spec),
     '-nodefaults',
@@ -100,28 +79,9 @@ export function qemuArgs(spec: VmSpec): string[] {
     spec.kernel,
     '-append',
     volumes.length ? `${spec.cmdline} ${volumeCmdline(volumes)}` : spec.cmdline,
-    '-chardev',
-    `socket,id=ser0,path=${p.console},server=on,wait=off`,
-    '-serial',
-    'chardev:ser0',
     '-qmp',
     `unix:${p.qmp},server=on,wait=off`,
-    '-drive',
-    `id=root,file=${spec.disk},format=qcow2,if=none,discard=unmap,cache=writeback`,
-    '-device',
-    // Transports are pinned: unpinned, a 5th device lands on bus 3 = GSI 8, the RTC's IRQ.
-    'virtio-blk-device,drive=root,bus=virtio-mmio-bus.7',
-    '-device',
-    'virtio-serial-device,max_ports=2,bus=virtio-mmio-bus.6',
-    '-chardev',
-    `socket,id=agent,path=${p.agent},server=on,wait=off`,
-    '-device',
-    `virtserialport,chardev=agent,name=${agentPortName}`,
-    '-object',
-    'rng-random,id=rng0,filename=/dev/urandom',
-    '-device',
-    'virtio-rng-device,rng=rng0,bus=virtio-mmio-bus.5',
-    ...volumeQemuArgs(volumes),
+    ...machineArgs(machine),
     '-pidfile',
     p.pidFile,
     // seccomp: QEMU may not exec, touch resource limits or use obsolete syscalls. set*id stays
@@ -136,7 +96,7 @@ export function qemuArgs(spec: VmSpec): string[] {
 }
 
 function memoryObject(spec: VmSpec): string {
-  const size = `size=${spec.memoryMb}M`;
+  const size = `size=${spec.machine.memoryMb}M`;
   const m = spec.memory ?? { kind: 'ram' };
   return m.kind === 'ram'
     ? `memory-backend-ram,id=mem,${size}`

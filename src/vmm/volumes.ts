@@ -25,13 +25,8 @@ export interface Volume {
   readonly: boolean;
 }
 
-/**
- * The virtio-mmio transports volumes may use, in order. microvm has 8 (bus N raises GSI 5+N);
- * 5, 6 and 7 carry rng, serial and the disk, and bus 3 is GSI 8, the RTC's IRQ: a device there
- * would silence the RTC and cost every boot ~2 s of probe timeouts.
- */
-export const volumeBuses = [0, 1, 2, 4] as const;
-export const maxVolumes = volumeBuses.length;
+/** Volumes per machine: the volume slots of the machine layout (src/vmm/machine-spec.ts). */
+export const maxVolumes = 4;
 
 /**
  * The guest reads /proc/cmdline into 4 KiB, and x86 kernels keep at most 2048 bytes of command
@@ -83,8 +78,8 @@ function checkGuestPath(tag: string, p: string): void {
 }
 
 /**
- * The QEMU arguments for the volumes: one -fsdev and one virtio-9p-device each, on the pinned
- * transports above.
+ * The QEMU arguments for one volume: a -fsdev and a virtio-9p-device on the transport the
+ * machine layout gave it (src/vmm/machine-spec.ts).
  *
  * security_model=mapped-xattr: the guest's view of ownership, modes, device nodes and symlinks
  * lives in user.virtfs.* xattrs; on the host every file the guest makes is a plain file or
@@ -94,14 +89,13 @@ function checkGuestPath(tag: string, p: string): void {
  * hutch-vm) and, as hutch-vm cannot chown, show the guest files owned by uid 999. The host
  * directory's filesystem must support user xattrs for guest writes (ext4, xfs, btrfs do).
  */
-export function volumeQemuArgs(volumes: readonly Volume[]): string[] {
-  validateVolumes(volumes);
-  return volumes.flatMap((v, i) => [
+export function volumeDeviceArgs(v: Volume, bus: number): string[] {
+  return [
     '-fsdev',
     `local,id=fs-${v.tag},path=${v.hostPath},security_model=mapped-xattr,fmode=0644,dmode=0755,readonly=${v.readonly ? 'on' : 'off'}`,
     '-device',
-    `virtio-9p-device,fsdev=fs-${v.tag},mount_tag=${v.tag},bus=virtio-mmio-bus.${volumeBuses[i]}`,
-  ]);
+    `virtio-9p-device,fsdev=fs-${v.tag},mount_tag=${v.tag},bus=virtio-mmio-bus.${bus}`,
+  ];
 }
 
 /**

@@ -27,6 +27,7 @@ import { configureGuest } from '../../src/guest/guest-setup.js';
 import { TemplateBuilder, type TemplateManifest } from '../../src/images/builder.js';
 import { createOverlay } from '../../src/vmm/disk.js';
 import { tcgTimingArgs } from '../../src/vmm/host.js';
+import { standardMachine } from '../../src/vmm/machine-spec.js';
 import { isAlive, killAndWait, launchQemu, runPaths } from '../../src/vmm/qemu.js';
 import { QmpClient } from '../../src/vmm/qmp.js';
 import { prepareRunDir } from '../../src/vmm/run-dir.js';
@@ -69,14 +70,18 @@ async function boot(
   const pid = launchQemu('qemu-system-x86_64', {
     id: `voltest-${process.pid}-${started.size}`,
     accel: 'tcg',
-    vcpus: 1,
-    memoryMb: 256,
+    machine: standardMachine({
+      vcpus: 1,
+      memoryMb: 256,
+      disk,
+      agentSocket: p.agent,
+      consoleSocket: p.console,
+      volumes,
+    }),
     kernel: manifest.kernel,
-    disk,
     cmdline: `${manifest.cmdline} ${tcgTimingArgs(manifest.kernelHz)}${extraCmdline}`,
     runDir,
     runAs: runAs.user,
-    volumes,
   });
   started.add(pid);
   let out = '';

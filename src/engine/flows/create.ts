@@ -77,11 +77,14 @@ export async function createMachine(
       },
       t0,
     );
-  const snap = req.mode === 'cold' ? undefined : cx.snapshots.get(req.template);
+  // The template's own size when its recipe declares one, else the server's defaults.
+  const size = rt.templateSize(req.template);
+  const snapParams = rt.snapshotParams(manifest, size);
+  const snap = req.mode === 'cold' ? undefined : cx.snapshots.get(manifest, snapParams);
   if (req.mode === 'snapshot' && !snap)
     throw new HutchError(
       'SNAPSHOT_NOT_READY',
-      `template ${req.template} has no snapshot yet (${cx.snapshots.status(req.template)}); omit "mode" to cold-boot`,
+      `template ${req.template} has no snapshot yet (${cx.snapshots.status(manifest, snapParams)}); omit "mode" to cold-boot`,
     );
   const id = newMachineId();
   const row: MachineRow = {
@@ -93,8 +96,8 @@ export async function createMachine(
     state: 'starting',
     mode: snap ? 'snapshot' : 'cold',
     accel: rt.d.accel.accel,
-    vcpus: config.machineVcpus,
-    memory_mb: config.machineMemoryMb,
+    vcpus: size.vcpus,
+    memory_mb: size.memoryMb,
     ...lifetime(persistent, ttl),
     boot_ms: null,
     pid: null,
@@ -119,6 +122,7 @@ export async function createMachine(
         const { vm } = await rt.restoreInto(m, row, manifest, snap.state, {
           memoryFrom: snap.mem,
           ignoreShared: true,
+          layout: snap.layout,
         });
         if (vm.agent) await rt.giveIdentity(vm.agent, id);
       } else {
@@ -263,6 +267,7 @@ export async function createBox(cx: FlowContext, principal: Principal, req: Crea
         const { vm } = await rt.restoreInto(m, row, image, snap.state, {
           memoryFrom: snap.mem,
           ignoreShared: true,
+          layout: snap.layout,
         });
         // The guest learns of a bigger disk from the resize; CONFIGURE then grows its filesystem.
         if (diskBytes > boxSnapshotDiskBytes)
@@ -283,6 +288,7 @@ export async function createBox(cx: FlowContext, principal: Principal, req: Crea
 /**
  * The snapshot boxes of this image and size restore from, if it is ready; otherwise its
  * first creation is started (in the background, after this create) and the box boots cold.
+ * The size is in the snapshot's key (with the device layout), so each size has its own.
  * Snapshots are taken with a disk of the default size: a bigger disk is a resize after the
  * restore, a smaller one needs a cold boot (a filesystem does not shrink).
  */
@@ -294,30 +300,27 @@ function boxSnapshot(
   diskBytes: number,
 ): TemplateSnapshot | undefined {
   if (diskBytes < boxSnapshotDiskBytes) return undefined;
-  const manifest = { ...image, name: `box-${image.hash}-${cpu}c-${memoryMb}m` };
-  const ready = cx.snapshots.get(manifest.name);
-  if (ready || cx.snapshots.status(manifest.name) !== 'none') return ready;
   const { rt } = cx;
+  const manifest = { ...image, name: `box-${image.hash}` };
+  const params = {
+    ...rt.snapshotParams(manifest, { vcpus: cpu, memoryMb }),
+    // Nothing is known to exist in an image but the agent: no warm-up commands.
+    warm: [],
+    diskBytes: boxSnapshotDiskBytes,
+  };
+  const ready = cx.snapshots.get(manifest, params);
+  if (ready || cx.snapshots.status(manifest, params) !== 'none') return ready;
   setImmediate(() => {
     // A snapshot build is a QEMU too: it waits for a later create when the caps are reached.
     if (rt.d.closing() || !cx.admission.hasRoomFor(memoryMb)) return;
-    cx.snapshots
-      .ensure(manifest, {
-        ...rt.snapshotParams(manifest),
-        vcpus: cpu,
-        memoryMb,
-        // Nothing is known to exist in an image but the agent: no warm-up commands.
-        warm: [],
-        diskBytes: boxSnapshotDiskBytes,
-      })
-      .then(
-        (s) => rt.d.log('info', 'box snapshot ready', { image: image.ref, key: s.key }),
-        (e: unknown) =>
-          rt.d.log('warn', 'box snapshot failed; boxes of this image boot cold', {
-            image: image.ref,
-            error: (e as Error).message,
-          }),
-      );
+    cx.snapshots.ensure(manifest, params).then(
+      (s) => rt.d.log('info', 'box snapshot ready', { image: image.ref, key: s.key }),
+      (e: unknown) =>
+        rt.d.log('warn', 'box snapshot failed; boxes of this image boot cold', {
+          image: image.ref,
+          error: (e as Error).message,
+        }),
+    );
   });
   return undefined;
 }

@@ -1,0 +1,263 @@
+import { createHash } from 'node:crypto';
+import { type Volume, validateVolumes, volumeDeviceArgs } from './volumes.js';
+
+/**
+ * A machine described, not hard-coded: its size and its devices. `allocate` gives every device
+ * its transport from one fixed slot table, the same for cold boots, snapshots and restores, so a
+ * saved machine's device state always fits a machine built from the same description.
+ *
+ * Devices have a guest side (what the guest sees: the kind, the transport, a 9p mount tag, a port
+ * name) and a host side (the backend: a disk path, a socket, a shared directory). Only the guest
+ * side is the layout: a restore may change every backend, never the layout.
+ */
+export type DeviceSpec =
+  /** The machine's own writable disk (a qcow2 overlay); its drive is `root` (block_resize names it). */
+  | { kind: 'root-disk'; path: string }
+  /** virtio-serial with the agent's port, `org.hutch.agent.0`, served on a Unix socket. */
+  | { kind: 'agent-port'; socket: string }
+  | { kind: 'rng' }
+  /** The ISA serial port (ttyS0), served on a Unix socket. */
+  | { kind: 'console'; socket: string }
+  /** A host directory over virtio-9p (src/vmm/volumes.ts). */
+  | { kind: 'volume'; volume: Volume }
+  // Reserved: the layout keeps their transports free so that adding them later changes no other
+  // device's transport (and no snapshot of a machine without them). They have no QEMU arguments yet.
+  | { kind: 'nic' }
+  | { kind: 'disk' }
+  | { kind: 'display' };
+
+export type DeviceKind = DeviceSpec['kind'];
+
+export interface MachineSpec {
+  vcpus: number;
+  memoryMb: number;
+  devices: DeviceSpec[];
+}
+
+/** Where a device is plugged in: a virtio-mmio transport, or the board's ISA serial port. */
+export type Transport = { kind: 'virtio-mmio'; bus: number } | { kind: 'isa-serial' };
+
+export interface AllocatedDevice {
+  device: DeviceSpec;
+  transport: Transport;
+}
+
+export interface AllocatedMachine {
+  vcpus: number;
+  memoryMb: number;
+  devices: AllocatedDevice[];
+}
+
+/**
+ * The board: QEMU microvm with ACPI, which gives 24 virtio-mmio transports on the second IOAPIC
+ * (GSI 24–47). Without ACPI it has 8 on GSI 5–12, one of them (bus 3, GSI 8) the RTC's IRQ: 7
+ * usable, all taken by today's devices with 4 volumes, no room for a NIC, disks or a display.
+ * docs/architecture.md ("Machines") has the measurements. rtc=on explicitly: its default is off
+ * under KVM, and a boot without it spends ~1.8 s in RTC probing (images/kernel/README.md).
+ */
+export const boardOptions = 'microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=on,memory-backend=mem';
+/** Modern virtio-mmio: vhost-user devices (virtiofs) refuse legacy transports. Guest-visible. */
+export const boardGlobals = ['virtio-mmio.force-legacy=false'] as const;
+export const virtioTransports = 24;
+
+/**
+ * The slot table: which transports each kind may use, in order. Fixed, so the nth volume (or
+ * disk) is on the same transport in every machine whatever else it has, and a machine without
+ * a NIC leaves the NIC's transport free rather than giving it to something else.
+ */
+export const slotTable: Readonly<Record<DeviceKind, readonly number[] | 'isa-serial'>> = {
+  console: 'isa-serial',
+  'root-disk': [0],
+  'agent-port': [1],
+  rng: [2],
+  volume: [3, 4, 5, 6],
+  nic: [7],
+  // One virtio-blk per disk: with 24 transports, no SCSI controller (and no SCSI in the kernel)
+  // is needed for 8 disks.
+  disk: [8, 9, 10, 11, 12, 13, 14, 15],
+  display: [16],
+  // 17–23 are spare.
+};
+
+/** How many devices of each kind fit on any machine. */
+export function slotsFor(kind: DeviceKind): number {
+  const s = slotTable[kind];
+  return s === 'isa-serial' ? 1 : s.length;
+}
+
+/**
+ * Gives each device its transport: the nth device of a kind takes the kind's nth slot. Throws,
+ * naming the kind and its room, when a spec has more devices of a kind than the layout holds.
+ */
+export function allocate(spec: MachineSpec): AllocatedMachine {
+  if (!Number.isInteger(spec.vcpus) || spec.vcpus < 1) throw new Error(`vcpus ${spec.vcpus}: at least 1`);
+  if (!Number.isInteger(spec.memoryMb) || spec.memoryMb < 1)
+    throw new Error(`memoryMb ${spec.memoryMb}: a positive number of MiB`);
+  const used = new Map<DeviceKind, number>();
+  const devices = spec.devices.map((device): AllocatedDevice => {
+    const n = used.get(device.kind) ?? 0;
+    used.set(device.kind, n + 1);
+    const slots = slotTable[device.kind];
+    if (slots === 'isa-serial') {
+      if (n > 0) throw new Error(`the machine spec does not fit: more than one ${device.kind}`);
+      return { device, transport: { kind: 'isa-serial' } };
+    }
+    const bus = slots[n];
+    if (bus === undefined)
+      throw new Error(
+        `the machine spec does not fit: ${count(spec, device.kind)} ${device.kind} devices, the layout has room for ${slots.length}`,
+      );
+    return { device, transport: { kind: 'virtio-mmio', bus } };
+  });
+  validateVolumes(volumesOf(spec));
+  return { vcpus: spec.vcpus, memoryMb: spec.memoryMb, devices };
+}
+
+function count(spec: MachineSpec, kind: DeviceKind): number {
+  return spec.devices.filter((d) => d.kind === kind).length;
+}
+
+export function volumesOf(spec: Pick<MachineSpec, 'devices'>): Volume[] {
+  return spec.devices.flatMap((d) => (d.kind === 'volume' ? [d.volume] : []));
+}
+
+/** The devices every hutch machine has, then its volumes (each on its fixed slot). */
+export function standardMachine(m: {
+  vcpus: number;
+  memoryMb: number;
+  disk: string;
+  agentSocket: string;
+  consoleSocket: string;
+  volumes?: readonly Volume[];
+}): MachineSpec {
+  return {
+    vcpus: m.vcpus,
+    memoryMb: m.memoryMb,
+    devices: [
+      { kind: 'console', socket: m.consoleSocket },
+      { kind: 'root-disk', path: m.disk },
+      { kind: 'agent-port', socket: m.agentSocket },
+      { kind: 'rng' },
+      ...(m.volumes ?? []).map((volume): DeviceSpec => ({ kind: 'volume', volume })),
+    ],
+  };
+}
+
+export const agentPortName = 'org.hutch.agent.0';
+
+/**
+ * The layout: the guest side of an allocated machine (board, size, each device's kind, transport
+ * and what the guest reads from it), without any host-side backend. A saved device state fits
+ * exactly the machines with an equal layout.
+ */
+export interface Layout {
+  board: string;
+  vcpus: number;
+  memoryMb: number;
+  devices: { kind: DeviceKind; transport: string; guest?: Record<string, string> }[];
+}
+
+export function layoutOf(m: AllocatedMachine): Layout {
+  return {
+    board: [boardOptions, ...boardGlobals].join(' '),
+    vcpus: m.vcpus,
+    memoryMb: m.memoryMb,
+    devices: m.devices.map(({ device, transport }) => {
+      const guest = guestSide(device);
+      return { kind: device.kind, transport: transportName(transport), ...(guest ? { guest } : {}) };
+    }),
+  };
+}
+
+/** What the guest can read from the device itself (config space), apart from its kind. */
+function guestSide(d: DeviceSpec): Record<string, string> | undefined {
+  if (d.kind === 'volume') return { mountTag: d.volume.tag };
+  if (d.kind === 'agent-port') return { port: agentPortName };
+  return undefined;
+}
+
+function transportName(t: Transport): string {
+  return t.kind === 'isa-serial' ? 'isa-serial' : `virtio-mmio-bus.${t.bus}`;
+}
+
+/** A short hash of the layout (snapshot keys): equal layouts, equal fingerprints, whatever the backends. */
+export function layoutFingerprint(layout: Layout): string {
+  return createHash('sha256').update(JSON.stringify(layout)).digest('hex').slice(0, 16);
+}
+
+/**
+ * Throws unless `actual` equals the layout a saved state was taken with, naming the first
+ * difference: QEMU would otherwise fail mid-stream, or worse, load a state into other devices.
+ */
+export function checkSameLayout(saved: Layout, actual: Layout): void {
+  const diff = layoutDiff(saved, actual);
+  if (diff) throw new Error(`the saved machine's device layout differs from this machine's: ${diff}`);
+}
+
+export function layoutDiff(a: Layout, b: Layout): string | undefined {
+  if (a.board !== b.board) return `board ${a.board} vs ${b.board}`;
+  if (a.vcpus !== b.vcpus) return `${a.vcpus} vs ${b.vcpus} vCPUs`;
+  if (a.memoryMb !== b.memoryMb) return `${a.memoryMb} vs ${b.memoryMb} MiB of memory`;
+  const n = Math.max(a.devices.length, b.devices.length);
+  for (let i = 0; i < n; i++) {
+    const x = JSON.stringify(a.devices[i] ?? null);
+    const y = JSON.stringify(b.devices[i] ?? null);
+    if (x !== y) return `device ${i}: ${x} vs ${y}`;
+  }
+  return undefined;
+}
+
+/** The board and device part of QEMU's command line, from an allocated machine. */
+export function machineArgs(m: AllocatedMachine): string[] {
+  return [
+    '-M',
+    boardOptions,
+    ...boardGlobals.flatMap((g) => ['-global', g]),
+    '-smp',
+    String(m.vcpus),
+    '-m',
+    `${m.memoryMb}M`,
+    ...m.devices.flatMap(deviceArgs),
+  ];
+}
+
+function deviceArgs({ device: d, transport: t }: AllocatedDevice): string[] {
+  if (t.kind === 'isa-serial') {
+    if (d.kind !== 'console') throw new Error(`${d.kind} cannot sit on the ISA serial port`);
+    return ['-chardev', `socket,id=ser0,path=${d.socket},server=on,wait=off`, '-serial', 'chardev:ser0'];
+  }
+  const bus = `bus=virtio-mmio-bus.${t.bus}`;
+  switch (d.kind) {
+    case 'root-disk':
+      return [
+        '-drive',
+        `id=root,file=${d.path},format=qcow2,if=none,discard=unmap,cache=writeback`,
+        '-device',
+        `virtio-blk-device,drive=root,${bus}`,
+      ];
+    case 'agent-port':
+      return [
+        '-device',
+        `virtio-serial-device,max_ports=2,${bus}`,
+        '-chardev',
+        `socket,id=agent,path=${d.socket},server=on,wait=off`,
+        '-device',
+        `virtserialport,chardev=agent,name=${agentPortName}`,
+      ];
+    case 'rng':
+      return [
+        '-object',
+        'rng-random,id=rng0,filename=/dev/urandom',
+        '-device',
+        `virtio-rng-device,rng=rng0,${bus}`,
+      ];
+    case 'volume':
+      return volumeDeviceArgs(d.volume, t.bus);
+    case 'console':
+      throw new Error('the console sits on the ISA serial port');
+    case 'nic':
+    case 'disk':
+    case 'display':
+      throw new Error(`${d.kind} devices have a slot reserved but are not available in this version`);
+  }
+}

@@ -1,0 +1,186 @@
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+import {
+  allocate,
+  checkSameLayout,
+  type DeviceSpec,
+  layoutFingerprint,
+  layoutOf,
+  type MachineSpec,
+  machineArgs,
+  slotsFor,
+  slotTable,
+  standardMachine,
+  virtioTransports,
+} from '../../src/vmm/machine-spec.js';
+import { maxVolumes, type Volume } from '../../src/vmm/volumes.js';
+
+const vol = (i: number, hostPath = `/srv/v${i}`): Volume => ({
+  tag: `vol${i}`,
+  hostPath,
+  guestPath: `/mnt/v${i}`,
+  readonly: false,
+});
+
+const base = (volumes: Volume[] = [], run = '/run/a'): MachineSpec =>
+  standardMachine({
+    vcpus: 2,
+    memoryMb: 512,
+    disk: `${run}/disk.qcow2`,
+    agentSocket: `${run}/agent.sock`,
+    consoleSocket: `${run}/console.sock`,
+    volumes,
+  });
+
+const withDevices = (...devices: DeviceSpec[]): MachineSpec => ({
+  ...base(),
+  devices: [...base().devices, ...devices],
+});
+const times = <T>(n: number, f: (i: number) => T): T[] => Array.from({ length: n }, (_, i) => f(i));
+
+/** Each device's transport, as `kind@transport`. */
+const placed = (spec: MachineSpec): string[] =>
+  layoutOf(allocate(spec)).devices.map((d) => `${d.kind}@${d.transport}`);
+
+describe('machine spec: slot allocation', () => {
+  const fits: [string, MachineSpec][] = [
+    ['the standard machine', base()],
+    ['4 volumes', base(times(4, vol))],
+    [
+      'a NIC, 8 disks and a display beside 4 volumes',
+      withDevices(
+        { kind: 'nic' },
+        ...times(8, (): DeviceSpec => ({ kind: 'disk' })),
+        { kind: 'display' },
+        ...times(4, (i): DeviceSpec => ({ kind: 'volume', volume: vol(i) })),
+      ),
+    ],
+  ];
+  for (const [what, spec] of fits)
+    test(`fits: ${what}`, () => {
+      const t = placed(spec);
+      assert.equal(t.length, spec.devices.length);
+      assert.equal(
+        new Set(t.map((x) => x.split('@')[1])).size,
+        t.length,
+        'every device has its own transport',
+      );
+    });
+
+  const tooMany: [string, MachineSpec, RegExp][] = [
+    ['5 volumes', base(times(5, vol)), /does not fit: 5 volume devices, the layout has room for 4/],
+    [
+      '2 NICs',
+      withDevices({ kind: 'nic' }, { kind: 'nic' }),
+      /does not fit: 2 nic devices, the layout has room for 1/,
+    ],
+    [
+      '9 disks',
+      withDevices(...times(9, (): DeviceSpec => ({ kind: 'disk' }))),
+      /9 disk devices, the layout has room for 8/,
+    ],
+    ['2 displays', withDevices({ kind: 'display' }, { kind: 'display' }), /2 display devices/],
+    [
+      '2 root disks',
+      withDevices({ kind: 'root-disk', path: '/x' }),
+      /2 root-disk devices, the layout has room for 1/,
+    ],
+    ['2 consoles', withDevices({ kind: 'console', socket: '/c' }), /more than one console/],
+    ['0 vCPUs', { ...base(), vcpus: 0 }, /vcpus 0/],
+  ];
+  for (const [what, spec, error] of tooMany)
+    test(`does not fit: ${what}`, () => assert.throws(() => allocate(spec), error));
+
+  test('the nth device of a kind always gets the same transport, whatever else the machine has', () => {
+    const alone = placed(base(times(2, vol)));
+    const crowded = placed({
+      ...base(),
+      devices: [{ kind: 'display' }, { kind: 'nic' }, ...base(times(2, vol)).devices, { kind: 'disk' }],
+    });
+    for (const d of alone) assert.ok(crowded.includes(d), `${d} moved`);
+    assert.deepEqual(alone, [
+      'console@isa-serial',
+      'root-disk@virtio-mmio-bus.0',
+      'agent-port@virtio-mmio-bus.1',
+      'rng@virtio-mmio-bus.2',
+      'volume@virtio-mmio-bus.3',
+      'volume@virtio-mmio-bus.4',
+    ]);
+  });
+
+  test('the slot table fits the board and gives each transport to one kind', () => {
+    const buses = Object.values(slotTable).flatMap((s) => (s === 'isa-serial' ? [] : s));
+    assert.equal(new Set(buses).size, buses.length);
+    assert.ok(buses.every((b) => b >= 0 && b < virtioTransports));
+    assert.equal(slotsFor('volume'), maxVolumes);
+  });
+});
+
+describe('machine spec: layout and fingerprint', () => {
+  const fp = (spec: MachineSpec): string => layoutFingerprint(layoutOf(allocate(spec)));
+
+  test('identical layouts, identical fingerprints; other backends change nothing', () => {
+    assert.equal(fp(base(times(2, vol))), fp(base(times(2, vol))));
+    // Other disk, sockets and shared directories: the guest sees the same machine.
+    assert.equal(
+      fp(base(times(2, vol), '/run/a')),
+      fp(
+        base(
+          times(2, (i) => vol(i, `/elsewhere/${i}`)),
+          '/run/b',
+        ),
+      ),
+    );
+    const ro = base([{ ...vol(0), readonly: true }]);
+    assert.equal(fp(ro), fp(base([vol(0)])), 'read-only is enforced by the host side');
+    checkSameLayout(
+      layoutOf(allocate(base([vol(0)], '/run/a'))),
+      layoutOf(allocate(base([vol(0, '/x')], '/run/b'))),
+    );
+  });
+
+  const differs: [string, MachineSpec][] = [
+    ['another vCPU count', { ...base(), vcpus: 4 }],
+    ['more memory', { ...base(), memoryMb: 1024 }],
+    ['one more volume', base([vol(0)])],
+    ['another mount tag', base([{ ...vol(0), tag: 'data' }])],
+    ['a NIC', withDevices({ kind: 'nic' })],
+  ];
+  for (const [what, spec] of differs)
+    test(`a different layout: ${what}`, () => {
+      const ref = base(what.includes('tag') ? [vol(0)] : []);
+      assert.notEqual(fp(spec), fp(ref));
+      assert.throws(
+        () => checkSameLayout(layoutOf(allocate(ref)), layoutOf(allocate(spec))),
+        /device layout differs from this machine's: /,
+      );
+    });
+});
+
+describe('machine spec: QEMU arguments', () => {
+  const args = machineArgs(allocate(base([vol(0)])));
+  const after = (flag: string): string[] => args.flatMap((a, i) => (args[i - 1] === flag ? [a] : []));
+
+  test('the board, its size and every device on its allocated transport', () => {
+    assert.deepEqual(after('-M'), [
+      'microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=on,memory-backend=mem',
+    ]);
+    assert.deepEqual(after('-smp'), ['2']);
+    assert.deepEqual(after('-m'), ['512M']);
+    assert.deepEqual(after('-device'), [
+      'virtio-blk-device,drive=root,bus=virtio-mmio-bus.0',
+      'virtio-serial-device,max_ports=2,bus=virtio-mmio-bus.1',
+      'virtserialport,chardev=agent,name=org.hutch.agent.0',
+      'virtio-rng-device,rng=rng0,bus=virtio-mmio-bus.2',
+      'virtio-9p-device,fsdev=fs-vol0,mount_tag=vol0,bus=virtio-mmio-bus.3',
+    ]);
+    assert.deepEqual(after('-serial'), ['chardev:ser0']);
+    assert.ok(after('-drive')[0]?.startsWith('id=root,file=/run/a/disk.qcow2,format=qcow2'));
+    assert.ok(after('-chardev').some((c) => c.includes('path=/run/a/agent.sock')));
+  });
+
+  test('reserved kinds have a slot but no device yet: a clear error, not a half-made machine', () => {
+    for (const kind of ['nic', 'disk', 'display'] as const)
+      assert.throws(() => machineArgs(allocate(withDevices({ kind }))), /reserved but are not available/);
+  });
+});
