@@ -24,7 +24,7 @@ import type { CopyOptions } from '../vmm/memory-file.js';
 import type { MachineSave } from '../vmm/migration.js';
 import { type Accel, runPaths, type VmSpec } from '../vmm/qemu.js';
 import { prepareRunDir } from '../vmm/run-dir.js';
-import type { Volume } from '../vmm/volumes.js';
+import { prepareEmptyVolume, type Volume } from '../vmm/volumes.js';
 import type { BoxExecs } from './box-execs.js';
 import { ends } from './cleanup-stack.js';
 import type { DiskPauses } from './disk-pauses.js';
@@ -137,12 +137,14 @@ export class Runtime {
     image: TemplateManifest,
     extra: Pick<VmSpec, 'memory' | 'incoming'> & {
       volumes?: Volume[];
+      /** Every volume slot filled, empty ones with placeholders (box snapshots and their restores). */
+      volumeSlots?: boolean;
       /** A restore's: the layout its state was saved with; another layout is refused before QEMU starts. */
       layout?: Layout;
     },
   ): Vm {
-    const { volumes, layout, ...vmExtra } = extra;
-    const machine = this.machineOf(row, volumes);
+    const { volumes, volumeSlots, layout, ...vmExtra } = extra;
+    const machine = this.machineOf(row, volumes, volumeSlots);
     if (layout) checkSameLayout(layout, layoutOf(allocate(machine)));
     // Its own RAM file, shared, so a branch or suspend copies the file instead of streaming all
     // of RAM: a cold boot starts from an empty one, a restore from the copy restoreInto made (or
@@ -175,7 +177,11 @@ export class Runtime {
   }
 
   /** The machine a row describes: its size, the standard devices on its own backends, its volumes. */
-  machineOf(row: Pick<MachineRow, 'vcpus' | 'memory_mb' | 'run_dir'>, volumes?: Volume[]): MachineSpec {
+  machineOf(
+    row: Pick<MachineRow, 'vcpus' | 'memory_mb' | 'run_dir'>,
+    volumes?: Volume[],
+    volumeSlots = false,
+  ): MachineSpec {
     const p = runPaths(row.run_dir);
     return standardMachine({
       vcpus: row.vcpus,
@@ -184,6 +190,9 @@ export class Runtime {
       agentSocket: p.agent,
       consoleSocket: p.console,
       ...(volumes ? { volumes } : {}),
+      ...(volumeSlots
+        ? { emptyVolume: prepareEmptyVolume(join(this.d.config.stateDir, 'empty-volume')) }
+        : {}),
     });
   }
 
@@ -232,7 +241,13 @@ export class Runtime {
     row: MachineRow,
     image: TemplateManifest,
     stateFile: string,
-    opts: { memoryFrom?: string; ignoreShared: boolean; layout?: Layout },
+    opts: {
+      memoryFrom?: string;
+      ignoreShared: boolean;
+      layout?: Layout;
+      volumes?: Volume[];
+      volumeSlots?: boolean;
+    },
   ): Promise<{ vm: Vm; restoredUs: number; agentUs: number }> {
     if (opts.memoryFrom) {
       const to = this.d.hv.ram.fileOf(row.id);
@@ -327,7 +342,11 @@ export class Runtime {
    * The parameters snapshots are taken with; a snapshot only fits machines booted alike. `size`:
    * the machines' (a box's); absent, a template's (its recipe's, else the server's defaults).
    */
-  snapshotParams(image: TemplateManifest, size = this.templateSize(image.name)): SnapshotParams {
+  snapshotParams(
+    image: TemplateManifest,
+    size = this.templateSize(image.name),
+    volumeSlots = false,
+  ): SnapshotParams {
     const { vcpus, memoryMb } = size;
     return {
       qemu: this.d.config.qemuBinary,
@@ -336,7 +355,10 @@ export class Runtime {
       memoryMb,
       cmdline: this.kernelCmdline(image),
       // The run dir does not matter: a layout has no backends.
-      layout: layoutOf(allocate(this.machineOf({ vcpus, memory_mb: memoryMb, run_dir: '/' }))),
+      layout: layoutOf(
+        allocate(this.machineOf({ vcpus, memory_mb: memoryMb, run_dir: '/' }, [], volumeSlots)),
+      ),
+      ...(volumeSlots ? { volumeSlots } : {}),
       runAs: this.d.runAs,
     };
   }

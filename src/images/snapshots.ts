@@ -63,6 +63,8 @@ export interface SnapshotParams {
    * from it): guest side only, so machines with other disk paths or sockets share the snapshot.
    */
   layout: Layout;
+  /** The snapshot machine has every volume slot filled with placeholders (box snapshots). */
+  volumeSlots?: boolean;
   runAs: { user: string; uid: number; gid: number } | undefined;
   /** Commands run before the snapshot to warm the page cache; default: python and node. */
   warm?: string[][];

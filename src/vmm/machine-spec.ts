@@ -18,8 +18,13 @@ export type DeviceSpec =
   | { kind: 'rng' }
   /** The ISA serial port (ttyS0), served on a Unix socket. */
   | { kind: 'console'; socket: string }
-  /** A host directory over virtio-9p (src/vmm/volumes.ts). */
-  | { kind: 'volume'; volume: Volume }
+  /**
+   * A host directory over virtio-9p (src/vmm/volumes.ts). `placeholder`: an empty read-only
+   * directory holding a volume slot the guest never mounts, so a snapshot taken with every slot
+   * filled restores into machines with any number of volumes (9p only blocks a migration while
+   * the guest has the share mounted).
+   */
+  | { kind: 'volume'; volume: Volume; placeholder?: true }
   // Reserved: the layout keeps their transports free so that adding them later changes no other
   // device's transport (and no snapshot of a machine without them). They have no QEMU arguments yet.
   | { kind: 'nic' }
@@ -110,6 +115,8 @@ export function allocate(spec: MachineSpec): AllocatedMachine {
     return { device, transport: { kind: 'virtio-mmio', bus } };
   });
   validateVolumes(volumesOf(spec));
+  const tags = spec.devices.flatMap((d) => (d.kind === 'volume' ? [d.volume.tag] : []));
+  if (new Set(tags).size !== tags.length) throw new Error('a volume placeholder reuses a volume tag');
   return { vcpus: spec.vcpus, memoryMb: spec.memoryMb, devices };
 }
 
@@ -117,11 +124,21 @@ function count(spec: MachineSpec, kind: DeviceKind): number {
   return spec.devices.filter((d) => d.kind === kind).length;
 }
 
+/** The volumes the guest mounts (placeholders left out). */
 export function volumesOf(spec: Pick<MachineSpec, 'devices'>): Volume[] {
-  return spec.devices.flatMap((d) => (d.kind === 'volume' ? [d.volume] : []));
+  return spec.devices.flatMap((d) => (d.kind === 'volume' && !d.placeholder ? [d.volume] : []));
 }
 
-/** The devices every hutch machine has, then its volumes (each on its fixed slot). */
+/** The tag of the volume in slot `i`: a slot's tag is guest-visible, so it is the slot's, not the volume's. */
+export function volumeTag(i: number): string {
+  return `vol${i}`;
+}
+
+/**
+ * The devices every hutch machine has, then its volumes (each on its fixed slot). With
+ * `emptyVolume` (an empty directory QEMU's user can read), the volume slots left are filled
+ * with read-only placeholders over it: every such machine has the same layout, volumes or not.
+ */
 export function standardMachine(m: {
   vcpus: number;
   memoryMb: number;
@@ -129,7 +146,25 @@ export function standardMachine(m: {
   agentSocket: string;
   consoleSocket: string;
   volumes?: readonly Volume[];
+  emptyVolume?: string;
 }): MachineSpec {
+  const volumes = m.volumes ?? [];
+  const empty = m.emptyVolume;
+  const placeholders = empty
+    ? Array.from(
+        { length: Math.max(0, slotsFor('volume') - volumes.length) },
+        (_, i): DeviceSpec => ({
+          kind: 'volume',
+          volume: {
+            tag: volumeTag(volumes.length + i),
+            hostPath: empty,
+            guestPath: '/unused',
+            readonly: true,
+          },
+          placeholder: true,
+        }),
+      )
+    : [];
   return {
     vcpus: m.vcpus,
     memoryMb: m.memoryMb,
@@ -138,7 +173,8 @@ export function standardMachine(m: {
       { kind: 'root-disk', path: m.disk },
       { kind: 'agent-port', socket: m.agentSocket },
       { kind: 'rng' },
-      ...(m.volumes ?? []).map((volume): DeviceSpec => ({ kind: 'volume', volume })),
+      ...volumes.map((volume): DeviceSpec => ({ kind: 'volume', volume })),
+      ...placeholders,
     ],
   };
 }

@@ -1,3 +1,4 @@
+import { chmodSync, mkdirSync } from 'node:fs';
 import { isAbsolute } from 'node:path';
 
 /**
@@ -109,4 +110,14 @@ export function volumeCmdline(volumes: readonly Volume[]): string {
   return volumes
     .map((v) => `hutch.vol=${v.tag}:${Buffer.from(v.guestPath).toString('hex')}:${v.readonly ? 'ro' : 'rw'}`)
     .join(' ');
+}
+
+/**
+ * The empty directory volume placeholders share (src/vmm/machine-spec.ts): root's, read-only for
+ * everyone, so QEMU's user can open it and nobody writes into it (QEMU also exports it read-only).
+ */
+export function prepareEmptyVolume(dir: string): string {
+  mkdirSync(dir, { recursive: true, mode: 0o555 });
+  chmodSync(dir, 0o555);
+  return dir;
 }

@@ -12,6 +12,7 @@ import {
   slotTable,
   standardMachine,
   virtioTransports,
+  volumesOf,
 } from '../../src/vmm/machine-spec.js';
 import { maxVolumes, type Volume } from '../../src/vmm/volumes.js';
 
@@ -155,6 +156,49 @@ describe('machine spec: layout and fingerprint', () => {
         /device layout differs from this machine's: /,
       );
     });
+});
+
+describe('machine spec: volume placeholders', () => {
+  const slotted = (volumes: Volume[], run = '/run/a'): MachineSpec => ({
+    ...standardMachine({
+      vcpus: 2,
+      memoryMb: 512,
+      disk: `${run}/disk.qcow2`,
+      agentSocket: `${run}/agent.sock`,
+      consoleSocket: `${run}/console.sock`,
+      volumes,
+      emptyVolume: '/var/lib/hutch/empty-volume',
+    }),
+  });
+  const fp = (spec: MachineSpec): string => layoutFingerprint(layoutOf(allocate(spec)));
+
+  test('with every slot filled, 0 to 4 volumes give one layout: one snapshot restores into any of them', () => {
+    const prints = [0, 1, 2, 4].map((n) => fp(slotted(times(n, vol), `/run/${n}`)));
+    assert.equal(new Set(prints).size, 1);
+    assert.notEqual(prints[0], fp(base()), 'a machine without the slots is another layout');
+  });
+
+  test('placeholders are read-only, never mounted, and named by their slot', () => {
+    const spec = slotted([vol(0)]);
+    assert.deepEqual(volumesOf(spec), [vol(0)]);
+    const args = machineArgs(allocate(spec));
+    const nineP = args.filter((a) => a.startsWith('virtio-9p-device'));
+    assert.deepEqual(
+      nineP.map((a) => a.replace(/^.*mount_tag=/, '')),
+      [
+        'vol0,bus=virtio-mmio-bus.3',
+        'vol1,bus=virtio-mmio-bus.4',
+        'vol2,bus=virtio-mmio-bus.5',
+        'vol3,bus=virtio-mmio-bus.6',
+      ],
+    );
+    const fsdevs = args.filter((a) => a.startsWith('local,'));
+    assert.ok(
+      fsdevs
+        .slice(1)
+        .every((a) => a.includes('path=/var/lib/hutch/empty-volume,') && a.endsWith('readonly=on')),
+    );
+  });
 });
 
 describe('machine spec: QEMU arguments', () => {

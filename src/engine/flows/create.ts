@@ -2,8 +2,10 @@ import { realpathSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Principal } from '../../core/principal.js';
 import { HutchError } from '../../errors.js';
+import type { AgentConnection } from '../../guest/agent-connection.js';
 import { templateRecipes } from '../../images/recipes.js';
 import type { TemplateSnapshot } from '../../images/snapshots.js';
+import { volumeTag } from '../../vmm/machine-spec.js';
 import { type Volume, validateVolumes } from '../../vmm/volumes.js';
 import { type BoxSpec, type BoxVolume, boxSpecOf } from '../box-view.js';
 import { newBoxId, newMachineId } from '../ids.js';
@@ -254,7 +256,9 @@ export async function createBox(cx: FlowContext, principal: Principal, req: Crea
     started_at: null,
     stopped_at: null,
   };
-  const snap = volumes?.length ? undefined : boxSnapshot(cx, image, req.cpu, req.memoryMb, diskBytes);
+  // Box snapshots have every volume slot filled with an empty placeholder: a box with volumes
+  // restores from the same one, its volumes in the placeholders' place, mounted by CONFIGURE.
+  const snap = boxSnapshot(cx, image, req.cpu, req.memoryMb, diskBytes);
   if (snap) row.mode = 'snapshot';
   await cx.admission.insert(row, diskBytes, principal.quota);
   const m = rt.machine(row);
@@ -264,15 +268,18 @@ export async function createBox(cx: FlowContext, principal: Principal, req: Crea
       const disk = join(row.run_dir, 'disk.qcow2');
       if (snap) {
         await rt.d.hv.createOverlay(snap.disk, disk, 'qcow2', rt.d.runAs, boxSnapshotDiskBytes);
+        const vmVolumes = toVmVolumes(volumes ?? []);
         const { vm } = await rt.restoreInto(m, row, image, snap.state, {
           memoryFrom: snap.mem,
           ignoreShared: true,
           layout: snap.layout,
+          volumes: vmVolumes,
+          volumeSlots: true,
         });
         // The guest learns of a bigger disk from the resize; CONFIGURE then grows its filesystem.
         if (diskBytes > boxSnapshotDiskBytes)
           await (await rt.qmpOf(m)).execute('block_resize', { device: 'root', size: diskBytes });
-        if (vm.agent) await rt.giveIdentity(vm.agent, id);
+        if (vm.agent) await identifyBox(cx, vm.agent, id, vmVolumes);
       } else {
         // The agent grows the root filesystem to the disk at boot.
         await rt.d.hv.createOverlay(image.rootfs, disk, 'raw', rt.d.runAs, diskBytes);
@@ -303,7 +310,7 @@ function boxSnapshot(
   const { rt } = cx;
   const manifest = { ...image, name: `box-${image.hash}` };
   const params = {
-    ...rt.snapshotParams(manifest, { vcpus: cpu, memoryMb }),
+    ...rt.snapshotParams(manifest, { vcpus: cpu, memoryMb }, true),
     // Nothing is known to exist in an image but the agent: no warm-up commands.
     warm: [],
     diskBytes: boxSnapshotDiskBytes,
@@ -331,8 +338,18 @@ export async function bootBox(cx: FlowContext, m: Machine, row: MachineRow, imag
   const volumes = toVmVolumes(spec.volumes ?? []);
   const vm = cx.rt.launch(m, row, image, volumes.length ? { volumes } : {});
   vm.agent = await cx.rt.waitForAgent(m, vm);
+  await identifyBox(cx, vm.agent, row.id, volumes);
+}
+
+/** CONFIGURE for a box just booted or restored: its identity, its disk grown, its volumes mounted. */
+async function identifyBox(
+  cx: FlowContext,
+  agent: AgentConnection,
+  id: string,
+  volumes: Volume[],
+): Promise<void> {
   try {
-    await cx.rt.giveIdentity(vm.agent, row.id, volumes);
+    await cx.rt.giveIdentity(agent, id, volumes);
   } catch (e) {
     if (!volumes.length) throw e;
     // The usual cause is a host directory the unprivileged QEMU user cannot open.
@@ -344,10 +361,10 @@ export async function bootBox(cx: FlowContext, m: Machine, row: MachineRow, imag
   }
 }
 
-/** A box's volumes as the VM sees them: 9p tags vol0, vol1, … */
+/** A box's volumes as the VM sees them: the tags of their slots, vol0, vol1, … */
 function toVmVolumes(volumes: BoxVolume[]): Volume[] {
   return volumes.map((v, i) => ({
-    tag: `vol${i}`,
+    tag: volumeTag(i),
     hostPath: v.host_path,
     guestPath: v.guest_path,
     readonly: v.readonly,

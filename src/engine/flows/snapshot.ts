@@ -42,7 +42,11 @@ export async function takeSnapshot(
   try {
     await rt.d.hv.createOverlay(image.rootfs, join(dir, 'disk.qcow2'), 'raw', rt.d.runAs, params.diskBytes);
     const t0 = performance.now();
-    const vm = rt.launch(m, row, image, { memory: { kind: 'file', path: join(dir, 'mem'), share: true } });
+    const vm = rt.launch(m, row, image, {
+      memory: { kind: 'file', path: join(dir, 'mem'), share: true },
+      ...(params.volumeSlots ? { volumeSlots: true } : {}),
+      layout: params.layout,
+    });
     const agent = await rt.d.guest.connectBooting(vm.pid, dir, 120_000, () => '');
     vm.agent = agent;
     // Grown here, so clones restored onto a disk of the snapshot's size have nothing to do.
