@@ -724,7 +724,12 @@ describe('box volumes', { timeout: 600_000 }, () => {
 
 describe('box snapshots', { timeout: 600_000 }, () => {
   test('boxes of an image and size restore from its snapshot once it exists, each its own machine', async () => {
-    const d = await startDaemon();
+    // Volumes do not force a cold boot: the snapshot's placeholders are swapped for them.
+    const roots = mkdtempSync(join(tmpdir(), 'hutch-snapvols-'));
+    chmodSync(roots, 0o755);
+    mkdirSync(join(roots, 'data'), { mode: 0o755 });
+    writeFileSync(join(roots, 'data', 'shared.txt'), 'from the host\n', { mode: 0o644 });
+    const d = await startDaemon({ env: { HUTCH_VOLUME_ROOTS: roots } });
     try {
       const c = new BoxesClient({ socketPath: d.boxesSocket });
       const size = { cpu: 1, memory_mb: 320 };
@@ -749,6 +754,15 @@ describe('box snapshots', { timeout: 600_000 }, () => {
       assert.ok(snap, 'no box was restored from a snapshot within 120 s');
       const twin = await c.create<{ id: string; mode: string }>({ image: 'debian:bookworm', ...size });
       assert.equal(twin.mode, 'snapshot');
+      const withVolume = await c.create<{ id: string; mode: string }>({
+        image: 'debian:bookworm',
+        ...size,
+        volumes: [{ host_path: join(roots, 'data'), guest_path: '/mnt/data', readonly: true }],
+      });
+      assert.equal(withVolume.mode, 'snapshot');
+      const read = await c.exec<{ id: string }>(withVolume.id, { cmd: ['cat', '/mnt/data/shared.txt'] });
+      assert.equal(stdoutOf(await collect(c, withVolume.id, read.id)).toString(), 'from the host\n');
+      await c.remove(withVolume.id, true);
       const probe = [
         'sh',
         '-c',
@@ -788,6 +802,7 @@ describe('box snapshots', { timeout: 600_000 }, () => {
       assert.equal(stdoutOf(await collect(c, snap.id, kept.id)).toString(), 'mine\n');
     } finally {
       await cleanup(d);
+      rmSync(roots, { recursive: true, force: true });
     }
   });
 });
