@@ -25,8 +25,8 @@ export type DeviceSpec =
    * the guest has the share mounted).
    */
   | { kind: 'volume'; volume: Volume; placeholder?: true }
-  // Reserved: the layout keeps their transports free so that adding them later changes no other
-  // device's transport (and no snapshot of a machine without them). They have no QEMU arguments yet.
+  // Reserved kinds: the spec and the allocator know them, the slot table has no room for them on
+  // today's board (see slotTable), and they have no QEMU arguments yet.
   | { kind: 'nic' }
   | { kind: 'disk' }
   | { kind: 'display' };
@@ -54,34 +54,34 @@ export interface AllocatedMachine {
 }
 
 /**
- * The board: QEMU microvm with ACPI, which gives 24 virtio-mmio transports on the second IOAPIC
- * (GSI 24–47). Without ACPI it has 8 on GSI 5–12, one of them (bus 3, GSI 8) the RTC's IRQ: 7
- * usable, all taken by today's devices with 4 volumes, no room for a NIC, disks or a display.
- * docs/architecture.md ("Machines") has the measurements. rtc=on explicitly: its default is off
- * under KVM, and a boot without it spends ~1.8 s in RTC probing (images/kernel/README.md).
+ * The board: QEMU microvm without ACPI (our kernel has none), which has 8 virtio-mmio transports,
+ * bus N on GSI 5+N. acpi=off: QEMU then lists the devices on the kernel command line
+ * (VIRTIO_MMIO_CMDLINE_DEVICES). rtc=on explicitly: its default is off under KVM, and a boot
+ * without it spends ~1.8 s in RTC probing. docs/architecture.md ("Machines") and
+ * images/kernel/README.md have the measurements, and why this is not yet the 24-transport board.
  */
-export const boardOptions = 'microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=on,memory-backend=mem';
+export const boardOptions = 'microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off,memory-backend=mem';
 /** Modern virtio-mmio: vhost-user devices (virtiofs) refuse legacy transports. Guest-visible. */
 export const boardGlobals = ['virtio-mmio.force-legacy=false'] as const;
-export const virtioTransports = 24;
+export const virtioTransports = 8;
+/** Bus 3 is GSI 8, the RTC's IRQ: a device there silences the RTC and costs every boot ~2 s. */
+export const unusableTransports: readonly number[] = [3];
 
 /**
- * The slot table: which transports each kind may use, in order. Fixed, so the nth volume (or
- * disk) is on the same transport in every machine whatever else it has, and a machine without
- * a NIC leaves the NIC's transport free rather than giving it to something else.
+ * The slot table: which transports each kind may use, in order. Fixed, so the nth volume is on
+ * the same transport in every machine whatever else it has. Today's devices and 4 volumes take
+ * all 7 usable transports: the kinds to come have no room on this board yet (a spec with one is
+ * refused), and get theirs here when the board grows (see docs/architecture.md).
  */
 export const slotTable: Readonly<Record<DeviceKind, readonly number[] | 'isa-serial'>> = {
   console: 'isa-serial',
-  'root-disk': [0],
-  'agent-port': [1],
-  rng: [2],
-  volume: [3, 4, 5, 6],
-  nic: [7],
-  // One virtio-blk per disk: with 24 transports, no SCSI controller (and no SCSI in the kernel)
-  // is needed for 8 disks.
-  disk: [8, 9, 10, 11, 12, 13, 14, 15],
-  display: [16],
-  // 17–23 are spare.
+  'root-disk': [7],
+  'agent-port': [6],
+  rng: [5],
+  volume: [0, 1, 2, 4],
+  nic: [],
+  disk: [],
+  display: [],
 };
 
 /** How many devices of each kind fit on any machine. */
@@ -294,6 +294,6 @@ function deviceArgs({ device: d, transport: t }: AllocatedDevice): string[] {
     case 'nic':
     case 'disk':
     case 'display':
-      throw new Error(`${d.kind} devices have a slot reserved but are not available in this version`);
+      throw new Error(`${d.kind} devices are not available in this version`);
   }
 }
