@@ -258,6 +258,8 @@ export class Runtime {
     const vm = this.launch(m, row, image, {
       incoming: true,
       ...(opts.layout ? { layout: opts.layout } : {}),
+      ...(opts.volumes ? { volumes: opts.volumes } : {}),
+      ...(opts.volumeSlots ? { volumeSlots: true } : {}),
     });
     const qmp = await this.qmpOf(m);
     const t0 = performance.now();
