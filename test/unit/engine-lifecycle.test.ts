@@ -88,7 +88,7 @@ async function rig(shared?: { dir: string; vmm: FakeVmm }): Promise<Rig> {
     builtAt: '',
     buildSeconds: 0,
   };
-  const config = loadConfig({ stateDir: dir, imageDir, poolSize: 0, maxMachines: 4 }, {});
+  const config = loadConfig({ stateDir: dir, imageDir, poolSize: 0, maxMachines: 8 }, {});
   const vmm = shared?.vmm ?? new FakeVmm();
   const logs: Rig['logs'] = [];
   const log: Log = (level, msg, fields = {}) => logs.push({ level, msg, fields });
@@ -316,9 +316,7 @@ describe('engine with a fake hypervisor', () => {
     const limited: Principal = { ...localPrincipal('carol'), quota: { maxActive: 1 } };
     await engine.create(limited, { template: 'python' });
     await rejects(engine.create(limited, { template: 'python' }), 'RESOURCE_EXHAUSTED');
-    await engine.create(alice, { template: 'python' });
-    await engine.create(alice, { template: 'python' });
-    await engine.create(alice, { template: 'python' });
+    for (let i = 0; i < 7; i++) await engine.create(alice, { template: 'python' });
     await rejects(engine.create(alice, { template: 'python' }), 'RESOURCE_EXHAUSTED');
     await engine.close();
   });
@@ -386,9 +384,12 @@ describe('engine with a fake hypervisor', () => {
     const suspended = await engine.create(alice, { template: 'python' });
     await engine.suspend(alice, suspended.id);
     const dies = await engine.create(alice, { template: 'python' });
+    const branching = await engine.create(alice, { template: 'python' });
     await engine.close();
     // While the daemon is down: one QEMU dies; rows are left mid-flow as a kill -9 would leave them.
     vmm.crash(dies.id);
+    // Killed mid-branch: the source's vCPUs were stopped while its state was written.
+    for (const v of vmm.running()) if (v.id === branching.id) v.status = 'paused';
     const store = new Store(join(dir, 'hutch.db'));
     const half = (id: string, state: MachineState, pid: number | null): void => {
       const base = store.get(running.id) as MachineRow;
@@ -424,6 +425,8 @@ describe('engine with a fake hypervisor', () => {
     assert.equal(e.get(alice, paused.id).status, 'paused');
     assert.equal((await e.resume(alice, paused.id)).status, 'running');
     assert.equal(e.get(alice, suspended.id).status, 'suspended');
+    assert.equal(e.get(alice, branching.id).status, 'running');
+    assert.equal((await e.exec(alice, branching.id, { argv: ['echo', 'on'] })).stdout.toJSON(), 'echo on');
     assert.equal(e.get(alice, dies.id).status, 'failed');
     assert.match(e.get(alice, dies.id).error ?? '', /qemu exited while the daemon was down/);
     await rejects(async () => e.get(alice, 'm-0000c0de'), 'MACHINE_NOT_FOUND');
