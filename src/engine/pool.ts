@@ -220,6 +220,7 @@ export class WarmPool implements OtherQemus {
       await this.rt.d.hv.createOverlay(snap.disk, join(row.run_dir, 'disk.qcow2'), 'qcow2', this.rt.d.runAs);
       const { vm } = await this.rt.restoreInto(m, row, manifest, snap.state, {
         memoryFrom: snap.mem,
+        fromSnapshot: true,
         ignoreShared: true,
       });
       // Warm both paths a hand-out takes: an exec, and the identity step (overwritten then).

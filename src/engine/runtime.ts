@@ -204,15 +204,36 @@ export class Runtime {
     row: MachineRow,
     image: TemplateManifest,
     stateFile: string,
-    opts: { memoryFrom?: string; ignoreShared: boolean },
+    opts: { memoryFrom?: string; ignoreShared: boolean; fromSnapshot?: boolean },
   ): Promise<{ vm: Vm; restoredUs: number; agentUs: number }> {
+    // Mapped copy-on-write (HUTCH_CLONE_MEMORY=map): the snapshot's file never changes, so clones
+    // share its pages; the machine has no RAM file of its own and saves stream its RAM.
+    if (opts.memoryFrom && opts.fromSnapshot && this.d.config.cloneMemory === 'map') {
+      const memory = { kind: 'file', path: opts.memoryFrom, share: false } as const;
+      return this.restoreLaunched(
+        m,
+        row,
+        stateFile,
+        this.launch(m, row, image, { memory, incoming: true }),
+        opts,
+      );
+    }
     if (opts.memoryFrom) {
       const to = this.d.hv.ram.fileOf(row.id);
       // Registered before the copy: a copy cut short is removed with the rest.
       m.cleanup.push('ram copy', ends.vm, () => this.d.hv.ram.remove(to));
       await this.d.hv.ram.copy(opts.memoryFrom, to, { owner: this.d.runAs, chargeTo: this.chargeTo(row) });
     }
-    const vm = this.launch(m, row, image, { incoming: true });
+    return this.restoreLaunched(m, row, stateFile, this.launch(m, row, image, { incoming: true }), opts);
+  }
+
+  private async restoreLaunched(
+    m: Machine,
+    row: MachineRow,
+    stateFile: string,
+    vm: Vm,
+    opts: { ignoreShared: boolean },
+  ): Promise<{ vm: Vm; restoredUs: number; agentUs: number }> {
     const qmp = await this.qmpOf(m);
     const t0 = performance.now();
     await this.d.hv.loadState(qmp, runPaths(row.run_dir).migDir, stateFile, {

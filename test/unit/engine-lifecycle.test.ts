@@ -69,7 +69,7 @@ interface Rig {
   reopen(): Promise<Rig>;
 }
 
-async function rig(shared?: { dir: string; vmm: FakeVmm }): Promise<Rig> {
+async function rig(shared?: { dir: string; vmm: FakeVmm; env?: NodeJS.ProcessEnv }): Promise<Rig> {
   const dir = shared?.dir ?? mkdtempSync(join(tmpdir(), 'hutch-engine-'));
   if (!shared) roots.push(dir);
   const imageDir = join(dir, 'images');
@@ -88,7 +88,7 @@ async function rig(shared?: { dir: string; vmm: FakeVmm }): Promise<Rig> {
     builtAt: '',
     buildSeconds: 0,
   };
-  const config = loadConfig({ stateDir: dir, imageDir, poolSize: 0, maxMachines: 8 }, {});
+  const config = loadConfig({ stateDir: dir, imageDir, poolSize: 0, maxMachines: 8 }, shared?.env ?? {});
   const vmm = shared?.vmm ?? new FakeVmm();
   const logs: Rig['logs'] = [];
   const log: Log = (level, msg, fields = {}) => logs.push({ level, msg, fields });
@@ -438,6 +438,33 @@ describe('engine with a fake hypervisor', () => {
     for (const v of vmm.running()) assert.ok(ids.has(v.id), `orphan qemu ${v.id}`);
     for (const d of readdirSync(join(dir, 'run'))) assert.ok(ids.has(d), `orphan run dir ${d}`);
     await e.close();
+  });
+
+  test('template snapshots are taken through the engine; clones copy or map their RAM', async () => {
+    for (const mode of ['copy', 'map'] as const) {
+      const dir = mkdtempSync(join(tmpdir(), 'hutch-engine-'));
+      roots.push(dir);
+      const vmm = new FakeVmm();
+      const { engine, alice } = await rig({ dir, vmm, env: { HUTCH_CLONE_MEMORY: mode } });
+      engine.prepareSnapshots();
+      for (let i = 0; i < 100 && engine.health().snapshots.python !== 'ready'; i++)
+        await new Promise((r) => setTimeout(r, 10));
+      assert.equal(engine.health().snapshots.python, 'ready');
+      assert.deepEqual(vmm.running(), [], 'the snapshot VM is gone once the snapshot is stored');
+      const snapVm = [...vmm.vms.values()].find((v) => v.id.startsWith('s-'));
+      assert.match(snapVm?.spec.cmdline ?? '', /console=ttyS0/, "booted with the machines' command line");
+      const m = await engine.create(alice, { template: 'python', mode: 'snapshot' });
+      assert.equal(m.mode, 'snapshot');
+      assert.deepEqual(
+        vmm.ramFiles(),
+        mode === 'copy' ? [`${m.id}.ram`] : [],
+        `${mode}: the clone's own RAM`,
+      );
+      // Branch works either way: from a file copy (copy) or from the RAM stream (map).
+      const clone = await engine.branch(alice, m.id, {});
+      assert.ok(vmm.ramFiles().includes(`${clone.id}.ram`), 'a branch always gets a RAM file of its own');
+      await engine.close();
+    }
   });
 
   test('the one way in: actions bound to a caller leave an audit line for what changes something', async () => {

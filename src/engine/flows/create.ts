@@ -118,6 +118,7 @@ export async function createMachine(
         await rt.d.hv.createOverlay(snap.disk, disk, 'qcow2', rt.d.runAs);
         const { vm } = await rt.restoreInto(m, row, manifest, snap.state, {
           memoryFrom: snap.mem,
+          fromSnapshot: true,
           ignoreShared: true,
         });
         if (vm.agent) await rt.giveIdentity(vm.agent, id);
@@ -262,6 +263,7 @@ export async function createBox(cx: FlowContext, principal: Principal, req: Crea
         await rt.d.hv.createOverlay(snap.disk, disk, 'qcow2', rt.d.runAs, boxSnapshotDiskBytes);
         const { vm } = await rt.restoreInto(m, row, image, snap.state, {
           memoryFrom: snap.mem,
+          fromSnapshot: true,
           ignoreShared: true,
         });
         // The guest learns of a bigger disk from the resize; CONFIGURE then grows its filesystem.
