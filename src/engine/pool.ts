@@ -37,8 +37,14 @@ export class WarmPool implements OtherQemus {
     private readonly registry: Registry,
   ) {}
 
+  /**
+   * Pooled machines being ended: out of the lists, but their QEMU runs until the end is done, so
+   * they still count against the caps (and a user who needs their room waits for them).
+   */
+  private readonly discards = new Set<Promise<void>>();
+
   count(): number {
-    let n = this.making + this.snapshots.inFlight();
+    let n = this.making + this.snapshots.inFlight() + this.discards.size;
     for (const l of this.pool.values()) n += l.length;
     return n;
   }
@@ -58,6 +64,10 @@ export class WarmPool implements OtherQemus {
     const victim = [...this.pool.values()].find((l) => l.length > 0)?.pop();
     if (victim) {
       await this.discard(victim);
+      return true;
+    }
+    if (this.discards.size > 0) {
+      await Promise.race(this.discards);
       return true;
     }
     if (this.refilling && this.making > 0) {
@@ -211,6 +221,7 @@ export class WarmPool implements OtherQemus {
       await this.rt.d.hv.createOverlay(snap.disk, join(row.run_dir, 'disk.qcow2'), 'qcow2', this.rt.d.runAs);
       const { vm } = await this.rt.restoreInto(m, row, manifest, snap.state, {
         memoryFrom: snap.mem,
+        fromSnapshot: true,
         ignoreShared: true,
         layout: snap.layout,
       });
@@ -227,7 +238,13 @@ export class WarmPool implements OtherQemus {
   }
 
   private async discard(p: Pooled): Promise<void> {
-    await this.rt.end(p.m, 'deleted');
+    const ending = this.rt.end(p.m, 'deleted');
+    this.discards.add(ending);
+    try {
+      await ending;
+    } finally {
+      this.discards.delete(ending);
+    }
   }
 
   /** Gives back pooled machines when the host runs short of memory. */

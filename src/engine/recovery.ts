@@ -65,10 +65,15 @@ async function recoverOne(rt: Runtime, m: Machine, row: MachineRow): Promise<voi
   switch (step) {
     case 'adopt-running':
       try {
-        // Stopped by a full host disk (werror=enospc) while we were away: retry its write now.
+        // Its vCPUs may be stopped though its row says running: a daemon killed in the middle of
+        // a branch or a pause (the source is stopped while its state is written), or QEMU stopped
+        // it on a full host disk (werror=enospc). The user was never told it stopped: continue it.
         const qmp = await rt.qmpOf(m);
-        if ((await qmp.execute<{ status: string }>('query-status')).status === 'io-error')
+        const { status } = await qmp.execute<{ status: string }>('query-status');
+        if (status === 'paused' || status === 'io-error') {
           await qmp.execute('cont');
+          log('info', 'continued a machine left stopped mid-operation', { id: row.id, status });
+        }
         const agent = await rt.connectAgent(m);
         if (m.vm) m.vm.agent = agent;
         rt.watchAgent(m, agent);

@@ -244,23 +244,52 @@ export class Runtime {
     opts: {
       memoryFrom?: string;
       ignoreShared: boolean;
+      fromSnapshot?: boolean;
       layout?: Layout;
       volumes?: Volume[];
       volumeSlots?: boolean;
     },
   ): Promise<{ vm: Vm; restoredUs: number; agentUs: number }> {
+    // Mapped copy-on-write (HUTCH_CLONE_MEMORY=map): the snapshot's file never changes, so clones
+    // share its pages; the machine has no RAM file of its own and saves stream its RAM.
+    // The devices a restore launches with: the saved layout (checked) and the box's volumes.
+    const devices = {
+      ...(opts.layout ? { layout: opts.layout } : {}),
+      ...(opts.volumes ? { volumes: opts.volumes } : {}),
+      ...(opts.volumeSlots ? { volumeSlots: true } : {}),
+    };
+    if (opts.memoryFrom && opts.fromSnapshot && this.d.config.cloneMemory === 'map') {
+      const memory = { kind: 'file', path: opts.memoryFrom, share: false } as const;
+      return this.restoreLaunched(
+        m,
+        row,
+        stateFile,
+        this.launch(m, row, image, { memory, incoming: true, ...devices }),
+        opts,
+      );
+    }
     if (opts.memoryFrom) {
       const to = this.d.hv.ram.fileOf(row.id);
       // Registered before the copy: a copy cut short is removed with the rest.
       m.cleanup.push('ram copy', ends.vm, () => this.d.hv.ram.remove(to));
       await this.d.hv.ram.copy(opts.memoryFrom, to, { owner: this.d.runAs, chargeTo: this.chargeTo(row) });
     }
-    const vm = this.launch(m, row, image, {
-      incoming: true,
-      ...(opts.layout ? { layout: opts.layout } : {}),
-      ...(opts.volumes ? { volumes: opts.volumes } : {}),
-      ...(opts.volumeSlots ? { volumeSlots: true } : {}),
-    });
+    return this.restoreLaunched(
+      m,
+      row,
+      stateFile,
+      this.launch(m, row, image, { incoming: true, ...devices }),
+      opts,
+    );
+  }
+
+  private async restoreLaunched(
+    m: Machine,
+    row: MachineRow,
+    stateFile: string,
+    vm: Vm,
+    opts: { ignoreShared: boolean },
+  ): Promise<{ vm: Vm; restoredUs: number; agentUs: number }> {
     const qmp = await this.qmpOf(m);
     const t0 = performance.now();
     await this.d.hv.loadState(qmp, runPaths(row.run_dir).migDir, stateFile, {

@@ -148,6 +148,9 @@ export class FakeVmm {
       this.calls.push(`launch ${spec.id}`);
       if (this.faults.launchFails) throw new Error('cannot start qemu');
       const pid = this.nextPid++;
+      // A snapshot being taken writes its RAM into the file it was given.
+      if (spec.memory?.kind === 'file' && spec.memory.share && !existsSync(spec.memory.path))
+        writeFileSync(spec.memory.path, 'ram');
       this.vms.set(pid, {
         pid,
         id: spec.id,

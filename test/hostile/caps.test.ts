@@ -5,6 +5,7 @@
  * the rest with 429.
  */
 import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
 import { after, before, describe, test } from 'node:test';
 import { BoxesClient } from '../../src/client/boxes-client.js';
 import { ApiError } from '../../src/client/http-client.js';
@@ -14,18 +15,39 @@ import { Tally } from '../helpers/hostile.js';
 const cap = 4;
 const pool = 2;
 
-/** Samples the QEMU processes of a state dir until stopped; returns the most seen at once. */
-function sampleQemus(stateDir: string): { stop: () => number } {
+/**
+ * Samples the QEMU processes of a state dir until stopped; returns the most seen at once and
+ * which machines they were (so a failure names the extra one).
+ */
+function sampleQemus(stateDir: string): { stop: () => { most: number; seen: string } } {
   let most = 0;
-  const timer = setInterval(() => {
-    most = Math.max(most, qemusOf(stateDir).length);
-  }, 20);
+  let seen = '';
+  const sample = (): void => {
+    const pids = qemusOf(stateDir);
+    if (pids.length <= most) return;
+    most = pids.length;
+    seen = pids.map(machineOf).join(', ');
+  };
+  const timer = setInterval(sample, 20);
   return {
     stop: () => {
       clearInterval(timer);
-      return Math.max(most, qemusOf(stateDir).length);
+      sample();
+      return { most, seen };
     },
   };
+}
+
+/** The machine id in a QEMU's -name (guest=hutch-<id>,…). */
+function machineOf(pid: number): string {
+  try {
+    const arg = readFileSync(`/proc/${pid}/cmdline`, 'utf8')
+      .split('\0')
+      .find((a) => a.startsWith('guest=hutch-'));
+    return arg?.slice('guest=hutch-'.length).split(',')[0] ?? String(pid);
+  } catch {
+    return `${pid} (gone)`;
+  }
 }
 
 describe('hostile: parallel creates against the cap', () => {
@@ -55,10 +77,10 @@ describe('hostile: parallel creates against the cap', () => {
     );
     // Let a refill (which must not happen: the cap is reached) have its chance.
     await new Promise((r) => setTimeout(r, 3000));
-    const most = sampler.stop();
+    const { most, seen } = sampler.stop();
     const admitted = results.filter((r) => r.status === 201);
     const refused = results.filter((r) => r.status === 429 && r.body.code === 'RESOURCE_EXHAUSTED');
-    tally.record('never more QEMUs than the cap', most <= cap, `at most ${most} QEMUs at once`);
+    tally.record('never more QEMUs than the cap', most <= cap, `at most ${most} QEMUs at once: ${seen}`);
     tally.record(`exactly ${cap} admitted`, admitted.length === cap, `${admitted.length} admitted`);
     tally.record(
       'the rest refused with 429 RESOURCE_EXHAUSTED',
@@ -85,8 +107,8 @@ describe('hostile: parallel creates against the cap', () => {
         ),
       ),
     );
-    const most = sampler.stop();
-    tally.record('never more QEMUs than the cap (boxes)', most <= cap, `at most ${most}`);
+    const { most, seen } = sampler.stop();
+    tally.record('never more QEMUs than the cap (boxes)', most <= cap, `at most ${most}: ${seen}`);
     tally.record(
       'one box admitted, two refused',
       results.filter((r) => r === 'created').length === 1 &&

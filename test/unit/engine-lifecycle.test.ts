@@ -69,7 +69,7 @@ interface Rig {
   reopen(): Promise<Rig>;
 }
 
-async function rig(shared?: { dir: string; vmm: FakeVmm }): Promise<Rig> {
+async function rig(shared?: { dir: string; vmm: FakeVmm; env?: NodeJS.ProcessEnv }): Promise<Rig> {
   const dir = shared?.dir ?? mkdtempSync(join(tmpdir(), 'hutch-engine-'));
   if (!shared) roots.push(dir);
   const imageDir = join(dir, 'images');
@@ -88,7 +88,7 @@ async function rig(shared?: { dir: string; vmm: FakeVmm }): Promise<Rig> {
     builtAt: '',
     buildSeconds: 0,
   };
-  const config = loadConfig({ stateDir: dir, imageDir, poolSize: 0, maxMachines: 4 }, {});
+  const config = loadConfig({ stateDir: dir, imageDir, poolSize: 0, maxMachines: 8 }, shared?.env ?? {});
   const vmm = shared?.vmm ?? new FakeVmm();
   const logs: Rig['logs'] = [];
   const log: Log = (level, msg, fields = {}) => logs.push({ level, msg, fields });
@@ -316,9 +316,7 @@ describe('engine with a fake hypervisor', () => {
     const limited: Principal = { ...localPrincipal('carol'), quota: { maxActive: 1 } };
     await engine.create(limited, { template: 'python' });
     await rejects(engine.create(limited, { template: 'python' }), 'RESOURCE_EXHAUSTED');
-    await engine.create(alice, { template: 'python' });
-    await engine.create(alice, { template: 'python' });
-    await engine.create(alice, { template: 'python' });
+    for (let i = 0; i < 7; i++) await engine.create(alice, { template: 'python' });
     await rejects(engine.create(alice, { template: 'python' }), 'RESOURCE_EXHAUSTED');
     await engine.close();
   });
@@ -386,9 +384,12 @@ describe('engine with a fake hypervisor', () => {
     const suspended = await engine.create(alice, { template: 'python' });
     await engine.suspend(alice, suspended.id);
     const dies = await engine.create(alice, { template: 'python' });
+    const branching = await engine.create(alice, { template: 'python' });
     await engine.close();
     // While the daemon is down: one QEMU dies; rows are left mid-flow as a kill -9 would leave them.
     vmm.crash(dies.id);
+    // Killed mid-branch: the source's vCPUs were stopped while its state was written.
+    for (const v of vmm.running()) if (v.id === branching.id) v.status = 'paused';
     const store = new Store(join(dir, 'hutch.db'));
     const half = (id: string, state: MachineState, pid: number | null): void => {
       const base = store.get(running.id) as MachineRow;
@@ -424,6 +425,8 @@ describe('engine with a fake hypervisor', () => {
     assert.equal(e.get(alice, paused.id).status, 'paused');
     assert.equal((await e.resume(alice, paused.id)).status, 'running');
     assert.equal(e.get(alice, suspended.id).status, 'suspended');
+    assert.equal(e.get(alice, branching.id).status, 'running');
+    assert.equal((await e.exec(alice, branching.id, { argv: ['echo', 'on'] })).stdout.toJSON(), 'echo on');
     assert.equal(e.get(alice, dies.id).status, 'failed');
     assert.match(e.get(alice, dies.id).error ?? '', /qemu exited while the daemon was down/);
     await rejects(async () => e.get(alice, 'm-0000c0de'), 'MACHINE_NOT_FOUND');
@@ -435,6 +438,33 @@ describe('engine with a fake hypervisor', () => {
     for (const v of vmm.running()) assert.ok(ids.has(v.id), `orphan qemu ${v.id}`);
     for (const d of readdirSync(join(dir, 'run'))) assert.ok(ids.has(d), `orphan run dir ${d}`);
     await e.close();
+  });
+
+  test('template snapshots are taken through the engine; clones copy or map their RAM', async () => {
+    for (const mode of ['copy', 'map'] as const) {
+      const dir = mkdtempSync(join(tmpdir(), 'hutch-engine-'));
+      roots.push(dir);
+      const vmm = new FakeVmm();
+      const { engine, alice } = await rig({ dir, vmm, env: { HUTCH_CLONE_MEMORY: mode } });
+      engine.prepareSnapshots();
+      for (let i = 0; i < 100 && engine.health().snapshots.python !== 'ready'; i++)
+        await new Promise((r) => setTimeout(r, 10));
+      assert.equal(engine.health().snapshots.python, 'ready');
+      assert.deepEqual(vmm.running(), [], 'the snapshot VM is gone once the snapshot is stored');
+      const snapVm = [...vmm.vms.values()].find((v) => v.id.startsWith('s-'));
+      assert.match(snapVm?.spec.cmdline ?? '', /console=ttyS0/, "booted with the machines' command line");
+      const m = await engine.create(alice, { template: 'python', mode: 'snapshot' });
+      assert.equal(m.mode, 'snapshot');
+      assert.deepEqual(
+        vmm.ramFiles(),
+        mode === 'copy' ? [`${m.id}.ram`] : [],
+        `${mode}: the clone's own RAM`,
+      );
+      // Branch works either way: from a file copy (copy) or from the RAM stream (map).
+      const clone = await engine.branch(alice, m.id, {});
+      assert.ok(vmm.ramFiles().includes(`${clone.id}.ram`), 'a branch always gets a RAM file of its own');
+      await engine.close();
+    }
   });
 
   test('the one way in: actions bound to a caller leave an audit line for what changes something', async () => {

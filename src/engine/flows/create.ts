@@ -123,6 +123,7 @@ export async function createMachine(
         await rt.d.hv.createOverlay(snap.disk, disk, 'qcow2', rt.d.runAs);
         const { vm } = await rt.restoreInto(m, row, manifest, snap.state, {
           memoryFrom: snap.mem,
+          fromSnapshot: true,
           ignoreShared: true,
           layout: snap.layout,
         });
@@ -271,6 +272,7 @@ export async function createBox(cx: FlowContext, principal: Principal, req: Crea
         const vmVolumes = toVmVolumes(volumes ?? []);
         const { vm } = await rt.restoreInto(m, row, image, snap.state, {
           memoryFrom: snap.mem,
+          fromSnapshot: true,
           ignoreShared: true,
           layout: snap.layout,
           volumes: vmVolumes,
