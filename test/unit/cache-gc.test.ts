@@ -20,6 +20,7 @@ import type { BuildKeys } from '../../src/images/builder.js';
 import { collectCacheGarbage, type GcReport } from '../../src/images/cache-gc.js';
 import { registerHolder } from '../../src/images/cache-holders.js';
 import { imageDiskName } from '../../src/images/oci.js';
+import { snapshotFormat } from '../../src/images/snapshots.js';
 import { repoRoot } from '../../src/paths.js';
 import { createOverlay } from '../../src/vmm/disk.js';
 
@@ -116,11 +117,11 @@ describe('cache gc', () => {
     manifest(d1, 'kernels/kcur');
     mkdirSync(join(img, 'oci', 'refs'), { recursive: true });
     writeFileSync(join(img, 'oci/refs/cur.json'), JSON.stringify({ digest: digest('1') }));
-    await snapshot('python', 'tcur-tcg-1-256-1-abc', join(tcur, 'rootfs.ext4'));
+    await snapshot('python', `tcur-tcg-1-256-${snapshotFormat}-abc`, join(tcur, 'rootfs.ext4'));
 
     // stale
     const told = artifact('templates/python-told', { 'rootfs.ext4': 1024 * 1024 });
-    await snapshot('python', 'told-tcg-1-256-1-abc', join(told, 'rootfs.ext4'));
+    await snapshot('python', `told-tcg-1-256-${snapshotFormat}-abc`, join(told, 'rootfs.ext4'));
     await snapshot('python', 'tcur-tcg-1-256-0-abc', join(tcur, 'rootfs.ext4')); // an old snapshot format
     artifact('kernels/kold', { vmlinux: 8192 });
     artifact('rootfs/rold', { 'root.tar': 8192 });
@@ -135,7 +136,11 @@ describe('cache gc', () => {
     // stale keys, in use
     const tchain = artifact('templates/python-tchain');
     sparse(join(tchain, 'rootfs.ext4'), 64);
-    const chainSnap = await snapshot('python', 'tchain-tcg-1-256-1-abc', join(tchain, 'rootfs.ext4'));
+    const chainSnap = await snapshot(
+      'python',
+      `tchain-tcg-1-256-${snapshotFormat}-abc`,
+      join(tchain, 'rootfs.ext4'),
+    );
     const boxDisk = artifact(`oci/disks/${'2'.repeat(16)}-boxkey`, { 'rootfs.ext4': 4096 });
     manifest(boxDisk, 'kernels/kbox');
     artifact('kernels/kbox', { vmlinux: 4096 });
@@ -212,7 +217,7 @@ describe('cache gc', () => {
 
   const stale = [
     'templates/python-told',
-    'snapshots/python-told-tcg-1-256-1-abc',
+    `snapshots/python-told-tcg-1-256-${snapshotFormat}-abc`,
     'snapshots/python-tcur-tcg-1-256-0-abc',
     'kernels/kold',
     'rootfs/rold',
@@ -266,9 +271,12 @@ describe('cache gc', () => {
     });
     const why = (rel: string): string | undefined => r.kept.find((k) => k.path === join(img, rel))?.reason;
     assert.equal(why('templates/python-tcur'), 'current');
-    assert.equal(why('snapshots/python-tcur-tcg-1-256-1-abc'), 'a snapshot of a current template or image');
+    assert.equal(
+      why(`snapshots/python-tcur-tcg-1-256-${snapshotFormat}-abc`),
+      'a snapshot of a current template or image',
+    );
     assert.match(
-      why('snapshots/python-tchain-tcg-1-256-1-abc') ?? '',
+      why(`snapshots/python-tchain-tcg-1-256-${snapshotFormat}-abc`) ?? '',
       /used by a machine or box of .*\/state$/,
     );
     assert.match(why('templates/python-tchain') ?? '', /used by a machine or box of .*\/state$/);
