@@ -315,6 +315,49 @@ async function main(): Promise<void> {
   } finally {
     await cleanup(p);
   }
+
+  // HUTCH_CLONE_MEMORY=map: clones map the snapshot's memory copy-on-write (no RAM file of their
+  // own): idle memory and branch time of the other side of the trade-off, in the same run.
+  const mapped = await startDaemon({
+    env: { HUTCH_POOL_SIZE: '0', HUTCH_ACCEL: 'tcg', HUTCH_CLONE_MEMORY: 'map' },
+  });
+  try {
+    await waitFor(
+      'snapshot',
+      async () =>
+        ((await api(mapped.url, 'GET', '/healthz')).body as { snapshots: Record<string, string> }).snapshots
+          .python === 'ready' || undefined,
+      600_000,
+    );
+    const clones: string[] = [];
+    for (let i = 0; i < 4; i++) clones.push(String((await create(mapped, { mode: 'snapshot' })).id));
+    for (const id of clones) await exec(mapped, id);
+    await new Promise((r) => setTimeout(r, 2000));
+    const mr = clones.map((id) => {
+      for (const pid of qemusOf(mapped.stateDir))
+        if (readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(`hutch-${id},`)) return memoryOf(pid);
+      throw new Error(`no qemu for ${id}`);
+    });
+    const mean = (f: (m: QemuMemory) => number): number => mr.reduce((a, m) => a + f(m), 0) / mr.length;
+    console.log(
+      `${'map: memory per idle restored clone (MiB, 4)'.padEnd(40)} host=${mean((m) => m.total).toFixed(0)} rss=${mean((m) => m.rss).toFixed(0)} pss=${mean((m) => m.pss).toFixed(0)} private_dirty=${mean((m) => m.privateDirty).toFixed(0)} own_ram_file=${mean((m) => m.ownFile).toFixed(0)}`,
+    );
+    const branch: number[] = [];
+    const pauseMs: number[] = [];
+    for (let i = 0; i < Math.min(runs, 5); i++) {
+      const t0 = performance.now();
+      const b = await api(mapped.url, 'POST', `/v1/machines/${clones[0]}/branch`, {});
+      if (b.status !== 201) throw new Error(JSON.stringify(b.body));
+      await exec(mapped, String(b.body.id));
+      branch.push(performance.now() - t0);
+      pauseMs.push(Number(b.body.pause_ms));
+      await api(mapped.url, 'DELETE', `/v1/machines/${b.body.id}`);
+    }
+    line("map: branch → clone's first exec", branch);
+    line('map:   of which the source was stopped', pauseMs);
+  } finally {
+    await cleanup(mapped);
+  }
 }
 
 main().catch((e: unknown) => {

@@ -17,6 +17,7 @@ import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { TemplateBuilder } from '../../src/images/builder.js';
 import { collectCacheGarbage, type GcReport } from '../../src/images/cache-gc.js';
+import { snapshotFormat } from '../../src/images/snapshots.js';
 import { api, cleanup, imageDir, startDaemon, type TestDaemon, waitFor } from '../helpers/daemon.js';
 
 /**
@@ -40,7 +41,10 @@ describe('cache gc across daemons sharing an image dir', () => {
     const keys = await new TemplateBuilder(imageDir).currentKeys();
     const name = `python-${keys.templates.python}`;
     const srcTemplate = join(imageDir, 'templates', name);
-    const snapName = readdirSync(join(imageDir, 'snapshots')).find((s) => s.startsWith(`${name}-tcg-1-256-`));
+    // One of the current format: older ones are garbage to the collector whatever uses them.
+    const snapName = readdirSync(join(imageDir, 'snapshots')).find((s) =>
+      s.startsWith(`${name}-tcg-1-256-${snapshotFormat}-`),
+    );
     if (!existsSync(join(srcTemplate, 'manifest.json')) || !snapName) {
       t.skip('the shared cache has no python template and TCG snapshot (run the suite once)');
       return;

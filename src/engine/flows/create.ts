@@ -279,8 +279,10 @@ export async function createBox(cx: FlowContext, principal: Principal, req: Crea
           volumeSlots: true,
         });
         // The guest learns of a bigger disk from the resize; CONFIGURE then grows its filesystem.
-        if (diskBytes > boxSnapshotDiskBytes)
+        if (diskBytes > boxSnapshotDiskBytes) {
           await (await rt.qmpOf(m)).execute('block_resize', { device: 'root', size: diskBytes });
+          if (vm.agent) await guestSeesDiskSize(vm.agent, diskBytes);
+        }
         if (vm.agent) await identifyBox(cx, vm.agent, id, vmVolumes);
       } else {
         // The agent grows the root filesystem to the disk at boot.
@@ -341,6 +343,28 @@ export async function bootBox(cx: FlowContext, m: Machine, row: MachineRow, imag
   const vm = cx.rt.launch(m, row, image, volumes.length ? { volumes } : {});
   vm.agent = await cx.rt.waitForAgent(m, vm);
   await identifyBox(cx, vm.agent, row.id, volumes);
+}
+
+/**
+ * Waits until the guest kernel has taken a resized root disk's new size: it learns of it from a
+ * config interrupt it handles in its own time, and a grow asked for before that grows the
+ * filesystem to the old size (seen under load). Read through the agent: no guest binary needed.
+ */
+async function guestSeesDiskSize(agent: AgentConnection, bytes: number): Promise<void> {
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    const h = agent.readFile('/sys/block/vda/size');
+    const chunks: Buffer[] = [];
+    for await (const c of h.stream) chunks.push(c as Buffer);
+    await h.done;
+    if (Number(Buffer.concat(chunks).toString('utf8').trim()) * 512 >= bytes) return;
+    if (Date.now() > deadline)
+      throw new HutchError(
+        'BOOT_FAILED',
+        `the guest did not see its disk grow to ${bytes} bytes within 10 s`,
+      );
+    await new Promise((r) => setTimeout(r, 10));
+  }
 }
 
 /** CONFIGURE for a box just booted or restored: its identity, its disk grown, its volumes mounted. */
