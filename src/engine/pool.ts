@@ -6,6 +6,7 @@ import { HutchError } from '../errors.js';
 import type { TemplateManifest } from '../images/builder.js';
 import type { SnapshotCache, TemplateSnapshot } from '../images/snapshots.js';
 import { type Admission, hostMemAvailableMb, type OtherQemus } from './admission.js';
+import { newRow } from './flows/context.js';
 import { newMachineId } from './ids.js';
 import { Machine, type Registry } from './machine.js';
 import type { Runtime } from './runtime.js';
@@ -188,13 +189,12 @@ export class WarmPool implements OtherQemus {
   private async make(manifest: TemplateManifest, snap: TemplateSnapshot): Promise<Pooled> {
     const id = newMachineId();
     const size = this.rt.templateSize(manifest.name);
-    const row: MachineRow = {
+    const row = newRow(this.rt.d.runRoot, {
       id,
       owner: '',
       name: null,
       template: manifest.name,
       template_hash: manifest.hash,
-      state: 'starting',
       mode: 'pool',
       accel: this.rt.d.accel.accel,
       vcpus: size.vcpus,
@@ -203,18 +203,9 @@ export class WarmPool implements OtherQemus {
       ttl_seconds: null,
       created_at: new Date().toISOString(),
       expires_at: null,
-      boot_ms: null,
-      pid: null,
-      run_dir: join(this.rt.d.runRoot, id),
-      error: null,
-      jail: null,
-      auto_suspend_seconds: null,
-      parent_id: null,
       kind: 'machine',
-      spec: null,
-      started_at: null,
-      stopped_at: null,
-    };
+    });
+
     const m = new Machine(id, row.run_dir);
     try {
       this.rt.own(m, 'machine');

@@ -9,7 +9,7 @@ import { newMachineId } from '../ids.js';
 import { checkTransition } from '../lifecycle.js';
 import type { Machine } from '../machine.js';
 import type { MachineRow } from '../store.js';
-import { clampTtl, type FlowContext, lifetime } from './context.js';
+import { clampTtl, type FlowContext, lifetime, newRow } from './context.js';
 
 /**
  * Forks a running (or paused) machine into a live clone: same memory, processes and files,
@@ -37,21 +37,16 @@ export async function branchMachine(
   const id = newMachineId();
   const ttl = clampTtl(req.ttlSeconds ?? source.ttl_seconds ?? undefined);
   const persistent = req.ttlSeconds === undefined && source.persistent === 1;
-  const row: MachineRow = {
+  const row = newRow(rt.d.runRoot, {
     ...source,
     id,
     owner: principal.user,
     name: req.name ?? null,
-    state: 'starting',
     mode: 'branch',
     ...lifetime(persistent, ttl),
-    boot_ms: null,
-    pid: null,
-    run_dir: join(rt.d.runRoot, id),
-    error: null,
-    jail: null,
     parent_id: source.id,
-  };
+  });
+
   await cx.admission.insert(row, cx.admission.diskBytesOf(row), principal.quota);
   const m = rt.machine(row);
   const src = rt.machine(source);

@@ -1,3 +1,4 @@
+import { join } from 'node:path';
 import type { Config } from '../../config.js';
 import type { TemplateManifest } from '../../images/builder.js';
 import type { SnapshotCache } from '../../images/snapshots.js';
@@ -19,6 +20,46 @@ export interface FlowContext {
 }
 
 export type { BootImage, MachineRow };
+
+type RowIdentity = Pick<
+  MachineRow,
+  | 'id'
+  | 'owner'
+  | 'name'
+  | 'template'
+  | 'template_hash'
+  | 'mode'
+  | 'accel'
+  | 'vcpus'
+  | 'memory_mb'
+  | 'kind'
+  | 'persistent'
+  | 'ttl_seconds'
+  | 'created_at'
+  | 'expires_at'
+>;
+
+/**
+ * The row of a machine about to be made (created, branched, pooled): `starting`, never run, no
+ * QEMU yet, in its own run dir. What it is comes from `fields`; what a new machine cannot have
+ * yet is reset here even when `fields` carries it (a branch starts from its source's row).
+ */
+export function newRow(runRoot: string, fields: RowIdentity & Partial<MachineRow>): MachineRow {
+  return {
+    auto_suspend_seconds: null,
+    parent_id: null,
+    spec: null,
+    ...fields,
+    state: 'starting',
+    boot_ms: null,
+    pid: null,
+    error: null,
+    jail: null,
+    started_at: null,
+    stopped_at: null,
+    run_dir: join(runRoot, fields.id),
+  };
+}
 
 /** The lifetime fields of a machine starting now: a TTL, or none when persistent. */
 export function lifetime(

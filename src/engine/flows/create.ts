@@ -12,7 +12,7 @@ import { newBoxId, newMachineId } from '../ids.js';
 import type { BootImage } from '../images.js';
 import type { Machine } from '../machine.js';
 import type { MachineRow } from '../store.js';
-import { clampTtl, type FlowContext, lifetime } from './context.js';
+import { clampTtl, type FlowContext, lifetime, newRow } from './context.js';
 
 export interface CreateMachine {
   template: string;
@@ -89,30 +89,21 @@ export async function createMachine(
       `template ${req.template} has no snapshot yet (${cx.snapshots.status(manifest, snapParams)}); omit "mode" to cold-boot`,
     );
   const id = newMachineId();
-  const row: MachineRow = {
+  const row = newRow(rt.d.runRoot, {
     id,
     owner: principal.user,
     name: req.name ?? null,
     template: req.template,
     template_hash: manifest.hash,
-    state: 'starting',
     mode: snap ? 'snapshot' : 'cold',
     accel: rt.d.accel.accel,
     vcpus: size.vcpus,
     memory_mb: size.memoryMb,
     ...lifetime(persistent, ttl),
-    boot_ms: null,
-    pid: null,
-    run_dir: join(rt.d.runRoot, id),
-    error: null,
-    jail: null,
     auto_suspend_seconds: req.autoSuspendSeconds ?? null,
-    parent_id: null,
     kind: 'machine',
-    spec: null,
-    started_at: null,
-    stopped_at: null,
-  };
+  });
+
   await cx.admission.insert(row, cx.admission.diskBytesOf(row), principal.quota);
   const m = rt.machine(row);
   return m.lock.run(async () => {
@@ -232,31 +223,23 @@ export async function createBox(cx: FlowContext, principal: Principal, req: Crea
     volumes,
     image_env: image.env,
   };
-  const row: MachineRow = {
+  const row = newRow(rt.d.runRoot, {
     id,
     owner: principal.user,
     name: req.name ?? null,
     template: req.image,
     template_hash: image.hash,
-    state: 'starting',
     mode: 'cold',
     accel: rt.d.accel.accel,
     vcpus: req.cpu,
     memory_mb: req.memoryMb,
     // Boxes live until they are removed (or collected once stopped): no TTL.
     ...lifetime(true, 0),
-    boot_ms: null,
-    pid: null,
-    run_dir: join(rt.d.runRoot, id),
-    error: null,
-    jail: null,
     auto_suspend_seconds: 0,
-    parent_id: null,
     kind: 'box',
     spec: JSON.stringify(spec),
-    started_at: null,
-    stopped_at: null,
-  };
+  });
+
   // Box snapshots have every volume slot filled with an empty placeholder: a box with volumes
   // restores from the same one, its volumes in the placeholders' place, mounted by CONFIGURE.
   const snap = boxSnapshot(cx, image, req.cpu, req.memoryMb, diskBytes);
