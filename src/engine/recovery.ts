@@ -1,5 +1,6 @@
 import { existsSync, readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
+import { processAlive } from '../process-alive.js';
 import { runPaths } from '../vmm/qemu.js';
 import { snapshotBuilderOf } from './flows/snapshot.js';
 import { recoveryOf } from './lifecycle.js';
@@ -137,14 +138,5 @@ async function recoverOne(rt: Runtime, m: Machine, row: MachineRow): Promise<voi
     case 'remove':
       await rt.end(m, 'deleted');
       return;
-  }
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
   }
 }

@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { existsSync, lstatSync, readdirSync, readFileSync, realpathSync, renameSync } from 'node:fs';
 import { lstat, readdir, rm } from 'node:fs/promises';
 import { basename, dirname, join, relative, resolve } from 'node:path';
-import { isAlive } from '../vmm/qemu.js';
+import { processAlive } from '../process-alive.js';
 import { type BuildKeys, TemplateBuilder } from './builder.js';
 import {
   backingChain,
@@ -149,7 +149,13 @@ export async function collectCacheGarbage(opts: CacheGcOptions): Promise<GcRepor
     const holders = readHolders(imageDir);
     const keySets: [BuildKeys, string][] = [[keys, 'current']];
     for (const h of holders)
-      if (h.keys && h.pid !== null && h.pid !== process.pid && h.state_dir !== stateDir && isAlive(h.pid))
+      if (
+        h.keys &&
+        h.pid !== null &&
+        h.pid !== process.pid &&
+        h.state_dir !== stateDir &&
+        processAlive(h.pid)
+      )
         keySets.push([h.keys, `current for the running daemon of ${h.state_dir}`]);
     const refs = refDigests(imageDir);
     const tags = refs.filter((r) => now - r.mtimeMs < tagLifetimeMs).map((r) => r.digest);
@@ -227,7 +233,7 @@ export async function collectCacheGarbage(opts: CacheGcOptions): Promise<GcRepor
     }
     for (const t of inventory.temps) {
       const pid = tmpPid(basename(t.path));
-      if (pid === undefined || pid === process.pid || isAlive(pid)) continue;
+      if (pid === undefined || pid === process.pid || processAlive(pid)) continue;
       const mtimeMs = mtimeOf(t.path);
       // A collector's leftovers are garbage already; a build's wait out the minimum age.
       const gcLeftover = basename(t.path).startsWith('.gc-');
@@ -443,7 +449,7 @@ function snapshotFormatOf(dir: string): string | undefined {
 function lockHeld(path: string): boolean {
   try {
     const pid = Number(readFileSync(path, 'utf8'));
-    return Number.isInteger(pid) && pid > 0 && isAlive(pid);
+    return Number.isInteger(pid) && pid > 0 && processAlive(pid);
   } catch {
     return false;
   }

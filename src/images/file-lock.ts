@@ -1,5 +1,5 @@
 import { closeSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { isAlive } from '../vmm/qemu.js';
+import { processAlive } from '../process-alive.js';
 
 /**
  * A cross-process lock: an O_EXCL lock file holding the holder's pid. A lock whose holder is
@@ -20,7 +20,7 @@ export async function acquireFileLock(path: string, onWait?: (holder: number) =>
       } catch {
         continue;
       }
-      if (!Number.isInteger(holder) || holder <= 0 || !isAlive(holder)) {
+      if (!Number.isInteger(holder) || holder <= 0 || !processAlive(holder)) {
         rmSync(path, { force: true });
         continue;
       }

@@ -10,6 +10,7 @@ import {
   writeFileSync,
 } from 'node:fs';
 import { join } from 'node:path';
+import { processAlive } from '../process-alive.js';
 import { type Layout, layoutFingerprint } from '../vmm/machine-spec.js';
 import type { Accel } from '../vmm/qemu.js';
 import type { TemplateManifest } from './builder.js';
@@ -249,14 +250,5 @@ export class SnapshotCache {
       rmSync(tmp, { recursive: true, force: true });
       throw new Error(`snapshot of template ${manifest.name} failed: ${(e as Error).message}`);
     }
-  }
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
   }
 }

@@ -1,6 +1,7 @@
 import { spawn } from 'node:child_process';
 import { closeSync, openSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { processAlive } from '../process-alive.js';
 import { allocate, type MachineSpec, machineArgs, volumesOf } from './machine-spec.js';
 import { QmpClient } from './qmp.js';
 import { volumeCmdline } from './volumes.js';
@@ -127,21 +128,8 @@ export function launchQemu(binary: string, spec: VmSpec): number {
   }
 }
 
-export function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-  } catch {
-    return false;
-  }
-  // A zombie still answers kill(0); it is dead for our purposes.
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
-    return state !== 'Z' && state !== 'X';
-  } catch {
-    return false;
-  }
-}
+/** A VM process is alive (the one liveness check: src/process-alive.ts). */
+export const isAlive = processAlive;
 
 /** True when `pid` is the QEMU process of machine `id` (guards against pid reuse after a restart). */
 export function isQemuOf(pid: number, id: string): boolean {
