@@ -121,6 +121,30 @@ export const errorTable = {
     grpc: 'DEADLINE_EXCEEDED',
     doc: 'The request body stopped arriving (no bytes for too long); the connection is closed.',
   },
+  UNAUTHENTICATED: {
+    http: 401,
+    grpc: 'UNAUTHENTICATED',
+    doc: 'No valid credential: the bearer token is missing (where one is required), malformed, expired or revoked, or the API key is unknown, deleted or expired.',
+  },
+  RATE_LIMITED: {
+    http: 429,
+    grpc: 'RESOURCE_EXHAUSTED',
+    doc: 'Too many requests of this kind from this source address (API key exchanges); retry after `retry_after_ms`.',
+  },
+  NOT_SERVED: {
+    http: 501,
+    grpc: 'UNIMPLEMENTED',
+    doc: 'The operation belongs to a capability this version does not serve yet (networks, proxies, domains, disks); the message says which.',
+  },
+  USER_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No user has this name.' },
+  USER_EXISTS: { http: 409, grpc: 'ALREADY_EXISTS', doc: 'A user with this name already exists.' },
+  API_KEY_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No API key of yours has this id.' },
+  TOKEN_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No token of yours has this jti.' },
+  NOT_SUPPORTED: {
+    http: 409,
+    grpc: 'FAILED_PRECONDITION',
+    doc: 'The operation is not possible for this object as it is (e.g. forking a box that mounts host directories); the message says why.',
+  },
 } as const;
 
 export type ErrorCode = keyof typeof errorTable;
