@@ -22,6 +22,7 @@ export const actionTable = {
   exec: { audit: true },
   openSession: { audit: true },
   consoleOf: { audit: true },
+  boxConsoleOf: { audit: false },
   listBoxes: { audit: false },
   getBox: { audit: false },
   createBox: { audit: true },

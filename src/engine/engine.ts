@@ -447,6 +447,15 @@ export class Engine {
     return { id: row.id, console: vm.console };
   }
 
+  /** The serial console of a running (or paused) box: recent output and live output (gRPC StreamLogs). */
+  boxConsoleOf(p: Principal, idOrName: string): { id: string; console: ConsoleTap } {
+    const row = this.find(p, idOrName, 'box');
+    const vm = this.registry.get(row.id)?.vm;
+    if (!vm || (row.state !== 'running' && row.state !== 'paused'))
+      throw new HutchError('BOX_NOT_RUNNING', `box ${row.id} is ${toBoxView(row).status}: start it first`);
+    return { id: row.id, console: vm.console };
+  }
+
   // ---- boxes (REST /v1/boxes) ---------------------------------------------------------------
 
   boxLimits(): ReturnType<typeof boxLimits> {

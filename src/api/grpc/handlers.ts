@@ -1,0 +1,20 @@
+import { accountRpcs } from './accounts.js';
+import { execRpcs } from './exec.js';
+import { logsFilesRpcs } from './logs-files.js';
+import { pendingRpcs } from './pending.js';
+import type { Rpc } from './rpc.js';
+import { unservedRpcs } from './unserved.js';
+import { vmRpcs } from './vms.js';
+
+/**
+ * Every method of boxd.api.v1.BoxdApi, by its proto name. A unit test checks this table against
+ * spec/vm-api.proto: no method missing, none extra.
+ */
+export const boxdHandlers: Record<string, Rpc> = {
+  ...vmRpcs,
+  ...execRpcs,
+  ...logsFilesRpcs,
+  ...accountRpcs,
+  ...pendingRpcs,
+  ...unservedRpcs,
+};
