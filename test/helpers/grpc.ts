@@ -1,0 +1,119 @@
+import { spawnSync } from 'node:child_process';
+import { join } from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+import { AuthService } from '../../src/auth/auth-service.js';
+import { loadConfig } from '../../src/config.js';
+import { root, type TestDaemon } from './daemon.js';
+
+/**
+ * A gRPC client of a test daemon, made the way the spec's Node snippet makes one: the checked-in
+ * proto loaded with @grpc/proto-loader, the service from loadPackageDefinition, insecure
+ * credentials, and the JWT in `authorization` metadata.
+ */
+export const protoFile = join(root, 'spec', 'vm-api.proto');
+
+export type Msg = Record<string, unknown>;
+
+export interface BoxdClient {
+  raw: grpc.Client & Record<string, (...args: unknown[]) => unknown>;
+  meta(token?: string): grpc.Metadata;
+  /** A unary call; rejects with the ServiceError. */
+  call<T = Msg>(method: string, req: Msg, token?: string | null): Promise<T>;
+  close(): void;
+}
+
+export function boxdClient(address: string, token: string, options: grpc.ChannelOptions = {}): BoxdClient {
+  const def = protoLoader.loadSync(protoFile, {
+    keepCase: true,
+    longs: String,
+    enums: String,
+    defaults: true,
+  });
+  const proto = grpc.loadPackageDefinition(def) as unknown as {
+    boxd: { api: { v1: { BoxdApi: grpc.ServiceClientConstructor } } };
+  };
+  const raw = new proto.boxd.api.v1.BoxdApi(address, grpc.credentials.createInsecure(), {
+    // DownloadFile answers up to 64 MiB in one message (the client's default limit is 4 MiB).
+    'grpc.max_receive_message_length': 80 * 1024 * 1024,
+    'grpc.max_send_message_length': 80 * 1024 * 1024,
+    ...options,
+  }) as BoxdClient['raw'];
+  const meta = (t = token): grpc.Metadata => {
+    const m = new grpc.Metadata();
+    if (t !== '') m.set('authorization', `Bearer ${t}`);
+    return m;
+  };
+  return {
+    raw,
+    meta,
+    call: <T>(method: string, req: Msg, t: string | null = token) =>
+      new Promise<T>((resolve, reject) => {
+        const fn = raw[method] as (
+          r: Msg,
+          m: grpc.Metadata,
+          o: grpc.CallOptions,
+          cb: (e: grpc.ServiceError | null, v: T) => void,
+        ) => void;
+        fn.call(
+          raw,
+          req,
+          t === null ? new grpc.Metadata() : meta(t),
+          { deadline: Date.now() + 300_000 },
+          (e, v) => (e ? reject(e) : resolve(v)),
+        );
+      }),
+    close: () => raw.close(),
+  };
+}
+
+/** Expects a call to fail with `code`; returns the error's message. */
+export async function rejectsWith(p: Promise<unknown>, code: grpc.status): Promise<string> {
+  try {
+    await p;
+  } catch (e) {
+    const err = e as grpc.ServiceError;
+    if (err.code !== code)
+      throw new Error(`expected ${grpc.status[code]}, got ${grpc.status[err.code]}: ${err.details}`);
+    return err.details;
+  }
+  throw new Error(`expected ${grpc.status[code]}, the call succeeded`);
+}
+
+/**
+ * A token for `user` through the real flow: the user and an API key made by the CLI (`hutch user
+ * add`, `hutch api-key create --json`), then POST /api/v1/auth/token. While the CLI lacks those
+ * commands, the same two steps go through AuthService on the daemon's state dir (what the CLI
+ * commands do: they need no daemon).
+ */
+export async function tokenFor(d: TestDaemon, user: string): Promise<string> {
+  const cli = (args: string[]) =>
+    spawnSync('node', [join(root, 'bin', 'hutch.js'), ...args, '--state-dir', d.stateDir], {
+      encoding: 'utf8',
+      env: { ...process.env, HUTCH_STATE_DIR: d.stateDir },
+    });
+  let apiKey: string | undefined;
+  const add = cli(['user', 'add', user]);
+  if (add.status === 0) {
+    const key = cli(['api-key', 'create', '--user', user, '--name', 'test', '--json']);
+    if (key.status === 0) apiKey = (JSON.parse(key.stdout) as { api_key: string }).api_key;
+  }
+  if (!apiKey) {
+    const auth = AuthService.open(d.stateDir, loadConfig({ stateDir: d.stateDir }, {}));
+    try {
+      if (!auth.store.user(user)) auth.addUser(user);
+      apiKey = auth.createApiKeyFor(user, 'test', 0).api_key;
+    } finally {
+      auth.close();
+    }
+  }
+  const r = await fetch(new URL('/api/v1/auth/token', d.url), {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ api_key: apiKey }),
+  });
+  const body = (await r.json()) as { token?: string };
+  if (r.status !== 200 || !body.token)
+    throw new Error(`token exchange failed: ${r.status} ${JSON.stringify(body)}`);
+  return body.token;
+}
