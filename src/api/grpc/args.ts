@@ -9,11 +9,11 @@ const bad = (message: string): HutchError => new HutchError('INVALID_ARGUMENT', 
 
 /**
  * A string field as the client meant it. protobuf strings must be UTF-8; the decoder turns
- * invalid bytes into U+FFFD instead of failing, so that character stands for "not UTF-8" here
- * (no id, name or path of ours contains it).
+ * invalid bytes into U+FFFD (and encoded surrogates into lone surrogates) instead of failing, so
+ * those stand for "not UTF-8" here (no id, name or path of ours contains them).
  */
 export function text(v: string, field: string, max = 4096): string {
-  if (v.includes('\uFFFD')) throw bad(`${field} is not valid UTF-8`);
+  if (v.includes('\uFFFD') || /\p{Surrogate}/u.test(v)) throw bad(`${field} is not valid UTF-8`);
   if (v.includes('\0')) throw bad(`${field} must not contain NUL`);
   if (Buffer.byteLength(v) > max) throw bad(`${field} is longer than ${max} bytes`);
   return v;

@@ -29,7 +29,51 @@ const maxCommandBytes = 64 * 1024;
 /** A terminal's size when the client asks for a PTY (the proto has no size field). */
 const ptySize = { cols: 80, rows: 24 };
 
-async function firstMessage(it: AsyncIterator<ExecChunk>): Promise<ExecChunk> {
+/**
+ * The client's messages one at a time, pulled (so gRPC flow control holds a client that sends
+ * faster than the guest takes stdin). Not the stream's async iterator: that destroys the call
+ * when the client half-closes, and the output and exit code could no longer be sent.
+ */
+class Messages {
+  private wake: (() => void) | undefined;
+  private over = false;
+
+  constructor(private readonly call: Call) {
+    const poke = (): void => {
+      const w = this.wake;
+      this.wake = undefined;
+      w?.();
+    };
+    call.on('readable', poke);
+    call.on('end', () => {
+      this.over = true;
+      poke();
+    });
+    call.on('close', () => {
+      this.over = true;
+      poke();
+    });
+    // A failed read ends the messages; the call's status is sent by the handler.
+    call.on('error', () => {
+      this.over = true;
+      poke();
+    });
+  }
+
+  /** The next message, or undefined once the client half-closed (or went away). */
+  async next(): Promise<ExecChunk | undefined> {
+    for (;;) {
+      const m = this.call.read() as ExecChunk | null;
+      if (m !== null) return m;
+      if (this.over || this.call.readableEnded || this.call.destroyed) return undefined;
+      await new Promise<void>((resolve) => {
+        this.wake = resolve;
+      });
+    }
+  }
+}
+
+async function firstMessage(messages: Messages): Promise<ExecChunk> {
   let timer: NodeJS.Timeout | undefined;
   const timeout = new Promise<never>((_, reject) => {
     timer = setTimeout(
@@ -44,9 +88,9 @@ async function firstMessage(it: AsyncIterator<ExecChunk>): Promise<ExecChunk> {
     );
   });
   try {
-    const r = await Promise.race([it.next(), timeout]);
-    if (r.done) throw new HutchError('INVALID_ARGUMENT', 'Exec needs a first message with vm_id and command');
-    return r.value;
+    const m = await Promise.race([messages.next(), timeout]);
+    if (!m) throw new HutchError('INVALID_ARGUMENT', 'Exec needs a first message with vm_id and command');
+    return m;
   } finally {
     clearTimeout(timer);
   }
@@ -74,24 +118,24 @@ function drained(call: Call): Promise<void> {
  * One message is read only after the previous one was taken by the guest's window, so a client
  * flooding stdin is held by gRPC flow control instead of buffered here.
  */
-async function feedStdin(it: AsyncIterator<ExecChunk>, first: ExecChunk, p: GuestProcess): Promise<void> {
+async function feedStdin(messages: Messages, first: ExecChunk, p: GuestProcess): Promise<void> {
   if (first.stdin) {
     if (first.data.length === 0) return p.end();
     await p.write(first.data);
   }
   for (;;) {
-    const r = await it.next();
-    if (r.done) break;
-    if (!r.value.stdin) continue;
-    if (r.value.data.length === 0) break;
-    await p.write(r.value.data);
+    const m = await messages.next();
+    if (!m) break;
+    if (!m.stdin) continue;
+    if (m.data.length === 0) break;
+    await p.write(m.data);
   }
   await p.end();
 }
 
 async function exec(call: Call, cx: Cx): Promise<void> {
-  const it = (call as AsyncIterable<ExecChunk>)[Symbol.asyncIterator]();
-  const first = await firstMessage(it);
+  const messages = new Messages(call);
+  const first = await firstMessage(messages);
   const vm = vmRef(first.vm_id);
   if (first.command === '') throw new HutchError('INVALID_ARGUMENT', 'command is required');
   const command = text(first.command, 'command', maxCommandBytes);
@@ -110,7 +154,7 @@ async function exec(call: Call, cx: Cx): Promise<void> {
     });
     if (call.cancelled) p.cancel();
     const proc = p;
-    feedStdin(it, first, proc).catch(() => {
+    feedStdin(messages, first, proc).catch(() => {
       // The client went away mid-stream (cancel handles the command) or the guest did (run fails).
     });
     let result: Awaited<ReturnType<GuestProcess['run']>>;
