@@ -248,7 +248,7 @@ export class AuthService implements Authenticator, Accounts {
     expiresInSecs: number,
   ): { id: string; api_key: string; expires_at: number } {
     this.userRow(user);
-    if (name.length > 128 || [...name].some((c) => c < " "))
+    if (name.length > 128 || [...name].some((c) => c < ' '))
       throw new HutchError('INVALID_ARGUMENT', 'an API key name is at most 128 printable characters');
     if (!Number.isInteger(expiresInSecs) || expiresInSecs < 0)
       throw new HutchError(
