@@ -4,6 +4,7 @@ import type { Principal } from '../../core/principal.js';
 import { HutchError } from '../../errors.js';
 import type { AgentConnection } from '../../guest/agent-connection.js';
 import { templateRecipes } from '../../images/recipes.js';
+import type { TemplateSnapshot } from '../../images/snapshots.js';
 import { volumeTag } from '../../vmm/machine-spec.js';
 import { type Volume, validateVolumes } from '../../vmm/volumes.js';
 import { type BoxSpec, type BoxVolume, boxSpecOf } from '../box-view.js';
@@ -245,7 +246,7 @@ export async function createBox(
   // Box snapshots have every volume slot filled with an empty placeholder: a box with volumes
   // restores from the same one, its volumes in the placeholders' place, mounted by CONFIGURE.
   const snap = templateId
-    ? await ensureBoxSnapshot(cx, image, req.cpu, req.memoryMb, diskBytes)
+    ? await templateSnapshot(cx, image, req, diskBytes)
     : boxSnapshot(cx, image, req.cpu, req.memoryMb, diskBytes);
   const id = newBoxId();
   const spec: BoxSpec = {
@@ -314,6 +315,28 @@ export async function createBox(
       return rt.bootFailed(m, 'box', e);
     }
   });
+}
+
+/**
+ * A template's snapshot, loaded (after a restart it is on disk, not yet in memory) or taken again
+ * (the cache collector may have removed it). A box is still made when that fails (no room for
+ * the snapshot's QEMU, a broken image): it boots cold, and the log says why.
+ */
+async function templateSnapshot(
+  cx: FlowContext,
+  image: BootImage,
+  req: CreateBox,
+  diskBytes: number,
+): Promise<TemplateSnapshot | undefined> {
+  try {
+    return await ensureBoxSnapshot(cx, image, req.cpu, req.memoryMb, diskBytes);
+  } catch (e) {
+    cx.rt.d.log('warn', 'template snapshot unavailable; the box boots cold', {
+      image: image.ref,
+      error: (e as Error).message,
+    });
+    return undefined;
+  }
 }
 
 /** Boots a box's VM cold on its own disk, with its volumes mounted. */
