@@ -72,6 +72,7 @@ const machineTable: Table = {
  * Stopping a suspended box wakes it first (stopping → the guest powers off, so what it had in
  * its page cache reaches the disk); when its saved state cannot be restored, the state is
  * dropped and the box is stopped with its disk as the suspend left it (flows/stop-start.ts).
+ * Starting a suspended box, or using it (exec, files, sessions), wakes it.
  */
 const boxTable: Table = {
   starting: { booted: 'running', stopped: 'stopped', fail: 'stopped', ...live },

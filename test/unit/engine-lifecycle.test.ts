@@ -611,6 +611,9 @@ describe('boxes with the machines capabilities (fake hypervisor)', () => {
     await engine.suspendBox(alice, box.id);
     assert.equal(await boxExec(engine, alice, box.id, ['read', 'f']), 'kept', 'exec wakes a suspended box');
     assert.equal(engine.getBox(alice, box.id).status, 'running');
+    await engine.suspendBox(alice, box.id);
+    assert.equal((await engine.startBox(alice, box.id)).status, 'running', 'start wakes a suspended box');
+    assert.equal(await boxExec(engine, alice, box.id, ['read', 'f']), 'kept');
     // A fork of a suspended box wakes the source first.
     await engine.suspendBox(alice, box.id);
     const clone = await engine.forkBox(alice, box.id, {});

@@ -42,7 +42,7 @@ export async function stopBox(cx: FlowContext, m: Machine): Promise<MachineRow> 
   return stopped;
 }
 
-/** Boots a stopped box again, on its own disk. Callers hold the box's lock. */
+/** Boots a stopped box again, on its own disk (wakes a suspended one). Callers hold the box's lock. */
 export async function startBox(
   cx: FlowContext,
   m: Machine,
@@ -52,6 +52,8 @@ export async function startBox(
   const t0 = performance.now();
   const row = rt.store.get(m.id) as MachineRow;
   if (row.state === 'running') return row;
+  // Start asks for a running box: a suspended one is woken (its processes come back).
+  if (row.state === 'suspended') return (await resumeMachine(cx, m)).row;
   // stopped → starting is recorded by the admission, in the transaction that checks the caps.
   const starting = checkTransition(row, 'start');
   const image = boxImage(row);
