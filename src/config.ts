@@ -75,7 +75,7 @@ const configSchema = z.object({
   tokenTtlSeconds: z.coerce
     .number()
     .int()
-    .min(60)
+    .min(1)
     .max(30 * 86400)
     .default(3600),
   /** Longest lifetime a caller may ask for (gRPC CreateToken), seconds. */
@@ -276,4 +276,25 @@ export function clientBoxesEndpoint(
     return { socketPath: resolve(env.HUTCH_BOXES_SOCKET) };
   if (env.HUTCH_BOXES_URL) return { url: env.HUTCH_BOXES_URL };
   return { socketPath: resolve(env.HUTCH_STATE_DIR || '/var/lib/hutch', 'boxes.sock') };
+}
+
+/** What the CLI authenticates with (src/client/credentials.ts): the environment's part. */
+export interface ClientCredentialsEnv {
+  /** `$HUTCH_TOKEN`: a JWT sent as is. */
+  token?: string | undefined;
+  /** `$HUTCH_API_KEY`: exchanged for a JWT per run. */
+  apiKey?: string | undefined;
+  /** `$HUTCH_CREDENTIALS`, else `$XDG_CONFIG_HOME/hutch/credentials.json` (~/.config/…). */
+  file: string;
+}
+
+export function clientCredentialsEnv(env: NodeJS.ProcessEnv = process.env): ClientCredentialsEnv {
+  const home = env.HOME || '/root';
+  return {
+    token: env.HUTCH_TOKEN || undefined,
+    apiKey: env.HUTCH_API_KEY || undefined,
+    file:
+      env.HUTCH_CREDENTIALS ||
+      resolve(env.XDG_CONFIG_HOME || resolve(home, '.config'), 'hutch', 'credentials.json'),
+  };
 }

@@ -37,6 +37,9 @@ export function boxdClient(address: string, token: string, options: grpc.Channel
     // DownloadFile answers up to 64 MiB in one message (the client's default limit is 4 MiB).
     'grpc.max_receive_message_length': 80 * 1024 * 1024,
     'grpc.max_send_message_length': 80 * 1024 * 1024,
+    // Each client its own connection: grpc-js otherwise shares one between clients of the same
+    // address, and one client's streams would queue another's behind the server's stream limit.
+    'grpc.use_local_subchannel_pool': 1,
     ...options,
   }) as BoxdClient['raw'];
   const meta = (t = token): grpc.Metadata => {

@@ -1,9 +1,10 @@
 import { accountRpcs } from './accounts.js';
 import { execRpcs } from './exec.js';
 import { logsFilesRpcs } from './logs-files.js';
-import { pendingRpcs } from './pending.js';
 import type { Rpc } from './rpc.js';
+import { templateRpcs } from './templates.js';
 import { unservedRpcs } from './unserved.js';
+import { vmCreateRpcs } from './vm-create.js';
 import { vmRpcs } from './vms.js';
 
 /**
@@ -15,6 +16,7 @@ export const boxdHandlers: Record<string, Rpc> = {
   ...execRpcs,
   ...logsFilesRpcs,
   ...accountRpcs,
-  ...pendingRpcs,
+  ...vmCreateRpcs,
+  ...templateRpcs,
   ...unservedRpcs,
 };

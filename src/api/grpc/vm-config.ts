@@ -43,19 +43,6 @@ export function sizesOf(cx: Cx, c: VmConfig | null): Sizes {
   };
 }
 
-/** Whether a config asks for anything other than "all defaults" (ForkVm: omitted = inherit). */
-export function isEmptyConfig(c: VmConfig | null): boolean {
-  return (
-    !c ||
-    (c.vcpu === 0 &&
-      u64(c.memory_bytes, 'config.memory_bytes') === 0 &&
-      u64(c.disk_bytes, 'config.disk_bytes') === 0 &&
-      !c.srf &&
-      !c.network?.proxies.length &&
-      !c.volumes.length)
-  );
-}
-
 /**
  * The parts of VmConfig that belong to capabilities this version does not serve: asking for
  * them is an honest UNIMPLEMENTED, never silently ignored. (`network.ssh` is only a default-on
@@ -71,13 +58,34 @@ export function refuseUnserved(c: VmConfig | null): void {
     );
 }
 
-/** SrfConfig: auto-suspend unset → undefined (the caller's default), auto-destroy 0 = none. */
-export function srfOf(c: VmConfig | null): { autoSuspendSeconds?: number; autoDestroySeconds?: number } {
+/** A new VM's idle auto-suspend when SrfConfig leaves it unset (the proto's server default). */
+export const defaultAutoSuspendSecs = 30;
+
+/**
+ * SrfConfig as box timers: auto-suspend unset → `unsetSuspend` (30 s for a new VM; undefined,
+ * i.e. inherited, for a fork), 0 disables; auto-destroy 0 = none.
+ */
+export function srfOf(
+  c: VmConfig | null,
+  unsetSuspend: number | undefined,
+): { autoSuspendSeconds?: number; autoDestroySeconds?: number } {
   const s = c?.srf;
-  if (!s) return {};
-  const out: { autoSuspendSeconds?: number; autoDestroySeconds?: number } = {};
-  if (s.auto_suspend_timeout_secs !== undefined && s.auto_suspend_timeout_secs !== null)
-    out.autoSuspendSeconds = s.auto_suspend_timeout_secs;
-  if (s.auto_destroy_timeout_secs) out.autoDestroySeconds = s.auto_destroy_timeout_secs;
-  return out;
+  const suspend =
+    s && s.auto_suspend_timeout_secs !== undefined && s.auto_suspend_timeout_secs !== null
+      ? s.auto_suspend_timeout_secs
+      : unsetSuspend;
+  return {
+    ...(suspend !== undefined ? { autoSuspendSeconds: suspend } : {}),
+    ...(s?.auto_destroy_timeout_secs ? { autoDestroySeconds: s.auto_destroy_timeout_secs } : {}),
+  };
+}
+
+/** Whether the config sets any size (vcpu, memory, disk) at all. */
+export function setsSize(c: VmConfig | null): boolean {
+  return (
+    !!c &&
+    (c.vcpu !== 0 ||
+      u64(c.memory_bytes, 'config.memory_bytes') !== 0 ||
+      u64(c.disk_bytes, 'config.disk_bytes') !== 0)
+  );
 }
