@@ -28,6 +28,8 @@ describe('hostile gRPC clients', () => {
   let d: TestDaemon;
   let c: BoxdClient;
   let token: string;
+  /** Another user with a VM of their own: what an abuser must not take from others. */
+  let bystander: BoxdClient;
   let pid: number;
   const [host, portText] = ['127.0.0.1', ''];
   let port = Number(portText);
@@ -38,36 +40,46 @@ describe('hostile gRPC clients', () => {
     port = Number((d.grpcAddress as string).split(':').pop());
     token = await tokenFor(d, 'mallory');
     c = boxdClient(d.grpcAddress as string, token);
-    await c.call('CreateVm', { name: 'h1', config: { memory_bytes: String(512 * MiB) } });
+    const small = { memory_bytes: String(512 * MiB), srf: { auto_suspend_timeout_secs: 0 } };
+    await c.call('CreateVm', { name: 'h1', config: small });
+    bystander = boxdClient(d.grpcAddress as string, await tokenFor(d, 'trent'));
+    await bystander.call('CreateVm', { name: 't1', config: small });
   });
 
   after(async () => {
     await c.call('DestroyVm', { vm_id: 'h1' }).catch(() => {});
+    await bystander.call('DestroyVm', { vm_id: 't1' }).catch(() => {});
     c.close();
+    bystander.close();
     await cleanup(d);
   });
 
-  /** The daemon is alive and serves a fresh client. */
-  async function serves(): Promise<string> {
+  /** The daemon is alive and serves a fresh client (the abuser's user, or the bystander). */
+  async function serves(who: 'abuser' | 'bystander' = 'abuser'): Promise<string> {
     assert.ok(processAlive(pid), 'the daemon is alive');
-    const fresh = boxdClient(d.grpcAddress as string, token);
+    const fresh = who === 'abuser' ? boxdClient(d.grpcAddress as string, token) : bystander;
     try {
-      const r = await grpcExec(fresh, 'h1', 'echo ok').done;
+      const r = await grpcExec(fresh, who === 'abuser' ? 'h1' : 't1', 'echo ok').done;
       assert.equal(r.out.toString(), 'ok\n');
       return 'serves';
     } finally {
-      fresh.close();
+      if (fresh !== bystander) fresh.close();
     }
   }
 
   /** Runs an abuser, then checks the daemon's peak RSS grew by at most the bound. */
-  async function bounded(t: Tally, what: string, abuse: () => Promise<void>): Promise<void> {
+  async function bounded(
+    t: Tally,
+    what: string,
+    abuse: () => Promise<void>,
+    boundMb = growthBoundMb,
+  ): Promise<void> {
     const before = memoryOf(pid).rssMb;
     resetPeak(pid);
     await t.check(what, async () => {
       await abuse();
       const grew = memoryOf(pid).peakMb - before;
-      if (grew > growthBoundMb) throw new Error(`peak RSS grew by ${grew} MiB`);
+      if (grew > boundMb) throw new Error(`peak RSS grew by ${grew} MiB (bound ${boundMb})`);
       return `+${grew} MiB`;
     });
   }
@@ -166,13 +178,28 @@ describe('hostile gRPC clients', () => {
         status.UNAUTHENTICATED,
       );
     });
-    await bounded(t, '8 parallel 60 MiB uploads', async () => {
-      const data = Buffer.alloc(60 * MiB, 2);
-      await Promise.all(
-        Array.from({ length: 8 }, (_, i) => c.call('UploadFile', { vm_id: 'h1', path: `/root/p${i}`, data })),
-      );
-      await grpcExec(c, 'h1', 'rm -f /root/p*').done;
-    });
+    // File transfers run at most 2 per user at once (each holds its message, twice while it is
+    // decoded or encoded): 8 at once get 6 refused, and the daemon holds at most 2 × 2 × 64 MiB.
+    await bounded(
+      t,
+      '8 parallel 60 MiB uploads: at most 2 run, the rest RESOURCE_EXHAUSTED',
+      async () => {
+        const data = Buffer.alloc(60 * MiB, 2);
+        const codes = await Promise.all(
+          Array.from({ length: 8 }, (_, i) =>
+            c.call('UploadFile', { vm_id: 'h1', path: `/root/p${i}`, data }).then(
+              () => 'ok',
+              (e: { code: number }) => String(e.code),
+            ),
+          ),
+        );
+        const ok = codes.filter((x) => x === 'ok').length;
+        const refused = codes.filter((x) => x === String(status.RESOURCE_EXHAUSTED)).length;
+        if (ok < 1 || refused < 1 || ok + refused !== 8) throw new Error(`answers ${codes.join(',')}`);
+        await grpcExec(c, 'h1', 'rm -f /root/p*').done;
+      },
+      2 * 2 * 64 + growthBoundMb,
+    );
     await t.check('still serves', serves);
     t.report();
   });
@@ -181,58 +208,68 @@ describe('hostile gRPC clients', () => {
     const t = new Tally('grpc streams');
     await bounded(t, '2000 raw HTTP/2 streams that never finish their request, then dropped', async () => {
       const sessions: ClientHttp2Session[] = [];
-      for (let i = 0; i < 20; i++) {
-        const s = h2connect(`http://${host}:${port}`);
-        s.on('error', () => {});
-        sessions.push(s);
-        for (let j = 0; j < 100; j++) {
-          const r = s.request({
-            ':method': 'POST',
-            ':path': j % 2 ? '/boxd.api.v1.BoxdApi/GetVm' : '/boxd.api.v1.BoxdApi/Exec',
-            'content-type': 'application/grpc',
-            te: 'trailers',
-            authorization: `Bearer ${token}`,
-          });
-          r.on('error', () => {});
-          r.resume();
-          r.write(Buffer.from([0, 0, 0, 0, 10]));
-        }
-      }
-      await sleep(2000);
-      await serves();
-      for (const s of sessions) s.destroy();
-    });
-    await bounded(t, '3 connections × 100 Exec streams: the server-wide cap refuses the excess', async () => {
-      const clients = [0, 1, 2].map(() => boxdClient(d.grpcAddress as string, token));
-      const calls = clients.flatMap((x) =>
-        Array.from({ length: 100 }, () => grpcExec(x, 'h1', 'exec sleep 600', { eof: 'none' })),
-      );
       try {
-        const codes = await Promise.all(
-          calls.map((x) =>
-            Promise.race([
-              x.done.then(() => 'ok').catch((e: { code: number }) => String(e.code)),
-              sleep(20_000).then(() => 'open'),
-            ]),
-          ),
-        );
-        const refused = codes.filter((x) => x === String(status.RESOURCE_EXHAUSTED)).length;
-        const open = codes.filter((x) => x === 'open').length;
-        if (refused === 0 || open > 256)
-          throw new Error(`${refused} refused, ${open} open: ${[...new Set(codes)].join(',')}`);
+        for (let i = 0; i < 20; i++) {
+          const s = h2connect(`http://${host}:${port}`);
+          s.on('error', () => {});
+          sessions.push(s);
+          for (let j = 0; j < 100; j++) {
+            const r = s.request({
+              ':method': 'POST',
+              ':path': j % 2 ? '/boxd.api.v1.BoxdApi/GetVm' : '/boxd.api.v1.BoxdApi/Exec',
+              'content-type': 'application/grpc',
+              te: 'trailers',
+              authorization: `Bearer ${token}`,
+            });
+            r.on('error', () => {});
+            r.resume();
+            r.write(Buffer.from([0, 0, 0, 0, 10]));
+          }
+        }
+        await sleep(2000);
+        // While the abuser holds all it may, another user is served.
+        await serves('bystander');
       } finally {
-        for (const x of calls) x.call.cancel();
-        await Promise.all(calls.map((x) => x.done.catch(() => {})));
-        for (const x of clients) x.close();
+        for (const s of sessions) s.destroy();
       }
-      // The cancelled commands are killed and the slots come back.
-      for (let i = 0; i < 100; i++) {
-        const left = (await grpcExec(c, 'h1', 'pgrep -xc sleep || true').done).out.toString().trim();
-        if (left === '0') return;
-        await sleep(200);
-      }
-      throw new Error('cancelled commands still run');
     });
+    await t.check('the abuser is served again once its streams are gone', () => serves());
+    await bounded(
+      t,
+      '3 connections × 100 Exec streams: past 64 per user refused, others served',
+      async () => {
+        const clients = [0, 1, 2].map(() => boxdClient(d.grpcAddress as string, token));
+        const calls = clients.flatMap((x) =>
+          Array.from({ length: 100 }, () => grpcExec(x, 'h1', 'exec sleep 600', { eof: 'none' })),
+        );
+        try {
+          const codes = await Promise.all(
+            calls.map((x) =>
+              Promise.race([
+                x.done.then(() => 'ok').catch((e: { code: number }) => String(e.code)),
+                sleep(20_000).then(() => 'open'),
+              ]),
+            ),
+          );
+          const refused = codes.filter((x) => x === String(status.RESOURCE_EXHAUSTED)).length;
+          const open = codes.filter((x) => x === 'open').length;
+          if (refused === 0 || open > 64)
+            throw new Error(`${refused} refused, ${open} open: ${[...new Set(codes)].join(',')}`);
+          await serves('bystander');
+        } finally {
+          for (const x of calls) x.call.cancel();
+          await Promise.all(calls.map((x) => x.done.catch(() => {})));
+          for (const x of clients) x.close();
+        }
+        // The cancelled commands are killed and the slots come back.
+        for (let i = 0; i < 100; i++) {
+          const left = (await grpcExec(c, 'h1', 'pgrep -xc sleep || true').done).out.toString().trim();
+          if (left === '0') return;
+          await sleep(200);
+        }
+        throw new Error('cancelled commands still run');
+      },
+    );
     await t.check('slots came back: a new Exec runs', serves);
     t.report();
   });

@@ -18,16 +18,24 @@ import { serviceName } from './proto.js';
  * upload kept for one). Server reflection (grpc.reflection.*) stays public: it describes the
  * schema, which the spec publishes anyway, and `grpcurl describe` works without a token.
  *
- * It also admits the calls that hold a guest session or a large message (streams, file
- * transfer) only while fewer than `maxHeavyCalls` run: a client opening thousands of them gets
- * RESOURCE_EXHAUSTED instead of the daemon holding thousands of sessions and buffers.
+ * It also admits the calls that hold something while they run only while fewer than their
+ * class's cap run (`CallCap`): a client opening thousands gets RESOURCE_EXHAUSTED instead of
+ * the daemon holding thousands of guest sessions, or of 64 MiB messages.
  */
+export interface CallCap {
+  /** What the refusal names: "streaming", "file-transfer". */
+  what: string;
+  methods: ReadonlySet<string>;
+  /** Across the server. */
+  max: number;
+  /** Per user, so one user cannot take every slot from the others. */
+  perUser: number;
+}
+
 export interface InterceptorOptions {
   authenticator: Authenticator;
   log: Log;
-  /** Methods that count against maxHeavyCalls. */
-  heavyMethods: ReadonlySet<string>;
-  maxHeavyCalls: number;
+  caps: CallCap[];
 }
 
 /** The principal the interceptor verified for a call, keyed by the call's metadata object. */
@@ -49,8 +57,17 @@ export function bearerOf(metadata: Metadata): string | undefined {
   return typeof v === 'string' ? v : undefined;
 }
 
-export function authInterceptor(opts: InterceptorOptions): ServerInterceptor & { inFlight(): number } {
-  let heavy = 0;
+export function authInterceptor(opts: InterceptorOptions): ServerInterceptor {
+  const running = new Map<CallCap, number>(opts.caps.map((c) => [c, 0]));
+  const runningOf = new Map<string, number>();
+  const key = (c: CallCap, user: string): string => `${c.what}\0${user}`;
+  const add = (c: CallCap, user: string, d: number): void => {
+    running.set(c, (running.get(c) ?? 0) + d);
+    const k = key(c, user);
+    const n = (runningOf.get(k) ?? 0) + d;
+    if (n > 0) runningOf.set(k, n);
+    else runningOf.delete(k);
+  };
   const intercept = (
     method: { path: string },
     call: ServerInterceptingCallInterface,
@@ -58,12 +75,11 @@ export function authInterceptor(opts: InterceptorOptions): ServerInterceptor & {
     const prefix = `/${serviceName}/`;
     if (!method.path.startsWith(prefix)) return new ServerInterceptingCall(call);
     const name = method.path.slice(prefix.length);
-    let held = false;
+    const cap = opts.caps.find((c) => c.methods.has(name));
+    let heldBy: string | undefined;
     const release = (): void => {
-      if (held) {
-        held = false;
-        heavy--;
-      }
+      if (heldBy !== undefined && cap) add(cap, heldBy, -1);
+      heldBy = undefined;
     };
     let done = false;
     const ic: ServerInterceptingCall = new ServerInterceptingCall(call, {
@@ -84,18 +100,22 @@ export function authInterceptor(opts: InterceptorOptions): ServerInterceptor & {
             opts.authenticator.verifyBearer(bearer).then(
               (p) => {
                 if (done) return;
-                if (opts.heavyMethods.has(name)) {
-                  if (heavy >= opts.maxHeavyCalls) {
+                if (cap) {
+                  const mine = runningOf.get(key(cap, p.user)) ?? 0;
+                  const all = running.get(cap) ?? 0;
+                  if (mine >= cap.perUser || all >= cap.max) {
                     fail(
                       new HutchError(
                         'RESOURCE_EXHAUSTED',
-                        `this server runs at most ${opts.maxHeavyCalls} streaming and file-transfer calls at once; retry later`,
+                        mine >= cap.perUser
+                          ? `you have ${mine} ${cap.what} calls running, the most one user may; retry later`
+                          : `this server runs at most ${cap.max} ${cap.what} calls at once; retry later`,
                       ),
                     );
                     return;
                   }
-                  heavy++;
-                  held = true;
+                  add(cap, p.user, 1);
+                  heldBy = p.user;
                 }
                 principals.set(metadata, p);
                 mdNext(metadata);
@@ -116,5 +136,5 @@ export function authInterceptor(opts: InterceptorOptions): ServerInterceptor & {
     });
     return ic;
   };
-  return Object.assign(intercept as ServerInterceptor, { inFlight: () => heavy });
+  return intercept as ServerInterceptor;
 }

@@ -20,8 +20,11 @@ import { bindHandlers, type GrpcApp } from './rpc.js';
  *   Exec or the REST API, which stream. Every other message is far smaller.
  * - Connections: the listening socket is ours (connections are injected into grpc-js) so at
  *   most `maxConnections` are open at once, like the HTTP APIs; each allows
- *   `maxStreamsPerConnection` concurrent streams (HTTP/2 SETTINGS), and the calls that hold a
- *   guest session or a large message at most `maxHeavyCalls` across the server.
+ *   `maxStreamsPerConnection` concurrent streams (HTTP/2 SETTINGS).
+ * - Calls that hold something while they run are capped across the server: streams (a guest
+ *   session each) at `maxStreamCalls`, file transfers (up to 64 MiB held, twice while it is
+ *   decoded or encoded) at `maxTransferCalls`, so transfers hold at most ~0.5 GiB; and per user
+ *   at a quarter and a half of that, so one user cannot take every slot from the others.
  * - Idle and dead peers: keepalive pings find dead connections, and connections without calls
  *   are closed after a while.
  */
@@ -46,10 +49,10 @@ export const maxFileBytes = 64 * 1024 * 1024;
 /** A file's message: the file plus its path (≤ 4096 bytes) and vm_id, with room to spare. */
 export const maxMessageBytes = maxFileBytes + 64 * 1024;
 const maxStreamsPerConnection = 100;
-const maxHeavyCalls = 256;
-
-/** Calls that hold a guest session or a possibly large message while they run. */
-const heavyMethods = new Set(['Exec', 'StreamLogs', 'UploadFile', 'DownloadFile']);
+const maxStreamCalls = 256;
+const maxStreamCallsPerUser = 64;
+const maxTransferCalls = 4;
+const maxTransferCallsPerUser = 2;
 
 export async function startGrpcApi(engine: Engine, opts: GrpcOptions): Promise<GrpcApi> {
   const proto = loadBoxdProto();
@@ -68,7 +71,24 @@ export async function startGrpcApi(engine: Engine, opts: GrpcOptions): Promise<G
     'grpc.keepalive_timeout_ms': 20_000,
     'grpc.max_connection_idle_ms': 10 * 60_000,
     interceptors: [
-      authInterceptor({ authenticator: opts.authenticator, log: opts.log, heavyMethods, maxHeavyCalls }),
+      authInterceptor({
+        authenticator: opts.authenticator,
+        log: opts.log,
+        caps: [
+          {
+            what: 'streaming',
+            methods: new Set(['Exec', 'StreamLogs']),
+            max: maxStreamCalls,
+            perUser: maxStreamCallsPerUser,
+          },
+          {
+            what: 'file-transfer',
+            methods: new Set(['UploadFile', 'DownloadFile']),
+            max: maxTransferCalls,
+            perUser: maxTransferCallsPerUser,
+          },
+        ],
+      }),
     ],
   });
   server.addService(proto.service, bindHandlers(boxdHandlers, app));
