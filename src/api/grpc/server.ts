@@ -22,9 +22,10 @@ import { bindHandlers, type GrpcApp } from './rpc.js';
  *   most `maxConnections` are open at once, like the HTTP APIs; each allows
  *   `maxStreamsPerConnection` concurrent streams (HTTP/2 SETTINGS).
  * - Calls that hold something while they run are capped across the server: streams (a guest
- *   session each) at `maxStreamCalls`, file transfers (up to 64 MiB held, twice while it is
- *   decoded or encoded) at `maxTransferCalls`, so transfers hold at most ~0.5 GiB; and per user
- *   at a quarter and a half of that, so one user cannot take every slot from the others.
+ *   session each) at `maxStreamCalls`, file transfers at `maxTransferCalls` (each may hold its
+ *   64 MiB message a few times over while it arrives and is joined and decoded: ~4× measured at
+ *   peak, GC lag included, so transfers hold at most ~1 GiB); and per user at a quarter and half
+ *   of that, so one user cannot take every slot from the others (nor more than ~0.5 GiB).
  * - Idle and dead peers: keepalive pings find dead connections, and connections without calls
  *   are closed after a while.
  */
