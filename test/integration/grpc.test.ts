@@ -95,6 +95,15 @@ describe('gRPC API', () => {
     await alice.call('RevokeToken', { jti });
     await rejectsWith(viaNew.call('Whoami', {}), status.UNAUTHENTICATED);
     viaNew.close();
+    // Expired: a token made to live 1 s is refused once it has.
+    const short = await alice.call<{ token: string }>('CreateToken', { expires_in_secs: '1' });
+    await new Promise((r) => setTimeout(r, 2100));
+    const msg = await rejectsWith(alice.call('Whoami', {}, short.token), status.UNAUTHENTICATED);
+    assert.match(msg, /expired/);
+    await rejectsWith(
+      alice.call('CreateToken', { expires_in_secs: String(10 ** 9) }),
+      status.INVALID_ARGUMENT,
+    );
     await rejectsWith(alice.call('RevokeToken', { jti: 'nope' }), status.NOT_FOUND);
     await rejectsWith(alice.call('RevokeToken', { jti: '' }), status.INVALID_ARGUMENT);
     const k = await alice.call<{ id: string; api_key: string }>('CreateApiKey', {
