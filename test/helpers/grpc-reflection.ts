@@ -40,13 +40,18 @@ export interface Reflected {
   close(): void;
 }
 
-export async function reflect(address: string, symbol: string): Promise<Reflected> {
+/** `v1alpha` is what older tools (grpcurl before 1.9) ask; the server answers both. */
+export async function reflect(
+  address: string,
+  symbol: string,
+  version: 'v1' | 'v1alpha' = 'v1',
+): Promise<Reflected> {
   const r = protobuf.parse(reflectionProto, { keepCase: true }).root;
   const Req = r.lookupType('r.Req');
   const ResT = r.lookupType('r.Res');
   const client = new grpc.Client(address, grpc.credentials.createInsecure());
   const call = client.makeBidiStreamRequest(
-    '/grpc.reflection.v1.ServerReflection/ServerReflectionInfo',
+    `/grpc.reflection.${version}.ServerReflection/ServerReflectionInfo`,
     (m: Record<string, unknown>) => Buffer.from(Req.encode(Req.create(m)).finish()),
     (b: Buffer) => ResT.toObject(ResT.decode(b)) as Res,
   );

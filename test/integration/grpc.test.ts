@@ -66,14 +66,17 @@ describe('gRPC API', () => {
     c.close();
   });
 
-  test('reflection alone is enough to call the API', async () => {
-    const r = await reflect(d.grpcAddress as string, 'boxd.api.v1.BoxdApi');
-    try {
-      assert.ok(r.services.includes('boxd.api.v1.BoxdApi'), r.services.join(','));
-      assert.equal((await r.call('Whoami', {}, aliceToken)).user_id, 'alice');
-      assert.deepEqual((await r.call('ListVms', {}, aliceToken)).vms, []);
-    } finally {
-      r.close();
+  test('reflection alone is enough to call the API (v1 and v1alpha)', async () => {
+    for (const version of ['v1', 'v1alpha'] as const) {
+      const r = await reflect(d.grpcAddress as string, 'boxd.api.v1.BoxdApi', version);
+      try {
+        assert.ok(r.services.includes('boxd.api.v1.BoxdApi'), r.services.join(','));
+        assert.equal(Object.keys(r.root.lookupService('boxd.api.v1.BoxdApi').methods).length, 41);
+        assert.equal((await r.call('Whoami', {}, aliceToken)).user_id, 'alice');
+        assert.deepEqual((await r.call('ListVms', {}, aliceToken)).vms, []);
+      } finally {
+        r.close();
+      }
     }
   });
 
