@@ -1,12 +1,16 @@
 import assert from 'node:assert/strict';
 import { existsSync, readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { join } from 'node:path';
 import { test } from 'node:test';
 import { boxdHandlers } from '../../src/api/grpc/handlers.js';
 import { loadBoxdProto, protoPath } from '../../src/api/grpc/proto.js';
+import { reflectableDefinition } from '../../src/api/grpc/reflection-descriptors.js';
 import { unservedRpcNames } from '../../src/api/grpc/unserved.js';
+import { repoRoot } from '../../src/paths.js';
 
 /** The boxd spec's copy of the proto, where the checkout has the shared specs beside it. */
-const sharedProto = '/work/shared/specs/vm-api.proto';
+const sharedProto = join(repoRoot(), '..', 'shared', 'specs', 'vm-api.proto');
 
 test('the handler table implements exactly the methods of boxd.api.v1.BoxdApi', () => {
   const methods = Object.keys(loadBoxdProto().service).sort();
@@ -53,4 +57,31 @@ test('spec/vm-api.proto is the spec’s proto byte for byte (when the spec is at
     readFileSync(protoPath).equals(readFileSync(sharedProto)),
     'spec/vm-api.proto differs from the spec',
   );
+});
+
+test('reflection serves descriptors a strict client accepts: reserved ranges end-exclusive, proto3 optional marked', () => {
+  const fd = createRequire(import.meta.url)('protobufjs/ext/descriptor') as {
+    FileDescriptorProto: { decode(b: Buffer): unknown };
+  };
+  const def = reflectableDefinition(loadBoxdProto().packageDefinition);
+  const bin = (def['boxd.api.v1.CreateVmRequest'] as { fileDescriptorProtos: Buffer[] })
+    .fileDescriptorProtos[0];
+  const file = fd.FileDescriptorProto.decode(bin as Buffer) as {
+    messageType: {
+      name: string;
+      reservedRange: { start: number; end: number }[];
+      field: Record<string, unknown>[];
+    }[];
+  };
+  const msg = (n: string) => file.messageType.find((m) => m.name === n);
+  // `reserved 3; reserved 4;` in the proto: [3,4) and [4,5) in descriptor.proto's terms.
+  assert.deepEqual(
+    msg('CreateVmRequest')?.reservedRange.map((r) => [r.start, r.end]),
+    [
+      [3, 4],
+      [4, 5],
+    ],
+  );
+  const srf = msg('SrfConfig')?.field.find((f) => f.name === 'auto_suspend_timeout_secs');
+  assert.equal(srf?.proto3Optional, true);
 });

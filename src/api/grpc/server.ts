@@ -7,6 +7,7 @@ import type { Engine } from '../../engine/engine.js';
 import { authInterceptor } from './auth.js';
 import { boxdHandlers } from './handlers.js';
 import { loadBoxdProto } from './proto.js';
+import { reflectableDefinition } from './reflection-descriptors.js';
 import { bindHandlers, type GrpcApp } from './rpc.js';
 
 /**
@@ -93,7 +94,7 @@ export async function startGrpcApi(engine: Engine, opts: GrpcOptions): Promise<G
     ],
   });
   server.addService(proto.service, bindHandlers(boxdHandlers, app));
-  new ReflectionService(proto.packageDefinition).addToServer(server);
+  new ReflectionService(reflectableDefinition(proto.packageDefinition)).addToServer(server);
   const injector = server.createConnectionInjector(ServerCredentials.createInsecure());
   const tcp: NetServer = createServer({ noDelay: true }, (socket) => {
     // A reset by the peer is its business; an unhandled socket error would be ours.
