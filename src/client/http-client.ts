@@ -67,8 +67,13 @@ export class HutchClient {
   destroyMachine(id: string): Promise<void> {
     return this.request('DELETE', `/v1/machines/${encodeURIComponent(id)}`);
   }
+  /** `body.cmd`: an argv, or one string run with /bin/sh -c. */
   exec<T = Record<string, unknown>>(id: string, body: Record<string, unknown>): Promise<T> {
     return this.request('POST', `/v1/machines/${encodeURIComponent(id)}/exec`, body);
+  }
+  /** Forks a running machine into a live clone (`hutch fork`): POST /branch. */
+  branch<T = Record<string, unknown>>(id: string, body: Record<string, unknown> = {}): Promise<T> {
+    return this.request('POST', `/v1/machines/${encodeURIComponent(id)}/branch`, body);
   }
 
   private machinePath(id: string, rest: string): URL {
