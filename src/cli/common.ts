@@ -47,12 +47,9 @@ export function wantsJson(argv: readonly string[]): boolean {
 
 /** Exit code 2 is a usage error (code USAGE); anything else a failure of the CLI itself. */
 export function fail(msg: string, code = 2, errorCode = code === 2 ? 'USAGE' : 'CLI_ERROR'): never {
-  if (jsonErrors) {
-    // The usage text that follows a usage error is for people: the document keeps the reason.
-    printJson({ code: errorCode, message: msg.split('\n\n')[0] });
-  } else {
-    process.stderr.write(`hutch: ${msg}\n`);
-  }
+  // The usage text that follows a usage error is for people: the document keeps the reason.
+  if (jsonErrors) printJson({ code: errorCode, message: msg.split('\n\n')[0] });
+  process.stderr.write(`hutch: ${msg}\n`);
   process.exit(code);
 }
 

@@ -429,11 +429,10 @@ async function streamExec(client: HutchClient, id: string, body: Record<string, 
 
 main(process.argv.slice(2)).catch((e: unknown) => {
   if (e instanceof ApiError) {
-    if (wantsJson(process.argv.slice(2))) {
-      printJson({ code: e.code, message: e.message });
-      process.exit(1);
-    }
-    fail(`${e.code}: ${e.message}`, 1);
+    // The document for the caller's parser; the line on stderr for whoever watches.
+    if (wantsJson(process.argv.slice(2))) printJson({ code: e.code, message: e.message });
+    process.stderr.write(`hutch: ${e.code}: ${e.message}\n`);
+    process.exit(1);
   }
   fail((e as Error).stack ?? String(e), 1, 'INTERNAL');
 });
