@@ -61,6 +61,36 @@ const configSchema = z.object({
     .min(4096)
     .default(1024 * 1024 * 1024),
   owner: z.string().default('local'),
+  /**
+   * Whether REST requests without a bearer token are refused on loopback listeners too. Unset:
+   * loopback listeners take such requests as the local admin (`owner`), every other address
+   * requires tokens. `0`/false with a non-loopback host is refused at start: an open port must
+   * never act as the admin for whoever reaches it.
+   */
+  requireAuth: z
+    .union([z.boolean(), z.enum(['1', '0', 'true', 'false'])])
+    .transform((v) => v === true || v === '1' || v === 'true')
+    .optional(),
+  /** Lifetime of a JWT from `POST /api/v1/auth/token`, seconds. */
+  tokenTtlSeconds: z.coerce
+    .number()
+    .int()
+    .min(1)
+    .max(30 * 86400)
+    .default(3600),
+  /** Longest lifetime a caller may ask for (gRPC CreateToken), seconds. */
+  maxTokenTtlSeconds: z.coerce
+    .number()
+    .int()
+    .min(60)
+    .default(7 * 86400),
+  /** API key exchanges per source address: a burst of this many, refilled at this many per minute. */
+  tokenExchangesPerMinute: z.coerce.number().int().min(1).default(60),
+  /** Quota of a user made without one (`hutch user add`): running machines, boxes and VMs. */
+  userMaxVms: z.coerce.number().int().min(0).default(10),
+  /** … and the sum of their guest memory (MiB) and vCPUs; unset: only the server's caps. */
+  userMaxMemoryMb: z.coerce.number().int().min(64).optional(),
+  userMaxVcpus: z.coerce.number().int().min(1).optional(),
   /** Restored, warmed, paused machines kept per template for instant creates; 0 disables. */
   poolSize: z.coerce.number().int().min(0).max(64).default(2),
   /** Cap on the rate machines are written to disk (suspend, branch), MB/s; 0: as fast as possible. */
@@ -161,6 +191,13 @@ const envNames: Record<string, keyof ConfigInput> = {
   HUTCH_MAX_BOX_MEMORY_MB: 'maxBoxMemoryMb',
   HUTCH_MAX_BOX_DISK_GB: 'maxBoxDiskGb',
   HUTCH_VOLUME_ROOTS: 'volumeRoots',
+  HUTCH_REQUIRE_AUTH: 'requireAuth',
+  HUTCH_TOKEN_TTL_SECONDS: 'tokenTtlSeconds',
+  HUTCH_MAX_TOKEN_TTL_SECONDS: 'maxTokenTtlSeconds',
+  HUTCH_TOKEN_EXCHANGES_PER_MINUTE: 'tokenExchangesPerMinute',
+  HUTCH_USER_MAX_VMS: 'userMaxVms',
+  HUTCH_USER_MAX_MEMORY_MB: 'userMaxMemoryMb',
+  HUTCH_USER_MAX_VCPUS: 'userMaxVcpus',
   HUTCH_INSECURE_REGISTRIES: 'insecureRegistries',
   HUTCH_EXEC_LOGS_BOX_MAX_BYTES: 'execLogsBoxMaxBytes',
   HUTCH_EXEC_LOGS_TOTAL_MAX_BYTES: 'execLogsTotalMaxBytes',
@@ -225,4 +262,25 @@ export function clientBoxesEndpoint(
     return { socketPath: resolve(env.HUTCH_BOXES_SOCKET) };
   if (env.HUTCH_BOXES_URL) return { url: env.HUTCH_BOXES_URL };
   return { socketPath: resolve(env.HUTCH_STATE_DIR || '/var/lib/hutch', 'boxes.sock') };
+}
+
+/** What the CLI authenticates with (src/client/credentials.ts): the environment's part. */
+export interface ClientCredentialsEnv {
+  /** `$HUTCH_TOKEN`: a JWT sent as is. */
+  token?: string | undefined;
+  /** `$HUTCH_API_KEY`: exchanged for a JWT per run. */
+  apiKey?: string | undefined;
+  /** `$HUTCH_CREDENTIALS`, else `$XDG_CONFIG_HOME/hutch/credentials.json` (~/.config/…). */
+  file: string;
+}
+
+export function clientCredentialsEnv(env: NodeJS.ProcessEnv = process.env): ClientCredentialsEnv {
+  const home = env.HOME || '/root';
+  return {
+    token: env.HUTCH_TOKEN || undefined,
+    apiKey: env.HUTCH_API_KEY || undefined,
+    file:
+      env.HUTCH_CREDENTIALS ||
+      resolve(env.XDG_CONFIG_HOME || resolve(home, '.config'), 'hutch', 'credentials.json'),
+  };
 }

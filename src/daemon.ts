@@ -1,11 +1,12 @@
 import { mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { noActions } from './api/api-caller.js';
 import { type BoxesApi, startBoxesApi } from './api/boxes-server.js';
 import { type HttpApi, startHttpApi } from './api/http-server.js';
+import { AuthService } from './auth/auth-service.js';
+import { anonymousFor } from './auth/listener-policy.js';
 import { inBackground } from './background.js';
 import type { Config } from './config.js';
-import { actionsFor } from './core/dispatch.js';
-import { localPrincipal } from './core/principal.js';
 import { Engine } from './engine/engine.js';
 import { type BuildProgress, TemplateBuilder, type TemplateManifest } from './images/builder.js';
 import { collectCacheGarbage } from './images/cache-gc.js';
@@ -16,6 +17,7 @@ import { chooseAccel } from './vmm/accel.js';
 
 export interface Daemon {
   engine: Engine;
+  auth: AuthService;
   http: HttpApi;
   boxes: BoxesApi;
   close(): Promise<void>;
@@ -53,6 +55,10 @@ export async function startDaemon(
   opts: { log: Logger; onProgress?: (p: BuildProgress) => void },
 ): Promise<Daemon> {
   mkdirSync(config.stateDir, { recursive: true, mode: 0o700 });
+  const auth = AuthService.open(config.stateDir, config);
+  auth.ensureAdmin();
+  // Checked before anything is built or booted: a refused listener should fail the start at once.
+  const anonymous = anonymousFor(config.host, config, auth);
   const builder = new TemplateBuilder(config.imageDir);
   if (opts.onProgress) builder.on('progress', opts.onProgress);
   // Registered before anything is built: another daemon's cache collection then keeps what this
@@ -95,27 +101,33 @@ export async function startDaemon(
       for (const w of r.warnings) opts.log('warn', 'cache collection', { warning: w });
     });
   const limits = { bodyIdleTimeoutMs: config.bodyIdleTimeoutMs, maxConnections: config.maxConnections };
+  const nobody = noActions();
   const http = await startHttpApi(engine, {
     host: config.host,
     port: config.port,
-    act: actionsFor(engine, localPrincipal(config.owner), opts.log),
+    caller: { auth, anonymous, nobody },
+    log: opts.log,
     limits,
   });
   const boxes = await startBoxesApi(engine, {
     socketPath: config.boxesSocket,
     listen: config.boxesListen,
-    act: actionsFor(engine, localPrincipal(config.owner, 'socket'), opts.log),
+    caller: { auth, nobody },
+    auth: config,
+    log: opts.log,
     version: packageVersion(),
     limits,
   });
   opts.log('info', 'listening', { url: http.url, boxes: boxes.endpoints, state_dir: config.stateDir });
   return {
     engine,
+    auth,
     http,
     boxes,
     close: async () => {
       await Promise.all([http.close(), boxes.close()]);
       await engine.close();
+      auth.close();
     },
   };
 }

@@ -1,6 +1,10 @@
 import type { Server } from 'node:http';
-import type { Actions } from '../core/dispatch.js';
+import type { Duplex } from 'node:stream';
+import type { Log } from '../background.js';
+import { actionsFor } from '../core/dispatch.js';
+import type { Principal } from '../core/principal.js';
 import type { Engine } from '../engine/engine.js';
+import type { ApiCaller } from './api-caller.js';
 import type { RequestLimits } from './http/request-guard.js';
 import { createApiServer } from './http/server.js';
 import { openApiDocument } from './openapi.js';
@@ -9,19 +13,35 @@ import { machineRoutes } from './routes.js';
 export interface HttpApi {
   server: Server;
   url: string;
+  /** Serves the machines API on a guest's API tunnel, every request acting as `principal`. */
+  acceptConnection(stream: Duplex, principal: Principal): void;
   close(): Promise<void>;
 }
 
-/** The machines API on TCP, with its OpenAPI document at /openapi.json. */
+/**
+ * The machines API on TCP, with its OpenAPI document at /openapi.json. `caller.anonymous` is
+ * whom a request without a token acts as (the local admin on a loopback listener); without it
+ * every request needs a bearer token.
+ */
 export async function startHttpApi(
   engine: Engine,
-  opts: { host: string; port: number; act: Actions; limits?: RequestLimits },
+  opts: { host: string; port: number; caller: ApiCaller; log: Log; limits?: RequestLimits },
 ): Promise<HttpApi> {
+  const { caller } = opts;
   const api = createApiServer(
     machineRoutes,
-    { engine, act: opts.act },
-    { limits: opts.limits, openapi: JSON.stringify(openApiDocument()) },
+    (p) => ({ engine, auth: caller.auth, act: p ? actionsFor(engine, p, opts.log) : caller.nobody }),
+    {
+      limits: opts.limits,
+      openapi: JSON.stringify(openApiDocument()),
+      verifyBearer: (h) => caller.auth.verifyBearer(h),
+    },
   );
-  const url = await api.listenTcp(opts.host, opts.port);
-  return { server: api.servers[0] as Server, url, close: () => api.close() };
+  const url = await api.listenTcp(opts.host, opts.port, caller.anonymous);
+  return {
+    server: api.servers[0] as Server,
+    url,
+    acceptConnection: (stream, principal) => api.acceptConnection(stream, principal),
+    close: () => api.close(),
+  };
 }

@@ -1,6 +1,7 @@
 import { performance } from 'node:perf_hooks';
 import type { WebSocket } from 'ws';
 import type { z } from 'zod';
+import type { AuthService } from '../auth/auth-service.js';
 import type { Actions } from '../core/dispatch.js';
 import type { Engine } from '../engine/engine.js';
 import { HutchError } from '../errors.js';
@@ -21,6 +22,8 @@ import { serveTerminal } from './terminal.js';
 /** What the machines API's handlers get besides the request. */
 export interface MachinesApp {
   engine: Engine;
+  /** For the token exchange (a public route) only: everything else goes through `act`. */
+  auth: AuthService;
   act: Actions;
 }
 

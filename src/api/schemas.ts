@@ -224,3 +224,19 @@ export const downloadQuery = z.object({
     .startsWith('/', 'an absolute path in the machine is required (?path=/…)')
     .describe('Absolute path in the machine.'),
 });
+
+export const tokenBody = z.object({
+  api_key: z.string().max(256).describe('An API key: "bxd_" and 40 letters and digits'),
+});
+
+export const tokenSchema = z.object({
+  token: z.string().describe('A JWT: send it as "authorization: Bearer <token>"'),
+  expires_at: z.number().int().describe('Unix seconds'),
+  user_id: z.string(),
+});
+
+export const whoamiSchema = z.object({
+  user_id: z.string(),
+  via: z.enum(['local', 'socket', 'token', 'guest']),
+  machine: z.string().optional().describe('For requests from inside a machine: which one'),
+});

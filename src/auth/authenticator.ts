@@ -15,7 +15,10 @@ export interface Authenticator {
 /** A user's account operations, for the gRPC Whoami/*Token/*ApiKey RPCs and the CLI. */
 export interface Accounts {
   whoami(p: Principal): { user_id: string };
-  createToken(p: Principal, expiresInSecs: number): Promise<{ token: string; expires_at: number; jti: string }>;
+  createToken(
+    p: Principal,
+    expiresInSecs: number,
+  ): Promise<{ token: string; expires_at: number; jti: string }>;
   listTokens(p: Principal): { jti: string; created_at: number; expires_at: number }[];
   revokeToken(p: Principal, jti: string): void;
   createApiKey(

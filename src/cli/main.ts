@@ -2,6 +2,7 @@ import { createWriteStream, readFileSync } from 'node:fs';
 import { basename } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { installFaultHandlers } from '../background.js';
+import { bearerFor } from '../client/credentials.js';
 import { ApiError, HutchClient } from '../client/http-client.js';
 import { clientUrl, loadConfig } from '../config.js';
 import { jsonLogger, startDaemon } from '../daemon.js';
@@ -9,6 +10,7 @@ import { ttlBounds } from '../engine/engine.js';
 import { type BuildProgress, TemplateBuilder } from '../images/builder.js';
 import { collectCacheGarbage, type GcReport } from '../images/cache-gc.js';
 import { ImageStore } from '../images/oci.js';
+import { accountsCommand, accountsUsage } from './accounts.js';
 import { boxCommand, boxUsage } from './box.js';
 import {
   attachTerminal,
@@ -57,6 +59,8 @@ const usage = `hutch: real computers over an API
 Client commands talk to --url or $HUTCH_URL (default http://127.0.0.1:8080). ID is a machine's
 id or its name. With --json every answer is one JSON document on stdout, errors included:
 {"code","message"} (the API's code, or USAGE / CLI_ERROR) with a non-zero exit code.
+
+${accountsUsage}
 
 Boxes (the boxes API, on the daemon's Unix socket or TCP):
 ${boxUsage}`;
@@ -179,6 +183,7 @@ async function main(argv: string[]): Promise<void> {
     return;
   }
   if (cmd === 'box') return boxCommand(rest);
+  if (['user', 'api-key', 'login', 'logout', 'whoami'].includes(cmd)) return accountsCommand(cmd, rest);
   const { flags, positionals, trailing } = parseCommand(
     rest,
     {
@@ -207,7 +212,8 @@ async function main(argv: string[]): Promise<void> {
     usage,
   );
   const json = flags.json === true;
-  const client = new HutchClient(clientUrl(flags.url as string | undefined));
+  const url = clientUrl(flags.url as string | undefined);
+  const client = new HutchClient(url, bearerFor(url));
 
   switch (cmd) {
     case 'serve':

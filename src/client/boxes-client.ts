@@ -17,7 +17,11 @@ export interface SseEvent {
  * Adds no behaviour: each method is one request.
  */
 export class BoxesClient {
-  constructor(readonly endpoint: BoxesEndpoint) {}
+  /** `headers` go with every request (e.g. an `authorization` bearer token). */
+  constructor(
+    readonly endpoint: BoxesEndpoint,
+    private readonly headers: Record<string, string> = {},
+  ) {}
 
   /** One request; resolves with the response once its headers have arrived. */
   raw(
@@ -33,7 +37,7 @@ export class BoxesClient {
             return { host: u.hostname, port: u.port, path: `${u.pathname}${u.search}` };
           })();
     return new Promise((resolve, reject) => {
-      const req = httpRequest({ ...target, method, headers: opts.headers ?? {} }, resolve);
+      const req = httpRequest({ ...target, method, headers: { ...this.headers, ...opts.headers } }, resolve);
       req.on('error', (e) =>
         reject(new ApiError(0, 'UNREACHABLE', `cannot reach the boxes API (${(e as Error).message})`)),
       );
@@ -186,8 +190,8 @@ export class BoxesClient {
     for (const [k, v] of Object.entries(q)) if (v !== undefined) params.set(k, String(v));
     const path = `/v1/boxes/${encodeURIComponent(id)}/attach${params.size ? `?${params}` : ''}`;
     return 'socketPath' in this.endpoint
-      ? new WebSocket(`ws+unix://${this.endpoint.socketPath}:${path}`)
-      : new WebSocket(new URL(path, this.endpoint.url.replace(/^http/, 'ws')));
+      ? new WebSocket(`ws+unix://${this.endpoint.socketPath}:${path}`, { headers: this.headers })
+      : new WebSocket(new URL(path, this.endpoint.url.replace(/^http/, 'ws')), { headers: this.headers });
   }
 
   /** attach, resolved once the terminal is open (paused); a refused upgrade rejects with ApiError. */

@@ -25,14 +25,34 @@ export class ApiError extends Error {
 }
 
 export class HutchClient {
-  constructor(readonly baseUrl: string) {}
+  /** `authorization()`: the header to send (a bearer token), or undefined for none. */
+  constructor(
+    readonly baseUrl: string,
+    private readonly authorization: () => Promise<string | undefined> = async () => undefined,
+  ) {}
+
+  /** `extra` plus the credential, if any. */
+  private async headers(extra: Record<string, string> = {}): Promise<Record<string, string>> {
+    let a: string | undefined;
+    try {
+      a = await this.authorization();
+    } catch (e) {
+      const err = e as { status?: number; code?: string; message: string };
+      throw new ApiError(
+        err.status ?? 0,
+        err.code ?? 'UNAUTHENTICATED',
+        `cannot get a token: ${err.message}`,
+      );
+    }
+    return a ? { ...extra, authorization: a } : extra;
+  }
 
   async request<T>(method: string, path: string, body?: unknown): Promise<T> {
     let res: Response;
     try {
       res = await fetch(new URL(path, this.baseUrl), {
         method,
-        headers: body === undefined ? {} : { 'content-type': 'application/json' },
+        headers: await this.headers(body === undefined ? {} : { 'content-type': 'application/json' }),
         body: body === undefined ? null : JSON.stringify(body),
       });
     } catch (e) {
@@ -83,8 +103,9 @@ export class HutchClient {
   /** fetch, with a daemon that is down or an error answer turned into ApiError. */
   private async send(url: URL, init: RequestInit & { duplex?: 'half' }): Promise<Response> {
     let res: Response;
+    const headers = await this.headers((init.headers ?? {}) as Record<string, string>);
     try {
-      res = await fetch(url, init);
+      res = await fetch(url, { ...init, headers });
     } catch (e) {
       if ((e as Error).name === 'AbortError') throw e;
       const cause = (e as { cause?: { code?: string } }).cause?.code ?? (e as Error).message;
@@ -185,12 +206,12 @@ export class HutchClient {
    * send its first frames, e.g. the console replay, together with the handshake): attach the
    * 'message' listener, then call `resume()`.
    */
-  openChannel(id: string, channel: string, query: Record<string, string> = {}): Promise<WebSocket> {
+  async openChannel(id: string, channel: string, query: Record<string, string> = {}): Promise<WebSocket> {
     const url = this.machinePath(id, channel);
     url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
     for (const [k, v] of Object.entries(query)) url.searchParams.set(k, v);
     return openedSocket(
-      new WebSocket(url),
+      new WebSocket(url, { headers: await this.headers() }),
       (cause) => `cannot reach the hutch daemon at ${this.baseUrl} (${cause}); is \`hutch serve\` running?`,
     );
   }

@@ -10,6 +10,7 @@ import type { Principal } from './principal.js';
  * actions change something and leave an audit line (who, what, on which object, outcome, time).
  */
 export const actionTable = {
+  whoami: { audit: false },
   list: { audit: false },
   get: { audit: false },
   create: { audit: true },

@@ -105,6 +105,12 @@ export class Admission {
           'RESOURCE_EXHAUSTED',
           `your quota allows ${quota.maxMemoryMb} MiB of guest memory (${used} MiB in use + ${row.memory_mb} MiB requested)`,
         );
+      const cpus = mine.reduce((s, r) => s + r.vcpus, 0);
+      if (quota.maxVcpus !== undefined && cpus + row.vcpus > quota.maxVcpus)
+        throw new HutchError(
+          'RESOURCE_EXHAUSTED',
+          `your quota allows ${quota.maxVcpus} vCPUs (${cpus} in use + ${row.vcpus} requested)`,
+        );
     }
     if (diskBytes > 0) checkDiskRoom(this.diskRoom(), diskBytes, `${row.kind} ${row.id}`);
   }

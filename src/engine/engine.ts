@@ -297,6 +297,11 @@ export class Engine {
 
   // ---- machines (REST /v1/machines) --------------------------------------------------------
 
+  /** Who the caller is, as the engine will treat it (GET /v1/whoami; the guest CLI's identity). */
+  whoami(p: Principal): { user_id: string; via: Principal['via']; machine?: string } {
+    return { user_id: p.user, via: p.via, ...(p.machine ? { machine: p.machine } : {}) };
+  }
+
   list(p: Principal): MachineView[] {
     return this.store
       .list(p.user)

@@ -1,8 +1,10 @@
 import { type ChildProcess, spawn } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { AuthService, authDbPath } from '../../src/auth/auth-service.js';
 import { BoxesClient } from '../../src/client/boxes-client.js';
+import { loadConfig } from '../../src/config.js';
 import { repoRoot } from '../../src/paths.js';
 import { memoryDirOf } from '../../src/vmm/memory-file.js';
 
@@ -134,16 +136,46 @@ export function memoryFilesOf(stateDir: string): string[] {
 }
 
 /**
+ * Headers that act as each user of the daemon's state dir: none for the local admin, a bearer
+ * token (a cleanup key made on the state dir, exchanged) for every other user.
+ */
+async function everyUser(d: TestDaemon): Promise<Record<string, string>[]> {
+  const out: Record<string, string>[] = [{}];
+  if (!existsSync(authDbPath(d.stateDir))) return out;
+  const auth = AuthService.open(d.stateDir, loadConfig({ stateDir: d.stateDir }, {}));
+  try {
+    for (const u of auth.store.users()) {
+      if (u.name === 'local') continue;
+      const k = auth.createApiKeyFor(u.name, 'test cleanup', 0);
+      const res = await fetch(new URL('/api/v1/auth/token', d.url), {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ api_key: k.api_key }),
+      });
+      const t = (await res.json()) as { token?: string };
+      if (t.token) out.push({ authorization: `Bearer ${t.token}` });
+    }
+  } finally {
+    auth.close();
+  }
+  return out;
+}
+
+/**
  * Deletes every machine, stops the daemon, and fails if any QEMU process, run dir or memory
  * file is left.
  */
 export async function cleanup(d: TestDaemon): Promise<void> {
   try {
-    const r = await api(d.url, 'GET', '/v1/machines');
-    for (const m of (r.body.machines as { id: string }[] | undefined) ?? [])
-      await api(d.url, 'DELETE', `/v1/machines/${m.id}`);
-    const boxes = new BoxesClient({ socketPath: d.boxesSocket });
-    for (const b of (await boxes.list<{ boxes: { id: string }[] }>()).boxes) await boxes.remove(b.id, true);
+    // Every user's machines and boxes: each user sees only their own, so each gets a token.
+    for (const headers of await everyUser(d)) {
+      const r = await fetch(new URL('/v1/machines', d.url), { headers });
+      const body = (await r.json()) as { machines?: { id: string }[] };
+      for (const m of body.machines ?? [])
+        await (await fetch(new URL(`/v1/machines/${m.id}`, d.url), { method: 'DELETE', headers })).text();
+      const boxes = new BoxesClient({ socketPath: d.boxesSocket }, headers);
+      for (const b of (await boxes.list<{ boxes: { id: string }[] }>()).boxes) await boxes.remove(b.id, true);
+    }
   } catch {
     // daemon already gone: the orphan check below still runs
   }

@@ -59,6 +59,8 @@ interface Common {
   query?: z.ZodObject;
   /** A JSON body (at most 1 MiB), validated by this schema. */
   body?: z.ZodType;
+  /** Served without authentication (the handler gets no caller's actions): health, token exchange. */
+  public?: boolean;
 }
 
 // Handlers are declared with method syntax: a route's handler takes its own parsed types, and

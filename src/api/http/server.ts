@@ -3,6 +3,7 @@ import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { type WebSocket, WebSocketServer } from 'ws';
+import type { Principal } from '../../core/principal.js';
 import { HutchError, toHutchError } from '../../errors.js';
 import { encodeEvent, writeRespectingBackpressure } from '../exec-stream.js';
 import { compileRoutes, matchRoute, requestUrl } from './match.js';
@@ -17,10 +18,18 @@ import { checkHandshake, closeCodes } from './websocket.js';
  * answers, request guard (request-guard.ts) and WebSocket upgrades.
  */
 export interface ApiServer {
-  /** Listens on TCP; resolves to the base URL. */
-  listenTcp(host: string, port: number): Promise<string>;
-  /** Listens on a Unix socket created owner-only; resolves to `unix:<path>`. */
-  listenUnix(path: string): Promise<string>;
+  /**
+   * Listens on TCP; resolves to the base URL. Requests without an `authorization` header act as
+   * `anonymous()` when given, and are refused (401) when not.
+   */
+  listenTcp(host: string, port: number, anonymous?: () => Principal): Promise<string>;
+  /** Listens on a Unix socket created owner-only (its permissions are the credential); resolves to `unix:<path>`. */
+  listenUnix(path: string, anonymous: () => Principal): Promise<string>;
+  /**
+   * Serves HTTP on a stream that is not a listener's (a guest's API tunnel): every request on it
+   * without a bearer token acts as `principal`.
+   */
+  acceptConnection(stream: Duplex, principal: Principal): void;
   readonly servers: Server[];
   /** Closes every listener and connection; WebSockets get 1001 (then are cut after 1 s). */
   close(): Promise<void>;
@@ -30,14 +39,26 @@ export interface ApiServerOptions {
   limits?: RequestLimits | undefined;
   /** Served at GET /openapi.json when given. */
   openapi?: string;
+  /**
+   * Turns an `authorization` header into a principal; throws UNAUTHENTICATED for a bad one.
+   * A request that carries a header is never treated as anonymous, whatever the listener.
+   */
+  verifyBearer(authorization: string): Promise<Principal>;
 }
+
+/** Who a request is for: its bearer token's user, else the listener's (or tunnel's) principal, else 401. */
+type Anonymous = (req: IncomingMessage) => Principal | undefined;
 
 const noop = (): void => {};
 
+/**
+ * `appFor(principal)` is what a route's handler gets (its API's actions bound to the caller);
+ * `appFor(null)` for `public` routes, which run before anyone is authenticated.
+ */
 export function createApiServer<A extends object>(
   routes: ApiRoute<A>[],
-  app: A,
-  opts: ApiServerOptions = {},
+  appFor: (principal: Principal | null) => A,
+  opts: ApiServerOptions,
 ): ApiServer {
   const compiled = compileRoutes(routes);
   const upgrades = compileRoutes(routes.filter((r) => r.kind === 'websocket'));
@@ -61,7 +82,22 @@ export function createApiServer<A extends object>(
     return { params, query, body, req };
   }
 
-  async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
+  async function principalOf(req: IncomingMessage, anonymous: Anonymous): Promise<Principal> {
+    const h = req.headers.authorization;
+    if (h !== undefined) return opts.verifyBearer(h);
+    const p = anonymous(req);
+    if (p) return p;
+    throw new HutchError(
+      'UNAUTHENTICATED',
+      'this listener requires a bearer token: exchange an API key at POST /api/v1/auth/token and send "authorization: Bearer <token>"',
+    );
+  }
+
+  async function appOf(route: ApiRoute<A>, req: IncomingMessage, anonymous: Anonymous): Promise<A> {
+    return appFor(route.public ? null : await principalOf(req, anonymous));
+  }
+
+  async function handle(req: IncomingMessage, res: ServerResponse, anonymous: Anonymous): Promise<void> {
     try {
       const url = requestUrl(req.url);
       const method = req.method ?? 'GET';
@@ -79,6 +115,7 @@ export function createApiServer<A extends object>(
           'UPGRADE_REQUIRED',
           `${url.pathname} is a WebSocket endpoint: upgrade to websocket`,
         );
+      const app = await appOf(route, req, anonymous);
       const ctx = { ...app, ...(await parts(route, m.params, url, req)) };
       const abort = new AbortController();
       res.on('close', () => {
@@ -143,7 +180,7 @@ export function createApiServer<A extends object>(
     }
   }
 
-  function onUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {
+  function onUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer, anonymous: Anonymous): void {
     socket.on('error', noop);
     let accepted = false;
     const run = async (): Promise<void> => {
@@ -157,6 +194,7 @@ export function createApiServer<A extends object>(
       checkHandshake(req);
       const route = m.route;
       if (route.kind !== 'websocket') return;
+      const app = await appOf(route, req, anonymous);
       const accept = (): Promise<WebSocket> =>
         new Promise<WebSocket>((resolve, reject) => {
           if (!socket.readable || !socket.writable) {
@@ -179,14 +217,20 @@ export function createApiServer<A extends object>(
     });
   }
 
-  const make = (): Server => {
+  const make = (anonymous: Anonymous): Server => {
     const s = createGuardedServer(opts.limits ?? defaultRequestLimits, (req, res) => {
-      void handle(req, res);
+      void handle(req, res, anonymous);
     });
-    s.on('upgrade', onUpgrade);
+    s.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) =>
+      onUpgrade(req, socket, head, anonymous),
+    );
     servers.push(s);
     return s;
   };
+  // Tunnelled connections (guests' API streams) share one server that listens nowhere; each
+  // stream's principal is looked up by its socket.
+  const tunnelled = new WeakMap<object, Principal>();
+  let tunnelServer: Server | undefined;
   const listen = (s: Server, ...args: [string] | [number, string]): Promise<void> =>
     new Promise<void>((resolve, reject) => {
       s.once('error', reject);
@@ -195,15 +239,15 @@ export function createApiServer<A extends object>(
 
   return {
     servers,
-    async listenTcp(host, port) {
-      const s = make();
+    async listenTcp(host, port, anonymous) {
+      const s = make(() => anonymous?.());
       await listen(s, port, host);
       const addr = s.address() as AddressInfo;
       return `http://${addr.family === 'IPv6' ? `[${addr.address}]` : addr.address}:${addr.port}`;
     },
-    async listenUnix(path) {
+    async listenUnix(path, anonymous) {
       rmSync(path, { force: true });
-      const s = make();
+      const s = make(() => anonymous());
       // Owner-only from the start (no window with wider permissions): whoever can open the
       // socket has full control.
       const old = process.umask(0o177);
@@ -214,6 +258,15 @@ export function createApiServer<A extends object>(
       }
       sockets.add(path);
       return `unix:${path}`;
+    },
+    acceptConnection(stream, principal) {
+      if (closed) {
+        stream.destroy();
+        return;
+      }
+      tunnelServer ??= make((req) => tunnelled.get(req.socket));
+      tunnelled.set(stream, principal);
+      tunnelServer.emit('connection', stream);
     },
     async close() {
       closed = true;
