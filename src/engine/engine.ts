@@ -33,7 +33,7 @@ import { type MachineView, toView } from './machine-view.js';
 import { HeldText, OutputBudget } from './output-budget.js';
 import { WarmPool } from './pool.js';
 import { recover } from './recovery.js';
-import { type RunAs, Runtime } from './runtime.js';
+import { type GuestApiStreamHandler, type RunAs, Runtime } from './runtime.js';
 import { activeStates, type MachineRow, Store } from './store.js';
 
 export { clampTtl, ttlBounds } from './flows/context.js';
@@ -91,6 +91,8 @@ export interface EngineParts {
   snapshots?: SnapshotCache;
   /** Run QEMU as this user (default: config.qemuUser, when it exists). */
   runAs?: RunAs | null;
+  /** Serves the API connections processes inside machines open (their `hutch`); absent: refused. */
+  onGuestApiStream?: GuestApiStreamHandler;
 }
 
 /**
@@ -155,6 +157,7 @@ export class Engine {
       execs: this.execs,
       diskPauses: () => this.diskPauses,
       closing: () => this.closing,
+      onGuestApiStream: p.onGuestApiStream,
     });
     this.snapshots =
       p.snapshots ??
