@@ -98,7 +98,9 @@ int in_guest_image(void)
 	if (n <= 0)
 		return 0;
 	self[n] = 0;
-	return strcmp(self, "/sbin/hutch-agent") == 0 || strcmp(self, "/.hutch/hutch-agent") == 0;
+	/* /usr/sbin: /sbin is a link to usr/sbin in merged-/usr images (Debian's). */
+	return strcmp(self, "/sbin/hutch-agent") == 0 || strcmp(self, "/usr/sbin/hutch-agent") == 0 ||
+	       strcmp(self, "/.hutch/hutch-agent") == 0;
 }
 
 static void link_guest_cli(void)
