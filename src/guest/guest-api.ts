@@ -61,7 +61,12 @@ export class GuestApiStream extends StreamBase {
         cb(err);
       },
     });
+    // What a net.Socket counts: the HTTP server's request guard sees a body still arriving by it.
+    Object.defineProperty(this.duplex, 'bytesRead', { get: () => this.received });
   }
+
+  /** Bytes of the agent's DATA taken so far. */
+  private received = 0;
 
   /** Open and not cancelled: what the per-connection limit counts (the agent counts alike). */
   get live(): boolean {
@@ -123,6 +128,7 @@ export class GuestApiStream extends StreamBase {
           this.grant(data.length, true);
           return true;
         }
+        this.received += data.length;
         // Copy: `data` is a view into a socket chunk that must not be retained.
         this.queue.push(Buffer.from(data));
         this.pump();
