@@ -1,4 +1,6 @@
 import { createReadStream } from 'node:fs';
+import { request as httpRequest } from 'node:http';
+import { request as httpsRequest } from 'node:https';
 import { Readable } from 'node:stream';
 import type { ReadableStream as WebReadableStream } from 'node:stream/web';
 import { WebSocket } from 'ws';
@@ -87,9 +89,48 @@ export class HutchClient {
   destroyMachine(id: string): Promise<void> {
     return this.request('DELETE', `/v1/machines/${encodeURIComponent(id)}`);
   }
-  /** `body.cmd`: an argv, or one string run with /bin/sh -c. */
+  /** `body.cmd`: an argv, or one string run with /bin/sh -c. Waits as long as the command runs. */
   exec<T = Record<string, unknown>>(id: string, body: Record<string, unknown>): Promise<T> {
-    return this.request('POST', `/v1/machines/${encodeURIComponent(id)}/exec`, body);
+    return this.requestUntimed('POST', `/v1/machines/${encodeURIComponent(id)}/exec`, body);
+  }
+
+  /**
+   * request() over node:http rather than fetch: a buffered exec answers only when its command
+   * ends, and fetch gives up on an answer whose headers take over 300 s (undici's
+   * headersTimeout), which an agent's task outlasts. The command's own timeout bounds the wait.
+   */
+  private async requestUntimed<T>(method: string, path: string, body: unknown): Promise<T> {
+    const url = new URL(path, this.baseUrl);
+    const payload = JSON.stringify(body);
+    const headers = await this.headers({
+      'content-type': 'application/json',
+      'content-length': String(Buffer.byteLength(payload)),
+    });
+    const unreachable = (e: Error & { code?: string }): ApiError =>
+      new ApiError(
+        0,
+        'UNREACHABLE',
+        `cannot reach the hutch daemon at ${this.baseUrl} (${e.code ?? e.message}); is \`hutch serve\` running?`,
+      );
+    const { status, text } = await new Promise<{ status: number; text: string }>((resolve, reject) => {
+      const send = url.protocol === 'https:' ? httpsRequest : httpRequest;
+      const req = send(url, { method, headers }, (res) => {
+        const chunks: Buffer[] = [];
+        res.on('data', (c: Buffer) => chunks.push(c));
+        res.on('end', () =>
+          resolve({ status: res.statusCode ?? 0, text: Buffer.concat(chunks).toString('utf8') }),
+        );
+        res.on('error', (e) => reject(unreachable(e)));
+      });
+      req.on('error', (e) => reject(unreachable(e)));
+      req.end(payload);
+    });
+    const json: unknown = text ? JSON.parse(text) : undefined;
+    if (status < 200 || status > 299) {
+      const e = (json ?? {}) as { code?: string; message?: string };
+      throw new ApiError(status, e.code ?? `HTTP_${status}`, e.message ?? `HTTP ${status}`);
+    }
+    return json as T;
   }
   /** Forks a running machine into a live clone (`hutch fork`): POST /branch. */
   branch<T = Record<string, unknown>>(id: string, body: Record<string, unknown> = {}): Promise<T> {
