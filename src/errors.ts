@@ -140,6 +140,11 @@ export const errorTable = {
   USER_EXISTS: { http: 409, grpc: 'ALREADY_EXISTS', doc: 'A user with this name already exists.' },
   API_KEY_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No API key of yours has this id.' },
   TOKEN_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No token of yours has this jti.' },
+  PERMISSION_DENIED: {
+    http: 403,
+    grpc: 'PERMISSION_DENIED',
+    doc: 'The caller may not do this at all (e.g. mint API keys or tokens from inside a machine, whose identity must not leave it).',
+  },
   NOT_SUPPORTED: {
     http: 409,
     grpc: 'FAILED_PRECONDITION',

@@ -85,6 +85,17 @@ export const boxSchema = z.object({
   accel: z.string(),
   mode: z.enum(['cold', 'snapshot']).describe("snapshot: restored from the image's snapshot; cold: booted."),
   boot_ms: z.number().nullable(),
+  // Set through the engine's other adapters (gRPC VMs); boxes made here have the defaults.
+  auto_suspend_seconds: z
+    .number()
+    .optional()
+    .describe('Idle seconds before it is suspended to disk (0: never).'),
+  auto_destroy_seconds: z.number().optional().describe('Seconds from create until it is removed (0: never).'),
+  expires_at: z.string().nullable().optional().describe('When auto-destroy removes it.'),
+  restart_policy: z.enum(['no', 'always', 'on-failure']).optional().describe('What happens when cmd exits.'),
+  cmd: z.array(z.string()).nullable().optional().describe('Started in the background after every boot.'),
+  forked_from: z.string().nullable().optional().describe('The box this one was forked from.'),
+  template: z.string().nullable().optional().describe('The user template it was created from.'),
 });
 
 export const boxListSchema = z.object({ boxes: z.array(boxSchema) });

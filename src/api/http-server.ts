@@ -30,7 +30,7 @@ export async function startHttpApi(
   const { caller } = opts;
   const api = createApiServer(
     machineRoutes,
-    (p) => ({ engine, auth: caller.auth, act: p ? actionsFor(engine, p, opts.log) : caller.nobody }),
+    (p) => ({ engine, auth: caller.auth, me: p, act: p ? actionsFor(engine, p, opts.log) : caller.nobody }),
     {
       limits: opts.limits,
       openapi: JSON.stringify(openApiDocument()),

@@ -3,6 +3,7 @@ import type { WebSocket } from 'ws';
 import type { z } from 'zod';
 import type { AuthService } from '../auth/auth-service.js';
 import type { Actions } from '../core/dispatch.js';
+import type { Principal } from '../core/principal.js';
 import type { Engine } from '../engine/engine.js';
 import { HutchError } from '../errors.js';
 import type { ConsoleTap } from '../vmm/console.js';
@@ -24,6 +25,8 @@ export interface MachinesApp {
   engine: Engine;
   /** For the token exchange (a public route) only: everything else goes through `act`. */
   auth: AuthService;
+  /** Who the request is for (null on public routes); the account routes need it, nothing else. */
+  me: Principal | null;
   act: Actions;
 }
 

@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { accountRoutes } from './account-routes.js';
 import { type ApiRoute, routesOf } from './http/routes.js';
 import { attach, download, execStream, type MachinesApp, tty, upload } from './machine-channels.js';
 import {
@@ -14,10 +15,7 @@ import {
   lifecycleResultSchema,
   machineListSchema,
   machineSchema,
-  tokenBody,
-  tokenSchema,
   uploadResultSchema,
-  whoamiSchema,
 } from './schemas.js';
 
 const route = routesOf<MachinesApp>();
@@ -39,26 +37,6 @@ export const machineRoutes: ApiRoute<MachinesApp>[] = [
     // Public: a load balancer's probe has no token, and nothing here is any user's.
     public: true,
     handle: ({ engine }) => engine.health(),
-  }),
-  route.json({
-    method: 'POST',
-    path: '/api/v1/auth/token',
-    summary: 'Exchange an API key for a short-lived JWT (rate-limited per source address)',
-    description:
-      'Send the JWT as `authorization: Bearer <token>` on every REST request, WebSocket and gRPC call. A revoked token, or one whose API key was deleted, stops working at once.',
-    body: tokenBody,
-    response: tokenSchema,
-    status: 200,
-    public: true,
-    handle: ({ auth, body, req }) => auth.exchange(body.api_key, req.socket.remoteAddress ?? 'tunnel'),
-  }),
-  route.json({
-    method: 'GET',
-    path: '/v1/whoami',
-    summary: 'The user this request acts for, and how it was authenticated',
-    response: whoamiSchema,
-    status: 200,
-    handle: ({ act }) => act.whoami(),
   }),
   route.json({
     method: 'POST',
@@ -256,4 +234,5 @@ export const machineRoutes: ApiRoute<MachinesApp>[] = [
     query: attachQuery,
     handle: attach,
   }),
+  ...accountRoutes,
 ];

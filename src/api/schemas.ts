@@ -240,3 +240,38 @@ export const whoamiSchema = z.object({
   via: z.enum(['local', 'socket', 'token', 'guest']),
   machine: z.string().optional().describe('For requests from inside a machine: which one'),
 });
+
+export const tokenInfoSchema = z.object({
+  jti: z.string(),
+  created_at: z.number().int(),
+  expires_at: z.number().int(),
+});
+
+export const createTokenBody = z.object({
+  expires_in_secs: z
+    .number()
+    .int()
+    .min(0)
+    .default(0)
+    .describe('0: the server default (HUTCH_TOKEN_TTL_SECONDS)'),
+});
+
+export const apiKeyInfoSchema = z.object({
+  id: z.string(),
+  name: z.string(),
+  key_prefix: z.string(),
+  created_at: z.number().int(),
+  last_used_at: z.number().int().describe('0: never'),
+  expires_at: z.number().int().describe('0: never'),
+});
+
+export const createApiKeyBody = z.object({
+  name: z.string().max(128).default(''),
+  expires_in_secs: z.number().int().min(0).default(0).describe('0: never expires'),
+});
+
+export const createdApiKeySchema = z.object({
+  id: z.string(),
+  api_key: z.string().describe('The key: shown this once, stored only as a hash'),
+  expires_at: z.number().int(),
+});

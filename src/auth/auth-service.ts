@@ -212,6 +212,7 @@ export class AuthService implements Authenticator, Accounts {
     p: Principal,
     expiresInSecs: number,
   ): Promise<{ token: string; expires_at: number; jti: string }> {
+    noCredentialsFromGuests(p);
     const ttl = expiresInSecs === 0 ? this.config.tokenTtlSeconds : expiresInSecs;
     if (!Number.isInteger(ttl) || ttl < 1 || ttl > this.config.maxTokenTtlSeconds)
       throw new HutchError(
@@ -223,12 +224,14 @@ export class AuthService implements Authenticator, Accounts {
   }
 
   listTokens(p: Principal): { jti: string; created_at: number; expires_at: number }[] {
+    noCredentialsFromGuests(p);
     return this.store
       .liveTokensOf(p.user, now())
       .map((t) => ({ jti: t.jti, created_at: t.created_at, expires_at: t.expires_at }));
   }
 
   revokeToken(p: Principal, jti: string): void {
+    noCredentialsFromGuests(p);
     if (!this.store.revokeToken(p.user, jti, now()))
       throw new HutchError('TOKEN_NOT_FOUND', `no live token of yours has jti ${JSON.stringify(jti)}`);
   }
@@ -238,6 +241,7 @@ export class AuthService implements Authenticator, Accounts {
     name: string,
     expiresInSecs: number,
   ): { id: string; api_key: string; expires_at: number } {
+    noCredentialsFromGuests(p);
     return this.createApiKeyFor(p.user, name, expiresInSecs);
   }
 
@@ -279,6 +283,7 @@ export class AuthService implements Authenticator, Accounts {
     last_used_at: number;
     expires_at: number;
   }[] {
+    noCredentialsFromGuests(p);
     return this.store.keysOf(p.user).map((k) => ({
       id: k.id,
       name: k.name,
@@ -290,9 +295,22 @@ export class AuthService implements Authenticator, Accounts {
   }
 
   deleteApiKey(p: Principal, id: string): void {
+    noCredentialsFromGuests(p);
     if (!this.store.deleteKey(p.user, id, now()))
       throw new HutchError('API_KEY_NOT_FOUND', `no API key of yours has id ${JSON.stringify(id)}`);
   }
+}
+
+/**
+ * A machine acts as its owner only from inside itself: a credential minted there (or a key or
+ * token of the owner's revoked or listed from there) would let that identity leave the guest.
+ */
+function noCredentialsFromGuests(p: Principal): void {
+  if (p.via === 'guest')
+    throw new HutchError(
+      'PERMISSION_DENIED',
+      'API keys and tokens cannot be made or managed from inside a machine; use the host CLI or another client',
+    );
 }
 
 function quotaOf(u: UserRow): Quota | undefined {

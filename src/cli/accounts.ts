@@ -17,6 +17,8 @@ file permissions):
                                    prints the key once: {"id","api_key","expires_at"}
   hutch api-key list --user NAME [--json]  |  hutch api-key delete --user NAME ID
                                    deleting a key revokes every token exchanged for it
+  hutch api-key create|list|delete …  (without --user: your own keys, through the API)
+  hutch token create [--expires-in S] | list | revoke JTI   your tokens, through the API
   hutch login --api-key KEY|- [--url U] [--json]   checks the key and saves it for this server
                                    (~/.config/hutch/credentials.json, or $HUTCH_CREDENTIALS)
   hutch logout [--url U]  |  hutch whoami [--url U] [--json]
@@ -67,7 +69,11 @@ async function run(cmd: string, flags: Flags, pos: string[], json: boolean): Pro
     case 'user':
       return withAuth(flags, (auth) => userCommand(auth, flags, pos, json));
     case 'api-key':
+      // With --user: on the state dir (bootstrap). Without: your own keys, through the API.
+      if (flags.user === undefined) return remoteApiKeyCommand(url, flags, pos, json);
       return withAuth(flags, (auth) => apiKeyCommand(auth, flags, pos, json));
+    case 'token':
+      return tokenCommand(url, flags, pos, json);
     case 'login': {
       let key = (flags['api-key'] as string | undefined) ?? clientCredentialsEnv().apiKey;
       if (key === '-') key = readFileSync(0, 'utf8').trim();
@@ -169,6 +175,73 @@ function userCommand(auth: AuthService, flags: Flags, pos: string[], json: boole
     return;
   }
   throw new Usage('usage: hutch user add NAME | user list | user quota NAME [--max-vms N] …');
+}
+
+function client(url: string): HutchClient {
+  return new HutchClient(url, bearerFor(url));
+}
+
+function expiresIn(flags: Flags): number {
+  const exp = flags['expires-in'] === undefined ? 0 : Number(flags['expires-in']);
+  if (!Number.isInteger(exp) || exp < 0)
+    throw new Usage('--expires-in wants whole seconds (0 = the default)');
+  return exp;
+}
+
+async function remoteApiKeyCommand(url: string, flags: Flags, pos: string[], json: boolean): Promise<void> {
+  const c = client(url);
+  const [sub, id] = pos;
+  if (sub === 'create') {
+    const k = await c.request<{ api_key: string }>('POST', '/api/v1/api-keys', {
+      name: (flags.name as string | undefined) ?? '',
+      expires_in_secs: expiresIn(flags),
+    });
+    if (json) printJson(k);
+    else process.stdout.write(`${k.api_key}\n`);
+    return;
+  }
+  if (sub === 'list' || sub === 'ls') {
+    const r = await c.request<{ keys: { id: string; key_prefix: string; name: string }[] }>(
+      'GET',
+      '/api/v1/api-keys',
+    );
+    if (json) printJson(r);
+    else for (const k of r.keys) process.stdout.write(`${k.id}\t${k.key_prefix}…\t${k.name}\n`);
+    return;
+  }
+  if ((sub === 'delete' || sub === 'rm') && id) {
+    await c.request('DELETE', `/api/v1/api-keys/${encodeURIComponent(id)}`);
+    if (json) printJson({ deleted: id });
+    return;
+  }
+  throw new Usage('usage: hutch api-key create [--name LABEL] [--expires-in S] | list | delete ID');
+}
+
+async function tokenCommand(url: string, flags: Flags, pos: string[], json: boolean): Promise<void> {
+  const c = client(url);
+  const [sub, jti] = pos;
+  if (sub === 'create') {
+    const t = await c.request<{ token: string }>('POST', '/api/v1/tokens', {
+      expires_in_secs: expiresIn(flags),
+    });
+    if (json) printJson(t);
+    else process.stdout.write(`${t.token}\n`);
+    return;
+  }
+  if (sub === 'list' || sub === 'ls') {
+    const r = await c.request<{ tokens: { jti: string; expires_at: number }[] }>('GET', '/api/v1/tokens');
+    if (json) printJson(r);
+    else
+      for (const t of r.tokens)
+        process.stdout.write(`${t.jti}\texpires ${new Date(t.expires_at * 1000).toISOString()}\n`);
+    return;
+  }
+  if ((sub === 'revoke' || sub === 'rm') && jti) {
+    await c.request('DELETE', `/api/v1/tokens/${encodeURIComponent(jti)}`);
+    if (json) printJson({ revoked: jti });
+    return;
+  }
+  throw new Usage('usage: hutch token create [--expires-in S] | list | revoke JTI');
 }
 
 function apiKeyCommand(auth: AuthService, flags: Flags, pos: string[], json: boolean): void {

@@ -183,7 +183,8 @@ async function main(argv: string[]): Promise<void> {
     return;
   }
   if (cmd === 'box') return boxCommand(rest);
-  if (['user', 'api-key', 'login', 'logout', 'whoami'].includes(cmd)) return accountsCommand(cmd, rest);
+  if (['user', 'api-key', 'token', 'login', 'logout', 'whoami'].includes(cmd))
+    return accountsCommand(cmd, rest);
   const { flags, positionals, trailing } = parseCommand(
     rest,
     {

@@ -37,6 +37,16 @@ export const actionTable = {
   cancelExec: { audit: true },
   openBoxSession: { audit: true },
   runOnce: { audit: true },
+  forkBox: { audit: true },
+  suspendBox: { audit: true },
+  resumeBox: { audit: true },
+  rebootBox: { audit: true },
+  setBoxTimers: { audit: true },
+  boxConsoleOf: { audit: true },
+  createTemplate: { audit: true },
+  listTemplates: { audit: false },
+  getTemplate: { audit: false },
+  deleteTemplate: { audit: true },
 } as const satisfies Record<string, { audit: boolean }>;
 
 export type ActionName = keyof typeof actionTable;

@@ -20,7 +20,21 @@ export interface BoxSpec {
   volumes: BoxVolume[] | null;
   /** The image's own environment (OCI config Env), applied before `env`. */
   image_env: string[];
+  /** Started in the background after every boot (create, start, reboot), output to the console. */
+  cmd?: string[] | null;
+  /** What happens when `cmd` exits: no (default), always, on-failure (flows/box-cmd.ts). */
+  restart_policy?: RestartPolicy | null;
+  /** The user template (`tpl-…`) the box was created from. */
+  template_id?: string | null;
+  /**
+   * The VM runs with every volume slot filled (restored from its image's snapshot, or forked
+   * from a box that was): a restore of its saved state (resume, fork) needs the same devices.
+   */
+  slots?: boolean;
 }
+
+export const restartPolicies = ['no', 'always', 'on-failure'] as const;
+export type RestartPolicy = (typeof restartPolicies)[number];
 
 /** A box as the boxes API shows it (field names and order as in the spec). */
 export interface BoxView {
@@ -44,6 +58,18 @@ export interface BoxView {
   /** How the box last booted: `snapshot` (restored from its image's snapshot) or `cold`. */
   mode: 'cold' | 'snapshot';
   boot_ms: number | null;
+  /** Idle seconds before the box is suspended to disk (0: never); it wakes on use. */
+  auto_suspend_seconds: number;
+  /** Seconds from create (or the last timer change) until the box is removed (0: never). */
+  auto_destroy_seconds: number;
+  /** When auto-destroy removes it. */
+  expires_at: string | null;
+  restart_policy: RestartPolicy;
+  cmd: string[] | null;
+  /** The box this one was forked from. */
+  forked_from: string | null;
+  /** The user template it was created from (`tpl-…`). */
+  template: string | null;
 }
 
 export function boxSpecOf(row: MachineRow): BoxSpec {
@@ -83,6 +109,13 @@ export function toBoxView(row: MachineRow): BoxView {
     accel: row.accel,
     mode: row.mode === 'snapshot' ? 'snapshot' : 'cold',
     boot_ms: row.boot_ms,
+    auto_suspend_seconds: row.auto_suspend_seconds ?? 0,
+    auto_destroy_seconds: row.ttl_seconds ?? 0,
+    expires_at: specTime(row.expires_at),
+    restart_policy: spec.restart_policy ?? 'no',
+    cmd: spec.cmd ?? null,
+    forked_from: row.parent_id,
+    template: spec.template_id ?? null,
   };
 }
 

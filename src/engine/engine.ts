@@ -15,19 +15,36 @@ import { agentLink, type GuestLink, type Hypervisor, qemuHypervisor } from '../v
 import { memoryDirOf } from '../vmm/memory-file.js';
 import { traversableByQemu } from '../vmm/run-dir.js';
 import { Admission } from './admission.js';
-import { type BoxExecRequest, BoxExecs, execEnv, execError } from './box-execs.js';
+import { type BoxExecRequest, BoxExecs, execEnv } from './box-execs.js';
 import { type BoxView, boxSpecOf, type ExecView, toBoxView } from './box-view.js';
 import { DiskPauses } from './disk-pauses.js';
 import type { DiskRoom } from './disk-room.js';
 import type { ExecEvent } from './exec-log.js';
+import { type BoxTimers, setBoxTimers } from './flows/box-timers.js';
 import { branchMachine } from './flows/branch.js';
 import type { FlowContext } from './flows/context.js';
-import { boxLimits, type CreateBox, type CreateMachine, createBox, createMachine } from './flows/create.js';
+import {
+  boxLimits,
+  type CreateBox,
+  type CreateBoxRequest,
+  type CreateMachine,
+  createBox,
+  createMachine,
+} from './flows/create.js';
+import { type RunResult, runOnce } from './flows/run-once.js';
 import { takeSnapshot } from './flows/snapshot.js';
-import { startBox, stopBox } from './flows/stop-start.js';
+import { rebootBox, startBox, stopBox } from './flows/stop-start.js';
 import { pauseMachine, resumeMachine, suspendMachine } from './flows/suspend.js';
+import {
+  type CreateTemplate,
+  createTemplate,
+  deleteTemplate,
+  failInterruptedBuilds,
+  findTemplate,
+  type TemplateView,
+  toTemplateView,
+} from './flows/templates.js';
 import type { ImageResolver } from './images.js';
-import { checkTransition } from './lifecycle.js';
 import { type Machine, Registry } from './machine.js';
 import { type MachineView, toView } from './machine-view.js';
 import { HeldText, OutputBudget } from './output-budget.js';
@@ -35,9 +52,12 @@ import { WarmPool } from './pool.js';
 import { recover } from './recovery.js';
 import { type GuestApiStreamHandler, type RunAs, Runtime } from './runtime.js';
 import { activeStates, type MachineRow, Store } from './store.js';
+import { sweepMachines } from './sweeper.js';
 
+export type { BoxTimers } from './flows/box-timers.js';
 export { clampTtl, ttlBounds } from './flows/context.js';
-export type { CreateBox, CreateMachine } from './flows/create.js';
+export type { CreateBox, CreateBoxRequest, CreateMachine } from './flows/create.js';
+export type { CreateTemplate, TemplateView } from './flows/templates.js';
 export type { BootImage, ImageResolver } from './images.js';
 
 export interface ExecRequest {
@@ -73,15 +93,7 @@ export interface Health {
   disk: DiskRoom;
 }
 
-export interface RunResult {
-  exit_code: number | null;
-  stdout: HeldText;
-  stderr: HeldText;
-  error_message: string | null;
-  /** As an exec's: completed, timed_out or failed (could not start); with the killing signal. */
-  status: 'completed' | 'timed_out' | 'failed';
-  signal: number | null;
-}
+export type { RunResult } from './flows/run-once.js';
 
 /** What the engine is built from; everything but the config has a real default. */
 export interface EngineParts {
@@ -192,6 +204,7 @@ export class Engine {
     // Exec streams live on the agent connection of the daemon that started them: a restart
     // ends them (the agent kills their processes when that connection goes).
     this.execs.endOrphans('the daemon restarted while the command ran');
+    failInterruptedBuilds(this.store);
     await recover(this.rt);
     this.sweeper = setInterval(() => this.rt.background('sweep', {}, () => this.sweep()), 500);
     this.sweeper.unref();
@@ -473,8 +486,72 @@ export class Engine {
     return toBoxView(this.find(p, idOrName, 'box'));
   }
 
-  async createBox(p: Principal, req: CreateBox): Promise<BoxView> {
+  async createBox(p: Principal, req: CreateBoxRequest): Promise<BoxView> {
     return toBoxView(await createBox(this.cx, p, req));
+  }
+
+  /**
+   * A live branch of a running or paused box (a suspended one is woken first, as on any use):
+   * same memory, processes and files, its own id, name and copy of the disk.
+   */
+  async forkBox(
+    p: Principal,
+    idOrName: string,
+    req: { name?: string },
+  ): Promise<BoxView & { forked_from: string; boot_ms: number }> {
+    const source = await this.locked(p, idOrName, 'box', async (m, row) => {
+      if (row.state === 'suspended') await resumeMachine(this.cx, m);
+      m.touch();
+      return row.id;
+    });
+    const r = await branchMachine(this.cx, p, this.find(p, source, 'box'), req);
+    return { ...toBoxView(r), forked_from: source, boot_ms: r.boot_ms ?? 0 };
+  }
+
+  async suspendBox(p: Principal, idOrName: string): Promise<BoxView & { suspend_us: number }> {
+    const r = await this.locked(p, idOrName, 'box', (m) => suspendMachine(this.cx, m));
+    return { ...toBoxView(r.row), suspend_us: r.us };
+  }
+
+  async resumeBox(p: Principal, idOrName: string): Promise<BoxView & { resume_us: number }> {
+    const r = await this.locked(p, idOrName, 'box', (m) => resumeMachine(this.cx, m));
+    return { ...toBoxView(r.row), resume_us: r.us };
+  }
+
+  async rebootBox(p: Principal, idOrName: string): Promise<BoxView> {
+    return toBoxView(await this.locked(p, idOrName, 'box', (m) => rebootBox(this.cx, m, p.quota)));
+  }
+
+  setBoxTimers(p: Principal, idOrName: string, t: BoxTimers): BoxView {
+    const row = this.find(p, idOrName, 'box');
+    return toBoxView(setBoxTimers(this.cx, this.rt.machine(row), row, t));
+  }
+
+  /** The serial console of a running (or paused) box: what its `cmd` and kernel print. */
+  boxConsoleOf(p: Principal, idOrName: string): { id: string; console: ConsoleTap } {
+    const row = this.find(p, idOrName, 'box');
+    const vm = this.registry.get(row.id)?.vm;
+    if (!vm || (row.state !== 'running' && row.state !== 'paused'))
+      throw new HutchError('BOX_NOT_RUNNING', `box ${row.id} is ${row.state}`);
+    return { id: row.id, console: vm.console };
+  }
+
+  // ---- user templates ------------------------------------------------------------------------
+
+  async createTemplate(p: Principal, req: CreateTemplate): Promise<TemplateView> {
+    return toTemplateView(await createTemplate(this.cx, p, req));
+  }
+
+  listTemplates(p: Principal): TemplateView[] {
+    return this.store.listTemplates(p.user).map(toTemplateView);
+  }
+
+  getTemplate(p: Principal, idOrName: string): TemplateView {
+    return toTemplateView(findTemplate(this.store, p, idOrName));
+  }
+
+  deleteTemplate(p: Principal, idOrName: string): void {
+    deleteTemplate(this.cx, p, idOrName);
   }
 
   async stopBox(p: Principal, idOrName: string): Promise<BoxView> {
@@ -561,50 +638,8 @@ export class Engine {
   }
 
   /** Ephemeral run: a box for one command, removed afterwards whatever happened. */
-  async runOnce(p: Principal, req: CreateBox & { cmd: string[]; timeoutMs?: number }): Promise<RunResult> {
-    const box = await createBox(this.cx, p, { ...req, name: undefined } as CreateBox);
-    const m = this.rt.machine(box);
-    try {
-      const agent = this.rt.agentOf(box);
-      const spec = boxSpecOf(box);
-      try {
-        const r = await agent.execBuffered(
-          {
-            argv: req.cmd,
-            env: execEnv(spec, undefined),
-            cwd: spec.workdir,
-            ...(req.timeoutMs ? { timeoutMs: req.timeoutMs } : {}),
-          },
-          { maxOutputBytes: this.config.execMaxOutputBytes, allowance: this.execOutput },
-        );
-        return {
-          exit_code: r.exitCode,
-          stdout: new HeldText(r.stdout, this.execOutput),
-          stderr: new HeldText(r.stderr, this.execOutput),
-          status: r.timedOut ? 'timed_out' : 'completed',
-          signal: r.signal,
-          error_message: r.timedOut
-            ? `killed after its timeout of ${req.timeoutMs} ms`
-            : r.signal !== null
-              ? `killed by signal ${r.signal}`
-              : r.truncated
-                ? `output was cut: over ${this.config.execMaxOutputBytes} bytes, or the server's buffer for all runs at once (${this.config.execBufferBytes} bytes) was full`
-                : null,
-        };
-      } catch (e) {
-        const err = execError(req.cmd, e);
-        return {
-          exit_code: null,
-          stdout: new HeldText(),
-          stderr: new HeldText(),
-          error_message: err.message,
-          status: 'failed',
-          signal: null,
-        };
-      }
-    } finally {
-      await m.lock.run(() => this.rt.end(m, 'deleted'));
-    }
+  runOnce(p: Principal, req: CreateBox & { cmd: string[]; timeoutMs?: number }): Promise<RunResult> {
+    return runOnce(this.cx, p, req, this.execOutput);
   }
 
   // ---- the sweeper ---------------------------------------------------------------------------
@@ -614,41 +649,7 @@ export class Engine {
     this.cx.pool.shrinkUnderPressure();
     this.execs.flush();
     this.rt.background('disk pause check', {}, () => this.diskPauses.check());
-    for (const row of this.store.list()) {
-      const m = this.rt.machine(row);
-      if (m.lock.busy) continue;
-      if (row.expires_at && new Date(row.expires_at).getTime() <= Date.now() && row.state !== 'destroying') {
-        this.rt.background('ttl expiry', { id: row.id }, () => this.rt.expire(row.id));
-      } else if (row.state === 'destroying') {
-        // An end whose last write failed (a full disk): its resources are gone, the row not yet.
-        this.rt.background('destroy retry', { id: row.id }, () => this.rt.endLocked(row.id, 'deleted'));
-      } else if (
-        (row.state === 'running' || row.state === 'paused') &&
-        row.pid !== null &&
-        !this.hv.isAlive(row.pid)
-      ) {
-        this.rt.background('failure cleanup', { id: row.id }, () =>
-          this.rt.endLocked(row.id, 'failed', 'qemu exited unexpectedly'),
-        );
-      } else if (row.state === 'running' && this.idleSuspendDue(row, m)) {
-        this.rt.background('auto-suspend', { id: row.id }, () =>
-          m.lock.run(async () => {
-            // Still idle once the lock is ours: a request may have come in meanwhile.
-            const now = this.store.get(row.id);
-            if (now?.state === 'running' && this.idleSuspendDue(now, m)) await suspendMachine(this.cx, m);
-          }),
-        );
-      }
-    }
-  }
-
-  /** Idle: no request touched the machine for its auto-suspend timeout (0 = never). */
-  private idleSuspendDue(row: MachineRow, m: Machine): boolean {
-    const timeout = row.auto_suspend_seconds ?? this.config.autoSuspendSeconds;
-    if (!timeout || m.sessions > 0) return false;
-    checkTransition(row, 'suspend');
-    const last = Math.max(m.lastActive, Date.parse(row.created_at));
-    return Date.now() - last >= timeout * 1000;
+    sweepMachines(this.cx);
   }
 
   /**

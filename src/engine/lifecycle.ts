@@ -66,13 +66,39 @@ const machineTable: Table = {
 };
 
 /**
- * A box (REST /v1/boxes) is a machine with another policy: no TTL, stop/start instead of
- * suspend, and a failure stops it (its disk is its user's data) instead of marking it failed.
+ * A box (REST /v1/boxes, gRPC VMs) is a machine with another policy: no TTL unless it has an
+ * auto-destroy timeout, stop/start (and reboot: both) as well as suspend to disk and branch
+ * (fork), and a failure stops it (its disk is its user's data) instead of marking it failed.
+ * Stopping a suspended box wakes it first (stopping → the guest powers off, so what it had in
+ * its page cache reaches the disk); when its saved state cannot be restored, the state is
+ * dropped and the box is stopped with its disk as the suspend left it (flows/stop-start.ts).
+ * Starting a suspended box, or using it (exec, files, sessions), wakes it.
  */
 const boxTable: Table = {
   starting: { booted: 'running', stopped: 'stopped', fail: 'stopped', ...live },
-  running: { stop: 'stopping', start: 'running', work: 'running', fail: 'stopped', ...live },
-  paused: { stop: 'stopping', fail: 'stopped', ...live },
+  running: {
+    stop: 'stopping',
+    start: 'running',
+    pause: 'paused',
+    suspend: 'suspending',
+    continue: 'running',
+    branch: 'running',
+    work: 'running',
+    fail: 'stopped',
+    ...live,
+  },
+  paused: {
+    stop: 'stopping',
+    continue: 'running',
+    pause: 'paused',
+    suspend: 'suspending',
+    branch: 'paused',
+    fail: 'stopped',
+    ...live,
+  },
+  suspending: { suspended: 'suspended', 'suspend-undone': 'running', fail: 'stopped', ...live },
+  suspended: { wake: 'resuming', suspend: 'suspended', stop: 'stopping', ...live },
+  resuming: { woke: 'running', 'wake-failed': 'suspended', fail: 'stopped', ...live },
   stopping: { stopped: 'stopped', fail: 'stopped', ...live },
   stopped: { start: 'starting', stop: 'stopped', ...live },
   destroying: { ...live },
@@ -159,6 +185,7 @@ export function recoveryOf(row: MachineRow, found: { alive: boolean; saved: bool
       return saved ? 'back-to-suspended' : 'fail';
     case 'resuming':
       return saved ? 'back-to-suspended' : 'fail';
+    // A box's too: a suspended box stays suspended (wakes on use), its auto-destroy re-armed.
     case 'suspended':
     case 'failed':
       return 'keep';

@@ -71,6 +71,22 @@ export interface ExecRow {
   finished_at: string | null;
 }
 
+/** A user's template (gRPC CreateTemplate): an image and a size whose box snapshot is kept ready. */
+export interface TemplateRow {
+  id: string;
+  owner: string;
+  name: string;
+  image: string;
+  status: 'building' | 'ready' | 'failed';
+  cpu: number;
+  memory_mb: number;
+  disk_size_gb: number;
+  /** The image as resolved when the template was made (BootImage JSON): boxes boot exactly it. */
+  manifest: string | null;
+  error: string | null;
+  created_at: string;
+}
+
 const migrations: string[] = [
   `CREATE TABLE machines (
      id TEXT PRIMARY KEY,
@@ -112,6 +128,20 @@ const migrations: string[] = [
      finished_at TEXT
    );
    CREATE INDEX execs_box ON execs(box_id, created_at);`,
+  `CREATE TABLE templates (
+     id TEXT PRIMARY KEY,
+     owner TEXT NOT NULL,
+     name TEXT NOT NULL,
+     image TEXT NOT NULL,
+     status TEXT NOT NULL,
+     cpu INTEGER NOT NULL,
+     memory_mb INTEGER NOT NULL,
+     disk_size_gb INTEGER NOT NULL,
+     manifest TEXT,
+     error TEXT,
+     created_at TEXT NOT NULL
+   );
+   CREATE UNIQUE INDEX templates_owner_name ON templates(owner, name);`,
 ];
 
 /**
@@ -267,6 +297,55 @@ export class Store {
   /** Execs left running by a daemon that died: their streams died with its connection. */
   runningExecs(): ExecRow[] {
     return this.db.prepare("SELECT * FROM execs WHERE status = 'running'").all() as ExecRow[];
+  }
+
+  /** Inserts a template; a name the owner already uses is NAME_TAKEN (checked by the index). */
+  insertTemplate(row: TemplateRow): void {
+    this.write(() => {
+      try {
+        this.db
+          .prepare(
+            `INSERT INTO templates (id, owner, name, image, status, cpu, memory_mb, disk_size_gb, manifest, error, created_at)
+           VALUES (@id, @owner, @name, @image, @status, @cpu, @memory_mb, @disk_size_gb, @manifest, @error, @created_at)`,
+          )
+          .run(row);
+      } catch (e) {
+        if (String((e as { code?: unknown }).code) === 'SQLITE_CONSTRAINT_UNIQUE')
+          throw new HutchError('NAME_TAKEN', `a template named ${JSON.stringify(row.name)} already exists`);
+        throw e;
+      }
+    });
+  }
+
+  updateTemplate(id: string, fields: Partial<Omit<TemplateRow, 'id' | 'owner'>>): void {
+    this.write(() => {
+      const keys = Object.keys(fields);
+      if (keys.length === 0) return;
+      const set = keys.map((k) => `${k} = @${k}`).join(', ');
+      this.db.prepare(`UPDATE templates SET ${set} WHERE id = @id`).run({ ...fields, id });
+    });
+  }
+
+  /** The owner's template by id or name. */
+  findTemplate(owner: string, idOrName: string): TemplateRow | undefined {
+    return this.db
+      .prepare('SELECT * FROM templates WHERE owner = ? AND (id = ? OR name = ?) ORDER BY id = ? DESC')
+      .get(owner, idOrName, idOrName, idOrName) as TemplateRow | undefined;
+  }
+
+  /** Every template of `owner`, or of everyone. */
+  listTemplates(owner?: string): TemplateRow[] {
+    return (
+      owner === undefined
+        ? this.db.prepare('SELECT * FROM templates ORDER BY created_at, id').all()
+        : this.db.prepare('SELECT * FROM templates WHERE owner = ? ORDER BY created_at, id').all(owner)
+    ) as TemplateRow[];
+  }
+
+  deleteTemplate(id: string): void {
+    this.write(() => {
+      this.db.prepare('DELETE FROM templates WHERE id = ?').run(id);
+    });
   }
 
   close(): void {

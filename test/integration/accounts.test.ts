@@ -204,6 +204,42 @@ describe('accounts on a loopback daemon (token-less requests are the local admin
     assert.equal((await exchange(d, dave.apiKey)).status, 401);
   });
 
+  test('your keys and tokens over REST and the CLI: listed, revoked at once, never shown twice', async () => {
+    const me = await userWithToken(d, 'hana');
+    const asMe = { token: me.token };
+    const made = await authed(d.url, 'POST', '/api/v1/api-keys', asMe, { name: 'ci', expires_in_secs: 3600 });
+    assert.equal(made.status, 201);
+    assert.match(made.body.api_key as string, /^bxd_/);
+    const keys = await authed(d.url, 'GET', '/api/v1/api-keys', asMe);
+    const list = keys.body.keys as { id: string; name: string; expires_at: number }[];
+    assert.deepEqual(
+      list.map((k) => k.name),
+      ['test', 'ci'],
+    );
+    assert.ok(!JSON.stringify(keys.body).includes(made.body.api_key as string));
+    const second = await authed(d.url, 'POST', '/api/v1/tokens', asMe, { expires_in_secs: 120 });
+    assert.equal(second.status, 201);
+    const jti = second.body.jti as string;
+    const tokens = (await authed(d.url, 'GET', '/api/v1/tokens', asMe)).body.tokens as { jti: string }[];
+    assert.ok(tokens.some((t) => t.jti === jti));
+    // Another user can neither see nor revoke it.
+    assert.equal((await authed(d.url, 'DELETE', `/api/v1/tokens/${jti}`, { token: bob.token })).status, 404);
+    const viaCli = hutchCli(['token', 'revoke', jti, '--json'], { HUTCH_URL: d.url, HUTCH_TOKEN: me.token });
+    assert.equal(viaCli.status, 0, viaCli.stdout + viaCli.stderr);
+    const revoked = await authed(d.url, 'GET', '/v1/whoami', { token: second.body.token as string });
+    assert.deepEqual([revoked.status, revoked.body.code], [401, 'UNAUTHENTICATED']);
+    assert.equal((await authed(d.url, 'GET', '/v1/whoami', asMe)).status, 200, 'other tokens keep working');
+    const tooLong = await authed(d.url, 'POST', '/api/v1/tokens', asMe, { expires_in_secs: 10 ** 9 });
+    assert.deepEqual([tooLong.status, tooLong.body.code], [400, 'INVALID_ARGUMENT']);
+    const gone = await authed(d.url, 'DELETE', `/api/v1/api-keys/${me.keyId}`, asMe);
+    assert.equal(gone.status, 204);
+    assert.equal(
+      (await authed(d.url, 'GET', '/v1/whoami', asMe)).status,
+      401,
+      'its own token went with its key',
+    );
+  });
+
   test('the boxes socket: its permissions are the credential; a token there acts as its user', async () => {
     const { BoxesClient } = await import('../../src/client/boxes-client.js');
     const c = new BoxesClient({ socketPath: d.boxesSocket });

@@ -147,7 +147,9 @@ describe('lifecycle table', () => {
     assert.equal(nextState('machine', 'running', 'fail'), 'failed');
     assert.equal(nextState('box', 'running', 'fail'), 'stopped');
     assert.equal(nextState('machine', 'running', 'stop'), undefined);
-    assert.equal(nextState('box', 'running', 'suspend'), undefined);
+    assert.equal(nextState('box', 'running', 'suspend'), 'suspending');
+    assert.equal(nextState('box', 'suspending', 'fail'), 'stopped', 'a box lost mid-suspend is stopped');
+    assert.equal(nextState('box', 'suspended', 'stop'), 'stopping', 'a suspended box is woken to stop');
     const machineStates = states.filter((s) => s !== 'stopping' && s !== 'stopped');
     for (const s of machineStates)
       if (nextState('machine', s, 'destroy') === undefined) assert.fail(`cannot destroy a ${s} machine`);
@@ -174,6 +176,12 @@ describe('lifecycle table', () => {
       [row('starting', 'box', false), true, false, 'remove'],
       [row('stopping', 'box'), true, false, 'box-stopped'],
       [row('destroying'), true, false, 'remove'],
+      [row('suspending', 'box', true), true, true, 'finish-suspend'],
+      [row('suspending', 'box', true), true, false, 'undo-suspend'],
+      [row('suspending', 'box', true), false, false, 'fail'],
+      [row('resuming', 'box', true), false, true, 'back-to-suspended'],
+      [row('suspended', 'box', true), false, true, 'keep'],
+      [row('paused', 'box', true), true, false, 'adopt-paused'],
     ];
     for (const [r, alive, saved, want] of cases)
       assert.equal(
@@ -484,5 +492,267 @@ describe('engine with a fake hypervisor', () => {
     assert.equal(audit[0]?.fields.id, m.id);
     assert.equal(audit[1]?.fields.code, 'MACHINE_NOT_FOUND');
     await engine.close();
+  });
+});
+
+/** An engine with an image store (boxes), over `dir` (a restart: the same dir and hypervisor). */
+async function boxRig(shared?: { dir: string; vmm: FakeVmm }): Promise<Rig & { volumeRoot: string }> {
+  const dir = shared?.dir ?? mkdtempSync(join(tmpdir(), 'hutch-engine-'));
+  if (!shared) roots.push(dir);
+  const imageDir = join(dir, 'images');
+  mkdirSync(imageDir, { recursive: true });
+  writeFileSync(join(imageDir, 'vmlinux'), 'kernel');
+  writeFileSync(join(imageDir, 'rootfs.img'), Buffer.alloc(1024 * 1024));
+  const volumeRoot = join(dir, 'shared');
+  mkdirSync(volumeRoot, { recursive: true });
+  const images = {
+    resolve: async (ref: string) => ({
+      name: 'debian',
+      hash: 'img1',
+      kernel: join(imageDir, 'vmlinux'),
+      rootfs: join(imageDir, 'rootfs.img'),
+      cmdline: 'console=ttyS0',
+      kernelHz: 100,
+      builtAt: '',
+      buildSeconds: 0,
+      ref,
+      digest: 'sha256:1',
+      env: [],
+      workdir: null,
+    }),
+  };
+  const vmm = shared?.vmm ?? new FakeVmm();
+  const logs: Rig['logs'] = [];
+  const engine = new Engine(
+    loadConfig({ stateDir: dir, imageDir, poolSize: 0, maxMachines: 8, volumeRoots: [volumeRoot] }, {}),
+    new Map(),
+    { accel: 'tcg', reason: 'test' },
+    (level, msg, fields = {}) => logs.push({ level, msg, fields }),
+    { hypervisor: vmm.hypervisor, guest: vmm.guest, runAs: null, images },
+  );
+  await engine.start();
+  return {
+    engine,
+    vmm,
+    dir,
+    logs,
+    alice: localPrincipal('alice'),
+    volumeRoot,
+    reopen: async () => {
+      await engine.close();
+      return boxRig({ dir, vmm });
+    },
+  };
+}
+
+const small = { image: 'debian:bookworm', cpu: 1, memoryMb: 256, diskSizeGb: 1 };
+
+async function boxExec(engine: Engine, p: Principal, id: string, argv: string[]): Promise<string> {
+  const ops = await engine.openBoxSession(p, id);
+  try {
+    return (await ops.execBuffered({ argv }, { maxOutputBytes: 1 << 20 })).stdout.concat().toString('utf8');
+  } finally {
+    ops.release();
+  }
+}
+
+async function until(what: string, cond: () => boolean): Promise<void> {
+  for (let i = 0; i < 200 && !cond(); i++) await new Promise((r) => setTimeout(r, 25));
+  assert.ok(cond(), what);
+}
+
+describe('boxes with the machines capabilities (fake hypervisor)', () => {
+  test('fork: a live clone with its own id, name and disk copy; refusals say why', async () => {
+    const { engine, vmm, dir, alice, volumeRoot } = await boxRig();
+    const src = await engine.createBox(alice, { ...small, name: 'src', autoSuspendSeconds: 120 });
+    await boxExec(engine, alice, src.id, ['write', 'k', 'v1']);
+    const clone = await engine.forkBox(alice, 'src', { name: 'clone' });
+    assert.equal(clone.status, 'running');
+    assert.equal(clone.forked_from, src.id);
+    assert.match(clone.id, /^box_/);
+    assert.equal(clone.auto_suspend_seconds, 120, 'the clone inherits the auto-suspend timeout');
+    assert.equal(engine.getBox(alice, 'clone').forked_from, src.id);
+    assert.equal(await boxExec(engine, alice, clone.id, ['read', 'k']), 'v1');
+    assert.equal(engine.getBox(alice, src.id).status, 'running');
+    assert.ok(existsSync(join(dir, 'run', clone.id, 'disk.qcow2')), 'the clone has its own disk');
+    assert.equal(vmm.running().length, 2);
+    await rejects(engine.forkBox(alice, src.id, { name: 'clone' }), 'NAME_TAKEN');
+    await rejects(engine.forkBox(localPrincipal('bob'), src.id, {}), 'BOX_NOT_FOUND');
+    const limited: Principal = { ...alice, quota: { maxActive: 2 } };
+    await rejects(engine.forkBox(limited, src.id, {}), 'RESOURCE_EXHAUSTED');
+    const withVolume = await engine.createBox(alice, {
+      ...small,
+      volumes: [{ host_path: volumeRoot, guest_path: '/mnt/shared', readonly: false }],
+    });
+    await assert.rejects(
+      engine.forkBox(alice, withVolume.id, {}),
+      (e: unknown) =>
+        e instanceof HutchError && e.code === 'NOT_SUPPORTED' && /host directories/.test(e.message),
+    );
+    await rejects(engine.suspendBox(alice, withVolume.id), 'NOT_SUPPORTED');
+    await engine.stopBox(alice, src.id);
+    await rejects(engine.forkBox(alice, src.id, {}), 'BOX_NOT_RUNNING');
+    await engine.close();
+  });
+
+  test('suspend and resume with timings; use wakes it; stop of a suspended box wakes it to power off', async () => {
+    const { engine, vmm, dir, alice } = await boxRig();
+    const box = await engine.createBox(alice, small);
+    await boxExec(engine, alice, box.id, ['write', 'f', 'kept']);
+    const s = await engine.suspendBox(alice, box.id);
+    assert.equal(s.status, 'suspended');
+    assert.ok(s.suspend_us > 0);
+    assert.equal(vmm.running().length, 0);
+    assert.ok(existsSync(join(dir, 'run', box.id, 'suspend.state')));
+    const r = await engine.resumeBox(alice, box.id);
+    assert.equal(r.status, 'running');
+    assert.ok(r.resume_us >= 0);
+    assert.equal(await boxExec(engine, alice, box.id, ['read', 'f']), 'kept');
+    await engine.suspendBox(alice, box.id);
+    assert.equal(await boxExec(engine, alice, box.id, ['read', 'f']), 'kept', 'exec wakes a suspended box');
+    assert.equal(engine.getBox(alice, box.id).status, 'running');
+    await engine.suspendBox(alice, box.id);
+    assert.equal((await engine.startBox(alice, box.id)).status, 'running', 'start wakes a suspended box');
+    assert.equal(await boxExec(engine, alice, box.id, ['read', 'f']), 'kept');
+    // A fork of a suspended box wakes the source first.
+    await engine.suspendBox(alice, box.id);
+    const clone = await engine.forkBox(alice, box.id, {});
+    assert.equal(await boxExec(engine, alice, clone.id, ['read', 'f']), 'kept');
+    await engine.suspendBox(alice, box.id);
+    const stopped = await engine.stopBox(alice, box.id);
+    assert.equal(stopped.status, 'stopped');
+    assert.ok(!existsSync(join(dir, 'run', box.id, 'suspend.state')), 'the saved state is gone');
+    assert.ok(existsSync(join(dir, 'run', box.id, 'disk.qcow2')), 'the disk stays');
+    await rejects(engine.resumeBox(alice, box.id), 'BOX_NOT_RUNNING');
+    await engine.close();
+  });
+
+  test('reboot keeps id and disk, boots cold, runs cmd again; restart policy is checked', async () => {
+    const { engine, vmm, logs, alice } = await boxRig();
+    await rejects(
+      engine.createBox(alice, { ...small, cmd: ['x'], restartPolicy: 'sometimes' }),
+      'INVALID_ARGUMENT',
+    );
+    const box = await engine.createBox(alice, { ...small, cmd: ['sleep', '1000'], restartPolicy: 'always' });
+    assert.deepEqual(box.cmd, ['sleep', '1000']);
+    assert.equal(box.restart_policy, 'always');
+    const started = () => logs.filter((l) => l.msg === 'box cmd started' && l.fields.id === box.id).length;
+    assert.equal(started(), 1);
+    await boxExec(engine, alice, box.id, ['write', 'mem', 'x']);
+    const pid = vmm.running()[0]?.pid;
+    const r = await engine.rebootBox(alice, box.id);
+    assert.equal(r.status, 'running');
+    assert.equal(r.id, box.id);
+    assert.notEqual(vmm.running()[0]?.pid, pid, 'a new VM');
+    assert.equal(await boxExec(engine, alice, box.id, ['read', 'mem']), '', 'memory is gone after a reboot');
+    assert.equal(started(), 2, 'cmd runs after every boot');
+    await engine.suspendBox(alice, box.id);
+    assert.equal((await engine.rebootBox(alice, box.id)).status, 'running', 'a suspended box reboots');
+    await engine.close();
+  });
+
+  test('timers: auto-suspend after idle (wakes on use), auto-destroy from the call', async () => {
+    const { engine, vmm, alice } = await boxRig();
+    const box = await engine.createBox(alice, { ...small, autoDestroySeconds: 3600 });
+    assert.equal(box.auto_destroy_seconds, 3600);
+    assert.ok(box.expires_at);
+    assert.equal(box.auto_suspend_seconds, 0);
+    await rejects(
+      async () => engine.setBoxTimers(alice, box.id, { autoSuspendSeconds: -1 }),
+      'INVALID_ARGUMENT',
+    );
+    const v = engine.setBoxTimers(alice, box.id, { autoSuspendSeconds: 1 });
+    assert.equal(v.auto_suspend_seconds, 1);
+    assert.equal(v.auto_destroy_seconds, 3600, 'what is absent stays');
+    await until('auto-suspended', () => engine.getBox(alice, box.id).status === 'suspended');
+    assert.equal(vmm.running().length, 0);
+    assert.equal(await boxExec(engine, alice, box.id, ['echo', 'hi']), 'echo hi');
+    engine.setBoxTimers(alice, box.id, { autoSuspendSeconds: 0, autoDestroySeconds: 1 });
+    await until('auto-destroyed', () => engine.listBoxes(alice).length === 0);
+    assert.equal(vmm.running().length, 0);
+    // A stopped box is destroyed too.
+    const b2 = await engine.createBox(alice, small);
+    await engine.stopBox(alice, b2.id);
+    assert.equal(engine.setBoxTimers(alice, b2.id, { autoDestroySeconds: 1 }).auto_destroy_seconds, 1);
+    await until('stopped box auto-destroyed', () => engine.listBoxes(alice).length === 0);
+    await engine.close();
+  });
+
+  test('templates: per user, ready once snapshotted; boxes from them restore; delete keeps boxes', async () => {
+    const { engine, alice } = await boxRig();
+    const bob = localPrincipal('bob');
+    const t = await engine.createTemplate(alice, {
+      name: 'web',
+      image: 'debian:bookworm',
+      cpu: 1,
+      memoryMb: 256,
+      diskSizeGb: 8,
+    });
+    assert.equal(t.status, 'ready', t.error ?? '');
+    assert.match(t.id, /^tpl-[0-9a-f]{12}$/);
+    await rejects(
+      engine.createTemplate(alice, { name: 'web', image: 'x', cpu: 1, memoryMb: 256, diskSizeGb: 8 }),
+      'NAME_TAKEN',
+    );
+    assert.deepEqual(
+      engine.listTemplates(alice).map((x) => x.name),
+      ['web'],
+    );
+    assert.deepEqual(engine.listTemplates(bob), []);
+    await rejects(async () => engine.getTemplate(bob, t.id), 'TEMPLATE_NOT_FOUND');
+    await rejects(engine.createBox(bob, { template: t.id }), 'TEMPLATE_NOT_FOUND');
+    const box = await engine.createBox(alice, { template: 'web', cmd: ['true'] });
+    assert.equal(box.mode, 'snapshot', 'restored from the template snapshot');
+    assert.equal(box.template, t.id);
+    assert.equal(box.cpu, 1);
+    assert.equal(box.memory_mb, 256);
+    assert.equal(box.disk_size_gb, 8);
+    engine.deleteTemplate(alice, 'web');
+    await rejects(async () => engine.getTemplate(alice, t.id), 'TEMPLATE_NOT_FOUND');
+    assert.equal(engine.getBox(alice, box.id).status, 'running');
+    // A fork of a box restored from a snapshot restores with the same devices.
+    const clone = await engine.forkBox(alice, box.id, {});
+    assert.equal(clone.status, 'running');
+    await engine.suspendBox(alice, clone.id);
+    assert.equal((await engine.resumeBox(alice, clone.id)).status, 'running');
+    await engine.close();
+  });
+
+  test('a restarted daemon keeps suspended boxes suspended and ends a fork or a suspend cut mid-way', async () => {
+    const r = await boxRig();
+    const { engine, vmm, dir, alice } = r;
+    const suspended = await engine.createBox(alice, small);
+    await boxExec(engine, alice, suspended.id, ['write', 'f', 'kept']);
+    await engine.suspendBox(alice, suspended.id);
+    const source = await engine.createBox(alice, small);
+    await engine.close();
+    // Killed mid-fork: the source's vCPUs stopped, the clone's row starting and never run.
+    for (const v of vmm.running()) if (v.id === source.id) v.status = 'paused';
+    const store = new Store(join(dir, 'hutch.db'));
+    const base = store.get(source.id) as MachineRow;
+    const cloneId = 'box_00000000c10e';
+    mkdirSync(join(dir, 'run', cloneId), { recursive: true });
+    store.insertMachine(
+      {
+        ...base,
+        id: cloneId,
+        name: null,
+        state: 'starting',
+        pid: null,
+        started_at: null,
+        run_dir: join(dir, 'run', cloneId),
+      },
+      () => {},
+    );
+    store.close();
+    const r2 = await boxRig({ dir, vmm });
+    const e = r2.engine;
+    assert.equal(e.getBox(alice, suspended.id).status, 'suspended');
+    assert.equal(await boxExec(e, alice, suspended.id, ['read', 'f']), 'kept');
+    assert.equal(e.getBox(alice, source.id).status, 'running');
+    assert.equal(await boxExec(e, alice, source.id, ['echo', 'on']), 'echo on');
+    await rejects(async () => e.getBox(alice, cloneId), 'BOX_NOT_FOUND');
+    assert.ok(!existsSync(join(dir, 'run', cloneId)));
+    await e.close();
   });
 });

@@ -5,15 +5,17 @@ import { HutchError, orStorageFull } from '../../errors.js';
 import { branchTimings, type MachineSaved } from '../../vmm/migration.js';
 import { runPaths } from '../../vmm/qemu.js';
 import { ends } from '../cleanup-stack.js';
-import { newMachineId } from '../ids.js';
+import { newBoxId, newMachineId } from '../ids.js';
 import { checkTransition } from '../lifecycle.js';
 import type { Machine } from '../machine.js';
 import type { MachineRow } from '../store.js';
-import { clampTtl, type FlowContext, lifetime, newRow } from './context.js';
+import { boxLifetime, clampTtl, type FlowContext, lifetime, newRow } from './context.js';
+import { refuseIfVolumes, restoreTarget } from './restore-target.js';
 
 /**
- * Forks a running (or paused) machine into a live clone: same memory, processes and files,
- * its own id, TTL and disk from then on. The source is stopped only while its state is
+ * Forks a running (or paused) machine or box into a live clone: same memory, processes and
+ * files, its own id, TTL and disk from then on. A box's clone is a box with its source's spec
+ * (image, size, env, cmd, timers); a box mounting host directories cannot be forked. The source is stopped only while its state is
  * written and its disk copied, then continues with everything it had; its open execs go on.
  *
  * Disk: the clone gets a copy of the source's own overlay (what the source wrote since it
@@ -29,12 +31,13 @@ export async function branchMachine(
 ): Promise<MachineRow & { pause_ms: number }> {
   const { rt } = cx;
   const t0 = performance.now();
-  const manifest = cx.templates.get(source.template);
-  if (!manifest) throw new HutchError('TEMPLATE_NOT_READY', `template ${source.template} is not loaded`);
+  const { image: manifest, devices } = restoreTarget(cx, source);
   checkTransition(source, 'branch');
+  refuseIfVolumes(source, 'forked');
   if (req.name !== undefined && rt.store.findByName(principal.user, req.name))
-    throw new HutchError('NAME_TAKEN', `a machine named ${JSON.stringify(req.name)} already exists`);
-  const id = newMachineId();
+    throw new HutchError('NAME_TAKEN', `a ${source.kind} named ${JSON.stringify(req.name)} already exists`);
+  const box = source.kind === 'box';
+  const id = box ? newBoxId() : newMachineId();
   const ttl = clampTtl(req.ttlSeconds ?? source.ttl_seconds ?? undefined);
   const persistent = req.ttlSeconds === undefined && source.persistent === 1;
   const row = newRow(rt.d.runRoot, {
@@ -43,7 +46,8 @@ export async function branchMachine(
     owner: principal.user,
     name: req.name ?? null,
     mode: 'branch',
-    ...lifetime(persistent, ttl),
+    // A box lives until removed unless it has an auto-destroy timeout: the clone's counts from now.
+    ...(box ? boxLifetime(source.ttl_seconds) : lifetime(persistent, ttl)),
     parent_id: source.id,
   });
 
@@ -53,7 +57,7 @@ export async function branchMachine(
   return m.lock.run(async () => {
     const stateFile = join(row.run_dir, 'branch.state');
     try {
-      rt.own(m, 'machine');
+      rt.own(m, source.kind);
       m.cleanup.push('branch state', new Set(['destroy', 'halt']), () => rmSync(stateFile, { force: true }));
       // The clone's RAM file is the source's, copied while the source is stopped.
       m.cleanup.push('ram copy', ends.vm, () => rt.d.hv.ram.remove(rt.d.hv.ram.fileOf(id)));
@@ -61,11 +65,12 @@ export async function branchMachine(
       const r0 = performance.now();
       const { vm, restoredUs, agentUs } = await rt.restoreInto(m, row, manifest, stateFile, {
         ignoreShared: s.saved.ignoreShared,
+        ...devices,
       });
       const r1 = performance.now();
       if (vm.agent) await rt.giveIdentity(vm.agent, id);
       rmSync(stateFile, { force: true });
-      rt.d.log('info', 'machine branched', {
+      rt.d.log('info', `${source.kind} branched`, {
         id,
         source: source.id,
         ...branchTimings({
@@ -99,7 +104,10 @@ async function snapshotSource(
 ): Promise<{ pauseMs: number; diskMs: number; saved: MachineSaved }> {
   const { rt } = cx;
   const now = rt.store.get(src.id);
-  if (!now) throw new HutchError('MACHINE_NOT_FOUND', `no machine ${JSON.stringify(src.id)}`);
+  if (!now)
+    throw clone.kind === 'box'
+      ? new HutchError('BOX_NOT_FOUND', `no box ${JSON.stringify(src.id)}`)
+      : new HutchError('MACHINE_NOT_FOUND', `no machine ${JSON.stringify(src.id)}`);
   checkTransition(now, 'branch');
   const qmp = await rt.qmpOf(src);
   const wasRunning = now.state === 'running';

@@ -75,6 +75,13 @@ export function lifetime(
   };
 }
 
+/** A box's lifetime from now: none, or its auto-destroy timeout (seconds; null or 0: never). */
+export function boxLifetime(
+  autoDestroySeconds: number | null | undefined,
+): Pick<MachineRow, 'persistent' | 'ttl_seconds' | 'created_at' | 'expires_at'> {
+  return autoDestroySeconds ? lifetime(false, autoDestroySeconds) : lifetime(true, 0);
+}
+
 export const ttlBounds = { min: 15, max: 900, default: 60 } as const;
 
 export function clampTtl(ttl: number | undefined): number {

@@ -12,7 +12,10 @@ import { newBoxId, newMachineId } from '../ids.js';
 import type { BootImage } from '../images.js';
 import type { Machine } from '../machine.js';
 import type { MachineRow } from '../store.js';
-import { clampTtl, type FlowContext, lifetime, newRow } from './context.js';
+import { parseRestartPolicy, startBoxCmd } from './box-cmd.js';
+import { boxSnapshot, boxSnapshotDiskBytes, ensureBoxSnapshot } from './box-snapshot.js';
+import { boxLifetime, clampTtl, type FlowContext, lifetime, newRow } from './context.js';
+import { fromTemplate } from './templates.js';
 
 export interface CreateMachine {
   template: string;
@@ -36,10 +39,30 @@ export interface CreateBox {
   workdir?: string;
   env: Record<string, string> | null;
   volumes: BoxVolume[] | null;
+  /** Started in the background after every boot, its output on the console (flows/box-cmd.ts). */
+  cmd?: string[];
+  /** no (default), always, on-failure: what happens when `cmd` exits. */
+  restartPolicy?: string;
+  /** Idle seconds before the box is suspended (it wakes on use); absent or 0: never. */
+  autoSuspendSeconds?: number;
+  /** Seconds until the box is removed; absent or 0: never. */
+  autoDestroySeconds?: number;
 }
 
-/** Box snapshots are taken on a disk of the spec's default size (8 GiB). */
-export const boxSnapshotDiskBytes = 8 * 1024 ** 3;
+/**
+ * A create as an adapter may ask for it: from a user template (its image and size are the
+ * defaults), or with the boxes API's defaults for what it leaves out.
+ */
+export type CreateBoxRequest = Omit<
+  CreateBox,
+  'image' | 'cpu' | 'memoryMb' | 'diskSizeGb' | 'network' | 'env' | 'volumes'
+> &
+  Partial<Pick<CreateBox, 'image' | 'cpu' | 'memoryMb' | 'diskSizeGb' | 'network' | 'env' | 'volumes'>> & {
+    /** A user template's name or id (flows/templates.ts). */
+    template?: string;
+  };
+
+export { boxSnapshotDiskBytes };
 
 /** Creates a machine from a template: a pooled one if any, else from its snapshot, else cold. */
 export async function createMachine(
@@ -194,16 +217,25 @@ function checkBoxRequest(cx: FlowContext, req: CreateBox): BoxVolume[] | null {
   return checked;
 }
 
-/** Creates a box from an image and boots it (from the image's snapshot when one fits, else cold). */
-export async function createBox(cx: FlowContext, principal: Principal, req: CreateBox): Promise<MachineRow> {
+/**
+ * Creates a box from an image (or a user template) and boots it: from the image's snapshot
+ * when one fits, else cold. A template's snapshot is waited for: its promise is a restore.
+ */
+export async function createBox(
+  cx: FlowContext,
+  principal: Principal,
+  request: CreateBoxRequest,
+): Promise<MachineRow> {
   const { rt } = cx;
   const t0 = performance.now();
   if (rt.d.closing()) throw new HutchError('AGENT_UNAVAILABLE', 'the daemon is shutting down');
+  const { req, image: templateImage, templateId } = fromTemplate(cx, principal, request);
   const volumes = checkBoxRequest(cx, req);
+  const restartPolicy = parseRestartPolicy(req.restartPolicy);
   if (req.name !== undefined && rt.store.findByName(principal.user, req.name))
     throw new HutchError('NAME_TAKEN', `a box named ${JSON.stringify(req.name)} already exists`);
   if (!cx.images) throw new HutchError('INTERNAL', 'this daemon has no image store');
-  const image = await cx.images.resolve(req.image);
+  const image = templateImage ?? (await cx.images.resolve(req.image));
   const diskBytes = req.diskSizeGb * 1024 ** 3;
   const baseBytes = statSync(image.rootfs).size;
   if (baseBytes > diskBytes)
@@ -211,6 +243,11 @@ export async function createBox(cx: FlowContext, principal: Principal, req: Crea
       'INVALID_ARGUMENT',
       `image ${req.image} needs a disk of at least ${Math.ceil(baseBytes / 1024 ** 3)} GiB (disk_size_gb ${req.diskSizeGb})`,
     );
+  // Box snapshots have every volume slot filled with an empty placeholder: a box with volumes
+  // restores from the same one, its volumes in the placeholders' place, mounted by CONFIGURE.
+  const snap = templateId
+    ? await templateSnapshot(cx, image, req, diskBytes)
+    : boxSnapshot(cx, image, req.cpu, req.memoryMb, diskBytes);
   const id = newBoxId();
   const spec: BoxSpec = {
     image: req.image,
@@ -222,6 +259,10 @@ export async function createBox(cx: FlowContext, principal: Principal, req: Crea
     env: req.env,
     volumes,
     image_env: image.env,
+    cmd: req.cmd?.length ? req.cmd : null,
+    restart_policy: restartPolicy,
+    template_id: templateId ?? null,
+    slots: snap !== undefined,
   };
   const row = newRow(rt.d.runRoot, {
     id,
@@ -229,21 +270,17 @@ export async function createBox(cx: FlowContext, principal: Principal, req: Crea
     name: req.name ?? null,
     template: req.image,
     template_hash: image.hash,
-    mode: 'cold',
+    mode: snap ? 'snapshot' : 'cold',
     accel: rt.d.accel.accel,
     vcpus: req.cpu,
     memory_mb: req.memoryMb,
-    // Boxes live until they are removed (or collected once stopped): no TTL.
-    ...lifetime(true, 0),
-    auto_suspend_seconds: 0,
+    // Boxes live until they are removed (or collected once stopped), or their auto-destroy.
+    ...boxLifetime(req.autoDestroySeconds),
+    auto_suspend_seconds: req.autoSuspendSeconds ?? 0,
     kind: 'box',
     spec: JSON.stringify(spec),
   });
 
-  // Box snapshots have every volume slot filled with an empty placeholder: a box with volumes
-  // restores from the same one, its volumes in the placeholders' place, mounted by CONFIGURE.
-  const snap = boxSnapshot(cx, image, req.cpu, req.memoryMb, diskBytes);
-  if (snap) row.mode = 'snapshot';
   await cx.admission.insert(row, diskBytes, principal.quota);
   const m = rt.machine(row);
   return m.lock.run(async () => {
@@ -272,6 +309,7 @@ export async function createBox(cx: FlowContext, principal: Principal, req: Crea
         await rt.d.hv.createOverlay(image.rootfs, disk, 'raw', rt.d.runAs, diskBytes);
         await bootBox(cx, m, row, image);
       }
+      await startBoxCmd(cx, row, m.vm?.agent);
       return rt.markRunning(m, Math.round(performance.now() - t0));
     } catch (e) {
       return rt.bootFailed(m, 'box', e);
@@ -280,43 +318,25 @@ export async function createBox(cx: FlowContext, principal: Principal, req: Crea
 }
 
 /**
- * The snapshot boxes of this image and size restore from, if it is ready; otherwise its
- * first creation is started (in the background, after this create) and the box boots cold.
- * The size is in the snapshot's key (with the device layout), so each size has its own.
- * Snapshots are taken with a disk of the default size: a bigger disk is a resize after the
- * restore, a smaller one needs a cold boot (a filesystem does not shrink).
+ * A template's snapshot, loaded (after a restart it is on disk, not yet in memory) or taken again
+ * (the cache collector may have removed it). A box is still made when that fails (no room for
+ * the snapshot's QEMU, a broken image): it boots cold, and the log says why.
  */
-function boxSnapshot(
+async function templateSnapshot(
   cx: FlowContext,
   image: BootImage,
-  cpu: number,
-  memoryMb: number,
+  req: CreateBox,
   diskBytes: number,
-): TemplateSnapshot | undefined {
-  if (diskBytes < boxSnapshotDiskBytes) return undefined;
-  const { rt } = cx;
-  const manifest = { ...image, name: `box-${image.hash}` };
-  const params = {
-    ...rt.snapshotParams(manifest, { vcpus: cpu, memoryMb }, true),
-    // Nothing is known to exist in an image but the agent: no warm-up commands.
-    warm: [],
-    diskBytes: boxSnapshotDiskBytes,
-  };
-  const ready = cx.snapshots.get(manifest, params);
-  if (ready || cx.snapshots.status(manifest, params) !== 'none') return ready;
-  setImmediate(() => {
-    // A snapshot build is a QEMU too: it waits for a later create when the caps are reached.
-    if (rt.d.closing() || !cx.admission.hasRoomFor(memoryMb)) return;
-    cx.snapshots.ensure(manifest, params).then(
-      (s) => rt.d.log('info', 'box snapshot ready', { image: image.ref, key: s.key }),
-      (e: unknown) =>
-        rt.d.log('warn', 'box snapshot failed; boxes of this image boot cold', {
-          image: image.ref,
-          error: (e as Error).message,
-        }),
-    );
-  });
-  return undefined;
+): Promise<TemplateSnapshot | undefined> {
+  try {
+    return await ensureBoxSnapshot(cx, image, req.cpu, req.memoryMb, diskBytes);
+  } catch (e) {
+    cx.rt.d.log('warn', 'template snapshot unavailable; the box boots cold', {
+      image: image.ref,
+      error: (e as Error).message,
+    });
+    return undefined;
+  }
 }
 
 /** Boots a box's VM cold on its own disk, with its volumes mounted. */

@@ -1,12 +1,14 @@
-import { existsSync } from 'node:fs';
+import { rmSync } from 'node:fs';
 import { HutchError, orStorageFull } from '../../errors.js';
 import { boxSpecOf } from '../box-view.js';
-import type { BootImage } from '../images.js';
 import { checkTransition } from '../lifecycle.js';
 import type { Machine } from '../machine.js';
 import type { MachineRow } from '../store.js';
+import { startBoxCmd } from './box-cmd.js';
 import type { FlowContext } from './context.js';
 import { bootBox } from './create.js';
+import { boxImage } from './restore-target.js';
+import { resumeMachine, suspendRamFile, suspendStateFile } from './suspend.js';
 
 /**
  * Stops a box: the guest syncs its disks and powers off, so everything it wrote is kept; the
@@ -14,8 +16,9 @@ import { bootBox } from './create.js';
  */
 export async function stopBox(cx: FlowContext, m: Machine): Promise<MachineRow> {
   const { rt } = cx;
-  const row = rt.store.get(m.id) as MachineRow;
+  let row = rt.store.get(m.id) as MachineRow;
   if (row.state === 'stopped') return row;
+  if (row.state === 'suspended') row = await wakeToStop(cx, m, row);
   rt.transition(m.id, 'stop');
   const vm = m.vm;
   if (vm) {
@@ -39,7 +42,7 @@ export async function stopBox(cx: FlowContext, m: Machine): Promise<MachineRow> 
   return stopped;
 }
 
-/** Boots a stopped box again, on its own disk. Callers hold the box's lock. */
+/** Boots a stopped box again, on its own disk (wakes a suspended one). Callers hold the box's lock. */
 export async function startBox(
   cx: FlowContext,
   m: Machine,
@@ -49,13 +52,19 @@ export async function startBox(
   const t0 = performance.now();
   const row = rt.store.get(m.id) as MachineRow;
   if (row.state === 'running') return row;
+  // Start asks for a running box: a suspended one is woken (its processes come back).
+  if (row.state === 'suspended') return (await resumeMachine(cx, m)).row;
   // stopped → starting is recorded by the admission, in the transaction that checks the caps.
   const starting = checkTransition(row, 'start');
   const image = boxImage(row);
-  await cx.admission.update(row, { state: starting, error: null, mode: 'cold' }, quota);
+  // A cold boot has only the volumes it mounts: no placeholder slots (box-view.ts `slots`).
+  const spec = JSON.stringify({ ...boxSpecOf(row), slots: false });
+  await cx.admission.update(row, { state: starting, error: null, mode: 'cold', spec }, quota);
   try {
     rt.own(m, 'box');
-    await bootBox(cx, m, rt.store.get(m.id) as MachineRow, image);
+    const booting = rt.store.get(m.id) as MachineRow;
+    await bootBox(cx, m, booting, image);
+    await startBoxCmd(cx, booting, m.vm?.agent);
     return rt.markRunning(m, Math.round(performance.now() - t0));
   } catch (e) {
     await rt.halt(m);
@@ -65,13 +74,36 @@ export async function startBox(
   }
 }
 
-/** The image a box boots: the one it was created from, by digest (not whatever its tag is now). */
-function boxImage(row: MachineRow): BootImage {
-  const image = boxSpecOf(row).manifest;
-  if (!existsSync(image.rootfs) || !existsSync(image.kernel))
-    throw new HutchError(
-      'BOOT_FAILED',
-      `box ${row.id}: its image ${image.ref} (${image.digest}) is no longer in the image cache`,
-    );
-  return image;
+/**
+ * Stop, then start: a cold boot on the box's own disk, same id, name and disk; its processes
+ * (and its saved state, when it was suspended) are gone, its `cmd` runs again. Callers hold
+ * the box's lock.
+ */
+export async function rebootBox(
+  cx: FlowContext,
+  m: Machine,
+  quota: Parameters<FlowContext['admission']['update']>[2],
+): Promise<MachineRow> {
+  await stopBox(cx, m);
+  return startBox(cx, m, quota);
+}
+
+/**
+ * A suspended box about to be stopped is woken first, so that its guest powers off the usual
+ * way and whatever it had not yet written back reaches its disk. When it cannot be woken (its
+ * saved state is lost or does not load), the state is dropped: the box stops with its disk as
+ * the suspend left it (a completed migration flushed it), like after a power cut.
+ */
+async function wakeToStop(cx: FlowContext, m: Machine, row: MachineRow): Promise<MachineRow> {
+  try {
+    await resumeMachine(cx, m);
+  } catch (e) {
+    cx.rt.d.log('warn', 'suspended box could not be woken to stop; its saved state is dropped', {
+      id: m.id,
+      error: (e as Error).message,
+    });
+    rmSync(suspendStateFile(row), { force: true });
+    cx.rt.d.hv.ram.remove(suspendRamFile(row));
+  }
+  return cx.rt.store.get(m.id) as MachineRow;
 }

@@ -6,6 +6,7 @@ import { checkTransition } from '../lifecycle.js';
 import type { Machine } from '../machine.js';
 import type { MachineRow } from '../store.js';
 import type { FlowContext } from './context.js';
+import { notRunning, refuseIfVolumes, restoreTarget } from './restore-target.js';
 
 /** Where a suspended machine's state is kept (in its run dir, beside its disk). */
 export function suspendStateFile(row: Pick<MachineRow, 'run_dir'>): string {
@@ -56,19 +57,21 @@ export async function resumeMachine(cx: FlowContext, m: Machine): Promise<{ row:
 }
 
 /**
- * Writes the whole machine (RAM, devices; the disk is already a file) to its run dir and ends
- * its QEMU, freeing the memory. Open execs end with a clear error; files and background
- * processes come back on resume. Callers hold the lock.
+ * Writes the whole machine or box (RAM, devices; the disk is already a file) to its run dir and
+ * ends its QEMU, freeing the memory. Open execs end with a clear error; files and background
+ * processes (detached from their exec: the agent ends an exec's processes with its stream) come
+ * back on resume. Callers hold the lock.
  */
 export async function suspendMachine(cx: FlowContext, m: Machine): Promise<{ row: MachineRow; us: number }> {
   const { rt } = cx;
   const row = rt.store.get(m.id) as MachineRow;
   if (row.state === 'suspended') return { row, us: 0 };
+  refuseIfVolumes(row, 'suspended');
   const vm = m.vm;
   rt.transition(m.id, 'suspend');
   if (!vm) {
     rt.transition(m.id, 'suspend-undone');
-    throw new HutchError('MACHINE_NOT_RUNNING', `cannot suspend machine ${m.id}: it has no VM`);
+    throw notRunning(row, `cannot suspend ${row.kind} ${m.id}: it has no VM`);
   }
   const t0 = performance.now();
   const stateFile = suspendStateFile(row);
@@ -96,7 +99,7 @@ export async function suspendMachine(cx: FlowContext, m: Machine): Promise<{ row
     rt.d.hv.ram.remove(suspendRamFile(row));
     if (!rt.d.hv.isAlive(vm.pid)) {
       await rt.end(m, 'failed', 'qemu exited during suspend');
-      throw new HutchError('MACHINE_NOT_RUNNING', `suspend of ${m.id} failed: qemu exited during suspend`);
+      throw notRunning(row, `suspend of ${m.id} failed: qemu exited during suspend`);
     }
     // The source keeps running with everything it had: a failed suspend changes nothing.
     await (await rt.qmpOf(m)).execute('cont').catch(() => {});
@@ -106,34 +109,32 @@ export async function suspendMachine(cx: FlowContext, m: Machine): Promise<{ row
     throw orStorageFull(
       e,
       'INTERNAL',
-      `suspend of ${m.id} failed, machine left running: ${(e as Error).message}`,
+      `suspend of ${m.id} failed, ${row.kind} left running: ${(e as Error).message}`,
     );
   }
   rt.transition(m.id, 'suspended', { pid: null });
   await rt.halt(m);
   const us = Math.round((performance.now() - t0) * 1000);
-  rt.d.log('info', 'machine suspended', { id: m.id, suspend_us: us });
+  rt.d.log('info', `${row.kind} suspended`, { id: m.id, suspend_us: us });
   return { row: rt.store.get(m.id) as MachineRow, us };
 }
 
 async function resumeFromDisk(cx: FlowContext, m: Machine, row: MachineRow): Promise<number> {
   const { rt } = cx;
   const stateFile = suspendStateFile(row);
-  const manifest = cx.templates.get(row.template);
-  if (!manifest || !existsSync(stateFile))
-    throw new HutchError(
-      'MACHINE_NOT_RUNNING',
-      `machine ${row.id} cannot be resumed: its saved state is gone`,
-    );
+  if (!existsSync(stateFile))
+    throw notRunning(row, `${row.kind} ${row.id} cannot be resumed: its saved state is gone`);
+  const { image, devices } = restoreTarget(cx, row);
   rt.transition(m.id, 'wake');
   // Saved since machines have RAM files of their own; without it, RAM is in the state stream.
   const ramFile = suspendRamFile(row);
   const withRam = existsSync(ramFile);
   try {
     rt.own(m, row.kind);
-    const { vm, restoredUs } = await rt.restoreInto(m, row, manifest, stateFile, {
+    const { vm, restoredUs } = await rt.restoreInto(m, row, image, stateFile, {
       ...(withRam ? { memoryFrom: ramFile } : {}),
       ignoreShared: withRam,
+      ...devices,
     });
     // The guest clock stood still while the machine was on disk.
     await vm.agent?.configure({ timeNs: BigInt(Date.now()) * 1_000_000n }, 10_000);
@@ -141,7 +142,7 @@ async function resumeFromDisk(cx: FlowContext, m: Machine, row: MachineRow): Pro
     rt.transition(m.id, 'woke');
     rmSync(stateFile, { force: true });
     rt.d.hv.ram.remove(ramFile);
-    rt.d.log('info', 'machine resumed', { id: row.id, resume_us: restoredUs });
+    rt.d.log('info', `${row.kind} resumed`, { id: row.id, resume_us: restoredUs });
     return restoredUs;
   } catch (e) {
     // Back to suspended, state file untouched: the machine can be resumed again.
