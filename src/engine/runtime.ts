@@ -558,10 +558,15 @@ export class Runtime {
    */
   watchAgent(m: Machine, agent: AgentConnection): void {
     // Every link of a running machine serves its guest's API: the tunnel lives and dies with
-    // the link, and a new link (reconnect, resume, adoption) comes through here again.
-    const owner = this.store.get(m.id)?.owner;
+    // the link, and a new link (reconnect, resume, adoption) comes through here again. The owner
+    // is read per connection: a pooled machine gets its owner only when it is handed out.
     const serve = this.d.onGuestApiStream;
-    if (owner !== undefined && serve) agent.serveGuestApi((stream) => serve(m.id, owner, stream));
+    if (serve)
+      agent.serveGuestApi((stream) => {
+        const row = this.store.get(m.id);
+        if (row?.state === 'running' && row.owner !== '') serve(m.id, row.owner, stream);
+        else stream.destroy();
+      });
     const healthy = setTimeout(() => {
       if (!agent.isOpen || m.vm?.agent !== agent) return;
       const hadFailures = m.agentFailures > 0;
