@@ -91,6 +91,10 @@ const configSchema = z.object({
   /** … and the sum of their guest memory (MiB) and vCPUs; unset: only the server's caps. */
   userMaxMemoryMb: z.coerce.number().int().min(64).optional(),
   userMaxVcpus: z.coerce.number().int().min(1).optional(),
+  /** The gRPC API's port (boxd.api.v1.BoxdApi, HTTP/2 cleartext); 0: any free port; "off" disables it. */
+  grpcPort: z.union([z.literal('off'), z.coerce.number().int().min(0).max(65535)]).default(9443),
+  /** The gRPC API's address; default: `host`. Every call needs a bearer token, whatever the address. */
+  grpcHost: z.string().optional(),
   /** Restored, warmed, paused machines kept per template for instant creates; 0 disables. */
   poolSize: z.coerce.number().int().min(0).max(64).default(2),
   /** Cap on the rate machines are written to disk (suspend, branch), MB/s; 0: as fast as possible. */
@@ -153,7 +157,13 @@ const configSchema = z.object({
   maxConnections: z.coerce.number().int().min(1).default(1024),
 });
 
-export type Config = Omit<z.infer<typeof configSchema>, 'boxesSocket' | 'maxBoxMemoryMb'> & {
+export type Config = Omit<
+  z.infer<typeof configSchema>,
+  'boxesSocket' | 'maxBoxMemoryMb' | 'grpcPort' | 'grpcHost'
+> & {
+  /** null when the gRPC API is off. */
+  grpcPort: number | null;
+  grpcHost: string;
   imageDir: string;
   /** Absolute path, or null when the socket is disabled. */
   boxesSocket: string | null;
@@ -185,6 +195,8 @@ const envNames: Record<string, keyof ConfigInput> = {
   HUTCH_AUTO_SUSPEND_SECONDS: 'autoSuspendSeconds',
   HUTCH_MIGRATION_MAX_MBPS: 'migrationMaxMBps',
   HUTCH_POOL_SIZE: 'poolSize',
+  HUTCH_GRPC_PORT: 'grpcPort',
+  HUTCH_GRPC_HOST: 'grpcHost',
   HUTCH_BOXES_SOCKET: 'boxesSocket',
   HUTCH_BOXES_LISTEN: 'boxesListen',
   HUTCH_MAX_BOX_CPU: 'maxBoxCpu',
@@ -238,6 +250,8 @@ export function loadConfig(
     stateDir,
     imageDir: resolve(c.imageDir ?? `${c.stateDir}/images`),
     boxesSocket: c.boxesSocket === 'off' ? null : resolve(c.boxesSocket ?? `${stateDir}/boxes.sock`),
+    grpcPort: c.grpcPort === 'off' ? null : c.grpcPort,
+    grpcHost: c.grpcHost ?? c.host,
     // One box may have at most what the guest memory cap leaves for everything.
     maxBoxMemoryMb: c.maxBoxMemoryMb ?? Math.min(c.maxGuestMemoryMb, 16384),
   };

@@ -2,6 +2,7 @@ import { mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { noActions } from './api/api-caller.js';
 import { type BoxesApi, startBoxesApi } from './api/boxes-server.js';
+import { type GrpcApi, startGrpcApi } from './api/grpc/server.js';
 import { type HttpApi, startHttpApi } from './api/http-server.js';
 import { AuthService } from './auth/auth-service.js';
 import { anonymousFor } from './auth/listener-policy.js';
@@ -20,6 +21,8 @@ export interface Daemon {
   auth: AuthService;
   http: HttpApi;
   boxes: BoxesApi;
+  /** The gRPC API (null when HUTCH_GRPC_PORT=off). */
+  grpc: GrpcApi | null;
   close(): Promise<void>;
 }
 
@@ -128,14 +131,31 @@ export async function startDaemon(
     version: packageVersion(),
     limits,
   });
-  opts.log('info', 'listening', { url: http.url, boxes: boxes.endpoints, state_dir: config.stateDir });
+  const grpc =
+    config.grpcPort === null
+      ? null
+      : await startGrpcApi(engine, {
+          host: config.grpcHost,
+          port: config.grpcPort,
+          authenticator: auth,
+          accounts: auth,
+          log: opts.log,
+          maxConnections: config.maxConnections,
+        });
+  opts.log('info', 'listening', {
+    url: http.url,
+    boxes: boxes.endpoints,
+    grpc: grpc?.address ?? null,
+    state_dir: config.stateDir,
+  });
   return {
     engine,
     auth,
     http,
     boxes,
+    grpc,
     close: async () => {
-      await Promise.all([http.close(), boxes.close()]);
+      await Promise.all([http.close(), boxes.close(), grpc?.close()]);
       await engine.close();
       auth.close();
     },

@@ -117,6 +117,7 @@ async function serve(flags: Flags): Promise<void> {
   );
   if (daemon.boxes.endpoints.length)
     process.stderr.write(`boxes API on ${daemon.boxes.endpoints.join(' and ')}\n`);
+  if (daemon.grpc) process.stderr.write(`gRPC API on ${daemon.grpc.address}\n`);
   let stopping = false;
   const stop = (): void => {
     if (stopping) return;

@@ -85,8 +85,10 @@ export interface GuestExecRequest {
   cwd?: string;
   /** true: the caller writes stdin (write, end); else the command reads /dev/null. */
   stdin?: boolean;
-  /** Killed after this long; absent: defaultExecTimeoutMs. */
+  /** Killed after this long; absent: defaultExecTimeoutMs; 0: never (the caller cancels). */
   timeoutMs?: number;
+  /** Run on a terminal of this size (output is the terminal's: stdout only). */
+  pty?: { cols: number; rows: number };
 }
 
 /** A command's time limit when the request names none. */
@@ -298,6 +300,7 @@ export class GuestOps {
       ...(env ? { env } : {}),
       ...(cwd ? { cwd } : {}),
       ...(req.stdin ? { stdin: true } : {}),
+      ...(req.pty ? { pty: req.pty } : {}),
       timeoutMs: req.timeoutMs ?? defaultExecTimeoutMs,
     };
   }

@@ -17,6 +17,8 @@ export interface TestDaemon {
   /** The boxes API's Unix socket, and its TCP URL when HUTCH_BOXES_LISTEN was set. */
   boxesSocket: string;
   boxesUrl: string | undefined;
+  /** host:port of the gRPC API, unless HUTCH_GRPC_PORT=off. */
+  grpcAddress: string | undefined;
   proc: ChildProcess;
   log: () => string;
   /** Stops the daemon (machines keep running, as in production). */
@@ -42,6 +44,8 @@ export async function startDaemon(
         HUTCH_IMAGE_DIR: imageDir,
         HUTCH_LOG_LEVEL: 'info',
         HUTCH_POOL_SIZE: '0',
+        // Test daemons run side by side: the gRPC API on a free port, not the default 9443.
+        HUTCH_GRPC_PORT: '0',
         // The shared cache serves test runs of other checkouts too: a test daemon never prunes it.
         HUTCH_CACHE_GC_ON_START: '0',
         ...opts.env,
@@ -62,7 +66,8 @@ export async function startDaemon(
       const m = /hutch is serving (http:\/\/\S+)/.exec(out);
       // The boxes API line follows (unless its socket is off): wait for it too.
       const boxesReady = /boxes API on .*\n/.test(out) || opts.env?.HUTCH_BOXES_SOCKET === 'off';
-      if (m?.[1] && boxesReady) {
+      const grpcReady = /gRPC API on .*\n/.test(out) || opts.env?.HUTCH_GRPC_PORT === 'off';
+      if (m?.[1] && boxesReady && grpcReady) {
         clearTimeout(timer);
         resolve(m[1]);
       }
@@ -79,6 +84,7 @@ export async function startDaemon(
     stateDir,
     boxesSocket: /unix:(\S+)/.exec(boxesLine)?.[1] ?? join(stateDir, 'boxes.sock'),
     boxesUrl: /(http:\/\/\S+)/.exec(boxesLine)?.[1],
+    grpcAddress: /gRPC API on (\S+)/.exec(out)?.[1],
     proc,
     log: () => out,
     stop: (signal: NodeJS.Signals = 'SIGTERM') =>

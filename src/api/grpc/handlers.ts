@@ -1,0 +1,22 @@
+import { accountRpcs } from './accounts.js';
+import { execRpcs } from './exec.js';
+import { logsFilesRpcs } from './logs-files.js';
+import type { Rpc } from './rpc.js';
+import { templateRpcs } from './templates.js';
+import { unservedRpcs } from './unserved.js';
+import { vmCreateRpcs } from './vm-create.js';
+import { vmRpcs } from './vms.js';
+
+/**
+ * Every method of boxd.api.v1.BoxdApi, by its proto name. A unit test checks this table against
+ * spec/vm-api.proto: no method missing, none extra.
+ */
+export const boxdHandlers: Record<string, Rpc> = {
+  ...vmRpcs,
+  ...execRpcs,
+  ...logsFilesRpcs,
+  ...accountRpcs,
+  ...vmCreateRpcs,
+  ...templateRpcs,
+  ...unservedRpcs,
+};

@@ -1,0 +1,184 @@
+import type { BoxView } from '../../engine/box-view.js';
+import { HutchError } from '../../errors.js';
+import { createBoxBody } from '../boxes-schemas.js';
+import { optionalName, required, text, vmRef } from './args.js';
+import type { Cx, Rpc } from './rpc.js';
+import { unary } from './rpc.js';
+import {
+  defaultAutoSuspendSecs,
+  refuseUnserved,
+  type Sizes,
+  setsSize,
+  sizesOf,
+  srfOf,
+  type VmConfig,
+} from './vm-config.js';
+
+/**
+ * The RPCs that make a VM: CreateVm (from an image or a user template), CreateVmFromTemplate
+ * and ForkVm. Each is one box action; what the proto leaves at zero is the default the proto
+ * comment names (vm-config.ts).
+ */
+
+interface CreateVmRequest {
+  name: string;
+  image_ref: string;
+  env: { key: string; value: string }[];
+  cmd: string[];
+  restart_policy: string;
+  config: VmConfig | null;
+}
+
+interface FromTemplateRequest {
+  template_id: string;
+  name: string;
+  config: VmConfig | null;
+}
+
+interface ForkRequest {
+  source_vm_id: string;
+  name: string;
+  config: VmConfig | null;
+}
+
+const bad = (message: string): HutchError => new HutchError('INVALID_ARGUMENT', message);
+
+/** The environment as a map; a key given twice is a mistake, not "last wins". */
+function envOf(env: CreateVmRequest['env']): Record<string, string> | null {
+  if (!env.length) return null;
+  const out: Record<string, string> = {};
+  for (const { key, value } of env) {
+    text(key, 'env key');
+    text(value, `env ${key}`, 128 * 1024);
+    if (Object.hasOwn(out, key)) throw bad(`env ${JSON.stringify(key)} is given twice`);
+    out[key] = value;
+  }
+  return out;
+}
+
+/**
+ * The boxes API's own schema checks the image, name, sizes and environment: the same rules on
+ * both APIs (a template create has no image of its own; a placeholder stands in for the check).
+ */
+function checked(
+  image: string | undefined,
+  name: string | undefined,
+  sizes: Sizes,
+  env: Record<string, string> | null,
+): { image: string; name?: string; sizes: Sizes; env: Record<string, string> | null } {
+  const parsed = createBoxBody.safeParse({
+    image: image ?? 'template',
+    ...(name ? { name } : {}),
+    cpu: sizes.cpu,
+    memory_mb: sizes.memoryMb,
+    disk_size_gb: sizes.diskSizeGb,
+    env,
+  });
+  if (!parsed.success)
+    throw bad(parsed.error.issues.map((i) => `${i.path.join('.') || 'request'}: ${i.message}`).join('; '));
+  return { image: parsed.data.image, ...(name ? { name } : {}), sizes, env: parsed.data.env };
+}
+
+function sizeFields(s: Sizes): { cpu: number; memoryMb: number; diskSizeGb: number } {
+  return { cpu: s.cpu, memoryMb: s.memoryMb, diskSizeGb: s.diskSizeGb };
+}
+
+/**
+ * image_ref names a user template (by name or id) when the caller has one so named, else an OCI
+ * image; empty is the server's default image.
+ */
+function templateNamed(cx: Cx, ref: string): string | undefined {
+  if (ref === '') return undefined;
+  try {
+    return cx.act.getTemplate(ref).id;
+  } catch (e) {
+    if (e instanceof HutchError && e.code === 'TEMPLATE_NOT_FOUND') return undefined;
+    throw e;
+  }
+}
+
+export async function createVm(req: CreateVmRequest, cx: Cx): Promise<Record<string, unknown>> {
+  const name = optionalName(req.name);
+  const ref = text(req.image_ref, 'image_ref', 512);
+  refuseUnserved(req.config);
+  const cmd = req.cmd.map((a, i) => text(a, `cmd[${i}]`));
+  const template = templateNamed(cx, ref);
+  // From a template, sizes left at zero are the template's own.
+  const sizes = sizesOf(cx, req.config);
+  const c = checked(template ? undefined : ref || cx.app.defaultImage, name, sizes, envOf(req.env));
+  const box = await cx.act.createBox({
+    ...(template ? { template } : { image: c.image }),
+    ...(c.name ? { name: c.name } : {}),
+    ...(!template || setsSize(req.config) ? sizeFields(c.sizes) : {}),
+    env: c.env,
+    ...(cmd.length ? { cmd } : {}),
+    ...(req.restart_policy ? { restartPolicy: req.restart_policy } : {}),
+    ...srfOf(req.config, defaultAutoSuspendSecs),
+  });
+  return {
+    vm_id: box.id,
+    name: box.name ?? '',
+    public_ip: '',
+    url: '',
+    image: box.image,
+    status: box.status,
+    boot_time_ms: String(box.boot_ms ?? 0),
+  };
+}
+
+async function createVmFromTemplate(req: FromTemplateRequest, cx: Cx): Promise<Record<string, unknown>> {
+  const template = required(req.template_id, 'template_id');
+  const name = optionalName(req.name);
+  refuseUnserved(req.config);
+  const sized = setsSize(req.config);
+  if (sized) checked(undefined, name, sizesOf(cx, req.config), null);
+  const box: BoxView = await cx.act.createBox({
+    template,
+    ...(name ? { name } : {}),
+    ...(sized ? sizeFields(sizesOf(cx, req.config)) : {}),
+    ...srfOf(req.config, defaultAutoSuspendSecs),
+  });
+  return {
+    vm_id: box.id,
+    name: box.name ?? '',
+    public_ip: '',
+    url: '',
+    status: box.status,
+    boot_time_ms: String(box.boot_ms ?? 0),
+  };
+}
+
+/**
+ * A live fork: the source's memory, processes and disk, so its size is the source's (a config
+ * that sets one is refused rather than ignored). SrfConfig applies to the fork; unset, its
+ * auto-suspend is inherited.
+ */
+async function forkVm(req: ForkRequest, cx: Cx): Promise<Record<string, unknown>> {
+  const source = vmRef(req.source_vm_id, 'source_vm_id');
+  const name = optionalName(req.name);
+  refuseUnserved(req.config);
+  if (setsSize(req.config))
+    throw bad(
+      "a fork continues its source's memory: config vcpu, memory_bytes and disk_bytes must be 0 (inherited)",
+    );
+  const timers = srfOf(req.config, undefined);
+  const f = await cx.act.forkBox(source, name ? { name } : {});
+  // The fork's own timers, when asked for, are set on it as a second step (forkBox takes none).
+  const view = Object.keys(timers).length ? cx.act.setBoxTimers(f.id, timers) : f;
+  return {
+    vm_id: view.id,
+    name: view.name ?? '',
+    public_ip: '',
+    url: '',
+    image: view.image,
+    status: view.status,
+    forked_from: f.forked_from,
+    boot_time_ms: String(f.boot_ms),
+  };
+}
+
+export const vmCreateRpcs: Record<string, Rpc> = {
+  CreateVm: unary(createVm),
+  CreateVmFromTemplate: unary(createVmFromTemplate),
+  ForkVm: unary(forkVm),
+};
