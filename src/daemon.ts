@@ -83,7 +83,17 @@ export async function startDaemon(
     builder,
     log: (msg) => opts.log('info', msg),
   });
-  const engine = new Engine(config, templates, accel, opts.log, images);
+  // The machines API is served on the tunnels too, so it is known only once it listens below.
+  let http: HttpApi | undefined;
+  const engine = new Engine(config, templates, accel, opts.log, {
+    images,
+    // A process inside a machine acts as the machine's owner, whatever it sends: the principal
+    // comes from which machine's agent opened the stream, never from the request.
+    onGuestApiStream: (machineId, owner, stream) => {
+      if (http) http.acceptConnection(stream, auth.guestPrincipal(owner, machineId));
+      else stream.destroy();
+    },
+  });
   await engine.start();
   engine.prepareSnapshots();
   // After start: the rows left are the machines and boxes that survived the restart.
@@ -105,7 +115,7 @@ export async function startDaemon(
     });
   const limits = { bodyIdleTimeoutMs: config.bodyIdleTimeoutMs, maxConnections: config.maxConnections };
   const nobody = noActions();
-  const http = await startHttpApi(engine, {
+  http = await startHttpApi(engine, {
     host: config.host,
     port: config.port,
     caller: { auth, anonymous, nobody },

@@ -1,6 +1,7 @@
 /* hutch-agent: serves the host <-> agent protocol (docs/agent-protocol.md) over the
  * virtio-serial port org.hutch.agent.0, or over a Unix socket with --connect for testing.
- * When it runs as PID 1 it is also the guest's init (init.c). */
+ * When it runs as PID 1 it is also the guest's init (init.c). Run under the name `hutch` it
+ * is the guest's client of the machines API instead (guestcli.c). */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -18,6 +19,7 @@
 #include "agent.h"
 
 #define PORT_NAME "org.hutch.agent.0"
+#define API_SOCKET "/run/hutch/api.sock"
 #define RETRY_MS 10
 #define PORT_SEARCH_MS 100
 
@@ -217,6 +219,7 @@ static void sweep_streams(void)
  * running. */
 static void reset_streams(void)
 {
+	/* API clients lose their connection when their stream is freed. */
 	for (struct stream *s = A.streams; s; s = s->next) {
 		if (s->kind == STREAM_EXEC)
 			exec_kill(s);
@@ -558,12 +561,14 @@ static void handle_frame(const struct proto_frame *f)
 		s->recv_window -= f->payload_len;
 		if (s->kind == STREAM_EXEC)
 			exec_stdin(s, f->payload, f->payload_len);
+		else if (s->kind == STREAM_API)
+			api_data(s, f->payload, f->payload_len);
 		else
 			file_write_data(s, f->payload, f->payload_len);
 		return;
 	}
 	if (s->kind != STREAM_EXEC) {
-		violation("SIGNAL/RESIZE on a file stream");
+		violation("SIGNAL/RESIZE on a stream that is not an exec");
 		return;
 	}
 	if (f->type == T_SIGNAL)
@@ -617,7 +622,7 @@ static void ensure_std_fds(void)
 
 static void usage(void)
 {
-	fputs("usage: hutch-agent [--connect UNIX_SOCKET | --port DEVICE]\n", stderr);
+	fputs("usage: hutch-agent [--connect UNIX_SOCKET | --port DEVICE] [--api-socket PATH]\n", stderr);
 	exit(2);
 }
 
@@ -659,7 +664,7 @@ static void loop(void)
 		sweep_streams();
 		flush_out();
 
-		size_t need = 2 + 3 * nstreams;
+		size_t need = 3 + 3 * nstreams;
 		if (need > cap) {
 			cap = need * 2;
 			pfd = realloc(pfd, cap * sizeof *pfd);
@@ -683,10 +688,19 @@ static void loop(void)
 			pfd[n] = (struct pollfd){.fd = A.fd, .events = ev};
 			owner[n++] = NULL;
 		}
+		int api_slot = -1;
+		int lfd = A.host ? api_listen_fd() : -1;
+		if (lfd >= 0) {
+			api_slot = (int)n;
+			pfd[n] = (struct pollfd){.fd = lfd, .events = POLLIN};
+			owner[n++] = NULL;
+		}
 		for (struct stream *s = A.streams; s; s = s->next) {
-			if (s->kind != STREAM_EXEC)
+			if (s->kind != STREAM_EXEC && s->kind != STREAM_API)
 				continue;
-			int k = exec_pollfds(s, pfd + n);
+			if (s->dead)
+				continue;
+			int k = s->kind == STREAM_EXEC ? exec_pollfds(s, pfd + n) : api_pollfds(s, pfd + n);
 			for (int i = 0; i < k; i++)
 				owner[n + (size_t)i] = s;
 			n += (size_t)k;
@@ -720,6 +734,8 @@ static void loop(void)
 			if (re & (POLLIN | POLLHUP | POLLERR))
 				port_read();
 		}
+		if (api_slot >= 0 && (pfd[api_slot].revents & POLLIN) && A.host)
+			api_accept();
 		/* A reset above may have freed nothing yet (streams are only marked dead), so
 		 * the owner pointers stay valid until the sweep. */
 		size_t i = 0;
@@ -732,8 +748,10 @@ static void loop(void)
 			size_t j = i;
 			while (j < n && owner[j] == s)
 				j++;
-			if (!s->dead)
+			if (!s->dead && s->kind == STREAM_EXEC)
 				exec_ready(s, pfd + i, (int)(j - i));
+			else if (!s->dead)
+				api_ready(s, pfd + i, (int)(j - i));
 			i = j;
 		}
 		sweep_streams();
@@ -742,11 +760,19 @@ static void loop(void)
 
 int main(int argc, char **argv)
 {
+	const char *base = argc > 0 ? strrchr(argv[0], '/') : NULL;
+	base = base ? base + 1 : argc > 0 ? argv[0] : "";
+	if (getpid() != 1 && strcmp(base, "hutch") == 0)
+		return guest_cli(argc, argv);
+
+	const char *api_socket = NULL;
 	for (int i = 1; i < argc; i++) {
 		if (strcmp(argv[i], "--connect") == 0 && i + 1 < argc)
 			A.connect_path = argv[++i];
 		else if (strcmp(argv[i], "--port") == 0 && i + 1 < argc)
 			A.port_path = argv[++i];
+		else if (strcmp(argv[i], "--api-socket") == 0 && i + 1 < argc)
+			api_socket = argv[++i];
 		else
 			usage();
 	}
@@ -765,6 +791,10 @@ int main(int argc, char **argv)
 	struct sigaction sa = {.sa_handler = on_sigchld, .sa_flags = SA_RESTART | SA_NOCLDSTOP};
 	sigemptyset(&sa.sa_mask);
 	sigaction(SIGCHLD, &sa, NULL);
+
+	/* The guest's init serves the API socket; an agent run for tests only when asked to. */
+	if (api_socket || (A.pid1 && in_guest_image()))
+		api_listen(api_socket ? api_socket : API_SOCKET);
 
 	loop();
 	/* not reached */

@@ -20,7 +20,7 @@
  * window the host always keeps 224 KiB of room, so batching never stalls it. */
 #define CREDIT_BATCH 32768u
 
-enum stream_kind { STREAM_EXEC, STREAM_WRITE, STREAM_READ };
+enum stream_kind { STREAM_EXEC, STREAM_WRITE, STREAM_READ, STREAM_API };
 
 struct stream {
 	struct stream *next;
@@ -43,10 +43,14 @@ struct stream {
 	int64_t deadline; /* timeout (ms, monotonic), 0 = none */
 	int64_t grace;    /* when to stop waiting for the pipes after the exit, 0 = not yet */
 
-	/* files */
+	/* files; API streams keep their client's socket in fd and the host's bytes in in_buf */
 	int fd;
 	char *path, *tmp;
 	uint64_t size;
+
+	/* API */
+	int eof_sent; /* the client's end of input went to the host as an empty DATA */
+	int host_eof; /* the host's empty DATA arrived: shut the client's read side once drained */
 };
 
 struct agent {
@@ -103,11 +107,26 @@ void file_read_open(const struct proto_frame *f);
 void file_read_pump(struct stream *s);
 void file_discard(struct stream *s);
 
+/* api.c: the guest API socket and the streams it opens toward the host. */
+void api_listen(const char *path);
+/* The listening socket while a connection may be accepted now, else -1. */
+int api_listen_fd(void);
+void api_accept(void);
+void api_data(struct stream *s, const uint8_t *p, size_t n);
+int api_pollfds(struct stream *s, struct pollfd *pfd);
+void api_ready(struct stream *s, const struct pollfd *pfd, int n);
+
+/* guestcli.c: the agent binary run as `hutch`. */
+int guest_cli(int argc, char **argv);
+
 /* configure.c */
 void configure_open(const struct proto_frame *f);
 
 /* init.c */
 void init_setup(void);
+/* Whether this binary is where images put the agent (/sbin or /.hutch): a real guest, not an
+ * agent run as PID 1 of a namespace on some host, whose /usr and /run are the host's. */
+int in_guest_image(void);
 /* boot.c: remember root= of the kernel command line; grow the root ext4 on it to fill its
  * disk; mount one volume (-1 with errno and *what, the step that failed). Both on CONFIGURE's
  * request. */

@@ -87,6 +87,45 @@ static void loopback_up(void)
 	close(fd);
 }
 
+/* `hutch` on every guest's PATH is this binary under another name (guestcli.c). The link
+ * goes to wherever the image put the agent (/sbin in templates, /.hutch in OCI images), and
+ * only there: an agent run as PID 1 of a namespace on some host (the tests) must not write
+ * into that host's /usr. A file the image has at the link's place itself is left alone. */
+int in_guest_image(void)
+{
+	char self[256];
+	ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+	if (n <= 0)
+		return 0;
+	self[n] = 0;
+	/* /usr/sbin: /sbin is a link to usr/sbin in merged-/usr images (Debian's). */
+	return strcmp(self, "/sbin/hutch-agent") == 0 || strcmp(self, "/usr/sbin/hutch-agent") == 0 ||
+	       strcmp(self, "/.hutch/hutch-agent") == 0;
+}
+
+static void link_guest_cli(void)
+{
+	static const char path[] = "/usr/local/bin/hutch";
+	char self[256], old[256];
+	if (!in_guest_image())
+		return;
+	ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+	if (n <= 0)
+		return;
+	self[n] = 0;
+	struct stat st;
+	if (lstat(path, &st) == 0) {
+		ssize_t k = S_ISLNK(st.st_mode) ? readlink(path, old, sizeof old - 1) : -1;
+		if (k < 0 || ((size_t)k == (size_t)n && memcmp(old, self, (size_t)n) == 0))
+			return;
+		unlink(path); /* a link of an earlier agent path */
+	}
+	mkdir("/usr/local", 0755);
+	mkdir("/usr/local/bin", 0755);
+	if (symlink(self, path) < 0)
+		logmsg("symlink %s: %s", path, strerror(errno));
+}
+
 /* The kernel arguments read at boot (docs/agent-protocol.md, "Boot parameters"): root= (the
  * device CONFIGURE's grow_root may grow) and hutch.console. Everything else about the guest
  * comes with CONFIGURE; hutch.hostname= and hutch.vol=, which protocol-1 agents read here,
@@ -137,6 +176,7 @@ void init_setup(void)
 
 	loopback_up();
 	read_cmdline();
+	link_guest_cli();
 
 	signal(SIGTERM, SIG_IGN);
 	signal(SIGINT, SIG_IGN);

@@ -46,6 +46,7 @@ int proto_payload_kind(uint8_t type)
 	case T_CONFIGURE:
 	case T_HELLO:
 	case T_UNSUPPORTED:
+	case T_API_OPEN:
 		return PK_TLV;
 	default:
 		return -1;
@@ -77,6 +78,7 @@ const char *proto_type_name(uint8_t type)
 	case T_DONE: return "DONE";
 	case T_CANCEL: return "CANCEL";
 	case T_CONFIGURE: return "CONFIGURE";
+	case T_API_OPEN: return "API_OPEN";
 	default: return "?";
 	}
 }

@@ -42,6 +42,7 @@ enum proto_type {
 	T_DONE = 0x23,
 	T_CANCEL = 0x24,
 	T_CONFIGURE = 0x25,
+	T_API_OPEN = 0x28,
 };
 
 /* TLV tags, named per frame type. */
@@ -60,7 +61,7 @@ enum {
 
 /* Protocol version and feature bits (docs/agent-protocol.md, "Versions and features"); the
  * host's copy is src/guest/protocol.ts. Bits are never reused. */
-#define PROTO_VERSION 2u
+#define PROTO_VERSION 3u
 #define FEAT_EXEC (1ull << 0)
 #define FEAT_FILES (1ull << 1)
 #define FEAT_RESET (1ull << 2)
@@ -68,9 +69,14 @@ enum {
 #define FEAT_CONFIGURE_VOLUMES (1ull << 4)
 #define FEAT_CONFIGURE_GROW_ROOT (1ull << 5)
 #define FEAT_UNSUPPORTED (1ull << 6)
+#define FEAT_GUEST_API (1ull << 7)
 #define AGENT_FEATURES                                                                        \
 	(FEAT_EXEC | FEAT_FILES | FEAT_RESET | FEAT_CONFIGURE | FEAT_CONFIGURE_VOLUMES |        \
-	 FEAT_CONFIGURE_GROW_ROOT | FEAT_UNSUPPORTED)
+	 FEAT_CONFIGURE_GROW_ROOT | FEAT_UNSUPPORTED | FEAT_GUEST_API)
+
+/* Streams the agent opens (API_OPEN) have this bit set in their id, the host's never: the
+ * two sides allocate ids without coordinating and can never collide. */
+#define PROTO_AGENT_STREAM 0x80000000u
 
 enum proto_result {
 	PROTO_OK = 0,

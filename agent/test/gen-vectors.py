@@ -11,7 +11,7 @@ import sys
 T = dict(PING=0x01, PONG=0x02, POWEROFF=0x03, RESET=0x04, EXEC=0x10, STARTED=0x11, STDIN=0x12,
          STDOUT=0x13, STDERR=0x14, SIGNAL=0x15, RESIZE=0x16, EXIT=0x17, ERROR=0x18,
          CREDIT=0x19, FILE_WRITE=0x20, FILE_READ=0x21, DATA=0x22, DONE=0x23, CANCEL=0x24,
-         CONFIGURE=0x25, HELLO=0x06, UNSUPPORTED=0x07)
+         CONFIGURE=0x25, HELLO=0x06, UNSUPPORTED=0x07, API_OPEN=0x28)
 
 
 def frame(typ, stream, payload=b""):
@@ -264,6 +264,17 @@ def main():
        ' hostname="box-1"')
     bad("configure-grow-root-empty", frame("CONFIGURE", 1, tlv(6, b"")), "truncated")
     bad("configure-grow-root-long", frame("CONFIGURE", 1, tlv(6, b"\x01\x00")), "bad-length")
+
+    # Protocol 3: API_OPEN (0x28), a stream the agent opens (its id has the top bit set) for a
+    # guest process's connection to the host's API; HELLO's feature bit 7 (guest-api).
+    ok("hello-agent-3", frame("HELLO", 0, tlv(1, struct.pack(">I", 3)) + tlv(2, struct.pack(">Q", 0xFF))),
+       "HELLO stream=0 version=3 features=255")
+    ok("api-open", frame("API_OPEN", 0x80000001), "API_OPEN stream=2147483649")
+    ok("api-open-unknown-tag", frame("API_OPEN", 0xFFFFFFFF, tlv(7, b"later")),
+       "API_OPEN stream=4294967295 unknown=7")
+    bad("api-open-tlv-cut", raw(7, 0x28, 0x80000002, b"\x01\0"), "truncated")
+    ok("api-data", frame("DATA", 0x80000001, b"GET /v1/machines HTTP/1.1\r\n\r\n"),
+       'DATA stream=2147483649 data="GET /v1/machines HTTP/1.1\\x0d\\x0a\\x0d\\x0a"')
 
     out = [HEADER]
     for name, b, text in V:

@@ -19,6 +19,9 @@ PING, PONG, POWEROFF = 0x01, 0x02, 0x03
 HELLO, UNSUPPORTED = 0x06, 0x07
 EXEC, STARTED, STDIN, STDOUT, STDERR, SIGNAL, RESIZE, EXIT, ERROR, CREDIT = range(0x10, 0x1A)
 FILE_WRITE, FILE_READ, DATA, DONE, CANCEL, CONFIGURE = 0x20, 0x21, 0x22, 0x23, 0x24, 0x25
+API_OPEN = 0x28
+AGENT_STREAM = 0x80000000
+FEAT_GUEST_API = 1 << 7
 WINDOW = 262144
 MAXP = 65536
 TERMINAL = (EXIT, ERROR, DONE)
@@ -59,14 +62,18 @@ class Host:
 
     def __init__(self, agent, workdir):
         self.path = os.path.join(workdir, "agent.sock")
+        self.api_path = os.path.join(workdir, "api.sock")
         self.lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.lsock.bind(self.path)
         self.lsock.listen(4)
         self.log = open(os.path.join(workdir, "agent.log"), "wb")
-        self.proc = subprocess.Popen([agent, "--connect", self.path], stdout=self.log, stderr=self.log)
+        self.proc = subprocess.Popen(self.argv(agent), stdout=self.log, stderr=self.log)
         self.conn = None
         self.next_id = 1
         self.accept()
+
+    def argv(self, agent):
+        return [agent, "--connect", self.path, "--api-socket", self.api_path]
 
     def accept(self, timeout=5):
         self.lsock.settimeout(timeout)
@@ -80,6 +87,7 @@ class Host:
         self.send_win = {}    # stream -> bytes we may still send the agent
         self.autocredit = set()
         self.received = {}    # stream -> total payload bytes received
+        self.opened = []      # streams the agent opened (API_OPEN), in order
         self.handshake()
 
     def handshake(self):
@@ -159,8 +167,18 @@ class Host:
         return True
 
     def on_frame(self, t, sid, payload):
-        check(t in (PONG, HELLO, UNSUPPORTED, STARTED, STDOUT, STDERR, EXIT, ERROR, CREDIT, DATA, DONE),
+        check(t in (PONG, HELLO, UNSUPPORTED, STARTED, STDOUT, STDERR, EXIT, ERROR, CREDIT, DATA, DONE, API_OPEN),
               "agent sent frame type 0x%02x" % t)
+        if t == API_OPEN:
+            check(sid & AGENT_STREAM, "API_OPEN on host stream id %d" % sid)
+            check(sid not in self.frames, "API_OPEN reuses stream %d" % sid)
+            self.frames[sid] = []
+            self.recv_win[sid] = WINDOW
+            self.send_win[sid] = WINDOW
+            self.received[sid] = 0
+            self.autocredit.add(sid)
+            self.opened.append(sid)
+            return
         if t in (PONG, HELLO, UNSUPPORTED):
             check(sid == 0, "frame 0x%02x on stream %d" % (t, sid))
             self.frames.setdefault(0, []).append((t, payload))
@@ -560,8 +578,8 @@ def wait_conn_frame(h, t):
 def t_hello(h):
     h.sendall(frame(HELLO, 0, tlv(1, struct.pack(">I", 2)) + tlv(2, struct.pack(">Q", 1 << 63)) + tlv(9, "x")))
     f = dict(parse_tlv(wait_conn_frame(h, HELLO)))
-    check(f.get(1) == struct.pack(">I", 2), "HELLO version %r" % f.get(1))
-    check(f.get(2) == struct.pack(">Q", 0x7F), "HELLO features %r" % f.get(2))
+    check(f.get(1) == struct.pack(">I", 3), "HELLO version %r" % f.get(1))
+    check(f.get(2) == struct.pack(">Q", 0xFF), "HELLO features %r" % f.get(2))
     t_echo(h)
 
 
@@ -590,6 +608,230 @@ def t_violation(h):
     h.frames = {}
     h.handshake()
     t_echo(h)
+
+
+# ---- guest API (API_OPEN) and the guest CLI ----
+
+def announce(h, features):
+    h.sendall(frame(HELLO, 0, tlv(1, struct.pack(">I", 3)) + tlv(2, struct.pack(">Q", features))))
+    wait_conn_frame(h, HELLO)
+
+
+def api_client():
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(h_api_path[0])
+    return c
+
+
+def wait_open(h, timeout=5):
+    deadline = time.time() + timeout
+    while not h.opened:
+        check(time.time() < deadline, "no API_OPEN")
+        h.pump(0.05)
+    return h.opened.pop(0)
+
+
+def stream_bytes(h, sid, until_eof=True, timeout=10):
+    """The DATA bytes of an agent stream, up to its empty DATA."""
+    deadline = time.time() + timeout
+    while True:
+        data = [p for t, p in h.frames[sid] if t == DATA]
+        if any(t == ERROR for t, _ in h.frames[sid]):
+            raise Fail("API stream %d ended with ERROR %r" % (sid, h.frames[sid][-1]))
+        if not until_eof or (data and data[-1] == b""):
+            return b"".join(data)
+        check(time.time() < deadline, "API stream %d did not end" % sid)
+        h.pump(0.05)
+
+
+def read_all(c, timeout=10):
+    c.settimeout(timeout)
+    out = b""
+    while True:
+        b = c.recv(65536)
+        if not b:
+            return out
+        out += b
+
+
+def t_api_without_feature(h):
+    # A host that did not announce guest-api: the client's connection closes unanswered.
+    announce(h, 0x7F)
+    c = api_client()
+    check(read_all(c, 3) == b"", "a connection was served without the host's feature")
+    c.close()
+    h.pump(0.1)
+    check(not h.opened, "API_OPEN sent to a host without guest-api")
+
+
+def t_api_roundtrip(h):
+    announce(h, 0xFF)
+    c = api_client()
+    c.sendall(b"GET /v1/machines HTTP/1.1\r\nHost: hutch\r\n\r\n")
+    sid = wait_open(h)
+    deadline = time.time() + 5
+    while stream_bytes(h, sid, until_eof=False) != b"GET /v1/machines HTTP/1.1\r\nHost: hutch\r\n\r\n":
+        check(time.time() < deadline, "request bytes did not arrive")
+        h.pump(0.05)
+    h.send_data(sid, DATA, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    check(read_all(c) == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", "answer not delivered")
+    c.close()
+    stream_bytes(h, sid)  # the client's end arrives as an empty DATA
+
+
+def t_api_flow_5mb(h):
+    """5 MB each way through one stream: both windows are honoured, nothing is lost."""
+    announce(h, 0xFF)
+    import threading
+    up = os.urandom(5 * 1000 * 1000)
+    down = os.urandom(5 * 1000 * 1000)
+    got = {}
+    c = api_client()
+
+    def client():
+        c.sendall(up)
+        got["down"] = read_all(c, 30)
+    th = threading.Thread(target=client)
+    th.start()
+    sid = wait_open(h)
+    h.send_data(sid, DATA, down)
+    deadline = time.time() + 30
+    while h.received[sid] < len(up):
+        check(time.time() < deadline, "upload stalled at %d" % h.received[sid])
+        h.pump(0.05)
+    th.join(30)
+    check(got.get("down") == down, "download corrupted (%d bytes)" % len(got.get("down", b"")))
+    check(stream_bytes(h, sid, until_eof=False) == up, "upload corrupted")
+    c.close()
+    stream_bytes(h, sid)
+
+
+def t_api_cancel(h):
+    announce(h, 0xFF)
+    c = api_client()
+    sid = wait_open(h)
+    h.sendf(CANCEL, sid)
+    check(read_all(c, 3) == b"", "client still connected after CANCEL")
+    c.close()
+
+
+def t_api_limit(h):
+    """At most 16 streams at once; the rest wait in the backlog and are opened as others end."""
+    announce(h, 0xFF)
+    clients = [api_client() for _ in range(20)]
+    deadline = time.time() + 3
+    while len(h.opened) < 16 and time.time() < deadline:
+        h.pump(0.05)
+    h.pump(0.3)
+    check(len(h.opened) == 16, "%d streams open, want 16" % len(h.opened))
+    first = h.opened[:4]
+    del h.opened[:4]
+    for sid in first:
+        h.sendf(CANCEL, sid)
+    deadline = time.time() + 3
+    while len(h.opened) < 16:
+        check(time.time() < deadline, "waiting connections were not opened (%d)" % len(h.opened))
+        h.pump(0.05)
+    for sid in h.opened:
+        h.sendf(CANCEL, sid)
+    h.opened = []
+    for c in clients:
+        c.close()
+
+
+def run_cli(h, tmp, args, answer):
+    """Runs the agent as `hutch ARGS` against the API socket; answers its one request with
+    `answer` (bytes of an HTTP response). Returns (exit code, stdout, stderr, request)."""
+    link = os.path.join(tmp, "hutch")
+    if not os.path.exists(link):
+        os.symlink(os.path.abspath(h.proc.args[0]), link)
+    env = dict(os.environ, HUTCH_API_SOCKET=h.api_path)
+    p = subprocess.Popen([link] + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    req = b""
+    if answer is not None:
+        sid = wait_open(h)
+        deadline = time.time() + 5
+        while True:
+            req = stream_bytes(h, sid, until_eof=False)
+            head, sep, body = req.partition(b"\r\n\r\n")
+            m = re.search(rb"(?i)content-length: (\d+)", head)
+            if sep and len(body) >= (int(m.group(1)) if m else 0):
+                break
+            check(time.time() < deadline, "incomplete request %r" % req)
+            h.pump(0.05)
+        h.send_data(sid, DATA, answer)
+    out, err = p.communicate(timeout=10)
+    return p.returncode, out, err, req
+
+
+def http(status, body, chunked=False):
+    reason = {200: "OK", 201: "Created", 204: "No Content", 404: "Not Found"}[status]
+    if chunked:
+        mid = len(body) // 2
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(x), x) for x in (body[:mid], body[mid:]) if x)
+        return b"HTTP/1.1 %d %s\r\nTransfer-Encoding: chunked\r\n\r\n%s0\r\n\r\n" % (status, reason.encode(), chunks)
+    return b"HTTP/1.1 %d %s\r\nContent-Length: %d\r\n\r\n%s" % (status, reason.encode(), len(body), body)
+
+
+def t_guest_cli(h, tmp):
+    import json
+    announce(h, 0xFF)
+    res = (b'{"exit_code":0,"signal":null,"timed_out":false,"stdout":"hi \\"q\\" \\u00e9\\ud83d\\ude00\\n",'
+           b'"stderr":"warn\\n","truncated":false,"duration_ms":3}')
+    code, out, err, req = run_cli(h, tmp, ["exec", "sib", "--json", "echo hi"], http(200, res, chunked=True))
+    check(code == 0, "exit %d: %r" % (code, err))
+    check(req.startswith(b"POST /v1/machines/sib/exec HTTP/1.1\r\n"), "request %r" % req)
+    check(json.loads(req.partition(b"\r\n\r\n")[2]) == {"cmd": "echo hi", "timeout_ms": 3600000}, "body %r" % req)
+    doc = json.loads(out)
+    check(doc["output"] == 'hi "q" \u00e9\U0001F600\nwarn\n', "output %r" % doc["output"])
+    check(doc["stdout"] == 'hi "q" \u00e9\U0001F600\n' and doc["exit_code"] == 0 and doc["duration_ms"] == 3, "doc %r" % doc)
+    check(list(doc)[:2] == ["output", "exit_code"], "key order %r" % list(doc))
+
+    # Without --json: the bytes, and the command's exit code.
+    res = b'{"exit_code":3,"signal":null,"timed_out":false,"stdout":"a\\u00e9\\n","stderr":"b\\n","truncated":false,"duration_ms":1}'
+    code, out, err, req = run_cli(h, tmp, ["exec", "m-1", "--", "sh", "-c", "exit 3"], http(200, res))
+    check((code, out, err) == (3, "a\u00e9\n".encode(), b"b\n"), "plain exec %r" % ((code, out, err),))
+    check(json.loads(req.partition(b"\r\n\r\n")[2])["cmd"] == ["sh", "-c", "exit 3"], "argv form %r" % req)
+
+    # Errors: the daemon's document as it came, exit 1.
+    e = b'{"code":"MACHINE_NOT_FOUND","message":"no machine \\"nope\\""}'
+    code, out, err, req = run_cli(h, tmp, ["destroy", "--json", "nope"], http(404, e))
+    check(code == 1 and json.loads(out)["code"] == "MACHINE_NOT_FOUND", "error %r" % ((code, out),))
+    check(req.startswith(b"DELETE /v1/machines/nope HTTP/1.1"), "request %r" % req)
+    check(b'MACHINE_NOT_FOUND: no machine "nope"' in err, "stderr %r" % err)
+
+    # new: --name=x and --name x; without --ttl, persistent with the longest TTL.
+    m = b'{"id":"m-0000abcd","name":"sib","status":"running","template":"python"}'
+    code, out, err, req = run_cli(h, tmp, ["new", "--name", "sib", "--json"], http(201, m))
+    check(code == 0 and json.loads(out)["id"] == "m-0000abcd", "new %r" % ((code, out, err),))
+    check(json.loads(req.partition(b"\r\n\r\n")[2]) ==
+          {"template": "python", "name": "sib", "persistent": True, "ttl_seconds": 900}, "new body %r" % req)
+    code, out, err, req = run_cli(h, tmp, ["fork", "sib", "--name=sib-2", "--ttl", "60"], http(201, m))
+    check((code, out) == (0, b"m-0000abcd\n"), "fork %r" % ((code, out, err),))
+    check(req.startswith(b"POST /v1/machines/sib/branch ") and
+          json.loads(req.partition(b"\r\n\r\n")[2]) == {"name": "sib-2", "ttl_seconds": 60}, "fork req %r" % req)
+
+    # list --json prints the array, like the host CLI.
+    lst = b'{"machines":[' + m + b',{"id":"m-2","name":null,"status":"running","template":"python"}]}'
+    code, out, err, req = run_cli(h, tmp, ["list", "--json"], http(200, lst, chunked=True))
+    check(code == 0 and [x["id"] for x in json.loads(out)] == ["m-0000abcd", "m-2"], "list %r" % out)
+    code, out, err, req = run_cli(h, tmp, ["ls"], http(200, lst))
+    check(out == b"m-0000abcd\tsib\trunning\tpython\nm-2\t-\trunning\tpython\n", "ls %r" % out)
+
+    # Usage errors are documents too, exit 2, nothing sent.
+    code, out, err, req = run_cli(h, tmp, ["bogus", "--json"], None)
+    check(code == 2 and json.loads(out)["code"] == "USAGE", "usage %r" % ((code, out),))
+    code, out, err, req = run_cli(h, tmp, ["new", "--ttl", "soon", "--json"], None)
+    check(code == 2 and json.loads(out)["code"] == "USAGE", "bad ttl %r" % ((code, out),))
+    check(not h.opened, "a usage error reached the host")
+
+    # A host that refuses the stream: UNAVAILABLE, exit 1.
+    p = subprocess.Popen([os.path.join(tmp, "hutch"), "list", "--json"], env=dict(os.environ, HUTCH_API_SOCKET=h.api_path),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sid = wait_open(h)
+    h.sendf(CANCEL, sid)
+    out, err = p.communicate(timeout=10)
+    check(p.returncode == 1 and json.loads(out)["code"] == "UNAVAILABLE", "refused %r" % ((p.returncode, out),))
 
 
 def t_write_blocked(h):
@@ -644,6 +886,9 @@ def run_boot_test(binary):
     return int(m.group(1)), int(m.group(2)) + (1 if r.returncode != 0 and not int(m.group(2)) else 0)
 
 
+h_api_path = [None]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--vectors-test", required=True)
@@ -669,6 +914,7 @@ def main():
 
     work = tempfile.mkdtemp(prefix="hutch-agent-test-")
     h = Host(os.path.abspath(a.agent), work)
+    h_api_path[0] = h.api_path
     try:
         passed, failed = run_tests(a, h, passed, failed)
     finally:
@@ -706,7 +952,9 @@ def run_tests(a, h, passed, failed):
         ("background-holder", t_background_holder), ("pty-resize", t_pty),
         ("concurrent", t_concurrent), ("files-5mb", t_files), ("file-errors", t_file_errors),
         ("file-cancel", t_file_cancel), ("configure", t_configure), ("write-blocked", t_write_blocked),
-        ("disconnect", t_disconnect), ("hello", t_hello), ("unsupported", t_unsupported), ("violation-resync", t_violation), ("poweroff", t_poweroff),
+        ("disconnect", t_disconnect), ("hello", t_hello), ("api-without-feature", t_api_without_feature),
+        ("api-roundtrip", t_api_roundtrip), ("api-flow-5mb", t_api_flow_5mb), ("api-cancel", t_api_cancel),
+        ("api-limit", t_api_limit), ("guest-cli", t_guest_cli), ("unsupported", t_unsupported), ("violation-resync", t_violation), ("poweroff", t_poweroff),
     ]
     for name, fn in tests:
         if a.k and a.k not in name:
@@ -731,8 +979,7 @@ def run_tests(a, h, passed, failed):
                 if h.proc.poll() is not None:
                     print("agent died with status %s; restarting" % h.proc.returncode)
                     h.close()
-                    h.proc = subprocess.Popen([os.path.abspath(a.agent), "--connect", h.path],
-                                              stdout=h.log, stderr=h.log)
+                    h.proc = subprocess.Popen(h.argv(os.path.abspath(a.agent)), stdout=h.log, stderr=h.log)
                 else:
                     h.close()  # start the next test on a fresh connection
                 h.accept()

@@ -29,7 +29,26 @@ export function parseCommand(
   }
 }
 
-export function fail(msg: string, code = 2): never {
+let jsonErrors = false;
+
+/**
+ * With `--json` a caller parses stdout, so every failure, a usage error included, is one JSON
+ * document there too (`{"code","message"}`), with the same non-zero exit code.
+ */
+export function setJsonErrors(on: boolean): void {
+  jsonErrors = on;
+}
+
+/** Whether `--json` appears among the CLI's own arguments (before `--`). */
+export function wantsJson(argv: readonly string[]): boolean {
+  const dashdash = argv.indexOf('--');
+  return (dashdash >= 0 ? argv.slice(0, dashdash) : argv).includes('--json');
+}
+
+/** Exit code 2 is a usage error (code USAGE); anything else a failure of the CLI itself. */
+export function fail(msg: string, code = 2, errorCode = code === 2 ? 'USAGE' : 'CLI_ERROR'): never {
+  // The usage text that follows a usage error is for people: the document keeps the reason.
+  if (jsonErrors) printJson({ code: errorCode, message: msg.split('\n\n')[0] });
   process.stderr.write(`hutch: ${msg}\n`);
   process.exit(code);
 }

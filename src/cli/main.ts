@@ -6,6 +6,7 @@ import { bearerFor } from '../client/credentials.js';
 import { ApiError, HutchClient } from '../client/http-client.js';
 import { clientUrl, loadConfig } from '../config.js';
 import { jsonLogger, startDaemon } from '../daemon.js';
+import { ttlBounds } from '../engine/engine.js';
 import { type BuildProgress, TemplateBuilder } from '../images/builder.js';
 import { collectCacheGarbage, type GcReport } from '../images/cache-gc.js';
 import { ImageStore } from '../images/oci.js';
@@ -18,30 +19,46 @@ import {
   fail,
   parseCommand,
   printJson,
+  setJsonErrors,
   terminal,
+  wantsJson,
   writeOut,
 } from './common.js';
+
+/** The server's longest exec timeout: an agent's task (`claude -p …`) takes minutes, not the API's default 60 s. */
+const defaultExecTimeoutMs = 3_600_000;
 
 const usage = `hutch: real computers over an API
 
   hutch serve [--host H] [--port P] [--state-dir D] [--image-dir D] [--accel auto|kvm|tcg] [--config F]
   hutch new [--template python] [--ttl SECONDS] [--persistent] [--name NAME] [--json]
-  hutch ls [--json]
+                                   without --ttl: persistent where the server allows it, else
+                                   the server's longest TTL (${ttlBounds.max} s), so an agent task outlives it
+  hutch ls|list [--json]
   hutch get ID [--json]
   hutch exec [-i] [--env K=V]... [--cwd DIR] [--timeout MS] [--json] ID -- CMD [ARG...]
-                                   (output streams live; exits with the command's exit code)
+  hutch exec [...] ID 'SHELL COMMAND'  one argument: run with /bin/sh -c
+                                   (output streams live; exits with the command's exit code;
+                                   --timeout defaults to ${defaultExecTimeoutMs / 60_000} min; --json prints one document:
+                                   {output, exit_code, signal, timed_out, stdout, stderr, truncated,
+                                   duration_ms}, output = stdout then stderr, so exactly stdout
+                                   when stderr is empty)
+  hutch fork ID [--name NAME] [--ttl SECONDS] [--json]   a live clone (disk, memory, processes);
+                                   without --ttl it keeps the source's lifetime
   hutch attach ID [--shell /bin/bash] [--term xterm-256color]   interactive shell (a PTY)
   hutch tty ID                     the serial console (Ctrl-] leaves)
   hutch upload ID FILE [--name NAME]           FILE to /root/NAME (default: its base name)
   hutch download ID PATH [-o FILE]             to FILE, or to stdout
-  hutch rm ID... [--json]
+  hutch rm|destroy ID... [--json]
   hutch health [--json]
   hutch template build [NAME] [--image-dir D]
   hutch image pull REF... [--image-dir D] [--json]   pull (debian:* builds locally) into the image cache
   hutch cache gc [--dry-run] [--min-age SECONDS] [--state-dir D] [--image-dir D] [--json]
                                    remove templates, images and snapshots nothing uses (no daemon needed)
 
-Client commands talk to --url or $HUTCH_URL (default http://127.0.0.1:8080).
+Client commands talk to --url or $HUTCH_URL (default http://127.0.0.1:8080). ID is a machine's
+id or its name. With --json every answer is one JSON document on stdout, errors included:
+{"code","message"} (the API's code, or USAGE / CLI_ERROR) with a non-zero exit code.
 
 ${accountsUsage}
 
@@ -139,8 +156,29 @@ function machineLine(m: MachineJson): string {
     .trimEnd();
 }
 
+/** What `hutch exec --json` prints (the guest's `hutch` prints the same document). */
+interface ExecJson {
+  exit_code: number | null;
+  signal: number | null;
+  timed_out: boolean;
+  stdout: string;
+  stderr: string;
+  truncated: boolean;
+  duration_ms: number;
+}
+
+/** A whole number of seconds from a flag, or a usage error. */
+function ttlFlag(v: string | boolean | string[] | undefined): number | undefined {
+  if (v === undefined) return undefined;
+  const ttl = Number(v);
+  if (typeof v !== 'string' || !Number.isInteger(ttl))
+    fail(`--ttl must be a whole number of seconds, got ${JSON.stringify(v)}`);
+  return ttl;
+}
+
 async function main(argv: string[]): Promise<void> {
   const [cmd, ...rest] = argv;
+  setJsonErrors(wantsJson(rest));
   if (!cmd || cmd === 'help' || cmd === '--help' || cmd === '-h') {
     process.stdout.write(`${usage}\n`);
     return;
@@ -238,19 +276,34 @@ async function main(argv: string[]): Promise<void> {
     }
     case 'new': {
       const body: Record<string, unknown> = { template: (flags.template as string | undefined) ?? 'python' };
-      if (flags.ttl !== undefined) {
-        const ttl = Number(flags.ttl);
-        if (!Number.isInteger(ttl))
-          fail(`--ttl must be a whole number of seconds, got ${JSON.stringify(flags.ttl)}`);
-        body.ttl_seconds = ttl;
-      }
+      const ttl = ttlFlag(flags.ttl);
+      if (ttl !== undefined) body.ttl_seconds = ttl;
       if (flags.persistent) body.persistent = true;
+      if (ttl === undefined && !flags.persistent) {
+        // The API's default TTL (60 s) would end an agent's task mid-run: ask for a machine that
+        // stays until destroyed, which a server that does not allow it turns into its longest TTL.
+        body.persistent = true;
+        body.ttl_seconds = ttlBounds.max;
+      }
       if (flags.name) body.name = flags.name;
       const m = await client.createMachine<MachineJson>(body);
       if (json) printJson(m);
       else process.stdout.write(`${m.id}\n`);
       return;
     }
+    case 'fork': {
+      const id = positionals[0];
+      if (!id || positionals.length > 1) fail('usage: hutch fork ID [--name NAME] [--ttl SECONDS] [--json]');
+      const body: Record<string, unknown> = {};
+      const ttl = ttlFlag(flags.ttl);
+      if (ttl !== undefined) body.ttl_seconds = ttl;
+      if (flags.name) body.name = flags.name;
+      const m = await client.branch<MachineJson>(id, body);
+      if (json) printJson(m);
+      else process.stdout.write(`${m.id}\n`);
+      return;
+    }
+    case 'list':
     case 'ls': {
       const r = await client.listMachines<{ machines: MachineJson[] }>();
       if (json) printJson(r.machines);
@@ -269,8 +322,9 @@ async function main(argv: string[]): Promise<void> {
       printJson(h);
       return;
     }
+    case 'destroy':
     case 'rm': {
-      if (positionals.length === 0) fail('usage: hutch rm ID...');
+      if (positionals.length === 0) fail(`usage: hutch ${cmd} ID...`);
       const removed: string[] = [];
       for (const id of positionals) {
         await client.destroyMachine(id);
@@ -283,31 +337,25 @@ async function main(argv: string[]): Promise<void> {
     case 'exec': {
       const id = positionals[0];
       const command = trailing.length ? trailing : positionals.slice(1);
-      if (!id || command.length === 0) fail('usage: hutch exec ID -- CMD [ARG...]');
+      if (!id || command.length === 0)
+        fail("usage: hutch exec ID -- CMD [ARG...]  or  hutch exec ID 'SHELL COMMAND'");
       const env = envFlags(flags.env as string[] | undefined);
-      const body: Record<string, unknown> = { cmd: command };
+      // One argument without `--` is a shell command line (`hutch exec box 'make && ./run'`).
+      const body: Record<string, unknown> = {
+        cmd: trailing.length === 0 && command.length === 1 ? command[0] : command,
+      };
       if (env) body.env = env;
       if (flags.cwd) body.cwd = flags.cwd;
-      if (flags.timeout) body.timeout_ms = Number(flags.timeout);
+      body.timeout_ms = flags.timeout === undefined ? defaultExecTimeoutMs : Number(flags.timeout);
       if (flags.interactive) body.stdin = readFileSync(0, 'utf8');
       if (!json) {
         process.exitCode = await streamExec(client, id, body);
         return;
       }
-      const r = await client.exec<{
-        exit_code: number | null;
-        signal: number | null;
-        stdout: string;
-        stderr: string;
-        timed_out: boolean;
-      }>(id, body);
-      if (json) {
-        printJson(r);
-      } else {
-        process.stdout.write(r.stdout);
-        process.stderr.write(r.stderr);
-        if (r.timed_out) process.stderr.write('hutch: command timed out\n');
-      }
+      const r = await client.exec<ExecJson>(id, body);
+      // `output` first, then the API's answer as it is: the guest's C `hutch` builds the same
+      // document by splicing the two strings into the response body.
+      printJson({ output: r.stdout + r.stderr, ...r });
       process.exitCode = r.exit_code ?? 128 + (r.signal ?? 9);
       return;
     }
@@ -389,8 +437,10 @@ async function streamExec(client: HutchClient, id: string, body: Record<string, 
 
 main(process.argv.slice(2)).catch((e: unknown) => {
   if (e instanceof ApiError) {
-    if (process.argv.includes('--json')) printJson({ code: e.code, message: e.message });
-    fail(`${e.code}: ${e.message}`, 1);
+    // The document for the caller's parser; the line on stderr for whoever watches.
+    if (wantsJson(process.argv.slice(2))) printJson({ code: e.code, message: e.message });
+    process.stderr.write(`hutch: ${e.code}: ${e.message}\n`);
+    process.exit(1);
   }
-  fail((e as Error).stack ?? String(e), 1);
+  fail((e as Error).stack ?? String(e), 1, 'INTERNAL');
 });

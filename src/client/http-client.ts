@@ -1,4 +1,6 @@
 import { createReadStream } from 'node:fs';
+import { request as httpRequest, type IncomingMessage } from 'node:http';
+import { request as httpsRequest } from 'node:https';
 import { Readable } from 'node:stream';
 import type { ReadableStream as WebReadableStream } from 'node:stream/web';
 import { WebSocket } from 'ws';
@@ -87,8 +89,80 @@ export class HutchClient {
   destroyMachine(id: string): Promise<void> {
     return this.request('DELETE', `/v1/machines/${encodeURIComponent(id)}`);
   }
+  /** `body.cmd`: an argv, or one string run with /bin/sh -c. Waits as long as the command runs. */
   exec<T = Record<string, unknown>>(id: string, body: Record<string, unknown>): Promise<T> {
-    return this.request('POST', `/v1/machines/${encodeURIComponent(id)}/exec`, body);
+    return this.requestUntimed('POST', `/v1/machines/${encodeURIComponent(id)}/exec`, body);
+  }
+
+  /**
+   * request() over node:http rather than fetch: a buffered exec answers only when its command
+   * ends, and fetch gives up on an answer whose headers take over 300 s (undici's
+   * headersTimeout), which an agent's task outlasts. The command's own timeout bounds the wait.
+   */
+  private async requestUntimed<T>(method: string, path: string, body: unknown): Promise<T> {
+    const res = await this.openUntimed(method, new URL(path, this.baseUrl), body);
+    const chunks: Buffer[] = [];
+    try {
+      for await (const c of res) chunks.push(c as Buffer);
+    } catch (e) {
+      throw this.unreachable(e as Error);
+    }
+    const text = Buffer.concat(chunks).toString('utf8');
+    return (text ? JSON.parse(text) : undefined) as T;
+  }
+
+  private unreachable(e: Error & { code?: string }): ApiError {
+    return new ApiError(
+      0,
+      'UNREACHABLE',
+      `cannot reach the hutch daemon at ${this.baseUrl} (${e.code ?? e.message}); is \`hutch serve\` running?`,
+    );
+  }
+
+  /**
+   * Sends a JSON request with node:http (no timeout: see requestUntimed) and resolves with the
+   * answer once its headers are in; an error answer becomes ApiError. Aborting `signal`
+   * destroys the request.
+   */
+  private async openUntimed(
+    method: string,
+    url: URL,
+    body: unknown,
+    signal?: AbortSignal,
+  ): Promise<IncomingMessage> {
+    const payload = JSON.stringify(body);
+    const headers = await this.headers({
+      'content-type': 'application/json',
+      'content-length': String(Buffer.byteLength(payload)),
+    });
+    const res = await new Promise<IncomingMessage>((resolve, reject) => {
+      const send = url.protocol === 'https:' ? httpsRequest : httpRequest;
+      const req = send(url, { method, headers, ...(signal ? { signal } : {}) }, resolve);
+      req.on('error', (e) => reject(e.name === 'AbortError' ? e : this.unreachable(e)));
+      req.end(payload);
+    });
+    // A request destroyed by its caller (an abort, a loop left early) must not leave an
+    // 'error' event nobody hears.
+    res.on('error', () => {});
+    const status = res.statusCode ?? 0;
+    if (status >= 200 && status <= 299) return res;
+    const chunks: Buffer[] = [];
+    for await (const c of res) chunks.push(c as Buffer);
+    let e: { code?: string; message?: string } = {};
+    try {
+      e = JSON.parse(Buffer.concat(chunks).toString('utf8')) as typeof e;
+    } catch {
+      // not JSON
+    }
+    throw new ApiError(
+      status,
+      e.code ?? `HTTP_${status}`,
+      e.message ?? (res.statusMessage || `HTTP ${status}`),
+    );
+  }
+  /** Forks a running machine into a live clone (`hutch fork`): POST /branch. */
+  branch<T = Record<string, unknown>>(id: string, body: Record<string, unknown> = {}): Promise<T> {
+    return this.request('POST', `/v1/machines/${encodeURIComponent(id)}/branch`, body);
   }
 
   private machinePath(id: string, rest: string): URL {
@@ -136,12 +210,9 @@ export class HutchClient {
     const onAbort = (): void => ac.abort();
     signal?.addEventListener('abort', onAbort, { once: true });
     try {
-      const res = await this.send(this.machinePath(id, 'exec/stream'), {
-        method: 'POST',
-        headers: { 'content-type': 'application/json' },
-        body: JSON.stringify(body),
-        signal: ac.signal,
-      });
+      // node:http, not fetch: fetch cuts an answer silent for 300 s (undici's bodyTimeout),
+      // and an agent's command may print nothing for longer.
+      const res = await this.openUntimed('POST', this.machinePath(id, 'exec/stream'), body, ac.signal);
       let pending = '';
       const decoder = new TextDecoder();
       const parse = (line: string): ExecStreamEvent => {
@@ -153,7 +224,7 @@ export class HutchClient {
           };
         return e as ExecStreamEvent;
       };
-      for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
+      for await (const chunk of res as AsyncIterable<Buffer>) {
         pending += decoder.decode(chunk, { stream: true });
         let nl = pending.indexOf('\n');
         while (nl >= 0) {

@@ -50,7 +50,7 @@ import { type MachineView, toView } from './machine-view.js';
 import { HeldText, OutputBudget } from './output-budget.js';
 import { WarmPool } from './pool.js';
 import { recover } from './recovery.js';
-import { type RunAs, Runtime } from './runtime.js';
+import { type GuestApiStreamHandler, type RunAs, Runtime } from './runtime.js';
 import { activeStates, type MachineRow, Store } from './store.js';
 import { sweepMachines } from './sweeper.js';
 
@@ -103,6 +103,8 @@ export interface EngineParts {
   snapshots?: SnapshotCache;
   /** Run QEMU as this user (default: config.qemuUser, when it exists). */
   runAs?: RunAs | null;
+  /** Serves the API connections processes inside machines open (their `hutch`); absent: refused. */
+  onGuestApiStream?: GuestApiStreamHandler;
 }
 
 /**
@@ -167,6 +169,7 @@ export class Engine {
       execs: this.execs,
       diskPauses: () => this.diskPauses,
       closing: () => this.closing,
+      onGuestApiStream: p.onGuestApiStream,
     });
     this.snapshots =
       p.snapshots ??

@@ -1,5 +1,6 @@
 import { existsSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
+import type { Duplex } from 'node:stream';
 import { inBackground, type Log } from '../background.js';
 import type { Config } from '../config.js';
 import { HutchError, orStorageFull } from '../errors.js';
@@ -58,7 +59,12 @@ export interface RuntimeDeps {
   execs: BoxExecs;
   diskPauses: () => DiskPauses;
   closing: () => boolean;
+  /** Serves a guest's API connection (its `hutch`) for the machine's owner; absent: refused. */
+  onGuestApiStream?: GuestApiStreamHandler | undefined;
 }
+
+/** Takes the API connection a process inside `machineId` opened, to serve it for `owner`. */
+export type GuestApiStreamHandler = (machineId: string, owner: string, stream: Duplex) => void;
 
 /**
  * What every flow does to one machine: launch and adopt its VM (registering each resource's
@@ -551,6 +557,16 @@ export class Runtime {
    * A link that stays up for agentHealthyMs clears the error and the backoff.
    */
   watchAgent(m: Machine, agent: AgentConnection): void {
+    // Every link of a running machine serves its guest's API: the tunnel lives and dies with
+    // the link, and a new link (reconnect, resume, adoption) comes through here again. The owner
+    // is read per connection: a pooled machine gets its owner only when it is handed out.
+    const serve = this.d.onGuestApiStream;
+    if (serve)
+      agent.serveGuestApi((stream) => {
+        const row = this.store.get(m.id);
+        if (row?.state === 'running' && row.owner !== '') serve(m.id, row.owner, stream);
+        else stream.destroy();
+      });
     const healthy = setTimeout(() => {
       if (!agent.isOpen || m.vm?.agent !== agent) return;
       const hadFailures = m.agentFailures > 0;

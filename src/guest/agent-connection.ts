@@ -39,6 +39,13 @@ import {
   type ExecResult,
   type ReadFileHandle,
 } from './agent-types.js';
+import {
+  AGENT_STREAM_BIT,
+  type GuestApiHandler,
+  GuestApiStream,
+  isAgentStreamId,
+  MAX_GUEST_API_STREAMS,
+} from './guest-api.js';
 import { OutputChunks } from './output-chunks.js';
 import {
   ALL_FEATURES,
@@ -88,6 +95,7 @@ const AGENT_TYPES: ReadonlySet<number> = new Set([
   FrameType.CREDIT,
   FrameType.DATA,
   FrameType.DONE,
+  FrameType.API_OPEN,
 ]);
 
 export interface HandshakeOptions {
@@ -118,6 +126,8 @@ export class AgentConnection {
   private isClosed = false;
   private poweringOff = false;
   private drainWaiters: Deferred<void>[] = [];
+  /** Who takes the guest's API connections; none: they are refused. */
+  private guestApi: GuestApiHandler | undefined;
 
   /**
    * Takes over a socket on which the handshake is done; `rest` holds the bytes that
@@ -257,6 +267,14 @@ export class AgentConnection {
 
   get isOpen(): boolean {
     return !this.isClosed;
+  }
+
+  /**
+   * Serves the guest's API connections (API_OPEN) with `handler`, from now on; undefined
+   * refuses them again. Streams already open are not affected.
+   */
+  serveGuestApi(handler: GuestApiHandler | undefined): void {
+    this.guestApi = handler;
   }
 
   /** Round trip of a PING, in milliseconds. */
@@ -461,7 +479,9 @@ export class AgentConnection {
 
   private allocId(): number {
     this.ensureOpen();
-    if (this.nextId > MAX_STREAM_ID) throw new Error('stream ids exhausted on this connection');
+    // Ids with the top bit set are the agent's (guest-api.ts).
+    if (this.nextId >= Math.min(AGENT_STREAM_BIT, MAX_STREAM_ID))
+      throw new Error('stream ids exhausted on this connection');
     return this.nextId++;
   }
 
@@ -522,6 +542,10 @@ export class AgentConnection {
       else this.onUnsupported(parseUnsupported(msg));
       return;
     }
+    if (msg.type === FrameType.API_OPEN) {
+      this.onApiOpen(msg.stream);
+      return;
+    }
     if (msg.type === FrameType.PONG && msg.stream === 0) {
       const f = msg.fields[0];
       const key = f?.kind === 'bytes' ? f.value.toString('hex') : '';
@@ -555,6 +579,33 @@ export class AgentConnection {
       this.send(encodeUnsupported(frame.type, frame.stream));
     }
     this.ignore();
+  }
+
+  /**
+   * The agent opens a stream for a guest process's API connection. An id that is not the
+   * agent's to choose, or one in use, breaks the protocol; past the limit, or with nobody to
+   * serve it, the stream is refused (CANCEL) and the refusal counted like an ignored frame.
+   */
+  private onApiOpen(id: number): void {
+    if (!isAgentStreamId(id))
+      throw new ProtocolError('unexpected', `API_OPEN on stream ${id}, an id the host allocates`);
+    if (this.streams.has(id)) throw new ProtocolError('unexpected', `API_OPEN reuses open stream ${id}`);
+    let live = 0;
+    for (const s of this.streams.values()) if (s instanceof GuestApiStream && s.live) live++;
+    const handler = this.guestApi;
+    if (!handler || live >= MAX_GUEST_API_STREAMS) {
+      this.send(encodeFrame(FrameType.CANCEL, id));
+      this.ignore();
+      return;
+    }
+    const stream = new GuestApiStream(id, this.internals);
+    this.streams.set(id, stream);
+    try {
+      handler(stream.duplex);
+    } catch (e) {
+      // The handler's failure is the host's bug, not the guest's: refuse this one stream.
+      stream.cancelStream(toError(e));
+    }
   }
 
   /** Only the handshake's HELLO counts; a later one changes nothing. */

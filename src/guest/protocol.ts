@@ -53,6 +53,8 @@ export const FrameType = {
   DONE: 0x23,
   CANCEL: 0x24,
   CONFIGURE: 0x25,
+  /** agent→host: a stream the agent opens for a guest process's API connection (guest-api.ts). */
+  API_OPEN: 0x28,
 } as const;
 
 export type FrameTypeName = keyof typeof FrameType;
@@ -104,7 +106,7 @@ export const UnsupportedTag = { TYPE: 0x01, STREAM: 0x02 } as const;
  * This side's protocol version. 1 is the protocol before HELLO existed: a peer that does not
  * answer HELLO speaks version 1 with LEGACY_FEATURES.
  */
-export const PROTOCOL_VERSION = 2;
+export const PROTOCOL_VERSION = 3;
 
 /**
  * One bit per capability a peer announces in HELLO. Bits are never reused or renumbered; a
@@ -126,6 +128,8 @@ export const Feature = {
   'configure-grow-root': 1n << 5n,
   /** Answers a frame of an unknown type with UNSUPPORTED instead of resynchronising. */
   unsupported: 1n << 6n,
+  /** API_OPEN: guest processes reach the host's machines API through the agent (guest-api.ts). */
+  'guest-api': 1n << 7n,
 } as const;
 
 export type FeatureName = keyof typeof Feature;
@@ -500,6 +504,8 @@ const SPECS: Record<FrameTypeName, PayloadSpec> = {
     ]),
   },
   CANCEL: { layout: 'empty' },
+  // No fields yet: unknown tags are skipped as in every TLV payload.
+  API_OPEN: { layout: 'tlv', tags: new Map<number, TagSpec>() },
   CONFIGURE: {
     layout: 'tlv',
     tags: new Map<number, TagSpec>([

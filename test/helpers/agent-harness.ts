@@ -151,11 +151,11 @@ export class AgentProcess {
     });
   }
 
-  /** `bin`: another agent binary (previousAgentBinary()); default: this tree's. */
-  static async start(bin = agentBinary()): Promise<AgentProcess> {
+  /** `bin`: another agent binary (previousAgentBinary()); default: this tree's. `args`: more flags. */
+  static async start(bin = agentBinary(), args: string[] = []): Promise<AgentProcess> {
     const tmp = tempSocketDir('hutch-agent-test-');
     const server = await SocketServer.listen(tmp.socketPath);
-    const child = spawn(bin, ['--connect', tmp.socketPath], { stdio: ['ignore', 'ignore', 'pipe'] });
+    const child = spawn(bin, ['--connect', tmp.socketPath, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
     return new AgentProcess(child, server, tmp);
   }
 

@@ -102,7 +102,7 @@ describe(`the previous agent (${PREVIOUS_AGENT_COMMIT}, protocol 1)`, { timeout:
   });
 });
 
-describe('this agent (protocol 2)', { timeout: 60_000 }, () => {
+describe('this agent (protocol 3)', { timeout: 60_000 }, () => {
   let agent: AgentProcess;
   before(async () => {
     agent = await AgentProcess.start();
