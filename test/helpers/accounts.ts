@@ -1,4 +1,4 @@
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { root, type TestDaemon } from './daemon.js';
 
@@ -82,4 +82,37 @@ export async function authed(
   });
   const text = await res.text();
   return { status: res.status, body: text ? (JSON.parse(text) as Record<string, unknown>) : {} };
+}
+
+export interface CliRun {
+  status: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/**
+ * The real CLI against daemon `d`, without blocking the test's event loop (so several can run at
+ * once, as a fan-out does); killed after 180 s.
+ */
+export function runHutch(d: Pick<TestDaemon, 'url'>, ...args: string[]): Promise<CliRun> {
+  return new Promise((resolve, reject) => {
+    const p = spawn('node', [join(root, 'bin', 'hutch.js'), ...args], {
+      env: { ...process.env, HUTCH_URL: d.url },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let stdout = '';
+    let stderr = '';
+    p.stdout.on('data', (b: Buffer) => {
+      stdout += b.toString();
+    });
+    p.stderr.on('data', (b: Buffer) => {
+      stderr += b.toString();
+    });
+    const timer = setTimeout(() => p.kill('SIGKILL'), 180_000);
+    p.on('error', reject);
+    p.on('close', (status) => {
+      clearTimeout(timer);
+      resolve({ status, stdout, stderr });
+    });
+  });
 }

@@ -1,42 +1,14 @@
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { cleanup, root, startDaemon, type TestDaemon } from '../helpers/daemon.js';
+import { type CliRun as Run, runHutch } from '../helpers/accounts.js';
+import { cleanup, startDaemon, type TestDaemon } from '../helpers/daemon.js';
 
 /**
  * The agent workflow of the docs (new, exec --json, fork, fan-out, list, destroy) with the real
  * CLI as a subprocess, the way a script or an agent drives it.
  */
 
-interface Run {
-  status: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-function hutch(d: TestDaemon, ...args: string[]): Promise<Run> {
-  return new Promise((resolve, reject) => {
-    const p = spawn('node', [join(root, 'bin', 'hutch.js'), ...args], {
-      env: { ...process.env, HUTCH_URL: d.url },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let stdout = '';
-    let stderr = '';
-    p.stdout.on('data', (b: Buffer) => {
-      stdout += b.toString();
-    });
-    p.stderr.on('data', (b: Buffer) => {
-      stderr += b.toString();
-    });
-    const timer = setTimeout(() => p.kill('SIGKILL'), 180_000);
-    p.on('error', reject);
-    p.on('close', (status) => {
-      clearTimeout(timer);
-      resolve({ status, stdout, stderr });
-    });
-  });
-}
+const hutch = (d: TestDaemon, ...args: string[]): Promise<Run> => runHutch(d, ...args);
 
 /** The one JSON document a --json command printed (the whole of stdout). */
 function doc<T>(r: Run): T {

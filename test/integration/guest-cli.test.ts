@@ -1,8 +1,7 @@
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { cleanup, root, startDaemon, type TestDaemon } from '../helpers/daemon.js';
+import { type CliRun as Run, runHutch } from '../helpers/accounts.js';
+import { cleanup, startDaemon, type TestDaemon } from '../helpers/daemon.js';
 
 /**
  * `hutch` inside a machine (docs/guest-cli.md): the agent binary under that name, reaching the
@@ -10,34 +9,7 @@ import { cleanup, root, startDaemon, type TestDaemon } from '../helpers/daemon.j
  * guest. Driven the way an agent would: the host CLI runs the guest CLI with `exec --json`.
  */
 
-interface Run {
-  status: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-function cli(d: TestDaemon, ...args: string[]): Promise<Run> {
-  return new Promise((resolve, reject) => {
-    const p = spawn('node', [join(root, 'bin', 'hutch.js'), ...args], {
-      env: { ...process.env, HUTCH_URL: d.url },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let stdout = '';
-    let stderr = '';
-    p.stdout.on('data', (b: Buffer) => {
-      stdout += b.toString();
-    });
-    p.stderr.on('data', (b: Buffer) => {
-      stderr += b.toString();
-    });
-    const timer = setTimeout(() => p.kill('SIGKILL'), 180_000);
-    p.on('error', reject);
-    p.on('close', (status) => {
-      clearTimeout(timer);
-      resolve({ status, stdout, stderr });
-    });
-  });
-}
+const cli = (d: TestDaemon, ...args: string[]): Promise<Run> => runHutch(d, ...args);
 
 function doc<T>(text: string, what: string): T {
   try {

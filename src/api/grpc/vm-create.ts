@@ -115,15 +115,7 @@ export async function createVm(req: CreateVmRequest, cx: Cx): Promise<Record<str
     ...(req.restart_policy ? { restartPolicy: req.restart_policy } : {}),
     ...srfOf(req.config, defaultAutoSuspendSecs),
   });
-  return {
-    vm_id: box.id,
-    name: box.name ?? '',
-    public_ip: '',
-    url: '',
-    image: box.image,
-    status: box.status,
-    boot_time_ms: String(box.boot_ms ?? 0),
-  };
+  return { ...created(box), image: box.image };
 }
 
 async function createVmFromTemplate(req: FromTemplateRequest, cx: Cx): Promise<Record<string, unknown>> {
@@ -138,14 +130,7 @@ async function createVmFromTemplate(req: FromTemplateRequest, cx: Cx): Promise<R
     ...(sized ? sizeFields(sizesOf(cx, req.config)) : {}),
     ...srfOf(req.config, defaultAutoSuspendSecs),
   });
-  return {
-    vm_id: box.id,
-    name: box.name ?? '',
-    public_ip: '',
-    url: '',
-    status: box.status,
-    boot_time_ms: String(box.boot_ms ?? 0),
-  };
+  return created(box);
 }
 
 /**
@@ -182,3 +167,15 @@ export const vmCreateRpcs: Record<string, Rpc> = {
   CreateVmFromTemplate: unary(createVmFromTemplate),
   ForkVm: unary(forkVm),
 };
+
+/** What CreateVm and CreateVmFromTemplate answer alike (no networking yet: no address, no URL). */
+function created(box: BoxView): Record<string, unknown> {
+  return {
+    vm_id: box.id,
+    name: box.name ?? '',
+    public_ip: '',
+    url: '',
+    status: box.status,
+    boot_time_ms: String(box.boot_ms ?? 0),
+  };
+}
