@@ -4,7 +4,8 @@
  * same user, over the boxes REST API on TCP (bearer token on both):
  *   - GetVm vs GET /v1/boxes/{id}: latency one at a time, and throughput with 16 in flight;
  *   - Exec `true` (bidi stream to the exit code) vs REST box exec (POST exec + its SSE events);
- *   - CreateVmFromTemplate → first Exec vs REST box create → first exec.
+ *   - CreateVmFromTemplate → first Exec vs REST box create → first exec, and vs the machines
+ *     API's snapshot create → first exec.
  *
  *   npm run bench:grpc [-- --runs 30]
  */
@@ -94,10 +95,29 @@ try {
   line('baseline: REST box exec `true` (POST + events)', restEx);
   line('gRPC Exec `true` (to the exit code)', grpcEx, restEx);
 
-  // Create → first exec. CreateVmFromTemplate needs the template actions; until the engine
-  // has them it answers NOT_SERVED and only the REST baseline is printed.
+  // Create → first exec: the machines API's snapshot create (a template clone, the issue's
+  // baseline) and the boxes API's create, against gRPC CreateVmFromTemplate.
+  const snapCreate: number[] = [];
+  for (let i = 0; i < Math.min(runs, 7); i++) {
+    const t = performance.now();
+    const r = await fetch(new URL('/v1/machines', d.url), {
+      method: 'POST',
+      headers,
+      body: JSON.stringify({ template: 'python', mode: 'snapshot', ttl_seconds: 120 }),
+    });
+    const m = (await r.json()) as { id: string };
+    const x = await fetch(new URL(`/v1/machines/${m.id}/exec`, d.url), {
+      method: 'POST',
+      headers,
+      body: JSON.stringify({ cmd: ['true'] }),
+    });
+    if (((await x.json()) as { exit_code: number }).exit_code !== 0) throw new Error('machine exec failed');
+    snapCreate.push(performance.now() - t);
+    await fetch(new URL(`/v1/machines/${m.id}`, d.url), { method: 'DELETE', headers });
+  }
+  line('baseline: REST machine snapshot create → exec', snapCreate);
   const restCreate: number[] = [];
-  for (let i = 0; i < Math.min(runs, 5); i++) {
+  for (let i = 0; i < Math.min(runs, 7); i++) {
     const t = performance.now();
     const r = await fetch(new URL('/v1/boxes', rest), {
       method: 'POST',
@@ -121,7 +141,7 @@ try {
     console.log(`${'gRPC CreateVmFromTemplate → first Exec'.padEnd(48)} not measured: ${tpl.message}`);
   else {
     const fromTpl: number[] = [];
-    for (let i = 0; i < Math.min(runs, 5); i++) {
+    for (let i = 0; i < Math.min(runs, 7); i++) {
       const t = performance.now();
       const v = await c.call<Msg>('CreateVmFromTemplate', { template_id: tpl.template_id, name: `t${i}` });
       await grpcExec(c, v.vm_id as string, 'true').done;
@@ -129,6 +149,9 @@ try {
       await c.call('DestroyVm', { vm_id: v.vm_id });
     }
     line('gRPC CreateVmFromTemplate → first Exec', fromTpl, restCreate);
+    console.log(
+      `${'  … against the machine snapshot create'.padEnd(48)} ${(median(fromTpl) / median(snapCreate)).toFixed(2)}×`,
+    );
     await c.call('DeleteTemplate', { template_id: tpl.template_id });
   }
   await c.call('DestroyVm', { vm_id: id });

@@ -19,6 +19,7 @@ import {
   ExecStream,
   FileReadStream,
   FileWriteStream,
+  HANDSHAKE_FIRST_REPING_MS,
   HANDSHAKE_REPING_MS,
   MAX_IGNORED_FRAMES,
   noop,
@@ -160,7 +161,7 @@ export class AgentConnection {
 
   /**
    * Runs the PING/PONG handshake on a connected socket: sends PING with a random 16-byte
-   * nonce (repeated every second) and discards everything until the exact PONG frame.
+   * nonce (repeated, soon at first, then every second) and discards everything until the exact PONG frame.
    */
   static handshake(socket: Duplex, opts: HandshakeOptions): Promise<AgentConnection> {
     return new Promise<AgentConnection>((resolve, reject) => {
@@ -172,7 +173,7 @@ export class AgentConnection {
       const cleanup = (): void => {
         settled = true;
         clearTimeout(timer);
-        clearInterval(reping);
+        clearTimeout(reping);
         socket.off('data', onData);
         socket.off('error', onError);
         socket.off('close', onClose);
@@ -212,9 +213,16 @@ export class AgentConnection {
           ),
         opts.timeoutMs,
       );
-      const reping = setInterval(() => {
-        if (!settled && !socket.destroyed) socket.write(ping);
-      }, HANDSHAKE_REPING_MS);
+      // A PING written while the guest's port is still closed (just after a restore) is lost:
+      // repeat it soon, then less and less often, so a lost one costs milliseconds, not a second.
+      let every = HANDSHAKE_FIRST_REPING_MS;
+      const again = (): void => {
+        if (settled || socket.destroyed) return;
+        socket.write(ping);
+        every = Math.min(every * 2, HANDSHAKE_REPING_MS);
+        reping = setTimeout(again, every);
+      };
+      let reping = setTimeout(again, every);
       socket.on('data', onData);
       socket.on('error', onError);
       socket.on('close', onClose);

@@ -45,7 +45,9 @@ export const EXEC_TIMEOUT_GRACE_MS = 5000;
 /** Payloads smaller than this are coalesced into shared buffers while queued. */
 export const SMALL_CHUNK = 4096;
 export const COALESCE_SIZE = 16384;
-/** How often PING is repeated while waiting for the handshake PONG. */
+/** How often PING is repeated while waiting for the handshake PONG: first after this, doubling… */
+export const HANDSHAKE_FIRST_REPING_MS = 20;
+/** …up to this. */
 export const HANDSHAKE_REPING_MS = 1000;
 
 // ---------------------------------------------------------------------------------------
