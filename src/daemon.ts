@@ -43,8 +43,17 @@ export type Logger = (
 
 export function jsonLogger(minLevel: Config['logLevel']): Logger {
   const order = { debug: 0, info: 1, warn: 2, error: 3 };
+  // A log reader that went away (`hutch serve | head`, a dead supervisor) makes every write fail
+  // with EPIPE. Unhandled, that error is an uncaught exception the fault handlers log, which
+  // fails again: the daemon spun a core forever and never finished a SIGTERM. Now the lost
+  // stream is noted once and logging stops; the machines' API carries on.
+  let lost = false;
+  for (const s of [process.stderr, process.stdout])
+    s.on('error', () => {
+      lost = true;
+    });
   return (level, msg, fields) => {
-    if (order[level] < order[minLevel]) return;
+    if (lost || order[level] < order[minLevel]) return;
     process.stderr.write(`${JSON.stringify({ t: new Date().toISOString(), level, msg, ...fields })}\n`);
   };
 }
