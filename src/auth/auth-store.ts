@@ -151,7 +151,7 @@ export class AuthStore {
 
   keysOf(user: string): ApiKeyRow[] {
     return this.db
-      .prepare('SELECT * FROM api_keys WHERE user = ? ORDER BY created_at, id')
+      .prepare('SELECT * FROM api_keys WHERE user = ? ORDER BY created_at, rowid')
       .all(user) as ApiKeyRow[];
   }
 
@@ -186,7 +186,7 @@ export class AuthStore {
   liveTokensOf(user: string, now: number): TokenRow[] {
     return this.db
       .prepare(
-        'SELECT * FROM tokens WHERE user = ? AND revoked_at IS NULL AND expires_at > ? ORDER BY created_at, jti',
+        'SELECT * FROM tokens WHERE user = ? AND revoked_at IS NULL AND expires_at > ? ORDER BY created_at, rowid',
       )
       .all(user, now) as TokenRow[];
   }
