@@ -115,9 +115,7 @@ export class AuthService implements Authenticator, Accounts {
     via: Principal['via'],
     extra: { jti?: string; machine?: string } = {},
   ): Principal {
-    const u = this.store.user(user);
-    const quota = u ? quotaOf(u) : undefined;
-    return { user, via, ...extra, ...(quota ? { quota } : {}) };
+    return principalOf(user, this.store.user(user), via, extra);
   }
 
   guestPrincipal(owner: string, machineId: string): Principal {
@@ -151,9 +149,9 @@ export class AuthService implements Authenticator, Accounts {
     if (t.revoked_at !== null) throw new HutchError('UNAUTHENTICATED', 'the token has been revoked');
     if (t.expires_at <= now())
       throw new HutchError('UNAUTHENTICATED', 'the token has expired: exchange your API key for a new one');
-    if (!this.store.user(t.user))
-      throw new HutchError('UNAUTHENTICATED', 'the token’s user no longer exists');
-    return this.principalFor(t.user, 'token', { jti: t.jti });
+    const u = this.store.user(t.user);
+    if (!u) throw new HutchError('UNAUTHENTICATED', 'the token’s user no longer exists');
+    return principalOf(t.user, u, 'token', { jti: t.jti });
   }
 
   /**
@@ -311,6 +309,17 @@ function noCredentialsFromGuests(p: Principal): void {
       'PERMISSION_DENIED',
       'API keys and tokens cannot be made or managed from inside a machine; use the host CLI or another client',
     );
+}
+
+/** A principal of `user` (its row, when it has one) with the row's quota. */
+function principalOf(
+  user: string,
+  row: UserRow | undefined,
+  via: Principal['via'],
+  extra: { jti?: string; machine?: string },
+): Principal {
+  const quota = row ? quotaOf(row) : undefined;
+  return { user, via, ...extra, ...(quota ? { quota } : {}) };
 }
 
 function quotaOf(u: UserRow): Quota | undefined {
