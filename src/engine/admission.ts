@@ -47,11 +47,7 @@ export class Admission {
         this.store.insertMachine(row, (active) => this.admit(active, row, diskBytes, quota));
       } catch (e) {
         if (e instanceof HutchError) throw e;
-        if (/UNIQUE/.test((e as Error).message))
-          throw new HutchError(
-            'NAME_TAKEN',
-            `a ${row.kind} named ${JSON.stringify(row.name)} already exists`,
-          );
+        if (/UNIQUE/.test((e as Error).message)) throw nameTaken(row);
         throw e;
       }
     } finally {
@@ -66,8 +62,7 @@ export class Admission {
       this.store.insertMachine(row, (active) => this.admit(active, row, diskBytes, quota));
     } catch (e) {
       if (e instanceof HutchError) throw e;
-      if (/UNIQUE/.test((e as Error).message))
-        throw new HutchError('NAME_TAKEN', `a ${row.kind} named ${JSON.stringify(row.name)} already exists`);
+      if (/UNIQUE/.test((e as Error).message)) throw nameTaken(row);
       throw e;
     } finally {
       this.usersWaiting--;
@@ -184,4 +179,12 @@ export function hostMemAvailableMb(): number {
   } catch {
     return Number.POSITIVE_INFINITY;
   }
+}
+
+/** The insert lost a race for its name (the other create checked first, then inserted first). */
+function nameTaken(row: MachineRow): HutchError {
+  return new HutchError(
+    'NAME_TAKEN',
+    `the name ${JSON.stringify(row.name)} was just given to another of your machines or boxes`,
+  );
 }

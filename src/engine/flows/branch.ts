@@ -9,7 +9,7 @@ import { newBoxId, newMachineId } from '../ids.js';
 import { checkTransition } from '../lifecycle.js';
 import type { Machine } from '../machine.js';
 import type { MachineRow } from '../store.js';
-import { boxLifetime, clampTtl, type FlowContext, lifetime, newRow } from './context.js';
+import { boxLifetime, checkNameFree, clampTtl, type FlowContext, lifetime, newRow } from './context.js';
 import { refuseIfVolumes, restoreTarget } from './restore-target.js';
 
 /**
@@ -34,8 +34,7 @@ export async function branchMachine(
   const { image: manifest, devices } = restoreTarget(cx, source);
   checkTransition(source, 'branch');
   refuseIfVolumes(source, 'forked');
-  if (req.name !== undefined && rt.store.findByName(principal.user, req.name))
-    throw new HutchError('NAME_TAKEN', `a ${source.kind} named ${JSON.stringify(req.name)} already exists`);
+  checkNameFree(cx, principal.user, req.name);
   const box = source.kind === 'box';
   const id = box ? newBoxId() : newMachineId();
   const ttl = clampTtl(req.ttlSeconds ?? source.ttl_seconds ?? undefined);

@@ -1,5 +1,6 @@
 import { join } from 'node:path';
 import type { Config } from '../../config.js';
+import { HutchError } from '../../errors.js';
 import type { TemplateManifest } from '../../images/builder.js';
 import type { SnapshotCache } from '../../images/snapshots.js';
 import type { Admission } from '../admission.js';
@@ -87,4 +88,18 @@ export const ttlBounds = { min: 15, max: 900, default: 60 } as const;
 export function clampTtl(ttl: number | undefined): number {
   if (ttl === undefined) return ttlBounds.default;
   return Math.min(ttlBounds.max, Math.max(ttlBounds.min, Math.round(ttl)));
+}
+
+/**
+ * Refuses a name the user already gave a machine or a box: both kinds share one name space per
+ * user (a name stands for an id on every API), so the message says which object holds it.
+ */
+export function checkNameFree(cx: FlowContext, user: string, name: string | undefined): void {
+  if (name === undefined) return;
+  const holder = cx.rt.store.findByName(user, name);
+  if (holder)
+    throw new HutchError(
+      'NAME_TAKEN',
+      `a ${holder.kind} named ${JSON.stringify(name)} already exists (${holder.id}); machines and boxes share your names`,
+    );
 }

@@ -14,7 +14,7 @@ import type { Machine } from '../machine.js';
 import type { MachineRow } from '../store.js';
 import { parseRestartPolicy, startBoxCmd } from './box-cmd.js';
 import { boxSnapshot, boxSnapshotDiskBytes, ensureBoxSnapshot } from './box-snapshot.js';
-import { boxLifetime, clampTtl, type FlowContext, lifetime, newRow } from './context.js';
+import { boxLifetime, checkNameFree, clampTtl, type FlowContext, lifetime, newRow } from './context.js';
 import { fromTemplate } from './templates.js';
 
 export interface CreateMachine {
@@ -85,8 +85,7 @@ export async function createMachine(
       'NETWORK_UNAVAILABLE',
       'guest networking ("net": true) is not available in this version; machines have no network',
     );
-  if (req.name !== undefined && rt.store.findByName(principal.user, req.name))
-    throw new HutchError('NAME_TAKEN', `a machine named ${JSON.stringify(req.name)} already exists`);
+  checkNameFree(cx, principal.user, req.name);
 
   const persistent = req.persistent === true && config.allowPersistent;
   const ttl = clampTtl(req.ttlSeconds);
@@ -232,8 +231,7 @@ export async function createBox(
   const { req, image: templateImage, templateId } = fromTemplate(cx, principal, request);
   const volumes = checkBoxRequest(cx, req);
   const restartPolicy = parseRestartPolicy(req.restartPolicy);
-  if (req.name !== undefined && rt.store.findByName(principal.user, req.name))
-    throw new HutchError('NAME_TAKEN', `a box named ${JSON.stringify(req.name)} already exists`);
+  checkNameFree(cx, principal.user, req.name);
   if (!cx.images) throw new HutchError('INTERNAL', 'this daemon has no image store');
   const image = templateImage ?? (await cx.images.resolve(req.image));
   const diskBytes = req.diskSizeGb * 1024 ** 3;
