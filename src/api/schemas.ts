@@ -1,5 +1,6 @@
 import { z } from 'zod';
-import { execPayloadBound, MAX_PAYLOAD } from '../guest/protocol.js';
+import { MAX_PAYLOAD } from '../guest/protocol.js';
+import { execPayloadBound } from '../guest/protocol-messages.js';
 
 /**
  * Request and response schemas of the machines API. The same objects validate requests, give the

@@ -51,31 +51,33 @@ import { OutputChunks } from './output-chunks.js';
 import {
   ALL_FEATURES,
   decodeMessage,
-  encodeConfigure,
-  encodeExec,
-  encodeFileRead,
-  encodeFileWrite,
   encodeFrame,
-  encodeHello,
-  encodePing,
-  encodeUnsupported,
   type FeatureName,
   type Frame,
   FrameDecoder,
   FrameType,
   featureNames,
   frameTypeName,
-  type HelloInfo,
   isKnownFrameType,
   LEGACY_FEATURES,
   MAX_STREAM_ID,
   PROTOCOL_VERSION,
   ProtocolError,
+  SequenceScanner,
+} from './protocol.js';
+import {
+  encodeConfigure,
+  encodeExec,
+  encodeFileRead,
+  encodeFileWrite,
+  encodeHello,
+  encodePing,
+  encodeUnsupported,
+  type HelloInfo,
   parseHello,
   parseUnsupported,
-  SequenceScanner,
   type UnsupportedInfo,
-} from './protocol.js';
+} from './protocol-messages.js';
 
 export { MAX_IGNORED_FRAMES } from './agent-streams.js';
 export * from './agent-types.js';

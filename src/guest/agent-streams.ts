@@ -14,20 +14,22 @@ import {
   type StreamStats,
 } from './agent-types.js';
 import {
-  encodeCredit,
   encodeFrame,
-  encodeResize,
-  encodeSignal,
   FrameType,
-  fixedValue,
   INITIAL_WINDOW,
   MAX_PAYLOAD,
   type Message,
   ProtocolError,
+} from './protocol.js';
+import {
+  encodeCredit,
+  encodeResize,
+  encodeSignal,
+  fixedValue,
   parseDone,
   parseError,
   parseExit,
-} from './protocol.js';
+} from './protocol-messages.js';
 
 // ---------------------------------------------------------------------------------------
 // Limits

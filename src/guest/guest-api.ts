@@ -12,7 +12,8 @@
 import { Duplex } from 'node:stream';
 import { type ConnectionInternals, StreamBase } from './agent-streams.js';
 import { AgentCancelledError, AgentError } from './agent-types.js';
-import { encodeFrame, FrameType, type Message, parseError } from './protocol.js';
+import { encodeFrame, FrameType, type Message } from './protocol.js';
+import { parseError } from './protocol-messages.js';
 
 /** Set in the id of every stream the agent opens, never in the host's. */
 export const AGENT_STREAM_BIT = 0x80000000;

@@ -8,13 +8,12 @@ import { fileURLToPath } from 'node:url';
 import { AgentConnection, connectAgent } from '../../src/guest/agent-connection.js';
 import {
   encodeFrame,
-  encodeHello,
-  encodePing,
   type Frame,
   FrameDecoder,
   FrameType,
   SequenceScanner,
 } from '../../src/guest/protocol.js';
+import { encodeHello, encodePing } from '../../src/guest/protocol-messages.js';
 
 /** The repository root: the nearest directory above this file holding package.json. */
 export function repoRoot(): string {

@@ -18,9 +18,9 @@ import {
   encodeTlv,
   FrameType,
   ProtocolError,
-  parseError,
   type Tlv,
 } from '../../src/guest/protocol.js';
+import { parseError } from '../../src/guest/protocol-messages.js';
 import { AgentProcess, FakeAgent } from '../helpers/agent-harness.js';
 
 /** What CONFIGURE would change on this machine if the agent applied it. */

@@ -16,7 +16,6 @@ import {
   MAX_IGNORED_FRAMES,
 } from '../../src/guest/agent-connection.js';
 import {
-  encodeCredit,
   encodeFrame,
   encodeTlv,
   FrameType,
@@ -24,6 +23,7 @@ import {
   MAX_PAYLOAD,
   ProtocolError,
 } from '../../src/guest/protocol.js';
+import { encodeCredit } from '../../src/guest/protocol-messages.js';
 import { AgentProcess, FakeAgent, SocketServer, tempSocketDir } from '../helpers/agent-harness.js';
 
 const sha256 = (b: Buffer): string => createHash('sha256').update(b).digest('hex');

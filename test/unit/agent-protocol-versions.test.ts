@@ -10,14 +10,13 @@ import { after, before, describe, it } from 'node:test';
 import { type AgentConnection, AgentError } from '../../src/guest/agent-connection.js';
 import {
   decodeMessage,
-  encodeExec,
   encodeFrame,
   Feature,
   FrameType,
   LEGACY_FEATURES,
   PROTOCOL_VERSION,
-  parseUnsupported,
 } from '../../src/guest/protocol.js';
+import { encodeExec, parseUnsupported } from '../../src/guest/protocol-messages.js';
 import {
   AgentProcess,
   FakeAgent,
