@@ -150,6 +150,15 @@ export const errorTable = {
     grpc: 'FAILED_PRECONDITION',
     doc: 'The operation is not possible for this object as it is (e.g. forking a box that mounts host directories); the message says why.',
   },
+  PORT_NOT_LISTENING: {
+    http: 502,
+    grpc: 'UNAVAILABLE',
+    doc: 'Nothing in the machine accepts connections on this port (a preview or proxy to it); start the server, then retry.',
+  },
+  PROXY_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No proxy of yours has this name or id.' },
+  DOMAIN_TAKEN: { http: 409, grpc: 'ALREADY_EXISTS', doc: 'The domain is already bound (by you or another user).' },
+  DOMAIN_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No domain of yours has this name.' },
+  NETWORK_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No network of yours has this id or name.' },
 } as const;
 
 export type ErrorCode = keyof typeof errorTable;
