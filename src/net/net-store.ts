@@ -1,0 +1,158 @@
+import { chmodSync, closeSync, existsSync, mkdirSync, openSync } from 'node:fs';
+import { dirname } from 'node:path';
+import Database from 'better-sqlite3';
+
+/** A user's private network: their machines on it reach each other, nobody else's do. */
+export interface NetworkRow {
+  id: string;
+  owner: string;
+  name: string;
+  is_default: 0 | 1;
+  created_at: number;
+}
+
+/** A name routed to a port of a machine (`{name}.{public domain}`; gRPC CreateProxy). */
+export interface ProxyRow {
+  id: string;
+  owner: string;
+  name: string;
+  machine_id: string;
+  /** 0: the first port the guest listens on, looked up per request. */
+  port: number;
+  created_at: number;
+}
+
+/** A user's own domain routed by the Host header to a port of a machine (gRPC BindDomain). */
+export interface DomainRow {
+  domain: string;
+  owner: string;
+  machine_id: string;
+  port: number;
+  created_at: number;
+}
+
+const migrations = [
+  `CREATE TABLE egress (
+     machine_id TEXT PRIMARY KEY,
+     rules TEXT NOT NULL,
+     updated_at INTEGER NOT NULL
+   );
+   CREATE TABLE public_ports (
+     machine_id TEXT NOT NULL,
+     port INTEGER NOT NULL,
+     PRIMARY KEY (machine_id, port)
+   );
+   CREATE TABLE networks (
+     id TEXT PRIMARY KEY,
+     owner TEXT NOT NULL,
+     name TEXT NOT NULL,
+     is_default INTEGER NOT NULL,
+     created_at INTEGER NOT NULL,
+     UNIQUE (owner, name)
+   );
+   CREATE TABLE network_members (
+     machine_id TEXT PRIMARY KEY,
+     network_id TEXT NOT NULL REFERENCES networks(id)
+   );
+   CREATE TABLE proxies (
+     id TEXT PRIMARY KEY,
+     owner TEXT NOT NULL,
+     name TEXT NOT NULL UNIQUE,
+     machine_id TEXT NOT NULL,
+     port INTEGER NOT NULL,
+     created_at INTEGER NOT NULL
+   );
+   CREATE TABLE domains (
+     domain TEXT PRIMARY KEY,
+     owner TEXT NOT NULL,
+     machine_id TEXT NOT NULL,
+     port INTEGER NOT NULL,
+     created_at INTEGER NOT NULL
+   );`,
+];
+
+/**
+ * Networking's own state (`<state dir>/net.db`): egress rules, public preview ports, networks,
+ * proxies and domains. Rows name machines by id; a machine's rows go when it does
+ * (`forgetMachine`), and a starting daemon drops rows of machines it no longer has.
+ */
+export class NetStore {
+  private readonly db: Database.Database;
+
+  constructor(path: string) {
+    mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
+    closeSync(openSync(path, 'a', 0o600));
+    for (const f of [path, `${path}-wal`, `${path}-shm`]) if (existsSync(f)) chmodSync(f, 0o600);
+    this.db = new Database(path);
+    this.db.pragma('journal_mode = WAL');
+    this.db.pragma('synchronous = FULL');
+    this.db.pragma('busy_timeout = 5000');
+    this.db.pragma('foreign_keys = ON');
+    this.db.exec('CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)');
+    this.db.transaction(() => {
+      const row = this.db.prepare('SELECT version FROM schema_version').get() as
+        | { version: number }
+        | undefined;
+      const from = row?.version ?? 0;
+      for (let v = from; v < migrations.length; v++) this.db.exec(migrations[v] as string);
+      if (!row) this.db.prepare('INSERT INTO schema_version VALUES (?)').run(migrations.length);
+      else this.db.prepare('UPDATE schema_version SET version = ?').run(migrations.length);
+    })();
+  }
+
+  close(): void {
+    this.db.close();
+  }
+
+  // -- public preview ports
+
+  isPublicPort(machineId: string, port: number): boolean {
+    return !!this.db
+      .prepare('SELECT 1 FROM public_ports WHERE machine_id = ? AND port = ?')
+      .get(machineId, port);
+  }
+
+  setPublicPort(machineId: string, port: number, isPublic: boolean): void {
+    if (isPublic) this.db.prepare('INSERT OR IGNORE INTO public_ports VALUES (?, ?)').run(machineId, port);
+    else this.db.prepare('DELETE FROM public_ports WHERE machine_id = ? AND port = ?').run(machineId, port);
+  }
+
+  publicPorts(machineId: string): number[] {
+    return (
+      this.db.prepare('SELECT port FROM public_ports WHERE machine_id = ? ORDER BY port').all(machineId) as {
+        port: number;
+      }[]
+    ).map((r) => r.port);
+  }
+
+  // -- proxies and domains (routing by Host)
+
+  proxyByName(name: string): ProxyRow | undefined {
+    return this.db.prepare('SELECT * FROM proxies WHERE name = ?').get(name) as ProxyRow | undefined;
+  }
+
+  proxiesOf(owner: string): ProxyRow[] {
+    return this.db.prepare('SELECT * FROM proxies WHERE owner = ? ORDER BY rowid').all(owner) as ProxyRow[];
+  }
+
+  domain(domain: string): DomainRow | undefined {
+    return this.db.prepare('SELECT * FROM domains WHERE domain = ?').get(domain) as DomainRow | undefined;
+  }
+
+  domainsOf(owner: string): DomainRow[] {
+    return this.db.prepare('SELECT * FROM domains WHERE owner = ? ORDER BY rowid').all(owner) as DomainRow[];
+  }
+
+  /** Drops every row naming a machine that is gone. */
+  forgetMachine(machineId: string): void {
+    this.db.transaction(() => {
+      for (const t of ['egress', 'public_ports', 'network_members', 'proxies', 'domains'])
+        this.db.prepare(`DELETE FROM ${t} WHERE machine_id = ?`).run(machineId);
+    })();
+  }
+
+  /** The underlying database, for the net/ modules that own the other tables' queries. */
+  get database(): Database.Database {
+    return this.db;
+  }
+}
