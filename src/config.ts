@@ -95,6 +95,24 @@ const configSchema = z.object({
   grpcPort: z.union([z.literal('off'), z.coerce.number().int().min(0).max(65535)]).default(9443),
   /** The gRPC API's address; default: `host`. Every call needs a bearer token, whatever the address. */
   grpcHost: z.string().optional(),
+  /** Guest networking (src/net/): "on" sets up the host's part at start; "off": no machine gets a NIC. */
+  net: z.enum(['on', 'off']).default('on'),
+  /** The pool every networked machine's namespace link takes a /30 of. */
+  netPool: z
+    .string()
+    .regex(/^\d{1,3}(\.\d{1,3}){3}\/(1[6-9]|2[0-8])$/, 'an IPv4 CIDR from /16 to /28')
+    .default('10.213.0.0/16'),
+  /** Guests are masqueraded out of this interface only; unset: any interface that is not a guest's. */
+  netUplink: z.string().default(''),
+  /** Upstream DNS servers of the guests' resolver ("host" or "host:port", comma-separated); unset: /etc/resolv.conf's. */
+  netDns: z
+    .union([z.array(z.string()), z.string()])
+    .transform((v) => (Array.isArray(v) ? v : v.split(',')).map((x) => x.trim()).filter((x) => x !== ''))
+    .default([]),
+  /** Open connections (conntrack entries) one machine may have at once. */
+  netMaxConnections: z.coerce.number().int().min(1).default(512),
+  /** Bandwidth cap per machine and direction, bytes per second; 0: none. Default 100 Mbit/s. */
+  netBytesPerSecond: z.coerce.number().int().min(0).default(12_500_000),
   /** Restored, warmed, paused machines kept per template for instant creates; 0 disables. */
   poolSize: z.coerce.number().int().min(0).max(64).default(2),
   /** Cap on the rate machines are written to disk (suspend, branch), MB/s; 0: as fast as possible. */
@@ -197,6 +215,12 @@ const envNames: Record<string, keyof ConfigInput> = {
   HUTCH_POOL_SIZE: 'poolSize',
   HUTCH_GRPC_PORT: 'grpcPort',
   HUTCH_GRPC_HOST: 'grpcHost',
+  HUTCH_NET: 'net',
+  HUTCH_NET_POOL: 'netPool',
+  HUTCH_NET_UPLINK: 'netUplink',
+  HUTCH_NET_DNS: 'netDns',
+  HUTCH_NET_MAX_CONNECTIONS: 'netMaxConnections',
+  HUTCH_NET_BYTES_PER_SECOND: 'netBytesPerSecond',
   HUTCH_BOXES_SOCKET: 'boxesSocket',
   HUTCH_BOXES_LISTEN: 'boxesListen',
   HUTCH_MAX_BOX_CPU: 'maxBoxCpu',

@@ -7,6 +7,40 @@ import { execPayloadBound } from '../guest/protocol-messages.js';
  * handlers their types, and generate the OpenAPI document served at /openapi.json (and checked
  * in as spec/openapi.json), so the document cannot drift from what the server accepts.
  */
+/** Egress rules: IPv4 addresses/CIDRs and domain names (`pypi.org`, `*.pypi.org`). */
+export const egressBody = z
+  .object({
+    allow: z
+      .array(z.string().max(260))
+      .max(1000)
+      .optional()
+      .describe('Only these destinations (plus what the allowed names resolve to) are reachable; empty or absent: the public internet.'),
+    deny: z.array(z.string().max(260)).max(1000).optional().describe('Never these, whatever `allow` says.'),
+  })
+  .strict();
+
+export const egressSchema = z.object({
+  id: z.string(),
+  net: z.boolean().describe('false: the machine has no network (no rules apply)'),
+  rules: z.object({ allow: z.array(z.string()), deny: z.array(z.string()) }),
+  denied: z
+    .record(z.string(), z.number().int())
+    .describe('Refusals since the machine started, per reason: always, rule, not-allowed, limit, dns.'),
+  recent: z
+    .array(
+      z.object({
+        reason: z.string(),
+        destination: z.string().describe('An address, or the refused name (reason dns)'),
+        protocol: z.string().optional(),
+        port: z.number().int().optional(),
+        name: z.string().optional(),
+        count: z.number().int(),
+        last_seen: z.string(),
+      }),
+    )
+    .describe('The latest refused destinations, newest first (at most 100).'),
+});
+
 export const createMachineBody = z
   .object({
     template: z.string().min(1).max(64).default('python').describe('Template to boot (today: "python").'),
@@ -24,7 +58,11 @@ export const createMachineBody = z
       .regex(/^[a-z0-9][a-z0-9-]{0,62}$/, 'lower-case letters, digits and dashes, at most 63')
       .optional()
       .describe('Optional unique name; the machine can be addressed by it.'),
-    net: z.boolean().optional().describe('Give the machine network access (not available in this version).'),
+    net: z
+      .boolean()
+      .optional()
+      .describe('Give the machine a NIC: NAT to the internet behind its own firewall (default false).'),
+    egress: egressBody.optional().describe('Egress rules of a networked machine (see PUT /v1/machines/{id}/egress).'),
     auto_suspend_seconds: z
       .number()
       .int()
@@ -127,6 +165,7 @@ export const machineSchema = z.object({
   error: z.string().nullable(),
   jail: jailSchema,
   auto_suspend_seconds: z.number().int(),
+  net: z.boolean().describe('The machine has a network (NAT behind its firewall).'),
 });
 
 export const lifecycleResultSchema = machineSchema.extend({

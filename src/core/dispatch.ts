@@ -47,6 +47,8 @@ export const actionTable = {
   listTemplates: { audit: false },
   getTemplate: { audit: false },
   deleteTemplate: { audit: true },
+  egress: { audit: false },
+  setEgress: { audit: true },
 } as const satisfies Record<string, { audit: boolean }>;
 
 export type ActionName = keyof typeof actionTable;

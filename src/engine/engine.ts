@@ -53,6 +53,8 @@ import { recover } from './recovery.js';
 import { type GuestApiStreamHandler, type RunAs, Runtime } from './runtime.js';
 import { activeStates, type MachineRow, Store } from './store.js';
 import { sweepMachines } from './sweeper.js';
+import { type EgressInput, parseEgress } from '../net/egress.js';
+import type { Denial, NetworkManager } from '../net/network-manager.js';
 
 export type { BoxTimers } from './flows/box-timers.js';
 export { clampTtl, ttlBounds } from './flows/context.js';
@@ -105,6 +107,17 @@ export interface EngineParts {
   runAs?: RunAs | null;
   /** Serves the API connections processes inside machines open (their `hutch`); absent: refused. */
   onGuestApiStream?: GuestApiStreamHandler;
+  /** Guest networks, set up by the daemon (src/net/); absent: no machine gets a network. */
+  net?: NetworkManager;
+}
+
+/** A networked machine's egress: its rules, what was refused (per reason), the latest refusals. */
+export interface EgressView {
+  id: string;
+  net: boolean;
+  rules: { allow: string[]; deny: string[] };
+  denied: Record<string, number>;
+  recent: Denial[];
 }
 
 /**
@@ -170,6 +183,7 @@ export class Engine {
       diskPauses: () => this.diskPauses,
       closing: () => this.closing,
       onGuestApiStream: p.onGuestApiStream,
+      net: p.net,
     });
     this.snapshots =
       p.snapshots ??
@@ -206,6 +220,12 @@ export class Engine {
     this.execs.endOrphans('the daemon restarted while the command ran');
     failInterruptedBuilds(this.store);
     await recover(this.rt);
+    // Namespaces, links and slots of machines that did not survive (a crash, a kill -9).
+    const net = this.rt.d.net;
+    if (net) {
+      const removed = await net.sweep((id) => this.registry.get(id)?.vm !== undefined);
+      if (removed.length) this.log('info', 'network leftovers removed', { count: removed.length });
+    }
     this.sweeper = setInterval(() => this.rt.background('sweep', {}, () => this.sweep()), 500);
     this.sweeper.unref();
   }
@@ -220,6 +240,16 @@ export class Engine {
         (s) => {
           this.log('info', 'template snapshot ready', { template: s.template, state_bytes: s.stateBytes });
           this.cx.pool.refill();
+          // Then the networked machines' one (a NIC is part of the layout), after: one QEMU at a time.
+          if (this.rt.d.net)
+            this.snapshots.ensure(manifest, this.rt.snapshotParams(manifest, undefined, false, true)).then(
+              (n) => this.log('info', 'networked template snapshot ready', { template: n.template }),
+              (e: unknown) =>
+                this.log('warn', 'networked template snapshot failed; networked machines boot cold', {
+                  template: manifest.name,
+                  error: (e as Error).message,
+                }),
+            );
         },
         (e: unknown) =>
           this.log('error', 'template snapshot failed', {
@@ -359,6 +389,33 @@ export class Engine {
   async suspend(p: Principal, idOrName: string): Promise<MachineView & { suspend_us: number }> {
     const r = await this.locked(p, idOrName, 'machine', (m) => suspendMachine(this.cx, m));
     return { ...this.view(r.row), suspend_us: r.us };
+  }
+
+  /** A networked machine's or box's egress rules and refusals (GET /v1/machines/{id}/egress). */
+  async egress(p: Principal, idOrName: string, kind: MachineRow['kind'] = 'machine'): Promise<EgressView> {
+    const row = this.find(p, idOrName, kind);
+    const net = this.rt.d.net;
+    if (!row.net || !net) return { id: row.id, net: false, rules: { allow: [], deny: [] }, denied: {}, recent: [] };
+    return { id: row.id, net: true, ...(await net.egressOf(row.id)) };
+  }
+
+  /**
+   * Replaces a networked machine's egress rules; a running one's firewall changes in one
+   * transaction, for open connections too. Bad rules change nothing (INVALID_ARGUMENT).
+   */
+  async setEgress(
+    p: Principal,
+    idOrName: string,
+    input: EgressInput,
+    kind: MachineRow['kind'] = 'machine',
+  ): Promise<EgressView> {
+    const rules = parseEgress(input);
+    const row = this.find(p, idOrName, kind);
+    const net = this.rt.d.net;
+    if (!row.net || !net)
+      throw new HutchError('NOT_SUPPORTED', `${row.id} has no network: egress rules apply to machines made with "net": true`);
+    await this.locked(p, row.id, kind, () => net.setRules(row.id, rules));
+    return this.egress(p, row.id, kind);
   }
 
   /** Sets the machine's idle auto-suspend timeout (0 disables it; null: the server default). */

@@ -21,6 +21,8 @@ export interface MachineView {
   forked_from: string | null;
   /** Idle seconds before the machine suspends itself (0: never). */
   auto_suspend_seconds: number;
+  /** The machine has a NIC behind its firewall (src/net/). */
+  net: boolean;
 }
 
 export function toView(row: MachineRow, defaultAutoSuspend = 0): MachineView {
@@ -43,5 +45,6 @@ export function toView(row: MachineRow, defaultAutoSuspend = 0): MachineView {
     jail: row.jail ? (JSON.parse(row.jail) as MachineView['jail']) : null,
     forked_from: row.parent_id,
     auto_suspend_seconds: row.auto_suspend_seconds ?? defaultAutoSuspend,
+    net: row.net === 1,
   };
 }

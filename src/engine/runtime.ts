@@ -7,6 +7,8 @@ import { HutchError, orStorageFull } from '../errors.js';
 import type { AgentConnection } from '../guest/agent-connection.js';
 import { configureGuest, type GuestVolume } from '../guest/guest-setup.js';
 import type { TemplateManifest } from '../images/builder.js';
+import { inside } from '../net/addressing.js';
+import type { NetworkManager } from '../net/network-manager.js';
 import { templateSize } from '../images/recipes.js';
 import type { SnapshotParams } from '../images/snapshots.js';
 import type { AccelChoice } from '../vmm/accel.js';
@@ -33,6 +35,15 @@ import { checkTransition, type LifecycleEvent } from './lifecycle.js';
 import type { Machine, Registry, Vm } from './machine.js';
 import type { MachineView } from './machine-view.js';
 import type { MachineRow, Store } from './store.js';
+
+/** What CONFIGURE gives a networked guest's NIC: the same in every guest (net/addressing.ts). */
+export const guestNet = {
+  address: inside.guest,
+  prefix: inside.prefix,
+  gateway: inside.gateway,
+  mtu: inside.mtu,
+  dns: inside.dns,
+};
 
 const agentBackoffMs = 250;
 const agentBackoffMaxMs = 30_000;
@@ -61,6 +72,8 @@ export interface RuntimeDeps {
   closing: () => boolean;
   /** Serves a guest's API connection (its `hutch`) for the machine's owner; absent: refused. */
   onGuestApiStream?: GuestApiStreamHandler | undefined;
+  /** Guest networks (src/net/); absent: machines asking for a network are refused. */
+  net?: NetworkManager | undefined;
 }
 
 /** Takes the API connection a process inside `machineId` opened, to serve it for `owner`. */
@@ -133,11 +146,16 @@ export class Runtime {
     if (m.cleanup.has('run dir')) return;
     m.cleanup.push('run dir', ends.machine, () => rmSync(m.runDir, { recursive: true, force: true }));
     m.cleanup.push('disk pause', ends.machine, () => this.d.diskPauses().forget(m.id));
+    const nm = this.d.net;
+    if (nm) m.cleanup.push('network rows', ends.machine, () => nm.forget(m.id));
     if (kind === 'box') m.cleanup.push('exec logs', ends.machine, () => this.d.execs.forget(m.id));
   }
 
-  /** Starts QEMU for `row` and registers it (process, cgroup, console, links) on its machine. */
-  launch(
+  /**
+   * Starts QEMU for `row` and registers it (process, cgroup, console, links) on its machine; a
+   * networked machine's namespace first (removed after its QEMU: the stack runs newest first).
+   */
+  async launch(
     m: Machine,
     row: MachineRow,
     image: TemplateManifest,
@@ -148,10 +166,18 @@ export class Runtime {
       /** A restore's: the layout its state was saved with; another layout is refused before QEMU starts. */
       layout?: Layout;
     },
-  ): Vm {
+  ): Promise<Vm> {
     const { volumes, volumeSlots, layout, ...vmExtra } = extra;
     const machine = this.machineOf(row, volumes, volumeSlots);
     if (layout) checkSameLayout(layout, layoutOf(allocate(machine)));
+    let netns: string | undefined;
+    if (row.net) {
+      const nm = this.d.net;
+      if (!nm) throw new HutchError('NETWORK_UNAVAILABLE', 'guest networking is off on this server');
+      const net = await nm.attach(row.id, row.run_dir);
+      m.cleanup.push('network', ends.vm, () => nm.detach(net));
+      netns = net.netns;
+    }
     // Its own RAM file, shared, so a branch or suspend copies the file instead of streaming all
     // of RAM: a cold boot starts from an empty one, a restore from the copy restoreInto made (or
     // an empty one, filled by the migration stream). A snapshot being taken names its own.
@@ -167,6 +193,7 @@ export class Runtime {
       runDir: row.run_dir,
       ...(this.d.runAs ? { runAs: this.d.runAs.user } : {}),
       memory: { kind: 'file', path: ram, share: true },
+      ...(netns ? { netns } : {}),
       ...vmExtra,
     };
     let pid: number;
@@ -184,7 +211,7 @@ export class Runtime {
 
   /** The machine a row describes: its size, the standard devices on its own backends, its volumes. */
   machineOf(
-    row: Pick<MachineRow, 'vcpus' | 'memory_mb' | 'run_dir'>,
+    row: Pick<MachineRow, 'vcpus' | 'memory_mb' | 'run_dir'> & { net?: number },
     volumes?: Volume[],
     volumeSlots = false,
   ): MachineSpec {
@@ -196,6 +223,7 @@ export class Runtime {
       agentSocket: p.agent,
       consoleSocket: p.console,
       ...(volumes ? { volumes } : {}),
+      ...(row.net ? { nic: { tap: inside.tap, mac: inside.guestMac } } : {}),
       ...(volumeSlots
         ? { emptyVolume: prepareEmptyVolume(join(this.d.config.stateDir, 'empty-volume')) }
         : {}),
@@ -204,6 +232,12 @@ export class Runtime {
 
   /** Registers a QEMU that runs already (launched now, or found after a restart) on its machine. */
   adopt(m: Machine, pid: number): Vm {
+    // A networked machine found after a restart: its namespace goes after its QEMU.
+    const nm = this.d.net;
+    if (nm && !m.cleanup.has('network')) {
+      const net = nm.adopt(m.id, m.runDir);
+      if (net) m.cleanup.push('network', ends.vm, () => nm.detach(net));
+    }
     m.cleanup.push('cgroup', ends.vm, async () => {
       if (!(await this.d.hv.releaseCgroup(m.id))) this.d.log('warn', 'cgroup not removed yet', { id: m.id });
     });
@@ -270,7 +304,7 @@ export class Runtime {
         m,
         row,
         stateFile,
-        this.launch(m, row, image, { memory, incoming: true, ...devices }),
+        await this.launch(m, row, image, { memory, incoming: true, ...devices }),
         opts,
       );
     }
@@ -284,7 +318,7 @@ export class Runtime {
       m,
       row,
       stateFile,
-      this.launch(m, row, image, { incoming: true, ...devices }),
+      await this.launch(m, row, image, { incoming: true, ...devices }),
       opts,
     );
   }
@@ -366,8 +400,14 @@ export class Runtime {
     agent: AgentConnection,
     id: string,
     volumes: readonly GuestVolume[] = [],
+    opts: { net?: boolean } = {},
   ): Promise<void> {
-    await configureGuest(agent, { hostname: hostnameOf(id), growRoot: true, volumes });
+    await configureGuest(agent, {
+      hostname: hostnameOf(id),
+      growRoot: true,
+      volumes,
+      ...(opts.net ? { net: guestNet } : {}),
+    });
   }
 
   /** The kernel command line for this host: the image's, plus TCG's timing flags. */
@@ -383,6 +423,7 @@ export class Runtime {
     image: TemplateManifest,
     size = this.templateSize(image.name),
     volumeSlots = false,
+    net = false,
   ): SnapshotParams {
     const { vcpus, memoryMb } = size;
     return {
@@ -393,9 +434,12 @@ export class Runtime {
       cmdline: this.kernelCmdline(image),
       // The run dir does not matter: a layout has no backends.
       layout: layoutOf(
-        allocate(this.machineOf({ vcpus, memory_mb: memoryMb, run_dir: '/' }, [], volumeSlots)),
+        allocate(
+          this.machineOf({ vcpus, memory_mb: memoryMb, run_dir: '/', net: net ? 1 : 0 }, [], volumeSlots),
+        ),
       ),
       ...(volumeSlots ? { volumeSlots } : {}),
+      ...(net ? { net } : {}),
       runAs: this.d.runAs,
     };
   }

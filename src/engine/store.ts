@@ -56,6 +56,8 @@ export interface MachineRow {
   spec: string | null;
   started_at: string | null;
   stopped_at: string | null;
+  /** 1: the machine has a NIC, behind its own namespace and firewall (src/net/). */
+  net: number;
 }
 
 /** An exec started through the boxes API; its output lives in an event log beside the box. */
@@ -142,6 +144,7 @@ const migrations: string[] = [
      created_at TEXT NOT NULL
    );
    CREATE UNIQUE INDEX templates_owner_name ON templates(owner, name);`,
+  'ALTER TABLE machines ADD COLUMN net INTEGER NOT NULL DEFAULT 0',
 ];
 
 /**
@@ -191,10 +194,10 @@ export class Store {
           .prepare(
             `INSERT INTO machines (id, owner, name, template, template_hash, state, mode, accel, vcpus, memory_mb,
              persistent, ttl_seconds, created_at, expires_at, boot_ms, pid, run_dir, error, jail, auto_suspend_seconds,
-             parent_id, kind, spec, started_at, stopped_at)
+             parent_id, kind, spec, started_at, stopped_at, net)
            VALUES (@id, @owner, @name, @template, @template_hash, @state, @mode, @accel, @vcpus, @memory_mb,
              @persistent, @ttl_seconds, @created_at, @expires_at, @boot_ms, @pid, @run_dir, @error, @jail,
-             @auto_suspend_seconds, @parent_id, @kind, @spec, @started_at, @stopped_at)`,
+             @auto_suspend_seconds, @parent_id, @kind, @spec, @started_at, @stopped_at, @net)`,
           )
           .run(row);
       })();

@@ -66,6 +66,8 @@ export interface SnapshotParams {
   layout: Layout;
   /** The snapshot machine has every volume slot filled with placeholders (box snapshots). */
   volumeSlots?: boolean;
+  /** The snapshot machine has a NIC, configured (networked machines restore from it). */
+  net?: boolean;
   runAs: { user: string; uid: number; gid: number } | undefined;
   /** Commands run before the snapshot to warm the page cache; default: python and node. */
   warm?: string[][];

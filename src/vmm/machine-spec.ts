@@ -25,9 +25,14 @@ export type DeviceSpec =
    * the guest has the share mounted).
    */
   | { kind: 'volume'; volume: Volume; placeholder?: true }
+  /**
+   * A virtio-net NIC on a tap device. The tap lives in the machine's own network namespace
+   * (src/net/), which QEMU is started in; the MAC is the same in every guest (a snapshot
+   * restores into any machine's network), so it is guest-visible and part of the layout.
+   */
+  | { kind: 'nic'; tap: string; mac: string }
   // Reserved kinds: the spec and the allocator know them, the slot table has no room for them on
   // today's board (see slotTable), and they have no QEMU arguments yet.
-  | { kind: 'nic' }
   | { kind: 'disk' }
   | { kind: 'display' };
 
@@ -64,8 +69,12 @@ export const boardOptions = 'microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi
 /** Modern virtio-mmio: vhost-user devices (virtiofs) refuse legacy transports. Guest-visible. */
 export const boardGlobals = ['virtio-mmio.force-legacy=false'] as const;
 export const virtioTransports = 8;
-/** Bus 3 is GSI 8, the RTC's IRQ: a device there silences the RTC and costs every boot ~2 s. */
-export const unusableTransports: readonly number[] = [3];
+/**
+ * Bus 3 is GSI 8, the RTC's IRQ: a device there takes the IRQ from the RTC. A disk there cost
+ * every boot ~2 s; the NIC sits there (measured: no boot cost, the guest needs no RTC interrupt
+ * once CONFIGURE has set its clock). No other kind may use it.
+ */
+export const unusableTransports: readonly number[] = [];
 
 /**
  * The slot table: which transports each kind may use, in order. Fixed, so the nth volume is on
@@ -79,7 +88,7 @@ export const slotTable: Readonly<Record<DeviceKind, readonly number[] | 'isa-ser
   'agent-port': [6],
   rng: [5],
   volume: [0, 1, 2, 4],
-  nic: [],
+  nic: [3],
   disk: [],
   display: [],
 };
@@ -147,6 +156,8 @@ export function standardMachine(m: {
   consoleSocket: string;
   volumes?: readonly Volume[];
   emptyVolume?: string;
+  /** A NIC on this tap (in the machine's namespace), with the MAC every guest has. */
+  nic?: { tap: string; mac: string };
 }): MachineSpec {
   const volumes = m.volumes ?? [];
   const empty = m.emptyVolume;
@@ -173,6 +184,7 @@ export function standardMachine(m: {
       { kind: 'root-disk', path: m.disk },
       { kind: 'agent-port', socket: m.agentSocket },
       { kind: 'rng' },
+      ...(m.nic ? [{ kind: 'nic', ...m.nic } as DeviceSpec] : []),
       ...volumes.map((volume): DeviceSpec => ({ kind: 'volume', volume })),
       ...placeholders,
     ],
@@ -209,6 +221,7 @@ export function layoutOf(m: AllocatedMachine): Layout {
 function guestSide(d: DeviceSpec): Record<string, string> | undefined {
   if (d.kind === 'volume') return { mountTag: d.volume.tag };
   if (d.kind === 'agent-port') return { port: agentPortName };
+  if (d.kind === 'nic') return { mac: d.mac };
   return undefined;
 }
 
@@ -292,6 +305,12 @@ function deviceArgs({ device: d, transport: t }: AllocatedDevice): string[] {
     case 'console':
       throw new Error('the console sits on the ISA serial port');
     case 'nic':
+      return [
+        '-netdev',
+        `tap,id=net0,ifname=${d.tap},script=no,downscript=no`,
+        '-device',
+        `virtio-net-device,netdev=net0,mac=${d.mac},${bus}`,
+      ];
     case 'disk':
     case 'display':
       throw new Error(`${d.kind} devices are not available in this version`);

@@ -29,6 +29,8 @@ export interface VmSpec {
   memory?: { kind: 'ram' } | { kind: 'file'; path: string; share: boolean };
   /** Start paused, waiting for a migration stream (restore, resume, branch). */
   incoming?: boolean;
+  /** The network namespace QEMU runs in (its NIC's tap is there); absent: the host's. */
+  netns?: string;
 }
 
 export interface RunPaths {
@@ -112,7 +114,12 @@ export function launchQemu(binary: string, spec: VmSpec): number {
   const p = runPaths(spec.runDir);
   const log = openSync(p.qemuLog, 'a', 0o600);
   try {
-    const child = spawn(binary, qemuArgs(spec), {
+    // nsenter joins only the network namespace (ip netns exec would also give QEMU a mount
+    // namespace of its own) and execs QEMU: the pid is QEMU's.
+    const [cmd, args] = spec.netns
+      ? ['nsenter', [`--net=/run/netns/${spec.netns}`, '--', binary, ...qemuArgs(spec)]]
+      : [binary, qemuArgs(spec)];
+    const child = spawn(cmd, args, {
       detached: true,
       stdio: ['ignore', log, log],
       cwd: spec.runDir,

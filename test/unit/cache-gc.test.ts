@@ -64,6 +64,7 @@ function row(id: string, fields: Partial<MachineRow>): MachineRow {
     spec: null,
     started_at: null,
     stopped_at: null,
+    net: 0,
     ...fields,
   };
 }

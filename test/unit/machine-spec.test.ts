@@ -63,9 +63,9 @@ describe('machine spec: slot allocation', () => {
   const tooMany: [string, MachineSpec, RegExp][] = [
     ['5 volumes', base(times(5, vol)), /does not fit: 5 volume devices, the layout has room for 4/],
     [
-      'a NIC: no room on this board yet',
-      withDevices({ kind: 'nic' }),
-      /1 nic devices, the layout has room for 0/,
+      '2 NICs',
+      withDevices({ kind: 'nic', tap: 't', mac: 'm' }, { kind: 'nic', tap: 't', mac: 'm' }),
+      /2 nic devices, the layout has room for 1/,
     ],
     ['a disk', withDevices({ kind: 'disk' }), /1 disk devices, the layout has room for 0/],
     ['a display', withDevices({ kind: 'display' }), /1 display devices, the layout has room for 0/],
@@ -213,7 +213,18 @@ describe('machine spec: QEMU arguments', () => {
   });
 
   test('reserved kinds: refused by the allocator before any argument is made', () => {
-    for (const kind of ['nic', 'disk', 'display'] as const)
+    for (const kind of ['disk', 'display'] as const)
       assert.throws(() => machineArgs(allocate(withDevices({ kind }))), /does not fit/);
+  });
+
+  test('a NIC: bus 3, a tap backend, its MAC in the layout (not its tap)', () => {
+    const nic = (tap: string, mac: string): MachineSpec => withDevices({ kind: 'nic', tap, mac });
+    const fp = (spec: MachineSpec): string => layoutFingerprint(layoutOf(allocate(spec)));
+    const args = machineArgs(allocate(nic('tap0', '02:00:00:00:00:01')));
+    assert.ok(args.includes('virtio-net-device,netdev=net0,mac=02:00:00:00:00:01,bus=virtio-mmio-bus.3'));
+    assert.ok(args.includes('tap,id=net0,ifname=tap0,script=no,downscript=no'));
+    assert.equal(fp(nic('tap0', '02:00:00:00:00:01')), fp(nic('tap9', '02:00:00:00:00:01')));
+    assert.notEqual(fp(nic('tap0', '02:00:00:00:00:01')), fp(nic('tap0', '02:00:00:00:00:02')));
+    assert.notEqual(fp(nic('tap0', '02:00:00:00:00:01')), fp(base()));
   });
 });

@@ -18,10 +18,11 @@ function boxSnapshotTarget(
   image: BootImage,
   cpu: number,
   memoryMb: number,
+  net: boolean,
 ): { manifest: TemplateManifest; params: SnapshotParams } {
   const manifest = { ...image, name: `box-${image.hash}` };
   const params = {
-    ...cx.rt.snapshotParams(manifest, { vcpus: cpu, memoryMb }, true),
+    ...cx.rt.snapshotParams(manifest, { vcpus: cpu, memoryMb }, true, net),
     // Nothing is known to exist in an image but the agent: no warm-up commands.
     warm: [],
     diskBytes: boxSnapshotDiskBytes,
@@ -39,10 +40,11 @@ export function boxSnapshot(
   cpu: number,
   memoryMb: number,
   diskBytes: number,
+  net = false,
 ): TemplateSnapshot | undefined {
   if (diskBytes < boxSnapshotDiskBytes) return undefined;
   const { rt } = cx;
-  const { manifest, params } = boxSnapshotTarget(cx, image, cpu, memoryMb);
+  const { manifest, params } = boxSnapshotTarget(cx, image, cpu, memoryMb, net);
   const ready = cx.snapshots.get(manifest, params);
   if (ready || cx.snapshots.status(manifest, params) !== 'none') return ready;
   setImmediate(() => {
@@ -71,9 +73,10 @@ export async function ensureBoxSnapshot(
   cpu: number,
   memoryMb: number,
   diskBytes: number,
+  net = false,
 ): Promise<TemplateSnapshot | undefined> {
   if (diskBytes < boxSnapshotDiskBytes) return undefined;
-  const { manifest, params } = boxSnapshotTarget(cx, image, cpu, memoryMb);
+  const { manifest, params } = boxSnapshotTarget(cx, image, cpu, memoryMb, net);
   const ready = cx.snapshots.get(manifest, params);
   if (ready) return ready;
   if (!cx.admission.hasRoomFor(memoryMb))

@@ -50,6 +50,8 @@ export async function branchMachine(
     parent_id: source.id,
   });
 
+  // A clone keeps its source's firewall.
+  if (source.net) rt.d.net?.copyRules(source.id, id);
   await cx.admission.insert(row, cx.admission.diskBytesOf(row), principal.quota);
   const m = rt.machine(row);
   const src = rt.machine(source);

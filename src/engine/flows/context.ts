@@ -50,6 +50,7 @@ export function newRow(runRoot: string, fields: RowIdentity & Partial<MachineRow
     auto_suspend_seconds: null,
     parent_id: null,
     spec: null,
+    net: 0,
     ...fields,
     state: 'starting',
     boot_ms: null,

@@ -11,6 +11,7 @@ import { type BoxSpec, type BoxVolume, boxSpecOf } from '../box-view.js';
 import { newBoxId, newMachineId } from '../ids.js';
 import type { BootImage } from '../images.js';
 import type { Machine } from '../machine.js';
+import { type EgressInput, type EgressRules, parseEgress } from '../../net/egress.js';
 import type { MachineRow } from '../store.js';
 import { parseRestartPolicy, startBoxCmd } from './box-cmd.js';
 import { boxSnapshot, boxSnapshotDiskBytes, ensureBoxSnapshot } from './box-snapshot.js';
@@ -23,6 +24,8 @@ export interface CreateMachine {
   ttlSeconds?: number;
   persistent?: boolean;
   net?: boolean;
+  /** Egress rules of a networked machine (net/egress.ts). */
+  egress?: EgressInput;
   /** `cold` forces a full boot; `snapshot` requires a snapshot; absent: pool, then snapshot, then cold. */
   mode?: 'cold' | 'snapshot';
   autoSuspendSeconds?: number;
@@ -35,6 +38,8 @@ export interface CreateBox {
   memoryMb: number;
   diskSizeGb: number;
   network: boolean;
+  /** Egress rules of a networked box (net/egress.ts). */
+  egress?: EgressInput;
   /** Absent: the image's WorkingDir, else /root. */
   workdir?: string;
   env: Record<string, string> | null;
@@ -80,16 +85,15 @@ export async function createMachine(
     );
   const manifest = cx.templates.get(req.template);
   if (!manifest) throw new HutchError('TEMPLATE_NOT_READY', `template ${req.template} is not built yet`);
-  if (req.net)
-    throw new HutchError(
-      'NETWORK_UNAVAILABLE',
-      'guest networking ("net": true) is not available in this version; machines have no network',
-    );
+  const net = req.net === true;
+  const egress = net ? checkNetwork(cx, req.egress) : undefined;
+  if (!net && req.egress) throw new HutchError('INVALID_ARGUMENT', 'egress rules need "net": true');
   checkNameFree(cx, principal.user, req.name);
 
   const persistent = req.persistent === true && config.allowPersistent;
   const ttl = clampTtl(req.ttlSeconds);
-  const pooled = req.mode === 'cold' ? undefined : cx.pool.take(req.template);
+  // The pool holds machines without a network (a pooled machine is handed out as it is).
+  const pooled = req.mode === 'cold' || net ? undefined : cx.pool.take(req.template);
   if (pooled)
     return cx.pool.handOut(
       pooled,
@@ -103,7 +107,7 @@ export async function createMachine(
     );
   // The template's own size when its recipe declares one, else the server's defaults.
   const size = rt.templateSize(req.template);
-  const snapParams = rt.snapshotParams(manifest, size);
+  const snapParams = rt.snapshotParams(manifest, size, false, net);
   const snap = req.mode === 'cold' ? undefined : cx.snapshots.get(manifest, snapParams);
   if (req.mode === 'snapshot' && !snap)
     throw new HutchError(
@@ -124,8 +128,10 @@ export async function createMachine(
     ...lifetime(persistent, ttl),
     auto_suspend_seconds: req.autoSuspendSeconds ?? null,
     kind: 'machine',
+    net: net ? 1 : 0,
   });
 
+  if (egress) rt.d.net?.saveRules(id, egress);
   await cx.admission.insert(row, cx.admission.diskBytesOf(row), principal.quota);
   const m = rt.machine(row);
   return m.lock.run(async () => {
@@ -143,15 +149,22 @@ export async function createMachine(
         if (vm.agent) await rt.giveIdentity(vm.agent, id);
       } else {
         await rt.d.hv.createOverlay(manifest.rootfs, disk, 'raw', rt.d.runAs);
-        const vm = rt.launch(m, row, manifest, {});
+        const vm = await rt.launch(m, row, manifest, {});
         vm.agent = await rt.waitForAgent(m, vm);
-        await rt.giveIdentity(vm.agent, id);
+        await rt.giveIdentity(vm.agent, id, [], { net });
       }
       return rt.markRunning(m, Math.round(performance.now() - t0));
     } catch (e) {
       return rt.bootFailed(m, 'machine', e);
     }
   });
+}
+
+/** Refuses a network on a server without one, and checks egress rules (INVALID_ARGUMENT). */
+function checkNetwork(cx: FlowContext, egress?: EgressInput): EgressRules {
+  if (!cx.rt.d.net)
+    throw new HutchError('NETWORK_UNAVAILABLE', 'guest networking is off on this server (HUTCH_NET=off)');
+  return parseEgress(egress ?? {});
 }
 
 /** The limits one box may ask for, as GET /v1/info reports them. */
@@ -180,11 +193,8 @@ function checkBoxRequest(cx: FlowContext, req: CreateBox): BoxVolume[] | null {
   if (req.memoryMb > lim.max_memory_mb) throw over('memory_mb', req.memoryMb, lim.max_memory_mb, ' MiB');
   if (req.diskSizeGb > lim.max_disk_size_gb)
     throw over('disk_size_gb', req.diskSizeGb, lim.max_disk_size_gb, ' GiB');
-  if (req.network)
-    throw new HutchError(
-      'NETWORK_UNAVAILABLE',
-      'guest networking ("network": true) is not available in this version; boxes have no network',
-    );
+  if (!req.network && req.egress) throw new HutchError('INVALID_ARGUMENT', 'egress rules need "network": true');
+  if (req.network) checkNetwork(cx, req.egress);
   if (!req.volumes?.length) return req.volumes;
   const seen = new Set<string>();
   const roots = cx.config.volumeRoots;
@@ -245,7 +255,7 @@ export async function createBox(
   // restores from the same one, its volumes in the placeholders' place, mounted by CONFIGURE.
   const snap = templateId
     ? await templateSnapshot(cx, image, req, diskBytes)
-    : boxSnapshot(cx, image, req.cpu, req.memoryMb, diskBytes);
+    : boxSnapshot(cx, image, req.cpu, req.memoryMb, diskBytes, req.network);
   const id = newBoxId();
   const spec: BoxSpec = {
     image: req.image,
@@ -277,7 +287,9 @@ export async function createBox(
     auto_suspend_seconds: req.autoSuspendSeconds ?? 0,
     kind: 'box',
     spec: JSON.stringify(spec),
+    net: req.network ? 1 : 0,
   });
+  if (req.network) rt.d.net?.saveRules(id, parseEgress(req.egress ?? {}));
 
   await cx.admission.insert(row, diskBytes, principal.quota);
   const m = rt.machine(row);
@@ -327,7 +339,7 @@ async function templateSnapshot(
   diskBytes: number,
 ): Promise<TemplateSnapshot | undefined> {
   try {
-    return await ensureBoxSnapshot(cx, image, req.cpu, req.memoryMb, diskBytes);
+    return await ensureBoxSnapshot(cx, image, req.cpu, req.memoryMb, diskBytes, req.network);
   } catch (e) {
     cx.rt.d.log('warn', 'template snapshot unavailable; the box boots cold', {
       image: image.ref,
@@ -341,9 +353,9 @@ async function templateSnapshot(
 export async function bootBox(cx: FlowContext, m: Machine, row: MachineRow, image: BootImage): Promise<void> {
   const spec = boxSpecOf(row);
   const volumes = toVmVolumes(spec.volumes ?? []);
-  const vm = cx.rt.launch(m, row, image, volumes.length ? { volumes } : {});
+  const vm = await cx.rt.launch(m, row, image, volumes.length ? { volumes } : {});
   vm.agent = await cx.rt.waitForAgent(m, vm);
-  await identifyBox(cx, vm.agent, row.id, volumes);
+  await identifyBox(cx, vm.agent, row.id, volumes, row.net === 1);
 }
 
 /**
@@ -374,9 +386,11 @@ async function identifyBox(
   agent: AgentConnection,
   id: string,
   volumes: Volume[],
+  /** Configure the NIC: a cold boot (a restored guest was configured before its snapshot). */
+  net = false,
 ): Promise<void> {
   try {
-    await cx.rt.giveIdentity(agent, id, volumes);
+    await cx.rt.giveIdentity(agent, id, volumes, { net });
   } catch (e) {
     if (!volumes.length) throw e;
     // The usual cause is a host directory the unprivileged QEMU user cannot open.

@@ -6,7 +6,7 @@ import type { SnapshotParams } from '../../images/snapshots.js';
 import { runPaths } from '../../vmm/qemu.js';
 import { prepareRunDir } from '../../vmm/run-dir.js';
 import { Machine } from '../machine.js';
-import type { Runtime } from '../runtime.js';
+import { guestNet, type Runtime } from '../runtime.js';
 import type { MachineRow } from '../store.js';
 
 /** Snapshot VMs are named `s-<builder pid>-…`: a restarted daemon kills those whose builder died. */
@@ -37,12 +37,13 @@ export async function takeSnapshot(
     memory_mb: params.memoryMb,
     run_dir: dir,
     kind: 'machine',
+    net: params.net ? 1 : 0,
   } as MachineRow;
   prepareRunDir(dir, rt.d.runAs);
   try {
     await rt.d.hv.createOverlay(image.rootfs, join(dir, 'disk.qcow2'), 'raw', rt.d.runAs, params.diskBytes);
     const t0 = performance.now();
-    const vm = rt.launch(m, row, image, {
+    const vm = await rt.launch(m, row, image, {
       memory: { kind: 'file', path: join(dir, 'mem'), share: true },
       ...(params.volumeSlots ? { volumeSlots: true } : {}),
       layout: params.layout,
@@ -50,7 +51,7 @@ export async function takeSnapshot(
     const agent = await rt.d.guest.connectBooting(vm.pid, dir, 120_000, () => '');
     vm.agent = agent;
     // Grown here, so clones restored onto a disk of the snapshot's size have nothing to do.
-    await configureGuest(agent, { hostname: 'hutch', growRoot: true });
+    await configureGuest(agent, { hostname: 'hutch', growRoot: true, ...(params.net ? { net: guestNet } : {}) });
     const bootMs = performance.now() - t0;
     // Warm the page cache with what users start first: a clone then finds python and node
     // in RAM instead of reading them from its disk.
