@@ -1,3 +1,4 @@
+import { type Networking, startNetworking } from './net/net-service.js';
 import { mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { noActions } from './api/api-caller.js';
@@ -92,6 +93,18 @@ export async function startDaemon(
     builder,
     log: (msg) => opts.log('info', msg),
   });
+  // Guest networking: its failure (no nftables, not root) leaves the daemon up without it, and
+  // a machine asking for a network is told why.
+  let networking: Networking | undefined;
+  if (config.net === 'on')
+    try {
+      networking = await startNetworking(config, opts.log);
+      opts.log('info', 'guest networking ready', { dns_port: networking.dnsPort, pool: config.netPool });
+    } catch (e) {
+      opts.log('warn', 'guest networking unavailable; machines asking for a network are refused', {
+        error: (e as Error).message,
+      });
+    }
   // The machines API is served on the tunnels too, so it is known only once it listens below.
   let http: HttpApi | undefined;
   const engine = new Engine(config, templates, accel, opts.log, {
@@ -102,6 +115,7 @@ export async function startDaemon(
       if (http) http.acceptConnection(stream, auth.guestPrincipal(owner, machineId));
       else stream.destroy();
     },
+    ...(networking ? { net: networking.manager } : {}),
   });
   await engine.start();
   engine.prepareSnapshots();
@@ -166,6 +180,8 @@ export async function startDaemon(
     close: async () => {
       await Promise.all([http.close(), boxes.close(), grpc?.close()]);
       await engine.close();
+      // The host's table stays while networked machines run on (a restarted daemon adopts them).
+      await networking?.close({ keepHost: networking.manager.attached() > 0 });
       auth.close();
     },
   };

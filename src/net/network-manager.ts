@@ -79,6 +79,11 @@ export class NetworkManager {
     return this.byNsAddr.get(address);
   }
 
+  /** How many machines have a namespace now. */
+  attached(): number {
+    return this.byId.size;
+  }
+
   netOf(machineId: string): MachineNet | undefined {
     return this.byId.get(machineId);
   }
