@@ -251,5 +251,9 @@ describe('dns wire', () => {
       assert.deepEqual(out, msgs);
       assert.equal(d.buffered, 0);
     }
+    const d = new TcpDeframer();
+    const out: Buffer[] = [];
+    for (let i = 0; i < stream.length; i++) out.push(...d.push(stream.subarray(i, i + 1)));
+    assert.deepEqual(out, msgs);
   });
 });

@@ -495,26 +495,37 @@ export function frameTcp(msg: Buffer): Buffer {
 
 /**
  * Splits a TCP byte stream into messages. Holds at most one partial message (≤ 64 KiB + 2) plus
- * what the last read brought.
+ * what the last read brought. Chunks are joined only once a whole message is there, so a peer
+ * trickling a byte at a time costs linear work, not a copy of the partial message per byte.
  */
 export class TcpDeframer {
-  private pending: Buffer = Buffer.alloc(0);
+  private chunks: Buffer[] = [];
+  private total = 0;
+  /** Bytes the next message needs in all (its prefix included), once the prefix is known. */
+  private need = 2;
 
   push(chunk: Buffer): Buffer[] {
-    this.pending = this.pending.length === 0 ? chunk : Buffer.concat([this.pending, chunk]);
+    this.chunks.push(chunk);
+    this.total += chunk.length;
     const out: Buffer[] = [];
+    if (this.total < this.need) return out;
+    const buf =
+      this.chunks.length === 1 ? (this.chunks[0] as Buffer) : Buffer.concat(this.chunks, this.total);
     let pos = 0;
-    while (this.pending.length - pos >= 2) {
-      const len = this.pending.readUInt16BE(pos);
-      if (this.pending.length - pos - 2 < len) break;
-      out.push(this.pending.subarray(pos + 2, pos + 2 + len));
+    while (buf.length - pos >= 2) {
+      const len = buf.readUInt16BE(pos);
+      if (buf.length - pos - 2 < len) break;
+      out.push(buf.subarray(pos + 2, pos + 2 + len));
       pos += 2 + len;
     }
-    this.pending = pos === 0 ? this.pending : Buffer.from(this.pending.subarray(pos));
+    const rest = Buffer.from(buf.subarray(pos));
+    this.chunks = rest.length > 0 ? [rest] : [];
+    this.total = rest.length;
+    this.need = rest.length >= 2 ? rest.readUInt16BE(0) + 2 : 2;
     return out;
   }
 
   get buffered(): number {
-    return this.pending.length;
+    return this.total;
   }
 }
