@@ -156,7 +156,11 @@ export const errorTable = {
     doc: 'Nothing in the machine accepts connections on this port (a preview or proxy to it); start the server, then retry.',
   },
   PROXY_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No proxy of yours has this name or id.' },
-  DOMAIN_TAKEN: { http: 409, grpc: 'ALREADY_EXISTS', doc: 'The domain is already bound (by you or another user).' },
+  DOMAIN_TAKEN: {
+    http: 409,
+    grpc: 'ALREADY_EXISTS',
+    doc: 'The domain is already bound (by you or another user).',
+  },
   DOMAIN_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No domain of yours has this name.' },
   NETWORK_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No network of yours has this id or name.' },
 } as const;
