@@ -1,4 +1,3 @@
-import { type Networking, startNetworking } from './net/net-service.js';
 import { mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { noActions } from './api/api-caller.js';
@@ -14,6 +13,7 @@ import { type BuildProgress, TemplateBuilder, type TemplateManifest } from './im
 import { collectCacheGarbage } from './images/cache-gc.js';
 import { registerHolder } from './images/cache-holders.js';
 import { ImageStore } from './images/oci.js';
+import { type Networking, startNetworking } from './net/net-service.js';
 import { repoRoot } from './paths.js';
 import { chooseAccel } from './vmm/accel.js';
 

@@ -14,7 +14,9 @@ export const egressBody = z
       .array(z.string().max(260))
       .max(1000)
       .optional()
-      .describe('Only these destinations (plus what the allowed names resolve to) are reachable; empty or absent: the public internet.'),
+      .describe(
+        'Only these destinations (plus what the allowed names resolve to) are reachable; empty or absent: the public internet.',
+      ),
     deny: z.array(z.string().max(260)).max(1000).optional().describe('Never these, whatever `allow` says.'),
   })
   .strict();
@@ -62,7 +64,9 @@ export const createMachineBody = z
       .boolean()
       .optional()
       .describe('Give the machine a NIC: NAT to the internet behind its own firewall (default false).'),
-    egress: egressBody.optional().describe('Egress rules of a networked machine (see PUT /v1/machines/{id}/egress).'),
+    egress: egressBody
+      .optional()
+      .describe('Egress rules of a networked machine (see PUT /v1/machines/{id}/egress).'),
     auto_suspend_seconds: z
       .number()
       .int()

@@ -9,6 +9,8 @@ import { GuestOps } from '../guest/guest-ops.js';
 import type { TemplateManifest } from '../images/builder.js';
 import { templateRecipes } from '../images/recipes.js';
 import { SnapshotCache } from '../images/snapshots.js';
+import { type EgressInput, parseEgress } from '../net/egress.js';
+import type { Denial, NetworkManager } from '../net/network-manager.js';
 import type { AccelChoice } from '../vmm/accel.js';
 import type { ConsoleTap } from '../vmm/console.js';
 import { agentLink, type GuestLink, type Hypervisor, qemuHypervisor } from '../vmm/hypervisor.js';
@@ -53,8 +55,6 @@ import { recover } from './recovery.js';
 import { type GuestApiStreamHandler, type RunAs, Runtime } from './runtime.js';
 import { activeStates, type MachineRow, Store } from './store.js';
 import { sweepMachines } from './sweeper.js';
-import { type EgressInput, parseEgress } from '../net/egress.js';
-import type { Denial, NetworkManager } from '../net/network-manager.js';
 
 export type { BoxTimers } from './flows/box-timers.js';
 export { clampTtl, ttlBounds } from './flows/context.js';
@@ -395,7 +395,8 @@ export class Engine {
   async egress(p: Principal, idOrName: string, kind: MachineRow['kind'] = 'machine'): Promise<EgressView> {
     const row = this.find(p, idOrName, kind);
     const net = this.rt.d.net;
-    if (!row.net || !net) return { id: row.id, net: false, rules: { allow: [], deny: [] }, denied: {}, recent: [] };
+    if (!row.net || !net)
+      return { id: row.id, net: false, rules: { allow: [], deny: [] }, denied: {}, recent: [] };
     return { id: row.id, net: true, ...(await net.egressOf(row.id)) };
   }
 
@@ -413,7 +414,10 @@ export class Engine {
     const row = this.find(p, idOrName, kind);
     const net = this.rt.d.net;
     if (!row.net || !net)
-      throw new HutchError('NOT_SUPPORTED', `${row.id} has no network: egress rules apply to machines made with "net": true`);
+      throw new HutchError(
+        'NOT_SUPPORTED',
+        `${row.id} has no network: egress rules apply to machines made with "net": true`,
+      );
     await this.locked(p, row.id, kind, () => net.setRules(row.id, rules));
     return this.egress(p, row.id, kind);
   }

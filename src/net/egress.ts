@@ -15,7 +15,12 @@ export interface EgressRules {
   denyDomains: string[];
 }
 
-export const noEgressRules: EgressRules = { allowCidrs: [], allowDomains: [], denyCidrs: [], denyDomains: [] };
+export const noEgressRules: EgressRules = {
+  allowCidrs: [],
+  allowDomains: [],
+  denyCidrs: [],
+  denyDomains: [],
+};
 
 /** Per list; a bench measures the decision time at this size. */
 export const maxRulesPerList = 1000;
@@ -29,16 +34,23 @@ export function parseEgress(input: EgressInput): EgressRules {
     const entries = input[list] ?? [];
     if (!Array.isArray(entries)) throw new HutchError('INVALID_ARGUMENT', `egress.${list} must be a list`);
     if (entries.length > maxRulesPerList)
-      throw new HutchError('INVALID_ARGUMENT', `egress.${list} has ${entries.length} entries; at most ${maxRulesPerList}`);
+      throw new HutchError(
+        'INVALID_ARGUMENT',
+        `egress.${list} has ${entries.length} entries; at most ${maxRulesPerList}`,
+      );
     for (const raw of entries) {
       if (typeof raw !== 'string')
         throw new HutchError('INVALID_ARGUMENT', `egress.${list}: ${JSON.stringify(raw)} is not a string`);
       const e = raw.trim().toLowerCase();
       const cidr = parseCidr(e);
       if (cidr) (list === 'allow' ? out.allowCidrs : out.denyCidrs).push(cidr);
-      else if (isDomainRule(e)) (list === 'allow' ? out.allowDomains : out.denyDomains).push(e.replace(/\.$/, ''));
+      else if (isDomainRule(e))
+        (list === 'allow' ? out.allowDomains : out.denyDomains).push(e.replace(/\.$/, ''));
       else if (isIPv6(e.split('/')[0] ?? ''))
-        throw new HutchError('INVALID_ARGUMENT', `egress.${list}: ${raw}: guests have no IPv6 route; only IPv4 rules apply`);
+        throw new HutchError(
+          'INVALID_ARGUMENT',
+          `egress.${list}: ${raw}: guests have no IPv6 route; only IPv4 rules apply`,
+        );
       else
         throw new HutchError(
           'INVALID_ARGUMENT',

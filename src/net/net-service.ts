@@ -2,8 +2,8 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Log } from '../background.js';
 import type { Config } from '../config.js';
-import { type ClientPolicy, DnsResolver, type Upstream } from './dns/resolver.js';
 import { DomainRules } from './dns/domain-rules.js';
+import { type ClientPolicy, DnsResolver, type Upstream } from './dns/resolver.js';
 import { NetStore } from './net-store.js';
 import { NetworkManager } from './network-manager.js';
 
@@ -51,9 +51,11 @@ export async function startNetworking(config: Config, log: Log): Promise<Network
       deny: new DomainRules(rules.denyDomains),
       onAnswer: (_name, addresses, ttl) => {
         if (rules.allowDomains.length)
-          manager.openResolved(id, addresses, ttl).catch((e: unknown) =>
-            log('warn', 'resolved addresses not opened', { id, error: (e as Error).message }),
-          );
+          manager
+            .openResolved(id, addresses, ttl)
+            .catch((e: unknown) =>
+              log('warn', 'resolved addresses not opened', { id, error: (e as Error).message }),
+            );
       },
       onDenied: ({ name, reason }) => manager.recordDnsDenial(id, name, reason),
     };
@@ -65,7 +67,7 @@ export async function startNetworking(config: Config, log: Log): Promise<Network
     port: 0,
     upstreams: upstreamsOf(config.netDns),
     policyFor,
-    log: (line) => log('debug', 'dns', { line }),
+    log: (line) => log('info', 'dns', { line }),
   });
   const { port } = await resolver.start();
   try {

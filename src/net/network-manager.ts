@@ -4,7 +4,14 @@ import type { Log } from '../background.js';
 import { HutchError } from '../errors.js';
 import { daemonTag, inside, netnsName, nsLink, type Outside, outsideOf, slotsIn } from './addressing.js';
 import { type EgressRules, egressView, noEgressRules } from './egress.js';
-import { type DenialReason, denialReasons, egressUpdate, hostRuleset, type NsFirewall, nsRuleset } from './firewall.js';
+import {
+  type DenialReason,
+  denialReasons,
+  egressUpdate,
+  hostRuleset,
+  type NsFirewall,
+  nsRuleset,
+} from './firewall.js';
 import { inNetns, run } from './host-commands.js';
 import type { NetStore } from './net-store.js';
 import { SlotTable } from './slots.js';
@@ -66,7 +73,11 @@ export class NetworkManager {
   async start(dnsPort: number): Promise<void> {
     this.dnsPort = dnsPort;
     writeFileSync('/proc/sys/net/ipv4/ip_forward', '1');
-    await run('nft', ['-f', '-'], hostRuleset({ tag: this.tag, pool: this.s.pool, dnsPort, uplink: this.s.uplink }));
+    await run(
+      'nft',
+      ['-f', '-'],
+      hostRuleset({ tag: this.tag, pool: this.s.pool, dnsPort, uplink: this.s.uplink }),
+    );
   }
 
   /** Removes the daemon's host table (a clean shutdown with no networked machine left). */
@@ -137,14 +148,22 @@ export class NetworkManager {
         ].join('\n'),
       );
       const rules = this.rulesOf(machineId);
-      await inNetns(netns, 'sh', [
-        '-c',
-        'echo 1 > /proc/sys/net/ipv4/ip_forward && echo 0 > /proc/sys/net/ipv4/conf/all/route_localnet && echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && exec nft -f -',
-      ], nsRuleset(this.firewall(net), rules));
+      await inNetns(
+        netns,
+        'sh',
+        [
+          '-c',
+          'echo 1 > /proc/sys/net/ipv4/ip_forward && echo 0 > /proc/sys/net/ipv4/conf/all/route_localnet && echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && exec nft -f -',
+        ],
+        nsRuleset(this.firewall(net), rules),
+      );
       return net;
     } catch (e) {
       await this.detach(net);
-      throw new HutchError('BOOT_FAILED', `the machine's network could not be set up: ${(e as Error).message}`);
+      throw new HutchError(
+        'BOOT_FAILED',
+        `the machine's network could not be set up: ${(e as Error).message}`,
+      );
     }
   }
 
@@ -153,7 +172,11 @@ export class NetworkManager {
     try {
       const f = JSON.parse(readFileSync(join(runDir, netFile), 'utf8')) as { netns: string; slot: number };
       if (!existsSync(`/run/netns/${f.netns}`)) return undefined;
-      const net: MachineNet = { machineId, netns: f.netns, outside: outsideOf(this.s.pool, this.tag, f.slot) };
+      const net: MachineNet = {
+        machineId,
+        netns: f.netns,
+        outside: outsideOf(this.s.pool, this.tag, f.slot),
+      };
       this.remember(net);
       return net;
     } catch {
@@ -182,17 +205,20 @@ export class NetworkManager {
    */
   async sweep(keep: (machineId: string) => boolean): Promise<string[]> {
     const prefix = `hutch-${this.tag}-`;
-    const gone = (existsSync('/run/netns') ? readdirSync('/run/netns') : [])
-      .filter((n) => n.startsWith(prefix) && !keep(n.slice(prefix.length)));
-    if (gone.length) await run('ip', ['-force', '-batch', '-'], gone.map((n) => `netns del ${n}`).join('\n')).catch((e) => {
-      this.log('warn', 'network sweep: some namespaces not removed', { error: (e as Error).message });
-    });
+    const gone = (existsSync('/run/netns') ? readdirSync('/run/netns') : []).filter(
+      (n) => n.startsWith(prefix) && !keep(n.slice(prefix.length)),
+    );
+    if (gone.length)
+      await run('ip', ['-force', '-batch', '-'], gone.map((n) => `netns del ${n}`).join('\n')).catch((e) => {
+        this.log('warn', 'network sweep: some namespaces not removed', { error: (e as Error).message });
+      });
     const links = await run('ip', ['-o', 'link', 'show']).catch(() => '');
     const live = new Set(readdirSync('/run/netns').filter((n) => n.startsWith(prefix)));
     for (const { slot, owner } of this.slots.list()) {
       if (!owner.startsWith(prefix) || live.has(owner)) continue;
       const link = outsideOf(this.s.pool, this.tag, slot).hostLink;
-      if (links.includes(` ${link}@`) || links.includes(` ${link}:`)) await run('ip', ['link', 'del', link]).catch(() => {});
+      if (links.includes(` ${link}@`) || links.includes(` ${link}:`))
+        await run('ip', ['link', 'del', link]).catch(() => {});
       this.slots.release(slot, owner);
     }
     return gone.map((n) => n.slice(prefix.length));
@@ -232,7 +258,8 @@ export class NetworkManager {
     const net = this.byId.get(machineId);
     if (!net) return;
     const domainsChanged =
-      JSON.stringify([before.allowDomains, before.denyDomains]) !== JSON.stringify([rules.allowDomains, rules.denyDomains]);
+      JSON.stringify([before.allowDomains, before.denyDomains]) !==
+      JSON.stringify([rules.allowDomains, rules.denyDomains]);
     await inNetns(net.netns, 'nft', ['-f', '-'], egressUpdate(this.firewall(net), rules, domainsChanged));
   }
 
@@ -280,7 +307,15 @@ export class NetworkManager {
         const s = o.set as { name: string; elem?: unknown[]; timeout?: number } | undefined;
         if (!s?.name.startsWith('denied_') || !s.elem) continue;
         for (const e of s.elem) {
-          const el = (e as { elem: { val: { concat: [string, string, number] }; expires: number; counter?: { packets: number } } }).elem;
+          const el = (
+            e as {
+              elem: {
+                val: { concat: [string, string, number] };
+                expires: number;
+                counter?: { packets: number };
+              };
+            }
+          ).elem;
           const [destination, protocol, port] = el.val.concat;
           const age = (s.timeout ?? 3600) * 1000 - el.expires * 1000;
           recent.push({

@@ -90,7 +90,16 @@ export async function startFakeInternet(): Promise<FakeInternet> {
   };
   const fakeDns = join(root, 'dist', 'test', 'helpers', 'fake-dns.js');
   inNs(['node', fakeDns, '--host', '198.18.0.53', '--port', '53', '--records', join(dir, 'records.json')]);
-  inNs(['node', fakeDns, '--host', '198.18.0.54', '--port', '53', '--records', join(dir, 'other-records.json')]);
+  inNs([
+    'node',
+    fakeDns,
+    '--host',
+    '198.18.0.54',
+    '--port',
+    '53',
+    '--records',
+    join(dir, 'other-records.json'),
+  ]);
   for (const ip of ['198.18.1.10', '198.18.1.11'])
     inNs(['python3', '-m', 'http.server', '--bind', ip, '80', '--directory', www]);
   // Something listening on DoT's port, so a refusal is the firewall's, not an absent server's.
@@ -99,7 +108,9 @@ export async function startFakeInternet(): Promise<FakeInternet> {
   const deadline = Date.now() + 20_000;
   for (;;) {
     try {
-      ns('python3 -c "import socket; [socket.create_connection((h, p), 1).close() for h, p in ((\\"198.18.1.10\\", 80), (\\"198.18.1.11\\", 80), (\\"198.18.0.54\\", 853))]"');
+      ns(
+        'python3 -c "import socket; [socket.create_connection((h, p), 1).close() for h, p in ((\\"198.18.1.10\\", 80), (\\"198.18.1.11\\", 80), (\\"198.18.0.54\\", 853))]"',
+      );
       break;
     } catch {
       if (Date.now() > deadline) throw new Error(`the fake internet did not start:\n${log}`);
@@ -115,7 +126,9 @@ export async function startFakeInternet(): Promise<FakeInternet> {
     requests: () => log,
     close: async () => {
       for (const p of procs) p.kill('SIGKILL');
-      await Promise.all(procs.map((p) => new Promise((r) => (p.exitCode !== null ? r(null) : p.once('exit', r)))));
+      await Promise.all(
+        procs.map((p) => new Promise((r) => (p.exitCode !== null ? r(null) : p.once('exit', r)))),
+      );
       try {
         execFileSync('ip', ['netns', 'del', netns]);
       } catch {

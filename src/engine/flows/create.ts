@@ -5,13 +5,13 @@ import { HutchError } from '../../errors.js';
 import type { AgentConnection } from '../../guest/agent-connection.js';
 import { templateRecipes } from '../../images/recipes.js';
 import type { TemplateSnapshot } from '../../images/snapshots.js';
+import { type EgressInput, type EgressRules, parseEgress } from '../../net/egress.js';
 import { volumeTag } from '../../vmm/machine-spec.js';
 import { type Volume, validateVolumes } from '../../vmm/volumes.js';
 import { type BoxSpec, type BoxVolume, boxSpecOf } from '../box-view.js';
 import { newBoxId, newMachineId } from '../ids.js';
 import type { BootImage } from '../images.js';
 import type { Machine } from '../machine.js';
-import { type EgressInput, type EgressRules, parseEgress } from '../../net/egress.js';
 import type { MachineRow } from '../store.js';
 import { parseRestartPolicy, startBoxCmd } from './box-cmd.js';
 import { boxSnapshot, boxSnapshotDiskBytes, ensureBoxSnapshot } from './box-snapshot.js';
@@ -193,7 +193,8 @@ function checkBoxRequest(cx: FlowContext, req: CreateBox): BoxVolume[] | null {
   if (req.memoryMb > lim.max_memory_mb) throw over('memory_mb', req.memoryMb, lim.max_memory_mb, ' MiB');
   if (req.diskSizeGb > lim.max_disk_size_gb)
     throw over('disk_size_gb', req.diskSizeGb, lim.max_disk_size_gb, ' GiB');
-  if (!req.network && req.egress) throw new HutchError('INVALID_ARGUMENT', 'egress rules need "network": true');
+  if (!req.network && req.egress)
+    throw new HutchError('INVALID_ARGUMENT', 'egress rules need "network": true');
   if (req.network) checkNetwork(cx, req.egress);
   if (!req.volumes?.length) return req.volumes;
   const seen = new Set<string>();

@@ -51,7 +51,11 @@ export async function takeSnapshot(
     const agent = await rt.d.guest.connectBooting(vm.pid, dir, 120_000, () => '');
     vm.agent = agent;
     // Grown here, so clones restored onto a disk of the snapshot's size have nothing to do.
-    await configureGuest(agent, { hostname: 'hutch', growRoot: true, ...(params.net ? { net: guestNet } : {}) });
+    await configureGuest(agent, {
+      hostname: 'hutch',
+      growRoot: true,
+      ...(params.net ? { net: guestNet } : {}),
+    });
     const bootMs = performance.now() - t0;
     // Warm the page cache with what users start first: a clone then finds python and node
     // in RAM instead of reading them from its disk.
