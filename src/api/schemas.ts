@@ -36,6 +36,10 @@ export const egressSchema = z.object({
         protocol: z.string().optional(),
         port: z.number().int().optional(),
         name: z.string().optional(),
+        detail: z
+          .string()
+          .optional()
+          .describe('reason dns: not-allowed, denied, private-answer, rate-limited'),
         count: z.number().int(),
         last_seen: z.string(),
       }),

@@ -18,6 +18,8 @@ export interface NsFirewall {
   maxConnections: number;
   /** Per direction; 0: unlimited. */
   bytesPerSecond: number;
+  /** The host's own addresses (its uplink's among them), refused like the private ranges. */
+  hostAddrs: readonly string[];
 }
 
 /**
@@ -29,7 +31,7 @@ export interface NsFirewall {
  * this guest. Refusals answer at once (TCP reset, ICMP admin-prohibited), never a silent drop.
  */
 export function nsRuleset(f: NsFirewall, rules: EgressRules): string {
-  const always = alwaysDeniedV4.join(', ');
+  const always = [...alwaysDeniedV4, ...f.hostAddrs].join(', ');
   const lines = [
     'table ip hutch {',
     `  set always { type ipv4_addr; flags interval; auto-merge; elements = { ${always} } }`,
@@ -121,8 +123,8 @@ export function egressUpdate(f: NsFirewall, rules: EgressRules, flushResolved: b
     'flush set ip hutch allow',
     'flush set ip hutch deny',
     ...(flushResolved ? ['flush set ip hutch resolved'] : []),
+    // Flushed and refilled (it cannot be deleted: the forward chain jumps to it).
     'flush chain ip hutch egress',
-    'delete chain ip hutch egress',
     'table ip hutch {',
     egressChain(f, rules),
     '}',

@@ -41,6 +41,8 @@ export interface Denial {
   protocol?: string;
   port?: number;
   name?: string;
+  /** Why the resolver refused the name: not-allowed, denied, private-answer, rate-limited, bad-query. */
+  detail?: string;
   count: number;
   last_seen: string;
 }
@@ -59,6 +61,8 @@ export class NetworkManager {
   private readonly byId = new Map<string, MachineNet>();
   private readonly dnsDenials = new Map<string, Denial[]>();
   private dnsPort = 0;
+  /** The host's own IPv4 addresses: refused in every namespace (counted there; the host table also refuses them). */
+  private hostAddrs: string[] = [];
 
   constructor(
     private readonly s: NetSettings,
@@ -72,6 +76,12 @@ export class NetworkManager {
   /** Host setup: forwarding on, the daemon's host table (guests reach the host only at `dnsPort`). */
   async start(dnsPort: number): Promise<void> {
     this.dnsPort = dnsPort;
+    const addrs = JSON.parse(await run('ip', ['-j', '-4', 'addr', 'show'])) as {
+      addr_info?: { local?: string }[];
+    }[];
+    this.hostAddrs = addrs
+      .flatMap((l) => (l.addr_info ?? []).map((a) => a.local ?? ''))
+      .filter((a) => a !== '');
     writeFileSync('/proc/sys/net/ipv4/ip_forward', '1');
     await run(
       'nft',
@@ -106,6 +116,7 @@ export class NetworkManager {
       dnsPort: this.dnsPort,
       maxConnections: this.s.maxConnections,
       bytesPerSecond: this.s.bytesPerSecond,
+      hostAddrs: this.hostAddrs,
     };
   }
 
@@ -254,13 +265,15 @@ export class NetworkManager {
   /** Changes a machine's rules: stored, then applied to its running namespace in one transaction. */
   async setRules(machineId: string, rules: EgressRules): Promise<void> {
     const before = this.rulesOf(machineId);
-    this.saveRules(machineId, rules);
     const net = this.byId.get(machineId);
-    if (!net) return;
-    const domainsChanged =
-      JSON.stringify([before.allowDomains, before.denyDomains]) !==
-      JSON.stringify([rules.allowDomains, rules.denyDomains]);
-    await inNetns(net.netns, 'nft', ['-f', '-'], egressUpdate(this.firewall(net), rules, domainsChanged));
+    // Applied first, recorded after: a refused update changes neither.
+    if (net) {
+      const domainsChanged =
+        JSON.stringify([before.allowDomains, before.denyDomains]) !==
+        JSON.stringify([rules.allowDomains, rules.denyDomains]);
+      await inNetns(net.netns, 'nft', ['-f', '-'], egressUpdate(this.firewall(net), rules, domainsChanged));
+    }
+    this.saveRules(machineId, rules);
   }
 
   /** Opens addresses an allowed name resolved to, for that machine only (the resolver calls this). */
@@ -280,7 +293,7 @@ export class NetworkManager {
     if (found) {
       found.count++;
       found.last_seen = now;
-    } else list.push({ reason: 'dns', destination: name, name, count: 1, last_seen: now, protocol: reason });
+    } else list.push({ reason: 'dns', destination: name, name, detail: reason, count: 1, last_seen: now });
     list.sort((a, b) => b.last_seen.localeCompare(a.last_seen));
     this.dnsDenials.set(machineId, list.slice(0, 100));
   }

@@ -73,8 +73,10 @@ export async function startFakeInternet(): Promise<FakeInternet> {
   writeFileSync(join(www, 'index.html'), 'hello from the fake internet\n');
   execFileSync('dd', ['if=/dev/urandom', `of=${join(www, 'big')}`, 'bs=1M', 'count=32'], { stdio: 'ignore' });
 
-  writeFileSync(join(dir, 'records.json'), JSON.stringify(records));
-  writeFileSync(join(dir, 'other-records.json'), JSON.stringify({ 'only-other.test': ['198.18.1.11'] }));
+  const asTable = (r: Record<string, string[]>): string =>
+    JSON.stringify(Object.fromEntries(Object.entries(r).map(([n, a]) => [n, { a, ttl: 60 }])));
+  writeFileSync(join(dir, 'records.json'), asTable(records));
+  writeFileSync(join(dir, 'other-records.json'), asTable({ 'only-other.test': ['198.18.1.11'] }));
   const procs: ChildProcess[] = [];
   let log = '';
   const inNs = (args: string[]): ChildProcess => {
@@ -135,7 +137,7 @@ export async function startFakeInternet(): Promise<FakeInternet> {
         // gone
       }
       try {
-        execFileSync('ip', ['route', 'del', '198.18.1.0/24']);
+        execFileSync('ip', ['route', 'del', '198.18.1.0/24'], { stdio: 'ignore' });
       } catch {
         // went with the link
       }
