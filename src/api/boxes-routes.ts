@@ -19,6 +19,7 @@ import {
   uploadResultSchema,
 } from './boxes-schemas.js';
 import { type ApiRoute, routesOf } from './http/routes.js';
+import { egressBody, egressSchema } from './schemas.js';
 
 const route = routesOf<BoxesApp>();
 
@@ -45,6 +46,7 @@ export const boxRoutes: ApiRoute<BoxesApp>[] = [
         memoryMb: b.memory_mb,
         diskSizeGb: b.disk_size_gb,
         network: b.network,
+        ...(b.egress !== undefined ? { egress: b.egress } : {}),
         ...(b.workdir !== undefined ? { workdir: b.workdir } : {}),
         env: b.env,
         volumes: b.volumes,
@@ -59,6 +61,23 @@ export const boxRoutes: ApiRoute<BoxesApp>[] = [
     response: boxListSchema,
     status: 200,
     handle: ({ act, query }) => ({ boxes: act.listBoxes(query.status) }),
+  }),
+  route.json({
+    method: 'GET',
+    path: '/v1/boxes/{id}/egress',
+    summary: "A networked box's egress rules, refusal counters and latest refused destinations",
+    response: egressSchema,
+    status: 200,
+    handle: ({ act, params }) => act.egress(params.id ?? '', 'box'),
+  }),
+  route.json({
+    method: 'PUT',
+    path: '/v1/boxes/{id}/egress',
+    summary: "Replace a networked box's egress rules (effective at once, open connections included)",
+    body: egressBody,
+    response: egressSchema,
+    status: 200,
+    handle: ({ act, params, body }) => act.setEgress(params.id ?? '', body, 'box'),
   }),
   route.json({
     method: 'GET',
@@ -242,6 +261,7 @@ export const boxRoutes: ApiRoute<BoxesApp>[] = [
         memoryMb: b.memory_mb,
         diskSizeGb: 8,
         network: b.network,
+        ...(b.egress !== undefined ? { egress: b.egress } : {}),
         env: b.env,
         volumes: b.volumes,
         ...(b.timeout_ms ? { timeoutMs: b.timeout_ms } : {}),

@@ -1,6 +1,6 @@
 import { z } from 'zod';
 import { MAX_PAYLOAD } from '../guest/protocol.js';
-import { attachQuery, checkExecFits, cString, diskRoomSchema } from './schemas.js';
+import { attachQuery, checkExecFits, cString, diskRoomSchema, egressBody } from './schemas.js';
 
 /**
  * Schemas of the boxes API (../shared/specs/boxes-rest-api.txt), field names and defaults as the
@@ -40,7 +40,11 @@ const imageRef = z
 const sizes = {
   cpu: z.number().int().min(1).default(2).describe('vCPUs.'),
   memory_mb: z.number().int().min(128).default(1024).describe('Guest memory, MiB.'),
-  network: z.boolean().default(false).describe('Network access (not available in this version: 501).'),
+  network: z
+    .boolean()
+    .default(false)
+    .describe("A NIC: NAT to the internet behind the box's own firewall (docs/networking.md)."),
+  egress: egressBody.optional().describe('Egress rules of a networked box (allow/deny CIDRs and domains).'),
   env: envSchema.nullable().default(null).describe('Environment for every exec in the box.'),
   volumes: z.array(volumeSchema).max(4).nullable().default(null).describe('At most 4 host directories.'),
 };

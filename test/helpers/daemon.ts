@@ -1,10 +1,11 @@
-import { type ChildProcess, spawn } from 'node:child_process';
+import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { AuthService, authDbPath } from '../../src/auth/auth-service.js';
 import { BoxesClient } from '../../src/client/boxes-client.js';
 import { loadConfig } from '../../src/config.js';
+import { daemonTag } from '../../src/net/addressing.js';
 import { repoRoot } from '../../src/paths.js';
 import { memoryDirOf } from '../../src/vmm/memory-file.js';
 
@@ -201,11 +202,41 @@ export async function cleanup(d: TestDaemon): Promise<void> {
     // no run dir
   }
   const memoryFiles = memoryFilesOf(d.stateDir);
+  const net = networkLeftovers(d.stateDir);
   rmSync(d.stateDir, { recursive: true, force: true });
   rmSync(memoryDirOf(d.stateDir), { recursive: true, force: true });
   if (left.length) throw new Error(`orphan qemu processes left: ${left.join(', ')}`);
   if (runDirs.length) throw new Error(`orphan run dirs left: ${runDirs.join(', ')}`);
   if (memoryFiles.length) throw new Error(`orphan memory files left: ${memoryFiles.join(', ')}`);
+  if (net.length) throw new Error(`network leftovers: ${net.join(', ')}`);
+}
+
+/**
+ * What a daemon with this state dir left of guest networking: namespaces, host links, its host
+ * firewall table (removed by a daemon stopping with no networked machine running) and slots.
+ */
+export function networkLeftovers(stateDir: string): string[] {
+  const tag = daemonTag(stateDir);
+  const out: string[] = [];
+  if (existsSync('/run/netns'))
+    for (const n of readdirSync('/run/netns')) if (n.startsWith(`hutch-${tag}-`)) out.push(`netns ${n}`);
+  for (const l of readdirSync('/sys/class/net')) if (l.startsWith(`hv${tag}`)) out.push(`link ${l}`);
+  try {
+    execFileSync('nft', ['list', 'table', 'inet', `hutch-${tag}`], { stdio: 'ignore' });
+    out.push(`nft table inet hutch-${tag}`);
+  } catch {
+    // no table: good
+  }
+  if (existsSync('/run/hutch/net-slots'))
+    for (const f of readdirSync('/run/hutch/net-slots')) {
+      try {
+        if (readFileSync(join('/run/hutch/net-slots', f), 'utf8').startsWith(`hutch-${tag}-`))
+          out.push(`slot ${f}`);
+      } catch {
+        // released meanwhile
+      }
+    }
+  return out;
 }
 
 export function sleep(ms: number): Promise<void> {

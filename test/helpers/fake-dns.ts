@@ -188,6 +188,12 @@ if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) 
   });
   const records = values.records ? (JSON.parse(readFileSync(values.records, 'utf8')) as FakeRecords) : {};
   const fake = await startFakeDns({ host: values.host, port: Number(values.port), records });
+  // One line per query on stdout: the fake internet's test reads which names reached it.
+  const push = fake.queries.push.bind(fake.queries);
+  fake.queries.push = (...q: FakeDnsQuery[]): number => {
+    for (const x of q) console.log(`fake-dns query ${x.name} type ${x.type} from ${x.from}`);
+    return push(...q);
+  };
   console.log(
     `fake-dns listening on ${fake.host}:${fake.port} (udp+tcp), ${Object.keys(records).length} names`,
   );
