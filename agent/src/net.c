@@ -89,25 +89,23 @@ static int find_nic(int fd, char *name)
 
 static int default_route(int fd, const char *dev, uint32_t gateway, const char **what)
 {
+	/* A CONFIGURE after a restore finds the route of the one before, maybe via another
+	 * gateway: every default route goes first, so the guest ends up with exactly one. */
+	struct rtentry old = {0};
+	sin_of(&old.rt_dst, 0);
+	sin_of(&old.rt_genmask, 0);
+	old.rt_flags = RTF_UP;
+	*what = "SIOCDELRT default";
+	for (int i = 0; i < 64 && ioctl(fd, SIOCDELRT, &old) == 0; i++) {
+	}
+	if (errno != ESRCH)
+		return -1;
 	struct rtentry rt = {0};
 	sin_of(&rt.rt_dst, 0);
 	sin_of(&rt.rt_genmask, 0);
 	sin_of(&rt.rt_gateway, gateway);
 	rt.rt_flags = RTF_UP | RTF_GATEWAY;
 	rt.rt_dev = (char *)dev;
-	*what = "SIOCADDRT default";
-	if (ioctl(fd, SIOCADDRT, &rt) == 0)
-		return 0;
-	if (errno != EEXIST)
-		return -1;
-	/* A CONFIGURE after a restore finds the route of the one before: replace it. */
-	struct rtentry old = {0};
-	sin_of(&old.rt_dst, 0);
-	sin_of(&old.rt_genmask, 0);
-	old.rt_flags = RTF_UP;
-	*what = "SIOCDELRT default";
-	if (ioctl(fd, SIOCDELRT, &old) < 0)
-		return -1;
 	*what = "SIOCADDRT default";
 	return ioctl(fd, SIOCADDRT, &rt);
 }
