@@ -71,6 +71,10 @@ const char *errno_name(int e)
 		{EROFS, "EROFS"}, {EMLINK, "EMLINK"}, {EPIPE, "EPIPE"}, {ENAMETOOLONG, "ENAMETOOLONG"},
 		{ENOTEMPTY, "ENOTEMPTY"}, {ELOOP, "ELOOP"}, {EDQUOT, "EDQUOT"}, {ECANCELED, "ECANCELED"},
 		{EOVERFLOW, "EOVERFLOW"}, {ENOSYS, "ENOSYS"}, {EOPNOTSUPP, "EOPNOTSUPP"},
+		{ECONNREFUSED, "ECONNREFUSED"}, {ECONNRESET, "ECONNRESET"}, {ETIMEDOUT, "ETIMEDOUT"},
+		{ECONNABORTED, "ECONNABORTED"}, {ENOTCONN, "ENOTCONN"}, {EADDRNOTAVAIL, "EADDRNOTAVAIL"},
+		{EADDRINUSE, "EADDRINUSE"}, {EAFNOSUPPORT, "EAFNOSUPPORT"}, {ENETDOWN, "ENETDOWN"},
+		{ENETUNREACH, "ENETUNREACH"}, {EHOSTUNREACH, "EHOSTUNREACH"},
 	};
 	for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
 		if (names[i].e == e)
@@ -509,6 +513,7 @@ static void handle_frame(const struct proto_frame *f)
 	case T_FILE_WRITE:
 	case T_FILE_READ:
 	case T_CONFIGURE:
+	case T_PORT_OPEN:
 		if (stream_find(f->stream)) {
 			violation("stream id reused");
 			return;
@@ -519,6 +524,8 @@ static void handle_frame(const struct proto_frame *f)
 			file_write_open(f);
 		else if (f->type == T_FILE_READ)
 			file_read_open(f);
+		else if (f->type == T_PORT_OPEN)
+			port_open(f);
 		else
 			configure_open(f); /* answered at once: no stream outlives the frame */
 		return;
@@ -561,8 +568,8 @@ static void handle_frame(const struct proto_frame *f)
 		s->recv_window -= f->payload_len;
 		if (s->kind == STREAM_EXEC)
 			exec_stdin(s, f->payload, f->payload_len);
-		else if (s->kind == STREAM_API)
-			api_data(s, f->payload, f->payload_len);
+		else if (s->kind == STREAM_API || s->kind == STREAM_PORT)
+			sock_data(s, f->payload, f->payload_len);
 		else
 			file_write_data(s, f->payload, f->payload_len);
 		return;
@@ -659,6 +666,10 @@ static void loop(void)
 					wake = t;
 			} else if (s->kind == STREAM_READ) {
 				file_read_pump(s);
+			} else if (s->kind == STREAM_PORT) {
+				int64_t t = port_timers(s, now);
+				if (t && t < wake)
+					wake = t;
 			}
 		}
 		sweep_streams();
@@ -696,11 +707,13 @@ static void loop(void)
 			owner[n++] = NULL;
 		}
 		for (struct stream *s = A.streams; s; s = s->next) {
-			if (s->kind != STREAM_EXEC && s->kind != STREAM_API)
+			if (s->kind != STREAM_EXEC && s->kind != STREAM_API && s->kind != STREAM_PORT)
 				continue;
 			if (s->dead)
 				continue;
-			int k = s->kind == STREAM_EXEC ? exec_pollfds(s, pfd + n) : api_pollfds(s, pfd + n);
+			int k = s->kind == STREAM_EXEC  ? exec_pollfds(s, pfd + n)
+				: s->kind == STREAM_PORT ? port_pollfds(s, pfd + n)
+							 : sock_pollfds(s, pfd + n);
 			for (int i = 0; i < k; i++)
 				owner[n + (size_t)i] = s;
 			n += (size_t)k;
@@ -750,8 +763,10 @@ static void loop(void)
 				j++;
 			if (!s->dead && s->kind == STREAM_EXEC)
 				exec_ready(s, pfd + i, (int)(j - i));
+			else if (!s->dead && s->kind == STREAM_PORT)
+				port_ready(s, pfd + i, (int)(j - i));
 			else if (!s->dead)
-				api_ready(s, pfd + i, (int)(j - i));
+				sock_ready(s, pfd + i, (int)(j - i));
 			i = j;
 		}
 		sweep_streams();

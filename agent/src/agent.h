@@ -1,5 +1,6 @@
 /* State shared by the agent's event loop (agent.c), exec streams (exec.c), file streams
- * (files.c), CONFIGURE (configure.c) and PID 1 duties (init.c). The agent is
+ * (files.c), socket streams (sockstream.c: api.c, port.c), CONFIGURE (configure.c) and PID 1
+ * duties (init.c). The agent is
  * single-threaded: everything runs from one poll() loop, so none of this needs locking. */
 #ifndef HUTCH_AGENT_H
 #define HUTCH_AGENT_H
@@ -20,7 +21,10 @@
  * window the host always keeps 224 KiB of room, so batching never stalls it. */
 #define CREDIT_BATCH 32768u
 
-enum stream_kind { STREAM_EXEC, STREAM_WRITE, STREAM_READ, STREAM_API };
+enum stream_kind { STREAM_EXEC, STREAM_WRITE, STREAM_READ, STREAM_API, STREAM_PORT };
+
+/* Forwarded ports open at once (port.c); the host is answered EMFILE past it. */
+#define PORT_MAX_STREAMS 64
 
 struct stream {
 	struct stream *next;
@@ -43,14 +47,18 @@ struct stream {
 	int64_t deadline; /* timeout (ms, monotonic), 0 = none */
 	int64_t grace;    /* when to stop waiting for the pipes after the exit, 0 = not yet */
 
-	/* files; API streams keep their client's socket in fd and the host's bytes in in_buf */
+	/* files; socket streams (API, port) keep their socket in fd and the host's bytes in in_buf */
 	int fd;
 	char *path, *tmp;
 	uint64_t size;
 
-	/* API */
-	int eof_sent; /* the client's end of input went to the host as an empty DATA */
-	int host_eof; /* the host's empty DATA arrived: shut the client's read side once drained */
+	/* socket streams (API, port) */
+	int eof_sent; /* the socket's end of input went to the host as an empty DATA */
+	int host_eof; /* the host's empty DATA arrived: shut the socket's write side once drained */
+
+	/* port: connecting until PORT_OPEN is answered (deadline: give up then) */
+	int connecting, tried_v6;
+	uint16_t port;
 };
 
 struct agent {
@@ -112,15 +120,37 @@ void api_listen(const char *path);
 /* The listening socket while a connection may be accepted now, else -1. */
 int api_listen_fd(void);
 void api_accept(void);
-void api_data(struct stream *s, const uint8_t *p, size_t n);
-int api_pollfds(struct stream *s, struct pollfd *pfd);
-void api_ready(struct stream *s, const struct pollfd *pfd, int n);
+
+/* sockstream.c: the DATA pump of API and port streams. */
+void sock_data(struct stream *s, const uint8_t *p, size_t n);
+int sock_pollfds(struct stream *s, struct pollfd *pfd);
+void sock_ready(struct stream *s, const struct pollfd *pfd, int n);
+
+/* port.c: PORT_OPEN, the host's connection to a TCP port of the guest. */
+void port_open(const struct proto_frame *f);
+int64_t port_timers(struct stream *s, int64_t now);
+int port_pollfds(struct stream *s, struct pollfd *pfd);
+void port_ready(struct stream *s, const struct pollfd *pfd, int n);
 
 /* guestcli.c: the agent binary run as `hutch`. */
 int guest_cli(int argc, char **argv);
 
 /* configure.c */
 void configure_open(const struct proto_frame *f);
+/* Replaces path with data through a temporary file renamed over it; -1 with errno. */
+int write_atomic(const char *path, const void *data, size_t n, mode_t mode);
+
+/* net.c: CONFIGURE's net field, 15 bytes (docs/agent-protocol.md, "Network"). Addresses in
+ * host byte order. parse_net returns NULL if valid, else why not; apply_net returns -1 with
+ * errno and *what, the step that failed. */
+#define NET_FIELD_LEN 15u
+struct net_config {
+	uint32_t addr, gateway, dns;
+	uint8_t prefix;
+	uint16_t mtu;
+};
+const char *parse_net(const uint8_t *p, uint32_t n, struct net_config *c);
+int apply_net(const struct net_config *c, const char **what);
 
 /* init.c */
 void init_setup(void);

@@ -1,7 +1,7 @@
 /* The guest API (docs/agent-protocol.md, "Guest API"): a process in the guest connects to
  * a Unix socket the agent listens on, and the agent tunnels that connection to the host as a
  * stream it opens itself (API_OPEN), moving the bytes both ways as DATA under the stream
- * windows. The host serves its machines REST API on it, acting for the machine's owner, so
+ * windows (sockstream.c, shared with forwarded ports). The host serves its machines REST API on it, acting for the machine's owner, so
  * nothing in the guest holds a key. The agent never looks at the bytes: HTTP is the host's
  * and the client's business. */
 #include <errno.h>
@@ -110,104 +110,4 @@ void api_accept(void)
 		size_t start = proto_begin(&A.out, T_API_OPEN, id);
 		proto_end(&A.out, start);
 	}
-}
-
-/* Both directions have ended: the stream is over for the host too, which has sent its empty
- * DATA and received ours. */
-static void maybe_done(struct stream *s)
-{
-	if (s->eof_sent && s->host_eof && buf_size(&s->in_buf) == 0)
-		s->dead = 1;
-}
-
-static void fail(struct stream *s, int err, const char *what)
-{
-	send_errno(s->id, err, what);
-	s->dead = 1;
-}
-
-static void flush(struct stream *s)
-{
-	while (buf_size(&s->in_buf) > 0) {
-		ssize_t n = write(s->fd, buf_data(&s->in_buf), buf_size(&s->in_buf));
-		if (n > 0) {
-			buf_consume(&s->in_buf, (size_t)n);
-			consumed(s, (size_t)n);
-		} else if (n < 0 && errno == EINTR) {
-			continue;
-		} else if (n < 0 && errno == EAGAIN) {
-			return;
-		} else {
-			/* The client went away before its answer was complete. */
-			fail(s, n < 0 ? errno : EPIPE, "write to the API client");
-			return;
-		}
-	}
-	if (s->host_eof) {
-		shutdown(s->fd, SHUT_WR);
-		maybe_done(s);
-	}
-}
-
-void api_data(struct stream *s, const uint8_t *p, size_t n)
-{
-	if (s->host_eof) {
-		consumed(s, n); /* nothing may follow the end; dropped like input to a closed stdin */
-		return;
-	}
-	if (n == 0)
-		s->host_eof = 1;
-	else
-		buf_append(&s->in_buf, p, n);
-	flush(s);
-}
-
-static void read_client(struct stream *s)
-{
-	size_t max = PROTO_MAX_PAYLOAD;
-	if (s->send_window < max)
-		max = (size_t)s->send_window;
-	if (max == 0 || !out_room())
-		return;
-	size_t start = proto_begin(&A.out, T_DATA, s->id);
-	uint8_t *p = buf_reserve(&A.out, max);
-	ssize_t n = read(s->fd, p, max);
-	if (n > 0) {
-		A.out.len += (size_t)n;
-		proto_end(&A.out, start);
-		s->send_window -= (uint64_t)n;
-		return;
-	}
-	buf_truncate(&A.out, start);
-	if (n == 0 || errno == ECONNRESET) {
-		start = proto_begin(&A.out, T_DATA, s->id);
-		proto_end(&A.out, start);
-		s->eof_sent = 1;
-		maybe_done(s);
-	} else if (errno != EAGAIN && errno != EINTR) {
-		fail(s, errno, "read from the API client");
-	}
-}
-
-int api_pollfds(struct stream *s, struct pollfd *pfd)
-{
-	short ev = 0;
-	if (!s->eof_sent && s->send_window > 0 && out_room())
-		ev |= POLLIN;
-	if (buf_size(&s->in_buf) > 0)
-		ev |= POLLOUT;
-	if (!ev || s->fd < 0)
-		return 0;
-	pfd[0] = (struct pollfd){.fd = s->fd, .events = ev};
-	return 1;
-}
-
-void api_ready(struct stream *s, const struct pollfd *pfd, int n)
-{
-	if (n < 1 || !pfd[0].revents)
-		return;
-	if (pfd[0].revents & POLLOUT)
-		flush(s);
-	if (!s->dead && (pfd[0].events & POLLIN) && (pfd[0].revents & (POLLIN | POLLHUP | POLLERR)))
-		read_client(s);
 }

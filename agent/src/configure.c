@@ -2,7 +2,7 @@
  * (docs/agent-protocol.md, CONFIGURE): grow / to its disk, mount volumes, and give the machine
  * its own identity. Every clone of a snapshot wakes up with the same hostname, the same kernel
  * RNG state and a clock stuck at snapshot time; the host sends each one its own hostname,
- * machine id, entropy and the current time.
+ * machine id, entropy and the current time, and its network address when it has a NIC.
  *
  * The request is validated as a whole first, so a bad request changes nothing. Only the
  * guest's init (PID 1) applies it; anywhere else (--connect in host tests) the agent must not
@@ -38,9 +38,10 @@
 #define MACHINE_ID_FILE "/etc/machine-id"
 
 struct config {
-	const struct proto_field *hostname, *time_ns, *entropy, *machine_id, *grow_root;
+	const struct proto_field *hostname, *time_ns, *entropy, *machine_id, *grow_root, *net;
 	struct volume volumes[VOLUMES_MAX];
 	size_t nvolumes;
+	struct net_config net_config;
 };
 
 static int hostname_char(uint8_t c)
@@ -65,6 +66,7 @@ static const char *validate(const struct proto_frame *f, struct config *c)
 		case CFG_ENTROPY: slot = &c->entropy; break;
 		case CFG_MACHINE_ID: slot = &c->machine_id; break;
 		case CFG_GROW_ROOT: slot = &c->grow_root; break;
+		case CFG_NET: slot = &c->net; break;
 		case CFG_VOLUME:
 			if (c->nvolumes == VOLUMES_MAX)
 				return "more than 8 volumes";
@@ -89,6 +91,11 @@ static const char *validate(const struct proto_frame *f, struct config *c)
 			if (!hostname_char(c->hostname->val[i]))
 				return "hostname may only contain A-Z, a-z, 0-9, '.' and '-'";
 	}
+	if (c->net) {
+		const char *bad = parse_net(c->net->val, c->net->len, &c->net_config);
+		if (bad)
+			return bad;
+	}
 	if (c->grow_root && c->grow_root->val[0] > 1)
 		return "grow_root must be 0 or 1";
 	if (c->entropy && (c->entropy->len < 1 || c->entropy->len > ENTROPY_MAX))
@@ -108,7 +115,7 @@ static const char *validate(const struct proto_frame *f, struct config *c)
  * disk lives and dies with it), and four fsyncs through an emulated disk cost a restored
  * machine ~20 ms of its start. Returns -1 with errno set on failure, leaving the old file and
  * no temporary behind. */
-static int write_atomic(const char *path, const void *data, size_t n, mode_t mode)
+int write_atomic(const char *path, const void *data, size_t n, mode_t mode)
 {
 	const char *slash = strrchr(path, '/');
 	char tmp[256];
@@ -220,6 +227,15 @@ static int apply(uint32_t id, const struct config *c)
 		if (mount_volume(&c->volumes[i], &what) < 0) {
 			char ctx[VOL_PATH_MAX + 64];
 			snprintf(ctx, sizeof ctx, "%s %s on %s", what, c->volumes[i].tag, c->volumes[i].path);
+			send_errno(id, errno, ctx);
+			return -1;
+		}
+	}
+	if (c->net) {
+		const char *what;
+		if (apply_net(&c->net_config, &what) < 0) {
+			char ctx[64];
+			snprintf(ctx, sizeof ctx, "net: %s", what);
 			send_errno(id, errno, ctx);
 			return -1;
 		}

@@ -47,6 +47,7 @@ int proto_payload_kind(uint8_t type)
 	case T_HELLO:
 	case T_UNSUPPORTED:
 	case T_API_OPEN:
+	case T_PORT_OPEN:
 		return PK_TLV;
 	default:
 		return -1;
@@ -79,6 +80,7 @@ const char *proto_type_name(uint8_t type)
 	case T_CANCEL: return "CANCEL";
 	case T_CONFIGURE: return "CONFIGURE";
 	case T_API_OPEN: return "API_OPEN";
+	case T_PORT_OPEN: return "PORT_OPEN";
 	default: return "?";
 	}
 }
@@ -127,10 +129,12 @@ int proto_tag_info(uint8_t type, uint8_t tag, const char **key, uint32_t *size)
 		{T_CONFIGURE, CFG_MACHINE_ID, "machine_id", 0},
 		{T_CONFIGURE, CFG_VOLUME, "volume", 0},
 		{T_CONFIGURE, CFG_GROW_ROOT, "grow_root", 1},
+		{T_CONFIGURE, CFG_NET, "net", 0},
 		{T_HELLO, HELLO_VERSION, "version", 4},
 		{T_HELLO, HELLO_FEATURES, "features", 8},
 		{T_UNSUPPORTED, UNSUP_TYPE, "type", 1},
 		{T_UNSUPPORTED, UNSUP_STREAM, "stream", 4},
+		{T_PORT_OPEN, PORT_PORT, "port", 2},
 	};
 	for (size_t i = 0; i < sizeof tags / sizeof tags[0]; i++) {
 		if (tags[i].type == type && tags[i].tag == tag) {
@@ -400,6 +404,10 @@ void proto_encode(const struct proto_frame *f, struct buf *out)
 				proto_put_u32(out, 4);
 				proto_put_u16(out, (uint16_t)proto_get_uint(fl->val, 2));
 				proto_put_u16(out, (uint16_t)proto_get_uint(fl->val + 2, 2));
+			} else if (size == 2) {
+				proto_put_u8(out, fl->tag);
+				proto_put_u32(out, 2);
+				proto_put_u16(out, (uint16_t)proto_get_uint(fl->val, 2));
 			} else if (size == 1) {
 				proto_tlv_u8(out, fl->tag, (uint8_t)proto_get_uint(fl->val, 1));
 			} else if (size == 4) {

@@ -43,6 +43,7 @@ enum proto_type {
 	T_CANCEL = 0x24,
 	T_CONFIGURE = 0x25,
 	T_API_OPEN = 0x28,
+	T_PORT_OPEN = 0x29,
 };
 
 /* TLV tags, named per frame type. */
@@ -54,9 +55,10 @@ enum {
 	FR_PATH = 1,
 	DONE_SIZE = 1, DONE_MODE = 2,
 	CFG_HOSTNAME = 1, CFG_TIME_NS = 2, CFG_ENTROPY = 3, CFG_MACHINE_ID = 4, CFG_VOLUME = 5,
-	CFG_GROW_ROOT = 6,
+	CFG_GROW_ROOT = 6, CFG_NET = 7,
 	HELLO_VERSION = 1, HELLO_FEATURES = 2,
 	UNSUP_TYPE = 1, UNSUP_STREAM = 2,
+	PORT_PORT = 1,
 };
 
 /* Protocol version and feature bits (docs/agent-protocol.md, "Versions and features"); the
@@ -70,9 +72,12 @@ enum {
 #define FEAT_CONFIGURE_GROW_ROOT (1ull << 5)
 #define FEAT_UNSUPPORTED (1ull << 6)
 #define FEAT_GUEST_API (1ull << 7)
+#define FEAT_PORT_FORWARD (1ull << 8)
+#define FEAT_NET (1ull << 9)
 #define AGENT_FEATURES                                                                        \
 	(FEAT_EXEC | FEAT_FILES | FEAT_RESET | FEAT_CONFIGURE | FEAT_CONFIGURE_VOLUMES |        \
-	 FEAT_CONFIGURE_GROW_ROOT | FEAT_UNSUPPORTED | FEAT_GUEST_API)
+	 FEAT_CONFIGURE_GROW_ROOT | FEAT_UNSUPPORTED | FEAT_GUEST_API | FEAT_PORT_FORWARD |      \
+	 FEAT_NET)
 
 /* Streams the agent opens (API_OPEN) have this bit set in their id, the host's never: the
  * two sides allocate ids without coordinating and can never collide. */

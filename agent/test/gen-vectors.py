@@ -11,7 +11,7 @@ import sys
 T = dict(PING=0x01, PONG=0x02, POWEROFF=0x03, RESET=0x04, EXEC=0x10, STARTED=0x11, STDIN=0x12,
          STDOUT=0x13, STDERR=0x14, SIGNAL=0x15, RESIZE=0x16, EXIT=0x17, ERROR=0x18,
          CREDIT=0x19, FILE_WRITE=0x20, FILE_READ=0x21, DATA=0x22, DONE=0x23, CANCEL=0x24,
-         CONFIGURE=0x25, HELLO=0x06, UNSUPPORTED=0x07, API_OPEN=0x28)
+         CONFIGURE=0x25, HELLO=0x06, UNSUPPORTED=0x07, API_OPEN=0x28, PORT_OPEN=0x29)
 
 
 def frame(typ, stream, payload=b""):
@@ -275,6 +275,22 @@ def main():
     bad("api-open-tlv-cut", raw(7, 0x28, 0x80000002, b"\x01\0"), "truncated")
     ok("api-data", frame("DATA", 0x80000001, b"GET /v1/machines HTTP/1.1\r\n\r\n"),
        'DATA stream=2147483649 data="GET /v1/machines HTTP/1.1\\x0d\\x0a\\x0d\\x0a"')
+
+    # PORT_OPEN (0x29, feature bit 8 port-forward): the host's stream to a TCP port of the guest,
+    # port a u16; the agent answers PORT_OPEN without fields once connected. CONFIGURE's net
+    # (tag 7, feature bit 9): 15 bytes the codec carries as bytes and the agent checks.
+    ok("port-open", frame("PORT_OPEN", 41, tlv(1, struct.pack(">H", 8000))), "PORT_OPEN stream=41 port=8000")
+    ok("port-open-answer", frame("PORT_OPEN", 41), "PORT_OPEN stream=41")
+    ok("port-open-unknown-tag", frame("PORT_OPEN", 42, tlv(1, b"\xff\xff") + tlv(9, b"later")),
+       "PORT_OPEN stream=42 port=65535 unknown=9")
+    bad("port-open-port-short", frame("PORT_OPEN", 43, tlv(1, b"\x1f")), "truncated")
+    bad("port-open-port-long", frame("PORT_OPEN", 43, tlv(1, b"\0\x1f\x40")), "bad-length")
+    net = bytes([10, 0, 2, 15, 24, 10, 0, 2, 2]) + struct.pack(">H", 1500) + bytes([10, 0, 2, 3])
+    ok("configure-net", frame("CONFIGURE", 29, tlv(7, net) + tlv(1, b"vm-1")),
+       'CONFIGURE stream=29 net="\\x0a\\x00\\x02\\x0f\\x18\\x0a\\x00\\x02\\x02\\x05\\xdc\\x0a\\x00\\x02\\x03"'
+       ' hostname="vm-1"')
+    ok("configure-net-short", frame("CONFIGURE", 30, tlv(7, net[:3])),
+       'CONFIGURE stream=30 net="\\x0a\\x00\\x02"')
 
     out = [HEADER]
     for name, b, text in V:

@@ -15,6 +15,8 @@ import os
 import select
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -202,6 +204,33 @@ def main():
         check(sorted(os.listdir(upper)) == ["hostname", "machine-id"], "upper layer %r" % os.listdir(upper))
         check(host_etc() == host_before, "the host's /etc or hostname changed")
 
+    def t_net():
+        """CONFIGURE's net applied for real, on a veth pair made inside the namespace: eth0
+        (the lower index) gets the address, MTU, default route and resolver."""
+        if not etc_overlay or not shutil.which("ip"):
+            print("     pid1-net: skipped (needs overlayfs for /etc and ip(8) to make a veth pair)")
+            return
+        out, err, t, f = run(["sh", "-c", "ip link add eth1 type veth peer name eth0 && ip link set eth1 up && "
+                                          "ln -sf /run/no-such-stub /etc/resolv.conf"])
+        check(t == rt.EXIT and rt.u32(f[1]) == 0, "veth: %r %r" % (f, err))
+        net = lambda gw, mtu: (socket.inet_aton("10.0.2.15") + bytes([24]) + socket.inet_aton(gw)
+                               + struct.pack(">H", mtu) + socket.inet_aton("10.0.2.3"))
+        for gw, mtu in (("10.0.2.2", 1400), ("10.0.2.1", 1300)):  # the second replaces the route
+            t, f = configure(rt.tlv(7, net(gw, mtu)))
+            check(t == rt.DONE, "configure net: 0x%02x %r" % (t, f))
+            out, err, _, _ = run(["sh", "-c", "ip -4 -o addr show dev eth0; ip -o link show dev eth0; "
+                                              "ip -4 route show default; cat /etc/resolv.conf; "
+                                              "[ -L /etc/resolv.conf ] || echo regular"])
+            text = out.decode()
+            # /sys is the host's here: the MTU is read from ip(8), which asks the namespace.
+            check("inet 10.0.2.15/24" in text and " mtu %d " % mtu in text, "address/mtu: %r" % text)
+            check(text.count("default via") == 1 and "default via %s dev eth0" % gw in text, "route: %r" % text)
+            check(text.endswith("nameserver 10.0.2.3\nregular\n"), "resolv.conf: %r" % text)
+        out, _, _, _ = run(["sh", "-c", "ip -o link show lo"])
+        check(b"UP" in out, "lo: %r" % out)
+        t, f = configure(rt.tlv(7, net("10.0.2.2", 1400)[:14]))
+        check(t == rt.ERROR and f.get(1) == b"EINVAL", "short net: %r" % f)
+
     def t_mounts():
         out, _, t, f = run(["cat", "/proc/self/mountinfo"])
         for mnt, fs in ((b"/run", b"tmpfs"), (b"/tmp", b"tmpfs")):
@@ -251,7 +280,7 @@ def main():
         check(proc.returncode in (-signal.SIGHUP, 128 + signal.SIGHUP), "status %r" % proc.returncode)
 
     tests = [("pid1-handshake", t_handshake), ("pid1-hostname-ignored", t_hostname), ("pid1-configure", t_configure),
-             ("pid1-mounts", t_mounts),
+             ("pid1-net", t_net), ("pid1-mounts", t_mounts),
              ("pid1-loopback", t_loopback), ("pid1-exec-pty", t_exec_pty),
              ("pid1-orphans-reaped", t_orphans_reaped), ("pid1-ignores-signals", t_ignores_signals),
              ("pid1-console", t_console), ("pid1-poweroff", t_poweroff)]

@@ -20,8 +20,10 @@ HELLO, UNSUPPORTED = 0x06, 0x07
 EXEC, STARTED, STDIN, STDOUT, STDERR, SIGNAL, RESIZE, EXIT, ERROR, CREDIT = range(0x10, 0x1A)
 FILE_WRITE, FILE_READ, DATA, DONE, CANCEL, CONFIGURE = 0x20, 0x21, 0x22, 0x23, 0x24, 0x25
 API_OPEN = 0x28
+PORT_OPEN = 0x29
 AGENT_STREAM = 0x80000000
 FEAT_GUEST_API = 1 << 7
+AGENT_FEATURES = 0x3FF  # exec … guest-api (bits 0-7), port-forward (8), net (9)
 WINDOW = 262144
 MAXP = 65536
 TERMINAL = (EXIT, ERROR, DONE)
@@ -167,7 +169,8 @@ class Host:
         return True
 
     def on_frame(self, t, sid, payload):
-        check(t in (PONG, HELLO, UNSUPPORTED, STARTED, STDOUT, STDERR, EXIT, ERROR, CREDIT, DATA, DONE, API_OPEN),
+        check(t in (PONG, HELLO, UNSUPPORTED, STARTED, STDOUT, STDERR, EXIT, ERROR, CREDIT, DATA, DONE, API_OPEN,
+                    PORT_OPEN),
               "agent sent frame type 0x%02x" % t)
         if t == API_OPEN:
             check(sid & AGENT_STREAM, "API_OPEN on host stream id %d" % sid)
@@ -579,7 +582,7 @@ def t_hello(h):
     h.sendall(frame(HELLO, 0, tlv(1, struct.pack(">I", 2)) + tlv(2, struct.pack(">Q", 1 << 63)) + tlv(9, "x")))
     f = dict(parse_tlv(wait_conn_frame(h, HELLO)))
     check(f.get(1) == struct.pack(">I", 3), "HELLO version %r" % f.get(1))
-    check(f.get(2) == struct.pack(">Q", 0xFF), "HELLO features %r" % f.get(2))
+    check(f.get(2) == struct.pack(">Q", AGENT_FEATURES), "HELLO features %r" % f.get(2))
     t_echo(h)
 
 
@@ -834,6 +837,351 @@ def t_guest_cli(h, tmp):
     check(p.returncode == 1 and json.loads(out)["code"] == "UNAVAILABLE", "refused %r" % ((p.returncode, out),))
 
 
+# ---- forwarded ports (PORT_OPEN) and CONFIGURE's net field ----
+
+class TcpServer:
+    """A listener on the test host's loopback (the agent runs here, so its 127.0.0.1 is ours).
+    Each connection gets `handler(conn)` in a thread of its own."""
+
+    def __init__(self, handler, family=socket.AF_INET, addr="127.0.0.1", backlog=128):
+        import threading
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        self.sock.bind((addr, 0))
+        self.sock.listen(backlog)
+        self.port = self.sock.getsockname()[1]
+        self.conns = []
+        self.handler = handler
+        self.closed = False
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        import threading
+        while not self.closed:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(c)
+            threading.Thread(target=self.run, args=(c,), daemon=True).start()
+
+    def run(self, c):
+        try:
+            self.handler(c)
+        except OSError:
+            pass  # closed under it by close()
+
+    def close(self):
+        self.closed = True
+        self.sock.close()
+        for c in self.conns:
+            try:
+                c.close()
+            except OSError:
+                pass
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def port_open(h, port, autocredit=True):
+    sid = h.new_stream()
+    if autocredit:
+        h.autocredit.add(sid)
+    h.sendf(PORT_OPEN, sid, tlv(1, struct.pack(">H", port)))
+    return sid
+
+
+def wait_port_answer(h, sid, timeout=5):
+    """PORT_OPEN (connected) or ERROR: the first frame of the stream."""
+    deadline = time.time() + timeout
+    while not h.frames[sid]:
+        check(time.time() < deadline, "PORT_OPEN not answered")
+        h.pump(0.05)
+    return h.frames[sid][0]
+
+
+def port_data(h, sid, until_eof=True, timeout=10):
+    """The DATA bytes of a port stream (up to its empty DATA)."""
+    deadline = time.time() + timeout
+    while True:
+        frames = h.frames[sid]
+        check(not any(t == ERROR for t, _ in frames), "port stream ended with ERROR %r" % (frames[-1],))
+        data = [p for t, p in frames if t == DATA]
+        if not until_eof or (data and data[-1] == b""):
+            return b"".join(data)
+        check(time.time() < deadline, "port stream %d did not end" % sid)
+        h.pump(0.05)
+
+
+def t_port_half_close(h):
+    """Bytes both ways; the host's end shuts down the socket's writing side (the server reads
+    EOF and still answers); the server's close arrives as an empty DATA."""
+    def handler(c):
+        got = b""
+        while True:
+            b = c.recv(65536)
+            if not b:
+                break
+            got += b
+        c.sendall(b"got " + got.upper())
+        c.close()
+    srv = TcpServer(handler)
+    try:
+        sid = port_open(h, srv.port)
+        t, p = wait_port_answer(h, sid)
+        check(t == PORT_OPEN and p == b"", "answer 0x%02x %r" % (t, p))
+        h.send_data(sid, DATA, b"hello port")  # ends with the empty DATA
+        check(port_data(h, sid) == b"got HELLO PORT", "answer %r" % port_data(h, sid, False))
+        check(not any(t in TERMINAL for t, _ in h.frames[sid]), "terminal frame on a port stream")
+        t_ping(h)
+        # The stream is over: a late DATA for it is dropped, not a violation.
+        h.sendf(DATA, sid, b"late")
+        t_echo(h)
+    finally:
+        srv.close()
+
+
+def t_port_server_first(h):
+    """The server talks first and closes its side; the host's direction stays open."""
+    def handler(c):
+        c.sendall(b"220 ready\r\n")
+        c.shutdown(socket.SHUT_WR)
+        got = b""
+        while True:
+            b = c.recv(65536)
+            if not b:
+                break
+            got += b
+        c.close()
+        results.append(got)
+    results = []
+    srv = TcpServer(handler)
+    try:
+        sid = port_open(h, srv.port)
+        check(wait_port_answer(h, sid)[0] == PORT_OPEN, "not opened")
+        check(port_data(h, sid) == b"220 ready\r\n", "banner")
+        h.send_data(sid, DATA, b"QUIT\r\n")
+        deadline = time.time() + 5
+        while not results:
+            check(time.time() < deadline, "server did not see the host's end")
+            h.pump(0.05)
+        check(results == [b"QUIT\r\n"], "server got %r" % results)
+    finally:
+        srv.close()
+
+
+def t_port_refused(h):
+    port = free_port()
+    sid = port_open(h, port)
+    t, p = wait_port_answer(h, sid)
+    f = dict(parse_tlv(p))
+    check(t == ERROR and f.get(1) == b"ECONNREFUSED", "refused: 0x%02x %r" % (t, f))
+    check(str(port).encode() in f.get(2, b""), "message %r" % f.get(2))
+    for bad, why in ((tlv(1, b"\0\0"), "port 0"), (b"", "no port"),
+                     (tlv(1, b"\0\x50") + tlv(1, b"\0\x50"), "port twice")):
+        sid = h.new_stream()
+        h.sendf(PORT_OPEN, sid, bad)
+        t, p = wait_port_answer(h, sid)
+        check(t == ERROR and dict(parse_tlv(p)).get(1) == b"EINVAL", "%s: 0x%02x %r" % (why, t, p))
+    t_echo(h)
+
+
+def t_port_v6(h):
+    """Refused on 127.0.0.1, a server on [::1] is tried next."""
+    try:
+        srv = TcpServer(lambda c: (c.sendall(b"six"), c.close()), socket.AF_INET6, "::1")
+    except OSError as e:
+        print("     port-v6: skipped (%s)" % e)
+        return
+    try:
+        sid = port_open(h, srv.port)
+        check(wait_port_answer(h, sid)[0] == PORT_OPEN, "not opened over ::1")
+        check(port_data(h, sid) == b"six", "bytes over ::1")
+        h.sendf(DATA, sid, b"")
+    finally:
+        srv.close()
+
+
+def t_port_flow(h):
+    """3 MB each way through one stream, the host not crediting for a while: windows hold."""
+    up = os.urandom(3 * 1000 * 1000)
+    down = os.urandom(3 * 1000 * 1000)
+    got = {}
+
+    def handler(c):
+        import threading
+        def reader():
+            b = b""
+            while True:
+                x = c.recv(1 << 16)
+                if not x:
+                    break
+                b += x
+            got["up"] = b
+        th = threading.Thread(target=reader)
+        th.start()
+        c.sendall(down)
+        c.shutdown(socket.SHUT_WR)
+        th.join(30)
+        c.close()
+    srv = TcpServer(handler)
+    try:
+        sid = port_open(h, srv.port, autocredit=False)
+        check(wait_port_answer(h, sid)[0] == PORT_OPEN, "not opened")
+        deadline = time.time() + 10
+        while h.received[sid] < WINDOW:
+            check(time.time() < deadline, "only %d bytes" % h.received[sid])
+            h.pump(0.05)
+        h.pump(0.3)
+        check(h.received[sid] == WINDOW, "agent sent %d bytes on a %d window" % (h.received[sid], WINDOW))
+        h.autocredit.add(sid)
+        h.credit(sid, WINDOW - h.recv_win[sid])
+        h.send_data(sid, DATA, up)
+        check(port_data(h, sid, timeout=30) == down, "download corrupted")
+        deadline = time.time() + 10
+        while "up" not in got:
+            check(time.time() < deadline, "upload did not end")
+            h.pump(0.05)
+        check(got["up"] == up, "upload corrupted (%d bytes)" % len(got["up"]))
+    finally:
+        srv.close()
+
+
+def t_port_cap(h):
+    """64 open at once; the 65th is EMFILE and disturbs none; after closing one, opens work."""
+    def handler(c):
+        while True:
+            b = c.recv(65536)
+            if not b:
+                break
+            c.sendall(b)
+        c.close()
+    srv = TcpServer(handler)
+    try:
+        sids = [port_open(h, srv.port) for _ in range(64)]
+        for sid in sids:
+            check(wait_port_answer(h, sid)[0] == PORT_OPEN, "stream %d not opened" % sid)
+        over = port_open(h, srv.port)
+        t, p = wait_port_answer(h, over)
+        check(t == ERROR and dict(parse_tlv(p)).get(1) == b"EMFILE", "65th: 0x%02x %r" % (t, p))
+        h.sendf(DATA, sids[10], b"still here")
+        deadline = time.time() + 5
+        while port_data(h, sids[10], until_eof=False) != b"still here":
+            check(time.time() < deadline, "an open stream was disturbed")
+            h.pump(0.05)
+        h.sendf(CANCEL, sids[0])
+        h.sendf(DATA, sids[1], b"")
+        check(port_data(h, sids[1]) == b"", "half-closed stream did not end")
+        for _ in range(2):
+            sid = port_open(h, srv.port)
+            check(wait_port_answer(h, sid)[0] == PORT_OPEN, "no room after two streams ended")
+            sids.append(sid)
+        over = port_open(h, srv.port)
+        check(wait_port_answer(h, over)[0] == ERROR, "cap not enforced again")
+        for sid in sids[2:]:
+            h.sendf(CANCEL, sid)
+        t_ping(h)
+        # 100 sequential open/close cycles leave nothing behind.
+        for _ in range(100):
+            sid = port_open(h, srv.port)
+            check(wait_port_answer(h, sid)[0] == PORT_OPEN, "cycle: not opened")
+            h.sendf(CANCEL, sid)
+        t_ping(h)
+        sids = [port_open(h, srv.port) for _ in range(64)]
+        for sid in sids:
+            check(wait_port_answer(h, sid)[0] == PORT_OPEN, "after cycles: not opened")
+            h.sendf(CANCEL, sid)
+    finally:
+        srv.close()
+
+
+def t_port_cancel(h):
+    closed = []
+
+    def handler(c):
+        c.settimeout(5)
+        try:
+            closed.append(c.recv(10))
+        except OSError as e:
+            closed.append(e)
+    srv = TcpServer(handler)
+    try:
+        sid = port_open(h, srv.port)
+        check(wait_port_answer(h, sid)[0] == PORT_OPEN, "not opened")
+        h.sendf(CANCEL, sid)
+        deadline = time.time() + 5
+        while not closed:
+            check(time.time() < deadline, "the socket was not closed at CANCEL")
+            h.pump(0.05)
+        check(closed == [b""], "server saw %r" % closed)
+        h.pump(0.2)
+        check([t for t, _ in h.frames[sid]] == [PORT_OPEN], "frames after CANCEL %r" % h.frames[sid])
+    finally:
+        srv.close()
+
+
+def t_port_slow_socket(h):
+    """A server that never reads: the agent keeps serving other streams (no blocking write)."""
+    import threading
+    stop = threading.Event()
+
+    def handler(c):
+        stop.wait(20)
+        c.close()
+    srv = TcpServer(handler)
+    try:
+        sid = port_open(h, srv.port)
+        check(wait_port_answer(h, sid)[0] == PORT_OPEN, "not opened")
+        sent = 0
+        deadline = time.time() + 10
+        # Fill the socket buffers and our window: the agent stops crediting, never blocks.
+        while h.send_win[sid] > 0 and time.time() < deadline:
+            n = min(MAXP, h.send_win[sid])
+            h.sendf(DATA, sid, b"x" * n)
+            h.send_win[sid] -= n
+            sent += n
+            h.pump(0.01)
+        t_echo(h)  # the loop is alive
+        h.sendf(CANCEL, sid)
+    finally:
+        stop.set()
+        srv.close()
+
+
+def net_field(addr="10.0.2.15", prefix=24, gw="10.0.2.2", mtu=1500, dns="10.0.2.3"):
+    return (socket.inet_aton(addr) + bytes([prefix]) + socket.inet_aton(gw) + struct.pack(">H", mtu)
+            + socket.inet_aton(dns))
+
+
+def t_configure_net(h):
+    """The net field is parsed and checked like the others (--connect mode applies nothing)."""
+    for payload in (tlv(7, net_field()), tlv(7, net_field(addr="10.1.2.3", prefix=8, gw="10.0.0.1")),
+                    tlv(1, "vm") + tlv(7, net_field(mtu=68))):
+        t, p = configure(h, payload)
+        check(t == DONE and p == b"", "valid net %r: 0x%02x %r" % (payload, t, p))
+    bad = [
+        ("14 bytes", tlv(7, net_field()[:14])), ("16 bytes", tlv(7, net_field() + b"\0")),
+        ("prefix 0", tlv(7, net_field(prefix=0))), ("prefix 33", tlv(7, net_field(prefix=33))),
+        ("mtu 67", tlv(7, net_field(mtu=67))), ("gateway elsewhere", tlv(7, net_field(gw="10.0.3.1"))),
+        ("gateway is the address", tlv(7, net_field(gw="10.0.2.15"))),
+        ("no dns", tlv(7, net_field(dns="0.0.0.0"))), ("twice", tlv(7, net_field()) + tlv(7, net_field())),
+    ]
+    for what, payload in bad:
+        t, p = configure(h, payload)
+        f = dict(parse_tlv(p))
+        check(t == ERROR and f.get(1) == b"EINVAL" and f.get(2, b"").startswith(b"configure: "),
+              "%s: got 0x%02x %r" % (what, t, f))
+
+
 def t_write_blocked(h):
     """The host grants huge windows but stops reading: the agent's queue toward the host
     must stay bounded (it stops reading the pipes), and everything arrives once the host
@@ -954,7 +1302,11 @@ def run_tests(a, h, passed, failed):
         ("file-cancel", t_file_cancel), ("configure", t_configure), ("write-blocked", t_write_blocked),
         ("disconnect", t_disconnect), ("hello", t_hello), ("api-without-feature", t_api_without_feature),
         ("api-roundtrip", t_api_roundtrip), ("api-flow-5mb", t_api_flow_5mb), ("api-cancel", t_api_cancel),
-        ("api-limit", t_api_limit), ("guest-cli", t_guest_cli), ("unsupported", t_unsupported), ("violation-resync", t_violation), ("poweroff", t_poweroff),
+        ("api-limit", t_api_limit), ("guest-cli", t_guest_cli),
+        ("port-half-close", t_port_half_close), ("port-server-first", t_port_server_first),
+        ("port-refused", t_port_refused), ("port-v6", t_port_v6), ("port-flow", t_port_flow),
+        ("port-cap", t_port_cap), ("port-cancel", t_port_cancel), ("port-slow-socket", t_port_slow_socket),
+        ("configure-net", t_configure_net), ("unsupported", t_unsupported), ("violation-resync", t_violation), ("poweroff", t_poweroff),
     ]
     for name, fn in tests:
         if a.k and a.k not in name:

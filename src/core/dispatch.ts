@@ -23,6 +23,9 @@ export const actionTable = {
   exec: { audit: true },
   openSession: { audit: true },
   consoleOf: { audit: true },
+  // Reads: a preview proxy opens one per browser connection, which an audit line each would drown.
+  openPort: { audit: false },
+  listeningPorts: { audit: false },
   listBoxes: { audit: false },
   getBox: { audit: false },
   createBox: { audit: true },

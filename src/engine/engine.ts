@@ -1,11 +1,13 @@
 import { mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import type { Duplex } from 'node:stream';
 import type { Log } from '../background.js';
 import type { Config } from '../config.js';
 import type { Principal } from '../core/principal.js';
 import { HutchError } from '../errors.js';
 import type { AgentConnection } from '../guest/agent-connection.js';
 import { GuestOps } from '../guest/guest-ops.js';
+import { checkPort, guestListeningPorts, openGuestPort } from '../guest/port-forward.js';
 import type { TemplateManifest } from '../images/builder.js';
 import { templateRecipes } from '../images/recipes.js';
 import { SnapshotCache } from '../images/snapshots.js';
@@ -325,6 +327,14 @@ export class Engine {
     return this.withCause(row);
   }
 
+  /** The caller's machine or box, whichever has this id or name (actions that serve both). */
+  private findAny(p: Principal, idOrName: string): MachineRow {
+    const row = this.store.get(idOrName) ?? this.store.findByName(p.user, idOrName);
+    if (!row || row.owner !== p.user)
+      throw new HutchError('MACHINE_NOT_FOUND', `no machine ${JSON.stringify(idOrName)}`);
+    return this.withCause(row);
+  }
+
   /** Runs `fn` under the lock of the caller's machine, with its row as it is once the lock is held. */
   private locked<T>(
     p: Principal,
@@ -518,6 +528,30 @@ export class Engine {
         m.touch();
       },
     };
+  }
+
+  /**
+   * A connection to TCP `port` on the loopback of the caller's running machine or box (a web
+   * preview of a server bound to 127.0.0.1 or ::1): a Duplex with backpressure both ways,
+   * end() half-closes, destroy() closes. The machine counts as in use while it is open.
+   * PORT_NOT_LISTENING when nothing accepts there.
+   */
+  async openPort(p: Principal, idOrName: string, port: number): Promise<Duplex> {
+    checkPort(port);
+    const row = this.findAny(p, idOrName);
+    const s = await this.session(p, row.id, row.kind);
+    return openGuestPort(s.agent, { kind: row.kind, id: row.id }, port, s.release);
+  }
+
+  /** The TCP ports something listens on in the caller's running machine or box, sorted. */
+  async listeningPorts(p: Principal, idOrName: string): Promise<number[]> {
+    const row = this.findAny(p, idOrName);
+    const { m, agent } = await this.agentFor(p, row.id, row.kind);
+    try {
+      return await guestListeningPorts(agent, { kind: row.kind, id: row.id });
+    } finally {
+      m.touch();
+    }
   }
 
   /** The serial console of a running (or paused) machine: recent output, live output, input. */

@@ -10,6 +10,7 @@ import { randomBytes } from 'node:crypto';
 import net from 'node:net';
 import { performance } from 'node:perf_hooks';
 import type { Duplex, Readable } from 'node:stream';
+import { HutchError } from '../errors.js';
 import {
   ConfigureStream,
   type ConnectionInternals,
@@ -48,6 +49,7 @@ import {
   MAX_GUEST_API_STREAMS,
 } from './guest-api.js';
 import { OutputChunks } from './output-chunks.js';
+import { PortStream } from './port-stream.js';
 import {
   ALL_FEATURES,
   decodeMessage,
@@ -72,6 +74,7 @@ import {
   encodeFileWrite,
   encodeHello,
   encodePing,
+  encodePortOpen,
   encodeUnsupported,
   type HelloInfo,
   parseHello,
@@ -99,6 +102,7 @@ const AGENT_TYPES: ReadonlySet<number> = new Set([
   FrameType.DATA,
   FrameType.DONE,
   FrameType.API_OPEN,
+  FrameType.PORT_OPEN,
 ]);
 
 export interface HandshakeOptions {
@@ -441,6 +445,14 @@ export class AgentConnection {
         'configure',
       );
     }
+    if (opts.net !== undefined && !this.supports('net')) {
+      // Skipped unknown, the field would leave the guest without a network and say DONE.
+      throw new AgentError(
+        'EOPNOTSUPP',
+        `this machine's agent (protocol ${this.agentFeatures.version}) cannot configure a network`,
+        'configure',
+      );
+    }
     const req = { ...opts };
     // A version-1 agent grows / at every CONFIGURE anyway; the field is for agents that ask.
     if (!this.supports('configure-grow-root')) delete req.growRoot;
@@ -449,6 +461,48 @@ export class AgentConnection {
     const stream = new ConfigureStream(id, this.internals, timeoutMs);
     this.register(stream, frame);
     await stream.done;
+  }
+
+  /**
+   * A connection to TCP `port` on the guest's loopback (127.0.0.1, else ::1), as a Duplex with
+   * backpressure both ways: writes wait for the agent's window, and the agent reads the socket
+   * only as fast as the Duplex is read. end() half-closes (the guest's server reads EOF), the
+   * guest closing its side gives 'end', destroy() sends CANCEL (the agent closes the socket).
+   * Rejects with HutchError PORT_NOT_LISTENING when nothing accepts on the port, RESOURCE_EXHAUSTED
+   * when the agent has its maximum of forwarded connections open, NOT_SUPPORTED for an agent
+   * without port-forward, AgentClosedError/AgentTimeoutError when the agent is gone.
+   */
+  async openPort(port: number): Promise<Duplex> {
+    if (!Number.isInteger(port) || port < 1 || port > 0xffff)
+      throw new HutchError('INVALID_ARGUMENT', `port must be an integer from 1 to 65535, got ${port}`);
+    if (!this.supports('port-forward'))
+      throw new HutchError(
+        'NOT_SUPPORTED',
+        `this machine's agent (protocol ${this.agentFeatures.version}) cannot forward ports; recreate the machine to get a newer one`,
+      );
+    const stream = new PortStream(this.allocId(), this.internals, port);
+    this.register(stream, encodePortOpen(stream.id, port));
+    try {
+      return await stream.opened;
+    } catch (e) {
+      if (!(e instanceof AgentError)) throw e;
+      const errno = { errno: e.code };
+      if (e.code === 'EMFILE')
+        throw new HutchError(
+          'RESOURCE_EXHAUSTED',
+          `too many connections to ports of the machine are open; close some first`,
+          errno,
+        );
+      if (e.code === 'EOPNOTSUPP')
+        throw new HutchError('NOT_SUPPORTED', `this machine's agent cannot forward ports`, errno);
+      if (e.code === 'ECONNREFUSED')
+        throw new HutchError('PORT_NOT_LISTENING', `nothing listens on port ${port} in the machine`, errno);
+      throw new HutchError(
+        'PORT_NOT_LISTENING',
+        `cannot connect to port ${port} in the machine: ${e.code}${e.agentMessage ? ` (${e.agentMessage})` : ''}`,
+        errno,
+      );
+    }
   }
 
   /**

@@ -3,6 +3,7 @@
 
 import type { Readable } from 'node:stream';
 import type { FeatureName } from './protocol.js';
+import type { ConfigureNet } from './protocol-messages.js';
 
 // ---------------------------------------------------------------------------------------
 // Public types
@@ -87,6 +88,8 @@ export interface ConfigureOptions {
   entropy?: Buffer;
   /** 32 lower-case hex digits, written to /etc/machine-id. */
   machineId?: string;
+  /** The NIC's IPv4 address, default route, MTU and DNS server (needs the net feature). */
+  net?: ConfigureNet;
 }
 
 export interface ConnectionStats {

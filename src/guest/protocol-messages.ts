@@ -1,3 +1,4 @@
+import { isIPv4 } from 'node:net';
 import {
   ConfigureTag,
   ExecTag,
@@ -10,6 +11,7 @@ import {
   MAX_NONCE,
   MAX_PAYLOAD,
   type Message,
+  PortOpenTag,
   ProtocolError,
   type Tlv,
   UnsupportedTag,
@@ -152,6 +154,51 @@ export interface ConfigureRequestFields {
   volumes?: readonly ConfigureVolume[];
   /** Grow / to fill its disk before anything else. */
   growRoot?: boolean;
+  /** The NIC's address, route and resolver (the agent must announce `net`). */
+  net?: ConfigureNet;
+}
+
+/** The guest's IPv4 network (docs/agent-protocol.md, "Network"): dotted quads. */
+export interface ConfigureNet {
+  address: string;
+  /** Prefix length of the guest's subnet, 1–32. */
+  prefix: number;
+  /** The default route's next hop, in the guest's subnet. */
+  gateway: string;
+  /** The NIC's MTU, 68–65535. */
+  mtu: number;
+  /** Written to /etc/resolv.conf as the one nameserver. */
+  dns: string;
+}
+
+/** Bytes of CONFIGURE's net field. */
+export const NET_FIELD_SIZE = 15;
+
+function ipv4(what: string, s: string): Buffer {
+  if (!isIPv4(s)) throw new TypeError(`${what} must be an IPv4 address, got ${JSON.stringify(s)}`);
+  return Buffer.from(s.split('.').map(Number));
+}
+
+/**
+ * CONFIGURE's net field: address (4 bytes), prefix (u8), gateway (4), mtu (u16 BE), dns (4).
+ * Only what cannot be put on the wire is refused here; the agent judges the values (a gateway
+ * outside the subnet, a prefix of 0 or an MTU under 68 are EINVAL there).
+ */
+export function encodeNetField(net: ConfigureNet): Buffer {
+  return Buffer.concat([
+    ipv4('net address', net.address),
+    u8('net prefix', net.prefix),
+    ipv4('net gateway', net.gateway),
+    u16('net mtu', net.mtu),
+    ipv4('net dns', net.dns),
+  ]);
+}
+
+/** The inverse of encodeNetField (undefined unless exactly NET_FIELD_SIZE bytes). */
+export function decodeNetField(b: Buffer): ConfigureNet | undefined {
+  if (b.length !== NET_FIELD_SIZE) return undefined;
+  const ip = (off: number): string => [...b.subarray(off, off + 4)].join('.');
+  return { address: ip(0), prefix: b[4]!, gateway: ip(5), mtu: b.readUInt16BE(9), dns: ip(11) };
 }
 
 /**
@@ -188,7 +235,19 @@ export function encodeConfigure(stream: number, req: ConfigureRequestFields): Bu
     fields.push({ tag: ConfigureTag.VOLUME, value });
   }
   if (req.growRoot) fields.push({ tag: ConfigureTag.GROW_ROOT, value: u8('growRoot', 1) });
+  if (req.net !== undefined) fields.push({ tag: ConfigureTag.NET, value: encodeNetField(req.net) });
   return frameWithPayload(FrameType.CONFIGURE, stream, encodeTlv(fields), 'CONFIGURE');
+}
+
+/** PORT_OPEN: connect to `port` on the guest's loopback (127.0.0.1, else ::1). */
+export function encodePortOpen(stream: number, port: number): Buffer {
+  if (!Number.isInteger(port) || port < 1 || port > 0xffff)
+    throw new RangeError(`port must be 1 to 65535, got ${port}`);
+  return encodeFrame(
+    FrameType.PORT_OPEN,
+    stream,
+    encodeTlv([{ tag: PortOpenTag.PORT, value: u16('port', port) }]),
+  );
 }
 
 export function encodeCredit(stream: number, bytes: number): Buffer {

@@ -55,6 +55,11 @@ export const FrameType = {
   CONFIGURE: 0x25,
   /** agent→host: a stream the agent opens for a guest process's API connection (guest-api.ts). */
   API_OPEN: 0x28,
+  /**
+   * host→agent: a stream to a TCP port of the guest (port-stream.ts); agent→host on the same
+   * stream, without fields: connected.
+   */
+  PORT_OPEN: 0x29,
 } as const;
 
 export type FrameTypeName = keyof typeof FrameType;
@@ -93,7 +98,11 @@ export const ConfigureTag = {
   MACHINE_ID: 0x04,
   VOLUME: 0x05,
   GROW_ROOT: 0x06,
+  /** 15 bytes: address, prefix, gateway, mtu, dns (protocol-messages.ts encodeNetField). */
+  NET: 0x07,
 } as const;
+/** TLV tags of PORT_OPEN. */
+export const PortOpenTag = { PORT: 0x01 } as const;
 /** TLV tags of HELLO. */
 export const HelloTag = { VERSION: 0x01, FEATURES: 0x02 } as const;
 /** TLV tags of UNSUPPORTED. */
@@ -130,6 +139,10 @@ export const Feature = {
   unsupported: 1n << 6n,
   /** API_OPEN: guest processes reach the host's machines API through the agent (guest-api.ts). */
   'guest-api': 1n << 7n,
+  /** PORT_OPEN: the host connects to a TCP port of the guest through the agent (port-stream.ts). */
+  'port-forward': 1n << 8n,
+  /** CONFIGURE's net field: the NIC's IPv4 address, default route, MTU and DNS server. */
+  net: 1n << 9n,
 } as const;
 
 export type FeatureName = keyof typeof Feature;
@@ -506,6 +519,7 @@ const SPECS: Record<FrameTypeName, PayloadSpec> = {
   CANCEL: { layout: 'empty' },
   // No fields yet: unknown tags are skipped as in every TLV payload.
   API_OPEN: { layout: 'tlv', tags: new Map<number, TagSpec>() },
+  PORT_OPEN: { layout: 'tlv', tags: new Map<number, TagSpec>([[PortOpenTag.PORT, uintTag('port', 2)]]) },
   CONFIGURE: {
     layout: 'tlv',
     tags: new Map<number, TagSpec>([
@@ -515,6 +529,8 @@ const SPECS: Record<FrameTypeName, PayloadSpec> = {
       [ConfigureTag.MACHINE_ID, bytesTag('machine_id')],
       [ConfigureTag.VOLUME, bytesTag('volume')],
       [ConfigureTag.GROW_ROOT, uintTag('grow_root', 1)],
+      // Fixed at 15 bytes, but carried as bytes: the agent judges it (EINVAL), like a hostname.
+      [ConfigureTag.NET, bytesTag('net')],
     ]),
   },
   HELLO: {
