@@ -156,9 +156,23 @@ export const errorTable = {
     doc: 'Nothing in the machine accepts connections on this port (a preview or proxy to it); start the server, then retry.',
   },
   PROXY_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No proxy of yours has this name or id.' },
-  DOMAIN_TAKEN: { http: 409, grpc: 'ALREADY_EXISTS', doc: 'The domain is already bound (by you or another user).' },
+  DOMAIN_TAKEN: {
+    http: 409,
+    grpc: 'ALREADY_EXISTS',
+    doc: 'The domain is already bound (by you or another user).',
+  },
   DOMAIN_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No domain of yours has this name.' },
   NETWORK_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No network of yours has this id or name.' },
+  PREVIEW_TIMEOUT: {
+    http: 504,
+    grpc: 'DEADLINE_EXCEEDED',
+    doc: 'The server in the machine accepted the preview request but sent no response headers in time (HUTCH_PREVIEW_TIMEOUT_MS).',
+  },
+  PREVIEW_UPSTREAM_FAILED: {
+    http: 502,
+    grpc: 'UNAVAILABLE',
+    doc: 'The server in the machine closed or broke the connection before answering a preview request (or sent something that is not HTTP/1.1).',
+  },
 } as const;
 
 export type ErrorCode = keyof typeof errorTable;

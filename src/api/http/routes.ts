@@ -19,7 +19,7 @@ import { HutchError } from '../../errors.js';
  *   value it returns is sent as JSON with `status`.
  * - websocket: a GET answered with an upgrade; the handler refuses (an HTTP error) or `accept`s.
  */
-export type Method = 'GET' | 'POST' | 'DELETE';
+export type Method = 'GET' | 'POST' | 'PUT' | 'DELETE';
 
 /** Documentation a schema cannot give: headers, a raw request body, non-JSON responses. */
 export interface RouteDoc {
