@@ -38,10 +38,11 @@ export interface HarnessInfo {
   /** `url`'s server over TLS, with `cert` (PEM) to trust. */
   tlsUrl: string;
   cert: string;
-  tokens: { alice: string; aliceJti: string; bob: string };
+  /** `short` expires 2 s after the harness starts. */
+  tokens: { alice: string; aliceJti: string; bob: string; short: string };
   machines: { alice: string; aliceName: string; bob: string };
   /** Guest ports (ports of servers on this host). */
-  ports: { web: number; other: number; refused: number; slowloris: number; flood: number };
+  ports: { web: number; other: number; refused: number; slowloris: number; flood: number; garbage: number };
   pid: number;
 }
 
@@ -98,6 +99,8 @@ function webApp(req: IncomingMessage, res: ServerResponse): void {
         res.end();
       }
     }, 300);
+  } else if (path.startsWith('/huge-headers')) {
+    res.writeHead(200, { 'x-big': 'a'.repeat(100_000) }).end('big');
   } else if (path.startsWith('/reset')) {
     res.writeHead(200, { 'content-length': 100_000 });
     res.write(Buffer.alloc(1000, 'x'));
@@ -170,6 +173,7 @@ export async function startPreviewHarness(opts: { timeoutMs?: number } = {}): Pr
   auth.addUser('bob');
   const alice = await auth.createToken(auth.principalFor('alice', 'token'), 3600);
   const bob = await auth.createToken(auth.principalFor('bob', 'token'), 3600);
+  const short = await auth.createToken(auth.principalFor('alice', 'token'), 2);
   const net = new NetStore(join(dir, 'net.db'));
 
   const machines: MachineRow[] = [
@@ -217,16 +221,21 @@ export async function startPreviewHarness(opts: { timeoutMs?: number } = {}): Pr
     const t = setInterval(() => s.write('x-slow: y\r\n'), 200);
     s.on('close', () => clearInterval(t));
   });
+  const garbage = createNetServer((s) => {
+    s.on('error', () => {});
+    s.end('SSH-2.0-OpenSSH_9.2\r\n\0\0\0garbage');
+  });
   const gone = createNetServer();
   const ports = {
     web: await listen(web),
     other: await listen(other),
     flood: await listen(floodServer),
     slowloris: await listen(slowloris),
+    garbage: await listen(garbage),
     refused: await listen(gone),
   };
   await new Promise<void>((r) => gone.close(() => r()));
-  servers.push(web, other, floodServer, slowloris, wss);
+  servers.push(web, other, floodServer, slowloris, garbage, wss);
 
   const listeningPorts = async (): Promise<number[]> => [ports.web, ports.other];
   const proxyDeps = { auth, net, findMachine, openPort, listeningPorts, timeoutMs: opts.timeoutMs ?? 1500 };
@@ -285,7 +294,7 @@ export async function startPreviewHarness(opts: { timeoutMs?: number } = {}): Pr
     hostUrl,
     tlsUrl,
     cert: tls.cert.toString(),
-    tokens: { alice: alice.token, aliceJti: alice.jti, bob: bob.token },
+    tokens: { alice: alice.token, aliceJti: alice.jti, bob: bob.token, short: short.token },
     machines: { alice: 'm-a11ce001', aliceName: 'web', bob: 'm-b0b00002' },
     ports,
     pid: process.pid,
