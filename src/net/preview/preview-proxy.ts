@@ -337,6 +337,12 @@ export class PreviewProxy implements FrontHandler {
     }
     const deadline = new Deadline(this.timeoutMs);
     const stream = await deadline.race(this.open(up));
+    if (res.destroyed) {
+      // The client left while the stream was being opened: nobody to answer.
+      deadline.clear();
+      stream.destroy();
+      return;
+    }
     const upReq = request({
       method: req.method ?? 'GET',
       path: up.path,
@@ -409,6 +415,7 @@ export class PreviewProxy implements FrontHandler {
     const deadline = new Deadline(this.timeoutMs);
     const stream = await deadline.race(this.open(up));
     if (socket.destroyed) {
+      deadline.clear();
       stream.destroy();
       return;
     }
