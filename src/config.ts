@@ -173,6 +173,30 @@ const configSchema = z.object({
   bodyIdleTimeoutMs: z.coerce.number().int().min(100).default(30_000),
   /** Connections each API server keeps open at once; more are closed when accepted. */
   maxConnections: z.coerce.number().int().min(1).default(1024),
+  /**
+   * Serve the machines API's TCP listener over TLS with this certificate and key (PEM file
+   * paths); both or neither.
+   */
+  tlsCert: z.string().optional(),
+  tlsKey: z.string().optional(),
+  /**
+   * Route previews by Host: `{port}-{machine id}.{domain}`, `{proxy name}.{domain}` and bound
+   * domains (docs/previews.md). Unset: previews are served on their /v1/machines/{id}/web/ paths only.
+   */
+  publicDomain: z
+    .string()
+    .transform((v) =>
+      v
+        .trim()
+        .toLowerCase()
+        .replace(/^\.+|\.+$/g, ''),
+    )
+    .refine((v) => /^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$/.test(v), {
+      message: 'not a domain name',
+    })
+    .optional(),
+  /** How long a preview waits for the guest's server to send its response headers. */
+  previewTimeoutMs: z.coerce.number().int().min(100).default(60_000),
 });
 
 export type Config = Omit<
@@ -240,6 +264,10 @@ const envNames: Record<string, keyof ConfigInput> = {
   HUTCH_DISK_OVERCOMMIT: 'diskOvercommit',
   HUTCH_BODY_IDLE_TIMEOUT_MS: 'bodyIdleTimeoutMs',
   HUTCH_MAX_CONNECTIONS: 'maxConnections',
+  HUTCH_TLS_CERT: 'tlsCert',
+  HUTCH_TLS_KEY: 'tlsKey',
+  HUTCH_PUBLIC_DOMAIN: 'publicDomain',
+  HUTCH_PREVIEW_TIMEOUT_MS: 'previewTimeoutMs',
 };
 
 export function loadConfig(
@@ -268,6 +296,11 @@ export function loadConfig(
     throw new Error(`invalid configuration: ${issues}`);
   }
   const c = parsed.data;
+  // Half a TLS configuration would silently serve plain HTTP: refuse it.
+  if ((c.tlsCert === undefined) !== (c.tlsKey === undefined))
+    throw new Error(
+      'invalid configuration: HUTCH_TLS_CERT and HUTCH_TLS_KEY (tlsCert, tlsKey) must be given together',
+    );
   const stateDir = resolve(c.stateDir);
   return {
     ...c,

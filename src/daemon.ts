@@ -14,11 +14,14 @@ import { collectCacheGarbage } from './images/cache-gc.js';
 import { registerHolder } from './images/cache-holders.js';
 import { ImageStore } from './images/oci.js';
 import { type Networking, startNetworking } from './net/net-service.js';
+import { NetStore } from './net/net-store.js';
+import { type ListeningPorts, type PortOpener, PreviewProxy } from './net/preview/preview-proxy.js';
 import { repoRoot } from './paths.js';
 import { chooseAccel } from './vmm/accel.js';
 
 export interface Daemon {
   engine: Engine;
+  net: NetStore;
   auth: AuthService;
   http: HttpApi;
   boxes: BoxesApi;
@@ -41,6 +44,29 @@ export type Logger = (
   msg: string,
   fields?: Record<string, unknown>,
 ) => void;
+
+/** What the daemon takes from outside the engine (tests and merges plug in here). */
+export interface DaemonDeps {
+  /** A byte stream to a TCP port inside a machine: serves the web previews. Absent: none served. */
+  openPort?: PortOpener | undefined;
+  /** The ports a machine listens on (GET /v1/machines/{id}/ports, proxies on port 0). */
+  listeningPorts?: ListeningPorts | undefined;
+}
+
+/** TLS files named by the config, read now so a bad path fails the start with its name. */
+function readTls(config: Config): { cert: Buffer; key: Buffer } | undefined {
+  if (config.tlsCert === undefined || config.tlsKey === undefined) return undefined;
+  const read = (what: string, path: string): Buffer => {
+    try {
+      return readFileSync(path);
+    } catch (e) {
+      throw new Error(
+        `cannot read the TLS ${what} ${path} (HUTCH_TLS_${what.toUpperCase()}): ${(e as Error).message}`,
+      );
+    }
+  };
+  return { cert: read('cert', config.tlsCert), key: read('key', config.tlsKey) };
+}
 
 export function jsonLogger(minLevel: Config['logLevel']): Logger {
   const order = { debug: 0, info: 1, warn: 2, error: 3 };
@@ -65,13 +91,15 @@ export function jsonLogger(minLevel: Config['logLevel']): Logger {
  */
 export async function startDaemon(
   config: Config,
-  opts: { log: Logger; onProgress?: (p: BuildProgress) => void },
+  opts: { log: Logger; onProgress?: (p: BuildProgress) => void; deps?: DaemonDeps },
 ): Promise<Daemon> {
   mkdirSync(config.stateDir, { recursive: true, mode: 0o700 });
   const auth = AuthService.open(config.stateDir, config);
   auth.ensureAdmin();
   // Checked before anything is built or booted: a refused listener should fail the start at once.
   const anonymous = anonymousFor(config.host, config, auth);
+  const tls = readTls(config);
+  const net = new NetStore(join(config.stateDir, 'net.db'));
   const builder = new TemplateBuilder(config.imageDir);
   if (opts.onProgress) builder.on('progress', opts.onProgress);
   // Registered before anything is built: another daemon's cache collection then keeps what this
@@ -98,7 +126,7 @@ export async function startDaemon(
   let networking: Networking | undefined;
   if (config.net === 'on')
     try {
-      networking = await startNetworking(config, opts.log);
+      networking = await startNetworking(config, net, opts.log);
       opts.log('info', 'guest networking ready', { dns_port: networking.dnsPort, pool: config.netPool });
     } catch (e) {
       opts.log('warn', 'guest networking unavailable; machines asking for a network are refused', {
@@ -138,12 +166,23 @@ export async function startDaemon(
     });
   const limits = { bodyIdleTimeoutMs: config.bodyIdleTimeoutMs, maxConnections: config.maxConnections };
   const nobody = noActions();
+  const previews = new PreviewProxy({
+    auth,
+    net,
+    findMachine: (p, idOrName) => engine.get(p, idOrName),
+    openPort: opts.deps?.openPort ?? ((p, id, port) => engine.openPort(p, id, port)),
+    listeningPorts: opts.deps?.listeningPorts ?? ((p, id) => engine.listeningPorts(p, id)),
+    publicDomain: config.publicDomain,
+    timeoutMs: config.previewTimeoutMs,
+  });
   http = await startHttpApi(engine, {
     host: config.host,
     port: config.port,
     caller: { auth, anonymous, nobody },
     log: opts.log,
     limits,
+    previews,
+    tls,
   });
   const boxes = await startBoxesApi(engine, {
     socketPath: config.boxesSocket,
@@ -173,6 +212,7 @@ export async function startDaemon(
   });
   return {
     engine,
+    net,
     auth,
     http,
     boxes,
@@ -182,6 +222,7 @@ export async function startDaemon(
       await engine.close();
       // The host's table stays while networked machines run on (a restarted daemon adopts them).
       await networking?.close({ keepHost: networking.manager.attached() > 0 });
+      net.close();
       auth.close();
     },
   };

@@ -163,6 +163,16 @@ export const errorTable = {
   },
   DOMAIN_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No domain of yours has this name.' },
   NETWORK_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No network of yours has this id or name.' },
+  PREVIEW_TIMEOUT: {
+    http: 504,
+    grpc: 'DEADLINE_EXCEEDED',
+    doc: 'The server in the machine accepted the preview request but sent no response headers in time (HUTCH_PREVIEW_TIMEOUT_MS).',
+  },
+  PREVIEW_UPSTREAM_FAILED: {
+    http: 502,
+    grpc: 'UNAVAILABLE',
+    doc: 'The server in the machine closed or broke the connection before answering a preview request (or sent something that is not HTTP/1.1).',
+  },
 } as const;
 
 export type ErrorCode = keyof typeof errorTable;

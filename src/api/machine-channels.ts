@@ -6,6 +6,7 @@ import type { Actions } from '../core/dispatch.js';
 import type { Principal } from '../core/principal.js';
 import type { Engine } from '../engine/engine.js';
 import { HutchError } from '../errors.js';
+import type { PreviewProxy } from '../net/preview/preview-proxy.js';
 import type { ConsoleTap } from '../vmm/console.js';
 import { OutputEncoder } from './exec-stream.js';
 import { sendFile } from './http/respond.js';
@@ -28,6 +29,8 @@ export interface MachinesApp {
   /** Who the request is for (null on public routes); the account routes need it, nothing else. */
   me: Principal | null;
   act: Actions;
+  /** Web previews (net/preview/); absent where the daemon serves none. */
+  previews?: PreviewProxy | undefined;
 }
 
 type Ctx<Q, B> = MachinesApp & RequestParts<Q, B>;

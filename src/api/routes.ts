@@ -2,6 +2,7 @@ import { z } from 'zod';
 import { accountRoutes } from './account-routes.js';
 import { type ApiRoute, routesOf } from './http/routes.js';
 import { attach, download, execStream, type MachinesApp, tty, upload } from './machine-channels.js';
+import { previewRoutes } from './preview-routes.js';
 import {
   attachQuery,
   autoSuspendBody,
@@ -255,4 +256,5 @@ export const machineRoutes: ApiRoute<MachinesApp>[] = [
     handle: attach,
   }),
   ...accountRoutes,
+  ...previewRoutes,
 ];

@@ -155,6 +155,21 @@ export class AuthService implements Authenticator, Accounts {
   }
 
   /**
+   * A token of `user` that still works (not revoked, not expired), with its expiry: what a
+   * preview grant made from it checks on every request, so it dies with the token.
+   */
+  liveToken(jti: string, user: string): { expires_at: number } | undefined {
+    const t = this.store.token(jti);
+    if (!t || t.user !== user || t.revoked_at !== null || t.expires_at <= now()) return undefined;
+    return { expires_at: t.expires_at };
+  }
+
+  /** The key preview grants are signed with (net/preview/preview-grant.ts), kept in auth.db. */
+  previewGrantSecret(): Buffer {
+    return this.store.secret('preview-grant', () => randomBytes(32));
+  }
+
+  /**
    * POST /api/v1/auth/token: an API key for a JWT. Rate-limited per source address before the
    * key is even looked at, so guessing costs the guesser time, not the daemon.
    */

@@ -45,9 +45,7 @@ export function nsRuleset(f: NsFirewall, rules: EgressRules): string {
       `  counter n_${setOf(r)} { }`,
     ]),
     '  chain prerouting { type nat hook prerouting priority dstnat;',
-    // Every DNS packet goes to hutch's resolver, whatever server the guest names.
-    `    iifname "${inside.tap}" meta l4proto { tcp, udp } th dport 53 dnat to ${f.hostAddr}:${f.dnsPort}`,
-    `    iifname "${nsLink}" ip daddr ${f.nsAddr} ip saddr @peers dnat to ${inside.guest}`,
+    ...preroutingRules(f),
     '  }',
     '  chain postrouting { type nat hook postrouting priority srcnat;',
     `    oifname "${nsLink}" snat to ${f.nsAddr}`,
@@ -85,6 +83,32 @@ export function nsRuleset(f: NsFirewall, rules: EgressRules): string {
     '}',
   ];
   return `${lines.join('\n')}\n${elements(rules)}`;
+}
+
+function preroutingRules(f: NsFirewall): string[] {
+  return [
+    // Every DNS packet goes to hutch's resolver, whatever server the guest names.
+    `    iifname "${inside.tap}" meta l4proto { tcp, udp } th dport 53 dnat to ${f.hostAddr}:${f.dnsPort}`,
+    `    iifname "${nsLink}" ip daddr ${f.nsAddr} ip saddr @peers dnat to ${inside.guest}`,
+  ];
+}
+
+/**
+ * A restarted daemon's resolver listens on another port: the rules of the namespaces it adopts
+ * are pointed at it (nothing else changes; the sets, counters and refusals stay).
+ */
+export function resolverUpdate(f: NsFirewall, rules: EgressRules): string {
+  return [
+    'flush chain ip hutch prerouting',
+    'flush chain ip hutch egress',
+    'table ip hutch {',
+    '  chain prerouting {',
+    ...preroutingRules(f),
+    '  }',
+    egressChain(f, rules),
+    '}',
+    '',
+  ].join('\n');
 }
 
 function egressChain(f: NsFirewall, rules: EgressRules): string {

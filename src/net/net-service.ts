@@ -1,10 +1,10 @@
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Log } from '../background.js';
 import type { Config } from '../config.js';
 import { DomainRules } from './dns/domain-rules.js';
 import { type ClientPolicy, DnsResolver, type Upstream } from './dns/resolver.js';
-import { NetStore } from './net-store.js';
+import type { NetStore } from './net-store.js';
 import { NetworkManager } from './network-manager.js';
 
 export interface Networking {
@@ -20,8 +20,7 @@ export interface Networking {
  * host's part of the firewall. The resolver knows a guest by the address its namespace
  * masquerades it to, and asks the manager for that machine's rules on every query.
  */
-export async function startNetworking(config: Config, log: Log): Promise<Networking> {
-  const store = new NetStore(join(config.stateDir, 'net.db'));
+export async function startNetworking(config: Config, store: NetStore, log: Log): Promise<Networking> {
   const manager = new NetworkManager(
     {
       stateDir: config.stateDir,
@@ -62,19 +61,31 @@ export async function startNetworking(config: Config, log: Log): Promise<Network
     policies.set(id, { key, policy });
     return policy;
   };
-  const resolver = new DnsResolver({
-    host: '0.0.0.0',
-    port: 0,
-    upstreams: upstreamsOf(config.netDns),
-    policyFor,
-    log: (line) => log('info', 'dns', { line }),
-  });
-  const { port } = await resolver.start();
+  // The port of the last run when it is free: namespaces of machines that outlived a restart keep
+  // sending their DNS there (their rules are also pointed at the new port when adopted).
+  const portFile = join(config.stateDir, 'dns-port');
+  const last = existsSync(portFile) ? Number(readFileSync(portFile, 'utf8')) || 0 : 0;
+  const make = (port: number): DnsResolver =>
+    new DnsResolver({
+      host: '0.0.0.0',
+      port,
+      upstreams: upstreamsOf(config.netDns),
+      policyFor,
+      log: (line) => log('info', 'dns', { line }),
+    });
+  let resolver = make(last);
+  let port: number;
+  try {
+    ({ port } = await resolver.start());
+  } catch {
+    resolver = make(0);
+    ({ port } = await resolver.start());
+  }
+  writeFileSync(portFile, String(port));
   try {
     await manager.start(port);
   } catch (e) {
     await resolver.close();
-    store.close();
     throw e;
   }
   return {
@@ -85,7 +96,6 @@ export async function startNetworking(config: Config, log: Log): Promise<Network
     close: async ({ keepHost }) => {
       await resolver.close();
       if (!keepHost) await manager.stopHost();
-      store.close();
     },
   };
 }

@@ -69,6 +69,8 @@ const migrations = [
      port INTEGER NOT NULL,
      created_at INTEGER NOT NULL
    );`,
+  // A public port is opened as its machine's owner, with no caller to find the machine for.
+  'ALTER TABLE public_ports ADD COLUMN owner TEXT',
 ];
 
 /**
@@ -107,13 +109,25 @@ export class NetStore {
   // -- public preview ports
 
   isPublicPort(machineId: string, port: number): boolean {
-    return !!this.db
-      .prepare('SELECT 1 FROM public_ports WHERE machine_id = ? AND port = ?')
-      .get(machineId, port);
+    return this.publicPortOwner(machineId, port) !== undefined;
   }
 
-  setPublicPort(machineId: string, port: number, isPublic: boolean): void {
-    if (isPublic) this.db.prepare('INSERT OR IGNORE INTO public_ports VALUES (?, ?)').run(machineId, port);
+  /** The owner of a public port's machine; undefined when the port is not public. */
+  publicPortOwner(machineId: string, port: number): string | undefined {
+    const row = this.db
+      .prepare('SELECT owner FROM public_ports WHERE machine_id = ? AND port = ? AND owner IS NOT NULL')
+      .get(machineId, port) as { owner: string } | undefined;
+    return row?.owner;
+  }
+
+  setPublicPort(machineId: string, port: number, isPublic: boolean, owner: string): void {
+    if (isPublic)
+      this.db
+        .prepare(
+          'INSERT INTO public_ports (machine_id, port, owner) VALUES (?, ?, ?) ' +
+            'ON CONFLICT (machine_id, port) DO UPDATE SET owner = excluded.owner',
+        )
+        .run(machineId, port, owner);
     else this.db.prepare('DELETE FROM public_ports WHERE machine_id = ? AND port = ?').run(machineId, port);
   }
 

@@ -3,8 +3,10 @@ import {
   type IncomingMessage,
   type RequestListener,
   type Server,
+  type ServerOptions,
   type ServerResponse,
 } from 'node:http';
+import { createServer as createTlsServer } from 'node:https';
 import type { Duplex } from 'node:stream';
 import { HutchError } from '../../errors.js';
 import { rejectUpgrade, sendError } from './respond.js';
@@ -29,24 +31,31 @@ export interface RequestLimits {
 
 export const defaultRequestLimits: RequestLimits = { bodyIdleTimeoutMs: 30_000, maxConnections: 1024 };
 
-/** An http.Server for `handler` with the limits applied (see RequestLimits). */
-export function createGuardedServer(limits: RequestLimits, handler: RequestListener): Server {
+/** A certificate chain and its key (PEM): the listener speaks HTTPS. */
+export interface TlsFiles {
+  cert: Buffer;
+  key: Buffer;
+}
+
+/** An http.Server (https with `tls`) for `handler` with the limits applied (see RequestLimits). */
+export function createGuardedServer(limits: RequestLimits, handler: RequestListener, tls?: TlsFiles): Server {
   const idle = limits.bodyIdleTimeoutMs;
-  const server = createServer(
-    {
-      // 0: never cut a request for its total duration (see above); headers are bounded below.
-      requestTimeout: 0,
-      headersTimeout: idle,
-      // How often node checks headersTimeout; by default 30 s, coarser than a short limit.
-      connectionsCheckingInterval: Math.max(100, Math.min(30_000, Math.floor(idle / 2))),
-      // Node's own refusal is a bare 400; a Host header means nothing to a local API anyway.
-      requireHostHeader: false,
-    },
-    (req, res) => {
-      watchBody(req, res, idle);
-      handler(req, res);
-    },
-  );
+  const options: ServerOptions = {
+    // 0: never cut a request for its total duration (see above); headers are bounded below.
+    requestTimeout: 0,
+    headersTimeout: idle,
+    // How often node checks headersTimeout; by default 30 s, coarser than a short limit.
+    connectionsCheckingInterval: Math.max(100, Math.min(30_000, Math.floor(idle / 2))),
+    // Node's own refusal is a bare 400; a Host header means nothing to a local API anyway.
+    requireHostHeader: false,
+  };
+  const guarded: RequestListener = (req, res) => {
+    watchBody(req, res, idle);
+    handler(req, res);
+  };
+  const server: Server = tls
+    ? createTlsServer({ ...options, cert: tls.cert, key: tls.key }, guarded)
+    : createServer(options, guarded);
   server.maxConnections = limits.maxConnections;
   server.on('clientError', (err: NodeJS.ErrnoException, socket: Duplex) => answerClientError(err, socket));
   // An Expect other than 100-continue: node would answer a bare 417.

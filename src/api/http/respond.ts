@@ -65,6 +65,7 @@ function httpReason(status: number): string {
     501: 'Not Implemented',
     502: 'Bad Gateway',
     503: 'Service Unavailable',
+    504: 'Gateway Timeout',
     507: 'Insufficient Storage',
   };
   return reasons[status] ?? 'Error';

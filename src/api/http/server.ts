@@ -7,7 +7,12 @@ import type { Principal } from '../../core/principal.js';
 import { HutchError, toHutchError } from '../../errors.js';
 import { encodeEvent, writeRespectingBackpressure } from '../exec-stream.js';
 import { compileRoutes, matchRoute, requestUrl } from './match.js';
-import { createGuardedServer, defaultRequestLimits, type RequestLimits } from './request-guard.js';
+import {
+  createGuardedServer,
+  defaultRequestLimits,
+  type RequestLimits,
+  type TlsFiles,
+} from './request-guard.js';
 import { readJson, rejectUpgrade, sendError, sendResult } from './respond.js';
 import { type ApiRoute, type NdjsonWriter, parseWith, type RequestParts } from './routes.js';
 import { checkHandshake, closeCodes } from './websocket.js';
@@ -19,10 +24,10 @@ import { checkHandshake, closeCodes } from './websocket.js';
  */
 export interface ApiServer {
   /**
-   * Listens on TCP; resolves to the base URL. Requests without an `authorization` header act as
-   * `anonymous()` when given, and are refused (401) when not.
+   * Listens on TCP (HTTPS with `tls`); resolves to the base URL. Requests without an
+   * `authorization` header act as `anonymous()` when given, and are refused (401) when not.
    */
-  listenTcp(host: string, port: number, anonymous?: () => Principal): Promise<string>;
+  listenTcp(host: string, port: number, anonymous?: () => Principal, tls?: TlsFiles): Promise<string>;
   /** Listens on a Unix socket created owner-only (its permissions are the credential); resolves to `unix:<path>`. */
   listenUnix(path: string, anonymous: () => Principal): Promise<string>;
   /**
@@ -44,10 +49,26 @@ export interface ApiServerOptions {
    * A request that carries a header is never treated as anonymous, whatever the listener.
    */
   verifyBearer(authorization: string): Promise<Principal>;
+  /**
+   * Offered every request and upgrade before the routes (the web previews, net/preview/): what
+   * it takes, it answers, whatever the path.
+   */
+  front?: FrontHandler | undefined;
 }
 
-/** Who a request is for: its bearer token's user, else the listener's (or tunnel's) principal, else 401. */
-type Anonymous = (req: IncomingMessage) => Principal | undefined;
+/** Whom a request without a bearer token is for on its listener (or tunnel); undefined: nobody. */
+export type RequestPrincipal = (req: IncomingMessage) => Principal | undefined;
+type Anonymous = RequestPrincipal;
+
+/** Something served in front of a route table (see ApiServerOptions.front). */
+export interface FrontHandler {
+  /** True when it took the request (and answers it). */
+  request(req: IncomingMessage, res: ServerResponse, anonymous: RequestPrincipal): boolean;
+  /** True when it took the upgrade (and answers it, or pipes it). */
+  upgrade(req: IncomingMessage, socket: Duplex, head: Buffer, anonymous: RequestPrincipal): boolean;
+  /** The server is closing: end what it holds that the server cannot see (upgraded sockets). */
+  close(): void;
+}
 
 const noop = (): void => {};
 
@@ -98,6 +119,7 @@ export function createApiServer<A extends object>(
   }
 
   async function handle(req: IncomingMessage, res: ServerResponse, anonymous: Anonymous): Promise<void> {
+    if (opts.front?.request(req, res, anonymous)) return;
     try {
       const url = requestUrl(req.url);
       const method = req.method ?? 'GET';
@@ -182,6 +204,7 @@ export function createApiServer<A extends object>(
 
   function onUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer, anonymous: Anonymous): void {
     socket.on('error', noop);
+    if (!closed && opts.front?.upgrade(req, socket, head, anonymous)) return;
     let accepted = false;
     const run = async (): Promise<void> => {
       if (closed) throw new HutchError('AGENT_UNAVAILABLE', 'the server is stopping');
@@ -217,10 +240,14 @@ export function createApiServer<A extends object>(
     });
   }
 
-  const make = (anonymous: Anonymous): Server => {
-    const s = createGuardedServer(opts.limits ?? defaultRequestLimits, (req, res) => {
-      void handle(req, res, anonymous);
-    });
+  const make = (anonymous: Anonymous, tls?: TlsFiles): Server => {
+    const s = createGuardedServer(
+      opts.limits ?? defaultRequestLimits,
+      (req, res) => {
+        void handle(req, res, anonymous);
+      },
+      tls,
+    );
     s.on('upgrade', (req: IncomingMessage, socket: Duplex, head: Buffer) =>
       onUpgrade(req, socket, head, anonymous),
     );
@@ -239,11 +266,12 @@ export function createApiServer<A extends object>(
 
   return {
     servers,
-    async listenTcp(host, port, anonymous) {
-      const s = make(() => anonymous?.());
+    async listenTcp(host, port, anonymous, tls) {
+      const s = make(() => anonymous?.(), tls);
       await listen(s, port, host);
       const addr = s.address() as AddressInfo;
-      return `http://${addr.family === 'IPv6' ? `[${addr.address}]` : addr.address}:${addr.port}`;
+      const scheme = tls ? 'https' : 'http';
+      return `${scheme}://${addr.family === 'IPv6' ? `[${addr.address}]` : addr.address}:${addr.port}`;
     },
     async listenUnix(path, anonymous) {
       rmSync(path, { force: true });
@@ -270,6 +298,7 @@ export function createApiServer<A extends object>(
     },
     async close() {
       closed = true;
+      opts.front?.close();
       for (const ws of wss.clients) ws.close(closeCodes.goingAway, 'the server is stopping');
       const t = setTimeout(() => {
         for (const ws of wss.clients) ws.terminate();
