@@ -78,6 +78,12 @@ export const boxSchema = z.object({
   memory_mb: z.number(),
   disk_size_gb: z.number(),
   network: z.boolean(),
+  address: z
+    .string()
+    .nullable()
+    .describe(
+      "Where the machines of the owner's network reach this box while it runs; null without a network.",
+    ),
   workdir: z.string(),
   env: z.record(z.string(), z.string()).nullable(),
   volumes: z.array(volumeSchema).nullable(),

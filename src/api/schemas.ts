@@ -174,6 +174,12 @@ export const machineSchema = z.object({
   jail: jailSchema,
   auto_suspend_seconds: z.number().int(),
   net: z.boolean().describe('The machine has a network (NAT behind its firewall).'),
+  address: z
+    .string()
+    .nullable()
+    .describe(
+      "Where the machines of the owner's network reach this one while it runs; null without a network.",
+    ),
 });
 
 export const lifecycleResultSchema = machineSchema.extend({

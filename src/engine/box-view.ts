@@ -46,6 +46,8 @@ export interface BoxView {
   memory_mb: number;
   disk_size_gb: number;
   network: boolean;
+  /** Where the machines of its network reach it while it runs; null without a network. */
+  address: string | null;
   workdir: string;
   env: Record<string, string> | null;
   volumes: BoxVolume[] | null;
@@ -98,6 +100,7 @@ export function toBoxView(row: MachineRow): BoxView {
     memory_mb: row.memory_mb,
     disk_size_gb: spec.disk_size_gb,
     network: spec.network,
+    address: null,
     workdir: spec.workdir,
     env: spec.env,
     volumes: spec.volumes,

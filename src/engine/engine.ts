@@ -348,7 +348,19 @@ export class Engine {
   }
 
   private view(row: MachineRow): MachineView {
-    return toView(this.withCause(row), this.config.autoSuspendSeconds);
+    return {
+      ...toView(this.withCause(row), this.config.autoSuspendSeconds),
+      address: this.addressOf(row.id),
+    };
+  }
+
+  private boxView(row: MachineRow): BoxView {
+    return { ...toBoxView(row), address: this.addressOf(row.id) };
+  }
+
+  /** Where a running networked machine's network mates reach it (its namespace's outside address). */
+  private addressOf(id: string): string | null {
+    return this.rt.d.net?.netOf(id)?.outside.ns ?? null;
   }
 
   // ---- machines (REST /v1/machines) --------------------------------------------------------
@@ -573,16 +585,16 @@ export class Engine {
     return this.store
       .list(p.user)
       .filter((r) => r.kind === 'box')
-      .map((r) => toBoxView(this.withCause(r)))
+      .map((r) => this.boxView(this.withCause(r)))
       .filter((b) => status === undefined || b.status === status);
   }
 
   getBox(p: Principal, idOrName: string): BoxView {
-    return toBoxView(this.find(p, idOrName, 'box'));
+    return this.boxView(this.find(p, idOrName, 'box'));
   }
 
   async createBox(p: Principal, req: CreateBoxRequest): Promise<BoxView> {
-    return toBoxView(await createBox(this.cx, p, req));
+    return this.boxView(await createBox(this.cx, p, req));
   }
 
   /**
@@ -600,26 +612,26 @@ export class Engine {
       return row.id;
     });
     const r = await branchMachine(this.cx, p, this.find(p, source, 'box'), req);
-    return { ...toBoxView(r), forked_from: source, boot_ms: r.boot_ms ?? 0 };
+    return { ...this.boxView(r), forked_from: source, boot_ms: r.boot_ms ?? 0 };
   }
 
   async suspendBox(p: Principal, idOrName: string): Promise<BoxView & { suspend_us: number }> {
     const r = await this.locked(p, idOrName, 'box', (m) => suspendMachine(this.cx, m));
-    return { ...toBoxView(r.row), suspend_us: r.us };
+    return { ...this.boxView(r.row), suspend_us: r.us };
   }
 
   async resumeBox(p: Principal, idOrName: string): Promise<BoxView & { resume_us: number }> {
     const r = await this.locked(p, idOrName, 'box', (m) => resumeMachine(this.cx, m));
-    return { ...toBoxView(r.row), resume_us: r.us };
+    return { ...this.boxView(r.row), resume_us: r.us };
   }
 
   async rebootBox(p: Principal, idOrName: string): Promise<BoxView> {
-    return toBoxView(await this.locked(p, idOrName, 'box', (m) => rebootBox(this.cx, m, p.quota)));
+    return this.boxView(await this.locked(p, idOrName, 'box', (m) => rebootBox(this.cx, m, p.quota)));
   }
 
   setBoxTimers(p: Principal, idOrName: string, t: BoxTimers): BoxView {
     const row = this.find(p, idOrName, 'box');
-    return toBoxView(setBoxTimers(this.cx, this.rt.machine(row), row, t));
+    return this.boxView(setBoxTimers(this.cx, this.rt.machine(row), row, t));
   }
 
   /** The serial console of a running (or paused) box: what its `cmd` and kernel print. */
@@ -650,11 +662,11 @@ export class Engine {
   }
 
   async stopBox(p: Principal, idOrName: string): Promise<BoxView> {
-    return toBoxView(await this.locked(p, idOrName, 'box', (m) => stopBox(this.cx, m)));
+    return this.boxView(await this.locked(p, idOrName, 'box', (m) => stopBox(this.cx, m)));
   }
 
   async startBox(p: Principal, idOrName: string): Promise<BoxView> {
-    return toBoxView(await this.locked(p, idOrName, 'box', (m) => startBox(this.cx, m, p.quota)));
+    return this.boxView(await this.locked(p, idOrName, 'box', (m) => startBox(this.cx, m, p.quota)));
   }
 
   /** Removes a box and its disk. A running box only with `force` (it is not stopped first). */

@@ -23,6 +23,8 @@ export interface MachineView {
   auto_suspend_seconds: number;
   /** The machine has a NIC behind its firewall (src/net/). */
   net: boolean;
+  /** Where the machines of its network reach it while it runs; null without a network. */
+  address: string | null;
 }
 
 export function toView(row: MachineRow, defaultAutoSuspend = 0): MachineView {
@@ -46,5 +48,6 @@ export function toView(row: MachineRow, defaultAutoSuspend = 0): MachineView {
     forked_from: row.parent_id,
     auto_suspend_seconds: row.auto_suspend_seconds ?? defaultAutoSuspend,
     net: row.net === 1,
+    address: null,
   };
 }

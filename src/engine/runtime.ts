@@ -174,7 +174,7 @@ export class Runtime {
     if (row.net) {
       const nm = this.d.net;
       if (!nm) throw new HutchError('NETWORK_UNAVAILABLE', 'guest networking is off on this server');
-      const net = await nm.attach(row.id, row.run_dir);
+      const net = await nm.attach(row.id, row.run_dir, row.owner);
       m.cleanup.push('network', ends.vm, () => nm.detach(net));
       netns = net.netns;
     }

@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import type { Log } from '../background.js';
 import { HutchError } from '../errors.js';
 import { daemonTag, inside, netnsName, nsLink, type Outside, outsideOf, slotsIn } from './addressing.js';
+import { NetDirectory } from './directory.js';
 import { type EgressRules, egressView, noEgressRules } from './egress.js';
 import {
   type DenialReason,
@@ -32,6 +33,8 @@ export interface MachineNet {
   machineId: string;
   netns: string;
   outside: Outside;
+  /** The user network it is on (its members reach each other); none for snapshot machines. */
+  networkId?: string;
 }
 
 /** A refused destination, most recent first (GET /v1/machines/{id}/egress). */
@@ -60,6 +63,9 @@ export class NetworkManager {
   private readonly byNsAddr = new Map<string, MachineNet>();
   private readonly byId = new Map<string, MachineNet>();
   private readonly dnsDenials = new Map<string, Denial[]>();
+  /** Running members of each user network. */
+  private readonly members = new Map<string, Set<MachineNet>>();
+  readonly directory: NetDirectory;
   private dnsPort = 0;
   /** The host's own IPv4 addresses: refused in every namespace (counted there; the host table also refuses them). */
   private hostAddrs: string[] = [];
@@ -71,6 +77,7 @@ export class NetworkManager {
   ) {
     this.tag = daemonTag(s.stateDir);
     this.slots = new SlotTable(s.slotDir, slotsIn(s.pool));
+    this.directory = new NetDirectory(store, s.pool);
   }
 
   /** Host setup: forwarding on, the daemon's host table (guests reach the host only at `dnsPort`). */
@@ -124,12 +131,18 @@ export class NetworkManager {
    * Makes a machine's namespace, link, tap and firewall. Fresh outside addressing each time (a
    * restored or resumed guest is a new flow to the world). Undone by `detach` even half-made.
    */
-  async attach(machineId: string, runDir: string): Promise<MachineNet> {
+  async attach(machineId: string, runDir: string, owner?: string): Promise<MachineNet> {
     if (!this.dnsPort) throw new HutchError('INTERNAL', 'guest networking is not started on this daemon');
     const netns = netnsName(this.tag, machineId);
     const slot = this.slots.take(netns);
-    const net: MachineNet = { machineId, netns, outside: outsideOf(this.s.pool, this.tag, slot) };
-    writeFileSync(join(runDir, netFile), JSON.stringify({ netns, slot }));
+    const networkId = owner === undefined ? undefined : this.directory.networkOf(machineId, owner);
+    const net: MachineNet = {
+      machineId,
+      netns,
+      outside: outsideOf(this.s.pool, this.tag, slot),
+      ...(networkId ? { networkId } : {}),
+    };
+    writeFileSync(join(runDir, netFile), JSON.stringify({ netns, slot, networkId }));
     this.remember(net);
     try {
       const o = net.outside;
@@ -200,8 +213,66 @@ export class NetworkManager {
     this.byNsAddr.set(net.outside.ns, net);
   }
 
+  private membersOf(networkId: string): Set<MachineNet> {
+    let m = this.members.get(networkId);
+    if (!m) {
+      m = new Set();
+      this.members.set(networkId, m);
+    }
+    return m;
+  }
+
+  /** Adds a machine to its network: it and every running member may now reach each other. */
+  private async join(net: MachineNet): Promise<void> {
+    if (!net.networkId) return;
+    const members = this.membersOf(net.networkId);
+    const others = [...members];
+    members.add(net);
+    if (!others.length) return;
+    await inNetns(
+      net.netns,
+      'nft',
+      ['-f', '-'],
+      `add element ip hutch peers { ${others.map((o) => o.outside.ns).join(', ')} }\n`,
+    );
+    await Promise.all(
+      others.map((o) =>
+        inNetns(o.netns, 'nft', ['-f', '-'], `add element ip hutch peers { ${net.outside.ns} }\n`).catch(
+          () => {},
+        ),
+      ),
+    );
+  }
+
+  /** Takes a machine off its network: its address leaves every member's set (it may be reused). */
+  private async leave(net: MachineNet): Promise<void> {
+    if (!net.networkId) return;
+    const members = this.membersOf(net.networkId);
+    members.delete(net);
+    await Promise.all(
+      [...members].map((o) =>
+        inNetns(o.netns, 'nft', ['-f', '-'], `delete element ip hutch peers { ${net.outside.ns} }\n`).catch(
+          () => {},
+        ),
+      ),
+    );
+  }
+
+  /** Sets every member's peers to exactly the running members (after a restart some are gone). */
+  private async resetPeers(): Promise<void> {
+    for (const members of this.members.values())
+      for (const m of members) {
+        const others = [...members].filter((o) => o !== m).map((o) => o.outside.ns);
+        const add = others.length ? `add element ip hutch peers { ${others.join(', ')} }\n` : '';
+        await inNetns(m.netns, 'nft', ['-f', '-'], `flush set ip hutch peers\n${add}`).catch((e: unknown) =>
+          this.log('warn', 'network peers not reset', { id: m.machineId, error: (e as Error).message }),
+        );
+      }
+  }
+
   /** Removes the namespace (its link and tap with it) and frees the slot. Idempotent. */
   async detach(net: MachineNet): Promise<void> {
+    await this.leave(net);
     if (this.byId.get(net.machineId) === net) this.byId.delete(net.machineId);
     if (this.byNsAddr.get(net.outside.ns) === net) this.byNsAddr.delete(net.outside.ns);
     if (existsSync(`/run/netns/${net.netns}`)) await run('ip', ['netns', 'del', net.netns]);
@@ -216,6 +287,7 @@ export class NetworkManager {
    */
   async sweep(keep: (machineId: string) => boolean): Promise<string[]> {
     const prefix = `hutch-${this.tag}-`;
+    await this.resetPeers();
     const gone = (existsSync('/run/netns') ? readdirSync('/run/netns') : []).filter(
       (n) => n.startsWith(prefix) && !keep(n.slice(prefix.length)),
     );
