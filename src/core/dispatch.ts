@@ -52,6 +52,17 @@ export const actionTable = {
   deleteTemplate: { audit: true },
   egress: { audit: false },
   setEgress: { audit: true },
+  listNetworks: { audit: false },
+  createNetwork: { audit: true },
+  defaultNetwork: { audit: false },
+  listProxies: { audit: false },
+  createProxy: { audit: true },
+  createDefaultProxy: { audit: true },
+  deleteProxy: { audit: true },
+  setProxyPort: { audit: true },
+  bindDomain: { audit: true },
+  unbindDomain: { audit: true },
+  listDomains: { audit: false },
 } as const satisfies Record<string, { audit: boolean }>;
 
 export type ActionName = keyof typeof actionTable;

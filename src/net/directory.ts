@@ -109,7 +109,7 @@ export class NetDirectory {
 
   // -- proxies
 
-  createProxy(owner: string, name: string, machineId: string, port: number): ProxyRow {
+  createProxy(owner: string, name: string, machineId: string, port: number, isDefault = false): ProxyRow {
     if (!proxyName.test(name))
       throw new HutchError(
         'INVALID_ARGUMENT',

@@ -9,9 +9,9 @@ const expiry = (v: string, field: string): number => u64(v, field);
 export const accountRpcs: Record<string, Rpc> = {
   Whoami: unary((_req: unknown, cx) => ({
     user_id: cx.app.accounts.whoami(cx.principal).user_id,
-    // No SSH server and no networks in this version: nothing to report, not made-up values.
+    // No SSH server in this version: no fingerprints, not made-up ones.
     pubkey_fingerprints: [],
-    default_network_id: '',
+    default_network_id: cx.act.defaultNetwork(),
   })),
   CreateToken: unary(async (req: { expires_in_secs: string }, cx) => {
     const t = await cx.app.accounts.createToken(cx.principal, expiry(req.expires_in_secs, 'expires_in_secs'));

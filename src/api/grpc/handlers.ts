@@ -1,6 +1,7 @@
 import { accountRpcs } from './accounts.js';
 import { execRpcs } from './exec.js';
 import { logsFilesRpcs } from './logs-files.js';
+import { networkRpcs } from './networks.js';
 import type { Rpc } from './rpc.js';
 import { templateRpcs } from './templates.js';
 import { unservedRpcs } from './unserved.js';
@@ -13,6 +14,7 @@ import { vmRpcs } from './vms.js';
  */
 export const boxdHandlers: Record<string, Rpc> = {
   ...vmRpcs,
+  ...networkRpcs,
   ...execRpcs,
   ...logsFilesRpcs,
   ...accountRpcs,

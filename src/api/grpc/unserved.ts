@@ -7,23 +7,10 @@ import { type Rpc, unary } from './rpc.js';
  * of the service that may answer UNIMPLEMENTED (the integration test checks it).
  */
 export const unservedRpcNames = {
-  networks: [
-    'CreateNetwork',
-    'ListNetworks',
-    'BindDomain',
-    'UnbindDomain',
-    'ListDomains',
-    'ListProxies',
-    'CreateProxy',
-    'DeleteProxy',
-    'SetProxyPort',
-  ],
   disks: ['CreateDisk', 'ListDisks', 'AttachDisk', 'DetachDisk', 'DestroyDisk'],
 } as const;
 
 const why = {
-  networks:
-    'networks are not served by this version yet (machines have no network device; no domains or proxies)',
   disks: 'disks are not served by this version yet (a VM has its one persistent disk; no detachable disks)',
 };
 

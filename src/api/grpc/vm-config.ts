@@ -8,7 +8,7 @@ export interface VmConfig {
   memory_bytes: string;
   disk_bytes: string;
   srf: { auto_suspend_timeout_secs?: number | null; auto_destroy_timeout_secs: number } | null;
-  network: { ssh: boolean; proxies: unknown[] } | null;
+  network: { ssh: boolean; proxies: { name: string; port: number }[] } | null;
   volumes: unknown[];
 }
 
@@ -51,11 +51,6 @@ export function sizesOf(cx: Cx, c: VmConfig | null): Sizes {
 export function refuseUnserved(c: VmConfig | null): void {
   if (c?.volumes.length)
     throw new HutchError('NOT_SERVED', 'disks are not served by this version yet (config.volumes)');
-  if (c?.network?.proxies.length)
-    throw new HutchError(
-      'NOT_SERVED',
-      'networks are not served by this version yet (config.network.proxies)',
-    );
 }
 
 /** A new VM's idle auto-suspend when SrfConfig leaves it unset (the proto's server default). */

@@ -1,4 +1,5 @@
 import type { BoxView } from '../../engine/box-view.js';
+import type { ProxyView } from '../../engine/engine.js';
 import { HutchError } from '../../errors.js';
 import { createBoxBody } from '../boxes-schemas.js';
 import { optionalName, required, text, vmRef } from './args.js';
@@ -114,8 +115,28 @@ export async function createVm(req: CreateVmRequest, cx: Cx): Promise<Record<str
     ...(cmd.length ? { cmd } : {}),
     ...(req.restart_policy ? { restartPolicy: req.restart_policy } : {}),
     ...srfOf(req.config, defaultAutoSuspendSecs),
+    // boxd VMs have the internet (behind their firewall) whenever this server has networking.
+    network: cx.app.engine.networking(),
   });
-  return { ...created(box), image: box.image };
+  return { ...created(box, cx, proxiesFor(box, req.config, cx)), image: box.image };
+}
+
+/**
+ * A new VM's proxies: a default one named after it (port "auto": the first port it listens on)
+ * and those its config asks for. Networking off: none. A default name already taken (proxy names
+ * are global) leaves the VM without one; a requested name taken is an error, before the reply.
+ */
+function proxiesFor(box: BoxView, config: VmConfig | null, cx: Cx): ProxyView[] {
+  if (!cx.app.engine.networking()) return [];
+  const out: ProxyView[] = [];
+  for (const e of config?.network?.proxies ?? [])
+    out.push(cx.act.createProxy({ name: e.name, vm: box.id, port: e.port }));
+  try {
+    out.unshift(cx.act.createDefaultProxy(box.id));
+  } catch (e) {
+    if (!(e instanceof HutchError && e.code === 'NAME_TAKEN')) throw e;
+  }
+  return out;
 }
 
 async function createVmFromTemplate(req: FromTemplateRequest, cx: Cx): Promise<Record<string, unknown>> {
@@ -129,8 +150,9 @@ async function createVmFromTemplate(req: FromTemplateRequest, cx: Cx): Promise<R
     ...(name ? { name } : {}),
     ...(sized ? sizeFields(sizesOf(cx, req.config)) : {}),
     ...srfOf(req.config, defaultAutoSuspendSecs),
+    network: cx.app.engine.networking(),
   });
-  return created(box);
+  return created(box, cx, proxiesFor(box, req.config, cx));
 }
 
 /**
@@ -150,11 +172,12 @@ async function forkVm(req: ForkRequest, cx: Cx): Promise<Record<string, unknown>
   const f = await cx.act.forkBox(source, name ? { name } : {});
   // The fork's own timers, when asked for, are set on it as a second step (forkBox takes none).
   const view = Object.keys(timers).length ? cx.act.setBoxTimers(f.id, timers) : f;
+  const proxies = view.network ? proxiesFor(view, null, cx) : [];
   return {
     vm_id: view.id,
     name: view.name ?? '',
-    public_ip: '',
-    url: '',
+    public_ip: view.address ?? '',
+    url: proxies[0]?.url ?? '',
     image: view.image,
     status: view.status,
     forked_from: f.forked_from,
@@ -168,13 +191,17 @@ export const vmCreateRpcs: Record<string, Rpc> = {
   ForkVm: unary(forkVm),
 };
 
-/** What CreateVm and CreateVmFromTemplate answer alike (no networking yet: no address, no URL). */
-function created(box: BoxView): Record<string, unknown> {
+/**
+ * What CreateVm and CreateVmFromTemplate answer alike. public_ip: where the owner's other VMs
+ * reach it (hutch gives no VM a public address of its own); url: its default proxy's, when the
+ * server has a public domain.
+ */
+function created(box: BoxView, _cx: Cx, proxies: ProxyView[]): Record<string, unknown> {
   return {
     vm_id: box.id,
     name: box.name ?? '',
-    public_ip: '',
-    url: '',
+    public_ip: box.address ?? '',
+    url: proxies[0]?.url ?? '',
     status: box.status,
     boot_time_ms: String(box.boot_ms ?? 0),
   };

@@ -5,7 +5,7 @@ import { type Rpc, unary } from './rpc.js';
 /**
  * VM lifecycle RPCs. A boxd VM is a hutch box (an OCI image on a persistent disk, stopped and
  * started rather than expiring), so each RPC is one box action. Networking is not served yet:
- * public_ip is always empty, never made up.
+ * public_ip is where the owner's other VMs reach it (no VM has a public address of its own).
  */
 
 interface VmRef {
@@ -18,7 +18,7 @@ export function vmInfo(b: BoxView): Record<string, unknown> {
     vm_id: b.id,
     name: b.name ?? '',
     image_ref: b.image,
-    public_ip: '',
+    public_ip: b.address ?? '',
     status: b.status,
     restart_policy: b.restart_policy,
     disk_bytes: String(b.disk_size_gb * 1024 ** 3),
