@@ -117,7 +117,7 @@ export class NetDirectory {
       );
     checkPort(port);
     const row: ProxyRow = {
-      id: `px-${randomBytes(4).toString('hex')}`,
+      id: `${isDefault ? 'pxd' : 'px'}-${randomBytes(4).toString('hex')}`,
       owner,
       name,
       machine_id: machineId,

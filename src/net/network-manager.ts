@@ -181,6 +181,7 @@ export class NetworkManager {
         ],
         nsRuleset(this.firewall(net), rules),
       );
+      await this.join(net);
       return net;
     } catch (e) {
       await this.detach(net);

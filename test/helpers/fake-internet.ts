@@ -47,77 +47,101 @@ export async function startFakeInternet(): Promise<FakeInternet> {
   const sh = (cmd: string): void => {
     execFileSync('sh', ['-c', cmd], { stdio: ['ignore', 'ignore', 'pipe'] });
   };
-  sh(`ip netns add ${netns}`);
-  sh(`ip link add ${link} type veth peer name eth0 netns ${netns}`);
-  sh(`ip addr add 198.18.0.1/24 dev ${link} && ip link set ${link} up`);
-  sh(`ip route add 198.18.1.0/24 via 198.18.0.2 dev ${link}`);
-  const ns = (cmd: string): void => sh(`ip netns exec ${netns} sh -c '${cmd}'`);
-  ns('ip link set lo up && ip link set eth0 up && ip addr add 198.18.0.2/24 dev eth0');
-  ns('ip addr add 198.18.0.53/32 dev lo && ip addr add 198.18.0.54/32 dev lo');
-  ns('ip addr add 198.18.1.10/32 dev lo && ip addr add 198.18.1.11/32 dev lo');
-  ns('ip route add default via 198.18.0.1');
-
-  // The package index: one pure-python wheel, made here (a wheel is a zip with metadata).
-  const www = join(dir, 'www');
-  mkdirSync(join(www, 'simple', packageName), { recursive: true });
-  mkdirSync(join(www, 'packages'), { recursive: true });
-  execFileSync('python3', ['-c', wheelScript, join(www, 'packages')]);
-  writeFileSync(
-    join(www, 'simple', 'index.html'),
-    `<!DOCTYPE html><html><body><a href="/simple/${packageName}/">${packageName}</a></body></html>\n`,
-  );
-  writeFileSync(
-    join(www, 'simple', packageName, 'index.html'),
-    `<!DOCTYPE html><html><body><a href="/packages/hello_hutch-0.1-py3-none-any.whl">hello_hutch-0.1-py3-none-any.whl</a></body></html>\n`,
-  );
-  writeFileSync(join(www, 'index.html'), 'hello from the fake internet\n');
-  execFileSync('dd', ['if=/dev/urandom', `of=${join(www, 'big')}`, 'bs=1M', 'count=32'], { stdio: 'ignore' });
-
-  const asTable = (r: Record<string, string[]>): string =>
-    JSON.stringify(Object.fromEntries(Object.entries(r).map(([n, a]) => [n, { a, ttl: 60 }])));
-  writeFileSync(join(dir, 'records.json'), asTable(records));
-  writeFileSync(join(dir, 'other-records.json'), asTable({ 'only-other.test': ['198.18.1.11'] }));
   const procs: ChildProcess[] = [];
   let log = '';
-  const inNs = (args: string[]): ChildProcess => {
-    const p = spawn('ip', ['netns', 'exec', netns, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    p.stdout?.on('data', (b: Buffer) => {
-      log += b.toString();
-    });
-    p.stderr?.on('data', (b: Buffer) => {
-      log += b.toString();
-    });
-    procs.push(p);
-    return p;
+  const close = async (): Promise<void> => {
+    for (const p of procs) p.kill('SIGKILL');
+    await Promise.all(
+      procs.map((p) => new Promise((r) => (p.exitCode !== null ? r(null) : p.once('exit', r)))),
+    );
+    for (const args of [
+      ['netns', 'del', netns],
+      ['link', 'del', link],
+      ['route', 'del', '198.18.1.0/24', 'dev', link],
+    ])
+      try {
+        execFileSync('ip', args, { stdio: 'ignore' });
+      } catch {
+        // gone already
+      }
+    rmSync(dir, { recursive: true, force: true });
   };
-  const fakeDns = join(root, 'dist', 'test', 'helpers', 'fake-dns.js');
-  inNs(['node', fakeDns, '--host', '198.18.0.53', '--port', '53', '--records', join(dir, 'records.json')]);
-  inNs([
-    'node',
-    fakeDns,
-    '--host',
-    '198.18.0.54',
-    '--port',
-    '53',
-    '--records',
-    join(dir, 'other-records.json'),
-  ]);
-  for (const ip of ['198.18.1.10', '198.18.1.11'])
-    inNs(['python3', '-m', 'http.server', '--bind', ip, '80', '--directory', www]);
-  // Something listening on DoT's port, so a refusal is the firewall's, not an absent server's.
-  inNs(['python3', '-c', dotScript]);
-  // Ready when every server answers.
-  const deadline = Date.now() + 20_000;
-  for (;;) {
-    try {
-      ns(
-        'python3 -c "import socket; [socket.create_connection((h, p), 1).close() for h, p in ((\\"198.18.1.10\\", 80), (\\"198.18.1.11\\", 80), (\\"198.18.0.54\\", 853))]"',
-      );
-      break;
-    } catch {
-      if (Date.now() > deadline) throw new Error(`the fake internet did not start:\n${log}`);
-      await new Promise((r) => setTimeout(r, 100));
+  try {
+    sh(`ip netns add ${netns}`);
+    sh(`ip link add ${link} type veth peer name eth0 netns ${netns}`);
+    sh(`ip addr add 198.18.0.1/24 dev ${link} && ip link set ${link} up`);
+    sh(`ip route replace 198.18.1.0/24 via 198.18.0.2 dev ${link}`);
+    const ns = (cmd: string): void => sh(`ip netns exec ${netns} sh -c '${cmd}'`);
+    ns('ip link set lo up && ip link set eth0 up && ip addr add 198.18.0.2/24 dev eth0');
+    ns('ip addr add 198.18.0.53/32 dev lo && ip addr add 198.18.0.54/32 dev lo');
+    ns('ip addr add 198.18.1.10/32 dev lo && ip addr add 198.18.1.11/32 dev lo');
+    ns('ip route add default via 198.18.0.1');
+
+    // The package index: one pure-python wheel, made here (a wheel is a zip with metadata).
+    const www = join(dir, 'www');
+    mkdirSync(join(www, 'simple', packageName), { recursive: true });
+    mkdirSync(join(www, 'packages'), { recursive: true });
+    execFileSync('python3', ['-c', wheelScript, join(www, 'packages')]);
+    writeFileSync(
+      join(www, 'simple', 'index.html'),
+      `<!DOCTYPE html><html><body><a href="/simple/${packageName}/">${packageName}</a></body></html>\n`,
+    );
+    writeFileSync(
+      join(www, 'simple', packageName, 'index.html'),
+      `<!DOCTYPE html><html><body><a href="/packages/hello_hutch-0.1-py3-none-any.whl">hello_hutch-0.1-py3-none-any.whl</a></body></html>\n`,
+    );
+    writeFileSync(join(www, 'index.html'), 'hello from the fake internet\n');
+    execFileSync('dd', ['if=/dev/urandom', `of=${join(www, 'big')}`, 'bs=1M', 'count=32'], {
+      stdio: 'ignore',
+    });
+
+    const asTable = (r: Record<string, string[]>): string =>
+      JSON.stringify(Object.fromEntries(Object.entries(r).map(([n, a]) => [n, { a, ttl: 60 }])));
+    writeFileSync(join(dir, 'records.json'), asTable(records));
+    writeFileSync(join(dir, 'other-records.json'), asTable({ 'only-other.test': ['198.18.1.11'] }));
+    const inNs = (args: string[]): ChildProcess => {
+      const p = spawn('ip', ['netns', 'exec', netns, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+      p.stdout?.on('data', (b: Buffer) => {
+        log += b.toString();
+      });
+      p.stderr?.on('data', (b: Buffer) => {
+        log += b.toString();
+      });
+      procs.push(p);
+      return p;
+    };
+    const fakeDns = join(root, 'dist', 'test', 'helpers', 'fake-dns.js');
+    inNs(['node', fakeDns, '--host', '198.18.0.53', '--port', '53', '--records', join(dir, 'records.json')]);
+    inNs([
+      'node',
+      fakeDns,
+      '--host',
+      '198.18.0.54',
+      '--port',
+      '53',
+      '--records',
+      join(dir, 'other-records.json'),
+    ]);
+    for (const ip of ['198.18.1.10', '198.18.1.11'])
+      inNs(['python3', '-m', 'http.server', '--bind', ip, '80', '--directory', www]);
+    // Something listening on DoT's port, so a refusal is the firewall's, not an absent server's.
+    inNs(['python3', '-c', dotScript]);
+    // Ready when every server answers.
+    const deadline = Date.now() + 20_000;
+    for (;;) {
+      try {
+        ns(
+          'python3 -c "import socket; [socket.create_connection((h, p), 1).close() for h, p in ((\\"198.18.1.10\\", 80), (\\"198.18.1.11\\", 80), (\\"198.18.0.54\\", 853))]"',
+        );
+        break;
+      } catch {
+        if (Date.now() > deadline) throw new Error(`the fake internet did not start:\n${log}`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
     }
+  } catch (e) {
+    await close();
+    throw e;
   }
   return {
     link,
@@ -126,23 +150,7 @@ export async function startFakeInternet(): Promise<FakeInternet> {
     records,
     env: { HUTCH_NET_UPLINK: link, HUTCH_NET_DNS: '198.18.0.53' },
     requests: () => log,
-    close: async () => {
-      for (const p of procs) p.kill('SIGKILL');
-      await Promise.all(
-        procs.map((p) => new Promise((r) => (p.exitCode !== null ? r(null) : p.once('exit', r)))),
-      );
-      try {
-        execFileSync('ip', ['netns', 'del', netns]);
-      } catch {
-        // gone
-      }
-      try {
-        execFileSync('ip', ['route', 'del', '198.18.1.0/24'], { stdio: 'ignore' });
-      } catch {
-        // went with the link
-      }
-      rmSync(dir, { recursive: true, force: true });
-    },
+    close,
   };
 }
 
