@@ -25,6 +25,8 @@ export class NetDirectory {
     private readonly store: NetStore,
     /** The outside pool: every member's address is in it. */
     private readonly subnet: string,
+    /** HUTCH_PUBLIC_DOMAIN: its names are proxies' and machines', never a user's domain. */
+    private readonly publicDomain?: string,
   ) {}
 
   private get db() {
@@ -165,6 +167,9 @@ export class NetDirectory {
         `domain ${JSON.stringify(domain)}: a fully qualified host name`,
       );
     checkPort(port);
+    const pd = this.publicDomain?.toLowerCase();
+    if (pd && (d === pd || d.endsWith(`.${pd}`)))
+      throw new HutchError('INVALID_ARGUMENT', `${d} is under this server's own domain (${pd}): use a proxy`);
     const row: DomainRow = { domain: d, owner, machine_id: machineId, port, created_at: Date.now() };
     const existing = this.store.domain(d);
     if (existing && existing.owner !== owner)

@@ -29,6 +29,7 @@ export async function startNetworking(config: Config, store: NetStore, log: Log)
       maxConnections: config.netMaxConnections,
       bytesPerSecond: config.netBytesPerSecond,
       slotDir: '/run/hutch/net-slots',
+      publicDomain: config.publicDomain,
     },
     store,
     log,

@@ -26,6 +26,7 @@ export interface NetSettings {
   bytesPerSecond: number;
   /** Host-wide directory of taken slots (shared by every daemon). */
   slotDir: string;
+  publicDomain?: string | undefined;
 }
 
 /** One machine's network: its namespace and outside addressing. */
@@ -77,7 +78,7 @@ export class NetworkManager {
   ) {
     this.tag = daemonTag(s.stateDir);
     this.slots = new SlotTable(s.slotDir, slotsIn(s.pool));
-    this.directory = new NetDirectory(store, s.pool);
+    this.directory = new NetDirectory(store, s.pool, s.publicDomain);
   }
 
   /** Host setup: forwarding on, the daemon's host table (guests reach the host only at `dnsPort`). */

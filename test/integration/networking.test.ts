@@ -16,6 +16,7 @@ import {
   waitFor,
 } from '../helpers/daemon.js';
 import { type FakeInternet, packageName, startFakeInternet } from '../helpers/fake-internet.js';
+import { startGuestWebServer } from '../helpers/guest-web-server.js';
 
 interface Exec {
   exit_code: number | null;
@@ -344,6 +345,10 @@ describe('networking: snapshots, branches, suspend, restarts and crashes', () =>
     const r = await api(d.url, 'POST', `/v1/machines/${clone}/resume`, {});
     assert.equal(r.status, 200, JSON.stringify(r.body));
     assert.equal(await out(d, clone, fetchScript('http://pypi.test/')), 'hello from the fake internet');
+    // Its preview works too (through the agent, not the network).
+    assert.equal((await exec(d, clone, startGuestWebServer(8000))).exit_code, 0);
+    const page = await fetch(new URL(`/v1/machines/${clone}/web/8000/`, d.url));
+    assert.equal(await page.text(), 'hello from the guest');
   });
 
   test('kill -9 of the daemon and of a QEMU: the survivor keeps its network, the dead one leaves nothing once the daemon is back', async () => {
