@@ -40,7 +40,7 @@ export const errorTable = {
   NETWORK_UNAVAILABLE: {
     http: 501,
     grpc: 'UNIMPLEMENTED',
-    doc: 'Guest networking ("net": true) is not served by this version; machines are network-isolated.',
+    doc: 'Guest networking is off on this server (HUTCH_NET=off, or its host setup failed: the log says why).',
   },
   BOOT_FAILED: {
     http: 500,
@@ -134,7 +134,7 @@ export const errorTable = {
   NOT_SERVED: {
     http: 501,
     grpc: 'UNIMPLEMENTED',
-    doc: 'The operation belongs to a capability this version does not serve yet (networks, proxies, domains, disks); the message says which.',
+    doc: 'The operation belongs to a capability this version does not serve yet (disks); the message says which.',
   },
   USER_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No user has this name.' },
   USER_EXISTS: { http: 409, grpc: 'ALREADY_EXISTS', doc: 'A user with this name already exists.' },
