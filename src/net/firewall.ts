@@ -51,6 +51,8 @@ export function nsRuleset(f: NsFirewall, rules: EgressRules): string {
     `    oifname "${nsLink}" snat to ${f.nsAddr}`,
     '  }',
     '  chain input { type filter hook input priority filter;',
+    // Replies to what the host itself opened into the namespace (nothing else runs there).
+    `    iifname "${inside.tap}" ct state established,related accept`,
     `    iifname "${inside.tap}" meta l4proto tcp reject with tcp reset`,
     `    iifname "${inside.tap}" reject with icmp type admin-prohibited`,
     '  }',
