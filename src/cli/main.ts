@@ -28,12 +28,38 @@ import {
 /** The server's longest exec timeout: an agent's task (`claude -p …`) takes minutes, not the API's default 60 s. */
 const defaultExecTimeoutMs = 3_600_000;
 
+interface EgressJson {
+  rules: { allow: string[]; deny: string[] };
+  denied: Record<string, number>;
+  recent: {
+    reason: string;
+    destination: string;
+    protocol?: string;
+    port?: number;
+    detail?: string;
+    count: number;
+    last_seen: string;
+  }[];
+}
+
+/** --allow/--deny as an egress body; undefined when neither was given. */
+function egressFlags(flags: Record<string, unknown>): { allow: string[]; deny: string[] } | undefined {
+  const allow = (flags.allow as string[] | undefined) ?? [];
+  const deny = (flags.deny as string[] | undefined) ?? [];
+  return allow.length || deny.length ? { allow, deny } : undefined;
+}
+
 const usage = `hutch: real computers over an API
 
   hutch serve [--host H] [--port P] [--state-dir D] [--image-dir D] [--accel auto|kvm|tcg] [--config F]
-  hutch new [--template python] [--ttl SECONDS] [--persistent] [--name NAME] [--json]
+  hutch new [--template python] [--ttl SECONDS] [--persistent] [--name NAME] [--net]
+            [--allow CIDR|NAME]... [--deny CIDR|NAME]... [--json]
                                    without --ttl: persistent where the server allows it, else
-                                   the server's longest TTL (${ttlBounds.max} s), so an agent task outlives it
+                                   the server's longest TTL (${ttlBounds.max} s), so an agent task outlives it;
+                                   --net: internet behind its firewall (--allow/--deny: egress rules)
+  hutch egress ID [--allow CIDR|NAME]... [--deny CIDR|NAME]... [--open] [--json]
+                                   show a networked machine's rules and what they refused;
+                                   with --allow/--deny/--open, replace its rules first
   hutch ls|list [--json]
   hutch get ID [--json]
   hutch exec [-i] [--env K=V]... [--cwd DIR] [--timeout MS] [--json] ID -- CMD [ARG...]
@@ -200,6 +226,10 @@ async function main(argv: string[]): Promise<void> {
       template: { type: 'string' },
       ttl: { type: 'string' },
       persistent: { type: 'boolean' },
+      net: { type: 'boolean' },
+      allow: { type: 'string', multiple: true },
+      deny: { type: 'string', multiple: true },
+      open: { type: 'boolean' },
       name: { type: 'string' },
       env: { type: 'string', multiple: true },
       cwd: { type: 'string' },
@@ -286,9 +316,38 @@ async function main(argv: string[]): Promise<void> {
         body.ttl_seconds = ttlBounds.max;
       }
       if (flags.name) body.name = flags.name;
+      if (flags.net) body.net = true;
+      const rules = egressFlags(flags);
+      if (rules) body.egress = rules;
       const m = await client.createMachine<MachineJson>(body);
       if (json) printJson(m);
       else process.stdout.write(`${m.id}\n`);
+      return;
+    }
+    case 'egress': {
+      const id = positionals[0];
+      if (!id || positionals.length > 1)
+        fail('usage: hutch egress ID [--allow X]... [--deny X]... [--open] [--json]');
+      const rules = egressFlags(flags) ?? (flags.open ? {} : undefined);
+      const path = `/v1/machines/${encodeURIComponent(id)}/egress`;
+      const e = rules
+        ? await client.request<EgressJson>('PUT', path, rules)
+        : await client.request<EgressJson>('GET', path);
+      if (json) printJson(e);
+      else {
+        process.stdout.write(
+          `allow: ${e.rules.allow.join(' ') || '(the internet)'}\ndeny: ${e.rules.deny.join(' ') || '-'}\n`,
+        );
+        process.stdout.write(
+          `refused: ${Object.entries(e.denied)
+            .map(([k, v]) => `${k} ${v}`)
+            .join(', ')}\n`,
+        );
+        for (const r of e.recent)
+          process.stdout.write(
+            `  ${r.last_seen} ${r.reason} ${r.destination}${r.port ? `:${r.port}/${r.protocol}` : ''}${r.detail ? ` (${r.detail})` : ''} ×${r.count}\n`,
+          );
+      }
       return;
     }
     case 'fork': {

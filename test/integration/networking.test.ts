@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { BoxesClient } from '../../src/client/boxes-client.js';
 import { daemonTag } from '../../src/net/addressing.js';
+import { runHutch } from '../helpers/accounts.js';
 import {
   api,
   cleanup,
@@ -296,6 +297,24 @@ EOF`,
     });
     assert.equal(noNet.status, 400);
     await egress(d, id, {});
+  });
+
+  test('the CLI: hutch new --net --allow, hutch egress shows and replaces the rules', async () => {
+    const n = await runHutch(d, 'new', '--net', '--allow', 'pypi.test', '--ttl', '300', '--json');
+    assert.equal(n.status, 0, n.stderr + n.stdout);
+    const m = JSON.parse(n.stdout) as { id: string; net: boolean };
+    assert.equal(m.net, true);
+    const show = await runHutch(d, 'egress', m.id, '--json');
+    assert.deepEqual((JSON.parse(show.stdout) as { rules: unknown }).rules, {
+      allow: ['pypi.test'],
+      deny: [],
+    });
+    const open = await runHutch(d, 'egress', m.id, '--open');
+    assert.equal(open.status, 0, open.stderr);
+    assert.match(open.stdout, /^allow: \(the internet\)$/m);
+    const bad = await runHutch(d, 'egress', m.id, '--allow', 'not a name', '--json');
+    assert.notEqual(bad.status, 0);
+    assert.equal((JSON.parse(bad.stdout) as { code: string }).code, 'INVALID_ARGUMENT');
   });
 });
 
