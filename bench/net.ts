@@ -29,7 +29,9 @@ function line(name: string, value: number, unit: string, base?: number, baseName
 }
 
 async function exec(d: TestDaemon, id: string, cmd: string): Promise<string> {
-  const r = await api(d.url, 'POST', `/v1/machines/${id}/exec`, { cmd, timeout_ms: 300_000 });
+  // One retry: fetch may reuse a keep-alive connection the server is closing at that moment.
+  const call = () => api(d.url, 'POST', `/v1/machines/${id}/exec`, { cmd, timeout_ms: 300_000 });
+  const r = await call().catch(call);
   if (r.body.exit_code !== 0) throw new Error(`${cmd.slice(0, 80)}: ${JSON.stringify(r.body).slice(0, 400)}`);
   return String(r.body.stdout).trim();
 }

@@ -45,6 +45,11 @@ const sizes = {
     .default(false)
     .describe("A NIC: NAT to the internet behind the box's own firewall (docs/networking.md)."),
   egress: egressBody.optional().describe('Egress rules of a networked box (allow/deny CIDRs and domains).'),
+  network_id: z
+    .string()
+    .max(64)
+    .optional()
+    .describe('One of your networks (id or name); default: your default network.'),
   env: envSchema.nullable().default(null).describe('Environment for every exec in the box.'),
   volumes: z.array(volumeSchema).max(4).nullable().default(null).describe('At most 4 host directories.'),
 };

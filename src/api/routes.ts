@@ -57,6 +57,7 @@ export const machineRoutes: ApiRoute<MachinesApp>[] = [
         ...(b.name !== undefined ? { name: b.name } : {}),
         ...(b.net !== undefined ? { net: b.net } : {}),
         ...(b.egress !== undefined ? { egress: b.egress } : {}),
+        ...(b.network_id !== undefined ? { networkId: b.network_id } : {}),
         ...(b.mode !== undefined ? { mode: b.mode } : {}),
         ...(b.auto_suspend_seconds !== undefined ? { autoSuspendSeconds: b.auto_suspend_seconds } : {}),
       });

@@ -71,6 +71,11 @@ export const createMachineBody = z
     egress: egressBody
       .optional()
       .describe('Egress rules of a networked machine (see PUT /v1/machines/{id}/egress).'),
+    network_id: z
+      .string()
+      .max(64)
+      .optional()
+      .describe('One of your networks (id or name; gRPC CreateNetwork); default: your default network.'),
     auto_suspend_seconds: z
       .number()
       .int()

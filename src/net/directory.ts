@@ -104,6 +104,14 @@ export class NetDirectory {
     return row?.network_id ?? this.defaultNetwork(owner).id;
   }
 
+  /** The network a machine was put on, if any (absent: its owner's default). */
+  memberOf(machineId: string): string | undefined {
+    const row = this.db
+      .prepare('SELECT network_id FROM network_members WHERE machine_id = ?')
+      .get(machineId) as { network_id: string } | undefined;
+    return row?.network_id;
+  }
+
   /** Puts a machine on one of its owner's networks (at create; a branch inherits its source's). */
   setNetwork(machineId: string, networkId: string): void {
     this.db.prepare('INSERT OR REPLACE INTO network_members VALUES (?, ?)').run(machineId, networkId);

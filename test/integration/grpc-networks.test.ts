@@ -97,6 +97,37 @@ describe('networks, proxies and domains', () => {
     assert.equal(bobs.length, 1);
     assert.notEqual(bobs[0]?.network_id, who.default_network_id);
     await rejectsWith(alice.call('CreateNetwork', { name: 'lab' }), status.ALREADY_EXISTS);
+    // A machine put on "lab" does not reach alice's default network, and bob cannot use "lab".
+    const lab = await authed(
+      d.url,
+      'POST',
+      '/v1/machines',
+      { token: aliceToken },
+      {
+        template: 'python',
+        net: true,
+        network_id: 'lab',
+        ttl_seconds: 300,
+      },
+    );
+    assert.equal(lab.status, 201, JSON.stringify(lab.body));
+    assert.match(
+      await fetchFrom(aliceToken, lab.body.id as string, `http://${machines.a1?.address}:8080/`),
+      /Connection refused/,
+    );
+    const stolen = await authed(
+      d.url,
+      'POST',
+      '/v1/machines',
+      { token: bobToken },
+      {
+        template: 'python',
+        net: true,
+        network_id: made.network_id,
+      },
+    );
+    assert.equal(stolen.status, 404);
+    assert.equal(stolen.body.code, 'NETWORK_NOT_FOUND');
     await rejectsWith(alice.call('CreateNetwork', { name: 'Bad Name' }), status.INVALID_ARGUMENT);
   });
 

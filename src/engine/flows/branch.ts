@@ -51,7 +51,12 @@ export async function branchMachine(
   });
 
   // A clone keeps its source's firewall.
-  if (source.net) rt.d.net?.copyRules(source.id, id);
+  if (source.net) {
+    rt.d.net?.copyRules(source.id, id);
+    // On its source's network (the owner's default one when the source has no record).
+    const network = rt.d.net?.directory.memberOf(source.id);
+    if (network) rt.d.net?.directory.setNetwork(id, network);
+  }
   await cx.admission.insert(row, cx.admission.diskBytesOf(row), principal.quota);
   const m = rt.machine(row);
   const src = rt.machine(source);

@@ -26,6 +26,8 @@ export interface CreateMachine {
   net?: boolean;
   /** Egress rules of a networked machine (net/egress.ts). */
   egress?: EgressInput;
+  /** One of the owner's networks (id or name); absent: their default network. */
+  networkId?: string;
   /** `cold` forces a full boot; `snapshot` requires a snapshot; absent: pool, then snapshot, then cold. */
   mode?: 'cold' | 'snapshot';
   autoSuspendSeconds?: number;
@@ -40,6 +42,8 @@ export interface CreateBox {
   network: boolean;
   /** Egress rules of a networked box (net/egress.ts). */
   egress?: EgressInput;
+  /** One of the owner's networks (id or name); absent: their default network. */
+  networkId?: string;
   /** Absent: the image's WorkingDir, else /root. */
   workdir?: string;
   env: Record<string, string> | null;
@@ -87,7 +91,9 @@ export async function createMachine(
   if (!manifest) throw new HutchError('TEMPLATE_NOT_READY', `template ${req.template} is not built yet`);
   const net = req.net === true;
   const egress = net ? checkNetwork(cx, req.egress) : undefined;
-  if (!net && req.egress) throw new HutchError('INVALID_ARGUMENT', 'egress rules need "net": true');
+  if (!net && (req.egress || req.networkId))
+    throw new HutchError('INVALID_ARGUMENT', 'egress rules and network_id need "net": true');
+  const networkId = net && req.networkId ? networkOf(cx, principal, req.networkId) : undefined;
   checkNameFree(cx, principal.user, req.name);
 
   const persistent = req.persistent === true && config.allowPersistent;
@@ -132,6 +138,7 @@ export async function createMachine(
   });
 
   if (egress) rt.d.net?.saveRules(id, egress);
+  if (networkId) rt.d.net?.directory.setNetwork(id, networkId);
   await cx.admission.insert(row, cx.admission.diskBytesOf(row), principal.quota);
   const m = rt.machine(row);
   return m.lock.run(async () => {
@@ -158,6 +165,13 @@ export async function createMachine(
       return rt.bootFailed(m, 'machine', e);
     }
   });
+}
+
+/** The id of one of the caller's networks, by id or name (NETWORK_NOT_FOUND otherwise). */
+function networkOf(cx: FlowContext, principal: Principal, idOrName: string): string {
+  const net = cx.rt.d.net;
+  if (!net) throw new HutchError('NETWORK_UNAVAILABLE', 'guest networking is off on this server');
+  return net.directory.network(principal.user, idOrName).id;
 }
 
 /** Refuses a network on a server without one, and checks egress rules (INVALID_ARGUMENT). */
@@ -291,6 +305,8 @@ export async function createBox(
     net: req.network ? 1 : 0,
   });
   if (req.network) rt.d.net?.saveRules(id, parseEgress(req.egress ?? {}));
+  if (req.network && req.networkId)
+    rt.d.net?.directory.setNetwork(id, networkOf(cx, principal, req.networkId));
 
   await cx.admission.insert(row, diskBytes, principal.quota);
   const m = rt.machine(row);
