@@ -1,6 +1,5 @@
-import { chmodSync, closeSync, existsSync, mkdirSync, openSync } from 'node:fs';
-import { dirname } from 'node:path';
-import Database from 'better-sqlite3';
+import type Database from 'better-sqlite3';
+import { openOwnerOnlyDb } from '../sqlite-file.js';
 
 /** A user: the owner of machines, boxes, templates, keys and tokens. */
 export interface UserRow {
@@ -76,25 +75,7 @@ export class AuthStore {
   private readonly db: Database.Database;
 
   constructor(path: string) {
-    mkdirSync(dirname(path), { recursive: true, mode: 0o700 });
-    // Key hashes and the JWT signing secret live here: owner-only from the first byte.
-    closeSync(openSync(path, 'a', 0o600));
-    for (const f of [path, `${path}-wal`, `${path}-shm`]) if (existsSync(f)) chmodSync(f, 0o600);
-    this.db = new Database(path);
-    this.db.pragma('journal_mode = WAL');
-    this.db.pragma('synchronous = FULL');
-    this.db.pragma('busy_timeout = 5000');
-    this.db.pragma('foreign_keys = ON');
-    this.db.exec('CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)');
-    this.db.transaction(() => {
-      const row = this.db.prepare('SELECT version FROM schema_version').get() as
-        | { version: number }
-        | undefined;
-      const from = row?.version ?? 0;
-      for (let v = from; v < migrations.length; v++) this.db.exec(migrations[v] as string);
-      if (!row) this.db.prepare('INSERT INTO schema_version VALUES (?)').run(migrations.length);
-      else this.db.prepare('UPDATE schema_version SET version = ?').run(migrations.length);
-    })();
+    this.db = openOwnerOnlyDb(path, migrations);
   }
 
   /** The value of a secret, made by `make` (and kept) the first time it is asked for. */
