@@ -241,8 +241,13 @@ export class Engine {
     // Namespaces, links and slots of machines that did not survive (a crash, a kill -9).
     const net = this.rt.d.net;
     if (net) {
+      const t0 = performance.now();
       const removed = await net.sweep((id) => this.registry.get(id)?.vm !== undefined);
-      if (removed.length) this.log('info', 'network leftovers removed', { count: removed.length });
+      if (removed.length)
+        this.log('info', 'network leftovers removed', {
+          count: removed.length,
+          ms: Math.round(performance.now() - t0),
+        });
     }
     this.sweeper = setInterval(() => this.rt.background('sweep', {}, () => this.sweep()), 500);
     this.sweeper.unref();
