@@ -241,6 +241,8 @@ export class Engine {
     // Namespaces, links and slots of machines that did not survive (a crash, a kill -9).
     const net = this.rt.d.net;
     if (net) {
+      // Rows of machines that are gone (a crash between a machine's end and its rows' removal).
+      net.forgetAllBut((id) => this.store.get(id) !== undefined);
       const t0 = performance.now();
       const removed = await net.sweep((id) => this.registry.get(id)?.vm !== undefined);
       if (removed.length)

@@ -147,6 +147,20 @@ export class NetStore {
     })();
   }
 
+  /** Drops the rows of every machine `keep` does not claim (a daemon starting after a crash). */
+  forgetAllBut(keep: (machineId: string) => boolean): number {
+    let n = 0;
+    this.db.transaction(() => {
+      for (const t of ['egress', 'public_ports', 'network_members', 'proxies', 'domains']) {
+        const ids = this.db.prepare(`SELECT DISTINCT machine_id FROM ${t}`).all() as { machine_id: string }[];
+        for (const { machine_id } of ids)
+          if (!keep(machine_id))
+            n += this.db.prepare(`DELETE FROM ${t} WHERE machine_id = ?`).run(machine_id).changes;
+      }
+    })();
+    return n;
+  }
+
   /** The underlying database, for the net/ modules that own the other tables' queries. */
   get database(): Database.Database {
     return this.db;

@@ -309,6 +309,11 @@ export class NetworkManager {
     return gone.map((n) => n.slice(prefix.length));
   }
 
+  /** Drops net.db rows of machines `keep` does not claim. */
+  forgetAllBut(keep: (machineId: string) => boolean): number {
+    return this.store.forgetAllBut(keep);
+  }
+
   /** Drops what net.db and memory hold about a machine that is gone. */
   forget(machineId: string): void {
     this.store.forgetMachine(machineId);

@@ -459,7 +459,27 @@ describe('boxes API', { timeout: 600_000 }, () => {
       ['POST', '/v1/boxes', '{"image":"debian:bookworm","cpu":"two"}', 400, 'INVALID_ARGUMENT'],
       ['POST', '/v1/boxes', '{"image":"debian:bookworm","bogus":1}', 400, 'INVALID_ARGUMENT'],
       ['POST', '/v1/boxes', '{"image":"debian:bookworm","workdir":"../x"}', 400, 'INVALID_ARGUMENT'],
-      ['POST', '/v1/boxes', '{"image":"debian:bookworm","network":true}', 501, 'NETWORK_UNAVAILABLE'],
+      [
+        'POST',
+        '/v1/boxes',
+        '{"image":"debian:bookworm","egress":{"deny":["10.0.0.0/8"]}}',
+        400,
+        'INVALID_ARGUMENT',
+      ],
+      [
+        'POST',
+        '/v1/boxes',
+        '{"image":"debian:bookworm","network":true,"egress":{"allow":[1]}}',
+        400,
+        'INVALID_ARGUMENT',
+      ],
+      [
+        'POST',
+        '/v1/boxes',
+        '{"image":"debian:bookworm","network":true,"network_id":"nope"}',
+        404,
+        'NETWORK_NOT_FOUND',
+      ],
       ['POST', '/v1/boxes', `{"image":"${'x'.repeat(2 * 1024 * 1024)}"}`, 413, 'BODY_TOO_LARGE'],
       [
         'POST',

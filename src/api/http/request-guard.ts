@@ -50,6 +50,20 @@ export function createGuardedServer(limits: RequestLimits, handler: RequestListe
     requireHostHeader: false,
   };
   const guarded: RequestListener = (req, res) => {
+    // A body coding other than chunked (gzip, …) would reach a handler as bytes it cannot read,
+    // or, empty, look like no body at all: refused before any route sees it.
+    const te = req.headers['transfer-encoding'];
+    if (te !== undefined && te.trim().toLowerCase() !== 'chunked') {
+      sendError(
+        res,
+        new HutchError(
+          'INVALID_ARGUMENT',
+          `transfer-encoding ${JSON.stringify(te)} is not accepted: send the body as is or chunked`,
+        ),
+        { close: true },
+      );
+      return;
+    }
     watchBody(req, res, idle);
     handler(req, res);
   };

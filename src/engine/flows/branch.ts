@@ -50,6 +50,7 @@ export async function branchMachine(
     parent_id: source.id,
   });
 
+  await cx.admission.insert(row, cx.admission.diskBytesOf(row), principal.quota);
   // A clone keeps its source's firewall.
   if (source.net) {
     rt.d.net?.copyRules(source.id, id);
@@ -57,7 +58,6 @@ export async function branchMachine(
     const network = rt.d.net?.directory.memberOf(source.id);
     if (network) rt.d.net?.directory.setNetwork(id, network);
   }
-  await cx.admission.insert(row, cx.admission.diskBytesOf(row), principal.quota);
   const m = rt.machine(row);
   const src = rt.machine(source);
   return m.lock.run(async () => {

@@ -137,9 +137,10 @@ export async function createMachine(
     net: net ? 1 : 0,
   });
 
+  await cx.admission.insert(row, cx.admission.diskBytesOf(row), principal.quota);
+  // Recorded once the machine exists (a refused insert leaves nothing), before it boots.
   if (egress) rt.d.net?.saveRules(id, egress);
   if (networkId) rt.d.net?.directory.setNetwork(id, networkId);
-  await cx.admission.insert(row, cx.admission.diskBytesOf(row), principal.quota);
   const m = rt.machine(row);
   return m.lock.run(async () => {
     try {
@@ -255,6 +256,7 @@ export async function createBox(
   if (rt.d.closing()) throw new HutchError('AGENT_UNAVAILABLE', 'the daemon is shutting down');
   const { req, image: templateImage, templateId } = fromTemplate(cx, principal, request);
   const volumes = checkBoxRequest(cx, req);
+  const networkId = req.network && req.networkId ? networkOf(cx, principal, req.networkId) : undefined;
   const restartPolicy = parseRestartPolicy(req.restartPolicy);
   checkNameFree(cx, principal.user, req.name);
   if (!cx.images) throw new HutchError('INTERNAL', 'this daemon has no image store');
@@ -304,11 +306,9 @@ export async function createBox(
     spec: JSON.stringify(spec),
     net: req.network ? 1 : 0,
   });
-  if (req.network) rt.d.net?.saveRules(id, parseEgress(req.egress ?? {}));
-  if (req.network && req.networkId)
-    rt.d.net?.directory.setNetwork(id, networkOf(cx, principal, req.networkId));
-
   await cx.admission.insert(row, diskBytes, principal.quota);
+  if (req.network) rt.d.net?.saveRules(id, parseEgress(req.egress ?? {}));
+  if (networkId) rt.d.net?.directory.setNetwork(id, networkId);
   const m = rt.machine(row);
   return m.lock.run(async () => {
     try {
