@@ -196,9 +196,12 @@ export function createApiServer<A extends object>(
     } catch (e) {
       const err = toHutchError(e);
       if (err.code === 'INTERNAL') console.error('internal error:', e);
-      // A body we did not read (a refused upload) is not drained: the connection closes instead.
-      if (!res.headersSent) sendError(res, err, { close: !req.complete });
-      else res.destroy();
+      if (res.headersSent) res.destroy();
+      else if (req.complete) sendError(res, err);
+      // A body we did not read (a refused upload): up to a little more of it is read and dropped
+      // first, so a client still sending a small one gets the answer rather than a broken pipe;
+      // past that bound the connection closes instead.
+      else drainThen(req, () => sendError(res, err, { close: !req.complete }));
     }
   }
 
@@ -325,4 +328,29 @@ export function createApiServer<A extends object>(
  */
 function routePath(url: URL): string {
   return url.pathname.replace(/%3a/gi, ':');
+}
+
+/** Reads and drops what is left of a request body, at most 1 MiB or 2 s, then calls `then` once. */
+function drainThen(req: IncomingMessage, then: () => void): void {
+  let left = 1024 * 1024;
+  let done = false;
+  const finish = (): void => {
+    if (done) return;
+    done = true;
+    clearTimeout(timer);
+    req.off('data', onData);
+    req.off('end', finish);
+    req.pause();
+    then();
+  };
+  const onData = (c: Buffer): void => {
+    left -= c.length;
+    if (left < 0) finish();
+  };
+  const timer = setTimeout(finish, 2000);
+  req.unpipe();
+  req.on('data', onData);
+  req.once('end', finish);
+  req.once('close', finish);
+  req.resume();
 }
