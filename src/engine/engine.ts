@@ -11,9 +11,8 @@ import { checkPort, guestListeningPorts, openGuestPort } from '../guest/port-for
 import type { TemplateManifest } from '../images/builder.js';
 import { templateRecipes } from '../images/recipes.js';
 import { SnapshotCache } from '../images/snapshots.js';
-import type { NetDirectory, NetworkInfo } from '../net/directory.js';
+import type { NetworkInfo } from '../net/directory.js';
 import { type EgressInput, parseEgress } from '../net/egress.js';
-import type { ProxyRow } from '../net/net-store.js';
 import type { Denial, NetworkManager } from '../net/network-manager.js';
 import type { AccelChoice } from '../vmm/accel.js';
 import type { ConsoleTap } from '../vmm/console.js';
@@ -53,6 +52,7 @@ import {
 import type { ImageResolver } from './images.js';
 import { type Machine, Registry } from './machine.js';
 import { type MachineView, toView } from './machine-view.js';
+import { type DomainView, NetRouting, type ProxyView } from './net-routing.js';
 import { HeldText, OutputBudget } from './output-budget.js';
 import { WarmPool } from './pool.js';
 import { recover } from './recovery.js';
@@ -115,20 +115,6 @@ export interface EngineParts {
   net?: NetworkManager;
 }
 
-/** A proxy as the APIs show it: a name routed by Host to a port (0: the first it listens on). */
-export interface ProxyView {
-  name: string;
-  vm_id: string;
-  vm_name: string;
-  /** `{name}.{HUTCH_PUBLIC_DOMAIN}`; '' when the server has no public domain. */
-  domain: string;
-  port: number;
-  port_display: string;
-  /** The one made with its VM (gRPC CreateVm). */
-  is_default: boolean;
-  url: string;
-}
-
 /** A networked machine's egress: its rules, what was refused (per reason), the latest refusals. */
 export interface EgressView {
   id: string;
@@ -157,6 +143,7 @@ export class Engine {
   private readonly rt: Runtime;
   private readonly cx: FlowContext;
   private readonly hv: Hypervisor;
+  private readonly routing: NetRouting;
 
   constructor(
     private readonly config: Config,
@@ -228,6 +215,7 @@ export class Engine {
       pool: undefined as unknown as WarmPool,
     };
     this.cx.pool = new WarmPool(this.rt, config, templates, this.snapshots, admission, this.registry);
+    this.routing = new NetRouting(this.rt, config, this.store, (p, ref) => this.findAny(p, ref));
     admission.setOthers(this.cx.pool);
   }
 
@@ -467,96 +455,55 @@ export class Engine {
     return this.egress(p, row.id, kind);
   }
 
-  // ---- networks, proxies, domains (net/directory.ts) ----------------------------------------
-
-  private directory(): NetDirectory {
-    const n = this.rt.d.net;
-    if (!n) throw new HutchError('NETWORK_UNAVAILABLE', 'guest networking is off on this server');
-    return n.directory;
-  }
+  // ---- networks, proxies, domains (engine/net-routing.ts) -----------------------------------
 
   /** Whether this server gives machines a network (HUTCH_NET=on and its setup worked). */
   networking(): boolean {
     return this.rt.d.net !== undefined;
   }
 
-  /** A VM's default proxy: named after it, port "auto" (gRPC VMs get one at create and fork). */
   createDefaultProxy(p: Principal, vm: string): ProxyView {
-    const row = this.findAny(p, vm);
-    const name = (row.name && /^[a-z0-9-]{1,63}$/.test(row.name) ? row.name : row.id).replace(/_/g, '-');
-    return this.proxyView(this.directory().createProxy(p.user, name, row.id, 0, true));
+    return this.routing.createDefaultProxy(p, vm);
   }
 
-  /** The caller's networks, their default one first (made on first use). */
   listNetworks(p: Principal): NetworkInfo[] {
-    return this.directory().networks(p.user);
+    return this.routing.listNetworks(p);
   }
 
   createNetwork(p: Principal, name: string): NetworkInfo {
-    const row = this.directory().createNetwork(p.user, name);
-    return this.listNetworks(p).find((n) => n.network_id === row.id) as NetworkInfo;
+    return this.routing.createNetwork(p, name);
   }
 
-  /** The id of the caller's default network; '' on a server without networking. */
   defaultNetwork(p: Principal): string {
-    return this.rt.d.net ? this.directory().defaultNetwork(p.user).id : '';
+    return this.routing.defaultNetwork(p);
   }
 
   listProxies(p: Principal, vm?: string): ProxyView[] {
-    const only = vm ? this.findAny(p, vm).id : undefined;
-    return this.directory()
-      .proxies(p.user, only)
-      .map((x) => this.proxyView(x));
+    return this.routing.listProxies(p, vm);
   }
 
   createProxy(p: Principal, req: { name: string; vm: string; port: number }): ProxyView {
-    const row = this.findAny(p, req.vm);
-    return this.proxyView(this.directory().createProxy(p.user, req.name, row.id, req.port));
+    return this.routing.createProxy(p, req);
   }
 
   deleteProxy(p: Principal, name: string): void {
-    this.directory().deleteProxy(p.user, name);
+    this.routing.deleteProxy(p, name);
   }
 
   setProxyPort(p: Principal, name: string, port: number): ProxyView {
-    this.directory().setProxyPort(p.user, name, port);
-    return this.proxyView(this.directory().proxy(p.user, name));
+    return this.routing.setProxyPort(p, name, port);
   }
 
-  bindDomain(
-    p: Principal,
-    domain: string,
-    vm: string,
-    port = 0,
-  ): { domain: string; vm_id: string; port: number } {
-    const row = this.findAny(p, vm);
-    const d = this.directory().bindDomain(p.user, domain, row.id, port);
-    return { domain: d.domain, vm_id: d.machine_id, port: d.port };
+  bindDomain(p: Principal, domain: string, vm: string, port = 0): DomainView {
+    return this.routing.bindDomain(p, domain, vm, port);
   }
 
   unbindDomain(p: Principal, domain: string): void {
-    this.directory().unbindDomain(p.user, domain);
+    this.routing.unbindDomain(p, domain);
   }
 
-  listDomains(p: Principal): { domain: string; vm_id: string; port: number }[] {
-    return this.directory()
-      .domains(p.user)
-      .map((d) => ({ domain: d.domain, vm_id: d.machine_id, port: d.port }));
-  }
-
-  private proxyView(x: ProxyRow): ProxyView {
-    const vm = this.store.get(x.machine_id);
-    const domain = this.config.publicDomain ? `${x.name}.${this.config.publicDomain}` : '';
-    return {
-      name: x.name,
-      vm_id: x.machine_id,
-      vm_name: vm?.name ?? x.machine_id,
-      domain,
-      port: x.port,
-      port_display: x.port === 0 ? 'auto' : String(x.port),
-      is_default: x.id.startsWith('pxd-'),
-      url: domain ? `${this.config.tlsCert ? 'https' : 'http'}://${domain}/` : '',
-    };
+  listDomains(p: Principal): DomainView[] {
+    return this.routing.listDomains(p);
   }
 
   /** Sets the machine's idle auto-suspend timeout (0 disables it; null: the server default). */

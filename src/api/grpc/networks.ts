@@ -1,4 +1,4 @@
-import type { ProxyView } from '../../engine/engine.js';
+import type { ProxyView } from '../../engine/net-routing.js';
 import { HutchError } from '../../errors.js';
 import { required, text, vmRef } from './args.js';
 import { type Cx, type Rpc, unary } from './rpc.js';

@@ -1,5 +1,5 @@
 import type { BoxView } from '../../engine/box-view.js';
-import type { ProxyView } from '../../engine/engine.js';
+import type { ProxyView } from '../../engine/net-routing.js';
 import { HutchError } from '../../errors.js';
 import { createBoxBody } from '../boxes-schemas.js';
 import { optionalName, required, text, vmRef } from './args.js';
