@@ -335,14 +335,9 @@ export class PreviewProxy implements FrontHandler {
       res.end();
       return;
     }
-    const deadline = new Deadline(this.timeoutMs);
-    const stream = await deadline.race(this.open(up));
-    if (res.destroyed) {
-      // The client left while the stream was being opened: nobody to answer.
-      deadline.clear();
-      stream.destroy();
-      return;
-    }
+    const opened = await this.openFor(up, () => res.destroyed);
+    if (!opened) return;
+    const { stream, deadline } = opened;
     const upReq = request({
       method: req.method ?? 'GET',
       path: up.path,
@@ -412,13 +407,9 @@ export class PreviewProxy implements FrontHandler {
       socket.end();
       return;
     }
-    const deadline = new Deadline(this.timeoutMs);
-    const stream = await deadline.race(this.open(up));
-    if (socket.destroyed) {
-      deadline.clear();
-      stream.destroy();
-      return;
-    }
+    const opened = await this.openFor(up, () => socket.destroyed);
+    if (!opened) return;
+    const { stream, deadline } = opened;
     const info: RewriteInfo = { prefix: up.prefix, host: req.headers.host, port: up.port };
     const upReq = request({
       method: req.method ?? 'GET',
@@ -487,6 +478,22 @@ export class PreviewProxy implements FrontHandler {
     b.once('error', end);
     a.pipe(b);
     b.pipe(a);
+  }
+
+  /**
+   * The guest stream, opened within the deadline; undefined (the stream closed) when the client
+   * left while it was being opened: nobody to answer.
+   */
+  private async openFor(
+    up: Upstream,
+    clientGone: () => boolean,
+  ): Promise<{ stream: Duplex; deadline: Deadline } | undefined> {
+    const deadline = new Deadline(this.timeoutMs);
+    const stream = await deadline.race(this.open(up));
+    if (!clientGone()) return { stream, deadline };
+    deadline.clear();
+    stream.destroy();
+    return undefined;
   }
 
   private open(up: Upstream): Promise<Duplex> {
