@@ -12,6 +12,7 @@ import {
   hostRuleset,
   type NsFirewall,
   nsRuleset,
+  resolverUpdate,
 } from './firewall.js';
 import { inNetns, run } from './host-commands.js';
 import type { NetStore } from './net-store.js';
@@ -196,14 +197,33 @@ export class NetworkManager {
   /** The network of a machine found running after a restart (its QEMU still in the namespace). */
   adopt(machineId: string, runDir: string): MachineNet | undefined {
     try {
-      const f = JSON.parse(readFileSync(join(runDir, netFile), 'utf8')) as { netns: string; slot: number };
+      const f = JSON.parse(readFileSync(join(runDir, netFile), 'utf8')) as {
+        netns: string;
+        slot: number;
+        networkId?: string;
+      };
       if (!existsSync(`/run/netns/${f.netns}`)) return undefined;
       const net: MachineNet = {
         machineId,
         netns: f.netns,
         outside: outsideOf(this.s.pool, this.tag, f.slot),
+        ...(f.networkId ? { networkId: f.networkId } : {}),
       };
       this.remember(net);
+      // Its peers are set again once every survivor is adopted (sweep): some may have died.
+      if (net.networkId) this.membersOf(net.networkId).add(net);
+      // Its DNS goes to this daemon's resolver (on another port when the last one was taken).
+      inNetns(
+        net.netns,
+        'nft',
+        ['-f', '-'],
+        resolverUpdate(this.firewall(net), this.rulesOf(machineId)),
+      ).catch((e: unknown) =>
+        this.log('warn', 'adopted network not pointed at the resolver', {
+          id: machineId,
+          error: (e as Error).message,
+        }),
+      );
       return net;
     } catch {
       return undefined;

@@ -1,7 +1,9 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
+import { createSocket } from 'node:dgram';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { networkInterfaces } from 'node:os';
+import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { BoxesClient } from '../../src/client/boxes-client.js';
 import { daemonTag } from '../../src/net/addressing.js';
@@ -385,12 +387,28 @@ describe('networking: snapshots, branches, suspend, restarts and crashes', () =>
       (_, i) => `netns add hutch-${tag}-m-dead${String(i).padStart(4, '0')}`,
     );
     execFileSync('ip', ['-batch', '-'], { input: fakes.join('\n') });
+    // The resolver's last port taken meanwhile: the restarted daemon listens elsewhere, and the
+    // survivor's namespace must be pointed there.
+    const lastDns = Number(readFileSync(join(d.stateDir, 'dns-port'), 'utf8'));
+    const squatter = createSocket('udp4');
+    await new Promise<void>((r) => squatter.bind(lastDns, '0.0.0.0', () => r()));
     d = await startDaemon({ env: inet.env, stateDir: d.stateDir });
+    squatter.close();
+    assert.notEqual(Number(readFileSync(join(d.stateDir, 'dns-port'), 'utf8')), lastDns);
     const left = readdirSync('/run/netns').filter((n) => n.startsWith(`hutch-${tag}-`));
     assert.ok(left.includes(`hutch-${tag}-${keep}`), left.join(' '));
     assert.ok(!left.includes(`hutch-${tag}-${dead}`), left.join(' '));
     assert.ok(!left.some((n) => n.includes('m-dead')), `${left.length} left`);
     assert.equal(await out(d, keep, fetchScript('http://pypi.test/')), 'hello from the fake internet');
+    // It is still on its owner's network: a machine made after the restart reaches it.
+    assert.equal(
+      (await exec(d, keep, startGuestWebServer(8080).replace('("127.0.0.1"', '("0.0.0.0"'))).exit_code,
+      0,
+    );
+    const fresh = await createNet(d);
+    const keepAddress = outsideAddress(d, keep);
+    assert.equal(await out(d, fresh, fetchScript(`http://${keepAddress}:8080/`)), 'hello from the guest');
+    await api(d.url, 'DELETE', `/v1/machines/${fresh}`);
     const del = await api(d.url, 'DELETE', `/v1/machines/${keep}`);
     assert.equal(del.status, 204);
     const gone = await api(d.url, 'GET', `/v1/machines/${dead}`);
