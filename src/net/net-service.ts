@@ -49,14 +49,9 @@ export async function startNetworking(config: Config, store: NetStore, log: Log)
       id,
       allow: rules.allowDomains.length ? new DomainRules(rules.allowDomains) : null,
       deny: new DomainRules(rules.denyDomains),
-      onAnswer: (_name, addresses, ttl) => {
-        if (rules.allowDomains.length)
-          manager
-            .openResolved(id, addresses, ttl)
-            .catch((e: unknown) =>
-              log('warn', 'resolved addresses not opened', { id, error: (e as Error).message }),
-            );
-      },
+      // Waited for by the resolver: the addresses are open before the guest hears of them.
+      onAnswer: (_name, addresses, ttl) =>
+        rules.allowDomains.length ? manager.openResolved(id, addresses, ttl) : undefined,
       onDenied: ({ name, reason }) => manager.recordDnsDenial(id, name, reason),
     };
     policies.set(id, { key, policy });

@@ -37,6 +37,8 @@ export interface MachineNet {
   outside: Outside;
   /** The user network it is on (its members reach each other); none for snapshot machines. */
   networkId?: string;
+  /** Addresses opened in its `resolved` set, and until when (ms): writes already made are skipped. */
+  resolved: Map<string, number>;
 }
 
 /** A refused destination, most recent first (GET /v1/machines/{id}/egress). */
@@ -65,6 +67,7 @@ export class NetworkManager {
   private readonly byNsAddr = new Map<string, MachineNet>();
   private readonly byId = new Map<string, MachineNet>();
   private readonly dnsDenials = new Map<string, Denial[]>();
+  private readonly rules = new Map<string, EgressRules>();
   /** Running members of each user network. */
   private readonly members = new Map<string, Set<MachineNet>>();
   readonly directory: NetDirectory;
@@ -143,6 +146,7 @@ export class NetworkManager {
       netns,
       outside: outsideOf(this.s.pool, this.tag, slot),
       ...(networkId ? { networkId } : {}),
+      resolved: new Map(),
     };
     writeFileSync(join(runDir, netFile), JSON.stringify({ netns, slot, networkId }));
     this.remember(net);
@@ -208,6 +212,8 @@ export class NetworkManager {
         netns: f.netns,
         outside: outsideOf(this.s.pool, this.tag, f.slot),
         ...(f.networkId ? { networkId: f.networkId } : {}),
+        // Unknown after a restart: the next answers write their addresses again.
+        resolved: new Map(),
       };
       this.remember(net);
       // Its peers are set again once every survivor is adopted (sweep): some may have died.
@@ -331,22 +337,29 @@ export class NetworkManager {
 
   /** Drops net.db rows of machines `keep` does not claim. */
   forgetAllBut(keep: (machineId: string) => boolean): number {
+    this.rules.clear();
     return this.store.forgetAllBut(keep);
   }
 
   /** Drops what net.db and memory hold about a machine that is gone. */
   forget(machineId: string): void {
     this.store.forgetMachine(machineId);
+    this.rules.delete(machineId);
     this.dnsDenials.delete(machineId);
   }
 
   // -- egress rules
 
   rulesOf(machineId: string): EgressRules {
+    // Asked on every DNS query: kept in memory, written through (saveRules is the only writer).
+    const cached = this.rules.get(machineId);
+    if (cached) return cached;
     const row = this.store.database.prepare('SELECT rules FROM egress WHERE machine_id = ?').get(machineId) as
       | { rules: string }
       | undefined;
-    return row ? (JSON.parse(row.rules) as EgressRules) : noEgressRules;
+    const rules = row ? (JSON.parse(row.rules) as EgressRules) : noEgressRules;
+    this.rules.set(machineId, rules);
+    return rules;
   }
 
   /** Records a machine's rules (at create, before its namespace exists). */
@@ -354,6 +367,7 @@ export class NetworkManager {
     this.store.database
       .prepare('INSERT OR REPLACE INTO egress VALUES (?, ?, ?)')
       .run(machineId, JSON.stringify(rules), Date.now());
+    this.rules.set(machineId, rules);
   }
 
   /** Copies a machine's rules to a new one (a branch keeps its source's firewall). */
@@ -371,6 +385,7 @@ export class NetworkManager {
         JSON.stringify([before.allowDomains, before.denyDomains]) !==
         JSON.stringify([rules.allowDomains, rules.denyDomains]);
       await inNetns(net.netns, 'nft', ['-f', '-'], egressUpdate(this.firewall(net), rules, domainsChanged));
+      if (domainsChanged) net.resolved.clear();
     }
     this.saveRules(machineId, rules);
   }
@@ -381,8 +396,16 @@ export class NetworkManager {
     if (!net || addresses.length === 0) return;
     // At least 10 minutes: a connection must not be cut because the name's TTL ran out mid-download.
     const t = Math.min(Math.max(ttlSeconds, 600), 86_400);
-    const elems = addresses.map((a) => `${a} timeout ${t}s`).join(', ');
+    const now = Date.now();
+    // A guest resolves the same names over and over: an address with more than half its time
+    // left is not written again (each write is an nft process).
+    const open = net.resolved;
+    const due = addresses.filter((a) => (open.get(a) ?? 0) - now < (t * 1000) / 2);
+    if (!due.length) return;
+    const elems = due.map((a) => `${a} timeout ${t}s`).join(', ');
     await inNetns(net.netns, 'nft', ['-f', '-'], `add element ip hutch resolved { ${elems} }\n`);
+    for (const a of due) open.set(a, now + t * 1000);
+    if (open.size > 65_536) open.clear();
   }
 
   recordDnsDenial(machineId: string, name: string, reason: string): void {

@@ -219,6 +219,8 @@ EOF`;
     // The other machine resolved nothing: the address stays closed for it.
     await egress(d, id, { allow: ['other.test'] });
     assert.equal(await out(d, id, probeScript('198.18.1.10', 80)), 'refused');
+    // Resolving and connecting at once (as every client does): the answer waits for the firewall.
+    assert.equal(await out(d, id, probeScript('other.test', 80)), 'connected');
     await egress(d, id, {});
     await egress(d, other, {});
   });

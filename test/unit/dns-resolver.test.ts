@@ -60,7 +60,9 @@ function policy(events: Events): ClientPolicy {
       'silent.test',
     ]),
     deny: compileDomainRules(['secret.wild.test']),
-    onAnswer: (name, addresses, ttl) => events.answers.push({ name, addresses, ttl }),
+    onAnswer: (name, addresses, ttl) => {
+      events.answers.push({ name, addresses, ttl });
+    },
     onDenied: (e) => events.denied.push(e),
   };
 }

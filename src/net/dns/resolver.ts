@@ -43,8 +43,12 @@ export interface ClientPolicy {
   /** null: any name. */
   allow: DomainRules | null;
   deny: DomainRules;
-  /** Called before the answer is sent, with the answer's A addresses and its smallest TTL. */
-  onAnswer(name: string, addresses: string[], ttlSeconds: number): void;
+  /**
+   * Called before the answer is sent, with the answer's A addresses and its smallest TTL; the
+   * answer waits for a returned promise (the firewall opening the addresses), so a guest never
+   * connects to an address its answer named before it is open.
+   */
+  onAnswer(name: string, addresses: string[], ttlSeconds: number): void | Promise<void>;
   onDenied(event: { name: string; reason: DeniedReason }): void;
 }
 
@@ -397,7 +401,7 @@ export class DnsResolver {
     }
     if (screened.addresses.length > 0) {
       try {
-        policy.onAnswer(name, [...screened.addresses], screened.ttl);
+        await policy.onAnswer(name, [...screened.addresses], screened.ttl);
       } catch (err) {
         // The firewall may not have opened these addresses: better no answer than a wrong one.
         this.o.log?.(`dns: onAnswer for ${policy.id}: ${String(err)}`);

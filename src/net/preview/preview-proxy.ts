@@ -1,4 +1,4 @@
-import { type IncomingMessage, request, type ServerResponse } from 'node:http';
+import { type ClientRequest, type IncomingMessage, request, type ServerResponse } from 'node:http';
 import type { Duplex } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type { TLSSocket } from 'node:tls';
@@ -338,15 +338,7 @@ export class PreviewProxy implements FrontHandler {
     const opened = await this.openFor(up, () => res.destroyed);
     if (!opened) return;
     const { stream, deadline } = opened;
-    const upReq = request({
-      method: req.method ?? 'GET',
-      path: up.path,
-      headers: upstreamRequestHeaders(req, {
-        prefix: up.prefix,
-        proto: isTls(req) ? 'https' : 'http',
-      }).flat(),
-      createConnection: () => stream,
-    });
+    const upReq = upstreamRequest(req, up, stream);
     const info: RewriteInfo = { prefix: up.prefix, host: req.headers.host, port: up.port };
     res.on('close', () => {
       if (!res.writableFinished) upReq.destroy();
@@ -411,15 +403,7 @@ export class PreviewProxy implements FrontHandler {
     if (!opened) return;
     const { stream, deadline } = opened;
     const info: RewriteInfo = { prefix: up.prefix, host: req.headers.host, port: up.port };
-    const upReq = request({
-      method: req.method ?? 'GET',
-      path: up.path,
-      headers: upstreamRequestHeaders(req, {
-        prefix: up.prefix,
-        proto: isTls(req) ? 'https' : 'http',
-      }).flat(),
-      createConnection: () => stream,
-    });
+    const upReq = upstreamRequest(req, up, stream);
     socket.once('close', () => upReq.destroy());
     await new Promise<void>((resolve, reject) => {
       deadline.onExpiry(() => {
@@ -569,4 +553,17 @@ function writeHead(socket: Duplex, status: number, reason: string, headers: stri
   let head = `HTTP/1.1 ${status} ${reason.replace(/[\r\n]/g, '')}\r\n`;
   for (let i = 0; i + 1 < headers.length; i += 2) head += `${headers[i]}: ${headers[i + 1]}\r\n`;
   socket.write(`${head}\r\n`);
+}
+
+/** The request to the guest, on the stream opened for it (requests and upgrades alike). */
+function upstreamRequest(req: IncomingMessage, up: Upstream, stream: Duplex): ClientRequest {
+  return request({
+    method: req.method ?? 'GET',
+    path: up.path,
+    headers: upstreamRequestHeaders(req, {
+      prefix: up.prefix,
+      proto: isTls(req) ? 'https' : 'http',
+    }).flat(),
+    createConnection: () => stream,
+  });
 }
