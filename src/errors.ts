@@ -163,6 +163,39 @@ export const errorTable = {
   },
   DOMAIN_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No domain of yours has this name.' },
   NETWORK_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No network of yours has this id or name.' },
+  VOLUME_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No volume of yours has this id (or it expired).' },
+  VOLUME_BUSY: {
+    http: 409,
+    grpc: 'FAILED_PRECONDITION',
+    doc: 'A save into or a restore from this volume is running; try again when it has finished.',
+  },
+  VOLUME_TOO_LARGE: {
+    http: 413,
+    grpc: 'RESOURCE_EXHAUSTED',
+    doc: 'The volume would hold more bytes or files than HUTCH_VOLUME_MAX_BYTES / HUTCH_VOLUME_MAX_FILES allow; its previous version is kept.',
+  },
+  STORAGE_UNAVAILABLE: {
+    http: 503,
+    grpc: 'UNAVAILABLE',
+    doc: "The volume store (the S3 endpoint) did not answer or failed; nothing was changed. Retry later.",
+  },
+  DISK_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No disk of yours has this id or name.' },
+  DISK_NAME_TAKEN: { http: 409, grpc: 'ALREADY_EXISTS', doc: 'Another disk of yours already has this name.' },
+  DISK_ATTACHED: {
+    http: 409,
+    grpc: 'FAILED_PRECONDITION',
+    doc: 'The disk is attached where this is not allowed: read-write elsewhere, to this machine already, or (DestroyDisk) anywhere.',
+  },
+  DISK_NOT_ATTACHED: {
+    http: 409,
+    grpc: 'FAILED_PRECONDITION',
+    doc: 'The disk is not attached to this machine.',
+  },
+  DISK_BUSY: {
+    http: 409,
+    grpc: 'FAILED_PRECONDITION',
+    doc: 'A process in the guest has files open under the mount path, so the disk cannot be unmounted; nothing was changed.',
+  },
   PREVIEW_TIMEOUT: {
     http: 504,
     grpc: 'DEADLINE_EXCEEDED',
