@@ -514,6 +514,8 @@ static void handle_frame(const struct proto_frame *f)
 	case T_FILE_READ:
 	case T_CONFIGURE:
 	case T_PORT_OPEN:
+	case T_DISK_MOUNT:
+	case T_DISK_UNMOUNT:
 		if (stream_find(f->stream)) {
 			violation("stream id reused");
 			return;
@@ -526,6 +528,8 @@ static void handle_frame(const struct proto_frame *f)
 			file_read_open(f);
 		else if (f->type == T_PORT_OPEN)
 			port_open(f);
+		else if (f->type == T_DISK_MOUNT || f->type == T_DISK_UNMOUNT)
+			disk_open(f);
 		else
 			configure_open(f); /* answered at once: no stream outlives the frame */
 		return;
@@ -557,7 +561,8 @@ static void handle_frame(const struct proto_frame *f)
 		return;
 	}
 	if (f->type == T_STDIN || f->type == T_DATA) {
-		if ((f->type == T_STDIN) != (s->kind == STREAM_EXEC) || s->kind == STREAM_READ) {
+		if ((f->type == T_STDIN) != (s->kind == STREAM_EXEC) || s->kind == STREAM_READ ||
+		    s->kind == STREAM_DISK) {
 			violation("data frame of the wrong kind for its stream");
 			return;
 		}
@@ -707,12 +712,14 @@ static void loop(void)
 			owner[n++] = NULL;
 		}
 		for (struct stream *s = A.streams; s; s = s->next) {
-			if (s->kind != STREAM_EXEC && s->kind != STREAM_API && s->kind != STREAM_PORT)
+			if (s->kind != STREAM_EXEC && s->kind != STREAM_API && s->kind != STREAM_PORT &&
+			    s->kind != STREAM_DISK)
 				continue;
 			if (s->dead)
 				continue;
 			int k = s->kind == STREAM_EXEC  ? exec_pollfds(s, pfd + n)
 				: s->kind == STREAM_PORT ? port_pollfds(s, pfd + n)
+				: s->kind == STREAM_DISK ? disk_pollfds(s, pfd + n)
 							 : sock_pollfds(s, pfd + n);
 			for (int i = 0; i < k; i++)
 				owner[n + (size_t)i] = s;
@@ -765,6 +772,8 @@ static void loop(void)
 				exec_ready(s, pfd + i, (int)(j - i));
 			else if (!s->dead && s->kind == STREAM_PORT)
 				port_ready(s, pfd + i, (int)(j - i));
+			else if (!s->dead && s->kind == STREAM_DISK)
+				disk_ready(s, pfd + i, (int)(j - i));
 			else if (!s->dead)
 				sock_ready(s, pfd + i, (int)(j - i));
 			i = j;

@@ -1,6 +1,6 @@
 /* State shared by the agent's event loop (agent.c), exec streams (exec.c), file streams
- * (files.c), socket streams (sockstream.c: api.c, port.c), CONFIGURE (configure.c) and PID 1
- * duties (init.c). The agent is
+ * (files.c), socket streams (sockstream.c: api.c, port.c), CONFIGURE (configure.c), disks
+ * (disk.c) and PID 1 duties (init.c). The agent is
  * single-threaded: everything runs from one poll() loop, so none of this needs locking. */
 #ifndef HUTCH_AGENT_H
 #define HUTCH_AGENT_H
@@ -21,7 +21,7 @@
  * window the host always keeps 224 KiB of room, so batching never stalls it. */
 #define CREDIT_BATCH 32768u
 
-enum stream_kind { STREAM_EXEC, STREAM_WRITE, STREAM_READ, STREAM_API, STREAM_PORT };
+enum stream_kind { STREAM_EXEC, STREAM_WRITE, STREAM_READ, STREAM_API, STREAM_PORT, STREAM_DISK };
 
 /* Forwarded ports open at once (port.c); the host is answered EMFILE past it. */
 #define PORT_MAX_STREAMS 64
@@ -59,6 +59,10 @@ struct stream {
 	/* port: connecting until PORT_OPEN is answered (deadline: give up then) */
 	int connecting, tried_v6;
 	uint16_t port;
+
+	/* disk: the worker's pid and its result pipe in fd, the request's path in path */
+	unsigned disk_target;
+	int disk_unmount;
 };
 
 struct agent {
@@ -114,6 +118,8 @@ void file_write_data(struct stream *s, const uint8_t *p, size_t n);
 void file_read_open(const struct proto_frame *f);
 void file_read_pump(struct stream *s);
 void file_discard(struct stream *s);
+/* mkdir -p, each directory made 0755; -1 with errno (ENOTDIR when dir or a parent is a file). */
+int mkdir_p(const char *dir);
 
 /* api.c: the guest API socket and the streams it opens toward the host. */
 void api_listen(const char *path);
@@ -131,6 +137,11 @@ void port_open(const struct proto_frame *f);
 int64_t port_timers(struct stream *s, int64_t now);
 int port_pollfds(struct stream *s, struct pollfd *pfd);
 void port_ready(struct stream *s, const struct pollfd *pfd, int n);
+
+/* disk.c: DISK_MOUNT and DISK_UNMOUNT, each done by a child that answers through a pipe. */
+void disk_open(const struct proto_frame *f);
+int disk_pollfds(struct stream *s, struct pollfd *pfd);
+void disk_ready(struct stream *s, const struct pollfd *pfd, int n);
 
 /* guestcli.c: the agent binary run as `hutch`. */
 int guest_cli(int argc, char **argv);

@@ -82,28 +82,9 @@ void grow_root(void)
 		close(rfd);
 }
 
-static int mkdir_p(char *path)
-{
-	for (char *s = path + 1;; s++) {
-		if (*s != '/' && *s != 0)
-			continue;
-		char c = *s;
-		*s = 0;
-		int r = mkdir(path, 0755);
-		int e = errno;
-		*s = c;
-		if (r < 0 && e != EEXIST) {
-			errno = e;
-			return -1;
-		}
-		if (!c)
-			return 0;
-	}
-}
-
 int mount_volume(const struct volume *vol, const char **what)
 {
-	struct volume v = *vol; /* mkdir_p writes into the path */
+	struct volume v = *vol;
 	*what = "mkdir";
 	if (mkdir_p(v.path) < 0) {
 		logmsg("volume %s: mkdir %s: %s", v.tag, v.path, strerror(errno));

@@ -18,6 +18,45 @@ static int path_ok(const char *p)
 	}
 }
 
+const char *parse_disk_request(const struct proto_field *f, size_t n, int unmount, struct disk_request *r)
+{
+	const struct proto_field *target = NULL, *path = NULL, *ro = NULL;
+	memset(r, 0, sizeof *r);
+	for (size_t i = 0; i < n; i++) {
+		const struct proto_field **slot;
+		uint8_t tag = f[i].tag;
+		if (tag == (unmount ? DU_TARGET : DM_TARGET))
+			slot = &target;
+		else if (tag == (unmount ? DU_PATH : DM_PATH))
+			slot = &path;
+		else if (!unmount && tag == DM_READ_ONLY)
+			slot = &ro;
+		else
+			continue; /* unknown tags are for newer agents */
+		if (*slot)
+			return "a field is given twice";
+		*slot = &f[i];
+	}
+	if (!target)
+		return "a SCSI target is required";
+	r->target = (unsigned)target->val[0] << 8 | target->val[1];
+	if (r->target > DISK_TARGET_MAX)
+		return "the SCSI target must be 0 to 255";
+	if (!path)
+		return "a mount path is required";
+	/* The same rules as a volume's path: a normalised absolute path, so that the one the host
+	 * asked for is the one mountinfo will show and the one DISK_UNMOUNT names. */
+	if (path->len < 2 || path->len > VOL_PATH_MAX || memchr(path->val, 0, path->len))
+		return "the path must be 2 to 255 bytes, without NUL";
+	memcpy(r->path, path->val, path->len);
+	if (!path_ok(r->path))
+		return "the path must be absolute and normalised (no empty, . or .. components, no trailing /), not /";
+	if (ro && ro->val[0] > 1)
+		return "read_only must be 0 or 1";
+	r->read_only = ro && ro->val[0];
+	return NULL;
+}
+
 static int tag_char(uint8_t c)
 {
 	return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||

@@ -6,6 +6,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "proto.h"
+
 #define VOL_TAG_MAX 31
 #define VOL_PATH_MAX 255
 
@@ -19,6 +21,21 @@ struct volume {
  * a bad tag, a path that is not absolute, is `/`, holds `.` or `..` components or `//`, or is
  * too long, a mode other than ro/rw, a missing NUL, trailing bytes. */
 int parse_volume(const uint8_t *p, size_t n, struct volume *v);
+
+/* DISK_MOUNT and DISK_UNMOUNT (docs/agent-protocol.md, "Disks"), as the agent reads them. */
+#define DISK_TARGET_MAX 255
+struct disk_request {
+	unsigned target; /* SCSI target id */
+	char path[VOL_PATH_MAX + 1];
+	int read_only; /* DISK_MOUNT only */
+};
+
+/* Checks the fields of a DISK_MOUNT (unmount = 0) or DISK_UNMOUNT (unmount = 1) and fills r.
+ * NULL if the request is valid, else why not (the agent's ERROR EINVAL): a missing or repeated
+ * target or path, a target over 255, a path that is not absolute, is `/`, holds NUL, `.` or
+ * `..` components or `//`, ends in `/` or is over 255 bytes, a read_only other than 0 or 1.
+ * The decoder has already checked the sizes of target and read_only. */
+const char *parse_disk_request(const struct proto_field *f, size_t n, int unmount, struct disk_request *r);
 
 /* From the first 1024 bytes of an ext4 superblock (device offset 1024): the block size and
  * the block count. 0, or -1 if the magic is wrong. */

@@ -33,7 +33,7 @@ static char *field_path(const struct proto_frame *f, uint8_t tag, int *dup)
 	return s;
 }
 
-static int mkdir_p(const char *dir)
+int mkdir_p(const char *dir)
 {
 	char *tmp = strdup(dir);
 	if (!tmp)

@@ -48,6 +48,8 @@ int proto_payload_kind(uint8_t type)
 	case T_UNSUPPORTED:
 	case T_API_OPEN:
 	case T_PORT_OPEN:
+	case T_DISK_MOUNT:
+	case T_DISK_UNMOUNT:
 		return PK_TLV;
 	default:
 		return -1;
@@ -81,6 +83,8 @@ const char *proto_type_name(uint8_t type)
 	case T_CONFIGURE: return "CONFIGURE";
 	case T_API_OPEN: return "API_OPEN";
 	case T_PORT_OPEN: return "PORT_OPEN";
+	case T_DISK_MOUNT: return "DISK_MOUNT";
+	case T_DISK_UNMOUNT: return "DISK_UNMOUNT";
 	default: return "?";
 	}
 }
@@ -135,6 +139,11 @@ int proto_tag_info(uint8_t type, uint8_t tag, const char **key, uint32_t *size)
 		{T_UNSUPPORTED, UNSUP_TYPE, "type", 1},
 		{T_UNSUPPORTED, UNSUP_STREAM, "stream", 4},
 		{T_PORT_OPEN, PORT_PORT, "port", 2},
+		{T_DISK_MOUNT, DM_TARGET, "target", 2},
+		{T_DISK_MOUNT, DM_PATH, "path", 0},
+		{T_DISK_MOUNT, DM_READ_ONLY, "read_only", 1},
+		{T_DISK_UNMOUNT, DU_PATH, "path", 0},
+		{T_DISK_UNMOUNT, DU_TARGET, "target", 2},
 	};
 	for (size_t i = 0; i < sizeof tags / sizeof tags[0]; i++) {
 		if (tags[i].type == type && tags[i].tag == tag) {

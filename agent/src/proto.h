@@ -44,6 +44,8 @@ enum proto_type {
 	T_CONFIGURE = 0x25,
 	T_API_OPEN = 0x28,
 	T_PORT_OPEN = 0x29,
+	T_DISK_MOUNT = 0x2A,
+	T_DISK_UNMOUNT = 0x2B,
 };
 
 /* TLV tags, named per frame type. */
@@ -59,6 +61,8 @@ enum {
 	HELLO_VERSION = 1, HELLO_FEATURES = 2,
 	UNSUP_TYPE = 1, UNSUP_STREAM = 2,
 	PORT_PORT = 1,
+	DM_TARGET = 1, DM_PATH = 2, DM_READ_ONLY = 3,
+	DU_PATH = 1, DU_TARGET = 2,
 };
 
 /* Protocol version and feature bits (docs/agent-protocol.md, "Versions and features"); the
@@ -74,10 +78,11 @@ enum {
 #define FEAT_GUEST_API (1ull << 7)
 #define FEAT_PORT_FORWARD (1ull << 8)
 #define FEAT_NET (1ull << 9)
+#define FEAT_DISKS (1ull << 10)
 #define AGENT_FEATURES                                                                        \
 	(FEAT_EXEC | FEAT_FILES | FEAT_RESET | FEAT_CONFIGURE | FEAT_CONFIGURE_VOLUMES |        \
 	 FEAT_CONFIGURE_GROW_ROOT | FEAT_UNSUPPORTED | FEAT_GUEST_API | FEAT_PORT_FORWARD |      \
-	 FEAT_NET)
+	 FEAT_NET | FEAT_DISKS)
 
 /* Streams the agent opens (API_OPEN) have this bit set in their id, the host's never: the
  * two sides allocate ids without coordinating and can never collide. */
