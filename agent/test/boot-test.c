@@ -1,5 +1,6 @@
-/* Unit tests of the boot parameters' pure parts (src/bootparam.c): CONFIGURE's volume field and
- * the ext4 superblock arithmetic behind growing the root filesystem. With an argument, the
+/* Unit tests of the boot parameters' pure parts (src/bootparam.c): CONFIGURE's volume field,
+ * the fields of DISK_MOUNT and DISK_UNMOUNT, and the ext4 superblock arithmetic behind growing
+ * the root filesystem. With an argument, the
  * superblock checks also run on that file, a real image made by mkfs.ext4 (run-tests.py makes
  * one). Prints `boot: N passed, M failed`. */
 #include <stdio.h>
@@ -73,6 +74,107 @@ static void t_volumes(void)
 	check(pv(strcat(arg, "a|rw"), &v) < 0, "256-byte path");
 }
 
+/* A disk request's fields as the decoder hands them over; sizes as the decoder allows. */
+static struct proto_field fl[8];
+static size_t nfl;
+static uint8_t vals[8][2];
+
+static void add(uint8_t tag, const void *val, uint32_t len)
+{
+	fl[nfl++] = (struct proto_field){.tag = tag, .len = len, .val = val};
+}
+
+static void add_u16(uint8_t tag, unsigned v)
+{
+	vals[nfl][0] = (uint8_t)(v >> 8), vals[nfl][1] = (uint8_t)v;
+	add(tag, vals[nfl], 2);
+}
+
+static void add_u8(uint8_t tag, unsigned v)
+{
+	vals[nfl][0] = (uint8_t)v;
+	add(tag, vals[nfl], 1);
+}
+
+static void t_disk_requests(void)
+{
+	struct disk_request r;
+	nfl = 0;
+	add_u16(DM_TARGET, 3);
+	add(DM_PATH, "/mnt/data", 9);
+	check(!parse_disk_request(fl, nfl, 0, &r) && r.target == 3 && !strcmp(r.path, "/mnt/data") && !r.read_only,
+	      "mount: target and path, read_only defaults to 0");
+	add_u8(DM_READ_ONLY, 1);
+	add(9, "later", 5);
+	check(!parse_disk_request(fl, nfl, 0, &r) && r.read_only, "mount: read_only 1, an unknown tag skipped");
+	nfl = 0;
+	add(DU_PATH, "/mnt/data", 9);
+	add_u16(DU_TARGET, 255);
+	check(!parse_disk_request(fl, nfl, 1, &r) && r.target == 255 && !strcmp(r.path, "/mnt/data"),
+	      "unmount: path and target (tags in the unmount order)");
+	check(parse_disk_request(fl, nfl, 0, &r) != NULL, "unmount's tags do not make a mount");
+	nfl = 0;
+	add_u16(DU_TARGET, 1);
+	add(DU_PATH, "/d", 2);
+	add_u8(DM_READ_ONLY, 1); /* tag 3 means nothing to an unmount: skipped */
+	check(!parse_disk_request(fl, nfl, 1, &r) && !strcmp(r.path, "/d"), "unmount: 2-byte path, tag 3 skipped");
+
+	static const struct {
+		const char *what, *path;
+		unsigned target, ro;
+		int no_target, no_path, twice;
+	} bad[] = {
+		{"no target", "/d", 0, 0, 1, 0, 0},
+		{"no path", NULL, 1, 0, 0, 1, 0},
+		{"target 256", "/d", 256, 0, 0, 0, 0},
+		{"target 65535", "/d", 65535, 0, 0, 0, 0},
+		{"read_only 2", "/d", 1, 2, 0, 0, 0},
+		{"target twice", "/d", 1, 0, 0, 0, 1},
+		{"empty path", "", 1, 0, 0, 0, 0},
+		{"/", "/", 1, 0, 0, 0, 0},
+		{"relative", "mnt/d", 1, 0, 0, 0, 0},
+		{"/..", "/..", 1, 0, 0, 0, 0},
+		{"/a/..", "/a/..", 1, 0, 0, 0, 0},
+		{"/a/../b", "/a/../b", 1, 0, 0, 0, 0},
+		{"/a/./b", "/a/./b", 1, 0, 0, 0, 0},
+		{"/a//b", "/a//b", 1, 0, 0, 0, 0},
+		{"trailing /", "/a/", 1, 0, 0, 0, 0},
+	};
+	for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+		nfl = 0;
+		if (!bad[i].no_target)
+			add_u16(DM_TARGET, bad[i].target);
+		if (bad[i].twice)
+			add_u16(DM_TARGET, bad[i].target);
+		if (!bad[i].no_path)
+			add(DM_PATH, bad[i].path, (uint32_t)strlen(bad[i].path));
+		if (bad[i].ro)
+			add_u8(DM_READ_ONLY, bad[i].ro);
+		char what[96];
+		snprintf(what, sizeof what, "mount rejects %s", bad[i].what);
+		check(parse_disk_request(fl, nfl, 0, &r) != NULL, what);
+	}
+	nfl = 0;
+	add_u16(DM_TARGET, 1);
+	add(DM_PATH, "/a\0b", 4);
+	check(parse_disk_request(fl, nfl, 0, &r) != NULL, "mount rejects a path with NUL");
+	nfl = 0;
+	add(DU_PATH, "/a", 2);
+	add(DU_PATH, "/b", 2);
+	add_u16(DU_TARGET, 1);
+	check(parse_disk_request(fl, nfl, 1, &r) != NULL, "unmount rejects two paths");
+	/* "/" + 254 x "a" is the longest; one more byte is too long */
+	static char longp[300];
+	longp[0] = '/';
+	memset(longp + 1, 'a', 255);
+	nfl = 0;
+	add_u16(DM_TARGET, 1);
+	add(DM_PATH, longp, 255);
+	check(!parse_disk_request(fl, nfl, 0, &r) && strlen(r.path) == 255, "mount takes a 255-byte path");
+	fl[1].len = 256;
+	check(parse_disk_request(fl, nfl, 0, &r) != NULL, "mount rejects a 256-byte path");
+}
+
 static void put32(uint8_t *p, uint32_t x)
 {
 	for (int i = 0; i < 4; i++)
@@ -119,6 +221,7 @@ static void t_image(const char *path, unsigned long long want_blocks)
 int main(int argc, char **argv)
 {
 	t_volumes();
+	t_disk_requests();
 	t_superblock();
 	if (argc == 3)
 		t_image(argv[1], strtoull(argv[2], NULL, 10));

@@ -11,7 +11,8 @@ import sys
 T = dict(PING=0x01, PONG=0x02, POWEROFF=0x03, RESET=0x04, EXEC=0x10, STARTED=0x11, STDIN=0x12,
          STDOUT=0x13, STDERR=0x14, SIGNAL=0x15, RESIZE=0x16, EXIT=0x17, ERROR=0x18,
          CREDIT=0x19, FILE_WRITE=0x20, FILE_READ=0x21, DATA=0x22, DONE=0x23, CANCEL=0x24,
-         CONFIGURE=0x25, HELLO=0x06, UNSUPPORTED=0x07, API_OPEN=0x28, PORT_OPEN=0x29)
+         CONFIGURE=0x25, HELLO=0x06, UNSUPPORTED=0x07, API_OPEN=0x28, PORT_OPEN=0x29,
+         DISK_MOUNT=0x2A, DISK_UNMOUNT=0x2B)
 
 
 def frame(typ, stream, payload=b""):
@@ -291,6 +292,34 @@ def main():
        ' hostname="vm-1"')
     ok("configure-net-short", frame("CONFIGURE", 30, tlv(7, net[:3])),
        'CONFIGURE stream=30 net="\\x0a\\x00\\x02"')
+
+    # Disks (feature bit 10): DISK_MOUNT (0x2A) target u16, path, read_only u8; DISK_UNMOUNT
+    # (0x2B) path, target u16. Path rules, a target over 255 and missing fields are the agent's
+    # (ERROR EINVAL); the decoder checks only the fixed sizes. DONE answers a mount with size.
+    ok("disk-mount", frame("DISK_MOUNT", 50, tlv(1, struct.pack(">H", 3)) + tlv(2, b"/mnt/data")),
+       'DISK_MOUNT stream=50 target=3 path="/mnt/data"')
+    ok("disk-mount-ro", frame("DISK_MOUNT", 51, tlv(2, "/srv/ré f".encode()) + tlv(3, b"\x01")
+                                + tlv(1, b"\x00\xff") + tlv(9, b"later")),
+       'DISK_MOUNT stream=51 path="/srv/r\\xc3\\xa9 f" read_only=1 target=255 unknown=9')
+    ok("disk-mount-no-fields", frame("DISK_MOUNT", 52), "DISK_MOUNT stream=52")
+    ok("disk-mount-bad-values", frame("DISK_MOUNT", 53, tlv(1, b"\xff\xff") + tlv(2, b"rel/../x") + tlv(3, b"\x07")),
+       'DISK_MOUNT stream=53 target=65535 path="rel/../x" read_only=7')
+    bad("disk-mount-target-short", frame("DISK_MOUNT", 54, tlv(1, b"\x03")), "truncated")
+    bad("disk-mount-target-long", frame("DISK_MOUNT", 54, tlv(1, b"\0\0\x03")), "bad-length")
+    bad("disk-mount-read-only-empty", frame("DISK_MOUNT", 54, tlv(2, b"/d") + tlv(3, b"")), "truncated")
+    bad("disk-mount-read-only-long", frame("DISK_MOUNT", 54, tlv(3, b"\0\0")), "bad-length")
+    bad("disk-mount-path-past-end", frame("DISK_MOUNT", 54, b"\x02\x00\x00\x00\x09/mnt"), "truncated")
+    ok("disk-unmount", frame("DISK_UNMOUNT", 55, tlv(1, b"/mnt/data") + tlv(2, struct.pack(">H", 3))),
+       'DISK_UNMOUNT stream=55 path="/mnt/data" target=3')
+    ok("disk-unmount-unknown-tag", frame("DISK_UNMOUNT", 56, tlv(2, b"\0\0") + tlv(3, b"\x01") + tlv(1, b"/d")),
+       'DISK_UNMOUNT stream=56 target=0 unknown=3 path="/d"')
+    bad("disk-unmount-target-short", frame("DISK_UNMOUNT", 57, tlv(1, b"/d") + tlv(2, b"")), "truncated")
+    bad("disk-unmount-target-long", frame("DISK_UNMOUNT", 57, tlv(2, b"\0\0\0\x01")), "bad-length")
+    ok("done-disk-size", frame("DONE", 50, tlv(1, struct.pack(">Q", 10 << 30))), "DONE stream=50 size=10737418240")
+    ok("error-disk-timeout", frame("ERROR", 50, tlv(1, b"ETIMEDOUT")
+                                   + tlv(2, b"disk mount: no disk at SCSI target 3 after 10 s")),
+       'ERROR stream=50 code="ETIMEDOUT" message="disk mount: no disk at SCSI target 3 after 10 s"')
+    bad("type-2c", raw(5, 0x2C, 1), "bad-type")
 
     out = [HEADER]
     for name, b, text in V:

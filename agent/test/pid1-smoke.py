@@ -9,7 +9,9 @@ duties, then POWEROFF (inside a pid namespace, reboot() only ends the namespace)
 and unshare(1); skipped otherwise. Prints `N passed, M failed`.
 
 CONFIGURE's entropy and time_ns are never sent here: the kernel RNG and CLOCK_REALTIME are
-not namespaced, so applying them would change the host."""
+not namespaced, so applying them would change the host. /sys/bus is a tmpfs in the namespace:
+DISK_MOUNT and DISK_UNMOUNT find a fake SCSI device there (a loop device's numbers), never one
+of the host's disks, whose `delete` they would write."""
 import importlib.util
 import os
 import select
@@ -146,7 +148,8 @@ def main():
         mount_etc = ("mount -t overlay overlay -o lowerdir=/etc,upperdir=%s,workdir=%s/etc-work /etc && "
                      % (upper, work))
     host_before = host_etc()
-    script = ("mount --bind %s /dev/ttyS0 && mount --bind %s /proc/cmdline && %sexec %s --port %s"
+    script = ("mount --bind %s /dev/ttyS0 && mount --bind %s /proc/cmdline && "
+              "mount -t tmpfs -o mode=0755 none /sys/bus && mkdir -p /sys/bus/scsi/devices && %sexec %s --port %s"
               % (os.ttyname(cs), cmdline, mount_etc, agent, os.ttyname(ts)))
     proc = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "--mount", "--uts", "--net",
                              "--propagation", "private", "sh", "-c", script],
@@ -231,6 +234,90 @@ def main():
         t, f = configure(rt.tlv(7, net("10.0.2.2", 1400)[:14]))
         check(t == rt.ERROR and f.get(1) == b"EINVAL", "short net: %r" % f)
 
+    def disk(typ, payload, timeout=15):
+        sid = h.new_stream()
+        h.sendf(typ, sid, payload)
+        frames = h.wait_end(sid, timeout)
+        check(len(frames) == 1, "disk request answered with %r" % frames)
+        return frames[0][0], dict(rt.parse_tlv(frames[0][1]))
+
+    def t_disks():
+        """DISK_MOUNT waits for the SCSI disk without blocking the loop, mounts it (rw, then ro
+        with noload), refuses a busy path; DISK_UNMOUNT refuses while a file is open, then
+        unmounts and deletes the SCSI device. The disk is a loop device posing as SCSI target 2."""
+        if not shutil.which("losetup") or not shutil.which("mkfs.ext4"):
+            print("     pid1-disks: skipped (needs losetup and mkfs.ext4)")
+            return
+        img = os.path.join(work, "disk.ext4")
+        subprocess.run(["truncate", "-s", "64M", img], check=True)
+        subprocess.run(["mkfs.ext4", "-q", "-F", img], check=True, capture_output=True)
+        r = subprocess.run(["losetup", "-f", "--show", img], capture_output=True, text=True)
+        if r.returncode != 0:
+            print("     pid1-disks: skipped (no loop device: %s)" % r.stderr.strip())
+            return
+        loop = r.stdout.strip()
+        name = os.path.basename(loop)
+        try:
+            with open("/sys/class/block/%s/dev" % name) as f:
+                devno = f.read().strip()
+            u16 = lambda n: struct.pack(">H", n)
+            mnt = "/tmp/hutch-disk-smoke/d2"
+            fake = "/sys/bus/scsi/devices/1:0:2:0"
+            # Built aside and renamed into place, as the kernel's scan makes it appear whole.
+            plug = ("sleep %s; d=/sys/bus/stage; mkdir -p $d/block/%s && echo %s > $d/block/%s/dev && "
+                    "echo %d > $d/block/%s/size && : > $d/delete && mv $d %s"
+                    % ("%s", name, devno, name, 64 * 2048, name, fake))
+            h.exec(["sh", "-c", plug % "0.5"])
+            t0 = time.time()
+            sid = h.new_stream()
+            h.sendf(rt.DISK_MOUNT, sid, rt.tlv(1, u16(2)) + rt.tlv(2, mnt))
+            rt.t_ping(h)  # answered while the mount waits for its disk
+            check(time.time() - t0 < 0.4 and h.frames[sid] == [], "the loop waited for the disk")
+            frames = h.wait_end(sid, 15)
+            t, f = frames[0][0], dict(rt.parse_tlv(frames[0][1]))
+            check(t == rt.DONE and f == {1: struct.pack(">Q", 64 << 20)}, "mount: 0x%02x %r" % (t, f))
+            out, _, _, _ = run(["sh", "-c", "grep ' %s ' /proc/self/mountinfo; echo kept > %s/file" % (mnt, mnt)])
+            check(b" ext4 " in out and b" rw," in out, "mountinfo %r" % out)
+            t, f = disk(rt.DISK_MOUNT, rt.tlv(1, u16(2)) + rt.tlv(2, mnt))
+            check(t == rt.ERROR and f.get(1) == b"EBUSY", "mount on a mount point: %r" % f)
+            t, f = disk(rt.DISK_MOUNT, rt.tlv(1, u16(2)) + rt.tlv(2, mnt + "/file/x"))
+            check(t == rt.ERROR and f.get(1) == b"ENOTDIR", "mount under a file: %r" % f)
+            t, f = disk(rt.DISK_UNMOUNT, rt.tlv(1, mnt) + rt.tlv(2, u16(3)))
+            check(t == rt.ERROR and f.get(1) == b"ENODEV", "unmount of another target: %r" % f)
+            t, f = disk(rt.DISK_UNMOUNT, rt.tlv(1, "/tmp/hutch-disk-smoke") + rt.tlv(2, u16(2)))
+            check(t == rt.ERROR and f.get(1) == b"EINVAL", "unmount of a plain directory: %r" % f)
+            holder = h.exec(["sh", "-c", "exec sleep 100 < %s/file" % mnt])
+            h.wait_started(holder)
+            t, f = disk(rt.DISK_UNMOUNT, rt.tlv(1, mnt) + rt.tlv(2, u16(2)))
+            check(t == rt.ERROR and f.get(1) == b"EBUSY" and b"files are open under" in f.get(2, b""),
+                  "unmount with a file open: %r" % f)
+            h.sendf(rt.CANCEL, holder)
+            deadline = time.time() + 5
+            while True:
+                t, f = disk(rt.DISK_UNMOUNT, rt.tlv(1, mnt) + rt.tlv(2, u16(2)))
+                if t == rt.DONE or time.time() > deadline:
+                    break
+                time.sleep(0.1)  # the killed holder may not be gone yet
+            check(t == rt.DONE and f == {}, "unmount: 0x%02x %r" % (t, f))
+            out, _, _, _ = run(["sh", "-c", "grep -c ' %s ' /proc/self/mountinfo; cat %s/delete; "
+                                            "rm -r %s" % (mnt, fake, fake)])
+            check(out == b"0\n1", "after unmount: %r" % out)
+            # Read-only, with noload: the file written above is there, and nothing can be written.
+            h.exec(["sh", "-c", plug % "0"])
+            t, f = disk(rt.DISK_MOUNT, rt.tlv(1, u16(2)) + rt.tlv(2, mnt) + rt.tlv(3, b"\x01"))
+            check(t == rt.DONE, "read-only mount: 0x%02x %r" % (t, f))
+            out, _, _, _ = run(["sh", "-c", "cat %s/file; grep ' %s ' /proc/self/mountinfo; "
+                                            "touch %s/new 2>/dev/null || echo refused" % (mnt, mnt, mnt)])
+            check(out.startswith(b"kept\n") and b" ro," in out and out.endswith(b"refused\n"), "ro: %r" % out)
+            t, f = disk(rt.DISK_UNMOUNT, rt.tlv(1, mnt) + rt.tlv(2, u16(2)))
+            check(t == rt.DONE, "read-only unmount: %r" % f)
+            t, f = disk(rt.DISK_MOUNT, rt.tlv(1, u16(7)) + rt.tlv(2, mnt))
+            check(t == rt.ERROR and f.get(1) == b"ETIMEDOUT" and b"no disk at SCSI target 7 after 10 s" in f.get(2, b""),
+                  "no disk: %r" % f)
+            run(["rm", "-rf", "/tmp/hutch-disk-smoke"])
+        finally:
+            subprocess.run(["losetup", "-d", loop], capture_output=True)
+
     def t_mounts():
         out, _, t, f = run(["cat", "/proc/self/mountinfo"])
         for mnt, fs in ((b"/run", b"tmpfs"), (b"/tmp", b"tmpfs")):
@@ -280,7 +367,7 @@ def main():
         check(proc.returncode in (-signal.SIGHUP, 128 + signal.SIGHUP), "status %r" % proc.returncode)
 
     tests = [("pid1-handshake", t_handshake), ("pid1-hostname-ignored", t_hostname), ("pid1-configure", t_configure),
-             ("pid1-net", t_net), ("pid1-mounts", t_mounts),
+             ("pid1-net", t_net), ("pid1-disks", t_disks), ("pid1-mounts", t_mounts),
              ("pid1-loopback", t_loopback), ("pid1-exec-pty", t_exec_pty),
              ("pid1-orphans-reaped", t_orphans_reaped), ("pid1-ignores-signals", t_ignores_signals),
              ("pid1-console", t_console), ("pid1-poweroff", t_poweroff)]

@@ -21,9 +21,10 @@ EXEC, STARTED, STDIN, STDOUT, STDERR, SIGNAL, RESIZE, EXIT, ERROR, CREDIT = rang
 FILE_WRITE, FILE_READ, DATA, DONE, CANCEL, CONFIGURE = 0x20, 0x21, 0x22, 0x23, 0x24, 0x25
 API_OPEN = 0x28
 PORT_OPEN = 0x29
+DISK_MOUNT, DISK_UNMOUNT = 0x2A, 0x2B
 AGENT_STREAM = 0x80000000
 FEAT_GUEST_API = 1 << 7
-AGENT_FEATURES = 0x3FF  # exec … guest-api (bits 0-7), port-forward (8), net (9)
+AGENT_FEATURES = 0x7FF  # exec … guest-api (bits 0-7), port-forward (8), net (9), disks (10)
 WINDOW = 262144
 MAXP = 65536
 TERMINAL = (EXIT, ERROR, DONE)
@@ -1182,6 +1183,48 @@ def t_configure_net(h):
               "%s: got 0x%02x %r" % (what, t, f))
 
 
+def disk_request(h, typ, payload):
+    """Sends DISK_MOUNT or DISK_UNMOUNT; returns (type, fields) of its one answer."""
+    sid = h.new_stream()
+    h.sendf(typ, sid, payload)
+    frames = h.wait_end(sid, 15)
+    check(len(frames) == 1, "disk request answered with %r" % frames)
+    return frames[0][0], dict(parse_tlv(frames[0][1]))
+
+
+def t_disk_requests(h):
+    """--connect mode: DISK_MOUNT and DISK_UNMOUNT are checked exactly as in PID 1 mode (EINVAL),
+    then refused with EOPNOTSUPP: on this host, SCSI target T is one of its own disks."""
+    u16 = lambda n: struct.pack(">H", n)
+    for typ, payload in ((DISK_MOUNT, tlv(1, u16(3)) + tlv(2, "/mnt/data")),
+                         (DISK_MOUNT, tlv(2, "/mnt/a b") + tlv(3, b"\x01") + tlv(1, u16(255)) + tlv(9, "later")),
+                         (DISK_UNMOUNT, tlv(1, "/mnt/data") + tlv(2, u16(0)))):
+        t, f = disk_request(h, typ, payload)
+        check(t == ERROR and f.get(1) == b"EOPNOTSUPP", "valid %r: 0x%02x %r" % (payload, t, f))
+    bad = [
+        (DISK_MOUNT, "no target", tlv(2, "/d")), (DISK_MOUNT, "no path", tlv(1, u16(1))),
+        (DISK_MOUNT, "no fields", b""), (DISK_MOUNT, "target 256", tlv(1, u16(256)) + tlv(2, "/d")),
+        (DISK_MOUNT, "read_only 2", tlv(1, u16(1)) + tlv(2, "/d") + tlv(3, b"\x02")),
+        (DISK_MOUNT, "path twice", tlv(1, u16(1)) + tlv(2, "/d") + tlv(2, "/e")),
+        (DISK_MOUNT, "relative path", tlv(1, u16(1)) + tlv(2, "mnt/d")),
+        (DISK_MOUNT, "/", tlv(1, u16(1)) + tlv(2, "/")),
+        (DISK_MOUNT, "/..", tlv(1, u16(1)) + tlv(2, "/mnt/..")),
+        (DISK_MOUNT, "/../", tlv(1, u16(1)) + tlv(2, "/mnt/../etc")),
+        (DISK_MOUNT, "trailing /", tlv(1, u16(1)) + tlv(2, "/mnt/")),
+        (DISK_MOUNT, "NUL", tlv(1, u16(1)) + tlv(2, b"/mnt\0x")),
+        (DISK_MOUNT, "256-byte path", tlv(1, u16(1)) + tlv(2, "/" + "a" * 255)),
+        (DISK_UNMOUNT, "no target", tlv(1, "/d")), (DISK_UNMOUNT, "no path", tlv(2, u16(1))),
+        (DISK_UNMOUNT, "mount's tags", tlv(1, u16(1)) + tlv(2, "/d")),
+        (DISK_UNMOUNT, "target twice", tlv(1, "/d") + tlv(2, u16(1)) + tlv(2, u16(1))),
+    ]
+    for typ, what, payload in bad:
+        t, f = disk_request(h, typ, payload)
+        prefix = b"disk mount: " if typ == DISK_MOUNT else b"disk unmount: "
+        check(t == ERROR and f.get(1) == b"EINVAL" and f.get(2, b"").startswith(prefix),
+              "%s: got 0x%02x %r" % (what, t, f))
+    t_echo(h)
+
+
 def t_write_blocked(h):
     """The host grants huge windows but stops reading: the agent's queue toward the host
     must stay bounded (it stops reading the pipes), and everything arrives once the host
@@ -1306,7 +1349,7 @@ def run_tests(a, h, passed, failed):
         ("port-half-close", t_port_half_close), ("port-server-first", t_port_server_first),
         ("port-refused", t_port_refused), ("port-v6", t_port_v6), ("port-flow", t_port_flow),
         ("port-cap", t_port_cap), ("port-cancel", t_port_cancel), ("port-slow-socket", t_port_slow_socket),
-        ("configure-net", t_configure_net), ("unsupported", t_unsupported), ("violation-resync", t_violation), ("poweroff", t_poweroff),
+        ("configure-net", t_configure_net), ("disk-requests", t_disk_requests), ("unsupported", t_unsupported), ("violation-resync", t_violation), ("poweroff", t_poweroff),
     ]
     for name, fn in tests:
         if a.k and a.k not in name:
