@@ -12,7 +12,6 @@ import { performance } from 'node:perf_hooks';
 import type { Duplex, Readable } from 'node:stream';
 import { HutchError } from '../errors.js';
 import {
-  ConfigureStream,
   type ConnectionInternals,
   checkAbsolute,
   type Deferred,
@@ -24,6 +23,7 @@ import {
   HANDSHAKE_REPING_MS,
   MAX_IGNORED_FRAMES,
   noop,
+  RequestStream,
   type StreamBase,
   toError,
 } from './agent-streams.js';
@@ -63,12 +63,15 @@ import {
   isKnownFrameType,
   LEGACY_FEATURES,
   MAX_STREAM_ID,
+  type Message,
   PROTOCOL_VERSION,
   ProtocolError,
   SequenceScanner,
 } from './protocol.js';
 import {
   encodeConfigure,
+  encodeDiskMount,
+  encodeDiskUnmount,
   encodeExec,
   encodeFileRead,
   encodeFileWrite,
@@ -77,6 +80,7 @@ import {
   encodePortOpen,
   encodeUnsupported,
   type HelloInfo,
+  parseDone,
   parseHello,
   parseUnsupported,
   type UnsupportedInfo,
@@ -458,9 +462,62 @@ export class AgentConnection {
     if (!this.supports('configure-grow-root')) delete req.growRoot;
     const id = this.allocId();
     const frame = encodeConfigure(id, req); // throws on a request that cannot be encoded
-    const stream = new ConfigureStream(id, this.internals, timeoutMs);
+    const stream = new RequestStream(id, this.internals, 'configure', 'CONFIGURE', timeoutMs);
     this.register(stream, frame);
     await stream.done;
+  }
+
+  /**
+   * Mounts the ext4 disk the host has just hot-plugged at SCSI target `target` (0–255, LUN 0)
+   * on `path` in the guest, read-only with `noload` (its journal is never replayed) when asked.
+   * The agent waits up to 10 s for the guest kernel to find the disk. Resolves with the disk's
+   * size; rejects with AgentError: ETIMEDOUT (no disk at the target), EBUSY (something is
+   * mounted at `path`), ENOTDIR, EINVAL (a bad path or target), the mount's errno, EOPNOTSUPP
+   * for an agent without `disks` (before anything is sent) or one that is not the guest's init;
+   * AgentTimeoutError after timeoutMs (0: no host timeout), AgentClosedError.
+   */
+  async mountDisk(
+    req: { target: number; path: string; readOnly: boolean },
+    timeoutMs = 20_000,
+  ): Promise<{ sizeBytes: number }> {
+    const done = await this.diskRequest('disk mount', 'DISK_MOUNT', timeoutMs, (id) =>
+      encodeDiskMount(id, req),
+    );
+    return { sizeBytes: parseDone(done).size };
+  }
+
+  /**
+   * Unmounts the disk at SCSI target `target` from `path` (synced first) and has the guest
+   * release the SCSI device, so the host may unplug it. Rejects with AgentError: EBUSY (files
+   * are open under `path`: it stays mounted, unplug nothing), EINVAL (`path` is not a mount
+   * point, or not that disk's), ENODEV (no disk at the target), EOPNOTSUPP as mountDisk;
+   * AgentTimeoutError, AgentClosedError.
+   */
+  async unmountDisk(req: { target: number; path: string }, timeoutMs = 20_000): Promise<void> {
+    await this.diskRequest('disk unmount', 'DISK_UNMOUNT', timeoutMs, (id) => encodeDiskUnmount(id, req));
+  }
+
+  private async diskRequest(
+    what: string,
+    frameName: string,
+    timeoutMs: number,
+    encode: (id: number) => Buffer,
+  ): Promise<Message> {
+    if (!(Number.isFinite(timeoutMs) && timeoutMs >= 0))
+      throw new RangeError(`timeoutMs must be a non-negative number, got ${timeoutMs}`);
+    if (!this.supports('disks')) {
+      // An older agent would answer UNSUPPORTED; say why before anything is sent.
+      throw new AgentError(
+        'EOPNOTSUPP',
+        `this machine's agent (protocol ${this.agentFeatures.version}) cannot attach disks`,
+        what,
+      );
+    }
+    const id = this.allocId();
+    const frame = encode(id); // throws on a request that cannot be encoded
+    const stream = new RequestStream(id, this.internals, what, frameName, timeoutMs);
+    this.register(stream, frame);
+    return stream.done;
   }
 
   /**

@@ -710,24 +710,36 @@ export class FileWriteStream extends StreamBase {
   }
 }
 
-export class ConfigureStream extends StreamBase {
-  readonly what = 'configure';
-  private readonly doneD = deferred<void>();
+/**
+ * A request the agent answers once, DONE or ERROR, with nothing in between: CONFIGURE,
+ * DISK_MOUNT, DISK_UNMOUNT. `what` names it in errors (AgentError's context).
+ */
+export class RequestStream extends StreamBase {
+  private readonly doneD = deferred<Message>();
   private timer: NodeJS.Timeout | null = null;
 
-  constructor(id: number, conn: ConnectionInternals, timeoutMs: number | undefined) {
+  constructor(
+    id: number,
+    conn: ConnectionInternals,
+    readonly what: string,
+    frameName: string,
+    timeoutMs: number | undefined,
+  ) {
     super(id, conn);
     if (timeoutMs !== undefined && timeoutMs > 0) {
       this.timer = setTimeout(
         () =>
-          this.cancelStream(new AgentTimeoutError(`agent did not answer CONFIGURE within ${timeoutMs} ms`)),
+          this.cancelStream(
+            new AgentTimeoutError(`agent did not answer ${frameName} within ${timeoutMs} ms`),
+          ),
         timeoutMs,
       );
       this.timer.unref();
     }
   }
 
-  get done(): Promise<void> {
+  /** The DONE message (its fields are the request's to read), or the ERROR as AgentError. */
+  get done(): Promise<Message> {
     return this.doneD.promise;
   }
 
@@ -736,11 +748,11 @@ export class ConfigureStream extends StreamBase {
       case FrameType.DONE:
         this.stopTimer();
         this.finish();
-        this.doneD.resolve();
+        this.doneD.resolve(msg);
         return true;
       case FrameType.ERROR: {
         const e = parseError(msg);
-        const err = new AgentError(e.code, e.message, 'configure');
+        const err = new AgentError(e.code, e.message, this.what);
         this.stopTimer();
         this.finish(err);
         this.doneD.reject(err);

@@ -1,6 +1,8 @@
 import { isIPv4 } from 'node:net';
 import {
   ConfigureTag,
+  DiskMountTag,
+  DiskUnmountTag,
   ExecTag,
   encodeFrame,
   encodeTlv,
@@ -247,6 +249,45 @@ export function encodePortOpen(stream: number, port: number): Buffer {
     FrameType.PORT_OPEN,
     stream,
     encodeTlv([{ tag: PortOpenTag.PORT, value: u16('port', port) }]),
+  );
+}
+
+/** A SCSI target the host attaches disks at: one virtio-scsi bus, targets 0–255, LUN 0. */
+export const MAX_DISK_TARGET = 255;
+
+function diskTarget(target: number): Buffer {
+  if (!Number.isInteger(target) || target < 0 || target > MAX_DISK_TARGET)
+    throw new RangeError(`disk target must be 0 to ${MAX_DISK_TARGET}, got ${target}`);
+  return u16('disk target', target);
+}
+
+/**
+ * DISK_MOUNT: wait for the disk at SCSI target `target` and mount its ext4 at `path`
+ * (read-only with `noload`). The agent judges the path (absolute, normalised, not `/`, at most
+ * 255 bytes: EINVAL otherwise); only what cannot be put on the wire is refused here.
+ */
+export function encodeDiskMount(
+  stream: number,
+  req: { target: number; path: string; readOnly: boolean },
+): Buffer {
+  const fields: Tlv[] = [
+    { tag: DiskMountTag.TARGET, value: diskTarget(req.target) },
+    { tag: DiskMountTag.PATH, value: noNul('disk path', req.path) },
+  ];
+  if (req.readOnly) fields.push({ tag: DiskMountTag.READ_ONLY, value: u8('readOnly', 1) });
+  return frameWithPayload(FrameType.DISK_MOUNT, stream, encodeTlv(fields), 'DISK_MOUNT');
+}
+
+/** DISK_UNMOUNT: unmount `path`, which must be the disk at SCSI target `target`. */
+export function encodeDiskUnmount(stream: number, req: { target: number; path: string }): Buffer {
+  return frameWithPayload(
+    FrameType.DISK_UNMOUNT,
+    stream,
+    encodeTlv([
+      { tag: DiskUnmountTag.PATH, value: noNul('disk path', req.path) },
+      { tag: DiskUnmountTag.TARGET, value: diskTarget(req.target) },
+    ]),
+    'DISK_UNMOUNT',
   );
 }
 

@@ -60,6 +60,10 @@ export const FrameType = {
    * stream, without fields: connected.
    */
   PORT_OPEN: 0x29,
+  /** host→agent: mount the ext4 disk hot-plugged at a SCSI target (answered DONE size or ERROR). */
+  DISK_MOUNT: 0x2a,
+  /** host→agent: unmount a disk and let the guest release its SCSI device (DONE or ERROR). */
+  DISK_UNMOUNT: 0x2b,
 } as const;
 
 export type FrameTypeName = keyof typeof FrameType;
@@ -103,6 +107,10 @@ export const ConfigureTag = {
 } as const;
 /** TLV tags of PORT_OPEN. */
 export const PortOpenTag = { PORT: 0x01 } as const;
+/** TLV tags of DISK_MOUNT. */
+export const DiskMountTag = { TARGET: 0x01, PATH: 0x02, READ_ONLY: 0x03 } as const;
+/** TLV tags of DISK_UNMOUNT (path first: not the order of DISK_MOUNT). */
+export const DiskUnmountTag = { PATH: 0x01, TARGET: 0x02 } as const;
 /** TLV tags of HELLO. */
 export const HelloTag = { VERSION: 0x01, FEATURES: 0x02 } as const;
 /** TLV tags of UNSUPPORTED. */
@@ -143,6 +151,8 @@ export const Feature = {
   'port-forward': 1n << 8n,
   /** CONFIGURE's net field: the NIC's IPv4 address, default route, MTU and DNS server. */
   net: 1n << 9n,
+  /** DISK_MOUNT and DISK_UNMOUNT: ext4 disks hot-plugged on the guest's virtio-scsi controller. */
+  disks: 1n << 10n,
 } as const;
 
 export type FeatureName = keyof typeof Feature;
@@ -520,6 +530,21 @@ const SPECS: Record<FrameTypeName, PayloadSpec> = {
   // No fields yet: unknown tags are skipped as in every TLV payload.
   API_OPEN: { layout: 'tlv', tags: new Map<number, TagSpec>() },
   PORT_OPEN: { layout: 'tlv', tags: new Map<number, TagSpec>([[PortOpenTag.PORT, uintTag('port', 2)]]) },
+  DISK_MOUNT: {
+    layout: 'tlv',
+    tags: new Map<number, TagSpec>([
+      [DiskMountTag.TARGET, uintTag('target', 2)],
+      [DiskMountTag.PATH, bytesTag('path')],
+      [DiskMountTag.READ_ONLY, uintTag('read_only', 1)],
+    ]),
+  },
+  DISK_UNMOUNT: {
+    layout: 'tlv',
+    tags: new Map<number, TagSpec>([
+      [DiskUnmountTag.PATH, bytesTag('path')],
+      [DiskUnmountTag.TARGET, uintTag('target', 2)],
+    ]),
+  },
   CONFIGURE: {
     layout: 'tlv',
     tags: new Map<number, TagSpec>([
