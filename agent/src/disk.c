@@ -25,6 +25,7 @@
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <time.h>
 #include <unistd.h>
@@ -230,8 +231,12 @@ static void do_mount(const struct disk_request *r, struct disk_result *res)
 			fail(res, errno, "mkdir %s: %s", r->path, strerror(errno));
 		return;
 	}
+	if (!realpath(r->path, real)) {
+		fail(res, errno, "resolve %s: %s", r->path, strerror(errno));
+		return;
+	}
 	/* Mounting over a mount would hide it (a volume, an earlier disk) and leave two to undo. */
-	if (!realpath(r->path, real) || is_mount_point(real)) {
+	if (is_mount_point(real)) {
 		fail(res, EBUSY, "something is mounted at %s already", r->path);
 		return;
 	}
@@ -297,6 +302,22 @@ static void do_unmount(const struct disk_request *r, struct disk_result *res)
 	logmsg("unmounted %s (SCSI target %u, /dev/%s)", r->path, r->target, name);
 }
 
+/* The worker never execs, so close-on-exec does not apply: it would hold on to the agent's
+ * other descriptors for as long as it works, and an exec's stdin would not see the host's end
+ * of input, nor a forwarded port's server its close, until the worker is done. It keeps stdio
+ * (the console, for its log lines) and the result pipe, moved to RESULT_FD. */
+#define RESULT_FD 3
+static void keep_only_result_fd(int fd)
+{
+	if (fd != RESULT_FD && dup2(fd, RESULT_FD) < 0)
+		_exit(1);
+	if (syscall(SYS_close_range, RESULT_FD + 1, ~0u, 0) == 0)
+		return;
+	long max = sysconf(_SC_OPEN_MAX); /* close_range is Linux 5.9 */
+	for (long i = RESULT_FD + 1; i < (max > 0 && max < 65536 ? max : 65536); i++)
+		close((int)i);
+}
+
 static int busy_with(const struct disk_request *r)
 {
 	for (struct stream *s = A.streams; s; s = s->next)
@@ -340,14 +361,14 @@ void disk_open(const struct proto_frame *f)
 		return;
 	}
 	if (pid == 0) {
-		close(p[0]);
+		keep_only_result_fd(p[1]);
 		struct disk_result res;
 		memset(&res, 0, sizeof res);
 		if (unmount)
 			do_unmount(&r, &res);
 		else
 			do_mount(&r, &res);
-		if (write(p[1], &res, sizeof res) != (ssize_t)sizeof res)
+		if (write(RESULT_FD, &res, sizeof res) != (ssize_t)sizeof res)
 			_exit(1); /* the agent reads a short record as the worker's failure */
 		_exit(0);
 	}

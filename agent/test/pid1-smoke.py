@@ -311,7 +311,17 @@ def main():
             check(out.startswith(b"kept\n") and b" ro," in out and out.endswith(b"refused\n"), "ro: %r" % out)
             t, f = disk(rt.DISK_UNMOUNT, rt.tlv(1, mnt) + rt.tlv(2, u16(2)))
             check(t == rt.DONE, "read-only unmount: %r" % f)
-            t, f = disk(rt.DISK_MOUNT, rt.tlv(1, u16(7)) + rt.tlv(2, mnt))
+            # While a worker waits for a disk that never comes, an exec's stdin still ends when the
+            # host ends it: the worker holds none of the agent's descriptors.
+            cat = h.exec(["cat"], stdin=True)
+            h.wait_started(cat)
+            sid = h.new_stream()
+            h.sendf(rt.DISK_MOUNT, sid, rt.tlv(1, u16(7)) + rt.tlv(2, mnt))
+            h.sendf(rt.STDIN, cat, b"")
+            out, _, t, f = rt.collect(h.wait_end(cat, 3))
+            check(t == rt.EXIT and h.frames[sid] == [], "cat during a disk wait: 0x%02x %r" % (t, f))
+            frames = h.wait_end(sid, 15)
+            t, f = frames[0][0], dict(rt.parse_tlv(frames[0][1]))
             check(t == rt.ERROR and f.get(1) == b"ETIMEDOUT" and b"no disk at SCSI target 7 after 10 s" in f.get(2, b""),
                   "no disk: %r" % f)
             run(["rm", "-rf", "/tmp/hutch-disk-smoke"])
