@@ -148,6 +148,18 @@ const configSchema = z.object({
    * own; 2 lets the promised total be twice that, betting that guests don't fill their disks.
    */
   diskOvercommit: z.coerce.number().min(0.01).max(1000).default(1),
+  /** Largest attachable disk (CreateDisk, POST /v1/disks), bytes. Sparse: what a guest may fill. */
+  diskMaxBytes: z.coerce
+    .number()
+    .int()
+    .min(64 * 2 ** 20)
+    .default(2 ** 40),
+  /** Sum of one user's attachable disks' sizes, bytes. */
+  diskQuotaBytes: z.coerce
+    .number()
+    .int()
+    .min(64 * 2 ** 20)
+    .default(4 * 2 ** 40),
   volumeRoots: z
     .union([z.array(z.string()), z.string()])
     .transform((v) => (Array.isArray(v) ? v : v.split(':')).filter((x) => x !== '').map((x) => resolve(x)))
@@ -262,6 +274,8 @@ const envNames: Record<string, keyof ConfigInput> = {
   HUTCH_EXEC_LOGS_BOX_MAX_BYTES: 'execLogsBoxMaxBytes',
   HUTCH_EXEC_LOGS_TOTAL_MAX_BYTES: 'execLogsTotalMaxBytes',
   HUTCH_DISK_OVERCOMMIT: 'diskOvercommit',
+  HUTCH_DISK_MAX_BYTES: 'diskMaxBytes',
+  HUTCH_DISK_QUOTA_BYTES: 'diskQuotaBytes',
   HUTCH_BODY_IDLE_TIMEOUT_MS: 'bodyIdleTimeoutMs',
   HUTCH_MAX_CONNECTIONS: 'maxConnections',
   HUTCH_TLS_CERT: 'tlsCert',

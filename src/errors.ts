@@ -177,7 +177,7 @@ export const errorTable = {
   STORAGE_UNAVAILABLE: {
     http: 503,
     grpc: 'UNAVAILABLE',
-    doc: "The volume store (the S3 endpoint) did not answer or failed; nothing was changed. Retry later.",
+    doc: 'The volume store (the S3 endpoint) did not answer or failed; nothing was changed. Retry later.',
   },
   DISK_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No disk of yours has this id or name.' },
   DISK_NAME_TAKEN: { http: 409, grpc: 'ALREADY_EXISTS', doc: 'Another disk of yours already has this name.' },

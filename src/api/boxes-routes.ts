@@ -18,6 +18,7 @@ import {
   runResultSchema,
   uploadResultSchema,
 } from './boxes-schemas.js';
+import { diskRoutes } from './disk-routes.js';
 import { type ApiRoute, routesOf } from './http/routes.js';
 import { egressBody, egressSchema } from './schemas.js';
 
@@ -279,4 +280,5 @@ export const boxRoutes: ApiRoute<BoxesApp>[] = [
     status: 200,
     handle: ({ act, body }) => act.gcBoxes(body.older_than),
   }),
+  ...diskRoutes<BoxesApp>('boxes'),
 ];

@@ -1,5 +1,6 @@
 import { z } from 'zod';
 import { accountRoutes } from './account-routes.js';
+import { diskRoutes } from './disk-routes.js';
 import { type ApiRoute, routesOf } from './http/routes.js';
 import { attach, download, execStream, type MachinesApp, tty, upload } from './machine-channels.js';
 import { previewRoutes } from './preview-routes.js';
@@ -258,4 +259,5 @@ export const machineRoutes: ApiRoute<MachinesApp>[] = [
   }),
   ...accountRoutes,
   ...previewRoutes,
+  ...diskRoutes<MachinesApp>('machines'),
 ];

@@ -24,6 +24,7 @@ import {
   wantsJson,
   writeOut,
 } from './common.js';
+import { diskCommand, disksUsage } from './disks.js';
 
 /** The server's longest exec timeout: an agent's task (`claude -p …`) takes minutes, not the API's default 60 s. */
 const defaultExecTimeoutMs = 3_600_000;
@@ -87,6 +88,8 @@ id or its name. With --json every answer is one JSON document on stdout, errors 
 {"code","message"} (the API's code, or USAGE / CLI_ERROR) with a non-zero exit code.
 
 ${accountsUsage}
+
+${disksUsage}
 
 Boxes (the boxes API, on the daemon's Unix socket or TCP):
 ${boxUsage}`;
@@ -210,6 +213,7 @@ async function main(argv: string[]): Promise<void> {
     return;
   }
   if (cmd === 'box') return boxCommand(rest);
+  if (cmd === 'disk') return diskCommand(rest);
   if (['user', 'api-key', 'token', 'login', 'logout', 'whoami'].includes(cmd))
     return accountsCommand(cmd, rest);
   const { flags, positionals, trailing } = parseCommand(

@@ -63,6 +63,13 @@ export const actionTable = {
   bindDomain: { audit: true },
   unbindDomain: { audit: true },
   listDomains: { audit: false },
+  createDisk: { audit: true },
+  listDisks: { audit: false },
+  getDisk: { audit: false },
+  destroyDisk: { audit: true },
+  attachDisk: { audit: true },
+  detachDisk: { audit: true },
+  disksOf: { audit: false },
 } as const satisfies Record<string, { audit: boolean }>;
 
 export type ActionName = keyof typeof actionTable;

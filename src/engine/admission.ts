@@ -34,6 +34,13 @@ export class Admission {
     private readonly templates: Map<string, TemplateManifest>,
   ) {}
 
+  /** Attachable disks: promised host disk like machines' own (src/storage/disks/). */
+  private diskClaims: () => DiskClaim[] = () => [];
+
+  setDiskClaims(claims: () => DiskClaim[]): void {
+    this.diskClaims = claims;
+  }
+
   setOthers(others: OtherQemus): void {
     this.others = others;
   }
@@ -143,6 +150,7 @@ export class Admission {
       if (!(r.kind === 'machine' && r.state === 'failed'))
         claims.push({ virtualBytes: this.diskBytesOf(r), file: join(r.run_dir, 'disk.qcow2') });
     claims.push(...this.others.claims());
+    claims.push(...this.diskClaims());
     return diskRoom(this.config.stateDir, claims, this.config.diskOvercommit);
   }
 

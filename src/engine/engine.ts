@@ -14,6 +14,8 @@ import { SnapshotCache } from '../images/snapshots.js';
 import type { NetworkInfo } from '../net/directory.js';
 import { type EgressInput, parseEgress } from '../net/egress.js';
 import type { Denial, NetworkManager } from '../net/network-manager.js';
+import { Disks } from '../storage/disks/disk-service.js';
+import { DiskStore } from '../storage/disks/disk-store.js';
 import type { AccelChoice } from '../vmm/accel.js';
 import type { ConsoleTap } from '../vmm/console.js';
 import { agentLink, type GuestLink, type Hypervisor, qemuHypervisor } from '../vmm/hypervisor.js';
@@ -22,6 +24,7 @@ import { traversableByQemu } from '../vmm/run-dir.js';
 import { Admission } from './admission.js';
 import { type BoxExecRequest, BoxExecs, execEnv } from './box-execs.js';
 import { type BoxView, boxSpecOf, type ExecView, toBoxView } from './box-view.js';
+import { type AttachRequest, DiskActions, type DiskView } from './disk-actions.js';
 import { DiskPauses } from './disk-pauses.js';
 import type { DiskRoom } from './disk-room.js';
 import type { ExecEvent } from './exec-log.js';
@@ -144,6 +147,8 @@ export class Engine {
   private readonly cx: FlowContext;
   private readonly hv: Hypervisor;
   private readonly routing: NetRouting;
+  private readonly disks: Disks;
+  private readonly diskActions: DiskActions;
 
   constructor(
     private readonly config: Config,
@@ -174,6 +179,7 @@ export class Engine {
       (msg, fields) => this.log('warn', msg, fields),
     );
     this.execOutput = new OutputBudget(config.execBufferBytes);
+    this.disks = new Disks(new DiskStore(join(config.stateDir, 'disks.db')), config.stateDir, runAs);
     this.rt = new Runtime({
       config,
       store: this.store,
@@ -189,6 +195,7 @@ export class Engine {
       closing: () => this.closing,
       onGuestApiStream: p.onGuestApiStream,
       net: p.net,
+      disks: this.disks,
     });
     this.snapshots =
       p.snapshots ??
@@ -217,6 +224,8 @@ export class Engine {
     this.cx.pool = new WarmPool(this.rt, config, templates, this.snapshots, admission, this.registry);
     this.routing = new NetRouting(this.rt, config, this.store, (p, ref) => this.findAny(p, ref));
     admission.setOthers(this.cx.pool);
+    admission.setDiskClaims(() => this.disks.claims());
+    this.diskActions = new DiskActions(this.cx, config, this.disks, (p, ref) => this.findAny(p, ref));
   }
 
   /** Re-adopts machines left by a previous daemon, cleans what is dead, starts the sweeper. */
@@ -226,6 +235,8 @@ export class Engine {
     this.execs.endOrphans('the daemon restarted while the command ran');
     failInterruptedBuilds(this.store);
     await recover(this.rt);
+    // Attachments of machines that are gone (a crash between a removal and its cleanup).
+    this.disks.store.forgetAllBut(new Set(this.store.list().map((r) => r.id)));
     // Namespaces, links and slots of machines that did not survive (a crash, a kill -9).
     const net = this.rt.d.net;
     if (net) {
@@ -453,6 +464,39 @@ export class Engine {
       );
     await this.locked(p, row.id, kind, () => net.setRules(row.id, rules));
     return this.egress(p, row.id, kind);
+  }
+
+  // ---- disks (engine/disk-actions.ts) ---------------------------------------------------------
+
+  createDisk(p: Principal, req: { name: string; sizeBytes: number }): Promise<DiskView> {
+    return this.diskActions.createDisk(p, req);
+  }
+
+  listDisks(p: Principal): DiskView[] {
+    return this.diskActions.listDisks(p);
+  }
+
+  getDisk(p: Principal, idOrName: string): DiskView {
+    return this.diskActions.getDisk(p, idOrName);
+  }
+
+  destroyDisk(p: Principal, idOrName: string): Promise<void> {
+    return this.diskActions.destroyDisk(p, idOrName);
+  }
+
+  attachDisk(p: Principal, req: AttachRequest): Promise<DiskView> {
+    return this.diskActions.attachDisk(p, req);
+  }
+
+  detachDisk(p: Principal, req: { disk: string; vm: string }): Promise<DiskView> {
+    return this.diskActions.detachDisk(p, req);
+  }
+
+  /** The disks attached to the caller's machine or box. */
+  disksOf(p: Principal, idOrName: string): DiskView[] {
+    const row = this.findAny(p, idOrName);
+    const ids = new Set(this.disks.attachmentsOf(row.id).map((a) => a.disk_id));
+    return this.diskActions.listDisks(p).filter((d) => ids.has(d.disk_id));
   }
 
   // ---- networks, proxies, domains (engine/net-routing.ts) -----------------------------------
@@ -838,6 +882,7 @@ export class Engine {
       await m.cleanup.run('detach');
     }
     this.store.close();
+    this.disks.close();
   }
 }
 

@@ -11,6 +11,7 @@ import { templateSize } from '../images/recipes.js';
 import type { SnapshotParams } from '../images/snapshots.js';
 import { inside } from '../net/addressing.js';
 import type { NetworkManager } from '../net/network-manager.js';
+import type { DiskDevice, Disks } from '../storage/disks/disk-service.js';
 import type { AccelChoice } from '../vmm/accel.js';
 import { machineLimits } from '../vmm/cgroup.js';
 import { tcgTimingArgs } from '../vmm/host.js';
@@ -74,6 +75,8 @@ export interface RuntimeDeps {
   onGuestApiStream?: GuestApiStreamHandler | undefined;
   /** Guest networks (src/net/); absent: machines asking for a network are refused. */
   net?: NetworkManager | undefined;
+  /** Attachable disks (src/storage/disks/); absent: no machine has any. */
+  disks?: Disks | undefined;
 }
 
 /** Takes the API connection a process inside `machineId` opened, to serve it for `owner`. */
@@ -149,6 +152,8 @@ export class Runtime {
     const nm = this.d.net;
     if (nm) m.cleanup.push('network rows', ends.machine, () => nm.forget(m.id));
     if (kind === 'box') m.cleanup.push('exec logs', ends.machine, () => this.d.execs.forget(m.id));
+    const disks = this.d.disks;
+    if (disks) m.cleanup.push('disk attachments', ends.machine, () => disks.forget(m.id));
   }
 
   /**
@@ -168,7 +173,8 @@ export class Runtime {
     },
   ): Promise<Vm> {
     const { volumes, volumeSlots, layout, ...vmExtra } = extra;
-    const machine = this.machineOf(row, volumes, volumeSlots);
+    // Its attached disks: in a resumed or cloned guest's saved state, mounted after a cold boot.
+    const machine = this.machineOf(row, volumes, volumeSlots, this.d.disks?.devicesOf(row.id));
     if (layout) checkSameLayout(layout, layoutOf(allocate(machine)));
     let netns: string | undefined;
     if (row.net) {
@@ -214,6 +220,7 @@ export class Runtime {
     row: Pick<MachineRow, 'vcpus' | 'memory_mb' | 'run_dir'> & { net?: number },
     volumes?: Volume[],
     volumeSlots = false,
+    disks?: DiskDevice[],
   ): MachineSpec {
     const p = runPaths(row.run_dir);
     return standardMachine({
@@ -224,6 +231,7 @@ export class Runtime {
       consoleSocket: p.console,
       ...(volumes ? { volumes } : {}),
       ...(row.net ? { nic: { tap: inside.tap, mac: inside.guestMac } } : {}),
+      ...(disks?.length ? { disks } : {}),
       ...(volumeSlots
         ? { emptyVolume: prepareEmptyVolume(join(this.d.config.stateDir, 'empty-volume')) }
         : {}),
@@ -533,6 +541,9 @@ export class Runtime {
     // disk the mark fails, and the end goes on anyway: it frees the space it needs.
     if (outcome === 'deleted') this.tryTransition(m.id, 'destroy');
     this.clearTtl(m);
+    // Its disks written back and unmounted while the guest still runs (what it fsync'd is safe
+    // anyway; this also leaves their journals clean).
+    if (outcome === 'deleted') await this.d.disks?.unmountAll(m.vm?.agent, m.id);
     if (row.kind === 'box' && outcome === 'failed') {
       this.report(m, await m.cleanup.run('halt'));
       this.transition(m.id, 'fail', {

@@ -1,4 +1,5 @@
 import { createHash } from 'node:crypto';
+import { isAbsolute } from 'node:path';
 import { type Volume, validateVolumes, volumeDeviceArgs } from './volumes.js';
 
 /**
@@ -15,7 +16,14 @@ export type DeviceSpec =
   | { kind: 'root-disk'; path: string }
   /** virtio-serial with the agent's port, `org.hutch.agent.0`, served on a Unix socket. */
   | { kind: 'agent-port'; socket: string }
-  | { kind: 'rng' }
+  /**
+   * The virtio-scsi controller (`scsi0`) every machine has: attachable disks are SCSI disks on
+   * it, hot-plugged into a running machine (microvm has no other hot-plug, and its transports are
+   * all taken). It took the virtio-rng's transport: guests seed their CRNG from RDRAND (`-cpu
+   * max` under TCG, `host` under KVM) and from the entropy CONFIGURE sends after every boot and
+   * restore.
+   */
+  | { kind: 'disk-bus' }
   /** The ISA serial port (ttyS0), served on a Unix socket. */
   | { kind: 'console'; socket: string }
   /**
@@ -31,9 +39,14 @@ export type DeviceSpec =
    * restores into any machine's network), so it is guest-visible and part of the layout.
    */
   | { kind: 'nic'; tap: string; mac: string }
-  // Reserved kinds: the spec and the allocator know them, the slot table has no room for them on
-  // today's board (see slotTable), and they have no QEMU arguments yet.
-  | { kind: 'disk' }
+  /**
+   * An attachable disk (a sparse ext4 image on the host, src/storage/disks/) at SCSI target
+   * `target` of the disk bus. Guest-visible: its target; the file and read-only are backends.
+   * Its node and device are both named `disk<target>`, so attach and detach over QMP find them.
+   */
+  | { kind: 'disk'; path: string; target: number; readOnly: boolean }
+  // Reserved: the spec and the allocator know it, the slot table has no room for it on today's
+  // board (see slotTable), and it has no QEMU arguments yet.
   | { kind: 'display' };
 
 export type DeviceKind = DeviceSpec['kind'];
@@ -45,7 +58,10 @@ export interface MachineSpec {
 }
 
 /** Where a device is plugged in: a virtio-mmio transport, or the board's ISA serial port. */
-export type Transport = { kind: 'virtio-mmio'; bus: number } | { kind: 'isa-serial' };
+export type Transport =
+  | { kind: 'virtio-mmio'; bus: number }
+  | { kind: 'isa-serial' }
+  | { kind: 'scsi'; target: number };
 
 export interface AllocatedDevice {
   device: DeviceSpec;
@@ -82,20 +98,27 @@ export const unusableTransports: readonly number[] = [];
  * all 7 usable transports: the kinds to come have no room on this board yet (a spec with one is
  * refused), and get theirs here when the board grows (see docs/architecture.md).
  */
-export const slotTable: Readonly<Record<DeviceKind, readonly number[] | 'isa-serial'>> = {
+export const slotTable: Readonly<Record<DeviceKind, readonly number[] | 'isa-serial' | 'scsi'>> = {
   console: 'isa-serial',
   'root-disk': [7],
   'agent-port': [6],
-  rng: [5],
+  'disk-bus': [5],
   volume: [0, 1, 2, 4],
   nic: [3],
-  disk: [],
+  disk: 'scsi',
   display: [],
 };
+
+/**
+ * Disks a machine may have attached at once: SCSI targets 0…15 of the disk bus (virtio-scsi
+ * allows 256; a guest with more than a handful of mounted disks is a misuse worth refusing).
+ */
+export const maxDisks = 16;
 
 /** How many devices of each kind fit on any machine. */
 export function slotsFor(kind: DeviceKind): number {
   const s = slotTable[kind];
+  if (s === 'scsi') return maxDisks;
   return s === 'isa-serial' ? 1 : s.length;
 }
 
@@ -112,6 +135,14 @@ export function allocate(spec: MachineSpec): AllocatedMachine {
     const n = used.get(device.kind) ?? 0;
     used.set(device.kind, n + 1);
     const slots = slotTable[device.kind];
+    if (slots === 'scsi') {
+      if (device.kind !== 'disk') throw new Error(`${device.kind} cannot sit on the disk bus`);
+      if (!Number.isInteger(device.target) || device.target < 0 || device.target >= maxDisks)
+        throw new Error(`disk target ${device.target}: 0-${maxDisks - 1}`);
+      if (!spec.devices.some((d) => d.kind === 'disk-bus'))
+        throw new Error('the machine spec does not fit: a disk needs the disk bus');
+      return { device, transport: { kind: 'scsi', target: device.target } };
+    }
     if (slots === 'isa-serial') {
       if (n > 0) throw new Error(`the machine spec does not fit: more than one ${device.kind}`);
       return { device, transport: { kind: 'isa-serial' } };
@@ -124,6 +155,11 @@ export function allocate(spec: MachineSpec): AllocatedMachine {
     return { device, transport: { kind: 'virtio-mmio', bus } };
   });
   validateVolumes(volumesOf(spec));
+  const targets = spec.devices.flatMap((d) => (d.kind === 'disk' ? [d.target] : []));
+  if (new Set(targets).size !== targets.length) throw new Error('two disks on one SCSI target');
+  for (const d of spec.devices)
+    if (d.kind === 'disk' && (!isAbsolute(d.path) || d.path.includes(',')))
+      throw new Error(`disk ${d.target}: its path must be absolute, without ','`);
   const tags = spec.devices.flatMap((d) => (d.kind === 'volume' ? [d.volume.tag] : []));
   if (new Set(tags).size !== tags.length) throw new Error('a volume placeholder reuses a volume tag');
   return { vcpus: spec.vcpus, memoryMb: spec.memoryMb, devices };
@@ -158,6 +194,8 @@ export function standardMachine(m: {
   emptyVolume?: string;
   /** A NIC on this tap (in the machine's namespace), with the MAC every guest has. */
   nic?: { tap: string; mac: string };
+  /** Attached disks (a cold boot, a resume or a branch's clone: they are in its saved state). */
+  disks?: readonly { path: string; target: number; readOnly: boolean }[];
 }): MachineSpec {
   const volumes = m.volumes ?? [];
   const empty = m.emptyVolume;
@@ -183,10 +221,13 @@ export function standardMachine(m: {
       { kind: 'console', socket: m.consoleSocket },
       { kind: 'root-disk', path: m.disk },
       { kind: 'agent-port', socket: m.agentSocket },
-      { kind: 'rng' },
+      { kind: 'disk-bus' },
       ...(m.nic ? [{ kind: 'nic', ...m.nic } as DeviceSpec] : []),
       ...volumes.map((volume): DeviceSpec => ({ kind: 'volume', volume })),
       ...placeholders,
+      ...[...(m.disks ?? [])]
+        .sort((a, b) => a.target - b.target)
+        .map((d): DeviceSpec => ({ kind: 'disk', ...d })),
     ],
   };
 }
@@ -226,6 +267,7 @@ function guestSide(d: DeviceSpec): Record<string, string> | undefined {
 }
 
 function transportName(t: Transport): string {
+  if (t.kind === 'scsi') return `scsi0.0:${t.target}`;
   return t.kind === 'isa-serial' ? 'isa-serial' : `virtio-mmio-bus.${t.bus}`;
 }
 
@@ -275,6 +317,11 @@ function deviceArgs({ device: d, transport: t }: AllocatedDevice): string[] {
     if (d.kind !== 'console') throw new Error(`${d.kind} cannot sit on the ISA serial port`);
     return ['-chardev', `socket,id=ser0,path=${d.socket},server=on,wait=off`, '-serial', 'chardev:ser0'];
   }
+  if (t.kind === 'scsi') {
+    if (d.kind !== 'disk') throw new Error(`${d.kind} cannot sit on the disk bus`);
+    const a = diskQmpArgs(d);
+    return ['-blockdev', JSON.stringify(a.blockdev), '-device', JSON.stringify(a.device)];
+  }
   const bus = `bus=virtio-mmio-bus.${t.bus}`;
   switch (d.kind) {
     case 'root-disk':
@@ -293,13 +340,8 @@ function deviceArgs({ device: d, transport: t }: AllocatedDevice): string[] {
         '-device',
         `virtserialport,chardev=agent,name=${agentPortName}`,
       ];
-    case 'rng':
-      return [
-        '-object',
-        'rng-random,id=rng0,filename=/dev/urandom',
-        '-device',
-        `virtio-rng-device,rng=rng0,${bus}`,
-      ];
+    case 'disk-bus':
+      return ['-device', `virtio-scsi-device,id=scsi0,num_queues=1,${bus}`];
     case 'volume':
       return volumeDeviceArgs(d.volume, t.bus);
     case 'console':
@@ -312,7 +354,42 @@ function deviceArgs({ device: d, transport: t }: AllocatedDevice): string[] {
         `virtio-net-device,netdev=net0,mac=${d.mac},${bus}`,
       ];
     case 'disk':
+      throw new Error('a disk sits on the disk bus');
     case 'display':
       throw new Error(`${d.kind} devices are not available in this version`);
   }
+}
+
+/**
+ * A disk's block node and SCSI device, as QMP blockdev-add/device_add arguments (hot-plug) and,
+ * JSON-encoded, as -blockdev/-device (a launch with the disk attached): one description, so a
+ * machine restored with its disks has exactly the devices it was saved with. Raw, host page
+ * cache (cache.direct off: native speed for small writes; the guest's flushes reach the file
+ * with fdatasync), discard passed through so deletes in the guest free the sparse file's blocks.
+ */
+export function diskQmpArgs(d: { path: string; target: number; readOnly: boolean }): {
+  blockdev: Record<string, unknown>;
+  device: Record<string, unknown>;
+} {
+  const name = `disk${d.target}`;
+  return {
+    blockdev: {
+      driver: 'raw',
+      'node-name': name,
+      'read-only': d.readOnly,
+      discard: 'unmap',
+      file: { driver: 'file', filename: d.path, 'read-only': d.readOnly, cache: { direct: false } },
+    },
+    device: {
+      driver: 'scsi-hd',
+      id: name,
+      drive: name,
+      bus: 'scsi0.0',
+      channel: 0,
+      'scsi-id': d.target,
+      lun: 0,
+      // A serial the guest can read (/sys/block/sdX/device/…/vpd) naming the target.
+      serial: `hutch-${name}`,
+    },
+  };
 }

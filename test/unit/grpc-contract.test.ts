@@ -6,7 +6,6 @@ import { test } from 'node:test';
 import { boxdHandlers } from '../../src/api/grpc/handlers.js';
 import { loadBoxdProto, protoPath } from '../../src/api/grpc/proto.js';
 import { reflectableDefinition } from '../../src/api/grpc/reflection-descriptors.js';
-import { unservedRpcNames } from '../../src/api/grpc/unserved.js';
 import { repoRoot } from '../../src/paths.js';
 
 /** The boxd spec's copy of the proto, where the checkout has the shared specs beside it. */
@@ -40,12 +39,6 @@ test('each handler has the streaming shape its method has in the proto', () => {
         : 'unary';
     assert.equal(boxdHandlers[name]?.kind, kind, name);
   }
-});
-
-test('the unserved RPCs are the disks, and methods of the proto', () => {
-  const methods = Object.keys(loadBoxdProto().service);
-  assert.deepEqual(Object.keys(unservedRpcNames), ['disks']);
-  for (const name of unservedRpcNames.disks) assert.ok(methods.includes(name), name);
 });
 
 test('spec/vm-api.proto is the spec’s proto byte for byte (when the spec is at hand)', (t) => {

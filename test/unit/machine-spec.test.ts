@@ -67,7 +67,19 @@ describe('machine spec: slot allocation', () => {
       withDevices({ kind: 'nic', tap: 't', mac: 'm' }, { kind: 'nic', tap: 't', mac: 'm' }),
       /2 nic devices, the layout has room for 1/,
     ],
-    ['a disk', withDevices({ kind: 'disk' }), /1 disk devices, the layout has room for 0/],
+    [
+      'two disks on one target',
+      withDevices(
+        { kind: 'disk', path: '/d/a.img', target: 2, readOnly: false },
+        { kind: 'disk', path: '/d/b.img', target: 2, readOnly: true },
+      ),
+      /two disks on one SCSI target/,
+    ],
+    [
+      'a disk past target 15',
+      withDevices({ kind: 'disk', path: '/d/a.img', target: 16, readOnly: false }),
+      /0-15/,
+    ],
     ['a display', withDevices({ kind: 'display' }), /1 display devices, the layout has room for 0/],
     [
       '2 root disks',
@@ -89,14 +101,14 @@ describe('machine spec: slot allocation', () => {
       'console@isa-serial',
       'root-disk@virtio-mmio-bus.7',
       'agent-port@virtio-mmio-bus.6',
-      'rng@virtio-mmio-bus.5',
+      'disk-bus@virtio-mmio-bus.5',
       'volume@virtio-mmio-bus.0',
       'volume@virtio-mmio-bus.1',
     ]);
   });
 
   test('the slot table fits the board and gives each transport to one kind', () => {
-    const buses = Object.values(slotTable).flatMap((s) => (s === 'isa-serial' ? [] : s));
+    const buses = Object.values(slotTable).flatMap((s) => (s === 'isa-serial' || s === 'scsi' ? [] : s));
     assert.equal(new Set(buses).size, buses.length);
     assert.ok(buses.every((b) => b >= 0 && b < virtioTransports && !unusableTransports.includes(b)));
     assert.equal(slotsFor('volume'), maxVolumes);
@@ -204,7 +216,7 @@ describe('machine spec: QEMU arguments', () => {
       'virtio-blk-device,drive=root,bus=virtio-mmio-bus.7',
       'virtio-serial-device,max_ports=2,bus=virtio-mmio-bus.6',
       'virtserialport,chardev=agent,name=org.hutch.agent.0',
-      'virtio-rng-device,rng=rng0,bus=virtio-mmio-bus.5',
+      'virtio-scsi-device,id=scsi0,num_queues=1,bus=virtio-mmio-bus.5',
       'virtio-9p-device,fsdev=fs-vol0,mount_tag=vol0,bus=virtio-mmio-bus.0',
     ]);
     assert.deepEqual(after('-serial'), ['chardev:ser0']);
@@ -213,8 +225,32 @@ describe('machine spec: QEMU arguments', () => {
   });
 
   test('reserved kinds: refused by the allocator before any argument is made', () => {
-    for (const kind of ['disk', 'display'] as const)
-      assert.throws(() => machineArgs(allocate(withDevices({ kind }))), /does not fit/);
+    assert.throws(() => machineArgs(allocate(withDevices({ kind: 'display' }))), /does not fit/);
+  });
+
+  test('a disk: a scsi-hd on the disk bus at its target, the same device QMP hot-plugs', () => {
+    const disk = { kind: 'disk', path: '/d/x.img', target: 3, readOnly: true } as const;
+    const args = machineArgs(allocate(withDevices(disk)));
+    const blockdev = JSON.parse(after2(args, '-blockdev')[0] ?? '{}');
+    assert.equal(blockdev['node-name'], 'disk3');
+    assert.equal(blockdev.file.filename, '/d/x.img');
+    assert.equal(blockdev['read-only'], true);
+    const devices = after2(args, '-device').filter((d) => d.startsWith('{'));
+    assert.deepEqual(JSON.parse(devices[0] ?? '{}'), {
+      driver: 'scsi-hd',
+      id: 'disk3',
+      drive: 'disk3',
+      bus: 'scsi0.0',
+      channel: 0,
+      'scsi-id': 3,
+      lun: 0,
+      serial: 'hutch-disk3',
+    });
+    // Its target is guest-visible (layout), its file is not.
+    const fp = (spec: MachineSpec): string => layoutFingerprint(layoutOf(allocate(spec)));
+    assert.equal(fp(withDevices(disk)), fp(withDevices({ ...disk, path: '/other.img', readOnly: false })));
+    assert.notEqual(fp(withDevices(disk)), fp(withDevices({ ...disk, target: 4 })));
+    assert.throws(() => allocate({ ...base(), devices: [disk] }), /needs the disk bus/);
   });
 
   test('a NIC: bus 3, a tap backend, its MAC in the layout (not its tap)', () => {
@@ -228,3 +264,7 @@ describe('machine spec: QEMU arguments', () => {
     assert.notEqual(fp(nic('tap0', '02:00:00:00:00:01')), fp(base()));
   });
 });
+
+function after2(args: string[], flag: string): string[] {
+  return args.flatMap((a, i) => (args[i - 1] === flag ? [a] : []));
+}

@@ -1,10 +1,10 @@
 import { accountRpcs } from './accounts.js';
+import { diskRpcs } from './disks.js';
 import { execRpcs } from './exec.js';
 import { logsFilesRpcs } from './logs-files.js';
 import { networkRpcs } from './networks.js';
 import type { Rpc } from './rpc.js';
 import { templateRpcs } from './templates.js';
-import { unservedRpcs } from './unserved.js';
 import { vmCreateRpcs } from './vm-create.js';
 import { vmRpcs } from './vms.js';
 
@@ -20,5 +20,5 @@ export const boxdHandlers: Record<string, Rpc> = {
   ...accountRpcs,
   ...vmCreateRpcs,
   ...templateRpcs,
-  ...unservedRpcs,
+  ...diskRpcs,
 };

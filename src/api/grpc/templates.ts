@@ -1,7 +1,7 @@
 import type { TemplateView } from '../../engine/flows/templates.js';
 import { optionalName, required, text } from './args.js';
 import { type Rpc, unary } from './rpc.js';
-import { refuseUnserved, sizesOf, type VmConfig } from './vm-config.js';
+import { refuseVolumes, sizesOf, type VmConfig } from './vm-config.js';
 
 /**
  * User templates: an image with a size, booted once and snapshotted, so VMs made from it
@@ -29,7 +29,7 @@ export const templateRpcs: Record<string, Rpc> = {
   CreateTemplate: unary(async (req: CreateTemplateRequest, cx) => {
     const name = optionalName(req.name);
     if (!name) required('', 'name');
-    refuseUnserved(req.config);
+    refuseVolumes(req.config, 'a template has no disks; attach them to its VMs (AttachDisk)');
     const s = sizesOf(cx, req.config);
     const t = await cx.act.createTemplate({
       name: name as string,

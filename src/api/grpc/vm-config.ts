@@ -48,9 +48,9 @@ export function sizesOf(cx: Cx, c: VmConfig | null): Sizes {
  * them is an honest UNIMPLEMENTED, never silently ignored. (`network.ssh` is only a default-on
  * wish with nothing to turn off here, so it is accepted.)
  */
-export function refuseUnserved(c: VmConfig | null): void {
-  if (c?.volumes.length)
-    throw new HutchError('NOT_SERVED', 'disks are not served by this version yet (config.volumes)');
+/** config.volumes where disks cannot be mounted at create (a fork has its source's; a template none). */
+export function refuseVolumes(c: VmConfig | null, why: string): void {
+  if (c?.volumes.length) throw new HutchError('INVALID_ARGUMENT', `config.volumes: ${why}`);
 }
 
 /** A new VM's idle auto-suspend when SrfConfig leaves it unset (the proto's server default). */

@@ -3,11 +3,12 @@ import type { ProxyView } from '../../engine/net-routing.js';
 import { HutchError } from '../../errors.js';
 import { createBoxBody } from '../boxes-schemas.js';
 import { optionalName, required, text, vmRef } from './args.js';
+import { attachAtCreate, volumeMountsOf } from './disks.js';
 import type { Cx, Rpc } from './rpc.js';
 import { unary } from './rpc.js';
 import {
   defaultAutoSuspendSecs,
-  refuseUnserved,
+  refuseVolumes,
   type Sizes,
   setsSize,
   sizesOf,
@@ -101,7 +102,7 @@ function templateNamed(cx: Cx, ref: string): string | undefined {
 export async function createVm(req: CreateVmRequest, cx: Cx): Promise<Record<string, unknown>> {
   const name = optionalName(req.name);
   const ref = text(req.image_ref, 'image_ref', 512);
-  refuseUnserved(req.config);
+  const mounts = volumeMountsOf(req.config, cx);
   const cmd = req.cmd.map((a, i) => text(a, `cmd[${i}]`));
   const template = templateNamed(cx, ref);
   // From a template, sizes left at zero are the template's own.
@@ -118,6 +119,7 @@ export async function createVm(req: CreateVmRequest, cx: Cx): Promise<Record<str
     // boxd VMs have the internet (behind their firewall) whenever this server has networking.
     network: cx.app.engine.networking(),
   });
+  await attachAtCreate(cx, box.id, mounts);
   return { ...created(box, cx, proxiesFor(box, req.config, cx)), image: box.image };
 }
 
@@ -142,7 +144,7 @@ function proxiesFor(box: BoxView, config: VmConfig | null, cx: Cx): ProxyView[] 
 async function createVmFromTemplate(req: FromTemplateRequest, cx: Cx): Promise<Record<string, unknown>> {
   const template = required(req.template_id, 'template_id');
   const name = optionalName(req.name);
-  refuseUnserved(req.config);
+  const mounts = volumeMountsOf(req.config, cx);
   const sized = setsSize(req.config);
   if (sized) checked(undefined, name, sizesOf(cx, req.config), null);
   const box: BoxView = await cx.act.createBox({
@@ -152,6 +154,7 @@ async function createVmFromTemplate(req: FromTemplateRequest, cx: Cx): Promise<R
     ...srfOf(req.config, defaultAutoSuspendSecs),
     network: cx.app.engine.networking(),
   });
+  await attachAtCreate(cx, box.id, mounts);
   return created(box, cx, proxiesFor(box, req.config, cx));
 }
 
@@ -163,7 +166,10 @@ async function createVmFromTemplate(req: FromTemplateRequest, cx: Cx): Promise<R
 async function forkVm(req: ForkRequest, cx: Cx): Promise<Record<string, unknown>> {
   const source = vmRef(req.source_vm_id, 'source_vm_id');
   const name = optionalName(req.name);
-  refuseUnserved(req.config);
+  refuseVolumes(
+    req.config,
+    "a fork has its source's disks (read-write ones copied); attach more with AttachDisk",
+  );
   if (setsSize(req.config))
     throw bad(
       "a fork continues its source's memory: config vcpu, memory_bytes and disk_bytes must be 0 (inherited)",

@@ -2,6 +2,7 @@ import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Principal } from '../../core/principal.js';
 import { HutchError, orStorageFull } from '../../errors.js';
+import { cloneDisks } from '../../storage/disks/disk-service.js';
 import { branchTimings, type MachineSaved } from '../../vmm/migration.js';
 import { runPaths } from '../../vmm/qemu.js';
 import { ends } from '../cleanup-stack.js';
@@ -133,6 +134,8 @@ async function snapshotSource(
     // A completed migration has flushed the source's disk, so the copy is consistent.
     const d0 = performance.now();
     rt.d.hv.copyDisk(join(now.run_dir, 'disk.qcow2'), join(clone.run_dir, 'disk.qcow2'), rt.d.runAs);
+    // Its attached disks: shared when read-only, copied when read-write (docs/storage.md).
+    if (rt.d.disks) await cloneDisks(rt.d.disks, src.id, clone.id, clone.owner);
     diskMs = performance.now() - d0;
   } finally {
     if (wasRunning) await qmp.execute('cont');

@@ -373,6 +373,8 @@ export async function bootBox(cx: FlowContext, m: Machine, row: MachineRow, imag
   const vm = await cx.rt.launch(m, row, image, volumes.length ? { volumes } : {});
   vm.agent = await cx.rt.waitForAgent(m, vm);
   await identifyBox(cx, vm.agent, row.id, volumes, row.net === 1);
+  // Its attached disks were plugged in at launch: the guest mounts them now.
+  await cx.rt.d.disks?.mountAll(vm.agent, row.id);
 }
 
 /**
