@@ -222,7 +222,22 @@ static void do_mount(const struct disk_request *r, struct disk_result *res)
 		nanosleep(&ts, NULL);
 	}
 	dev_t dev;
-	if (disk_dev(dir, name, &dev, &res->size, res) < 0 || dev_node(name, dev, node, sizeof node, res) < 0)
+	/* The disk's sysfs entry comes before sd has read its capacity: until then it is 0 bytes
+	 * and opening it fails with ENXIO, so wait for a size as for the device itself. */
+	for (;;) {
+		if (disk_dev(dir, name, &dev, &res->size, res) < 0)
+			return;
+		if (res->size > 0)
+			break;
+		if (now_ms() >= deadline) {
+			fail(res, ETIMEDOUT, "the disk at SCSI target %u still has no size after %d s", r->target,
+			     DISK_WAIT_MS / 1000);
+			return;
+		}
+		struct timespec ts = {.tv_sec = 0, .tv_nsec = DISK_POLL_MS * 1000000L};
+		nanosleep(&ts, NULL);
+	}
+	if (dev_node(name, dev, node, sizeof node, res) < 0)
 		return;
 	if (mkdir_p(r->path) < 0) {
 		if (errno == ENOTDIR)
@@ -242,8 +257,16 @@ static void do_mount(const struct disk_request *r, struct disk_result *res)
 	}
 	/* noload: a reader never replays the journal, so a disk another machine has open
 	 * read-write, or one not cleanly unmounted, is never written by mounting it read-only. */
-	if (mount(node, r->path, "ext4", r->read_only ? MS_RDONLY : 0, r->read_only ? "noload" : NULL) < 0) {
-		fail(res, errno, "mount %s (SCSI target %u) on %s: %s", node, r->target, r->path, strerror(errno));
+	/* ENXIO/ENODEV: the block device is registered but not yet open-able (the end of sd's
+	 * probe races the first open under load); it settles within the same deadline. */
+	while (mount(node, r->path, "ext4", r->read_only ? MS_RDONLY : 0, r->read_only ? "noload" : NULL) < 0) {
+		int e = errno;
+		if ((e == ENXIO || e == ENODEV) && now_ms() < deadline) {
+			struct timespec ts = {.tv_sec = 0, .tv_nsec = DISK_POLL_MS * 1000000L};
+			nanosleep(&ts, NULL);
+			continue;
+		}
+		fail(res, e, "mount %s (SCSI target %u) on %s: %s", node, r->target, r->path, strerror(e));
 		return;
 	}
 	logmsg("mounted %s (SCSI target %u, %llu bytes) on %s%s", node, r->target, (unsigned long long)res->size,

@@ -15,6 +15,9 @@ import { api, cleanup, type Json, qemusOf, startDaemon, type TestDaemon } from '
 import { type BoxdClient, boxdClient, type Msg, rejectsWith } from '../helpers/grpc.js';
 import { grpcExec } from '../helpers/grpc-exec.js';
 
+/** A small VM: TCG on 2 cores. */
+const small = { vcpu: 1, memory_bytes: String(512 * 2 ** 20), srf: { auto_suspend_timeout_secs: 0 } };
+
 describe('disks', () => {
   let d: TestDaemon;
   let aliceToken: string;
@@ -185,8 +188,13 @@ describe('disks', () => {
   });
 
   test('detach is refused while a process has files open there, and nothing changes', async () => {
-    const r = await sh(m2, 'nohup sh -c "exec 3</mnt/d/blob; sleep 600" >/dev/null 2>&1 & echo $!');
+    // Its own session: the exec's end does not take it down.
+    const r = await sh(
+      m2,
+      'setsid sh -c "exec 3</mnt/d/blob; exec sleep 600" </dev/null >/dev/null 2>&1 & sleep 0.5; pgrep -x sleep',
+    );
     const pid = r.out.trim();
+    assert.match(pid, /^\d+$/, r.err);
     const busy = await detach(m2, data);
     assert.equal(busy.status, 409, JSON.stringify(busy.body));
     assert.equal(busy.body.code, 'DISK_BUSY');
@@ -306,18 +314,17 @@ describe('disks', () => {
       status.INVALID_ARGUMENT,
     );
     await rejectsWith(
-      alice.call('CreateVmFromTemplate', {
-        template_id: 'python',
+      alice.call('CreateVm', {
         name: 'v-bad',
-        config: { volumes: [{ disk_id: 'disk-0000000000000000', mount_path: '/g' }] },
+        config: { ...small, volumes: [{ disk_id: 'disk-0000000000000000', mount_path: '/g' }] },
       }),
       status.NOT_FOUND,
     );
     await rejectsWith(alice.call('GetVm', { vm_id: 'v-bad' }), status.NOT_FOUND);
-    await alice.call('CreateVmFromTemplate', {
-      template_id: 'python',
+    await alice.call('CreateVm', {
       name: 'v1',
       config: {
+        ...small,
         volumes: [
           { disk_id: made.disk_id, mount_path: '/g', read_only: false },
           { disk_id: 'data', mount_path: '/d', read_only: true },
