@@ -278,8 +278,9 @@ export class DiskActions {
           'DISK_BUSY',
           `a process in ${row.id} has files open under ${a.mount_path}: close them (or stop it) and detach again`,
         );
-      // Not mounted (a half-made attach, or unmounted by hand in the guest): unplug anyway.
-      if (!(e instanceof AgentError && e.code === 'EINVAL')) throw e;
+      // Not mounted (a half-made attach, or unmounted by hand in the guest), or the guest
+      // dropped the device itself: unplug anyway.
+      if (!(e instanceof AgentError && (e.code === 'EINVAL' || e.code === 'ENODEV'))) throw e;
     }
     await this.unplugDevice(m, a.target);
   }
