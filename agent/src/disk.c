@@ -209,10 +209,37 @@ static int is_mount_point(const char *path)
 	return found;
 }
 
+/* The kernel does not scan the disk bus at boot (scsi_mod.scan=manual): a disk plugged in
+ * before the boot (a cold start with disks attached) is found by asking for its target.
+ * Asking for one that is there already, or for a hot-plugged one, changes nothing. */
+static void scan_target(unsigned target)
+{
+	DIR *d = opendir("/sys/class/scsi_host");
+	if (!d)
+		return;
+	struct dirent *e;
+	while ((e = readdir(d))) {
+		if (e->d_name[0] == '.')
+			continue;
+		char path[PATH_MAX], line[32];
+		snprintf(path, sizeof path, "/sys/class/scsi_host/%s/scan", e->d_name);
+		int fd = open(path, O_WRONLY | O_CLOEXEC);
+		if (fd < 0)
+			continue;
+		int n = snprintf(line, sizeof line, "0 %u 0", target);
+		if (write(fd, line, (size_t)n) < 0)
+			logmsg("scan of SCSI target %u on %s: %s", target, e->d_name, strerror(errno));
+		close(fd);
+	}
+	closedir(d);
+}
+
 static void do_mount(const struct disk_request *r, struct disk_result *res)
 {
 	char dir[PATH_MAX], name[NAME_MAX + 1], node[PATH_MAX], real[PATH_MAX];
 	int64_t deadline = now_ms() + DISK_WAIT_MS;
+	if (find_disk(r->target, dir, sizeof dir, name, sizeof name) < 0)
+		scan_target(r->target);
 	while (find_disk(r->target, dir, sizeof dir, name, sizeof name) < 0) {
 		if (now_ms() >= deadline) {
 			fail(res, ETIMEDOUT, "no disk at SCSI target %u after %d s", r->target, DISK_WAIT_MS / 1000);
