@@ -22,7 +22,12 @@ function line(name: string, value: number, unit: string, base?: number, baseName
   console.log(`${name.padEnd(60)} ${value.toFixed(unit === 'ms' ? 1 : 2)} ${unit}${ratio}`);
 }
 
-async function call(d: TestDaemon, method: string, path: string, body?: unknown): Promise<Record<string, unknown>> {
+async function call(
+  d: TestDaemon,
+  method: string,
+  path: string,
+  body?: unknown,
+): Promise<Record<string, unknown>> {
   const r = await api(d.url, method, path, body);
   if (r.status >= 300) throw new Error(`${method} ${path}: ${r.status} ${JSON.stringify(r.body)}`);
   return r.body;
@@ -64,9 +69,11 @@ PY`;
 async function main(): Promise<void> {
   const d = await startDaemon();
   try {
-    const m = (await call(d, 'POST', '/v1/machines', { template: 'python', ttl_seconds: 3600, name: 'bench' }))
-      .id as string;
-    const disk = (await call(d, 'POST', '/v1/disks', { name: 'bench', size_bytes: 2 * 2 ** 30 })).disk_id as string;
+    const m = (
+      await call(d, 'POST', '/v1/machines', { template: 'python', ttl_seconds: 3600, name: 'bench' })
+    ).id as string;
+    const disk = (await call(d, 'POST', '/v1/disks', { name: 'bench', size_bytes: 2 * 2 ** 30 }))
+      .disk_id as string;
     const attach: number[] = [];
     const detach: number[] = [];
     const execMs: number[] = [];
@@ -79,15 +86,29 @@ async function main(): Promise<void> {
     line('detach disk (unmount + unplug)', median(detach), 'ms', median(execMs), 'exec true');
 
     await call(d, 'POST', `/v1/machines/${m}/disks`, { disk, mount_path: '/d' });
-    const seq = { diskW: [] as number[], diskR: [] as number[], rootW: [] as number[], rootR: [] as number[] };
-    const rnd = { diskW: [] as number[], diskR: [] as number[], rootW: [] as number[], rootR: [] as number[] };
+    const seq = {
+      diskW: [] as number[],
+      diskR: [] as number[],
+      rootW: [] as number[],
+      rootR: [] as number[],
+    };
+    const rnd = {
+      diskW: [] as number[],
+      diskR: [] as number[],
+      rootW: [] as number[],
+      rootR: [] as number[],
+    };
     for (let i = 0; i < runs; i++)
       for (const [where, dir] of [
         ['disk', '/d'],
         ['root', '/root'],
       ] as const) {
         const f = `${dir}/seq.bin`;
-        const w = await exec(d, m, `dd if=/dev/zero of=${f} bs=1M count=256 oflag=direct conv=fsync 2>&1 | tail -1`);
+        const w = await exec(
+          d,
+          m,
+          `dd if=/dev/zero of=${f} bs=1M count=256 oflag=direct conv=fsync 2>&1 | tail -1`,
+        );
         const r = await exec(d, m, `dd if=${f} of=/dev/null bs=1M iflag=direct 2>&1 | tail -1`);
         seq[`${where}W`].push(ddRate(w));
         seq[`${where}R`].push(ddRate(r));
@@ -95,7 +116,13 @@ async function main(): Promise<void> {
         rnd[`${where}R`].push(Number(await exec(d, m, randomIo(f, false))));
         await exec(d, m, `rm -f ${f}`);
       }
-    line('sequential write 256 MiB, attached disk', median(seq.diskW), 'MB/s', median(seq.rootW), 'root disk');
+    line(
+      'sequential write 256 MiB, attached disk',
+      median(seq.diskW),
+      'MB/s',
+      median(seq.rootW),
+      'root disk',
+    );
     line('sequential read 256 MiB, attached disk', median(seq.diskR), 'MB/s', median(seq.rootR), 'root disk');
     line('random 4 KiB writes, attached disk', median(rnd.diskW), 'IOPS', median(rnd.rootW), 'root disk');
     line('random 4 KiB reads, attached disk', median(rnd.diskR), 'IOPS', median(rnd.rootR), 'root disk');
@@ -104,7 +131,8 @@ async function main(): Promise<void> {
     await exec(d, m, 'head -c 256M /dev/urandom > /d/full.bin && sync');
     const withDisk: { ms: number; pause: number }[] = [];
     const without: { ms: number; pause: number }[] = [];
-    const other = (await call(d, 'POST', '/v1/machines', { template: 'python', ttl_seconds: 3600 })).id as string;
+    const other = (await call(d, 'POST', '/v1/machines', { template: 'python', ttl_seconds: 3600 }))
+      .id as string;
     for (let i = 0; i < runs; i++)
       for (const [src, into] of [
         [m, withDisk],

@@ -108,6 +108,7 @@ export class DiskActions {
         name,
         size_bytes: size,
         path,
+        format: 'raw',
         created_at: Date.now(),
         clone_of: null,
       });
@@ -249,7 +250,7 @@ export class DiskActions {
     // detach (which tolerates a half-made attachment) cleans it up.
     this.disks.store.attach(a);
     const qmp = await this.rt.qmpOf(m);
-    const args = diskQmpArgs({ path: d.path, target: at.target, readOnly: at.readOnly });
+    const args = diskQmpArgs({ path: d.path, format: d.format, target: at.target, readOnly: at.readOnly });
     let plugged = false;
     try {
       await qmp.execute('blockdev-add', args.blockdev);

@@ -44,7 +44,7 @@ export type DeviceSpec =
    * `target` of the disk bus. Guest-visible: its target; the file and read-only are backends.
    * Its node and device are both named `disk<target>`, so attach and detach over QMP find them.
    */
-  | { kind: 'disk'; path: string; target: number; readOnly: boolean }
+  | { kind: 'disk'; path: string; format: 'raw' | 'qcow2'; target: number; readOnly: boolean }
   // Reserved: the spec and the allocator know it, the slot table has no room for it on today's
   // board (see slotTable), and it has no QEMU arguments yet.
   | { kind: 'display' };
@@ -195,7 +195,7 @@ export function standardMachine(m: {
   /** A NIC on this tap (in the machine's namespace), with the MAC every guest has. */
   nic?: { tap: string; mac: string };
   /** Attached disks (a cold boot, a resume or a branch's clone: they are in its saved state). */
-  disks?: readonly { path: string; target: number; readOnly: boolean }[];
+  disks?: readonly { path: string; format: 'raw' | 'qcow2'; target: number; readOnly: boolean }[];
 }): MachineSpec {
   const volumes = m.volumes ?? [];
   const empty = m.emptyVolume;
@@ -367,14 +367,19 @@ function deviceArgs({ device: d, transport: t }: AllocatedDevice): string[] {
  * cache (cache.direct off: native speed for small writes; the guest's flushes reach the file
  * with fdatasync), discard passed through so deletes in the guest free the sparse file's blocks.
  */
-export function diskQmpArgs(d: { path: string; target: number; readOnly: boolean }): {
+export function diskQmpArgs(d: {
+  path: string;
+  format: 'raw' | 'qcow2';
+  target: number;
+  readOnly: boolean;
+}): {
   blockdev: Record<string, unknown>;
   device: Record<string, unknown>;
 } {
   const name = `disk${d.target}`;
   return {
     blockdev: {
-      driver: 'raw',
+      driver: d.format,
       'node-name': name,
       'read-only': d.readOnly,
       discard: 'unmap',

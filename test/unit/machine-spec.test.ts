@@ -70,14 +70,14 @@ describe('machine spec: slot allocation', () => {
     [
       'two disks on one target',
       withDevices(
-        { kind: 'disk', path: '/d/a.img', target: 2, readOnly: false },
-        { kind: 'disk', path: '/d/b.img', target: 2, readOnly: true },
+        { kind: 'disk', path: '/d/a.img', format: 'raw', target: 2, readOnly: false },
+        { kind: 'disk', path: '/d/b.img', format: 'raw', target: 2, readOnly: true },
       ),
       /two disks on one SCSI target/,
     ],
     [
       'a disk past target 15',
-      withDevices({ kind: 'disk', path: '/d/a.img', target: 16, readOnly: false }),
+      withDevices({ kind: 'disk', path: '/d/a.img', format: 'raw', target: 16, readOnly: false }),
       /0-15/,
     ],
     ['a display', withDevices({ kind: 'display' }), /1 display devices, the layout has room for 0/],
@@ -229,7 +229,7 @@ describe('machine spec: QEMU arguments', () => {
   });
 
   test('a disk: a scsi-hd on the disk bus at its target, the same device QMP hot-plugs', () => {
-    const disk = { kind: 'disk', path: '/d/x.img', target: 3, readOnly: true } as const;
+    const disk = { kind: 'disk', path: '/d/x.img', format: 'raw', target: 3, readOnly: true } as const;
     const args = machineArgs(allocate(withDevices(disk)));
     const blockdev = JSON.parse(after2(args, '-blockdev')[0] ?? '{}');
     assert.equal(blockdev['node-name'], 'disk3');

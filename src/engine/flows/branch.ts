@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import type { Principal } from '../../core/principal.js';
 import { HutchError, orStorageFull } from '../../errors.js';
 import { cloneDisks } from '../../storage/disks/disk-service.js';
+import { startDiskCopies } from '../../vmm/disk-copy.js';
 import { branchTimings, type MachineSaved } from '../../vmm/migration.js';
 import { runPaths } from '../../vmm/qemu.js';
 import { ends } from '../cleanup-stack.js';
@@ -69,6 +70,8 @@ export async function branchMachine(
       // The clone's RAM file is the source's, copied while the source is stopped.
       m.cleanup.push('ram copy', ends.vm, () => rt.d.hv.ram.remove(rt.d.hv.ram.fileOf(id)));
       const s = await src.lock.run(() => snapshotSource(cx, src, row, stateFile));
+      // Outside the source's lock: its calls are not held up while QEMU copies its disks.
+      await s.disksCopied();
       const r0 = performance.now();
       const { vm, restoredUs, agentUs } = await rt.restoreInto(m, row, manifest, stateFile, {
         ignoreShared: s.saved.ignoreShared,
@@ -108,7 +111,7 @@ async function snapshotSource(
   src: Machine,
   clone: MachineRow,
   stateFile: string,
-): Promise<{ pauseMs: number; diskMs: number; saved: MachineSaved }> {
+): Promise<{ pauseMs: number; diskMs: number; saved: MachineSaved; disksCopied: () => Promise<void> }> {
   const { rt } = cx;
   const now = rt.store.get(src.id);
   if (!now)
@@ -121,6 +124,7 @@ async function snapshotSource(
   const p0 = performance.now();
   let diskMs = 0;
   let saved: MachineSaved;
+  let disksCopied = async (): Promise<void> => {};
   if (wasRunning) await qmp.execute('stop');
   try {
     // Device state plus a copy of the source's RAM file, which becomes the clone's own; its
@@ -134,12 +138,18 @@ async function snapshotSource(
     // A completed migration has flushed the source's disk, so the copy is consistent.
     const d0 = performance.now();
     rt.d.hv.copyDisk(join(now.run_dir, 'disk.qcow2'), join(clone.run_dir, 'disk.qcow2'), rt.d.runAs);
-    // Its attached disks: shared when read-only, copied when read-write (docs/storage.md).
-    if (rt.d.disks) await cloneDisks(rt.d.disks, src.id, clone.id, clone.owner);
+    // Its attached disks: shared when read-only; copied when read-write, by QEMU as of this
+    // instant while the source runs on (docs/disks.md).
+    if (rt.d.disks)
+      disksCopied = await startDiskCopies(
+        qmp,
+        await cloneDisks(rt.d.disks, src.id, clone.id, clone.owner),
+        clone.id,
+      );
     diskMs = performance.now() - d0;
   } finally {
     if (wasRunning) await qmp.execute('cont');
     src.touch();
   }
-  return { pauseMs: performance.now() - p0, diskMs, saved };
+  return { pauseMs: performance.now() - p0, diskMs, saved, disksCopied };
 }

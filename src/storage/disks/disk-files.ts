@@ -2,6 +2,7 @@ import {
   chmodSync,
   chownSync,
   closeSync,
+  existsSync,
   ftruncateSync,
   mkdirSync,
   openSync,
@@ -68,19 +69,21 @@ export class DiskFiles {
   }
 
   /**
-   * A copy for a branch's clone: a reflink where the filesystem can (O(1)), else a sparse copy
-   * (only the blocks written are copied). Made while the source machine is paused.
+   * An empty qcow2 image of `bytes` for QEMU to copy a disk into (a branch's backup job: zeros
+   * it copies stay unallocated, so the copy costs what the disk holds), owned by QEMU's user.
    */
-  async copy(from: string, toId: string): Promise<string> {
-    const to = this.pathOf(toId);
+  async emptyFor(id: string, bytes: number): Promise<string> {
+    const path = this.pathOf(id);
+    if (existsSync(path)) throw new Error(`${path} exists`);
     try {
-      await runCapture('cp', ['--reflink=auto', '--sparse=always', '-T', '--', from, to]);
-      if (this.owner) chownSync(to, this.owner.uid, this.owner.gid);
+      await runCapture('qemu-img', ['create', '-q', '-f', 'qcow2', path, String(bytes)]);
+      chmodSync(path, 0o600);
+      if (this.owner) chownSync(path, this.owner.uid, this.owner.gid);
     } catch (e) {
-      rmSync(to, { force: true });
+      rmSync(path, { force: true });
       throw e;
     }
-    return to;
+    return path;
   }
 
   remove(path: string): void {

@@ -9,6 +9,7 @@ import type { AttachmentRow, DiskRow, DiskStore } from './disk-store.js';
 /** A disk device a machine launches with (machine-spec `disk`). */
 export interface DiskDevice {
   path: string;
+  format: 'raw' | 'qcow2';
   target: number;
   readOnly: boolean;
 }
@@ -52,7 +53,7 @@ export class Disks {
   devicesOf(machineId: string): DiskDevice[] {
     return this.store.attachmentsOf(machineId).flatMap((a) => {
       const d = this.store.get(a.disk_id);
-      return d ? [{ path: d.path, target: a.target, readOnly: a.read_only === 1 }] : [];
+      return d ? [{ path: d.path, format: d.format, target: a.target, readOnly: a.read_only === 1 }] : [];
     });
   }
 
@@ -101,18 +102,28 @@ export function newDiskId(): string {
   return `disk-${randomBytes(8).toString('hex')}`;
 }
 
+/** A read-write disk of a branch's source that QEMU copies for the clone (a backup job). */
+export interface DiskCopy {
+  /** The source's device is `disk<target>`; the clone's disk sits on the same target. */
+  target: number;
+  /** The clone's new, empty file. */
+  path: string;
+}
+
 /**
- * A branch's disks, made while its source is stopped: a disk attached read-only is shared (it
- * stays read-only everywhere), a disk attached read-write is copied into a new disk of the
- * clone's owner, named `<name>-<clone id>`, attached at the same target and path. The clone's
- * guest has them mounted already (its memory is the source's). Undo: `undoClone`.
+ * A branch's disks, planned while its source is stopped: a disk attached read-only is shared
+ * (it stays read-only everywhere), a disk attached read-write gets a new disk of the clone's
+ * owner, named `<name>-<clone id>`, attached at the same target and path, whose data the
+ * caller has QEMU copy as of the instant the source stopped. The clone's guest has them mounted
+ * already (its memory is the source's). They go with the clone (Disks.forget).
  */
 export async function cloneDisks(
   disks: Disks,
   sourceId: string,
   cloneId: string,
   owner: string,
-): Promise<string[]> {
+): Promise<DiskCopy[]> {
+  const copies: DiskCopy[] = [];
   const made: string[] = [];
   try {
     for (const a of disks.store.attachmentsOf(sourceId)) {
@@ -121,17 +132,19 @@ export async function cloneDisks(
       let diskId = d.id;
       if (a.read_only === 0) {
         diskId = newDiskId();
-        const path = await disks.files.copy(d.path, diskId);
+        const path = await disks.files.emptyFor(diskId, d.size_bytes);
         disks.store.insert({
           id: diskId,
           owner,
           name: `${d.name}-${cloneId}`.slice(0, 120),
           size_bytes: d.size_bytes,
           path,
+          format: 'qcow2',
           created_at: Date.now(),
           clone_of: cloneId,
         });
         made.push(diskId);
+        copies.push({ target: a.target, path });
       }
       disks.store.attach({ ...a, disk_id: diskId, machine_id: cloneId, created_at: Date.now() });
     }
@@ -139,7 +152,7 @@ export async function cloneDisks(
     undoClone(disks, cloneId, made);
     throw e;
   }
-  return made;
+  return copies;
 }
 
 export function undoClone(disks: Disks, cloneId: string, made: readonly string[]): void {

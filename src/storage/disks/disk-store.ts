@@ -8,6 +8,8 @@ export interface DiskRow {
   name: string;
   size_bytes: number;
   path: string;
+  /** `raw`: made by CreateDisk; `qcow2`: a branch's copy, written by QEMU (zeros stay unallocated). */
+  format: 'raw' | 'qcow2';
   created_at: number;
   /**
    * A branch's copy of its source's read-write disk: removed with that clone while still attached
@@ -33,6 +35,7 @@ const migrations = [
      name TEXT NOT NULL,
      size_bytes INTEGER NOT NULL,
      path TEXT NOT NULL,
+     format TEXT NOT NULL,
      created_at INTEGER NOT NULL,
      clone_of TEXT,
      UNIQUE (owner, name)
@@ -66,7 +69,7 @@ export class DiskStore {
   insert(row: DiskRow): void {
     this.db
       .prepare(
-        'INSERT INTO disks (id, owner, name, size_bytes, path, created_at, clone_of) VALUES (@id, @owner, @name, @size_bytes, @path, @created_at, @clone_of)',
+        'INSERT INTO disks (id, owner, name, size_bytes, path, format, created_at, clone_of) VALUES (@id, @owner, @name, @size_bytes, @path, @format, @created_at, @clone_of)',
       )
       .run(row);
   }
