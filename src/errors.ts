@@ -177,7 +177,7 @@ export const errorTable = {
   STORAGE_UNAVAILABLE: {
     http: 503,
     grpc: 'UNAVAILABLE',
-    doc: "The volume store (the S3 endpoint) did not answer or failed; nothing was changed. Retry later.",
+    doc: 'The volume store (the S3 endpoint) did not answer or failed; nothing was changed. Retry later.',
   },
   DISK_NOT_FOUND: { http: 404, grpc: 'NOT_FOUND', doc: 'No disk of yours has this id or name.' },
   DISK_NAME_TAKEN: { http: 409, grpc: 'ALREADY_EXISTS', doc: 'Another disk of yours already has this name.' },
@@ -205,6 +205,16 @@ export const errorTable = {
     http: 502,
     grpc: 'UNAVAILABLE',
     doc: 'The server in the machine closed or broke the connection before answering a preview request (or sent something that is not HTTP/1.1).',
+  },
+  VOLUME_SAVE_FAILED: {
+    http: 422,
+    grpc: 'FAILED_PRECONDITION',
+    doc: "The machine's /root could not be saved: tar in the guest failed, or sent an archive hutch refuses (an absolute path or one with `..`, a hard link to nothing saved, not tar at all); the message says which. The volume's previous version is kept.",
+  },
+  VOLUME_RESTORE_FAILED: {
+    http: 422,
+    grpc: 'FAILED_PRECONDITION',
+    doc: 'tar in the new machine could not unpack the volume into /root (e.g. its disk is full); the message carries its stderr. The machine was destroyed.',
   },
 } as const;
 

@@ -20,6 +20,7 @@ import {
   machineSchema,
   uploadResultSchema,
 } from './schemas.js';
+import { volumeRoutes } from './volume-routes.js';
 
 const route = routesOf<MachinesApp>();
 
@@ -60,6 +61,7 @@ export const machineRoutes: ApiRoute<MachinesApp>[] = [
         ...(b.network_id !== undefined ? { networkId: b.network_id } : {}),
         ...(b.mode !== undefined ? { mode: b.mode } : {}),
         ...(b.auto_suspend_seconds !== undefined ? { autoSuspendSeconds: b.auto_suspend_seconds } : {}),
+        ...(b.volume !== undefined ? { volume: b.volume } : {}),
       });
     },
   }),
@@ -258,4 +260,5 @@ export const machineRoutes: ApiRoute<MachinesApp>[] = [
   }),
   ...accountRoutes,
   ...previewRoutes,
+  ...volumeRoutes,
 ];

@@ -1,6 +1,6 @@
 import { mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import type { Duplex } from 'node:stream';
+import type { Duplex, Readable } from 'node:stream';
 import type { Log } from '../background.js';
 import type { Config } from '../config.js';
 import type { Principal } from '../core/principal.js';
@@ -14,6 +14,13 @@ import { SnapshotCache } from '../images/snapshots.js';
 import type { NetworkInfo } from '../net/directory.js';
 import { type EgressInput, parseEgress } from '../net/egress.js';
 import type { Denial, NetworkManager } from '../net/network-manager.js';
+import type {
+  FileView,
+  SaveView,
+  VolumeFile,
+  VolumeService,
+  VolumeView,
+} from '../storage/volumes/volume-service.js';
 import type { AccelChoice } from '../vmm/accel.js';
 import type { ConsoleTap } from '../vmm/console.js';
 import { agentLink, type GuestLink, type Hypervisor, qemuHypervisor } from '../vmm/hypervisor.js';
@@ -59,6 +66,7 @@ import { recover } from './recovery.js';
 import { type GuestApiStreamHandler, type RunAs, Runtime } from './runtime.js';
 import { activeStates, type MachineRow, Store } from './store.js';
 import { sweepMachines } from './sweeper.js';
+import { VolumeActions } from './volume-actions.js';
 
 export type { BoxTimers } from './flows/box-timers.js';
 export { clampTtl, ttlBounds } from './flows/context.js';
@@ -113,6 +121,8 @@ export interface EngineParts {
   onGuestApiStream?: GuestApiStreamHandler;
   /** Guest networks, set up by the daemon (src/net/); absent: no machine gets a network. */
   net?: NetworkManager;
+  /** Persistent volumes (src/storage/volumes/); absent: the volume actions answer NOT_SERVED. */
+  volumes?: VolumeService;
 }
 
 /** A networked machine's egress: its rules, what was refused (per reason), the latest refusals. */
@@ -144,6 +154,7 @@ export class Engine {
   private readonly cx: FlowContext;
   private readonly hv: Hypervisor;
   private readonly routing: NetRouting;
+  private readonly vols: VolumeActions;
 
   constructor(
     private readonly config: Config,
@@ -217,6 +228,11 @@ export class Engine {
     this.cx.pool = new WarmPool(this.rt, config, templates, this.snapshots, admission, this.registry);
     this.routing = new NetRouting(this.rt, config, this.store, (p, ref) => this.findAny(p, ref));
     admission.setOthers(this.cx.pool);
+    this.vols = new VolumeActions(p.volumes, {
+      openSession: (q, id) => this.openSession(q, id),
+      destroy: (q, id) => this.destroy(q, id),
+      get: (q, id) => this.get(q, id),
+    });
   }
 
   /** Re-adopts machines left by a previous daemon, cleans what is dead, starts the sweeper. */
@@ -392,8 +408,10 @@ export class Engine {
     return this.view(this.find(p, idOrName));
   }
 
-  async create(p: Principal, req: CreateMachine): Promise<MachineView> {
-    return this.view(await createMachine(this.cx, p, req));
+  /** With `volume`, the volume is restored into /root before this answers (volume-actions.ts). */
+  async create(p: Principal, req: CreateMachine & { volume?: string }): Promise<MachineView> {
+    const make = async (): Promise<MachineView> => this.view(await createMachine(this.cx, p, req));
+    return req.volume ? this.vols.createWithVolume(p, req.volume, make) : make();
   }
 
   async destroy(p: Principal, idOrName: string): Promise<void> {
@@ -453,6 +471,46 @@ export class Engine {
       );
     await this.locked(p, row.id, kind, () => net.setRules(row.id, rules));
     return this.egress(p, row.id, kind);
+  }
+
+  // ---- persistent volumes (engine/volume-actions.ts) ----------------------------------------
+
+  createVolume(p: Principal, req: { ttlSeconds?: number }): Promise<VolumeView> {
+    return this.vols.createVolume(p, req);
+  }
+
+  listVolumes(p: Principal): Promise<VolumeView[]> {
+    return this.vols.listVolumes(p);
+  }
+
+  getVolume(p: Principal, id: string): Promise<VolumeView> {
+    return this.vols.getVolume(p, id);
+  }
+
+  deleteVolume(p: Principal, id: string): Promise<void> {
+    return this.vols.deleteVolume(p, id);
+  }
+
+  listVolumeFiles(p: Principal, id: string): Promise<FileView[]> {
+    return this.vols.listVolumeFiles(p, id);
+  }
+
+  putVolumeFile(
+    p: Principal,
+    id: string,
+    path: string | undefined,
+    body: Readable,
+    o: { mode?: number; size?: number },
+  ) {
+    return this.vols.putVolumeFile(p, id, path, body, o);
+  }
+
+  getVolumeFile(p: Principal, id: string, path: string | undefined): Promise<VolumeFile> {
+    return this.vols.getVolumeFile(p, id, path);
+  }
+
+  saveMachine(p: Principal, idOrName: string, volume: string): Promise<SaveView & { machine: string }> {
+    return this.vols.saveMachine(p, idOrName, volume);
   }
 
   // ---- networks, proxies, domains (engine/net-routing.ts) -----------------------------------
