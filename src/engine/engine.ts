@@ -1,6 +1,6 @@
 import { mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import type { Duplex, Readable } from 'node:stream';
+import type { Duplex } from 'node:stream';
 import type { Log } from '../background.js';
 import type { Config } from '../config.js';
 import type { Principal } from '../core/principal.js';
@@ -14,13 +14,7 @@ import { SnapshotCache } from '../images/snapshots.js';
 import type { NetworkInfo } from '../net/directory.js';
 import { type EgressInput, parseEgress } from '../net/egress.js';
 import type { Denial, NetworkManager } from '../net/network-manager.js';
-import type {
-  FileView,
-  SaveView,
-  VolumeFile,
-  VolumeService,
-  VolumeView,
-} from '../storage/volumes/volume-service.js';
+import type { VolumeService } from '../storage/volumes/volume-service.js';
 import type { AccelChoice } from '../vmm/accel.js';
 import type { ConsoleTap } from '../vmm/console.js';
 import { agentLink, type GuestLink, type Hypervisor, qemuHypervisor } from '../vmm/hypervisor.js';
@@ -473,45 +467,16 @@ export class Engine {
     return this.egress(p, row.id, kind);
   }
 
-  // ---- persistent volumes (engine/volume-actions.ts) ----------------------------------------
+  // ---- persistent volumes (engine/volume-actions.ts; create restores one) -------------------
 
-  createVolume(p: Principal, req: { ttlSeconds?: number }): Promise<VolumeView> {
-    return this.vols.createVolume(p, req);
-  }
-
-  listVolumes(p: Principal): Promise<VolumeView[]> {
-    return this.vols.listVolumes(p);
-  }
-
-  getVolume(p: Principal, id: string): Promise<VolumeView> {
-    return this.vols.getVolume(p, id);
-  }
-
-  deleteVolume(p: Principal, id: string): Promise<void> {
-    return this.vols.deleteVolume(p, id);
-  }
-
-  listVolumeFiles(p: Principal, id: string): Promise<FileView[]> {
-    return this.vols.listVolumeFiles(p, id);
-  }
-
-  putVolumeFile(
-    p: Principal,
-    id: string,
-    path: string | undefined,
-    body: Readable,
-    o: { mode?: number; size?: number },
-  ) {
-    return this.vols.putVolumeFile(p, id, path, body, o);
-  }
-
-  getVolumeFile(p: Principal, id: string, path: string | undefined): Promise<VolumeFile> {
-    return this.vols.getVolumeFile(p, id, path);
-  }
-
-  saveMachine(p: Principal, idOrName: string, volume: string): Promise<SaveView & { machine: string }> {
-    return this.vols.saveMachine(p, idOrName, volume);
-  }
+  readonly createVolume: VolumeActions['createVolume'] = (...a) => this.vols.createVolume(...a);
+  readonly listVolumes: VolumeActions['listVolumes'] = (...a) => this.vols.listVolumes(...a);
+  readonly getVolume: VolumeActions['getVolume'] = (...a) => this.vols.getVolume(...a);
+  readonly deleteVolume: VolumeActions['deleteVolume'] = (...a) => this.vols.deleteVolume(...a);
+  readonly listVolumeFiles: VolumeActions['listVolumeFiles'] = (...a) => this.vols.listVolumeFiles(...a);
+  readonly putVolumeFile: VolumeActions['putVolumeFile'] = (...a) => this.vols.putVolumeFile(...a);
+  readonly getVolumeFile: VolumeActions['getVolumeFile'] = (...a) => this.vols.getVolumeFile(...a);
+  readonly saveMachine: VolumeActions['saveMachine'] = (...a) => this.vols.saveMachine(...a);
 
   // ---- networks, proxies, domains (engine/net-routing.ts) -----------------------------------
 
