@@ -91,10 +91,11 @@ export class S3Store implements BlobStore {
     try {
       await upload.done();
     } catch (e) {
-      // The body's own failure (the client went away, a limit) says more than the upload's.
+      // A limit the body's owner hit says more than the upload's failure; anything else the
+      // upload saw (it also aborts the body itself) is the store's.
       const own = body.errored ?? counted.errored;
       body.destroy();
-      throw own ?? s3Error(e, `writing ${key}`);
+      throw own instanceof HutchError ? own : s3Error(e, `writing ${key}`);
     }
     if (opts.size !== undefined && bytes !== opts.size) {
       await this.delete([key]).catch(() => {});
