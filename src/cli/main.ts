@@ -24,6 +24,7 @@ import {
   wantsJson,
   writeOut,
 } from './common.js';
+import { volumeCommand, volumeUsage } from './volume.js';
 
 /** The server's longest exec timeout: an agent's task (`claude -p …`) takes minutes, not the API's default 60 s. */
 const defaultExecTimeoutMs = 3_600_000;
@@ -53,7 +54,7 @@ const usage = `hutch: real computers over an API
 
   hutch serve [--host H] [--port P] [--state-dir D] [--image-dir D] [--accel auto|kvm|tcg] [--config F]
   hutch new [--template python] [--ttl SECONDS] [--persistent] [--name NAME] [--net]
-            [--allow CIDR|NAME]... [--deny CIDR|NAME]... [--json]
+            [--allow CIDR|NAME]... [--deny CIDR|NAME]... [--volume ID] [--json]
                                    without --ttl: persistent where the server allows it, else
                                    the server's longest TTL (${ttlBounds.max} s), so an agent task outlives it;
                                    --net: internet behind its firewall (--allow/--deny: egress rules)
@@ -87,6 +88,8 @@ id or its name. With --json every answer is one JSON document on stdout, errors 
 {"code","message"} (the API's code, or USAGE / CLI_ERROR) with a non-zero exit code.
 
 ${accountsUsage}
+
+${volumeUsage}
 
 Boxes (the boxes API, on the daemon's Unix socket or TCP):
 ${boxUsage}`;
@@ -240,6 +243,8 @@ async function main(argv: string[]): Promise<void> {
       output: { type: 'string', short: 'o' },
       'dry-run': { type: 'boolean' },
       'min-age': { type: 'string' },
+      volume: { type: 'string' },
+      mode: { type: 'string' },
     },
     usage,
   );
@@ -317,11 +322,28 @@ async function main(argv: string[]): Promise<void> {
       }
       if (flags.name) body.name = flags.name;
       if (flags.net) body.net = true;
+      if (flags.volume) body.volume = flags.volume;
       const rules = egressFlags(flags);
       if (rules) body.egress = rules;
       const m = await client.createMachine<MachineJson>(body);
       if (json) printJson(m);
       else process.stdout.write(`${m.id}\n`);
+      return;
+    }
+    case 'volume':
+      return volumeCommand(client, positionals, flags);
+    case 'save': {
+      const id = positionals[0];
+      const volume = flags.volume as string | undefined;
+      if (!id || !volume || positionals.length > 1) fail('usage: hutch save MACHINE --volume ID [--json]');
+      const r = await client.saveMachine<{
+        volume: { id: string; generation: number };
+        files: number;
+        bytes: number;
+      }>(id, volume);
+      if (json) printJson(r);
+      else
+        process.stdout.write(`${r.volume.id}\tv${r.volume.generation}\t${r.files} files\t${r.bytes} bytes\n`);
       return;
     }
     case 'egress': {

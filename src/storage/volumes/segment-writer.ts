@@ -30,8 +30,12 @@ export class SegmentWriter {
   /** Appends bytes; waits while the store is behind. Rejects once the store has failed. */
   async write(chunk: Buffer): Promise<void> {
     if (this.failure !== undefined) throw this.failure;
+    // The store may have destroyed the body before its failure reached `done`'s handler: its
+    // 'close' is then already past, and waiting for it would wait for ever.
+    if (this.body.destroyed) throw await this.failed();
     this.offset += chunk.length;
     if (this.body.write(chunk)) return;
+    if (this.body.destroyed) throw await this.failed();
     await new Promise<void>((resolve, reject) => {
       const cleanup = (): void => {
         this.body.off('drain', onDrain);
@@ -52,6 +56,16 @@ export class SegmentWriter {
       this.body.on('drain', onDrain);
       this.body.on('close', onClose);
     });
+  }
+
+  /** Why the store stopped taking bytes (its put's rejection). */
+  private async failed(): Promise<unknown> {
+    try {
+      await this.done;
+      return new Error('the segment was closed');
+    } catch (e) {
+      return this.failure ?? e;
+    }
   }
 
   /** Ends the segment; resolves once it is stored whole. */
