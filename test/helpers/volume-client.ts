@@ -77,8 +77,12 @@ export function putFile(
         });
       },
     );
+    // The server may answer (an error) before the body is all sent, then close: the write
+    // fails (EPIPE, reset) just before the answer is read. Give the answer a moment.
     req.on('error', (e) => {
-      if (!answered) reject(Object.assign(e, { sent }));
+      setTimeout(() => {
+        if (!answered) reject(Object.assign(e, { sent }));
+      }, 1000);
     });
     (async () => {
       for (const c of chunks) {
