@@ -28,6 +28,7 @@ describe('hostile: persistent volumes', () => {
   let token = '';
   let bobToken = '';
   let vol = '';
+  let memory = '';
   const auth = (): Record<string, string> => ({ authorization: `Bearer ${token}` });
   const as = (): { token: string } => ({ token });
 
@@ -55,7 +56,7 @@ describe('hostile: persistent volumes', () => {
 
   after(async () => {
     try {
-      tally.report();
+      tally.report(memory);
     } finally {
       await cleanup(d);
     }
@@ -374,8 +375,9 @@ describe('hostile: persistent volumes', () => {
       clearInterval(sampler);
     }
     await tally.check('daemon RSS grew by less than 80 MiB while 200 MiB streamed', async () => {
-      assert.ok(peak - rss0 < 80, `${rss0} → ${peak} MiB`);
-      return `${rss0} → ${peak} MiB`;
+      memory = `daemon RSS ${rss0} → ${peak} MiB while 200 MiB streamed`;
+      assert.ok(peak - rss0 < 80, memory);
+      return memory;
     });
     await tally.check('no bug lines in the daemon log', async () => {
       assert.deepEqual(bugLines(d.log()), []);

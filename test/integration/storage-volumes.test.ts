@@ -407,7 +407,8 @@ t.close()" && mv /usr/bin/tar /usr/bin/tar.real && printf '#!/bin/sh\\ncat /tmp/
           const s = await save(d, a, vol);
           assert.equal(s.status, 507, JSON.stringify(s.body));
           assert.equal(s.body.code, 'STORAGE_FULL');
-          const p = await putFile(d.url, vol, 'huge', patternChunks(30 * MiB, 'full'));
+          // Paced, so the early answer is read before the server closes the connection under it.
+          const p = await putFile(d.url, vol, 'huge', patternChunks(30 * MiB, 'full'), { delayMs: 20 });
           assert.equal(p.status, 507, JSON.stringify(p.body));
           assert.deepEqual(await files(d, vol), before);
           const c = await machine(d, vol);
