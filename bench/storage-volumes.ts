@@ -71,18 +71,18 @@ async function bench(name: string, env: Record<string, string>): Promise<void> {
     // Baselines: tar in the guest. (-f /dev/null would skip reading the files: GNU tar knows.)
     const tarOut: number[] = [];
     const tarIn: number[] = [];
-    await exec(d, a.id, 'tar -C /root -cf /tmp/root.tar .');
+    await exec(d, a.id, 'tar -C /root -cf /var/tmp/root.tar .');
     for (let i = 0; i < runs; i++) {
       tarOut.push(await guestMs(d, a.id, 'tar -C /root --numeric-owner -cf - . | cat > /dev/null'));
       tarIn.push(
         await guestMs(
           d,
           a.id,
-          'rm -rf /tmp/x && mkdir /tmp/x && tar -C /tmp/x --numeric-owner -xpf /tmp/root.tar',
+          'rm -rf /var/tmp/x && mkdir /var/tmp/x && tar -C /var/tmp/x --numeric-owner -xpf /var/tmp/root.tar',
         ),
       );
     }
-    await exec(d, a.id, 'rm -rf /tmp/x /tmp/root.tar');
+    await exec(d, a.id, 'rm -rf /var/tmp/x /var/tmp/root.tar');
     const vol = String((await api(d.url, 'POST', '/v1/volumes', {})).body.id);
     const saves: number[] = [];
     for (let i = 0; i < runs; i++) {

@@ -10,11 +10,11 @@
  */
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, unlinkSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, unlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { authed, userWithToken } from '../helpers/accounts.js';
+import { authed, runHutch, userWithToken } from '../helpers/accounts.js';
 import { api, cleanup, sleep, startDaemon, type TestDaemon, waitFor } from '../helpers/daemon.js';
 import { type S3Server, startS3Server } from '../helpers/s3-server.js';
 import { getFileSha, patternChunks, patternSha, putFile } from '../helpers/volume-client.js';
@@ -481,6 +481,58 @@ t.close()" && mv /usr/bin/tar /usr/bin/tar.real && printf '#!/bin/sh\\ncat /tmp/
         assert.equal((await files(d, id)).length, 2);
       });
     }
+
+    if (b.name === 'local')
+      test('the CLI: hutch volume create/put/cat/files/get/ls/rm, hutch save, hutch new --volume', async () => {
+        const tmp = mkdtempSync(join(tmpdir(), 'hutch-vol-cli-'));
+        try {
+          const ok = async (...args: string[]): Promise<string> => {
+            const r = await runHutch(d, ...args);
+            assert.equal(r.status, 0, `hutch ${args.join(' ')}: ${r.stdout}${r.stderr}`);
+            return r.stdout;
+          };
+          const v = JSON.parse(await ok('volume', 'create', '--ttl', '3600', '--json')) as { id: string };
+          writeFileSync(join(tmp, 'in.txt'), 'from the cli\n');
+          assert.match(
+            await ok('volume', 'put', v.id, 'docs/in.txt', join(tmp, 'in.txt'), '--mode', '0600'),
+            /docs\/in.txt\t13/,
+          );
+          assert.equal(await ok('volume', 'cat', v.id, 'docs/in.txt'), 'from the cli\n');
+          const f = JSON.parse(await ok('volume', 'files', v.id, '--json')) as {
+            path: string;
+            mode: string;
+          }[];
+          assert.deepEqual(
+            f.map((x) => `${x.path} ${x.mode}`),
+            ['docs 0755', 'docs/in.txt 0600'],
+          );
+          assert.match(await ok('volume', 'get', v.id), new RegExp(`^${v.id}\t13B\t1 files`));
+          assert.match(await ok('volume', 'ls'), new RegExp(v.id));
+          const m = (await ok('new', '--ttl', '300', '--volume', v.id)).trim();
+          assert.equal(
+            await exec(d, m, 'cat /root/docs/in.txt && stat -c %a /root/docs/in.txt'),
+            'from the cli\n600\n',
+          );
+          await exec(d, m, 'echo more > /root/more');
+          const s = JSON.parse(await ok('save', m, '--volume', v.id, '--json')) as {
+            volume: { generation: number };
+          };
+          assert.equal(s.volume.generation, 2);
+          assert.equal(await ok('volume', 'cat', v.id, 'more'), 'more\n');
+          const bad = await runHutch(d, 'volume', 'cat', v.id, '../etc/passwd', '--json');
+          assert.notEqual(bad.status, 0);
+          assert.equal((JSON.parse(bad.stdout) as { code: string }).code, 'INVALID_ARGUMENT');
+          await ok('rm', m);
+          assert.equal((await ok('volume', 'rm', v.id)).trim(), v.id);
+          assert.equal(
+            (JSON.parse((await runHutch(d, 'volume', 'get', v.id, '--json')).stdout) as { code: string })
+              .code,
+            'VOLUME_NOT_FOUND',
+          );
+        } finally {
+          rmSync(tmp, { recursive: true, force: true });
+        }
+      });
 
     test('an expired volume is collected', async () => {
       const left = expiringAt + 61_000 - Date.now();
