@@ -6,7 +6,7 @@
  * extract from a file), so the ratio is what the host side (agent channel, parsing, the store)
  * costs on top of tar itself. Also volume file PUT and GET of 100 MiB. Medians of N runs.
  *
- *   npm run bench:storage [-- --runs 3]
+ *   npm run bench:storage [-- --runs 3] [--files-only]   (--files-only: PUT/GET only, no machines)
  */
 import { randomBytes } from 'node:crypto';
 import { parseArgs } from 'node:util';
@@ -15,7 +15,9 @@ import { type S3Server, startS3Server } from '../test/helpers/s3-server.js';
 import { getFileSha, putFile } from '../test/helpers/volume-client.js';
 import { median } from './bench-lib.js';
 
-const { values } = parseArgs({ options: { runs: { type: 'string', default: '3' } } });
+const { values } = parseArgs({
+  options: { runs: { type: 'string', default: '3' }, 'files-only': { type: 'boolean', default: false } },
+});
 const runs = Number(values.runs);
 const MiB = 1024 * 1024;
 
@@ -74,6 +76,16 @@ async function guestMs(d: TestDaemon, id: string, cmd: string): Promise<number> 
 async function bench(name: string, env: Record<string, string>): Promise<void> {
   const d = await startDaemon({ env });
   try {
+    const vol = String((await api(d.url, 'POST', '/v1/volumes', {})).body.id);
+    if (!values['files-only']) await machines(d, name, vol);
+    await files(d, name, vol);
+  } finally {
+    await cleanup(d);
+  }
+}
+
+async function machines(d: TestDaemon, name: string, vol: string): Promise<void> {
+  {
     const a = await create(d);
     const bytes = Number(await exec(d, a.id, makeTree));
     const mb = bytes / 1e6;
@@ -93,7 +105,6 @@ async function bench(name: string, env: Record<string, string>): Promise<void> {
       );
     }
     await exec(d, a.id, 'rm -rf /var/tmp/x /var/tmp/root.tar');
-    const vol = String((await api(d.url, 'POST', '/v1/volumes', {})).body.id);
     const saves: number[] = [];
     for (let i = 0; i < runs; i++) {
       const t = performance.now();
@@ -124,7 +135,12 @@ async function bench(name: string, env: Record<string, string>): Promise<void> {
     line(`[${name}] restore throughput`, mb / r, 'MB/s', mb / bi);
     line(`[${name}] create with volume, total`, median(withVol) / 1000, 's');
     line(`[${name}] plain create`, median(plain) / 1000, 's');
-    // Volume files, no machine involved.
+  }
+}
+
+/** Volume files, no machine involved. */
+async function files(d: TestDaemon, name: string, vol: string): Promise<void> {
+  {
     const size = 100 * MiB;
     const puts: number[] = [];
     const gets: number[] = [];
@@ -140,8 +156,6 @@ async function bench(name: string, env: Record<string, string>): Promise<void> {
     }
     line(`[${name}] file PUT 100 MiB`, size / 1e6 / (median(puts) / 1000), 'MB/s');
     line(`[${name}] file GET 100 MiB`, size / 1e6 / (median(gets) / 1000), 'MB/s');
-  } finally {
-    await cleanup(d);
   }
 }
 
