@@ -209,12 +209,59 @@ const configSchema = z.object({
     .optional(),
   /** How long a preview waits for the guest's server to send its response headers. */
   previewTimeoutMs: z.coerce.number().int().min(100).default(60_000),
+  /** Where persistent volumes (docs/volumes.md) are kept: a local directory or an S3 bucket. */
+  volumeBackend: z.enum(['local', 's3']).default('local'),
+  /** The local backend's directory; default <stateDir>/volumes. */
+  volumeDir: z.string().optional(),
+  /** Largest sum of file sizes one volume may hold, bytes (20 GiB). */
+  volumeMaxBytes: z.coerce
+    .number()
+    .int()
+    .min(1)
+    .default(20 * 1024 ** 3),
+  /** Most entries (files, directories, symlinks) one volume may hold. */
+  volumeMaxFiles: z.coerce.number().int().min(1).default(200_000),
+  /** Most volumes one user may have at once. */
+  volumeMaxPerUser: z.coerce.number().int().min(1).default(100),
+  /** How often expired volumes and unreferenced segments are collected. */
+  volumeGcIntervalMs: z.coerce.number().int().min(1000).default(60_000),
+  /** Objects no version references are removed only once this old (a save or a read may be under way elsewhere). */
+  volumeGcGraceMs: z.coerce.number().int().min(1000).default(3_600_000),
+  /** The S3 backend: endpoint URL (unset: AWS), bucket, region, credentials (unset: the SDK's usual sources). */
+  s3Endpoint: z.string().optional(),
+  s3Bucket: z.string().optional(),
+  s3Region: z.string().default('us-east-1'),
+  s3AccessKeyId: z.string().optional(),
+  s3SecretAccessKey: z.string().optional(),
+  /** Path-style URLs (endpoint/bucket/key), what most S3-compatible servers want. */
+  s3ForcePathStyle: z
+    .union([z.boolean(), z.enum(['1', '0', 'true', 'false'])])
+    .transform((v) => v === true || v === '1' || v === 'true')
+    .default(true),
+  /** Prepended to every key ("team-a/" → team-a/volumes/<id>/…). */
+  s3Prefix: z
+    .string()
+    .transform((v) => v.replace(/^\/+/, ''))
+    .transform((v) => (v === '' || v.endsWith('/') ? v : `${v}/`))
+    .default(''),
+  /** Attempts per S3 request (the SDK retries 5xx, throttling and resets with backoff). */
+  s3MaxAttempts: z.coerce.number().int().min(1).max(20).default(5),
+  /** Multipart upload part size, bytes (S3's minimum: 5 MiB). */
+  s3PartBytes: z.coerce
+    .number()
+    .int()
+    .min(5 * 1024 * 1024)
+    .max(5 * 1024 ** 3)
+    .default(8 * 1024 * 1024),
+  /** An S3 request without an answer for this long fails (and is retried). */
+  s3TimeoutMs: z.coerce.number().int().min(100).default(30_000),
 });
 
 export type Config = Omit<
   z.infer<typeof configSchema>,
-  'boxesSocket' | 'maxBoxMemoryMb' | 'grpcPort' | 'grpcHost'
+  'boxesSocket' | 'maxBoxMemoryMb' | 'grpcPort' | 'grpcHost' | 'volumeDir'
 > & {
+  volumeDir: string;
   /** null when the gRPC API is off. */
   grpcPort: number | null;
   grpcHost: string;
@@ -282,6 +329,23 @@ const envNames: Record<string, keyof ConfigInput> = {
   HUTCH_TLS_KEY: 'tlsKey',
   HUTCH_PUBLIC_DOMAIN: 'publicDomain',
   HUTCH_PREVIEW_TIMEOUT_MS: 'previewTimeoutMs',
+  HUTCH_VOLUME_BACKEND: 'volumeBackend',
+  HUTCH_VOLUME_DIR: 'volumeDir',
+  HUTCH_VOLUME_MAX_BYTES: 'volumeMaxBytes',
+  HUTCH_VOLUME_MAX_FILES: 'volumeMaxFiles',
+  HUTCH_VOLUME_MAX_PER_USER: 'volumeMaxPerUser',
+  HUTCH_VOLUME_GC_INTERVAL_MS: 'volumeGcIntervalMs',
+  HUTCH_VOLUME_GC_GRACE_MS: 'volumeGcGraceMs',
+  HUTCH_S3_ENDPOINT: 's3Endpoint',
+  HUTCH_S3_BUCKET: 's3Bucket',
+  HUTCH_S3_REGION: 's3Region',
+  HUTCH_S3_ACCESS_KEY_ID: 's3AccessKeyId',
+  HUTCH_S3_SECRET_ACCESS_KEY: 's3SecretAccessKey',
+  HUTCH_S3_FORCE_PATH_STYLE: 's3ForcePathStyle',
+  HUTCH_S3_PREFIX: 's3Prefix',
+  HUTCH_S3_MAX_ATTEMPTS: 's3MaxAttempts',
+  HUTCH_S3_PART_BYTES: 's3PartBytes',
+  HUTCH_S3_TIMEOUT_MS: 's3TimeoutMs',
 };
 
 export function loadConfig(
@@ -315,6 +379,8 @@ export function loadConfig(
     throw new Error(
       'invalid configuration: HUTCH_TLS_CERT and HUTCH_TLS_KEY (tlsCert, tlsKey) must be given together',
     );
+  if (c.volumeBackend === 's3' && !c.s3Bucket)
+    throw new Error('invalid configuration: HUTCH_VOLUME_BACKEND=s3 needs HUTCH_S3_BUCKET (s3Bucket)');
   const stateDir = resolve(c.stateDir);
   return {
     ...c,
@@ -323,6 +389,7 @@ export function loadConfig(
     boxesSocket: c.boxesSocket === 'off' ? null : resolve(c.boxesSocket ?? `${stateDir}/boxes.sock`),
     grpcPort: c.grpcPort === 'off' ? null : c.grpcPort,
     grpcHost: c.grpcHost ?? c.host,
+    volumeDir: resolve(c.volumeDir ?? `${stateDir}/volumes`),
     // One box may have at most what the guest memory cap leaves for everything.
     maxBoxMemoryMb: c.maxBoxMemoryMb ?? Math.min(c.maxGuestMemoryMb, 16384),
   };

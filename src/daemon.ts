@@ -17,6 +17,7 @@ import { type Networking, startNetworking } from './net/net-service.js';
 import { NetStore } from './net/net-store.js';
 import { type ListeningPorts, type PortOpener, PreviewProxy } from './net/preview/preview-proxy.js';
 import { repoRoot } from './paths.js';
+import { openVolumes } from './storage/volumes/open-volumes.js';
 import { chooseAccel } from './vmm/accel.js';
 
 export interface Daemon {
@@ -133,6 +134,9 @@ export async function startDaemon(
         error: (e as Error).message,
       });
     }
+  // Persistent volumes: the store is only named here (an S3 endpoint that is down now may be up
+  // by the first request); its collector starts with the engine.
+  const volumes = openVolumes(config, opts.log);
   // The machines API is served on the tunnels too, so it is known only once it listens below.
   let http: HttpApi | undefined;
   const engine = new Engine(config, templates, accel, opts.log, {
@@ -144,8 +148,11 @@ export async function startDaemon(
       else stream.destroy();
     },
     ...(networking ? { net: networking.manager } : {}),
+    volumes,
   });
   await engine.start();
+  volumes.start();
+  opts.log('info', 'volumes ready', { store: volumes.store.description });
   engine.prepareSnapshots();
   // After start: the rows left are the machines and boxes that survived the restart.
   if (config.cacheGcOnStart)
@@ -219,6 +226,7 @@ export async function startDaemon(
     grpc,
     close: async () => {
       await Promise.all([http.close(), boxes.close(), grpc?.close()]);
+      await volumes.stop();
       await engine.close();
       // The host's table stays while networked machines run on (a restarted daemon adopts them).
       await networking?.close({ keepHost: networking.manager.attached() > 0 });

@@ -206,6 +206,16 @@ export const errorTable = {
     grpc: 'UNAVAILABLE',
     doc: 'The server in the machine closed or broke the connection before answering a preview request (or sent something that is not HTTP/1.1).',
   },
+  VOLUME_SAVE_FAILED: {
+    http: 422,
+    grpc: 'FAILED_PRECONDITION',
+    doc: "The machine's /root could not be saved: tar in the guest failed, or sent an archive hutch refuses (an absolute path or one with `..`, a hard link to nothing saved, not tar at all); the message says which. The volume's previous version is kept.",
+  },
+  VOLUME_RESTORE_FAILED: {
+    http: 422,
+    grpc: 'FAILED_PRECONDITION',
+    doc: 'tar in the new machine could not unpack the volume into /root (e.g. its disk is full); the message carries its stderr. The machine was destroyed.',
+  },
 } as const;
 
 export type ErrorCode = keyof typeof errorTable;

@@ -21,6 +21,7 @@ import {
   machineSchema,
   uploadResultSchema,
 } from './schemas.js';
+import { volumeRoutes } from './volume-routes.js';
 
 const route = routesOf<MachinesApp>();
 
@@ -61,6 +62,7 @@ export const machineRoutes: ApiRoute<MachinesApp>[] = [
         ...(b.network_id !== undefined ? { networkId: b.network_id } : {}),
         ...(b.mode !== undefined ? { mode: b.mode } : {}),
         ...(b.auto_suspend_seconds !== undefined ? { autoSuspendSeconds: b.auto_suspend_seconds } : {}),
+        ...(b.volume !== undefined ? { volume: b.volume } : {}),
       });
     },
   }),
@@ -260,4 +262,5 @@ export const machineRoutes: ApiRoute<MachinesApp>[] = [
   ...accountRoutes,
   ...previewRoutes,
   ...diskRoutes<MachinesApp>('machines'),
+  ...volumeRoutes,
 ];

@@ -87,6 +87,13 @@ export const createMachineBody = z
       .enum(['snapshot', 'cold'])
       .optional()
       .describe('snapshot: restore from the template snapshot (the default once it exists); cold: boot.'),
+    volume: z
+      .string()
+      .max(64)
+      .optional()
+      .describe(
+        'A volume of yours (vol-…): its files are restored into /root before the create answers; if that fails the machine is destroyed and the error returned.',
+      ),
   })
   .strict();
 

@@ -25,6 +25,7 @@ import {
   writeOut,
 } from './common.js';
 import { diskCommand, disksUsage } from './disks.js';
+import { volumeCommand, volumeUsage } from './volume.js';
 
 /** The server's longest exec timeout: an agent's task (`claude -p …`) takes minutes, not the API's default 60 s. */
 const defaultExecTimeoutMs = 3_600_000;
@@ -54,7 +55,7 @@ const usage = `hutch: real computers over an API
 
   hutch serve [--host H] [--port P] [--state-dir D] [--image-dir D] [--accel auto|kvm|tcg] [--config F]
   hutch new [--template python] [--ttl SECONDS] [--persistent] [--name NAME] [--net]
-            [--allow CIDR|NAME]... [--deny CIDR|NAME]... [--json]
+            [--allow CIDR|NAME]... [--deny CIDR|NAME]... [--volume ID] [--json]
                                    without --ttl: persistent where the server allows it, else
                                    the server's longest TTL (${ttlBounds.max} s), so an agent task outlives it;
                                    --net: internet behind its firewall (--allow/--deny: egress rules)
@@ -90,6 +91,7 @@ id or its name. With --json every answer is one JSON document on stdout, errors 
 ${accountsUsage}
 
 ${disksUsage}
+${volumeUsage}
 
 Boxes (the boxes API, on the daemon's Unix socket or TCP):
 ${boxUsage}`;
@@ -244,6 +246,8 @@ async function main(argv: string[]): Promise<void> {
       output: { type: 'string', short: 'o' },
       'dry-run': { type: 'boolean' },
       'min-age': { type: 'string' },
+      volume: { type: 'string' },
+      mode: { type: 'string' },
     },
     usage,
   );
@@ -321,11 +325,28 @@ async function main(argv: string[]): Promise<void> {
       }
       if (flags.name) body.name = flags.name;
       if (flags.net) body.net = true;
+      if (flags.volume) body.volume = flags.volume;
       const rules = egressFlags(flags);
       if (rules) body.egress = rules;
       const m = await client.createMachine<MachineJson>(body);
       if (json) printJson(m);
       else process.stdout.write(`${m.id}\n`);
+      return;
+    }
+    case 'volume':
+      return volumeCommand(client, positionals, flags);
+    case 'save': {
+      const id = positionals[0];
+      const volume = flags.volume as string | undefined;
+      if (!id || !volume || positionals.length > 1) fail('usage: hutch save MACHINE --volume ID [--json]');
+      const r = await client.saveMachine<{
+        volume: { id: string; generation: number };
+        files: number;
+        bytes: number;
+      }>(id, volume);
+      if (json) printJson(r);
+      else
+        process.stdout.write(`${r.volume.id}\tv${r.volume.generation}\t${r.files} files\t${r.bytes} bytes\n`);
       return;
     }
     case 'egress': {

@@ -254,6 +254,67 @@ export class HutchClient {
     return (await res.json()) as { path: string; size: number };
   }
 
+  // ---- persistent volumes ----------------------------------------------------------------
+
+  createVolume<T = Record<string, unknown>>(body: Record<string, unknown> = {}): Promise<T> {
+    return this.request('POST', '/v1/volumes', body);
+  }
+  listVolumes<T = { volumes: Record<string, unknown>[] }>(): Promise<T> {
+    return this.request('GET', '/v1/volumes');
+  }
+  getVolume<T = Record<string, unknown>>(id: string): Promise<T> {
+    return this.request('GET', `/v1/volumes/${encodeURIComponent(id)}`);
+  }
+  deleteVolume(id: string): Promise<void> {
+    return this.request('DELETE', `/v1/volumes/${encodeURIComponent(id)}`);
+  }
+  volumeFiles<T = { files: Record<string, unknown>[] }>(id: string): Promise<T> {
+    return this.request('GET', `/v1/volumes/${encodeURIComponent(id)}/files`);
+  }
+  /** Saves the machine's /root into the volume; waits as long as the save runs (no timeout). */
+  saveMachine<T = Record<string, unknown>>(id: string, volume: string): Promise<T> {
+    return this.requestUntimed(
+      'POST',
+      `/v1/machines/${encodeURIComponent(id)}/save?volume=${encodeURIComponent(volume)}`,
+      {},
+    );
+  }
+
+  private volumeFileUrl(id: string, path: string): URL {
+    const url = new URL(`/v1/volumes/${encodeURIComponent(id)}/file`, this.baseUrl);
+    url.searchParams.set('path', path);
+    return url;
+  }
+
+  /** Streams a local file (or any byte stream) into the volume at `path`. */
+  async putVolumeFile(
+    id: string,
+    path: string,
+    source: string | Readable,
+    mode?: string,
+  ): Promise<{ path: string; size: number }> {
+    const url = this.volumeFileUrl(id, path);
+    if (mode !== undefined) url.searchParams.set('mode', mode);
+    const stream = typeof source === 'string' ? createReadStream(source) : source;
+    const res = await this.send(url, {
+      method: 'PUT',
+      headers: { 'content-type': 'application/octet-stream' },
+      body: Readable.toWeb(stream) as unknown as BodyInit,
+      duplex: 'half',
+    });
+    return (await res.json()) as { path: string; size: number };
+  }
+
+  /** A file of a volume as a byte stream, and its size. */
+  async getVolumeFile(id: string, path: string): Promise<{ stream: Readable; size: number | undefined }> {
+    const res = await this.send(this.volumeFileUrl(id, path), { method: 'GET' });
+    const len = res.headers.get('content-length');
+    return {
+      stream: Readable.fromWeb(res.body as unknown as WebReadableStream<Uint8Array>),
+      size: len === null ? undefined : Number(len),
+    };
+  }
+
   /** A file of the machine as a byte stream (and its size when the server knows it). */
   async download(id: string, path: string): Promise<{ stream: Readable; size: number | undefined }> {
     const url = this.machinePath(id, 'download');

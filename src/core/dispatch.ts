@@ -70,6 +70,14 @@ export const actionTable = {
   attachDisk: { audit: true },
   detachDisk: { audit: true },
   disksOf: { audit: false },
+  createVolume: { audit: true },
+  listVolumes: { audit: false },
+  getVolume: { audit: false },
+  deleteVolume: { audit: true },
+  listVolumeFiles: { audit: false },
+  putVolumeFile: { audit: true },
+  getVolumeFile: { audit: false },
+  saveMachine: { audit: true },
 } as const satisfies Record<string, { audit: boolean }>;
 
 export type ActionName = keyof typeof actionTable;

@@ -125,6 +125,15 @@ export class DiskActions {
     return this.disks.store.list(p.user).map((d) => this.view(d));
   }
 
+  /** The disks attached to the caller's machine or box. */
+  disksOf(p: Principal, idOrName: string): DiskView[] {
+    const row = this.findAny(p, idOrName);
+    return this.disks.attachmentsOf(row.id).flatMap((a) => {
+      const d = this.disks.get(a.disk_id);
+      return d ? [this.view(d)] : [];
+    });
+  }
+
   getDisk(p: Principal, idOrName: string): DiskView {
     return this.view(this.find(p, idOrName));
   }

@@ -16,6 +16,7 @@ import { type EgressInput, parseEgress } from '../net/egress.js';
 import type { Denial, NetworkManager } from '../net/network-manager.js';
 import { Disks } from '../storage/disks/disk-service.js';
 import { DiskStore } from '../storage/disks/disk-store.js';
+import type { VolumeService } from '../storage/volumes/volume-service.js';
 import type { AccelChoice } from '../vmm/accel.js';
 import type { ConsoleTap } from '../vmm/console.js';
 import { agentLink, type GuestLink, type Hypervisor, qemuHypervisor } from '../vmm/hypervisor.js';
@@ -24,7 +25,7 @@ import { traversableByQemu } from '../vmm/run-dir.js';
 import { Admission } from './admission.js';
 import { type BoxExecRequest, BoxExecs, execEnv } from './box-execs.js';
 import { type BoxView, boxSpecOf, type ExecView, toBoxView } from './box-view.js';
-import { type AttachRequest, DiskActions, type DiskView } from './disk-actions.js';
+import { DiskActions } from './disk-actions.js';
 import { DiskPauses } from './disk-pauses.js';
 import type { DiskRoom } from './disk-room.js';
 import type { ExecEvent } from './exec-log.js';
@@ -62,6 +63,7 @@ import { recover } from './recovery.js';
 import { type GuestApiStreamHandler, type RunAs, Runtime } from './runtime.js';
 import { activeStates, type MachineRow, Store } from './store.js';
 import { sweepMachines } from './sweeper.js';
+import { VolumeActions } from './volume-actions.js';
 
 export type { BoxTimers } from './flows/box-timers.js';
 export { clampTtl, ttlBounds } from './flows/context.js';
@@ -116,6 +118,8 @@ export interface EngineParts {
   onGuestApiStream?: GuestApiStreamHandler;
   /** Guest networks, set up by the daemon (src/net/); absent: no machine gets a network. */
   net?: NetworkManager;
+  /** Persistent volumes (src/storage/volumes/); absent: the volume actions answer NOT_SERVED. */
+  volumes?: VolumeService;
 }
 
 /** A networked machine's egress: its rules, what was refused (per reason), the latest refusals. */
@@ -149,6 +153,7 @@ export class Engine {
   private readonly routing: NetRouting;
   private readonly disks: Disks;
   private readonly diskActions: DiskActions;
+  private readonly vols: VolumeActions;
 
   constructor(
     private readonly config: Config,
@@ -226,6 +231,11 @@ export class Engine {
     admission.setOthers(this.cx.pool);
     admission.setDiskClaims(() => this.disks.claims());
     this.diskActions = new DiskActions(this.cx, config, this.disks, (p, ref) => this.findAny(p, ref));
+    this.vols = new VolumeActions(p.volumes, {
+      openSession: (q, id) => this.openSession(q, id),
+      destroy: (q, id) => this.destroy(q, id),
+      get: (q, id) => this.get(q, id),
+    });
   }
 
   /** Re-adopts machines left by a previous daemon, cleans what is dead, starts the sweeper. */
@@ -403,8 +413,10 @@ export class Engine {
     return this.view(this.find(p, idOrName));
   }
 
-  async create(p: Principal, req: CreateMachine): Promise<MachineView> {
-    return this.view(await createMachine(this.cx, p, req));
+  /** With `volume`, the volume is restored into /root before this answers (volume-actions.ts). */
+  async create(p: Principal, req: CreateMachine & { volume?: string }): Promise<MachineView> {
+    const make = async (): Promise<MachineView> => this.view(await createMachine(this.cx, p, req));
+    return req.volume ? this.vols.createWithVolume(p, req.volume, make) : make();
   }
 
   async destroy(p: Principal, idOrName: string): Promise<void> {
@@ -468,36 +480,24 @@ export class Engine {
 
   // ---- disks (engine/disk-actions.ts) ---------------------------------------------------------
 
-  createDisk(p: Principal, req: { name: string; sizeBytes: number }): Promise<DiskView> {
-    return this.diskActions.createDisk(p, req);
-  }
+  readonly createDisk: DiskActions['createDisk'] = (...a) => this.diskActions.createDisk(...a);
+  readonly listDisks: DiskActions['listDisks'] = (...a) => this.diskActions.listDisks(...a);
+  readonly getDisk: DiskActions['getDisk'] = (...a) => this.diskActions.getDisk(...a);
+  readonly destroyDisk: DiskActions['destroyDisk'] = (...a) => this.diskActions.destroyDisk(...a);
+  readonly attachDisk: DiskActions['attachDisk'] = (...a) => this.diskActions.attachDisk(...a);
+  readonly detachDisk: DiskActions['detachDisk'] = (...a) => this.diskActions.detachDisk(...a);
+  readonly disksOf: DiskActions['disksOf'] = (...a) => this.diskActions.disksOf(...a);
 
-  listDisks(p: Principal): DiskView[] {
-    return this.diskActions.listDisks(p);
-  }
+  // ---- persistent volumes (engine/volume-actions.ts; create restores one) -------------------
 
-  getDisk(p: Principal, idOrName: string): DiskView {
-    return this.diskActions.getDisk(p, idOrName);
-  }
-
-  destroyDisk(p: Principal, idOrName: string): Promise<void> {
-    return this.diskActions.destroyDisk(p, idOrName);
-  }
-
-  attachDisk(p: Principal, req: AttachRequest): Promise<DiskView> {
-    return this.diskActions.attachDisk(p, req);
-  }
-
-  detachDisk(p: Principal, req: { disk: string; vm: string }): Promise<DiskView> {
-    return this.diskActions.detachDisk(p, req);
-  }
-
-  /** The disks attached to the caller's machine or box. */
-  disksOf(p: Principal, idOrName: string): DiskView[] {
-    const row = this.findAny(p, idOrName);
-    const ids = new Set(this.disks.attachmentsOf(row.id).map((a) => a.disk_id));
-    return this.diskActions.listDisks(p).filter((d) => ids.has(d.disk_id));
-  }
+  readonly createVolume: VolumeActions['createVolume'] = (...a) => this.vols.createVolume(...a);
+  readonly listVolumes: VolumeActions['listVolumes'] = (...a) => this.vols.listVolumes(...a);
+  readonly getVolume: VolumeActions['getVolume'] = (...a) => this.vols.getVolume(...a);
+  readonly deleteVolume: VolumeActions['deleteVolume'] = (...a) => this.vols.deleteVolume(...a);
+  readonly listVolumeFiles: VolumeActions['listVolumeFiles'] = (...a) => this.vols.listVolumeFiles(...a);
+  readonly putVolumeFile: VolumeActions['putVolumeFile'] = (...a) => this.vols.putVolumeFile(...a);
+  readonly getVolumeFile: VolumeActions['getVolumeFile'] = (...a) => this.vols.getVolumeFile(...a);
+  readonly saveMachine: VolumeActions['saveMachine'] = (...a) => this.vols.saveMachine(...a);
 
   // ---- networks, proxies, domains (engine/net-routing.ts) -----------------------------------
 
