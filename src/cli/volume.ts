@@ -1,6 +1,7 @@
 import { createWriteStream } from 'node:fs';
 import { pipeline } from 'node:stream/promises';
 import type { HutchClient } from '../client/http-client.js';
+import type { FileView } from '../storage/volumes/volume-service.js';
 import { type Flags, fail, printJson } from './common.js';
 
 export const volumeUsage = `Volumes (persistent, outlive machines; docs/volumes.md):
@@ -23,16 +24,8 @@ interface VolumeJson {
   generation: number;
 }
 
-interface FileJson {
-  path: string;
-  type: string;
-  mode: string;
-  uid: number;
-  gid: number;
-  size: number;
-  mtime: string;
-  target?: string;
-}
+/** A file as GET /v1/volumes/{id}/files lists it. */
+type FileJson = FileView;
 
 function volumeLine(v: VolumeJson): string {
   return [v.id, `${v.bytes}B`, `${v.files} files`, `v${v.generation}`, v.created_at, v.expires_at].join('\t');

@@ -6,20 +6,8 @@
  * guest disks that the host could not give are refused up front.
  */
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
-import {
-  chmodSync,
-  closeSync,
-  mkdirSync,
-  mkdtempSync,
-  openSync,
-  readFileSync,
-  rmSync,
-  statfsSync,
-  writeSync,
-} from 'node:fs';
+import { rmSync, statfsSync } from 'node:fs';
 import { createServer } from 'node:net';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { BoxesClient } from '../../src/client/boxes-client.js';
@@ -27,27 +15,9 @@ import { ApiError } from '../../src/client/http-client.js';
 import { ConsoleTap } from '../../src/vmm/console.js';
 import { api, cleanup, qemusOf, sleep, startDaemon, type TestDaemon, waitFor } from '../helpers/daemon.js';
 import { bugLines, memoryOf, processAlive, Tally } from '../helpers/hostile.js';
+import { fill, type SmallFs, smallFs } from '../helpers/small-fs.js';
 
 const fsBytes = 400 * 1024 * 1024;
-
-/** Writes into `dir` until the filesystem refuses another byte; returns the files written. */
-function fill(dir: string): string[] {
-  const files: string[] = [];
-  for (const block of [1024 * 1024, 4096, 512]) {
-    const path = join(dir, `filler-${block}`);
-    files.push(path);
-    const fd = openSync(path, 'w');
-    const buf = Buffer.alloc(block, 0x5a);
-    try {
-      for (;;) writeSync(fd, buf);
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'ENOSPC') throw e;
-    } finally {
-      closeSync(fd);
-    }
-  }
-  return files;
-}
 
 async function storageCode(p: Promise<unknown>): Promise<string> {
   try {
@@ -61,35 +31,19 @@ async function storageCode(p: Promise<unknown>): Promise<string> {
 describe('hostile: a full state filesystem', () => {
   const tally = new Tally('full-disk');
   let mnt: string;
-  let img: string;
+  let small: SmallFs;
   let d: TestDaemon;
   let boxes: BoxesClient;
 
   before(() => {
-    // A run whose process died mid-way (as the old code's did) left its filesystem mounted.
-    for (const line of readFileSync('/proc/mounts', 'utf8').split('\n')) {
-      const at = line.split(' ')[1] ?? '';
-      if (/\/hutch-fulldisk-[^/]+\/mnt$/.test(at)) {
-        execFileSync('umount', ['-l', at]);
-        rmSync(join(at, '..'), { recursive: true, force: true });
-      }
-    }
-    const base = mkdtempSync(join(tmpdir(), 'hutch-fulldisk-'));
-    chmodSync(base, 0o755); // QEMU's user passes through it to its run dirs
-    img = join(base, 'fs.img');
-    mnt = join(base, 'mnt');
-    mkdirSync(mnt);
-    execFileSync('truncate', ['-s', String(fsBytes), img]);
-    // -m 0: no blocks reserved for root, so 100 % is 100 % for the daemon (root) too.
-    execFileSync('mkfs.ext4', ['-q', '-F', '-m', '0', img]);
-    execFileSync('mount', ['-o', 'loop', img, mnt]);
+    small = smallFs('fulldisk', fsBytes);
+    mnt = small.mnt;
   });
   after(async () => {
     try {
       if (d) await cleanup(d);
     } finally {
-      execFileSync('umount', ['-l', mnt]);
-      rmSync(join(mnt, '..'), { recursive: true, force: true });
+      small.close();
     }
   });
 

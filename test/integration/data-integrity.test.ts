@@ -9,21 +9,11 @@
  * not keep its data must have failed and said so. The tally is printed.
  */
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
-import {
-  chmodSync,
-  closeSync,
-  mkdirSync,
-  mkdtempSync,
-  openSync,
-  readFileSync,
-  rmSync,
-  writeSync,
-} from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { api, cleanup, type Json, qemusOf, sleep, startDaemon, type TestDaemon } from '../helpers/daemon.js';
+import { fill, type SmallFs, smallFs } from '../helpers/small-fs.js';
 
 /** Where an acknowledged write lives. */
 type Place = 'root' | 'disk' | 'volume';
@@ -40,7 +30,7 @@ const fsBytes = 1536 * 2 ** 20;
 
 describe('data integrity across pause, suspend, branch, crashes and a full disk', () => {
   let d: TestDaemon;
-  let base: string;
+  let small: SmallFs;
   let mnt: string;
   const ledger: Written[] = [];
   const tally: { event: string; tried: number; survived: number; note: string }[] = [];
@@ -97,21 +87,8 @@ describe('data integrity across pause, suspend, branch, crashes and a full disk'
   const state = (id: string) => call('GET', `/v1/machines/${id}`).then((x) => x.body);
 
   before(() => {
-    for (const line of readFileSync('/proc/mounts', 'utf8').split('\n')) {
-      const at = line.split(' ')[1] ?? '';
-      if (/\/hutch-integrity-[^/]+\/mnt$/.test(at)) {
-        execFileSync('umount', ['-l', at]);
-        rmSync(join(at, '..'), { recursive: true, force: true });
-      }
-    }
-    base = mkdtempSync(join(tmpdir(), 'hutch-integrity-'));
-    chmodSync(base, 0o755); // QEMU's user passes through it to its run dirs and disks
-    mnt = join(base, 'mnt');
-    mkdirSync(mnt);
-    const img = join(base, 'fs.img');
-    execFileSync('truncate', ['-s', String(fsBytes), img]);
-    execFileSync('mkfs.ext4', ['-q', '-F', '-m', '0', img]);
-    execFileSync('mount', ['-o', 'loop', img, mnt]);
+    small = smallFs('integrity', fsBytes);
+    mnt = small.mnt;
   });
   after(async () => {
     try {
@@ -124,8 +101,7 @@ describe('data integrity across pause, suspend, branch, crashes and a full disk'
       const tried = tally.reduce((n, t) => n + t.tried, 0);
       const kept = tally.reduce((n, t) => n + t.survived, 0);
       console.log(`integrity total: ${tally.length} checks, ${kept} of ${tried} writes intact`);
-      execFileSync('umount', ['-l', mnt]);
-      rmSync(base, { recursive: true, force: true });
+      small.close();
     }
   });
 
@@ -228,20 +204,7 @@ describe('data integrity across pause, suspend, branch, crashes and a full disk'
   });
 
   test("the host's state filesystem full: writes wait or fail clearly, none is lost", async () => {
-    const fillers: string[] = [];
-    for (const block of [1024 * 1024, 4096, 512]) {
-      const path = join(mnt, `filler-${block}`);
-      fillers.push(path);
-      const fd = openSync(path, 'w');
-      const buf = Buffer.alloc(block, 0x5a);
-      try {
-        for (;;) writeSync(fd, buf);
-      } catch (e) {
-        if ((e as NodeJS.ErrnoException).code !== 'ENOSPC') throw e;
-      } finally {
-        closeSync(fd);
-      }
-    }
+    const fillers = fill(mnt);
     // A save needs room: refused, and the volume keeps its version.
     const save = await call('POST', `/v1/machines/${r}/save?volume=${volume}`);
     assert.equal(save.body.code, 'STORAGE_FULL', JSON.stringify(save.body));
