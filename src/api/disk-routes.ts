@@ -58,6 +58,8 @@ export const diskListSchema = z.object({ disks: z.array(diskSchema) });
 export function diskRoutes<A extends { act: Actions }>(owner: 'machines' | 'boxes'): ApiRoute<A>[] {
   const route = routesOf<A>();
   const what = owner === 'machines' ? 'machine' : 'box';
+  // The machines API names only machines, the boxes API only boxes.
+  const kind = what;
   return [
     route.json({
       method: 'POST',
@@ -100,7 +102,7 @@ export function diskRoutes<A extends { act: Actions }>(owner: 'machines' | 'boxe
       summary: `The disks attached to a ${what}`,
       response: diskListSchema,
       status: 200,
-      handle: ({ act, params }) => ({ disks: act.disksOf(params.id ?? '') }),
+      handle: ({ act, params }) => ({ disks: act.disksOf(params.id ?? '', kind) }),
     }),
     route.json({
       method: 'POST',
@@ -115,6 +117,7 @@ export function diskRoutes<A extends { act: Actions }>(owner: 'machines' | 'boxe
           vm: params.id ?? '',
           mountPath: body.mount_path,
           readOnly: body.read_only === true,
+          kind,
         }),
     }),
     route.json({
@@ -123,7 +126,7 @@ export function diskRoutes<A extends { act: Actions }>(owner: 'machines' | 'boxe
       summary: `Detach a disk from a ${what}: unmounted (written back) and unplugged; refused while files are open there`,
       response: diskSchema,
       status: 200,
-      handle: ({ act, params }) => act.detachDisk({ disk: params.disk ?? '', vm: params.id ?? '' }),
+      handle: ({ act, params }) => act.detachDisk({ disk: params.disk ?? '', vm: params.id ?? '', kind }),
     }),
   ];
 }

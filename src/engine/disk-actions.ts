@@ -30,6 +30,8 @@ export interface AttachRequest {
   vm: string;
   mountPath: string;
   readOnly: boolean;
+  /** Which API names the VM: its machines API finds only machines, the boxes API only boxes. */
+  kind?: MachineRow['kind'];
 }
 
 const defaultDiskBytes = 10 * 2 ** 30;
@@ -62,7 +64,8 @@ export class DiskActions {
     private readonly cx: FlowContext,
     private readonly config: Config,
     private readonly disks: Disks,
-    private readonly findAny: (p: Principal, idOrName: string) => MachineRow,
+    /** The caller's machine or box (`kind` absent: either), else MACHINE_/BOX_NOT_FOUND. */
+    private readonly findVm: (p: Principal, idOrName: string, kind?: MachineRow['kind']) => MachineRow,
   ) {}
 
   private get rt() {
@@ -126,8 +129,8 @@ export class DiskActions {
   }
 
   /** The disks attached to the caller's machine or box. */
-  disksOf(p: Principal, idOrName: string): DiskView[] {
-    const row = this.findAny(p, idOrName);
+  disksOf(p: Principal, idOrName: string, kind?: MachineRow['kind']): DiskView[] {
+    const row = this.findVm(p, idOrName, kind);
     return this.disks.attachmentsOf(row.id).flatMap((a) => {
       const d = this.disks.get(a.disk_id);
       return d ? [this.view(d)] : [];
@@ -160,7 +163,7 @@ export class DiskActions {
   async attachDisk(p: Principal, req: AttachRequest): Promise<DiskView> {
     const d = this.find(p, req.disk);
     const mountPath = checkMountPath(req.mountPath);
-    const first = this.findAny(p, req.vm);
+    const first = this.findVm(p, req.vm, req.kind);
     const m = this.rt.machine(first);
     await m.lock.run(() =>
       this.disks.withDisk(d.id, async () => {
@@ -201,9 +204,12 @@ export class DiskActions {
    * has files open there), unplugs it and forgets the attachment. A stopped box's attachment is
    * just forgotten (nothing is plugged in).
    */
-  async detachDisk(p: Principal, req: { disk: string; vm: string }): Promise<DiskView> {
+  async detachDisk(
+    p: Principal,
+    req: { disk: string; vm: string; kind?: MachineRow['kind'] },
+  ): Promise<DiskView> {
     const d = this.find(p, req.disk);
-    const first = this.findAny(p, req.vm);
+    const first = this.findVm(p, req.vm, req.kind);
     const m = this.rt.machine(first);
     await m.lock.run(() =>
       this.disks.withDisk(d.id, async () => {

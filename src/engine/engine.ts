@@ -230,7 +230,9 @@ export class Engine {
     this.routing = new NetRouting(this.rt, config, this.store, (p, ref) => this.findAny(p, ref));
     admission.setOthers(this.cx.pool);
     admission.setDiskClaims(() => this.disks.claims());
-    this.diskActions = new DiskActions(this.cx, config, this.disks, (p, ref) => this.findAny(p, ref));
+    this.diskActions = new DiskActions(this.cx, config, this.disks, (p, ref, kind) =>
+      kind ? this.find(p, ref, kind) : this.findAny(p, ref),
+    );
     this.vols = new VolumeActions(p.volumes, {
       openSession: (q, id) => this.openSession(q, id),
       destroy: (q, id) => this.destroy(q, id),

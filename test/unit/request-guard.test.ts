@@ -141,6 +141,15 @@ describe('odd input in paths, downloads and handshakes', () => {
       );
     assert.equal(requestUrl('//evil/v1/x?a=1').pathname, '//evil/v1/x');
     assert.throws(() => requestUrl('http://[::1'), HutchError);
+    // Dot segments would make one route another (/v1/machines/../disks is /v1/disks).
+    for (const t of [
+      '/v1/machines/../disks',
+      '/v1/machines/%2e%2e/disks',
+      '/v1/./disks',
+      '/v1/machines/%2E./x',
+    ])
+      assert.throws(() => requestUrl(t), /"\." or "\.\." segments/, t);
+    assert.equal(requestUrl('/v1/machines/a..b/disks?path=../x').pathname, '/v1/machines/a..b/disks');
   });
 
   test('any file name fits content-disposition, as RFC 5987 UTF-8 with an ASCII fallback', () => {

@@ -42,12 +42,13 @@ export const diskRpcs: Record<string, Rpc> = {
         vm: vmRef(req.vm_id),
         mountPath: text(required(req.mount_path, 'mount_path'), 'mount_path', 200),
         readOnly: req.read_only === true,
+        kind: 'box',
       });
       return {};
     },
   ),
   DetachDisk: unary(async (req: { disk_id: string; vm_id: string }, cx) => {
-    await cx.act.detachDisk({ disk: required(req.disk_id, 'disk_id'), vm: vmRef(req.vm_id) });
+    await cx.act.detachDisk({ disk: required(req.disk_id, 'disk_id'), vm: vmRef(req.vm_id), kind: 'box' });
     return {};
   }),
   DestroyDisk: unary(async (req: { disk_id: string }, cx) => {
@@ -86,7 +87,7 @@ export async function attachAtCreate(
   mounts: readonly { disk: string; mountPath: string; readOnly: boolean }[],
 ): Promise<void> {
   try {
-    for (const v of mounts) await cx.act.attachDisk({ ...v, vm: vmId });
+    for (const v of mounts) await cx.act.attachDisk({ ...v, vm: vmId, kind: 'box' });
   } catch (e) {
     await cx.act.removeBox(vmId, true).catch(() => {});
     throw e;

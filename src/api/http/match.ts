@@ -68,6 +68,14 @@ export function decodePathSegment(segment: string): string {
  */
 export function requestUrl(target: string | undefined): URL {
   const raw = target ?? '/';
+  // URL parsing would resolve them (`/v1/machines/../disks` is `/v1/disks`): a request names
+  // the route it asks for, never another one by way of dot segments.
+  const path = raw.split('?')[0] ?? '';
+  if (path.split('/').some((seg) => /^(?:\.|%2e){1,2}$/i.test(seg)))
+    throw new HutchError(
+      'INVALID_ARGUMENT',
+      `a path may not have "." or ".." segments: ${JSON.stringify(path.slice(0, 200))}`,
+    );
   try {
     return raw.startsWith('/') ? new URL(`http://localhost${raw}`) : new URL(raw, 'http://localhost');
   } catch {
