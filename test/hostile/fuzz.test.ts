@@ -1038,8 +1038,12 @@ describe('request fuzzer: every route of both REST APIs', { timeout: 900_000 }, 
       ...names.map((n): [string, string, string] => [`/root/odd/${n}`, `${n}\n`, `${n}\n`]),
       ['/proc/version', version, boxVersion],
     ];
+    // A machine's or box's own files (volume files are another store: storage-volumes tests).
     for (const r of routes.filter(
-      (x) => x.readOnly && (x.queryParams.includes('path') || x.body !== undefined),
+      (x) =>
+        x.readOnly &&
+        (x.queryParams.includes('path') || x.body !== undefined) &&
+        /^\/v1\/(machines|boxes)\/\{id\}/.test(x.path),
     ))
       for (const ep of endpointsOf(r.api))
         for (const [path, inM, inB] of files) {

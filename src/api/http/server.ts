@@ -201,7 +201,12 @@ export function createApiServer<A extends object>(
       // A body we did not read (a refused upload): up to a little more of it is read and dropped
       // first, so a client still sending a small one gets the answer rather than a broken pipe;
       // past that bound the connection closes instead.
-      else drainThen(req, () => sendError(res, err, { close: !req.complete }));
+      // By the time the body is drained, what failed may have answered after all (a stream
+      // handler that wrote its own reply): then there is nothing left to say.
+      else
+        drainThen(req, () => {
+          if (!res.headersSent && !res.destroyed) sendError(res, err, { close: !req.complete });
+        });
     }
   }
 
