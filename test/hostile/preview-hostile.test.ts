@@ -122,15 +122,15 @@ describe('hostile: web previews', () => {
       `/v1/machines/../machines/${m}/web/${h.ports.other}/`,
     ])
       await tally.check(`dot segments ${target}`, async () => {
-        // With the grant of one port: normalized like every API path, the target is either not
-        // a preview (the API, which never takes a grant) or another port (which this grant does
-        // not open). Nothing answers 200.
+        // With the grant of one port: a path with dot segments is refused outright (400), as
+        // every API path is, so it can name neither the API (which never takes a grant) nor
+        // another port (which this grant does not open). Nothing answers 200.
         const o = await exchange(ep, rawRequest('GET', target, [['cookie', grant]]), 5000);
         assert.equal(o.kind, 'response');
         if (o.kind !== 'response') return;
         const code = codeOf(o.res.body);
         assert.ok(
-          [404, 401].includes(o.res.status),
+          [400, 404, 401].includes(o.res.status),
           `${o.res.status} ${o.res.body.toString().slice(0, 200)}`,
         );
         return `${o.res.status} ${code ?? 'from the guest'}`;
