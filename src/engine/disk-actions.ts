@@ -224,15 +224,6 @@ export class DiskActions {
     return this.view(this.disks.store.get(d.id) as DiskRow);
   }
 
-  /** Attaches the disks a create asked for (gRPC VmConfig.volumes), in order; the first failure throws. */
-  async attachAll(
-    p: Principal,
-    vm: string,
-    mounts: readonly { disk: string; mountPath: string; readOnly: boolean }[],
-  ) {
-    for (const v of mounts) await this.attachDisk(p, { ...v, vm });
-  }
-
   private async runningRow(m: Machine, first: MachineRow): Promise<MachineRow> {
     let row = this.rt.store.get(first.id);
     if (!row) throw new HutchError('MACHINE_NOT_FOUND', `no machine ${JSON.stringify(first.id)}`);

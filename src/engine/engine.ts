@@ -230,9 +230,7 @@ export class Engine {
     this.routing = new NetRouting(this.rt, config, this.store, (p, ref) => this.findAny(p, ref));
     admission.setOthers(this.cx.pool);
     admission.setDiskClaims(() => this.disks.claims());
-    this.diskActions = new DiskActions(this.cx, config, this.disks, (p, ref, kind) =>
-      kind ? this.find(p, ref, kind) : this.findAny(p, ref),
-    );
+    this.diskActions = new DiskActions(this.cx, config, this.disks, this.findAny.bind(this));
     this.vols = new VolumeActions(p.volumes, {
       openSession: (q, id) => this.openSession(q, id),
       destroy: (q, id) => this.destroy(q, id),
@@ -361,8 +359,9 @@ export class Engine {
     return this.withCause(row);
   }
 
-  /** The caller's machine or box, whichever has this id or name (actions that serve both). */
-  private findAny(p: Principal, idOrName: string): MachineRow {
+  /** The caller's machine or box, whichever has this id or name (actions that serve both); of `kind` when given. */
+  private findAny(p: Principal, idOrName: string, kind?: MachineRow['kind']): MachineRow {
+    if (kind) return this.find(p, idOrName, kind);
     const row = this.store.get(idOrName) ?? this.store.findByName(p.user, idOrName);
     if (!row || row.owner !== p.user)
       throw new HutchError('MACHINE_NOT_FOUND', `no machine ${JSON.stringify(idOrName)}`);
