@@ -216,6 +216,31 @@ export const errorTable = {
     grpc: 'FAILED_PRECONDITION',
     doc: 'tar in the new machine could not unpack the volume into /root (e.g. its disk is full); the message carries its stderr. The machine was destroyed.',
   },
+  NO_DISPLAY: {
+    http: 409,
+    grpc: 'FAILED_PRECONDITION',
+    doc: 'The machine has no display (only machines of the desktop template have one): no screenshot, input, VNC or computer-use agent.',
+  },
+  MODEL_NOT_FOUND: {
+    http: 404,
+    grpc: 'NOT_FOUND',
+    doc: 'No model of this name is served: unknown to its upstream, or its upstream (Anthropic for claude*, OpenRouter for the rest) has no key configured; GET /v1/models lists what is usable.',
+  },
+  UPSTREAM_FAILED: {
+    http: 502,
+    grpc: 'UNAVAILABLE',
+    doc: 'The model provider answered with an error or something that is not its API; the message carries its status and message.',
+  },
+  UPSTREAM_RATE_LIMITED: {
+    http: 429,
+    grpc: 'RESOURCE_EXHAUSTED',
+    doc: 'The model provider refused the request for its rate limits or quota; retry later (Retry-After is passed on when it sent one).',
+  },
+  UPSTREAM_TIMEOUT: {
+    http: 504,
+    grpc: 'DEADLINE_EXCEEDED',
+    doc: "The model provider did not answer within the gateway's time limit (HUTCH_GATEWAY_TIMEOUT_MS).",
+  },
 } as const;
 
 export type ErrorCode = keyof typeof errorTable;

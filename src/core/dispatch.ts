@@ -1,5 +1,7 @@
 import type { Log } from '../background.js';
+import type { DiskActions } from '../engine/disk-actions.js';
 import type { Engine } from '../engine/engine.js';
+import type { VolumeActions } from '../engine/volume-actions.js';
 import { HutchError } from '../errors.js';
 import type { Principal } from './principal.js';
 
@@ -63,29 +65,45 @@ export const actionTable = {
   bindDomain: { audit: true },
   unbindDomain: { audit: true },
   listDomains: { audit: false },
-  createDisk: { audit: true },
-  listDisks: { audit: false },
-  getDisk: { audit: false },
-  destroyDisk: { audit: true },
-  attachDisk: { audit: true },
-  detachDisk: { audit: true },
-  disksOf: { audit: false },
-  createVolume: { audit: true },
-  listVolumes: { audit: false },
-  getVolume: { audit: false },
-  deleteVolume: { audit: true },
-  listVolumeFiles: { audit: false },
-  putVolumeFile: { audit: true },
-  getVolumeFile: { audit: false },
+  createDisk: { audit: true, on: 'disks' },
+  listDisks: { audit: false, on: 'disks' },
+  getDisk: { audit: false, on: 'disks' },
+  destroyDisk: { audit: true, on: 'disks' },
+  attachDisk: { audit: true, on: 'disks' },
+  detachDisk: { audit: true, on: 'disks' },
+  disksOf: { audit: false, on: 'disks' },
+  createVolume: { audit: true, on: 'volumes' },
+  listVolumes: { audit: false, on: 'volumes' },
+  getVolume: { audit: false, on: 'volumes' },
+  deleteVolume: { audit: true, on: 'volumes' },
+  listVolumeFiles: { audit: false, on: 'volumes' },
+  putVolumeFile: { audit: true, on: 'volumes' },
+  getVolumeFile: { audit: false, on: 'volumes' },
   saveMachine: { audit: true },
-} as const satisfies Record<string, { audit: boolean }>;
+} as const satisfies Record<string, { audit: boolean; on?: keyof ActionTargets }>;
+
+/**
+ * Who serves each action: the engine itself (no `on`), or one of the action classes each
+ * capability keeps in its own folder, so no one class grows into all of them.
+ */
+export interface ActionTargets {
+  engine: Engine;
+  disks: DiskActions;
+  volumes: VolumeActions;
+}
 
 export type ActionName = keyof typeof actionTable;
 
 type Bound<F> = F extends (p: Principal, ...args: infer A) => infer R ? (...args: A) => R : never;
+type TargetOf<K extends ActionName> = (typeof actionTable)[K] extends {
+  on: infer T extends keyof ActionTargets;
+}
+  ? ActionTargets[T]
+  : Engine;
+type MethodOf<K extends ActionName> = K extends keyof TargetOf<K> ? TargetOf<K>[K] : never;
 
 /** The actions, bound to one caller: what a transport's handler is given. */
-export type Actions = { [K in ActionName]: Bound<Engine[K]> };
+export type Actions = { [K in ActionName]: Bound<MethodOf<K>> };
 
 /**
  * The one way in: binds every action to `principal`. Authorization (another owner's object
@@ -94,25 +112,30 @@ export type Actions = { [K in ActionName]: Bound<Engine[K]> };
  */
 export function actionsFor(engine: Engine, principal: Principal, log: Log): Actions {
   const out: Record<string, unknown> = {};
+  const targets = engine.actionTargets();
   for (const name of Object.keys(actionTable) as ActionName[]) {
-    const fn = engine[name] as (p: Principal, ...args: unknown[]) => unknown;
+    const entry: { audit: boolean; on?: keyof ActionTargets } = actionTable[name];
+    const target = targets[entry.on ?? 'engine'] as unknown as Record<string, unknown>;
+    const fn = target[name] as (p: Principal, ...args: unknown[]) => unknown;
+    if (typeof fn !== 'function')
+      throw new Error(`action ${name}: ${entry.on ?? 'engine'} has no such method`);
     out[name] = (...args: unknown[]) => {
-      if (!actionTable[name].audit) return fn.call(engine, principal, ...args);
+      if (!entry.audit) return fn.call(target, principal, ...args);
       const t0 = performance.now();
-      const target = typeof args[0] === 'string' ? args[0] : undefined;
+      const object = typeof args[0] === 'string' ? args[0] : undefined;
       const audit = (outcome: string, extra: Record<string, unknown> = {}): void =>
         log('info', 'audit', {
           user: principal.user,
           via: principal.via,
           action: name,
-          ...(target ? { target } : {}),
+          ...(object ? { target: object } : {}),
           outcome,
           ms: Math.round(performance.now() - t0),
           ...extra,
         });
       let result: unknown;
       try {
-        result = fn.call(engine, principal, ...args);
+        result = fn.call(target, principal, ...args);
       } catch (e) {
         audit('error', { code: e instanceof HutchError ? e.code : 'INTERNAL' });
         throw e;

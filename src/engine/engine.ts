@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import type { Duplex } from 'node:stream';
 import type { Log } from '../background.js';
 import type { Config } from '../config.js';
+import type { ActionTargets } from '../core/dispatch.js';
 import type { Principal } from '../core/principal.js';
 import { HutchError } from '../errors.js';
 import type { AgentConnection } from '../guest/agent-connection.js';
@@ -479,25 +480,10 @@ export class Engine {
     return this.egress(p, row.id, kind);
   }
 
-  // ---- disks (engine/disk-actions.ts) ---------------------------------------------------------
-
-  readonly createDisk: DiskActions['createDisk'] = (...a) => this.diskActions.createDisk(...a);
-  readonly listDisks: DiskActions['listDisks'] = (...a) => this.diskActions.listDisks(...a);
-  readonly getDisk: DiskActions['getDisk'] = (...a) => this.diskActions.getDisk(...a);
-  readonly destroyDisk: DiskActions['destroyDisk'] = (...a) => this.diskActions.destroyDisk(...a);
-  readonly attachDisk: DiskActions['attachDisk'] = (...a) => this.diskActions.attachDisk(...a);
-  readonly detachDisk: DiskActions['detachDisk'] = (...a) => this.diskActions.detachDisk(...a);
-  readonly disksOf: DiskActions['disksOf'] = (...a) => this.diskActions.disksOf(...a);
-
-  // ---- persistent volumes (engine/volume-actions.ts; create restores one) -------------------
-
-  readonly createVolume: VolumeActions['createVolume'] = (...a) => this.vols.createVolume(...a);
-  readonly listVolumes: VolumeActions['listVolumes'] = (...a) => this.vols.listVolumes(...a);
-  readonly getVolume: VolumeActions['getVolume'] = (...a) => this.vols.getVolume(...a);
-  readonly deleteVolume: VolumeActions['deleteVolume'] = (...a) => this.vols.deleteVolume(...a);
-  readonly listVolumeFiles: VolumeActions['listVolumeFiles'] = (...a) => this.vols.listVolumeFiles(...a);
-  readonly putVolumeFile: VolumeActions['putVolumeFile'] = (...a) => this.vols.putVolumeFile(...a);
-  readonly getVolumeFile: VolumeActions['getVolumeFile'] = (...a) => this.vols.getVolumeFile(...a);
+  /** The objects the action table dispatches to (core/dispatch.ts `on`). */
+  actionTargets(): ActionTargets {
+    return { engine: this, disks: this.diskActions, volumes: this.vols };
+  }
   readonly saveMachine: VolumeActions['saveMachine'] = (...a) => this.vols.saveMachine(...a);
 
   // ---- networks, proxies, domains (engine/net-routing.ts) -----------------------------------
