@@ -121,7 +121,11 @@ const configSchema = z.object({
   autoSuspendSeconds: z.coerce.number().int().min(0).default(0),
   /** Run QEMU under this unprivileged user when it exists (created by scripts/setup.sh). */
   qemuUser: z.string().default('hutch-vm'),
-  templates: z.array(z.string()).default(['python']),
+  /** Templates built at start and served (src/images/recipes.ts); "python,desktop" by default. */
+  templates: z
+    .union([z.array(z.string()), z.string()])
+    .transform((v) => (Array.isArray(v) ? v : v.split(',')).map((x) => x.trim()).filter((x) => x !== ''))
+    .default(['python', 'desktop']),
   /** The boxes API's Unix socket (owner-only). Default: <stateDir>/boxes.sock; "off" disables it. */
   boxesSocket: z.string().optional(),
   /** Also serve the boxes API on TCP, "host:port" (e.g. 127.0.0.1:8081); unset: socket only. */
@@ -310,6 +314,7 @@ const envNames: Record<string, keyof ConfigInput> = {
   HUTCH_MAX_BOX_MEMORY_MB: 'maxBoxMemoryMb',
   HUTCH_MAX_BOX_DISK_GB: 'maxBoxDiskGb',
   HUTCH_VOLUME_ROOTS: 'volumeRoots',
+  HUTCH_TEMPLATES: 'templates',
   HUTCH_REQUIRE_AUTH: 'requireAuth',
   HUTCH_TOKEN_TTL_SECONDS: 'tokenTtlSeconds',
   HUTCH_MAX_TOKEN_TTL_SECONDS: 'maxTokenTtlSeconds',

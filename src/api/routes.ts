@@ -61,6 +61,7 @@ export const machineRoutes: ApiRoute<MachinesApp>[] = [
         ...(b.egress !== undefined ? { egress: b.egress } : {}),
         ...(b.network_id !== undefined ? { networkId: b.network_id } : {}),
         ...(b.mode !== undefined ? { mode: b.mode } : {}),
+        ...(b.screen !== undefined ? { screen: b.screen } : {}),
         ...(b.auto_suspend_seconds !== undefined ? { autoSuspendSeconds: b.auto_suspend_seconds } : {}),
         ...(b.volume !== undefined ? { volume: b.volume } : {}),
       });

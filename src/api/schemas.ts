@@ -49,7 +49,12 @@ export const egressSchema = z.object({
 
 export const createMachineBody = z
   .object({
-    template: z.string().min(1).max(64).default('python').describe('Template to boot (today: "python").'),
+    template: z
+      .string()
+      .min(1)
+      .max(64)
+      .default('python')
+      .describe('Template to boot: "python" (headless shell) or "desktop" (a screen: VNC, screenshots, input).'),
     ttl_seconds: z
       .number()
       .int()
@@ -67,7 +72,16 @@ export const createMachineBody = z
     net: z
       .boolean()
       .optional()
-      .describe('Give the machine a NIC: NAT to the internet behind its own firewall (default false).'),
+      .describe(
+        'Give the machine a NIC: NAT to the internet behind its own firewall (default false; desktops: true when the server has networking).',
+      ),
+    screen: z
+      .object({ width: z.number().int(), height: z.number().int() })
+      .strict()
+      .optional()
+      .describe(
+        'A desktop machine\'s screen in pixels (even numbers, 320-2560 by 240-1600; default 1024x768). Common sizes restore from a snapshot of their own; others boot cold (~30 s under TCG).',
+      ),
     egress: egressBody
       .optional()
       .describe('Egress rules of a networked machine (see PUT /v1/machines/{id}/egress).'),
@@ -186,6 +200,10 @@ export const machineSchema = z.object({
   jail: jailSchema,
   auto_suspend_seconds: z.number().int(),
   net: z.boolean().describe('The machine has a network (NAT behind its firewall).'),
+  screen: z
+    .object({ width: z.number().int(), height: z.number().int() })
+    .nullable()
+    .describe('Its screen (desktop machines: VNC, screenshots, input); null: headless.'),
   address: z
     .string()
     .nullable()

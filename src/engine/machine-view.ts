@@ -1,3 +1,4 @@
+import { parseScreen } from '../desktop/screen-size.js';
 import type { MachineRow, MachineState } from './store.js';
 
 /** A machine as every API surface shows it. */
@@ -23,6 +24,8 @@ export interface MachineView {
   auto_suspend_seconds: number;
   /** The machine has a NIC behind its firewall (src/net/). */
   net: boolean;
+  /** Its screen when it has a display (desktop machines); null: headless. */
+  screen: { width: number; height: number } | null;
   /** Where the machines of its network reach it while it runs; null without a network. */
   address: string | null;
 }
@@ -48,6 +51,7 @@ export function toView(row: MachineRow, defaultAutoSuspend = 0): MachineView {
     forked_from: row.parent_id,
     auto_suspend_seconds: row.auto_suspend_seconds ?? defaultAutoSuspend,
     net: row.net === 1,
+    screen: parseScreen(row.display) ?? null,
     address: null,
   };
 }

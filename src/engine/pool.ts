@@ -1,5 +1,6 @@
 import { statSync } from 'node:fs';
 import { join } from 'node:path';
+import { screenText } from '../desktop/screen-size.js';
 import type { Config } from '../config.js';
 import type { Principal } from '../core/principal.js';
 import { HutchError } from '../errors.js';
@@ -204,6 +205,7 @@ export class WarmPool implements OtherQemus {
       created_at: new Date().toISOString(),
       expires_at: null,
       kind: 'machine',
+      display: screenOf(this.rt.templateScreen(manifest.name)),
     });
 
     const m = new Machine(id, row.run_dir);
@@ -256,4 +258,8 @@ export class WarmPool implements OtherQemus {
     await this.refilling;
     for (const list of this.pool.values()) await Promise.all(list.splice(0).map((p) => this.discard(p)));
   }
+}
+
+function screenOf(s: { width: number; height: number } | undefined): string | null {
+  return s ? screenText(s) : null;
 }

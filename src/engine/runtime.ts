@@ -3,11 +3,12 @@ import { join } from 'node:path';
 import type { Duplex } from 'node:stream';
 import { inBackground, type Log } from '../background.js';
 import type { Config } from '../config.js';
+import { defaultScreen, parseScreen, type ScreenSize, screenText } from '../desktop/screen-size.js';
 import { HutchError, orStorageFull } from '../errors.js';
 import type { AgentConnection } from '../guest/agent-connection.js';
 import { configureGuest, type GuestVolume } from '../guest/guest-setup.js';
 import type { TemplateManifest } from '../images/builder.js';
-import { templateSize } from '../images/recipes.js';
+import { templateRecipes, templateSize } from '../images/recipes.js';
 import type { SnapshotParams } from '../images/snapshots.js';
 import { inside } from '../net/addressing.js';
 import type { NetworkManager } from '../net/network-manager.js';
@@ -36,6 +37,9 @@ import { checkTransition, type LifecycleEvent } from './lifecycle.js';
 import type { Machine, Registry, Vm } from './machine.js';
 import type { MachineView } from './machine-view.js';
 import type { MachineRow, Store } from './store.js';
+
+/** A template's startup (a desktop under TCG takes ~30 s to come up); past it the boot fails. */
+const startupTimeoutMs = 180_000;
 
 /** What CONFIGURE gives a networked guest's NIC: the same in every guest (net/addressing.ts). */
 export const guestNet = {
@@ -217,12 +221,13 @@ export class Runtime {
 
   /** The machine a row describes: its size, the standard devices on its own backends, its volumes. */
   machineOf(
-    row: Pick<MachineRow, 'vcpus' | 'memory_mb' | 'run_dir'> & { net?: number },
+    row: Pick<MachineRow, 'vcpus' | 'memory_mb' | 'run_dir'> & { net?: number; display?: string | null },
     volumes?: Volume[],
     volumeSlots = false,
     disks?: DiskDevice[],
   ): MachineSpec {
     const p = runPaths(row.run_dir);
+    const screen = parseScreen(row.display);
     return standardMachine({
       vcpus: row.vcpus,
       memoryMb: row.memory_mb,
@@ -231,6 +236,7 @@ export class Runtime {
       consoleSocket: p.console,
       ...(volumes ? { volumes } : {}),
       ...(row.net ? { nic: { tap: inside.tap, mac: inside.guestMac } } : {}),
+      ...(screen ? { display: { ...screen, vncSocket: p.vnc } } : {}),
       ...(disks?.length ? { disks } : {}),
       ...(volumeSlots
         ? { emptyVolume: prepareEmptyVolume(join(this.d.config.stateDir, 'empty-volume')) }
@@ -432,8 +438,11 @@ export class Runtime {
     size = this.templateSize(image.name),
     volumeSlots = false,
     net = false,
+    screen = this.templateScreen(image.name),
   ): SnapshotParams {
     const { vcpus, memoryMb } = size;
+    const display = screen ? screenText(screen) : null;
+    const startup = templateRecipes[image.name]?.startup;
     return {
       qemu: this.d.config.qemuBinary,
       accel: this.d.accel.accel,
@@ -443,13 +452,32 @@ export class Runtime {
       // The run dir does not matter: a layout has no backends.
       layout: layoutOf(
         allocate(
-          this.machineOf({ vcpus, memory_mb: memoryMb, run_dir: '/', net: net ? 1 : 0 }, [], volumeSlots),
+          this.machineOf({ vcpus, memory_mb: memoryMb, run_dir: '/', net: net ? 1 : 0, display }, [], volumeSlots),
         ),
       ),
       ...(volumeSlots ? { volumeSlots } : {}),
       ...(net ? { net } : {}),
+      // A desktop's snapshot is taken with its desktop started (and nothing else warmed).
+      ...(startup ? { warm: [startup] } : {}),
       runAs: this.d.runAs,
     };
+  }
+
+  /** The screen a template's machines have by default: none, or the default size. */
+  templateScreen(template: string): ScreenSize | undefined {
+    return templateRecipes[template]?.display ? defaultScreen : undefined;
+  }
+
+  /**
+   * What a template runs after a cold boot (the desktop's start), so a machine booted cold is
+   * the machine its snapshot would have given. Fails the boot with the command's own words.
+   */
+  async runStartup(agent: AgentConnection, template: string): Promise<void> {
+    const argv = templateRecipes[template]?.startup;
+    if (!argv) return;
+    const r = await agent.execCollect({ argv, timeoutMs: startupTimeoutMs }, { maxOutputBytes: 65536 });
+    if (r.exitCode !== 0)
+      throw new Error(`${argv.join(' ')} failed (exit ${r.exitCode}): ${r.stderr.toString().trim().slice(-2000)}`);
   }
 
   /** The size of a template's machines: its recipe's when it declares one, else the server's defaults. */

@@ -58,6 +58,8 @@ export interface MachineRow {
   stopped_at: string | null;
   /** 1: the machine has a NIC, behind its own namespace and firewall (src/net/). */
   net: number;
+  /** Its screen, `WIDTHxHEIGHT`, when it has a display (desktop machines); null: headless. */
+  display: string | null;
 }
 
 /** An exec started through the boxes API; its output lives in an event log beside the box. */
@@ -145,6 +147,7 @@ const migrations: string[] = [
    );
    CREATE UNIQUE INDEX templates_owner_name ON templates(owner, name);`,
   'ALTER TABLE machines ADD COLUMN net INTEGER NOT NULL DEFAULT 0',
+  'ALTER TABLE machines ADD COLUMN display TEXT',
 ];
 
 /**
@@ -194,10 +197,10 @@ export class Store {
           .prepare(
             `INSERT INTO machines (id, owner, name, template, template_hash, state, mode, accel, vcpus, memory_mb,
              persistent, ttl_seconds, created_at, expires_at, boot_ms, pid, run_dir, error, jail, auto_suspend_seconds,
-             parent_id, kind, spec, started_at, stopped_at, net)
+             parent_id, kind, spec, started_at, stopped_at, net, display)
            VALUES (@id, @owner, @name, @template, @template_hash, @state, @mode, @accel, @vcpus, @memory_mb,
              @persistent, @ttl_seconds, @created_at, @expires_at, @boot_ms, @pid, @run_dir, @error, @jail,
-             @auto_suspend_seconds, @parent_id, @kind, @spec, @started_at, @stopped_at, @net)`,
+             @auto_suspend_seconds, @parent_id, @kind, @spec, @started_at, @stopped_at, @net, @display)`,
           )
           .run(row);
       })();

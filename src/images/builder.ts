@@ -243,6 +243,8 @@ export class TemplateBuilder extends EventEmitter {
       this.rootfsKey(recipe),
       this.agentSourceKey(),
       String(recipe.diskSizeMb),
+      ...(recipe.files ?? []).map((f) => `${f.guest}:${f.mode}:${fileHash(join(this.root, f.source))}`),
+      JSON.stringify(recipe.startup ?? []),
       assemblyVersion,
     );
   }
@@ -359,6 +361,7 @@ export class TemplateBuilder extends EventEmitter {
       writeFileSync(p, content, { mode });
     };
     put('sbin/hutch-agent', readFileSync(agentBin), 0o755);
+    for (const f of recipe.files ?? []) put(f.guest, readFileSync(join(this.root, f.source)), f.mode);
     const skipped = stageGuestFiles(staging);
     if (skipped.length > 0) throw new Error(`cannot write ${skipped.join(', ')} into the root filesystem`);
     mkdirSync(join(staging, 'root'), { recursive: true, mode: 0o700 });

@@ -17,6 +17,15 @@ export interface TemplateRecipe extends RootfsSpec {
   /** The machines' size when the template needs one of its own; absent: the server's defaults. */
   vcpus?: number;
   memoryMb?: number;
+  /**
+   * Its machines have a screen (virtio-gpu, keyboard, tablet; VNC and screenshots from the host)
+   * and start images/desktop/ after every cold boot: the snapshot is taken with the desktop up.
+   */
+  display?: true;
+  /** Files of this repository copied into the image (`source` relative to the repository). */
+  files?: { source: string; guest: string; mode: number }[];
+  /** Run after every cold boot (snapshots included), before the machine is handed out. */
+  startup?: string[];
 }
 
 /** The size of a template's machines: what its recipe declares, else the server's defaults. */
@@ -46,6 +55,40 @@ export const templateRecipes: Record<string, TemplateRecipe> = {
       'less',
     ],
     diskSizeMb: 2048,
+  },
+  desktop: {
+    name: 'desktop',
+    description:
+      'Debian 12 desktop: Xorg on the virtual GPU, openbox, xterm, Firefox ESR, xdotool, python3; VNC, screenshots and input from the host',
+    suite: 'bookworm',
+    packages: [
+      'xserver-xorg-core',
+      'xserver-xorg-input-evdev',
+      'x11-xserver-utils',
+      'x11-utils',
+      'xdotool',
+      'wmctrl',
+      'xclip',
+      'openbox',
+      'xterm',
+      'firefox-esr',
+      'fonts-dejavu-core',
+      'python3',
+      'python3-pip',
+      'bash',
+      'coreutils',
+      'procps',
+      'ca-certificates',
+      'curl',
+      'iproute2',
+      'less',
+    ],
+    diskSizeMb: 4096,
+    vcpus: 2,
+    memoryMb: 1024,
+    display: true,
+    files: [{ source: 'images/desktop/hutch-desktop', guest: 'usr/local/sbin/hutch-desktop', mode: 0o755 }],
+    startup: ['/usr/local/sbin/hutch-desktop'],
   },
 };
 

@@ -45,9 +45,14 @@ export type DeviceSpec =
    * Its node and device are both named `disk<target>`, so attach and detach over QMP find them.
    */
   | { kind: 'disk'; path: string; format: 'raw' | 'qcow2'; target: number; readOnly: boolean }
-  // Reserved: the spec and the allocator know it, the slot table has no room for it on today's
-  // board (see slotTable), and it has no QEMU arguments yet.
-  | { kind: 'display' };
+  /**
+   * A screen: virtio-gpu at `width`x`height` (guest-visible: the mode the guest's driver
+   * offers), with a virtio keyboard and tablet (the host's QMP input and VNC viewers type and
+   * point through them; a tablet, so pointer positions are absolute and exact). Its backend is
+   * QEMU's own VNC server on a Unix socket, never on a port. It takes three transports: a
+   * machine with a display has room for one volume (desktop machines have none).
+   */
+  | { kind: 'display'; width: number; height: number; vncSocket: string };
 
 export type DeviceKind = DeviceSpec['kind'];
 
@@ -106,8 +111,14 @@ export const slotTable: Readonly<Record<DeviceKind, readonly number[] | 'isa-ser
   volume: [0, 1, 2, 4],
   nic: [3],
   disk: 'scsi',
-  display: [],
+  display: [0],
 };
+
+/** The display's keyboard and tablet: the transports after its GPU's, taken from the volumes'. */
+export const displayInputBuses: readonly number[] = [1, 2];
+
+/** Screen sizes a display may have (pixels); virtio-gpu's own limit is far above. */
+export const displayLimits = { minWidth: 320, maxWidth: 2560, minHeight: 240, maxHeight: 1600 } as const;
 
 /**
  * Disks a machine may have attached at once: SCSI targets 0…15 of the disk bus (virtio-scsi
@@ -115,11 +126,19 @@ export const slotTable: Readonly<Record<DeviceKind, readonly number[] | 'isa-ser
  */
 export const maxDisks = 16;
 
-/** How many devices of each kind fit on any machine. */
-export function slotsFor(kind: DeviceKind): number {
-  const s = slotTable[kind];
+/** How many devices of each kind fit on a machine (with or without a display). */
+export function slotsFor(kind: DeviceKind, display = false): number {
+  const s = slotsOn(kind, display);
   if (s === 'scsi') return maxDisks;
   return s === 'isa-serial' ? 1 : s.length;
+}
+
+/** A kind's transports on a machine: a display's GPU, keyboard and tablet are no one else's. */
+function slotsOn(kind: DeviceKind, display: boolean): readonly number[] | 'isa-serial' | 'scsi' {
+  const s = slotTable[kind];
+  if (!display || kind === 'display' || typeof s === 'string') return s;
+  const taken = new Set([...(slotTable.display as readonly number[]), ...displayInputBuses]);
+  return s.filter((bus) => !taken.has(bus));
 }
 
 /**
@@ -131,10 +150,11 @@ export function allocate(spec: MachineSpec): AllocatedMachine {
   if (!Number.isInteger(spec.memoryMb) || spec.memoryMb < 1)
     throw new Error(`memoryMb ${spec.memoryMb}: a positive number of MiB`);
   const used = new Map<DeviceKind, number>();
+  const display = spec.devices.some((d) => d.kind === 'display');
   const devices = spec.devices.map((device): AllocatedDevice => {
     const n = used.get(device.kind) ?? 0;
     used.set(device.kind, n + 1);
-    const slots = slotTable[device.kind];
+    const slots = slotsOn(device.kind, display);
     if (slots === 'scsi') {
       if (device.kind !== 'disk') throw new Error(`${device.kind} cannot sit on the disk bus`);
       if (!Number.isInteger(device.target) || device.target < 0 || device.target >= maxDisks)
@@ -160,6 +180,16 @@ export function allocate(spec: MachineSpec): AllocatedMachine {
   for (const d of spec.devices)
     if (d.kind === 'disk' && (!isAbsolute(d.path) || d.path.includes(',')))
       throw new Error(`disk ${d.target}: its path must be absolute, without ','`);
+  for (const d of spec.devices)
+    if (d.kind === 'display') {
+      const { minWidth, maxWidth, minHeight, maxHeight } = displayLimits;
+      if (!Number.isInteger(d.width) || d.width < minWidth || d.width > maxWidth || d.width % 2)
+        throw new Error(`display width ${d.width}: an even number of pixels, ${minWidth}-${maxWidth}`);
+      if (!Number.isInteger(d.height) || d.height < minHeight || d.height > maxHeight || d.height % 2)
+        throw new Error(`display height ${d.height}: an even number of pixels, ${minHeight}-${maxHeight}`);
+      if (!isAbsolute(d.vncSocket) || d.vncSocket.includes(','))
+        throw new Error(`display: its VNC socket path must be absolute, without ','`);
+    }
   const tags = spec.devices.flatMap((d) => (d.kind === 'volume' ? [d.volume.tag] : []));
   if (new Set(tags).size !== tags.length) throw new Error('a volume placeholder reuses a volume tag');
   return { vcpus: spec.vcpus, memoryMb: spec.memoryMb, devices };
@@ -196,12 +226,14 @@ export function standardMachine(m: {
   nic?: { tap: string; mac: string };
   /** Attached disks (a cold boot, a resume or a branch's clone: they are in its saved state). */
   disks?: readonly { path: string; format: 'raw' | 'qcow2'; target: number; readOnly: boolean }[];
+  /** A screen of this size, served by QEMU's VNC server on `vncSocket`. */
+  display?: { width: number; height: number; vncSocket: string };
 }): MachineSpec {
   const volumes = m.volumes ?? [];
   const empty = m.emptyVolume;
   const placeholders = empty
     ? Array.from(
-        { length: Math.max(0, slotsFor('volume') - volumes.length) },
+        { length: Math.max(0, slotsFor('volume', m.display !== undefined) - volumes.length) },
         (_, i): DeviceSpec => ({
           kind: 'volume',
           volume: {
@@ -222,6 +254,7 @@ export function standardMachine(m: {
       { kind: 'root-disk', path: m.disk },
       { kind: 'agent-port', socket: m.agentSocket },
       { kind: 'disk-bus' },
+      ...(m.display ? [{ kind: 'display', ...m.display } as DeviceSpec] : []),
       ...(m.nic ? [{ kind: 'nic', ...m.nic } as DeviceSpec] : []),
       ...volumes.map((volume): DeviceSpec => ({ kind: 'volume', volume })),
       ...placeholders,
@@ -263,6 +296,11 @@ function guestSide(d: DeviceSpec): Record<string, string> | undefined {
   if (d.kind === 'volume') return { mountTag: d.volume.tag };
   if (d.kind === 'agent-port') return { port: agentPortName };
   if (d.kind === 'nic') return { mac: d.mac };
+  if (d.kind === 'display')
+    return {
+      resolution: `${d.width}x${d.height}`,
+      inputs: displayInputBuses.map((b) => `virtio-mmio-bus.${b}`).join(' '),
+    };
   return undefined;
 }
 
@@ -355,8 +393,21 @@ function deviceArgs({ device: d, transport: t }: AllocatedDevice): string[] {
       ];
     case 'disk':
       throw new Error('a disk sits on the disk bus');
-    case 'display':
-      throw new Error(`${d.kind} devices are not available in this version`);
+    case 'display': {
+      const [keyboard, tablet] = displayInputBuses;
+      return [
+        '-device',
+        `virtio-gpu-device,xres=${d.width},yres=${d.height},${bus}`,
+        '-device',
+        `virtio-keyboard-device,bus=virtio-mmio-bus.${keyboard}`,
+        '-device',
+        `virtio-tablet-device,bus=virtio-mmio-bus.${tablet}`,
+        // Shared: every viewer sees and drives the screen, none disconnects another. No
+        // password: the socket is reached only by the daemon, whose auth is in front.
+        '-vnc',
+        `unix:${d.vncSocket},share=force-shared`,
+      ];
+    }
   }
 }
 

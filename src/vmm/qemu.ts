@@ -41,6 +41,8 @@ export interface RunPaths {
   qemuLog: string;
   /** Owned by the QEMU user: migration sockets live here (QEMU makes them after dropping root). */
   migDir: string;
+  /** QEMU's VNC server, for machines with a display (reached only by the daemon). */
+  vnc: string;
 }
 
 export function runPaths(runDir: string): RunPaths {
@@ -51,6 +53,7 @@ export function runPaths(runDir: string): RunPaths {
     pidFile: join(runDir, 'qemu.pid'),
     qemuLog: join(runDir, 'qemu.log'),
     migDir: join(runDir, 'mig'),
+    vnc: join(runDir, 'vnc.sock'),
   };
 }
 

@@ -49,6 +49,9 @@ export async function startDaemon(
         HUTCH_GRPC_PORT: '0',
         // The shared cache serves test runs of other checkouts too: a test daemon never prunes it.
         HUTCH_CACHE_GC_ON_START: '0',
+        // Only the headless template unless a test asks for the desktop: its snapshots (cold
+        // boots of ~30 s under TCG) would compete with every other test for the 2 cores.
+        HUTCH_TEMPLATES: 'python',
         ...opts.env,
       },
       stdio: ['ignore', 'pipe', 'pipe'],

@@ -65,6 +65,7 @@ function row(id: string, fields: Partial<MachineRow>): MachineRow {
     started_at: null,
     stopped_at: null,
     net: 0,
+    display: null,
     ...fields,
   };
 }

@@ -4,6 +4,7 @@ import {
   allocate,
   checkSameLayout,
   type DeviceSpec,
+  displayInputBuses,
   layoutFingerprint,
   layoutOf,
   type MachineSpec,
@@ -33,6 +34,9 @@ const base = (volumes: Volume[] = [], run = '/run/a'): MachineSpec =>
     consoleSocket: `${run}/console.sock`,
     volumes,
   });
+
+type Screen = Extract<DeviceSpec, { kind: 'display' }>;
+const screen = (): Screen => ({ kind: 'display', width: 1024, height: 768, vncSocket: '/run/a/vnc.sock' });
 
 const withDevices = (...devices: DeviceSpec[]): MachineSpec => ({
   ...base(),
@@ -80,7 +84,14 @@ describe('machine spec: slot allocation', () => {
       withDevices({ kind: 'disk', path: '/d/a.img', format: 'raw', target: 16, readOnly: false }),
       /0-15/,
     ],
-    ['a display', withDevices({ kind: 'display' }), /1 display devices, the layout has room for 0/],
+    ['two displays', withDevices(screen(), screen()), /2 display devices, the layout has room for 1/],
+    [
+      'a display and two volumes',
+      { ...base([vol(0), vol(1)]), devices: [...base([vol(0), vol(1)]).devices, screen()] },
+      /2 volume devices, the layout has room for 1/,
+    ],
+    ['an odd screen width', withDevices({ ...screen(), width: 1023 }), /display width 1023/],
+    ['a screen too tall', withDevices({ ...screen(), height: 4000 }), /display height 4000/],
     [
       '2 root disks',
       withDevices({ kind: 'root-disk', path: '/x' }),
@@ -107,9 +118,13 @@ describe('machine spec: slot allocation', () => {
     ]);
   });
 
-  test('the slot table fits the board and gives each transport to one kind', () => {
-    const buses = Object.values(slotTable).flatMap((s) => (s === 'isa-serial' || s === 'scsi' ? [] : s));
+  test('the slot table fits the board and gives each transport to one kind (a display takes volume slots)', () => {
+    const withoutDisplay = Object.entries(slotTable).filter(([kind]) => kind !== 'display');
+    const buses = withoutDisplay.flatMap(([, s]) => (s === 'isa-serial' || s === 'scsi' ? [] : s));
     assert.equal(new Set(buses).size, buses.length);
+    // A display's GPU, keyboard and tablet only ever take volume slots.
+    const volumeBuses = slotTable.volume as readonly number[];
+    assert.ok([...(slotTable.display as readonly number[]), ...displayInputBuses].every((b) => volumeBuses.includes(b)));
     assert.ok(buses.every((b) => b >= 0 && b < virtioTransports && !unusableTransports.includes(b)));
     assert.equal(slotsFor('volume'), maxVolumes);
   });
@@ -224,8 +239,30 @@ describe('machine spec: QEMU arguments', () => {
     assert.ok(after('-chardev').some((c) => c.includes('path=/run/a/agent.sock')));
   });
 
-  test('reserved kinds: refused by the allocator before any argument is made', () => {
-    assert.throws(() => machineArgs(allocate(withDevices({ kind: 'display' }))), /does not fit/);
+  test('a display: GPU, keyboard and tablet on transports 0-2, VNC on its Unix socket, one volume slot left', () => {
+    const m = standardMachine({
+      vcpus: 2,
+      memoryMb: 1024,
+      disk: '/run/d/disk.qcow2',
+      agentSocket: '/run/d/agent.sock',
+      consoleSocket: '/run/d/console.sock',
+      volumes: [vol(0)],
+      display: { width: 1280, height: 800, vncSocket: '/run/d/vnc.sock' },
+    });
+    const args = machineArgs(allocate(m));
+    const devices = after2(args, '-device');
+    assert.ok(devices.includes('virtio-gpu-device,xres=1280,yres=800,bus=virtio-mmio-bus.0'));
+    assert.ok(devices.includes('virtio-keyboard-device,bus=virtio-mmio-bus.1'));
+    assert.ok(devices.includes('virtio-tablet-device,bus=virtio-mmio-bus.2'));
+    // The one volume slot a display leaves.
+    assert.ok(devices.some((d) => d.startsWith('virtio-9p-device') && d.endsWith('bus=virtio-mmio-bus.4')));
+    assert.deepEqual(after2(args, '-vnc'), ['unix:/run/d/vnc.sock,share=force-shared']);
+    assert.equal(slotsFor('volume', true), 1);
+    // The screen size is guest-visible (part of the layout); the socket is not.
+    const layout = (size: number, sock: string) =>
+      layoutOf(allocate(withDevices({ ...screen(), width: size, vncSocket: sock })));
+    assert.doesNotThrow(() => checkSameLayout(layout(1024, '/a/vnc.sock'), layout(1024, '/b/vnc.sock')));
+    assert.throws(() => checkSameLayout(layout(1024, '/a/vnc.sock'), layout(1280, '/a/vnc.sock')), /1280x768/);
   });
 
   test('a disk: a scsi-hd on the disk bus at its target, the same device QMP hot-plugs', () => {

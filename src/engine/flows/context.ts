@@ -51,6 +51,7 @@ export function newRow(runRoot: string, fields: RowIdentity & Partial<MachineRow
     parent_id: null,
     spec: null,
     net: 0,
+    display: null,
     ...fields,
     state: 'starting',
     boot_ms: null,

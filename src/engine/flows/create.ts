@@ -3,6 +3,13 @@ import { join } from 'node:path';
 import type { Principal } from '../../core/principal.js';
 import { HutchError } from '../../errors.js';
 import type { AgentConnection } from '../../guest/agent-connection.js';
+import {
+  checkScreen,
+  defaultScreen,
+  type ScreenSize,
+  screenText,
+  snapshotScreens,
+} from '../../desktop/screen-size.js';
 import { templateRecipes } from '../../images/recipes.js';
 import type { TemplateSnapshot } from '../../images/snapshots.js';
 import { type EgressInput, type EgressRules, parseEgress } from '../../net/egress.js';
@@ -31,6 +38,8 @@ export interface CreateMachine {
   /** `cold` forces a full boot; `snapshot` requires a snapshot; absent: pool, then snapshot, then cold. */
   mode?: 'cold' | 'snapshot';
   autoSuspendSeconds?: number;
+  /** The screen of a desktop machine; absent: 1024x768. Refused for templates without a display. */
+  screen?: ScreenSize;
 }
 
 export interface CreateBox {
@@ -89,7 +98,13 @@ export async function createMachine(
     );
   const manifest = cx.templates.get(req.template);
   if (!manifest) throw new HutchError('TEMPLATE_NOT_READY', `template ${req.template} is not built yet`);
-  const net = req.net === true;
+  const recipe = templateRecipes[req.template];
+  if (req.screen && !recipe?.display)
+    throw new HutchError('INVALID_ARGUMENT', `template ${req.template} has no display: "screen" is for desktop machines`);
+  const screen = recipe?.display ? checkScreen(req.screen ?? defaultScreen) : undefined;
+  const customScreen = screen !== undefined && screenText(screen) !== screenText(defaultScreen);
+  // A desktop is a connected machine when the server has networking (unless asked otherwise).
+  const net = req.net ?? (recipe?.display === true && rt.d.net !== undefined);
   const egress = net ? checkNetwork(cx, req.egress) : undefined;
   if (!net && (req.egress || req.networkId))
     throw new HutchError('INVALID_ARGUMENT', 'egress rules and network_id need "net": true');
@@ -99,7 +114,7 @@ export async function createMachine(
   const persistent = req.persistent === true && config.allowPersistent;
   const ttl = clampTtl(req.ttlSeconds);
   // The pool holds machines without a network (a pooled machine is handed out as it is).
-  const pooled = req.mode === 'cold' || net ? undefined : cx.pool.take(req.template);
+  const pooled = req.mode === 'cold' || net || customScreen ? undefined : cx.pool.take(req.template);
   if (pooled)
     return cx.pool.handOut(
       pooled,
@@ -113,8 +128,14 @@ export async function createMachine(
     );
   // The template's own size when its recipe declares one, else the server's defaults.
   const size = rt.templateSize(req.template);
-  const snapParams = rt.snapshotParams(manifest, size, false, net);
-  const snap = req.mode === 'cold' ? undefined : cx.snapshots.get(manifest, snapParams);
+  const snapParams = rt.snapshotParams(manifest, size, false, net, screen);
+  let snap = req.mode === 'cold' ? undefined : cx.snapshots.get(manifest, snapParams);
+  // The first desktop of a common screen size takes that size's snapshot (a cold boot and ~1 s
+  // to save) and restores from it, like every later one; if that fails it boots cold. Other
+  // sizes always boot cold: one snapshot (~200 MB) per size a client names would let clients
+  // fill the host's disk.
+  if (!snap && customScreen && snapshotScreens.has(screenText(screen)) && req.mode !== 'cold')
+    snap = await cx.snapshots.ensure(manifest, snapParams).catch(() => undefined);
   if (req.mode === 'snapshot' && !snap)
     throw new HutchError(
       'SNAPSHOT_NOT_READY',
@@ -135,6 +156,7 @@ export async function createMachine(
     auto_suspend_seconds: req.autoSuspendSeconds ?? null,
     kind: 'machine',
     net: net ? 1 : 0,
+    display: screen ? screenText(screen) : null,
   });
 
   await cx.admission.insert(row, cx.admission.diskBytesOf(row), principal.quota);
@@ -160,6 +182,7 @@ export async function createMachine(
         const vm = await rt.launch(m, row, manifest, {});
         vm.agent = await rt.waitForAgent(m, vm);
         await rt.giveIdentity(vm.agent, id, [], { net });
+        await rt.runStartup(vm.agent, req.template);
       }
       return rt.markRunning(m, Math.round(performance.now() - t0));
     } catch (e) {

@@ -60,7 +60,8 @@ export async function takeSnapshot(
     // Warm the page cache with what users start first: a clone then finds python and node
     // in RAM instead of reading them from its disk.
     for (const argv of params.warm) {
-      const r = await agent.execCollect({ argv, timeoutMs: 60_000 }, { maxOutputBytes: 65536 });
+      // A desktop's start is one of these: ~30 s under TCG.
+      const r = await agent.execCollect({ argv, timeoutMs: 180_000 }, { maxOutputBytes: 65536 });
       if (r.exitCode !== 0) throw new Error(`warm-up ${argv.join(' ')} failed: ${r.stderr.toString()}`);
     }
     // Let the agent see the host leave, so every clone's agent starts with no stream open.
