@@ -1,5 +1,6 @@
 import { z } from 'zod';
 import { accountRoutes } from './account-routes.js';
+import { desktopRoutes } from './desktop-routes.js';
 import { diskRoutes } from './disk-routes.js';
 import { type ApiRoute, routesOf } from './http/routes.js';
 import { attach, download, execStream, type MachinesApp, tty, upload } from './machine-channels.js';
@@ -263,5 +264,6 @@ export const machineRoutes: ApiRoute<MachinesApp>[] = [
   ...accountRoutes,
   ...previewRoutes,
   ...diskRoutes<MachinesApp>('machines'),
+  ...desktopRoutes<MachinesApp>(),
   ...volumeRoutes,
 ];

@@ -35,7 +35,8 @@ export function parseScreen(text: string | null | undefined): ScreenSize | undef
 /** Checks a size a client asked for (INVALID_ARGUMENT, naming the limits). */
 export function checkScreen(s: ScreenSize): ScreenSize {
   const { minWidth, maxWidth, minHeight, maxHeight } = displayLimits;
-  const ok = (v: number, lo: number, hi: number): boolean => Number.isInteger(v) && v >= lo && v <= hi && v % 2 === 0;
+  const ok = (v: number, lo: number, hi: number): boolean =>
+    Number.isInteger(v) && v >= lo && v <= hi && v % 2 === 0;
   if (!ok(s.width, minWidth, maxWidth) || !ok(s.height, minHeight, maxHeight))
     throw new HutchError(
       'INVALID_ARGUMENT',

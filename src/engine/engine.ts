@@ -5,6 +5,7 @@ import type { Log } from '../background.js';
 import type { Config } from '../config.js';
 import type { ActionTargets } from '../core/dispatch.js';
 import type { Principal } from '../core/principal.js';
+import { DesktopActions, type HeldMachine } from '../desktop/desktop-actions.js';
 import { HutchError } from '../errors.js';
 import type { AgentConnection } from '../guest/agent-connection.js';
 import { GuestOps } from '../guest/guest-ops.js';
@@ -155,6 +156,7 @@ export class Engine {
   private readonly disks: Disks;
   private readonly diskActions: DiskActions;
   private readonly vols: VolumeActions;
+  private readonly desktop: DesktopActions;
 
   constructor(
     private readonly config: Config,
@@ -232,6 +234,7 @@ export class Engine {
     admission.setOthers(this.cx.pool);
     admission.setDiskClaims(() => this.disks.claims());
     this.diskActions = new DiskActions(this.cx, config, this.disks, this.findAny.bind(this));
+    this.desktop = new DesktopActions({ hold: (q, id) => this.hold(q, id), qmpOf: (m) => this.rt.qmpOf(m) });
     this.vols = new VolumeActions(p.volumes, {
       openSession: (q, id) => this.openSession(q, id),
       destroy: (q, id) => this.destroy(q, id),
@@ -381,6 +384,32 @@ export class Engine {
     return m.lock.run(() => fn(m, this.find(p, first.id, kind)));
   }
 
+  /** The caller's machine, running or paused (a suspended one is woken), in use until released. */
+  private hold(p: Principal, idOrName: string): Promise<HeldMachine> {
+    return this.locked(p, idOrName, 'machine', async (m, row) => {
+      let now = row;
+      if (now.state === 'suspended') {
+        await resumeMachine(this.cx, m);
+        now = this.find(p, row.id, 'machine');
+      }
+      if ((now.state !== 'running' && now.state !== 'paused') || !m.vm)
+        throw new HutchError('MACHINE_NOT_RUNNING', `machine ${now.id} is ${now.state}`);
+      m.sessions++;
+      m.touch();
+      let released = false;
+      return {
+        m,
+        row: now,
+        release: () => {
+          if (released) return;
+          released = true;
+          m.sessions--;
+          m.touch();
+        },
+      };
+    });
+  }
+
   private view(row: MachineRow): MachineView {
     return {
       ...toView(this.withCause(row), this.config.autoSuspendSeconds),
@@ -482,7 +511,7 @@ export class Engine {
 
   /** The objects the action table dispatches to (core/dispatch.ts `on`). */
   actionTargets(): ActionTargets {
-    return { engine: this, disks: this.diskActions, volumes: this.vols };
+    return { engine: this, disks: this.diskActions, volumes: this.vols, desktop: this.desktop };
   }
   readonly saveMachine: VolumeActions['saveMachine'] = (...a) => this.vols.saveMachine(...a);
 

@@ -1,8 +1,8 @@
 import { statSync } from 'node:fs';
 import { join } from 'node:path';
-import { screenText } from '../desktop/screen-size.js';
 import type { Config } from '../config.js';
 import type { Principal } from '../core/principal.js';
+import { screenText } from '../desktop/screen-size.js';
 import { HutchError } from '../errors.js';
 import type { TemplateManifest } from '../images/builder.js';
 import type { SnapshotCache, TemplateSnapshot } from '../images/snapshots.js';

@@ -452,11 +452,16 @@ export class Runtime {
       // The run dir does not matter: a layout has no backends.
       layout: layoutOf(
         allocate(
-          this.machineOf({ vcpus, memory_mb: memoryMb, run_dir: '/', net: net ? 1 : 0, display }, [], volumeSlots),
+          this.machineOf(
+            { vcpus, memory_mb: memoryMb, run_dir: '/', net: net ? 1 : 0, display },
+            [],
+            volumeSlots,
+          ),
         ),
       ),
       ...(volumeSlots ? { volumeSlots } : {}),
       ...(net ? { net } : {}),
+      ...(display ? { display } : {}),
       // A desktop's snapshot is taken with its desktop started (and nothing else warmed).
       ...(startup ? { warm: [startup] } : {}),
       runAs: this.d.runAs,
@@ -477,7 +482,9 @@ export class Runtime {
     if (!argv) return;
     const r = await agent.execCollect({ argv, timeoutMs: startupTimeoutMs }, { maxOutputBytes: 65536 });
     if (r.exitCode !== 0)
-      throw new Error(`${argv.join(' ')} failed (exit ${r.exitCode}): ${r.stderr.toString().trim().slice(-2000)}`);
+      throw new Error(
+        `${argv.join(' ')} failed (exit ${r.exitCode}): ${r.stderr.toString().trim().slice(-2000)}`,
+      );
   }
 
   /** The size of a template's machines: its recipe's when it declares one, else the server's defaults. */

@@ -68,6 +68,8 @@ export interface SnapshotParams {
   volumeSlots?: boolean;
   /** The snapshot machine has a NIC, configured (networked machines restore from it). */
   net?: boolean;
+  /** The snapshot machine's screen, `WIDTHxHEIGHT` (desktops; also in the layout). */
+  display?: string;
   runAs: { user: string; uid: number; gid: number } | undefined;
   /** Commands run before the snapshot to warm the page cache; default: python and node. */
   warm?: string[][];

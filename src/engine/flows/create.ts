@@ -1,8 +1,6 @@
 import { realpathSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Principal } from '../../core/principal.js';
-import { HutchError } from '../../errors.js';
-import type { AgentConnection } from '../../guest/agent-connection.js';
 import {
   checkScreen,
   defaultScreen,
@@ -10,6 +8,8 @@ import {
   screenText,
   snapshotScreens,
 } from '../../desktop/screen-size.js';
+import { HutchError } from '../../errors.js';
+import type { AgentConnection } from '../../guest/agent-connection.js';
 import { templateRecipes } from '../../images/recipes.js';
 import type { TemplateSnapshot } from '../../images/snapshots.js';
 import { type EgressInput, type EgressRules, parseEgress } from '../../net/egress.js';
@@ -100,7 +100,10 @@ export async function createMachine(
   if (!manifest) throw new HutchError('TEMPLATE_NOT_READY', `template ${req.template} is not built yet`);
   const recipe = templateRecipes[req.template];
   if (req.screen && !recipe?.display)
-    throw new HutchError('INVALID_ARGUMENT', `template ${req.template} has no display: "screen" is for desktop machines`);
+    throw new HutchError(
+      'INVALID_ARGUMENT',
+      `template ${req.template} has no display: "screen" is for desktop machines`,
+    );
   const screen = recipe?.display ? checkScreen(req.screen ?? defaultScreen) : undefined;
   const customScreen = screen !== undefined && screenText(screen) !== screenText(defaultScreen);
   // A desktop is a connected machine when the server has networking (unless asked otherwise).

@@ -38,6 +38,7 @@ export async function takeSnapshot(
     run_dir: dir,
     kind: 'machine',
     net: params.net ? 1 : 0,
+    display: params.display ?? null,
   } as MachineRow;
   prepareRunDir(dir, rt.d.runAs);
   try {
