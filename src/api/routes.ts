@@ -1,6 +1,7 @@
 import { z } from 'zod';
 import { accountRoutes } from './account-routes.js';
 import { diskRoutes } from './disk-routes.js';
+import { gatewayRoutes } from './gateway-routes.js';
 import { type ApiRoute, routesOf } from './http/routes.js';
 import { attach, download, execStream, type MachinesApp, tty, upload } from './machine-channels.js';
 import { previewRoutes } from './preview-routes.js';
@@ -263,4 +264,5 @@ export const machineRoutes: ApiRoute<MachinesApp>[] = [
   ...previewRoutes,
   ...diskRoutes<MachinesApp>('machines'),
   ...volumeRoutes,
+  ...gatewayRoutes,
 ];

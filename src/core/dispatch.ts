@@ -3,6 +3,7 @@ import type { DiskActions } from '../engine/disk-actions.js';
 import type { Engine } from '../engine/engine.js';
 import type { VolumeActions } from '../engine/volume-actions.js';
 import { HutchError } from '../errors.js';
+import type { GatewayActions } from '../gateway/gateway-actions.js';
 import type { Principal } from './principal.js';
 
 /**
@@ -80,6 +81,13 @@ export const actionTable = {
   putVolumeFile: { audit: true, on: 'volumes' },
   getVolumeFile: { audit: false, on: 'volumes' },
   saveMachine: { audit: true },
+  // The model gateway: nothing here changes hutch's state, and every call is already a row of
+  // gateway.db (user, model, provider, tokens, status, time), the record billing reads; an audit
+  // line per completion would say the same thing a second time, in the noisiest place.
+  chatCompletions: { audit: false, on: 'gateway' },
+  listModels: { audit: false, on: 'gateway' },
+  usage: { audit: false, on: 'gateway' },
+  anthropicMessages: { audit: false, on: 'gateway' },
 } as const satisfies Record<string, { audit: boolean; on?: keyof ActionTargets }>;
 
 /**
@@ -90,6 +98,7 @@ export interface ActionTargets {
   engine: Engine;
   disks: DiskActions;
   volumes: VolumeActions;
+  gateway: GatewayActions;
 }
 
 export type ActionName = keyof typeof actionTable;

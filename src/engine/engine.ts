@@ -6,6 +6,7 @@ import type { Config } from '../config.js';
 import type { ActionTargets } from '../core/dispatch.js';
 import type { Principal } from '../core/principal.js';
 import { HutchError } from '../errors.js';
+import { GatewayActions } from '../gateway/gateway-actions.js';
 import type { AgentConnection } from '../guest/agent-connection.js';
 import { GuestOps } from '../guest/guest-ops.js';
 import { checkPort, guestListeningPorts, openGuestPort } from '../guest/port-forward.js';
@@ -121,6 +122,8 @@ export interface EngineParts {
   net?: NetworkManager;
   /** Persistent volumes (src/storage/volumes/); absent: the volume actions answer NOT_SERVED. */
   volumes?: VolumeService;
+  /** The model gateway (src/gateway/); absent: one from the config. The engine closes it. */
+  gateway?: GatewayActions;
 }
 
 /** A networked machine's egress: its rules, what was refused (per reason), the latest refusals. */
@@ -155,6 +158,7 @@ export class Engine {
   private readonly disks: Disks;
   private readonly diskActions: DiskActions;
   private readonly vols: VolumeActions;
+  private readonly gateway: GatewayActions;
 
   constructor(
     private readonly config: Config,
@@ -232,6 +236,7 @@ export class Engine {
     admission.setOthers(this.cx.pool);
     admission.setDiskClaims(() => this.disks.claims());
     this.diskActions = new DiskActions(this.cx, config, this.disks, this.findAny.bind(this));
+    this.gateway = p.gateway ?? new GatewayActions(config, log);
     this.vols = new VolumeActions(p.volumes, {
       openSession: (q, id) => this.openSession(q, id),
       destroy: (q, id) => this.destroy(q, id),
@@ -482,7 +487,7 @@ export class Engine {
 
   /** The objects the action table dispatches to (core/dispatch.ts `on`). */
   actionTargets(): ActionTargets {
-    return { engine: this, disks: this.diskActions, volumes: this.vols };
+    return { engine: this, disks: this.diskActions, volumes: this.vols, gateway: this.gateway };
   }
   readonly saveMachine: VolumeActions['saveMachine'] = (...a) => this.vols.saveMachine(...a);
 
@@ -870,6 +875,7 @@ export class Engine {
     }
     this.store.close();
     this.disks.close();
+    this.gateway.close();
   }
 }
 

@@ -61,7 +61,18 @@ interface Common {
   body?: z.ZodType;
   /** Served without authentication (the handler gets no caller's actions): health, token exchange. */
   public?: boolean;
+  /**
+   * What this route adds to each error it answers (refused credentials and bodies included):
+   * body fields and headers of another API's error format, for clients of that API (the model
+   * gateway's OpenAI `error` object).
+   */
+  errorShape?: ErrorShape;
 }
+
+export type ErrorShape = (e: HutchError) => {
+  body?: Record<string, unknown>;
+  headers?: Record<string, string>;
+};
 
 // Handlers are declared with method syntax: a route's handler takes its own parsed types, and
 // the table holds routes of every shape.
