@@ -367,3 +367,20 @@ export function openaiText(
     usage: { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion },
   };
 }
+
+/** A daemon whose gateway talks to `mock` (keys left out are explicitly unset). */
+export function gatewayEnv(
+  mock: MockLlm,
+  keys: { anthropic?: boolean; openrouter?: boolean } = {},
+): Record<string, string> {
+  return {
+    HUTCH_ANTHROPIC_KEY: keys.anthropic === false ? '' : 'sk-ant-test',
+    HUTCH_ANTHROPIC_BASE_URL: mock.anthropicBaseUrl,
+    HUTCH_OPENROUTER_KEY: keys.openrouter === false ? '' : 'sk-or-test',
+    BORING_OPENROUTER_KEY: '',
+    HUTCH_OPENROUTER_BASE_URL: mock.openaiBaseUrl,
+    HUTCH_GATEWAY_TIMEOUT_MS: '1500',
+    HUTCH_TOKEN_EXCHANGES_PER_MINUTE: '1000',
+    HUTCH_NET: 'off',
+  };
+}
