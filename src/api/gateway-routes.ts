@@ -4,8 +4,7 @@ import { HutchError } from '../errors.js';
 import { gatewayErrorShape } from '../gateway/gateway-errors.js';
 import { chatCompletionBody } from '../gateway/openai-types.js';
 import { writeRespectingBackpressure } from './exec-stream.js';
-import { readJson } from './http/respond.js';
-import { type ApiRoute, parseWith, routesOf } from './http/routes.js';
+import { type ApiRoute, routesOf } from './http/routes.js';
 import type { MachinesApp } from './machine-channels.js';
 
 const route = routesOf<MachinesApp>();
@@ -87,11 +86,9 @@ export const gatewayRoutes: ApiRoute<MachinesApp>[] = [
     summary: 'OpenAI chat completion: claude* models via Anthropic (translated), others via OpenRouter',
     status: 200,
     errorShape: gatewayErrorShape,
+    body: chatCompletionBody,
+    maxBodyBytes: maxChatBodyBytes,
     doc: {
-      requestBody: {
-        required: true,
-        content: { 'application/json': { schema: z.toJSONSchema(chatCompletionBody, { io: 'input' }) } },
-      },
       responses: {
         '200': {
           description:
@@ -105,8 +102,7 @@ export const gatewayRoutes: ApiRoute<MachinesApp>[] = [
         },
       },
     },
-    handle: async ({ act, req, res, signal }) => {
-      const body = parseWith(chatCompletionBody, (await readJson(req, maxChatBodyBytes)) ?? {});
+    handle: async ({ act, body, res, signal }) => {
       const result = await act.chatCompletions(body, { signal });
       if (!result.stream) return result.body;
       await writeSse(res, result.events, signal);

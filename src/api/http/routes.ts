@@ -57,8 +57,10 @@ interface Common {
   description?: string;
   /** Query parameters: validated by this schema (on WebSocket routes too, before the upgrade). */
   query?: z.ZodObject;
-  /** A JSON body (at most 1 MiB), validated by this schema. */
+  /** A JSON body (at most 1 MiB, or `maxBodyBytes`), validated by this schema. */
   body?: z.ZodType;
+  /** A larger limit for this route's JSON body (chat requests carry base64 images). */
+  maxBodyBytes?: number;
   /** Served without authentication (the handler gets no caller's actions): health, token exchange. */
   public?: boolean;
   /**

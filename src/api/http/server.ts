@@ -99,7 +99,9 @@ export function createApiServer<A extends object>(
       ? parseWith(route.query, Object.fromEntries(url.searchParams), 'query')
       : undefined;
     // An absent body is an empty object: routes whose fields are all optional take none.
-    const body = route.body ? parseWith(route.body, (await readJson(req)) ?? {}) : undefined;
+    const body = route.body
+      ? parseWith(route.body, (await readJson(req, route.maxBodyBytes)) ?? {})
+      : undefined;
     return { params, query, body, req };
   }
 
