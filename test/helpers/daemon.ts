@@ -49,6 +49,11 @@ export async function startDaemon(
         HUTCH_GRPC_PORT: '0',
         // The shared cache serves test runs of other checkouts too: a test daemon never prunes it.
         HUTCH_CACHE_GC_ON_START: '0',
+        // Tests never reach real model providers, whatever keys the environment holds
+        // (test/helpers/mock-llm.ts gatewayEnv points a daemon at the mock).
+        HUTCH_ANTHROPIC_KEY: '',
+        HUTCH_OPENROUTER_KEY: '',
+        BORING_OPENROUTER_KEY: '',
         ...opts.env,
       },
       stdio: ['ignore', 'pipe', 'pipe'],
