@@ -10,7 +10,11 @@ const imagePart = z.looseObject({
   type: z.literal('image_url'),
   image_url: z.looseObject({ url: z.string().min(1), detail: z.string().optional() }),
 });
-const otherPart = z.looseObject({ type: z.string() });
+// Other part types (audio, files) pass through to OpenRouter; a text or image part that is
+// malformed must not slip through as one of them.
+const otherPart = z.looseObject({
+  type: z.string().refine((t) => t !== 'text' && t !== 'image_url', 'a malformed text or image_url part'),
+});
 export const contentPart = z.union([textPart, imagePart, otherPart]);
 const content = z.union([z.string(), z.array(contentPart)]);
 

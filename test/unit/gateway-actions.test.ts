@@ -86,4 +86,32 @@ describe('gateway: anthropicMessages for the agents', () => {
       },
     );
   });
+
+  test('an unreachable Anthropic model list falls back to HUTCH_ANTHROPIC_MODELS; no key lists nothing', async () => {
+    const other = mkdtempSync(join(tmpdir(), 'hutch-gw-'));
+    const warnings: string[] = [];
+    const g = new GatewayActions(
+      {
+        stateDir: other,
+        anthropicKey: 'sk-ant-test',
+        anthropicBaseUrl: 'http://127.0.0.1:1',
+        anthropicModels: ['claude-fallback-1'],
+        openrouterKey: undefined,
+        openrouterBaseUrl: mock.openaiBaseUrl,
+        gatewayTimeoutMs: 1000,
+      },
+      (_level, msg) => warnings.push(msg),
+    );
+    try {
+      const list = await g.listModels(p);
+      assert.deepEqual(list, {
+        object: 'list',
+        data: [{ id: 'claude-fallback-1', object: 'model', created: 0, owned_by: 'anthropic' }],
+      });
+      assert.equal(warnings.length, 1);
+    } finally {
+      g.close();
+      rmSync(other, { recursive: true, force: true });
+    }
+  });
 });
