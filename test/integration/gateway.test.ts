@@ -1,5 +1,7 @@
 import assert from 'node:assert/strict';
+import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import Database from 'better-sqlite3';
 import OpenAI from 'openai';
 import { authed, userWithToken } from '../helpers/accounts.js';
 import { cleanup, startDaemon, type TestDaemon, until } from '../helpers/daemon.js';
@@ -395,6 +397,22 @@ describe('model gateway: the openai SDK against the daemon, upstreams mocked', (
     }
     const rec2 = mock.requests[m];
     await until('the mock sees the stream cut', () => rec2?.aborted === true, 5000);
+    // Both are recorded for alice as abandoned (499), not as failures of the provider.
+    const db = new Database(join(d.stateDir, 'gateway.db'), { readonly: true });
+    try {
+      await until(
+        'both abandoned requests are recorded',
+        () =>
+          (
+            db.prepare("SELECT COUNT(*) AS n FROM usage WHERE user = 'alice' AND status = 499").get() as {
+              n: number;
+            }
+          ).n === 2,
+        5000,
+      );
+    } finally {
+      db.close();
+    }
   });
 
   test('usage: per user, per model, only the caller sees theirs', async () => {
