@@ -152,11 +152,14 @@ export class UpstreamCall {
       for await (const chunk of res.body as AsyncIterable<Uint8Array>) {
         this.touch();
         buf += decoder.decode(chunk, { stream: true });
-        let nl = buf.indexOf('\n');
+        // Lines are taken by position and the rest kept once per chunk: slicing the buffer per
+        // line would copy a chunk of many small events over and over.
+        let at = 0;
+        let nl = buf.indexOf('\n', at);
         while (nl >= 0) {
-          const line = buf.slice(0, nl).replace(/\r$/, '');
-          buf = buf.slice(nl + 1);
-          nl = buf.indexOf('\n');
+          const line = buf.slice(at, buf[nl - 1] === '\r' && nl > at ? nl - 1 : nl);
+          at = nl + 1;
+          nl = buf.indexOf('\n', at);
           if (line === '') {
             if (data.length) yield { event: event || 'message', data: data.join('\n') };
             event = '';
@@ -174,6 +177,7 @@ export class UpstreamCall {
             } else if (field === 'event') event = value;
           }
         }
+        buf = buf.slice(at);
         if (buf.length + dataBytes > maxUpstreamEventBytes)
           throw new HutchError(
             'UPSTREAM_FAILED',

@@ -5,7 +5,7 @@ import { gatewayErrorShape } from '../../src/gateway/gateway-errors.js';
 import { chatCompletionBody } from '../../src/gateway/openai-types.js';
 import { toAnthropicRequest } from '../../src/gateway/translate-request.js';
 import { AnthropicStreamTranslator, toChatCompletion } from '../../src/gateway/translate-response.js';
-import { upstreamError } from '../../src/gateway/upstream.js';
+import { UpstreamCall, upstreamError } from '../../src/gateway/upstream.js';
 import { anthropicEvents } from '../helpers/mock-llm.js';
 
 const png =
@@ -351,5 +351,28 @@ describe('gateway: upstream errors', () => {
       upstreamError('anthropic', 404, anth('not_found_error', 'model: nope'), null).code,
       'MODEL_NOT_FOUND',
     );
+  });
+});
+
+describe('gateway: upstream SSE parsing', () => {
+  test('events split anywhere across chunks, CRLF, comments, multi-line data', async () => {
+    const wire =
+      ': OPENROUTER PROCESSING\r\n\r\nevent: a\r\ndata: {"x":1}\r\n\r\ndata: line1\ndata: line2\n\ndata: [DONE]\n\n';
+    const bytes = new TextEncoder().encode(wire);
+    const body = new ReadableStream<Uint8Array>({
+      start(c) {
+        // One byte at a time: every boundary is a chunk boundary somewhere.
+        for (const b of bytes) c.enqueue(new Uint8Array([b]));
+        c.close();
+      },
+    });
+    const call = new UpstreamCall('openrouter', 5000);
+    const got = [];
+    for await (const e of call.events(new Response(body))) got.push(e);
+    assert.deepEqual(got, [
+      { event: 'a', data: '{"x":1}' },
+      { event: 'message', data: 'line1\nline2' },
+      { event: 'message', data: '[DONE]' },
+    ]);
   });
 });
