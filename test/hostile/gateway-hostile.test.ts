@@ -84,6 +84,11 @@ describe('hostile: model gateway', () => {
         .status,
       204,
     );
+    assert.deepEqual([short.status, revoked.status], [201, 201]);
+    assert.equal(
+      (await authed(d.url, 'GET', '/v1/usage', { token: short.body.token as string })).status,
+      200,
+    );
     await sleep(2100);
     const before = mock.requests.length;
     const creds: [string, string | undefined][] = [
