@@ -68,6 +68,12 @@ try {
   const other = (): void => mock.queue('openai', { response: openaiText(text) });
   const gw = `${d.url}/v1/chat/completions`;
 
+  // What any authenticated request to the daemon costs (one hop, JWT check, no provider).
+  const models = await timed(runs, async () => {
+    const r = await fetch(`${d.url}/v1/models`, { headers: auth });
+    await r.arrayBuffer();
+  });
+  line('daemon: GET /v1/models (auth + one hop, cached)', models);
   const dj = await timed(runs, () => post(claude, `${mock.url}/v1/messages`, key, anthropicBody));
   line('baseline: POST mock /v1/messages (JSON)', dj);
   const gj = await timed(runs, () => post(claude, gw, auth, chatClaude));
