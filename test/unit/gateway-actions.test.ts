@@ -3,6 +3,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { loadConfig } from '../../src/config.js';
 import { localPrincipal } from '../../src/core/principal.js';
 import type { AnthropicMessagesRequest } from '../../src/gateway/anthropic-types.js';
 import { GatewayActions } from '../../src/gateway/gateway-actions.js';
@@ -113,5 +114,35 @@ describe('gateway: anthropicMessages for the agents', () => {
       g.close();
       rmSync(other, { recursive: true, force: true });
     }
+  });
+});
+
+describe('gateway: configuration', () => {
+  test('defaults, HUTCH_* keys, and BORING_OPENROUTER_KEY only when HUTCH_OPENROUTER_KEY is unset', () => {
+    const c = loadConfig({}, {});
+    assert.equal(c.anthropicKey, undefined);
+    assert.equal(c.anthropicBaseUrl, 'https://api.anthropic.com');
+    assert.equal(c.openrouterBaseUrl, 'https://openrouter.ai/api/v1');
+    assert.equal(c.gatewayTimeoutMs, 120_000);
+    assert.deepEqual(c.anthropicModels, []);
+    const e = loadConfig(
+      {},
+      {
+        HUTCH_ANTHROPIC_KEY: 'a',
+        HUTCH_ANTHROPIC_BASE_URL: 'http://127.0.0.1:9/',
+        HUTCH_ANTHROPIC_MODELS: 'claude-a, claude-b',
+        BORING_OPENROUTER_KEY: 'boring',
+        HUTCH_GATEWAY_TIMEOUT_MS: '5000',
+      },
+    );
+    assert.deepEqual(
+      [e.anthropicKey, e.anthropicBaseUrl, e.anthropicModels, e.openrouterKey, e.gatewayTimeoutMs],
+      ['a', 'http://127.0.0.1:9', ['claude-a', 'claude-b'], 'boring', 5000],
+    );
+    assert.equal(
+      loadConfig({}, { HUTCH_OPENROUTER_KEY: 'own', BORING_OPENROUTER_KEY: 'boring' }).openrouterKey,
+      'own',
+    );
+    assert.throws(() => loadConfig({}, { HUTCH_ANTHROPIC_BASE_URL: 'not a url' }), /anthropicBaseUrl/);
   });
 });
