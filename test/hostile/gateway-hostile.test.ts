@@ -76,7 +76,7 @@ describe('hostile: model gateway', () => {
       'POST',
       '/api/v1/tokens',
       { token: user.token },
-      { expires_in_secs: 1 },
+      { expires_in_secs: 3 },
     );
     const revoked = await authed(d.url, 'POST', '/api/v1/tokens', { token: user.token }, {});
     assert.equal(
@@ -89,7 +89,7 @@ describe('hostile: model gateway', () => {
       (await authed(d.url, 'GET', '/v1/usage', { token: short.body.token as string })).status,
       200,
     );
-    await sleep(2100);
+    await sleep(3100);
     const before = mock.requests.length;
     const creds: [string, string | undefined][] = [
       ['no token', undefined],
