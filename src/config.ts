@@ -259,6 +259,27 @@ const configSchema = z.object({
     .default(8 * 1024 * 1024),
   /** An S3 request without an answer for this long fails (and is retried). */
   s3TimeoutMs: z.coerce.number().int().min(100).default(30_000),
+  /** The model gateway (docs/gateway.md): Anthropic's key; unset: no claude* model is served. */
+  anthropicKey: z.string().optional(),
+  anthropicBaseUrl: z
+    .string()
+    .url()
+    .transform((v) => v.replace(/\/+$/, ''))
+    .default('https://api.anthropic.com'),
+  /** Claude models listed when Anthropic's GET /v1/models cannot be reached (comma-separated). */
+  anthropicModels: z
+    .union([z.array(z.string()), z.string()])
+    .transform((v) => (Array.isArray(v) ? v : v.split(',')).map((x) => x.trim()).filter((x) => x !== ''))
+    .default([]),
+  /** OpenRouter's key (every model that is not claude*); unset: those are not served. */
+  openrouterKey: z.string().optional(),
+  openrouterBaseUrl: z
+    .string()
+    .url()
+    .transform((v) => v.replace(/\/+$/, ''))
+    .default('https://openrouter.ai/api/v1'),
+  /** A model provider sending nothing for this long (before its first byte, or between two) fails the request with 504. */
+  gatewayTimeoutMs: z.coerce.number().int().min(100).default(120_000),
 });
 
 export type Config = Omit<
@@ -351,6 +372,12 @@ const envNames: Record<string, keyof ConfigInput> = {
   HUTCH_S3_MAX_ATTEMPTS: 's3MaxAttempts',
   HUTCH_S3_PART_BYTES: 's3PartBytes',
   HUTCH_S3_TIMEOUT_MS: 's3TimeoutMs',
+  HUTCH_ANTHROPIC_KEY: 'anthropicKey',
+  HUTCH_ANTHROPIC_BASE_URL: 'anthropicBaseUrl',
+  HUTCH_ANTHROPIC_MODELS: 'anthropicModels',
+  HUTCH_OPENROUTER_KEY: 'openrouterKey',
+  HUTCH_OPENROUTER_BASE_URL: 'openrouterBaseUrl',
+  HUTCH_GATEWAY_TIMEOUT_MS: 'gatewayTimeoutMs',
 };
 
 export function loadConfig(
@@ -372,6 +399,9 @@ export function loadConfig(
     const v = env[name];
     if (v !== undefined && v !== '') fromEnv[key] = v;
   }
+  // The key other tools on these hosts already use, when hutch's own is not set.
+  if (fromEnv.openrouterKey === undefined && env.BORING_OPENROUTER_KEY)
+    fromEnv.openrouterKey = env.BORING_OPENROUTER_KEY;
   const defined = Object.fromEntries(Object.entries(flags).filter(([, v]) => v !== undefined));
   const parsed = configSchema.safeParse({ ...fromFile, ...fromEnv, ...defined });
   if (!parsed.success) {

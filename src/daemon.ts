@@ -9,6 +9,7 @@ import { anonymousFor } from './auth/listener-policy.js';
 import { inBackground } from './background.js';
 import type { Config } from './config.js';
 import { Engine } from './engine/engine.js';
+import { GatewayActions } from './gateway/gateway-actions.js';
 import { type BuildProgress, TemplateBuilder, type TemplateManifest } from './images/builder.js';
 import { collectCacheGarbage } from './images/cache-gc.js';
 import { registerHolder } from './images/cache-holders.js';
@@ -149,6 +150,8 @@ export async function startDaemon(
     },
     ...(networking ? { net: networking.manager } : {}),
     volumes,
+    // The model gateway needs nothing of the engine's: it is an action target beside it.
+    gateway: new GatewayActions(config, opts.log),
   });
   await engine.start();
   volumes.start();

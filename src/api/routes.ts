@@ -2,6 +2,7 @@ import { z } from 'zod';
 import { accountRoutes } from './account-routes.js';
 import { desktopRoutes } from './desktop-routes.js';
 import { diskRoutes } from './disk-routes.js';
+import { gatewayRoutes } from './gateway-routes.js';
 import { type ApiRoute, routesOf } from './http/routes.js';
 import { attach, download, execStream, type MachinesApp, tty, upload } from './machine-channels.js';
 import { previewRoutes } from './preview-routes.js';
@@ -266,4 +267,5 @@ export const machineRoutes: ApiRoute<MachinesApp>[] = [
   ...diskRoutes<MachinesApp>('machines'),
   ...desktopRoutes<MachinesApp>(),
   ...volumeRoutes,
+  ...gatewayRoutes,
 ];

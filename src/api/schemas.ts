@@ -54,7 +54,9 @@ export const createMachineBody = z
       .min(1)
       .max(64)
       .default('python')
-      .describe('Template to boot: "python" (headless shell) or "desktop" (a screen: VNC, screenshots, input).'),
+      .describe(
+        'Template to boot: "python" (headless shell) or "desktop" (a screen: VNC, screenshots, input).',
+      ),
     ttl_seconds: z
       .number()
       .int()
@@ -80,7 +82,7 @@ export const createMachineBody = z
       .strict()
       .optional()
       .describe(
-        'A desktop machine\'s screen in pixels (even numbers, 320-2560 by 240-1600; default 1024x768). Common sizes restore from a snapshot of their own; others boot cold (~30 s under TCG).',
+        "A desktop machine's screen in pixels (even numbers, 320-2560 by 240-1600; default 1024x768). Common sizes restore from a snapshot of their own; others boot cold (~30 s under TCG).",
       ),
     egress: egressBody
       .optional()

@@ -4,6 +4,7 @@ import type { DiskActions } from '../engine/disk-actions.js';
 import type { Engine } from '../engine/engine.js';
 import type { VolumeActions } from '../engine/volume-actions.js';
 import { HutchError } from '../errors.js';
+import type { GatewayActions } from '../gateway/gateway-actions.js';
 import type { Principal } from './principal.js';
 
 /**
@@ -85,6 +86,13 @@ export const actionTable = {
   screenshot: { audit: false, on: 'desktop' },
   input: { audit: true, on: 'desktop' },
   openVnc: { audit: true, on: 'desktop' },
+  // The model gateway: nothing here changes hutch's state, and every call is already a row of
+  // gateway.db (user, model, provider, tokens, status, time), the record billing reads; an audit
+  // line per completion would say the same thing a second time, in the noisiest place.
+  chatCompletions: { audit: false, on: 'gateway' },
+  listModels: { audit: false, on: 'gateway' },
+  usage: { audit: false, on: 'gateway' },
+  anthropicMessages: { audit: false, on: 'gateway' },
 } as const satisfies Record<string, { audit: boolean; on?: keyof ActionTargets }>;
 
 /**
@@ -96,6 +104,7 @@ export interface ActionTargets {
   disks: DiskActions;
   volumes: VolumeActions;
   desktop: DesktopActions;
+  gateway: GatewayActions;
 }
 
 export type ActionName = keyof typeof actionTable;

@@ -7,6 +7,7 @@ import type { ActionTargets } from '../core/dispatch.js';
 import type { Principal } from '../core/principal.js';
 import { DesktopActions, type HeldMachine } from '../desktop/desktop-actions.js';
 import { HutchError } from '../errors.js';
+import { GatewayActions } from '../gateway/gateway-actions.js';
 import type { AgentConnection } from '../guest/agent-connection.js';
 import { GuestOps } from '../guest/guest-ops.js';
 import { checkPort, guestListeningPorts, openGuestPort } from '../guest/port-forward.js';
@@ -122,6 +123,8 @@ export interface EngineParts {
   net?: NetworkManager;
   /** Persistent volumes (src/storage/volumes/); absent: the volume actions answer NOT_SERVED. */
   volumes?: VolumeService;
+  /** The model gateway (src/gateway/); absent: one from the config. The engine closes it. */
+  gateway?: GatewayActions;
 }
 
 /** A networked machine's egress: its rules, what was refused (per reason), the latest refusals. */
@@ -157,6 +160,7 @@ export class Engine {
   private readonly diskActions: DiskActions;
   private readonly vols: VolumeActions;
   private readonly desktop: DesktopActions;
+  private readonly gateway: GatewayActions;
 
   constructor(
     private readonly config: Config,
@@ -235,6 +239,7 @@ export class Engine {
     admission.setDiskClaims(() => this.disks.claims());
     this.diskActions = new DiskActions(this.cx, config, this.disks, this.findAny.bind(this));
     this.desktop = new DesktopActions({ hold: (q, id) => this.hold(q, id), qmpOf: (m) => this.rt.qmpOf(m) });
+    this.gateway = p.gateway ?? new GatewayActions(config, log);
     this.vols = new VolumeActions(p.volumes, {
       openSession: (q, id) => this.openSession(q, id),
       destroy: (q, id) => this.destroy(q, id),
@@ -511,7 +516,13 @@ export class Engine {
 
   /** The objects the action table dispatches to (core/dispatch.ts `on`). */
   actionTargets(): ActionTargets {
-    return { engine: this, disks: this.diskActions, volumes: this.vols, desktop: this.desktop };
+    return {
+      engine: this,
+      disks: this.diskActions,
+      volumes: this.vols,
+      desktop: this.desktop,
+      gateway: this.gateway,
+    };
   }
   readonly saveMachine: VolumeActions['saveMachine'] = (...a) => this.vols.saveMachine(...a);
 
@@ -899,6 +910,7 @@ export class Engine {
     }
     this.store.close();
     this.disks.close();
+    this.gateway.close();
   }
 }
 

@@ -52,6 +52,11 @@ export async function startDaemon(
         // Only the headless template unless a test asks for the desktop: its snapshots (cold
         // boots of ~30 s under TCG) would compete with every other test for the 2 cores.
         HUTCH_TEMPLATES: 'python',
+        // Tests never reach real model providers, whatever keys the environment holds
+        // (test/helpers/mock-llm.ts gatewayEnv points a daemon at the mock).
+        HUTCH_ANTHROPIC_KEY: '',
+        HUTCH_OPENROUTER_KEY: '',
+        BORING_OPENROUTER_KEY: '',
         ...opts.env,
       },
       stdio: ['ignore', 'pipe', 'pipe'],

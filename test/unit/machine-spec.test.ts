@@ -124,7 +124,11 @@ describe('machine spec: slot allocation', () => {
     assert.equal(new Set(buses).size, buses.length);
     // A display's GPU, keyboard and tablet only ever take volume slots.
     const volumeBuses = slotTable.volume as readonly number[];
-    assert.ok([...(slotTable.display as readonly number[]), ...displayInputBuses].every((b) => volumeBuses.includes(b)));
+    assert.ok(
+      [...(slotTable.display as readonly number[]), ...displayInputBuses].every((b) =>
+        volumeBuses.includes(b),
+      ),
+    );
     assert.ok(buses.every((b) => b >= 0 && b < virtioTransports && !unusableTransports.includes(b)));
     assert.equal(slotsFor('volume'), maxVolumes);
   });
@@ -262,7 +266,10 @@ describe('machine spec: QEMU arguments', () => {
     const layout = (size: number, sock: string) =>
       layoutOf(allocate(withDevices({ ...screen(), width: size, vncSocket: sock })));
     assert.doesNotThrow(() => checkSameLayout(layout(1024, '/a/vnc.sock'), layout(1024, '/b/vnc.sock')));
-    assert.throws(() => checkSameLayout(layout(1024, '/a/vnc.sock'), layout(1280, '/a/vnc.sock')), /1280x768/);
+    assert.throws(
+      () => checkSameLayout(layout(1024, '/a/vnc.sock'), layout(1280, '/a/vnc.sock')),
+      /1280x768/,
+    );
   });
 
   test('a disk: a scsi-hd on the disk bus at its target, the same device QMP hot-plugs', () => {

@@ -5,6 +5,7 @@ import { errorTable, HutchError } from '../../errors.js';
 import type { GuestFile } from '../../guest/guest-ops.js';
 import { attachmentDisposition } from '../content-disposition.js';
 import { StalledReaderError, writeRespectingBackpressure } from '../exec-stream.js';
+import type { ErrorShape } from './routes.js';
 
 /**
  * The one way hutch answers over HTTP: errors (on a response, or on a bare socket for upgrades
@@ -14,14 +15,23 @@ import { StalledReaderError, writeRespectingBackpressure } from '../exec-stream.
 const maxBodyBytes = 1024 * 1024;
 
 /** An error's body: `{"code","message"}` and its details (e.g. `errno`). */
-function errorBody(e: HutchError): string {
-  return JSON.stringify({ code: e.code, message: e.message, ...(e.details ?? {}) });
+function errorBody(e: HutchError, extra?: Record<string, unknown>): string {
+  return JSON.stringify({ code: e.code, message: e.message, ...(e.details ?? {}), ...(extra ?? {}) });
 }
 
-/** Sends an error with its code's status; `close` also ends the connection (a body left unread). */
-export function sendError(res: ServerResponse, e: HutchError, opts: { close?: boolean } = {}): void {
-  const body = errorBody(e);
+/**
+ * Sends an error with its code's status; `close` also ends the connection (a body left unread);
+ * `shape` adds a route's own error fields and headers (routes.ts ErrorShape).
+ */
+export function sendError(
+  res: ServerResponse,
+  e: HutchError,
+  opts: { close?: boolean; shape?: ErrorShape | undefined } = {},
+): void {
+  const extra = opts.shape?.(e);
+  const body = errorBody(e, extra?.body);
   res.writeHead(errorTable[e.code].http, {
+    ...(extra?.headers ?? {}),
     'content-type': 'application/json',
     'content-length': Buffer.byteLength(body),
     ...(opts.close ? { connection: 'close' } : {}),
@@ -134,15 +144,19 @@ export async function sendResult(res: ServerResponse, status: number, value: unk
   }
 }
 
-/** Reads a JSON body whatever its content-type (curl -d sends form encoding by default). */
-export async function readJson(req: IncomingMessage): Promise<unknown> {
+/**
+ * Reads a JSON body whatever its content-type (curl -d sends form encoding by default), of at
+ * most `maxBytes` (a body that says it is larger is refused before a byte is read).
+ */
+export async function readJson(req: IncomingMessage, maxBytes = maxBodyBytes): Promise<unknown> {
   const chunks: Buffer[] = [];
   let size = 0;
+  if (Number(req.headers['content-length'] ?? 0) > maxBytes)
+    throw new HutchError('BODY_TOO_LARGE', `request body over ${maxBytes} bytes`);
   try {
     for await (const chunk of req as AsyncIterable<Buffer>) {
       size += chunk.length;
-      if (size > maxBodyBytes)
-        throw new HutchError('BODY_TOO_LARGE', `request body over ${maxBodyBytes} bytes`);
+      if (size > maxBytes) throw new HutchError('BODY_TOO_LARGE', `request body over ${maxBytes} bytes`);
       chunks.push(chunk);
     }
   } catch (e) {

@@ -57,11 +57,24 @@ interface Common {
   description?: string;
   /** Query parameters: validated by this schema (on WebSocket routes too, before the upgrade). */
   query?: z.ZodObject;
-  /** A JSON body (at most 1 MiB), validated by this schema. */
+  /** A JSON body (at most 1 MiB, or `maxBodyBytes`), validated by this schema. */
   body?: z.ZodType;
+  /** A larger limit for this route's JSON body (chat requests carry base64 images). */
+  maxBodyBytes?: number;
   /** Served without authentication (the handler gets no caller's actions): health, token exchange. */
   public?: boolean;
+  /**
+   * What this route adds to each error it answers (refused credentials and bodies included):
+   * body fields and headers of another API's error format, for clients of that API (the model
+   * gateway's OpenAI `error` object).
+   */
+  errorShape?: ErrorShape;
 }
+
+export type ErrorShape = (e: HutchError) => {
+  body?: Record<string, unknown>;
+  headers?: Record<string, string>;
+};
 
 // Handlers are declared with method syntax: a route's handler takes its own parsed types, and
 // the table holds routes of every shape.

@@ -99,7 +99,9 @@ export function createApiServer<A extends object>(
       ? parseWith(route.query, Object.fromEntries(url.searchParams), 'query')
       : undefined;
     // An absent body is an empty object: routes whose fields are all optional take none.
-    const body = route.body ? parseWith(route.body, (await readJson(req)) ?? {}) : undefined;
+    const body = route.body
+      ? parseWith(route.body, (await readJson(req, route.maxBodyBytes)) ?? {})
+      : undefined;
     return { params, query, body, req };
   }
 
@@ -120,6 +122,7 @@ export function createApiServer<A extends object>(
 
   async function handle(req: IncomingMessage, res: ServerResponse, anonymous: Anonymous): Promise<void> {
     if (opts.front?.request(req, res, anonymous)) return;
+    let shape: ApiRoute<A>['errorShape'];
     try {
       const url = requestUrl(req.url);
       const method = req.method ?? 'GET';
@@ -132,6 +135,7 @@ export function createApiServer<A extends object>(
         throw new HutchError('METHOD_NOT_ALLOWED', `${req.method} is not allowed on ${url.pathname}`);
       if (!m) throw new HutchError('ROUTE_NOT_FOUND', `no endpoint ${req.method} ${url.pathname}`);
       const { route } = m;
+      shape = route.errorShape;
       if (route.kind === 'websocket')
         throw new HutchError(
           'UPGRADE_REQUIRED',
@@ -197,7 +201,7 @@ export function createApiServer<A extends object>(
       const err = toHutchError(e);
       if (err.code === 'INTERNAL') console.error('internal error:', e);
       if (res.headersSent) res.destroy();
-      else if (req.complete) sendError(res, err);
+      else if (req.complete) sendError(res, err, { shape });
       // A body we did not read (a refused upload): up to a little more of it is read and dropped
       // first, so a client still sending a small one gets the answer rather than a broken pipe;
       // past that bound the connection closes instead.
@@ -205,7 +209,7 @@ export function createApiServer<A extends object>(
       // handler that wrote its own reply): then there is nothing left to say.
       else
         drainThen(req, () => {
-          if (!res.headersSent && !res.destroyed) sendError(res, err, { close: !req.complete });
+          if (!res.headersSent && !res.destroyed) sendError(res, err, { close: !req.complete, shape });
         });
     }
   }
