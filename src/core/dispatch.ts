@@ -1,8 +1,11 @@
+import type { AgentActions } from '../agents/agent-actions.js';
 import type { Log } from '../background.js';
+import type { DesktopActions } from '../desktop/desktop-actions.js';
 import type { DiskActions } from '../engine/disk-actions.js';
 import type { Engine } from '../engine/engine.js';
 import type { VolumeActions } from '../engine/volume-actions.js';
 import { HutchError } from '../errors.js';
+import type { GatewayActions } from '../gateway/gateway-actions.js';
 import type { Principal } from './principal.js';
 
 /**
@@ -80,6 +83,10 @@ export const actionTable = {
   putVolumeFile: { audit: true, on: 'volumes' },
   getVolumeFile: { audit: false, on: 'volumes' },
   saveMachine: { audit: true },
+  screenshot: { audit: false, on: 'desktop' },
+  input: { audit: true, on: 'desktop' },
+  anthropicMessages: { audit: false, on: 'gateway' },
+  startAgent: { audit: true, on: 'agents' },
 } as const satisfies Record<string, { audit: boolean; on?: keyof ActionTargets }>;
 
 /**
@@ -90,6 +97,9 @@ export interface ActionTargets {
   engine: Engine;
   disks: DiskActions;
   volumes: VolumeActions;
+  desktop: DesktopActions;
+  gateway: GatewayActions;
+  agents: AgentActions;
 }
 
 export type ActionName = keyof typeof actionTable;

@@ -1,11 +1,15 @@
 import { mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Duplex } from 'node:stream';
+import { AgentActions } from '../agents/agent-actions.js';
 import type { Log } from '../background.js';
 import type { Config } from '../config.js';
 import type { ActionTargets } from '../core/dispatch.js';
+import { actionsFor } from '../core/dispatch.js';
 import type { Principal } from '../core/principal.js';
+import { DesktopActions } from '../desktop/desktop-actions.js';
 import { HutchError } from '../errors.js';
+import { GatewayActions } from '../gateway/gateway-actions.js';
 import type { AgentConnection } from '../guest/agent-connection.js';
 import { GuestOps } from '../guest/guest-ops.js';
 import { checkPort, guestListeningPorts, openGuestPort } from '../guest/port-forward.js';
@@ -121,6 +125,9 @@ export interface EngineParts {
   net?: NetworkManager;
   /** Persistent volumes (src/storage/volumes/); absent: the volume actions answer NOT_SERVED. */
   volumes?: VolumeService;
+  /** Screenshots and input (src/desktop/), the model gateway (src/gateway/): default, their own. */
+  desktop?: DesktopActions;
+  gateway?: GatewayActions;
 }
 
 /** A networked machine's egress: its rules, what was refused (per reason), the latest refusals. */
@@ -155,6 +162,9 @@ export class Engine {
   private readonly disks: Disks;
   private readonly diskActions: DiskActions;
   private readonly vols: VolumeActions;
+  private readonly desktop: DesktopActions;
+  private readonly gateway: GatewayActions;
+  private readonly agents: AgentActions;
 
   constructor(
     private readonly config: Config,
@@ -237,6 +247,10 @@ export class Engine {
       destroy: (q, id) => this.destroy(q, id),
       get: (q, id) => this.get(q, id),
     });
+    this.desktop = p.desktop ?? new DesktopActions();
+    this.gateway = p.gateway ?? new GatewayActions();
+    // Agents act as their principal, through the same actions as any other caller.
+    this.agents = new AgentActions(config, (q) => actionsFor(this, q, log));
   }
 
   /** Re-adopts machines left by a previous daemon, cleans what is dead, starts the sweeper. */
@@ -482,7 +496,14 @@ export class Engine {
 
   /** The objects the action table dispatches to (core/dispatch.ts `on`). */
   actionTargets(): ActionTargets {
-    return { engine: this, disks: this.diskActions, volumes: this.vols };
+    return {
+      engine: this,
+      disks: this.diskActions,
+      volumes: this.vols,
+      desktop: this.desktop,
+      gateway: this.gateway,
+      agents: this.agents,
+    };
   }
   readonly saveMachine: VolumeActions['saveMachine'] = (...a) => this.vols.saveMachine(...a);
 
