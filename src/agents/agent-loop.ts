@@ -328,19 +328,20 @@ export class AgentRun {
       case 'zoom': {
         // Cropping needs a PNG codec the daemon does not carry: the screen at full resolution
         // instead, and the model is told so.
-        const shot = await this.host.screenshot({});
+        const img = this.image(step, await this.host.screenshot({}));
         this.events.push({ type: 'result', step, ok: true });
         return [
           { type: 'text', text: 'zoom: the whole screen at full resolution (regions are not cropped)' },
-          this.image(step, shot),
+          img,
         ];
       }
     }
     const shot = await this.host.screenshot(
       g.width < g.screen.width ? { scale: g.width / g.screen.width } : {},
     );
+    const img = this.image(step, shot);
     this.events.push({ type: 'result', step, ok: true });
-    return [this.image(step, shot)];
+    return [img];
   }
 
   private image(step: number, shot: Screenshot): ImageBlock {
