@@ -139,6 +139,11 @@ async function runAll(run: AgentRun): Promise<AgentEvent[]> {
   return out;
 }
 
+/** The text of a tool result's first block ('' if it has none). */
+const textOf = (r: ToolResultBlock | undefined): string => {
+  const b = r?.content[0];
+  return b?.type === 'text' ? b.text : '';
+};
 const done = (evs: AgentEvent[]) => evs.at(-1) as AgentEvent & { type: 'done' };
 const lastResults = (req: AnthropicMessagesRequest | undefined): ToolResultBlock[] =>
   (req?.messages.at(-1)?.content as ToolResultBlock[]) ?? [];
@@ -236,7 +241,9 @@ describe('agent loop: computer use', () => {
       assert.equal(img?.type, 'image');
       assert.equal(img?.type === 'image' && img.source.media_type, 'image/png');
       assert.equal(img?.type === 'image' && img.source.data, png.toString('base64'));
-      const asked = (req.messages.at(-2)?.content as ContentBlock[]).find((b) => b.type === 'tool_use');
+      const asked = ((req.messages.at(-2)?.content ?? []) as ContentBlock[]).find(
+        (b) => b.type === 'tool_use',
+      );
       assert.equal(r[0]?.tool_use_id, asked?.type === 'tool_use' && asked.id);
     }
     const shot = evs.find((e) => e.type === 'screenshot');
@@ -460,8 +467,7 @@ describe('agent loop: shell tools', () => {
     await runAll(new AgentRun(host, shell()));
     assert.match(host.scripts[0]?.script ?? '', /^rm -rf '\/tmp\/\.hutch-agent\/run1'$/);
     const r = lastResults(host.requests[1]);
-    const text = (i: number) =>
-      r[i]?.content[0]?.type === 'text' ? (r[i]?.content[0] as { text: string }).text : '';
+    const text = (i: number) => textOf(r[i]);
     assert.equal(text(0), 'tool has been restarted.');
     assert.match(text(1), /nope\n\[exit code 1\]/);
     assert.ok(text(2).length < 17_000);
@@ -491,7 +497,7 @@ describe('agent loop: shell tools', () => {
     ]);
     await runAll(new AgentRun(host, shell()));
     const r = lastResults(host.requests[1]);
-    const text = (i: number) => (r[i]?.content[0] as { text: string }).text;
+    const text = (i: number) => textOf(r[i]);
     assert.equal(r[0]?.is_error, undefined);
     assert.equal(text(1), '     1\tone\n     2\ttwo\n     3\ttwo\n     4\tthree');
     assert.equal(text(2), '     2\ttwo\n     3\ttwo');
