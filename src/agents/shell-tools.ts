@@ -86,7 +86,8 @@ export class BashTool {
         ok: false,
         output: `${out}\n[timed out after ${Math.round(this.timeoutMs / 1000)} s; the command was killed. Run long jobs in the background (nohup … &).]`,
       };
-    if (r.exitCode !== 0 && r.exitCode !== null) out += `\n[exit code ${r.exitCode}]`;
+    if (r.exitCode !== 0 && r.exitCode !== null)
+      out += `${out === '' || out.endsWith('\n') ? '' : '\n'}[exit code ${r.exitCode}]`;
     return { ok: true, output: out || '(no output)' };
   }
 

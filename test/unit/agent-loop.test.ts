@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
+import { AgentActions, type AgentHandle, type StartAgentRequest } from '../../src/agents/agent-actions.js';
 import type { AgentEvent } from '../../src/agents/agent-events.js';
 import type { AgentHost, ShellResult } from '../../src/agents/agent-host.js';
 import { AgentRun, type AgentRunConfig } from '../../src/agents/agent-loop.js';
@@ -10,6 +11,8 @@ import type {
   ContentBlock,
   ToolResultBlock,
 } from '../../src/agents/model-types.js';
+import type { Actions } from '../../src/core/dispatch.js';
+import type { Principal } from '../../src/core/principal.js';
 import type { InputAction, ScreenshotOptions } from '../../src/desktop/input-types.js';
 import { HutchError } from '../../src/errors.js';
 
@@ -533,5 +536,132 @@ describe('agent loop: shell tools', () => {
     await runAll(new AgentRun(host, shell()));
     assert.equal(lastResults(host.requests[1])[0]?.is_error, true);
     assert.equal(host.shots.length, 0);
+  });
+});
+
+describe('AgentActions: one run per machine, as its principal', () => {
+  const settings = {
+    agentModel: 'claude-default',
+    agentToolVersion: 'computer_20250124' as const,
+    agentMaxSteps: 20,
+    agentTimeLimitMs: 10_000,
+    agentSettleMs: 0,
+  };
+  const principal = { user: 'alice', via: 'token' } as unknown as Principal;
+
+  /** Actions of a principal with one machine `m1` (a desktop unless `display` is false). */
+  function fakeActions(o: { display?: boolean; model?: Turn[] } = {}) {
+    const calls = { sessions: 0, released: 0, beta: [] as string[][], users: [] as string[] };
+    const turns = o.model ?? [];
+    const act = {
+      get: (id: string) => {
+        if (id !== 'm1' && id !== 'named') throw new HutchError('MACHINE_NOT_FOUND', `no machine ${id}`);
+        return { id: 'm1' };
+      },
+      screenshot: async () => {
+        if (o.display === false) throw new HutchError('NO_DISPLAY', 'm1 has no display');
+        return { png, width: 1024, height: 768, screen: { width: 1024, height: 768 } };
+      },
+      input: async () => ({ cursor: { x: 0, y: 0 } }),
+      listeningPorts: async () => [22],
+      openSession: async () => {
+        calls.sessions++;
+        return { id: 'm1', release: () => calls.released++ };
+      },
+      anthropicMessages: async (
+        req: AnthropicMessagesRequest,
+        opts: { beta?: string[]; signal?: AbortSignal },
+      ) => {
+        calls.beta.push(opts.beta ?? []);
+        const t = turns.shift() ?? endTurn();
+        return typeof t === 'function' ? t(req, opts.signal as AbortSignal) : t;
+      },
+    };
+    return { act: act as unknown as Actions, calls };
+  }
+  const req = (over: Partial<StartAgentRequest> = {}): StartAgentRequest => ({
+    kind: 'computer',
+    goal: 'do it',
+    previewUrl: (id, port) => `http://x/v1/machines/${id}/web/${port}/`,
+    ...over,
+  });
+  const drain = async (h: AgentHandle) => {
+    const evs: AgentEvent[] = [];
+    for await (const e of h.events) evs.push(e);
+    return evs;
+  };
+
+  it('refuses bad requests with INVALID_ARGUMENT', async () => {
+    const { act } = fakeActions();
+    const agents = new AgentActions(settings, () => act);
+    for (const bad of [
+      req({ goal: '' }),
+      req({ goal: ' \n' }),
+      req({ goal: 'x'.repeat(4097) }),
+      req({ maxSteps: 0 }),
+      req({ maxSteps: 21 }),
+      req({ maxSteps: 2.5 }),
+      req({ toolVersion: 'computer_1999' }),
+      req({ kind: 'shell', toolVersion: 'computer_20250124' }),
+      req({ model: 'm'.repeat(201) }),
+    ])
+      await assert.rejects(agents.startAgent(principal, 'm1', bad), { code: 'INVALID_ARGUMENT' });
+    await assert.rejects(agents.startAgent(principal, 'nope', req()), { code: 'MACHINE_NOT_FOUND' });
+    assert.equal(agents.running(), 0);
+  });
+
+  it('one run per machine: a second is AGENT_BUSY until the first is done', async () => {
+    const { act, calls } = fakeActions({ model: [computer({ action: 'screenshot' }), endTurn()] });
+    const agents = new AgentActions(settings, () => act);
+    const h = await agents.startAgent(principal, 'named', req());
+    assert.equal(h.id, 'm1');
+    await assert.rejects(agents.startAgent(principal, 'm1', req()), { code: 'AGENT_BUSY' });
+    const evs = await drain(h);
+    assert.equal((evs.at(-1) as { outcome: string }).outcome, 'completed');
+    assert.deepEqual(calls.beta[0], ['computer-use-2025-01-24']);
+    assert.equal((evs[0] as { model: string }).model, 'claude-default');
+    // The session is released once; the machine is free again.
+    await new Promise((r) => setImmediate(r));
+    assert.deepEqual([calls.sessions, calls.released], [1, 1]);
+    assert.equal(agents.running(), 0);
+    const again = await agents.startAgent(principal, 'm1', req({ kind: 'shell' }));
+    again.cancel();
+    assert.equal(agents.running(), 0);
+  });
+
+  it('NO_DISPLAY is an error before any run (and frees the machine)', async () => {
+    const { act } = fakeActions({ display: false });
+    const agents = new AgentActions(settings, () => act);
+    await assert.rejects(agents.startAgent(principal, 'm1', req()), { code: 'NO_DISPLAY' });
+    assert.equal(agents.running(), 0);
+  });
+
+  it('a handle cancelled before it runs never calls the model and releases its session', async () => {
+    const { act, calls } = fakeActions();
+    const agents = new AgentActions(settings, () => act);
+    const h = await agents.startAgent(principal, 'm1', req());
+    h.cancel();
+    h.cancel();
+    assert.deepEqual([calls.sessions, calls.released, calls.beta.length], [1, 1, 0]);
+    assert.equal(agents.running(), 0);
+  });
+
+  it('a run cancelled mid-model-call ends and frees the machine', async () => {
+    const { act, calls } = fakeActions({
+      model: [
+        (_r, signal) =>
+          new Promise((_res, reject) => signal.addEventListener('abort', () => reject(new Error('aborted')))),
+      ],
+    });
+    const agents = new AgentActions(settings, () => act);
+    const h = await agents.startAgent(principal, 'm1', req({ kind: 'shell' }));
+    const p = drain(h);
+    await new Promise((r) => setTimeout(r, 10));
+    h.cancel();
+    const evs = await p;
+    assert.equal((evs.at(-1) as { outcome: string }).outcome, 'stopped');
+    await new Promise((r) => setImmediate(r));
+    assert.equal(agents.running(), 0);
+    assert.equal(calls.released, 1);
   });
 });
