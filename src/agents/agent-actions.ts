@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+import type { Log } from '../background.js';
 import type { Actions } from '../core/dispatch.js';
 import type { Principal } from '../core/principal.js';
 import { HutchError } from '../errors.js';
@@ -59,6 +60,7 @@ export class AgentActions {
   constructor(
     private readonly settings: AgentSettings,
     private readonly actionsOf: (p: Principal) => Actions,
+    private readonly log: Log = () => {},
   ) {}
 
   /** Machines with a run in progress (for tests and health). */
@@ -141,7 +143,24 @@ export class AgentActions {
             if (started) return run.events[Symbol.asyncIterator]();
             started = true;
             clearTimeout(timer);
-            void run.run().finally(release);
+            const t0 = performance.now();
+            void run
+              .run()
+              .then((d) =>
+                // One line per run: what it cost and how it ended (the audit line says who started it).
+                this.log('info', 'agent run', {
+                  user: p.user,
+                  machine: id,
+                  kind: req.kind,
+                  model,
+                  outcome: d.outcome,
+                  steps: d.steps,
+                  input_tokens: d.usage.input_tokens,
+                  output_tokens: d.usage.output_tokens,
+                  ms: Math.round(performance.now() - t0),
+                }),
+              )
+              .finally(release);
             return run.events[Symbol.asyncIterator]();
           },
         },

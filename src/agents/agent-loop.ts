@@ -141,9 +141,9 @@ export class AgentRun {
     this.waiting?.abort();
   }
 
-  /** Runs to the end; never rejects. The events end with `done`; the host is closed. */
-  async run(): Promise<void> {
-    if (this.started) return;
+  /** Runs to the end; never rejects. The events end with `done` (also its result); the host is closed. */
+  async run(): Promise<AgentEvent & { type: 'done' }> {
+    if (this.started) throw new Error('an agent run runs once');
     this.started = true;
     const timer = setTimeout(() => {
       this.timedOut = true;
@@ -172,6 +172,7 @@ export class AgentRun {
     this.host.close();
     this.events.push(done);
     this.events.end();
+    return done;
   }
 
   private async previewUrls(): Promise<string[]> {
@@ -336,9 +337,8 @@ export class AgentRun {
         ];
       }
     }
-    const shot = await this.host.screenshot(
-      g.width < g.screen.width ? { scale: g.width / g.screen.width } : {},
-    );
+    // By width: the image is exactly as wide as the model was told (a scale could round to one less).
+    const shot = await this.host.screenshot(g.width < g.screen.width ? { maxWidth: g.width } : {});
     const img = this.image(step, shot);
     this.events.push({ type: 'result', step, ok: true });
     return [img];

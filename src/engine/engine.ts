@@ -250,7 +250,7 @@ export class Engine {
     this.desktop = p.desktop ?? new DesktopActions();
     this.gateway = p.gateway ?? new GatewayActions();
     // Agents act as their principal, through the same actions as any other caller.
-    this.agents = new AgentActions(config, (q) => actionsFor(this, q, log));
+    this.agents = new AgentActions(config, (q) => actionsFor(this, q, log), log);
   }
 
   /** Re-adopts machines left by a previous daemon, cleans what is dead, starts the sweeper. */

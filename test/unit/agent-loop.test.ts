@@ -79,7 +79,7 @@ class FakeHost implements AgentHost {
   }
   async screenshot(opts: ScreenshotOptions) {
     this.shots.push(opts);
-    const s = opts.scale ?? 1;
+    const s = opts.maxWidth ? opts.maxWidth / this.screen.width : (opts.scale ?? 1);
     return {
       png,
       width: Math.round(this.screen.width * s),
@@ -219,7 +219,7 @@ describe('agent loop: computer use', () => {
     const cursor = lastResults(host.requests[15])[0];
     assert.deepEqual(cursor?.content, [{ type: 'text', text: 'X=20,Y=15' }]);
     // Screenshots after input are taken at the scale the model sees.
-    assert.deepEqual(host.shots[0], { scale: 0.5 });
+    assert.deepEqual(host.shots[0], { maxWidth: 1280 });
     assert.equal(done(evs).steps, 17);
   });
 
