@@ -219,33 +219,39 @@ describe('hostile: agents', () => {
 
     test('clients that vanish mid-step free the machine for the next agent', async () => {
       const m = mock as MockLlm;
-      for (let i = 0; i < 5; i++) {
-        m.queue('anthropic', i % 2 ? { hang: true } : message([toolUse('bash', { command: 'sleep 1' })]));
-        await tally.check(`vanish ${i}`, async () => {
-          const s = await openAgent(url('shell-agent', { goal: 'x' }), alice.token);
-          const asked = m.requests.length;
-          await s.next(i % 2 ? 'start' : 'action');
-          // Gone while the model is asked (its hung call must be aborted) or while a command runs.
-          for (let t = 0; i % 2 && m.requests.length === asked && t < 100; t++)
-            await new Promise((r) => setTimeout(r, 50));
-          s.ws.terminate();
-          return undefined;
-        });
+      /** Runs that have ended, as the daemon logs them (one `agent run` line each). */
+      const ended = () =>
+        d
+          .log()
+          .split('\n')
+          .filter((l) => l.includes('"msg":"agent run"')).length;
+      for (let i = 0; i < 6; i++) {
+        const hang = i % 2 === 1;
+        m.queue('anthropic', hang ? { hang: true } : message([toolUse('bash', { command: 'sleep 1' })]));
+        await tally.check(
+          `vanish ${i} (${hang ? 'while the model is asked' : 'while a command runs'})`,
+          async () => {
+            const before = ended();
+            const asked = m.requests.length;
+            const s = await openAgent(url('shell-agent', { goal: 'x' }), alice.token);
+            await s.next(hang ? 'start' : 'action');
+            for (let t = 0; hang && m.requests.length === asked && t < 100; t++)
+              await new Promise((r) => setTimeout(r, 50));
+            s.ws.terminate();
+            // The abandoned run ends by itself: the hung model call is aborted, the command finishes.
+            for (let t = 0; ended() === before; t++) {
+              if (t > 200) throw new Error('the abandoned run did not end');
+              await new Promise((r) => setTimeout(r, 50));
+            }
+            return undefined;
+          },
+        );
       }
-      // The machine is free again: a new run starts (not 409) once the abandoned ones have ended.
       await tally.check('the machine is free afterwards', async () => {
-        for (let t = 0; t < 100; t++) {
-          m.queue('anthropic', endTurn());
-          try {
-            const s = await runAgent(url('shell-agent', { goal: 'x' }), alice.token);
-            assert.equal(done(s.events).outcome, 'completed');
-            return `free after ${t} tries`;
-          } catch (e) {
-            if ((e as { status?: number }).status !== 409) throw e;
-            await new Promise((r) => setTimeout(r, 200));
-          }
-        }
-        throw new Error('the machine stayed busy');
+        m.queue('anthropic', endTurn());
+        const s = await runAgent(url('shell-agent', { goal: 'x' }), alice.token);
+        assert.equal(done(s.events).outcome, 'completed');
+        return undefined;
       });
     });
   });
