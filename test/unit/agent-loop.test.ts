@@ -442,7 +442,7 @@ describe('agent loop: shell tools', () => {
     assert.deepEqual(host.betas[0], []);
     assert.equal(host.scripts[0]?.stdin, 'echo hi > /tmp/x');
     assert.match(host.scripts[0]?.script ?? '', /eval "\$__hutch_cmd"/);
-    assert.match(host.scripts[0]?.script ?? '', /\/tmp\/\.hutch-agent\/run1/);
+    assert.match(host.scripts[0]?.script ?? '', /\/tmp\/\.hutch-agent-run1\.cwd/);
     const result = evs.find((e) => e.type === 'result');
     assert.deepEqual(result, { type: 'result', step: 1, ok: true, output: 'ok\n' });
   });
@@ -468,7 +468,7 @@ describe('agent loop: shell tools', () => {
       return { exitCode: 0, stdout: '', stderr: '', timedOut: false, truncated: false };
     };
     await runAll(new AgentRun(host, shell()));
-    assert.match(host.scripts[0]?.script ?? '', /^rm -rf '\/tmp\/\.hutch-agent\/run1'$/);
+    assert.equal(host.scripts[0]?.script, "rm -f '/tmp/.hutch-agent-run1.env' '/tmp/.hutch-agent-run1.cwd'");
     const r = lastResults(host.requests[1]);
     const text = (i: number) => textOf(r[i]);
     assert.equal(text(0), 'tool has been restarted.');
