@@ -42,6 +42,21 @@ export interface AgentHandle {
   cancel(): void;
 }
 
+/**
+ * Whether a goal is text a person would write: no control characters but tab and line breaks
+ * (a NUL or an escape sequence in a goal is an attack on whatever displays it, not a task).
+ */
+export function goalProblem(goal: string): string | undefined {
+  if (goal.trim() === '') return 'required, not blank';
+  if (Buffer.byteLength(goal) > maxGoalBytes) return `longer than ${maxGoalBytes} bytes`;
+  for (let i = 0; i < goal.length; i++) {
+    const c = goal.charCodeAt(i);
+    if ((c < 0x20 && c !== 0x09 && c !== 0x0a && c !== 0x0d) || c === 0x7f)
+      return 'control characters are not allowed (tab and line breaks are)';
+  }
+  return undefined;
+}
+
 /** The longest goal, in bytes. */
 export const maxGoalBytes = 4096;
 export const defaultMaxSteps = 50;
@@ -70,10 +85,8 @@ export class AgentActions {
 
   async startAgent(p: Principal, idOrName: string, req: StartAgentRequest): Promise<AgentHandle> {
     const s = this.settings;
-    if (typeof req.goal !== 'string' || req.goal.trim() === '')
-      throw new HutchError('INVALID_ARGUMENT', 'goal: required');
-    if (Buffer.byteLength(req.goal) > maxGoalBytes)
-      throw new HutchError('INVALID_ARGUMENT', `goal: longer than ${maxGoalBytes} bytes`);
+    const problem = typeof req.goal === 'string' ? goalProblem(req.goal) : 'required';
+    if (problem) throw new HutchError('INVALID_ARGUMENT', `goal: ${problem}`);
     const maxSteps = req.maxSteps ?? Math.min(defaultMaxSteps, s.agentMaxSteps);
     if (!Number.isInteger(maxSteps) || maxSteps < 1 || maxSteps > s.agentMaxSteps)
       throw new HutchError('INVALID_ARGUMENT', `max_steps: 1..${s.agentMaxSteps}`);

@@ -2,7 +2,7 @@ import type { TLSSocket } from 'node:tls';
 import type { RawData, WebSocket } from 'ws';
 import { z } from 'zod';
 import type { AgentHandle, StartAgentRequest } from '../agents/agent-actions.js';
-import { maxGoalBytes } from '../agents/agent-actions.js';
+import { goalProblem } from '../agents/agent-actions.js';
 import type { AgentKind } from '../agents/agent-loop.js';
 import { computerToolVersions } from '../agents/computer-tool.js';
 import { shellToolVersion } from '../agents/shell-tools.js';
@@ -19,9 +19,13 @@ import type { MachinesApp } from './machine-channels.js';
 const goal = z
   .string()
   .min(1)
-  .refine((g) => g.trim() !== '', { message: 'must not be blank' })
-  .refine((g) => Buffer.byteLength(g) <= maxGoalBytes, { message: `at most ${maxGoalBytes} bytes` })
-  .describe('What the agent is to do, in plain words (at most 4 KiB).');
+  .superRefine((g, ctx) => {
+    const problem = goalProblem(g);
+    if (problem) ctx.addIssue({ code: 'custom', message: problem });
+  })
+  .describe(
+    'What the agent is to do, in plain words (at most 4 KiB; no control characters but tab and line breaks).',
+  );
 const common = {
   goal,
   max_steps: z.coerce

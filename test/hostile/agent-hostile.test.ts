@@ -80,6 +80,8 @@ describe('hostile: agents', () => {
       ['blank goal', { goal: '   ' }],
       ['goal of 4 KiB + 1', { goal: 'x'.repeat(4097) }],
       ['goal of 4 KiB in 3-byte characters', { goal: '€'.repeat(1366) }],
+      ['goal with a NUL', { goal: 'a\u0000b' }],
+      ['goal with an escape sequence', { goal: 'x\u001b]0;pwned\u0007' }],
       ['max_steps 0', { goal: 'x', max_steps: '0' }],
       ['max_steps -1', { goal: 'x', max_steps: '-1' }],
       ['max_steps 1.5', { goal: 'x', max_steps: '1.5' }],

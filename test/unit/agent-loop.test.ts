@@ -598,6 +598,8 @@ describe('AgentActions: one run per machine, as its principal', () => {
       req({ goal: '' }),
       req({ goal: ' \n' }),
       req({ goal: 'x'.repeat(4097) }),
+      req({ goal: 'a\u0000b' }),
+      req({ goal: 'clear \u001b[2J' }),
       req({ maxSteps: 0 }),
       req({ maxSteps: 21 }),
       req({ maxSteps: 2.5 }),
