@@ -178,6 +178,60 @@ describe('hostile: agents', () => {
       });
     });
 
+    test('garbage computer actions on a real screen: error results, nothing reaches it', async (t) => {
+      const m = mock as MockLlm;
+      const r = await authed(
+        d.url,
+        'POST',
+        '/v1/machines',
+        { token: alice.token },
+        { template: 'desktop', ttl_seconds: 900 },
+      );
+      if (r.status !== 201) {
+        t.skip(`no desktop machine here: ${r.body.code}`);
+        return;
+      }
+      const desk = r.body.id as string;
+      const garbage = [
+        { action: 'left_click', coordinate: [100000, 5] },
+        { action: 'left_click', coordinate: [-5, 5] },
+        { action: 'left_click', coordinate: [1.5e308, 'x'] },
+        { action: 'mouse_move', coordinate: [1, 2, 3] },
+        { action: 'type', text: 'y'.repeat(1_000_000) },
+        { action: 'type', text: '\u0000\u001b' },
+        { action: 'key', text: 'not_a_key_anywhere+ctrl' },
+        { action: 'scroll', coordinate: [5, 5], scroll_direction: 'in', scroll_amount: 3 },
+        { action: 'scroll', coordinate: [5, 5], scroll_direction: 'down', scroll_amount: 1e9 },
+        { action: 'hold_key', text: 'shift', duration: 1e6 },
+        { action: 'wait', duration: -1 },
+        { action: 'zoom', region: [0, 0, 5, 5] },
+        { action: 'teleport' },
+        {},
+      ];
+      m.queue('anthropic', message(garbage.map((g) => toolUse('computer', g))), endTurn());
+      await tally.check('garbage computer actions', async () => {
+        // The desktop may still be starting: retry while it has no display yet.
+        let s: Awaited<ReturnType<typeof runAgent>> | undefined;
+        for (let i = 0; i < 120 && !s; i++)
+          s = await runAgent(url('agent', { goal: 'x' }, desk), alice.token).catch(
+            async (e: { status?: number }) => {
+              if (e.status !== 409 && e.status !== 503) throw e;
+              await new Promise((res) => setTimeout(res, 1000));
+              return undefined;
+            },
+          );
+        if (!s) throw new Error('the desktop never came up');
+        const results = s.events.filter((e) => e.type === 'result') as (AgentEvent & { type: 'result' })[];
+        // Every one refused, whether by the tool's checks or by the desktop's input (key names,
+        // characters it cannot type), except none: `key` with an unknown name is the desktop's call.
+        assert.equal(results.length, garbage.length, JSON.stringify(results));
+        const notRefused = garbage.filter((_, i) => results[i]?.ok);
+        assert.ok(notRefused.length <= 1, JSON.stringify(notRefused));
+        assert.equal(done(s.events).outcome, 'completed');
+        return `${garbage.length - notRefused.length} refused`;
+      });
+    });
+
     test('a model that fails or answers nonsense: error then done(error), never a crash', async () => {
       const m = mock as MockLlm;
       for (const [what, turn] of [
