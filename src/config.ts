@@ -211,6 +211,20 @@ const configSchema = z.object({
       message: 'not a domain name',
     })
     .optional(),
+  /** The model the agents (docs/agents.md) use when a client names none. */
+  agentModel: z.string().min(1).default('claude-sonnet-4-5'),
+  /** The computer-use tool version the computer agent offers when a client names none. */
+  agentToolVersion: z.enum(['computer_20250124', 'computer_20251124']).default('computer_20250124'),
+  /** The most steps (model turns) one agent run may take: `max_steps` is 1..this. */
+  agentMaxSteps: z.coerce.number().int().min(1).max(1000).default(200),
+  /** How long one agent run may take, model calls included. */
+  agentTimeLimitMs: z.coerce
+    .number()
+    .int()
+    .min(1000)
+    .default(30 * 60_000),
+  /** Pause between the computer agent's input and the screenshot that shows its effect. */
+  agentSettleMs: z.coerce.number().int().min(0).max(10_000).default(500),
   /** How long a preview waits for the guest's server to send its response headers. */
   previewTimeoutMs: z.coerce.number().int().min(100).default(60_000),
   /** Where persistent volumes (docs/volumes.md) are kept: a local directory or an S3 bucket. */
@@ -355,6 +369,11 @@ const envNames: Record<string, keyof ConfigInput> = {
   HUTCH_TLS_KEY: 'tlsKey',
   HUTCH_PUBLIC_DOMAIN: 'publicDomain',
   HUTCH_PREVIEW_TIMEOUT_MS: 'previewTimeoutMs',
+  HUTCH_AGENT_MODEL: 'agentModel',
+  HUTCH_AGENT_TOOL_VERSION: 'agentToolVersion',
+  HUTCH_AGENT_MAX_STEPS: 'agentMaxSteps',
+  HUTCH_AGENT_TIME_LIMIT_MS: 'agentTimeLimitMs',
+  HUTCH_AGENT_SETTLE_MS: 'agentSettleMs',
   HUTCH_VOLUME_BACKEND: 'volumeBackend',
   HUTCH_VOLUME_DIR: 'volumeDir',
   HUTCH_VOLUME_MAX_BYTES: 'volumeMaxBytes',

@@ -241,6 +241,11 @@ export const errorTable = {
     grpc: 'DEADLINE_EXCEEDED',
     doc: "The model provider did not answer within the gateway's time limit (HUTCH_GATEWAY_TIMEOUT_MS).",
   },
+  AGENT_BUSY: {
+    http: 409,
+    grpc: 'FAILED_PRECONDITION',
+    doc: 'An agent is already running on this machine (one at a time); stop it or wait for its `done`.',
+  },
 } as const;
 
 export type ErrorCode = keyof typeof errorTable;

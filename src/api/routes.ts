@@ -1,5 +1,6 @@
 import { z } from 'zod';
 import { accountRoutes } from './account-routes.js';
+import { computerAgent, computerAgentQuery, shellAgent, shellAgentQuery } from './agent-channels.js';
 import { desktopRoutes } from './desktop-routes.js';
 import { diskRoutes } from './disk-routes.js';
 import { gatewayRoutes } from './gateway-routes.js';
@@ -261,6 +262,30 @@ export const machineRoutes: ApiRoute<MachinesApp>[] = [
       'Closing the socket kills the shell; 1001 with a reason when the machine goes away.',
     query: attachQuery,
     handle: attach,
+  }),
+  route.websocket({
+    path: '/v1/machines/{id}/agent',
+    summary: "WebSocket: a computer-use agent works on the machine's screen toward `goal`",
+    description:
+      'Server to client: JSON text frames, one event each, as they happen (docs/agents.md): ' +
+      '{"type":"start","goal","model","tool_version"}, {"type":"text","text"}, ' +
+      '{"type":"action","step","name","input"}, {"type":"screenshot","step","width","height","data"?}, ' +
+      '{"type":"result","step","ok","output"?}, {"type":"error","code","message"}, then ' +
+      '{"type":"done","outcome","steps","usage"} and close 1000. Client to server: {"type":"stop"} ' +
+      '(the current action finishes, then done with outcome "stopped"); closing the socket abandons ' +
+      'the run. One agent per machine at a time (409 AGENT_BUSY); a machine without a display is 409 NO_DISPLAY.',
+    query: computerAgentQuery,
+    handle: computerAgent,
+  }),
+  route.websocket({
+    path: '/v1/machines/{id}/shell-agent',
+    summary: 'WebSocket: an agent works in the machine with bash and a text editor toward `goal`',
+    description:
+      'Events as on /agent, with {"type":"result","step","ok","output"} after each tool use; the ' +
+      'done event carries "preview_urls" when the run left new servers listening. One agent per ' +
+      'machine at a time (409 AGENT_BUSY).',
+    query: shellAgentQuery,
+    handle: shellAgent,
   }),
   ...accountRoutes,
   ...previewRoutes,

@@ -1,3 +1,4 @@
+import type { AgentActions } from '../agents/agent-actions.js';
 import type { Log } from '../background.js';
 import type { DesktopActions } from '../desktop/desktop-actions.js';
 import type { DiskActions } from '../engine/disk-actions.js';
@@ -93,6 +94,7 @@ export const actionTable = {
   listModels: { audit: false, on: 'gateway' },
   usage: { audit: false, on: 'gateway' },
   anthropicMessages: { audit: false, on: 'gateway' },
+  startAgent: { audit: true, on: 'agents' },
 } as const satisfies Record<string, { audit: boolean; on?: keyof ActionTargets }>;
 
 /**
@@ -105,6 +107,7 @@ export interface ActionTargets {
   volumes: VolumeActions;
   desktop: DesktopActions;
   gateway: GatewayActions;
+  agents: AgentActions;
 }
 
 export type ActionName = keyof typeof actionTable;

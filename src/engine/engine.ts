@@ -1,9 +1,11 @@
 import { mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Duplex } from 'node:stream';
+import { AgentActions } from '../agents/agent-actions.js';
 import type { Log } from '../background.js';
 import type { Config } from '../config.js';
 import type { ActionTargets } from '../core/dispatch.js';
+import { actionsFor } from '../core/dispatch.js';
 import type { Principal } from '../core/principal.js';
 import { DesktopActions, type HeldMachine } from '../desktop/desktop-actions.js';
 import { HutchError } from '../errors.js';
@@ -161,6 +163,7 @@ export class Engine {
   private readonly vols: VolumeActions;
   private readonly desktop: DesktopActions;
   private readonly gateway: GatewayActions;
+  private readonly agents: AgentActions;
 
   constructor(
     private readonly config: Config,
@@ -245,6 +248,8 @@ export class Engine {
       destroy: (q, id) => this.destroy(q, id),
       get: (q, id) => this.get(q, id),
     });
+    // Agents act as their principal, through the same actions as any other caller.
+    this.agents = new AgentActions(config, (q) => actionsFor(this, q, log), log);
   }
 
   /** Re-adopts machines left by a previous daemon, cleans what is dead, starts the sweeper. */
@@ -522,6 +527,7 @@ export class Engine {
       volumes: this.vols,
       desktop: this.desktop,
       gateway: this.gateway,
+      agents: this.agents,
     };
   }
   readonly saveMachine: VolumeActions['saveMachine'] = (...a) => this.vols.saveMachine(...a);

@@ -20,7 +20,8 @@ export interface AnthropicToolUseBlock {
   type: 'tool_use';
   id: string;
   name: string;
-  input: Record<string, unknown>;
+  /** What the model sent: a JSON object from the API, anything from a client (checked where used). */
+  input: unknown;
 }
 
 export interface AnthropicToolResultBlock {

@@ -149,7 +149,8 @@ export class PreviewProxy implements FrontHandler {
     return { ports: all.map((port) => ({ port, public: open.has(port), url: this.urlOf(req, id, port) })) };
   }
 
-  private urlOf(req: IncomingMessage, id: string, port: number): string {
+  /** Where a client that reached the API with `req` opens port `port` of machine `id` (the agents use it too). */
+  urlOf(req: IncomingMessage, id: string, port: number): string {
     const proto = isTls(req) ? 'https' : 'http';
     const host = req.headers.host ?? 'localhost';
     const domain = this.deps.publicDomain;
