@@ -1,4 +1,5 @@
 import type { Log } from '../background.js';
+import type { DesktopActions } from '../desktop/desktop-actions.js';
 import type { DiskActions } from '../engine/disk-actions.js';
 import type { Engine } from '../engine/engine.js';
 import type { VolumeActions } from '../engine/volume-actions.js';
@@ -80,6 +81,7 @@ export const actionTable = {
   putVolumeFile: { audit: true, on: 'volumes' },
   getVolumeFile: { audit: false, on: 'volumes' },
   saveMachine: { audit: true },
+  openVnc: { audit: true, on: 'desktop' },
 } as const satisfies Record<string, { audit: boolean; on?: keyof ActionTargets }>;
 
 /**
@@ -90,6 +92,7 @@ export interface ActionTargets {
   engine: Engine;
   disks: DiskActions;
   volumes: VolumeActions;
+  desktop: DesktopActions;
 }
 
 export type ActionName = keyof typeof actionTable;

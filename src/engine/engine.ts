@@ -5,6 +5,7 @@ import type { Log } from '../background.js';
 import type { Config } from '../config.js';
 import type { ActionTargets } from '../core/dispatch.js';
 import type { Principal } from '../core/principal.js';
+import { DesktopActions } from '../desktop/desktop-actions.js';
 import { HutchError } from '../errors.js';
 import type { AgentConnection } from '../guest/agent-connection.js';
 import { GuestOps } from '../guest/guest-ops.js';
@@ -155,6 +156,7 @@ export class Engine {
   private readonly disks: Disks;
   private readonly diskActions: DiskActions;
   private readonly vols: VolumeActions;
+  private readonly desktop: DesktopActions;
 
   constructor(
     private readonly config: Config,
@@ -236,6 +238,12 @@ export class Engine {
       openSession: (q, id) => this.openSession(q, id),
       destroy: (q, id) => this.destroy(q, id),
       get: (q, id) => this.get(q, id),
+    });
+    this.desktop = new DesktopActions((q, id) => {
+      const row = this.findAny(q, id);
+      if (row.state !== 'running' && row.state !== 'paused')
+        throw new HutchError('MACHINE_NOT_RUNNING', `machine ${row.id} is ${row.state}`);
+      return join(row.run_dir, 'vnc.sock');
     });
   }
 
@@ -482,7 +490,7 @@ export class Engine {
 
   /** The objects the action table dispatches to (core/dispatch.ts `on`). */
   actionTargets(): ActionTargets {
-    return { engine: this, disks: this.diskActions, volumes: this.vols };
+    return { engine: this, disks: this.diskActions, volumes: this.vols, desktop: this.desktop };
   }
   readonly saveMachine: VolumeActions['saveMachine'] = (...a) => this.vols.saveMachine(...a);
 
