@@ -366,3 +366,62 @@ export class RfbClient {
     this.link.close();
   }
 }
+
+/** The token the API fixture below accepts (any other is 401): a JWT's shape, not a JWT. */
+export const fixtureToken = 'eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl';
+
+export interface VncApi {
+  /** http://127.0.0.1:PORT */
+  base: string;
+  /** ws://127.0.0.1:PORT/v1/machines/m1/vnc?token=… */
+  wsUrl: string;
+  /** Marks machine m1 gone (what `act.get` reports afterwards). */
+  setState(state: string): void;
+  close(): Promise<void>;
+}
+
+/**
+ * The real machines-API server (createApiServer) with only the real VNC route, its actions
+ * faked: one machine `m1` of user alice, whose VNC server is `sock`; every other id is
+ * NOT_FOUND. Bearer tokens are checked by a stand-in for AuthService.verifyBearer. The TCP
+ * listener has no anonymous principal, like a non-loopback one: every request needs a token.
+ */
+export async function startVncApi(sock: string): Promise<VncApi> {
+  const [{ createApiServer }, { machineRoutes }, { HutchError }, { localPrincipal }] = await Promise.all([
+    import('../../src/api/http/server.js'),
+    import('../../src/api/routes.js'),
+    import('../../src/errors.js'),
+    import('../../src/core/principal.js'),
+  ]);
+  const routes = machineRoutes.filter((r) => r.path === '/v1/machines/{id}/vnc');
+  let state = 'running';
+  const act = {
+    openVnc: (id: string) =>
+      id === 'm1'
+        ? openUnix(sock)
+        : Promise.reject(new HutchError('MACHINE_NOT_FOUND', `no machine ${JSON.stringify(id)}`)),
+    get: (id: string) => {
+      if (id !== 'm1' || state === 'destroyed') throw new HutchError('MACHINE_NOT_FOUND', `no machine ${id}`);
+      return { id, status: state };
+    },
+  };
+  const api = createApiServer(
+    routes,
+    () => ({ act }) as unknown as import('../../src/api/machine-channels.js').MachinesApp,
+    {
+      verifyBearer: async (h) => {
+        if (h !== `Bearer ${fixtureToken}`) throw new HutchError('UNAUTHENTICATED', 'invalid token');
+        return localPrincipal('alice', 'token');
+      },
+    },
+  );
+  const base = await api.listenTcp('127.0.0.1', 0);
+  return {
+    base,
+    wsUrl: `${base.replace(/^http/, 'ws')}/v1/machines/m1/vnc?token=${fixtureToken}`,
+    setState: (s) => {
+      state = s;
+    },
+    close: () => api.close(),
+  };
+}
