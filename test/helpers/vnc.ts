@@ -202,7 +202,9 @@ export interface FramebufferUpdate {
  * QEMU might send, SetColourMapEntries, Bell, ServerCutText) so messages can be counted.
  */
 export class RfbClient {
-  private buf: Buffer = Buffer.alloc(0);
+  /** Received and not yet parsed: chunks (never copied together until a field needs it). */
+  private chunks: Buffer[] = [];
+  private buffered = 0;
   private waiting: (() => void) | undefined;
   private closedFlag = false;
   readonly version: Promise<string>;
@@ -217,7 +219,8 @@ export class RfbClient {
     private readonly opts: { shared?: boolean } = {},
   ) {
     link.onData((b) => {
-      this.buf = this.buf.length ? Buffer.concat([this.buf, b]) : b;
+      this.chunks.push(b);
+      this.buffered += b.length;
       this.waiting?.();
     });
     link.onClose(() => {
@@ -237,17 +240,60 @@ export class RfbClient {
     return this.closedFlag;
   }
 
-  private async take(n: number): Promise<Buffer> {
-    while (this.buf.length < n) {
+  private async fill(n: number): Promise<void> {
+    while (this.buffered < n) {
       if (this.closedFlag) throw new Error(`RFB: connection closed (wanted ${n} bytes)`);
       await new Promise<void>((r) => {
         this.waiting = r;
       });
       this.waiting = undefined;
     }
-    const out = this.buf.subarray(0, n);
-    this.buf = this.buf.subarray(n);
+  }
+
+  /** The next `n` bytes. */
+  private async take(n: number): Promise<Buffer> {
+    await this.fill(n);
+    const first = this.chunks[0] as Buffer;
+    let out: Buffer;
+    if (first.length >= n) out = first.subarray(0, n);
+    else {
+      out = Buffer.alloc(n);
+      let off = 0;
+      for (const c of this.chunks) {
+        const k = Math.min(c.length, n - off);
+        c.copy(out, off, 0, k);
+        off += k;
+        if (off === n) break;
+      }
+    }
+    this.drop(n);
     return out;
+  }
+
+  /** Skips `n` bytes (pixel data) without copying them. */
+  private async skip(n: number): Promise<void> {
+    let left = n;
+    while (left > 0) {
+      await this.fill(1);
+      const k = Math.min(left, this.buffered);
+      this.drop(k);
+      left -= k;
+    }
+  }
+
+  private drop(n: number): void {
+    this.buffered -= n;
+    let left = n;
+    while (left > 0) {
+      const c = this.chunks[0] as Buffer;
+      if (c.length <= left) {
+        this.chunks.shift();
+        left -= c.length;
+      } else {
+        this.chunks[0] = c.subarray(left);
+        left = 0;
+      }
+    }
   }
 
   /** Version, security None, ClientInit (shared unless told), ServerInit. */
@@ -328,7 +374,7 @@ export class RfbClient {
             const enc = r.readInt32BE(8);
             if (enc === 0) {
               const n = w * hh * this.bpp;
-              await this.take(n);
+              await this.skip(n);
               bytes += n;
             } else if (enc === -223) {
               // DesktopSize: the new size is the rectangle's.
