@@ -16,10 +16,6 @@
  *
  *   npm run bench:vnc [-- --runs 5 --seconds 3]
  */
-import { mkdtempSync, rmSync } from 'node:fs';
-import { createServer, type Server, type Socket } from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import {
   type BareVnc,
@@ -28,6 +24,7 @@ import {
   RfbClient,
   socketLink,
   startBareVnc,
+  startSyntheticRfb,
   startVncApi,
   type VncApi,
 } from '../test/helpers/vnc.js';
@@ -65,84 +62,6 @@ async function measure(rfb: RfbClient): Promise<Run> {
   const dt = (performance.now() - t0) / 1000;
   rfb.close();
   return { fps: (rfb.updates - frames0) / dt, bytesPerSecond: (rfb.updateBytes - bytes0) / dt };
-}
-
-/**
- * An RFB server that answers every FramebufferUpdateRequest at once with a full raw 1024x768x32
- * frame (3 MiB): QEMU serves requests on its refresh timer (a static screen backs it off to a
- * few a second), so this is what shows the bridge's own ceiling. In this process, like the rest.
- */
-async function startSyntheticRfb(): Promise<{ sock: string; close(): Promise<void> }> {
-  const dir = mkdtempSync(join(tmpdir(), 'hutch-vnc-bench-'));
-  const sock = join(dir, 'rfb.sock');
-  const w = 1024;
-  const h = 768;
-  const frame = Buffer.alloc(4 + 12 + w * h * 4);
-  frame.writeUInt16BE(1, 2);
-  frame.writeUInt16BE(w, 8);
-  frame.writeUInt16BE(h, 10);
-  for (let i = 16; i < frame.length; i += 4) frame.writeUInt32LE((i * 2654435761) >>> 0, i);
-  const init = Buffer.alloc(24 + 9);
-  init.writeUInt16BE(w, 0);
-  init.writeUInt16BE(h, 2);
-  init.set([32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0], 4);
-  init.writeUInt32BE(9, 20);
-  init.write('synthetic', 24);
-  const serve = (c: Socket): void => {
-    c.on('error', () => {});
-    let buf = Buffer.alloc(0);
-    let stage = 0;
-    let answering = Promise.resolve();
-    c.write('RFB 003.008\n');
-    c.on('data', (d: Buffer) => {
-      buf = Buffer.concat([buf, d]);
-      for (;;) {
-        const need = stage === 0 ? 12 : stage === 1 || stage === 2 ? 1 : messageSize(buf);
-        if (need === undefined || buf.length < need) return;
-        const msg = buf.subarray(0, need);
-        buf = buf.subarray(need);
-        if (stage === 0) c.write(Buffer.from([1, 1]));
-        else if (stage === 1) c.write(Buffer.alloc(4));
-        else if (stage === 2) c.write(init);
-        else if (msg[0] === 3)
-          answering = answering.then(
-            () => new Promise<void>((r) => (c.write(frame) ? r() : c.once('drain', () => r()))),
-          );
-        if (stage < 3) stage++;
-      }
-    });
-  };
-  const server: Server = createServer(serve);
-  await new Promise<void>((r) => server.listen(sock, () => r()));
-  return {
-    sock,
-    close: async () => {
-      await new Promise<void>((r) => server.close(() => r()));
-      rmSync(dir, { recursive: true, force: true });
-    },
-  };
-}
-
-/** The size of the client message at the head of `b`, once its header is there. */
-function messageSize(b: Buffer): number | undefined {
-  switch (b[0]) {
-    case undefined:
-      return undefined;
-    case 0:
-      return 20;
-    case 2:
-      return b.length < 4 ? undefined : 4 + 4 * b.readUInt16BE(2);
-    case 3:
-      return 10;
-    case 4:
-      return 8;
-    case 5:
-      return 6;
-    case 6:
-      return b.length < 8 ? undefined : 8 + b.readUInt32BE(4);
-    default:
-      throw new Error(`synthetic RFB: unknown client message ${b[0]}`);
-  }
 }
 
 async function compare(label: string, sock: string | undefined, wsUrl: string | undefined): Promise<void> {
