@@ -73,6 +73,7 @@ export function bridgeVnc(ws: WebSocket, socket: Duplex, opts: VncBridgeOptions 
     });
   });
   const serverEnded = (): void => {
+    if (ended) return;
     const gone = opts.goneReason?.();
     if (gone !== undefined) end(closeCodes.goingAway, gone);
     else end(closeCodes.normal, 'the VNC server closed the connection');
