@@ -9,7 +9,10 @@ say() { [ "$quiet" = --quiet ] || echo "[setup] $*"; }
 
 pkgs=(qemu-system-x86 qemu-utils mmdebstrap musl-tools linux-source-6.1 flex bison libelf-dev libssl-dev
       build-essential bc cpio e2fsprogs kmod xz-utils python3
-      skopeo umoci docker-registry tmux curl nftables iproute2 util-linux)
+      skopeo umoci docker-registry tmux curl nftables iproute2 util-linux
+      chromium)
+# chromium: the tests' browser (test/helpers/novnc.ts renders noVNC in it, headless, through
+# puppeteer-core). It runs as root here, so the harness passes --no-sandbox.
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -1,6 +1,7 @@
 import { z } from 'zod';
 import { accountRoutes } from './account-routes.js';
 import { computerAgent, computerAgentQuery, shellAgent, shellAgentQuery } from './agent-channels.js';
+import { vnc } from './desktop-channels.js';
 import { desktopRoutes } from './desktop-routes.js';
 import { diskRoutes } from './disk-routes.js';
 import { gatewayRoutes } from './gateway-routes.js';
@@ -286,6 +287,18 @@ export const machineRoutes: ApiRoute<MachinesApp>[] = [
       'machine at a time (409 AGENT_BUSY).',
     query: shellAgentQuery,
     handle: shellAgent,
+  }),
+  route.websocket({
+    path: '/v1/machines/{id}/vnc',
+    summary: "WebSocket: the machine's screen, keyboard and mouse over VNC (RFB, as noVNC speaks it)",
+    description:
+      "Binary frames both ways carrying RFB 3.8 (security None: hutch's authentication is the " +
+      'credential; browsers, which cannot set headers on a WebSocket, pass ?token=<JWT>). Text frames ' +
+      'are refused (close 1003). Any number of viewers, all shared: a client asking for exclusive ' +
+      'access is refused by the VNC server, the others stay. 409 NO_DISPLAY when the machine has no ' +
+      'display. Closes with 1000 when the VNC server ends the connection, 1001 with a reason when the ' +
+      'machine goes away.',
+    handle: vnc,
   }),
   ...accountRoutes,
   ...previewRoutes,

@@ -105,9 +105,16 @@ export function createApiServer<A extends object>(
     return { params, query, body, req };
   }
 
-  async function principalOf(req: IncomingMessage, anonymous: Anonymous): Promise<Principal> {
+  /**
+   * The caller: the `authorization` header, else (WebSocket upgrades only: browsers cannot set
+   * headers on a WebSocket) a `?token=<JWT>` verified exactly like a bearer token, else the
+   * listener's anonymous principal, else 401.
+   */
+  async function principalOf(req: IncomingMessage, anonymous: Anonymous, upgrade?: URL): Promise<Principal> {
     const h = req.headers.authorization;
     if (h !== undefined) return opts.verifyBearer(h);
+    const token = upgrade?.searchParams.get('token');
+    if (token !== undefined && token !== null) return opts.verifyBearer(`Bearer ${token}`);
     const p = anonymous(req);
     if (p) return p;
     throw new HutchError(
@@ -116,8 +123,13 @@ export function createApiServer<A extends object>(
     );
   }
 
-  async function appOf(route: ApiRoute<A>, req: IncomingMessage, anonymous: Anonymous): Promise<A> {
-    return appFor(route.public ? null : await principalOf(req, anonymous));
+  async function appOf(
+    route: ApiRoute<A>,
+    req: IncomingMessage,
+    anonymous: Anonymous,
+    upgrade?: URL,
+  ): Promise<A> {
+    return appFor(route.public ? null : await principalOf(req, anonymous, upgrade));
   }
 
   async function handle(req: IncomingMessage, res: ServerResponse, anonymous: Anonymous): Promise<void> {
@@ -229,7 +241,7 @@ export function createApiServer<A extends object>(
       checkHandshake(req);
       const route = m.route;
       if (route.kind !== 'websocket') return;
-      const app = await appOf(route, req, anonymous);
+      const app = await appOf(route, req, anonymous, url);
       const accept = (): Promise<WebSocket> =>
         new Promise<WebSocket>((resolve, reject) => {
           if (!socket.readable || !socket.writable) {
