@@ -19,6 +19,7 @@ import {
   toolUse,
 } from '../helpers/agent-client.js';
 import { cleanup, startDaemon, type TestDaemon } from '../helpers/daemon.js';
+import { startDesktopDaemon } from '../helpers/desktop.js';
 
 const key = 'sk-ant-test-agents';
 
@@ -50,13 +51,11 @@ describe('agents on real guests', () => {
   let bob: Awaited<ReturnType<typeof userWithToken>>;
   before(async () => {
     mock = await startMockLlm({ anthropicKey: key });
-    d = await startDaemon({
-      env: {
-        HUTCH_REQUIRE_AUTH: '1',
-        HUTCH_ANTHROPIC_BASE_URL: mock.anthropicBaseUrl,
-        HUTCH_ANTHROPIC_KEY: key,
-        HUTCH_AGENT_SETTLE_MS: '500',
-      },
+    d = await startDesktopDaemon({
+      HUTCH_REQUIRE_AUTH: '1',
+      HUTCH_ANTHROPIC_BASE_URL: mock.anthropicBaseUrl,
+      HUTCH_ANTHROPIC_KEY: key,
+      HUTCH_AGENT_SETTLE_MS: '500',
     });
     alice = await userWithToken(d, 'alice');
     bob = await userWithToken(d, 'bob');

@@ -10,7 +10,8 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { decodePng, pngSize } from '../../src/desktop/png.js';
 import { authed, userWithToken } from '../helpers/accounts.js';
-import { cleanup, type Json, startDaemon, type TestDaemon, waitFor } from '../helpers/daemon.js';
+import { cleanup, type Json, type TestDaemon, waitFor } from '../helpers/daemon.js';
+import { startDesktopDaemon } from '../helpers/desktop.js';
 
 describe('desktop machines', () => {
   let d: TestDaemon;
@@ -48,20 +49,9 @@ describe('desktop machines', () => {
   let desk: string;
 
   before(async () => {
-    d = await startDaemon({ env: { HUTCH_TEMPLATES: 'python,desktop' } });
+    d = await startDesktopDaemon();
     alice = (await userWithToken(d, 'alice')).token;
     bob = (await userWithToken(d, 'bob')).token;
-    // The desktop's snapshot is taken at start (a cold boot of the desktop, ~30 s under TCG).
-    await waitFor(
-      'the desktop snapshot',
-      async () => {
-        const h = await A('GET', '/healthz');
-        const s = (h.body.snapshots as Record<string, string>)?.desktop;
-        if (s === 'failed') throw new Error(`desktop snapshot failed: ${d.log().slice(-3000)}`);
-        return s === 'ready' ? true : undefined;
-      },
-      300_000,
-    );
   });
   after(async () => {
     await cleanup(d);

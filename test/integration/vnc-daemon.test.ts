@@ -1,12 +1,11 @@
 import assert from 'node:assert/strict';
-import { symlinkSync } from 'node:fs';
-import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { WebSocket } from 'ws';
 import { userWithToken } from '../helpers/accounts.js';
-import { cleanup, startDaemon, type TestDaemon } from '../helpers/daemon.js';
-import { renderNoVnc } from '../helpers/novnc.js';
-import { type BareVnc, connectRfb, startBareVnc } from '../helpers/vnc.js';
+import { cleanup, type TestDaemon, waitFor } from '../helpers/daemon.js';
+import { startDesktopDaemon } from '../helpers/desktop.js';
+import { openNoVnc } from '../helpers/novnc.js';
+import { connectRfb } from '../helpers/vnc.js';
 
 /** The status and code an upgrade was refused with. */
 function refused(url: string): Promise<{ status: number; code: string }> {
@@ -24,30 +23,45 @@ function refused(url: string): Promise<{ status: number; code: string }> {
   });
 }
 
+/**
+ * The VNC channel on the real daemon and a real desktop: RFB through the WebSocket route with
+ * ?token=, noVNC in headless Chromium showing the desktop and driving it (a click and typed keys
+ * reach the guest), several viewers at once, and the refusals (no display, another user, no token).
+ */
 describe('the real daemon: GET /v1/machines/{id}/vnc with ?token= (engine, auth, route, bridge)', () => {
   let d: TestDaemon;
-  let qemu: BareVnc;
   let alice: { token: string };
   let bob: { token: string };
   let id: string;
+  let desk: string;
   let ws: string;
-  before(async () => {
-    d = await startDaemon();
-    ws = d.url.replace(/^http/, 'ws');
-    alice = await userWithToken(d, 'alice');
-    bob = await userWithToken(d, 'bob');
+  const create = async (template: string): Promise<string> => {
     const r = await fetch(new URL('/v1/machines', d.url), {
       method: 'POST',
       headers: { 'content-type': 'application/json', authorization: `Bearer ${alice.token}` },
-      body: JSON.stringify({ template: 'python', ttl_seconds: 300 }),
+      body: JSON.stringify({ template, ttl_seconds: 900 }),
     });
     const body = (await r.json()) as { id: string };
     assert.equal(r.status, 201, JSON.stringify(body));
-    id = body.id;
-    qemu = await startBareVnc();
+    return body.id;
+  };
+  const exec = async (m: string, cmd: string): Promise<{ exit_code: number; stdout: string }> => {
+    const r = await fetch(new URL(`/v1/machines/${m}/exec`, d.url), {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', authorization: `Bearer ${alice.token}` },
+      body: JSON.stringify({ cmd }),
+    });
+    return (await r.json()) as { exit_code: number; stdout: string };
+  };
+  before(async () => {
+    d = await startDesktopDaemon();
+    ws = d.url.replace(/^http/, 'ws');
+    alice = await userWithToken(d, 'alice');
+    bob = await userWithToken(d, 'bob');
+    id = await create('python');
+    desk = await create('desktop');
   });
   after(async () => {
-    await qemu?.stop();
     if (d) await cleanup(d);
   });
 
@@ -60,34 +74,68 @@ describe('the real daemon: GET /v1/machines/{id}/vnc with ?token= (engine, auth,
     assert.equal((await refused(`${ws}/v1/machines/${id}/vnc?token=a.b.c`)).status, 401);
   });
 
-  test('with a VNC server in its run dir, RFB and noVNC work through the daemon', async () => {
-    // Stand-in for the display QEMU will have: the run dir's vnc.sock leads to a bare QEMU's.
-    symlinkSync(qemu.sock, join(d.stateDir, 'run', id, 'vnc.sock'));
-    const url = `${ws}/v1/machines/${id}/vnc?token=${alice.token}`;
-    const rfb = await connectRfb(url);
-    assert.equal((await rfb.handshake()).name, 'QEMU');
-    const next = rfb.nextUpdate();
-    rfb.request(false);
-    await next;
-    rfb.close();
-    const r = await renderNoVnc(url, { timeoutMs: 30_000 });
-    assert.equal(r.connected, true);
-    assert.ok(r.canvas.nonBlankPixels > 200);
+  test("RFB through the daemon: the desktop's 1024x768 screen, two viewers at once", async () => {
+    const url = `${ws}/v1/machines/${desk}/vnc?token=${alice.token}`;
+    const one = await connectRfb(url);
+    const two = await connectRfb(url);
+    const init = await one.handshake();
+    assert.equal(init.width, 1024);
+    assert.equal(init.height, 768);
+    assert.equal((await two.handshake()).width, 1024);
+    for (const v of [one, two]) {
+      const next = v.nextUpdate();
+      v.request(false);
+      await next;
+    }
+    one.close();
+    two.close();
+  });
+
+  test('noVNC in headless Chromium shows the desktop and drives it', async () => {
+    const v = await openNoVnc(`${ws}/v1/machines/${desk}/vnc?token=${alice.token}`, { timeoutMs: 60_000 });
+    try {
+      assert.equal(v.connected, true);
+      const canvas = await waitFor(
+        'the desktop on the canvas',
+        async () => {
+          const c = await v.canvas();
+          return c.width === 1024 && c.colours > 3 ? c : undefined;
+        },
+        30_000,
+      );
+      assert.equal(canvas.height, 768);
+      // The page itself shows it (what a person would see).
+      const page = await v.screenshot();
+      assert.ok(page.length > 5000, 'a page screenshot with the desktop in it');
+      // A click through noVNC focuses the terminal; keys typed there run a command in the guest.
+      await v.click(400, 300);
+      await v.type('echo novnc-was-here > /tmp/novnc.txt');
+      await v.press('Enter');
+      const out = await waitFor(
+        'the command typed through noVNC',
+        async () => {
+          const r = await exec(desk, 'cat /tmp/novnc.txt 2>/dev/null');
+          return r.exit_code === 0 ? r.stdout : undefined;
+        },
+        30_000,
+      );
+      assert.equal(out, 'novnc-was-here\n');
+    } finally {
+      await v.close();
+    }
   });
 
   test('the VNC server ending with a destroyed machine: the viewer gets 1001 and the reason', async () => {
-    const rfb = await connectRfb(`${ws}/v1/machines/${id}/vnc?token=${alice.token}`);
+    const rfb = await connectRfb(`${ws}/v1/machines/${desk}/vnc?token=${alice.token}`);
     await rfb.handshake();
     const closed = new Promise<{ code: number; reason: string }>((r) =>
       rfb.ws.once('close', (code, reason) => r({ code, reason: reason.toString() })),
     );
-    const del = await fetch(new URL(`/v1/machines/${id}`, d.url), {
+    const del = await fetch(new URL(`/v1/machines/${desk}`, d.url), {
       method: 'DELETE',
       headers: { authorization: `Bearer ${alice.token}` },
     });
     assert.equal(del.status, 204);
-    // A desktop's VNC server is its QEMU, which the destroy ends: the stand-in ends here.
-    await qemu.stop();
     const c = await Promise.race([
       closed,
       new Promise<{ code: number; reason: string }>((r) =>
@@ -95,6 +143,6 @@ describe('the real daemon: GET /v1/machines/{id}/vnc with ?token= (engine, auth,
       ),
     ]);
     assert.equal(c.code, 1001, c.reason);
-    assert.match(c.reason, new RegExp(`machine ${id} went away`));
+    assert.match(c.reason, new RegExp(`machine ${desk} went away`));
   });
 });
