@@ -109,17 +109,19 @@ describe('the real daemon: GET /v1/machines/{id}/vnc with ?token= (engine, auth,
       assert.ok(page.length > 5000, 'a page screenshot with the desktop in it');
       // A click through noVNC focuses the terminal; keys typed there run a command in the guest.
       await v.click(400, 300);
-      await v.type('echo novnc-was-here > /tmp/novnc.txt');
+      // Unshifted characters only: Puppeteer types "A" or ">" without pressing Shift, and QEMU
+      // follows the key's scancode (noVNC sends both), as it should for a real keyboard.
+      await v.type('touch /tmp/novnc-was-here');
       await v.press('Enter');
       const out = await waitFor(
         'the command typed through noVNC',
         async () => {
-          const r = await exec(desk, 'cat /tmp/novnc.txt 2>/dev/null');
+          const r = await exec(desk, 'ls /tmp/novnc-was-here 2>/dev/null');
           return r.exit_code === 0 ? r.stdout : undefined;
         },
         30_000,
       );
-      assert.equal(out, 'novnc-was-here\n');
+      assert.equal(out, '/tmp/novnc-was-here\n');
     } finally {
       await v.close();
     }
