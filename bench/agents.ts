@@ -15,7 +15,8 @@ import { parseArgs } from 'node:util';
 import type { AgentEvent } from '../src/agents/agent-events.js';
 import { authed, userWithToken } from '../test/helpers/accounts.js';
 import { agentUrl, endTurn, message, runAgent, startMockLlm, toolUse } from '../test/helpers/agent-client.js';
-import { cleanup, startDaemon, type TestDaemon } from '../test/helpers/daemon.js';
+import { cleanup, type TestDaemon } from '../test/helpers/daemon.js';
+import { startDesktopDaemon } from '../test/helpers/desktop.js';
 import { median, quantile } from './bench-lib.js';
 
 const { values } = parseArgs({ options: { steps: { type: 'string', default: '40' } } });
@@ -66,13 +67,11 @@ async function machine(d: TestDaemon, token: string, template: string): Promise<
 }
 
 const mock = await startMockLlm({ anthropicKey: key });
-const d = await startDaemon({
-  env: {
-    HUTCH_ANTHROPIC_BASE_URL: mock.anthropicBaseUrl,
-    HUTCH_ANTHROPIC_KEY: key,
-    HUTCH_AGENT_SETTLE_MS: '0',
-    HUTCH_REQUIRE_AUTH: '1',
-  },
+const d = await startDesktopDaemon({
+  HUTCH_ANTHROPIC_BASE_URL: mock.anthropicBaseUrl,
+  HUTCH_ANTHROPIC_KEY: key,
+  HUTCH_AGENT_SETTLE_MS: '0',
+  HUTCH_REQUIRE_AUTH: '1',
 });
 try {
   const u = await userWithToken(d, 'bench');
