@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Runs the whole suite: builds the template and the debian:bookworm image once into the shared
+// Runs the whole suite: builds the templates and the debian:bookworm image once into the shared
 // image cache (every daemon the tests start reuses them), then runs unit and integration tests
 // with node's test runner, one file at a time (the VM tests share 2 cores; running them side by
 // side only makes each slower).
@@ -11,7 +11,11 @@ const imageDir = process.env.HUTCH_IMAGE_DIR ?? '/var/lib/hutch/images';
 const env = { ...process.env, HUTCH_IMAGE_DIR: imageDir };
 const only = process.argv.slice(2);
 
-const build = spawnSync('node', ['bin/hutch.js', 'template', 'build', 'python'], { stdio: 'inherit', env });
+// Both templates: the desktop tests' daemons would otherwise build it inside their start.
+const build = spawnSync('node', ['bin/hutch.js', 'template', 'build', 'python', 'desktop'], {
+  stdio: 'inherit',
+  env,
+});
 if (build.status !== 0) {
   console.error('template build failed');
   process.exit(1);
