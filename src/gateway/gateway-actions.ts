@@ -35,6 +35,11 @@ export interface UsageReport {
 /** A status for the usage row of a request whose client went away first (nginx's convention). */
 const clientClosed = 499;
 
+/** What a stream's body tells its guard: the status to record. */
+interface StreamState {
+  status: number;
+}
+
 /**
  * The model gateway's actions (core/dispatch.ts `on: 'gateway'`): OpenAI chat completions served
  * by Anthropic (translated) or OpenRouter (passed through), the usable models, each user's usage,
@@ -144,6 +149,37 @@ export class GatewayActions {
     }
   }
 
+  /**
+   * A stream as the client gets it: an upstream failure becomes an error chunk (unless the
+   * client has gone), and however it ends the upstream call is closed and the request recorded
+   * with the tokens counted so far.
+   */
+  private async *guarded(
+    p: Principal,
+    call: UpstreamCall,
+    what: { model: string; upstream: 'anthropic' | 'openrouter' },
+    t0: number,
+    body: (state: StreamState) => AsyncGenerator<string>,
+    used: () => { prompt_tokens?: number; completion_tokens?: number } | undefined,
+  ): AsyncGenerator<string> {
+    const state: StreamState = { status: 200 };
+    try {
+      yield* body(state);
+    } catch (e) {
+      if (call.clientGone) return;
+      const err = toHutchError(e);
+      state.status = err.httpStatus;
+      yield errorChunk(err);
+    } finally {
+      call.close();
+      this.record(
+        p,
+        { ...what, ...tokens(used()), status: call.clientGone ? clientClosed : state.status, source: 'api' },
+        t0,
+      );
+    }
+  }
+
   private recordFailure(
     p: Principal,
     call: UpstreamCall,
@@ -204,59 +240,47 @@ export class GatewayActions {
       return { stream: false, body: out };
     }
     const translator = new AnthropicStreamTranslator(req.model, req.stream_options?.include_usage === true);
-    const self = this;
-    async function* events(): AsyncGenerator<string> {
-      let status = 200;
-      try {
-        for await (const ev of call.events(res)) {
-          let parsed: AnthropicStreamEvent;
-          try {
-            parsed = JSON.parse(ev.data) as AnthropicStreamEvent;
-          } catch {
-            throw new HutchError('UPSTREAM_FAILED', 'anthropic sent a stream event that is not JSON');
-          }
-          if (parsed === null || typeof parsed !== 'object')
-            throw new HutchError('UPSTREAM_FAILED', 'anthropic sent a stream event that is not an object');
-          for (const step of translator.step(parsed)) {
-            if ('chunk' in step) yield JSON.stringify(step.chunk);
-            else if ('error' in step) {
-              const type = step.error.type;
-              const e = new HutchError(
-                type === 'rate_limit_error' ? 'UPSTREAM_RATE_LIMITED' : 'UPSTREAM_FAILED',
-                `anthropic: ${step.error.message}`,
-              );
-              status = e.httpStatus;
-              yield errorChunk(e);
-              return;
-            } else {
-              yield '[DONE]';
-              return;
-            }
+    async function* events(state: StreamState): AsyncGenerator<string> {
+      for await (const ev of call.events(res)) {
+        let parsed: AnthropicStreamEvent;
+        try {
+          parsed = JSON.parse(ev.data) as AnthropicStreamEvent;
+        } catch {
+          throw new HutchError('UPSTREAM_FAILED', 'anthropic sent a stream event that is not JSON');
+        }
+        if (parsed === null || typeof parsed !== 'object')
+          throw new HutchError('UPSTREAM_FAILED', 'anthropic sent a stream event that is not an object');
+        for (const step of translator.step(parsed)) {
+          if ('chunk' in step) yield JSON.stringify(step.chunk);
+          else if ('error' in step) {
+            const type = step.error.type;
+            const e = new HutchError(
+              type === 'rate_limit_error' ? 'UPSTREAM_RATE_LIMITED' : 'UPSTREAM_FAILED',
+              `anthropic: ${step.error.message}`,
+            );
+            state.status = e.httpStatus;
+            yield errorChunk(e);
+            return;
+          } else {
+            yield '[DONE]';
+            return;
           }
         }
-        if (!translator.finished)
-          throw new HutchError('UPSTREAM_FAILED', 'anthropic ended the stream before message_stop');
-      } catch (e) {
-        if (call.clientGone) return;
-        const err = toHutchError(e);
-        status = err.httpStatus;
-        yield errorChunk(err);
-      } finally {
-        call.close();
-        self.record(
-          p,
-          {
-            model: req.model,
-            upstream: 'anthropic',
-            ...tokens(translator.tokens),
-            status: call.clientGone ? clientClosed : status,
-            source: 'api',
-          },
-          t0,
-        );
       }
+      if (!translator.finished)
+        throw new HutchError('UPSTREAM_FAILED', 'anthropic ended the stream before message_stop');
     }
-    return { stream: true, events: events() };
+    return {
+      stream: true,
+      events: this.guarded(
+        p,
+        call,
+        { model: req.model, upstream: 'anthropic' },
+        t0,
+        events,
+        () => translator.tokens,
+      ),
+    };
   }
 
   private async viaOpenRouter(
@@ -298,57 +322,38 @@ export class GatewayActions {
       );
       return { stream: false, body: out };
     }
-    const self = this;
-    async function* events(): AsyncGenerator<string> {
-      let status = 200;
-      let used: { prompt_tokens?: number; completion_tokens?: number } | undefined;
-      try {
-        for await (const ev of call.events(res)) {
-          if (ev.data === '[DONE]') {
-            yield '[DONE]';
-            return;
-          }
-          let chunk: { usage?: typeof used; choices?: unknown[]; error?: unknown };
-          try {
-            chunk = JSON.parse(ev.data) as typeof chunk;
-          } catch {
-            throw new HutchError('UPSTREAM_FAILED', 'openrouter sent a stream chunk that is not JSON');
-          }
-          if (chunk === null || typeof chunk !== 'object')
-            throw new HutchError('UPSTREAM_FAILED', 'openrouter sent a stream chunk that is not an object');
-          if (chunk.usage) used = chunk.usage;
-          if (chunk.error !== undefined) {
-            // OpenRouter's mid-stream error is already in OpenAI's shape: passed on, then the end.
-            status = 502;
-            yield ev.data;
-            return;
-          }
-          if (!wantsUsage && chunk.usage && Array.isArray(chunk.choices) && chunk.choices.length === 0)
-            continue;
-          yield ev.data;
+    let used: { prompt_tokens?: number; completion_tokens?: number } | undefined;
+    async function* events(state: StreamState): AsyncGenerator<string> {
+      for await (const ev of call.events(res)) {
+        if (ev.data === '[DONE]') {
+          yield '[DONE]';
+          return;
         }
-        throw new HutchError('UPSTREAM_FAILED', 'openrouter ended the stream without [DONE]');
-      } catch (e) {
-        if (call.clientGone) return;
-        const err = toHutchError(e);
-        status = err.httpStatus;
-        yield errorChunk(err);
-      } finally {
-        call.close();
-        self.record(
-          p,
-          {
-            model: req.model,
-            upstream: 'openrouter',
-            ...tokens(used),
-            status: call.clientGone ? clientClosed : status,
-            source: 'api',
-          },
-          t0,
-        );
+        let chunk: { usage?: typeof used; choices?: unknown[]; error?: unknown };
+        try {
+          chunk = JSON.parse(ev.data) as typeof chunk;
+        } catch {
+          throw new HutchError('UPSTREAM_FAILED', 'openrouter sent a stream chunk that is not JSON');
+        }
+        if (chunk === null || typeof chunk !== 'object')
+          throw new HutchError('UPSTREAM_FAILED', 'openrouter sent a stream chunk that is not an object');
+        if (chunk.usage) used = chunk.usage;
+        if (chunk.error !== undefined) {
+          // OpenRouter's mid-stream error is already in OpenAI's shape: passed on, then the end.
+          state.status = 502;
+          yield ev.data;
+          return;
+        }
+        if (!wantsUsage && chunk.usage && Array.isArray(chunk.choices) && chunk.choices.length === 0)
+          continue;
+        yield ev.data;
       }
+      throw new HutchError('UPSTREAM_FAILED', 'openrouter ended the stream without [DONE]');
     }
-    return { stream: true, events: events() };
+    return {
+      stream: true,
+      events: this.guarded(p, call, { model: req.model, upstream: 'openrouter' }, t0, events, () => used),
+    };
   }
 
   /**
