@@ -327,14 +327,11 @@ export class AgentRun {
       case 'screenshot':
         break;
       case 'zoom': {
-        // Cropping needs a PNG codec the daemon does not carry: the screen at full resolution
-        // instead, and the model is told so.
-        const img = this.image(step, await this.host.screenshot({}));
+        // The region at the screen's own resolution, scaled down only past the width the
+        // model's screenshots have.
+        const img = this.image(step, await this.host.screenshot({ region: plan.region, maxWidth: g.width }));
         this.events.push({ type: 'result', step, ok: true });
-        return [
-          { type: 'text', text: 'zoom: the whole screen at full resolution (regions are not cropped)' },
-          img,
-        ];
+        return [img];
       }
     }
     // By width: the image is exactly as wide as the model was told (a scale could round to one less).

@@ -81,7 +81,8 @@ export const maxWaitSeconds = 60;
 export type ComputerPlan =
   | { kind: 'input'; actions: InputAction[] }
   | { kind: 'screenshot' }
-  | { kind: 'zoom' }
+  /** A close look at `region` (screen pixels). */
+  | { kind: 'zoom'; region: { x: number; y: number; width: number; height: number } }
   | { kind: 'cursor_position' }
   | { kind: 'wait'; ms: number };
 
@@ -200,9 +201,10 @@ export function planComputerAction(
       const r = o.region;
       if (!Array.isArray(r) || r.length !== 4 || !r.every((n) => typeof n === 'number' && Number.isFinite(n)))
         throw new ToolInputError('region must be [x1, y1, x2, y2]');
-      toScreen(g, [r[0], r[1]], 'region');
-      toScreen(g, [Math.max(0, (r[2] as number) - 1), Math.max(0, (r[3] as number) - 1)], 'region');
-      return { kind: 'zoom' };
+      const a = toScreen(g, [r[0], r[1]], 'region');
+      const b = toScreen(g, [Math.max(0, (r[2] as number) - 1), Math.max(0, (r[3] as number) - 1)], 'region');
+      if (b.x < a.x || b.y < a.y) throw new ToolInputError('region must be [x1, y1, x2, y2] with x1 ≤ x2, y1 ≤ y2');
+      return { kind: 'zoom', region: { x: a.x, y: a.y, width: b.x - a.x + 1, height: b.y - a.y + 1 } };
     }
     default:
       throw new ToolInputError(`unknown action ${JSON.stringify(action).slice(0, 80)}`);

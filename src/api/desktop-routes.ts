@@ -11,6 +11,11 @@ export const screenshotQuery = z
       .int()
       .optional()
       .describe('Scale down (keeping the aspect) to at most this many pixels wide; for models.'),
+    region: z
+      .string()
+      .regex(/^\d{1,5},\d{1,5},\d{1,5},\d{1,5}$/, 'x,y,width,height in screen pixels')
+      .optional()
+      .describe('Only this part of the screen: "x,y,width,height" in screen pixels (then scaled, if asked).'),
   })
   .strict();
 
@@ -53,6 +58,11 @@ export const inputResultSchema = z.object({
     .describe('Where the pointer is after the actions (as hutch moved it).'),
 });
 
+function regionOf(text: string): { x: number; y: number; width: number; height: number } {
+  const [x, y, width, height] = text.split(',').map(Number) as [number, number, number, number];
+  return { x, y, width, height };
+}
+
 /** A desktop machine's screen: screenshots and input (engine: src/desktop/desktop-actions.ts). */
 export function desktopRoutes<A extends { act: Actions }>(): ApiRoute<A>[] {
   const route = routesOf<A>();
@@ -76,6 +86,7 @@ export function desktopRoutes<A extends { act: Actions }>(): ApiRoute<A>[] {
         const shot = await act.screenshot(params.id ?? '', {
           ...(query.scale !== undefined ? { scale: query.scale } : {}),
           ...(query.max_width !== undefined ? { maxWidth: query.max_width } : {}),
+          ...(query.region !== undefined ? { region: regionOf(query.region) } : {}),
         });
         res.writeHead(200, {
           'content-type': 'image/png',

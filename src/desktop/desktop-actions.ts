@@ -10,7 +10,7 @@ import { HutchError } from '../errors.js';
 import type { Qmp } from '../vmm/hypervisor.js';
 import { runPaths } from '../vmm/qemu.js';
 import type { InputAction, InputResult, Screenshot, ScreenshotOptions } from './input-types.js';
-import { encodePng, parsePpm, pngSize, scaleDown } from './png.js';
+import { crop, encodePng, parsePpm, pngSize, scaleDown } from './png.js';
 import { inputSteps } from './qmp-input.js';
 import { parseScreen, type ScreenSize } from './screen-size.js';
 
@@ -59,11 +59,25 @@ export class DesktopActions {
       throw new HutchError('INVALID_ARGUMENT', 'scale: a number above 0, at most 1');
     if (opts.maxWidth !== undefined && !(Number.isInteger(opts.maxWidth) && opts.maxWidth >= 16))
       throw new HutchError('INVALID_ARGUMENT', 'max_width: an integer of at least 16 pixels');
+    const r = opts.region;
+    if (
+      r &&
+      !(
+        [r.x, r.y, r.width, r.height].every((v) => Number.isInteger(v)) &&
+        r.x >= 0 &&
+        r.y >= 0 &&
+        r.width >= 1 &&
+        r.height >= 1
+      )
+    )
+      throw new HutchError('INVALID_ARGUMENT', 'region: x, y ≥ 0 and width, height ≥ 1, in whole pixels');
     const h = await this.held(p, idOrName);
     try {
       const qmp = await this.d.qmpOf(h.m);
       const scaled =
-        (opts.scale !== undefined && opts.scale < 1) || (opts.maxWidth ?? Infinity) < h.screen.width;
+        r !== undefined ||
+        (opts.scale !== undefined && opts.scale < 1) ||
+        (opts.maxWidth ?? Infinity) < h.screen.width;
       // Unscaled: QEMU's own PNG. Scaled: raw pixels, averaged down and encoded here.
       const format = scaled ? 'ppm' : 'png';
       // The jailed QEMU user writes only where it may: its migration directory.
@@ -80,9 +94,15 @@ export class DesktopActions {
         this.sizes.set(h.m, size);
         return { png: data, ...size, screen: size };
       }
-      const img = parsePpm(data);
-      const screen = { width: img.width, height: img.height };
+      const whole = parsePpm(data);
+      const screen = { width: whole.width, height: whole.height };
       this.sizes.set(h.m, screen);
+      if (r && (r.x + r.width > screen.width || r.y + r.height > screen.height))
+        throw new HutchError(
+          'INVALID_ARGUMENT',
+          `region ${r.width}x${r.height} at (${r.x}, ${r.y}) is not within the ${screen.width}x${screen.height} screen`,
+        );
+      const img = r ? crop(whole, r) : whole;
       const factor = Math.min(opts.scale ?? 1, (opts.maxWidth ?? Infinity) / img.width);
       const width = Math.max(1, Math.round(img.width * factor));
       const height = Math.max(1, Math.round(img.height * factor));

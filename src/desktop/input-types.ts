@@ -37,8 +37,12 @@ export interface Screenshot {
   screen: { width: number; height: number };
 }
 
-/** How a screenshot is wanted: scaled by `scale` (0 < s ≤ 1) or to at most `maxWidth` pixels wide. */
+/**
+ * How a screenshot is wanted: scaled by `scale` (0 < s ≤ 1) or to at most `maxWidth` pixels
+ * wide; `region` (screen pixels) crops first, for a close look at part of the screen.
+ */
 export interface ScreenshotOptions {
   scale?: number;
   maxWidth?: number;
+  region?: { x: number; y: number; width: number; height: number };
 }

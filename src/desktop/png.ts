@@ -148,6 +148,16 @@ export function parsePpm(ppm: Buffer): RgbImage {
   return { width, height, rgb };
 }
 
+/** The part of an image inside a rectangle (which must lie within it). */
+export function crop(img: RgbImage, r: { x: number; y: number; width: number; height: number }): RgbImage {
+  const out = Buffer.alloc(r.width * r.height * 3);
+  for (let y = 0; y < r.height; y++) {
+    const from = ((r.y + y) * img.width + r.x) * 3;
+    img.rgb.copy(out, y * r.width * 3, from, from + r.width * 3);
+  }
+  return { width: r.width, height: r.height, rgb: out };
+}
+
 /** Scales down by averaging each destination pixel's source area (legible text, no aliasing). */
 export function scaleDown(img: RgbImage, width: number, height: number): RgbImage {
   if (width >= img.width && height >= img.height) return img;

@@ -84,7 +84,20 @@ describe('desktop machines', () => {
     const narrow = await shot(desk, '?max_width=640');
     assert.deepEqual(pngSize(narrow.png), { width: 640, height: 480 });
     assert.ok(colours(narrow.png) > 3);
-    for (const q of ['?scale=0', '?scale=2', '?max_width=3', '?max_width=abc', '?zoom=1']) {
+    // A part of the screen: the rectangle at full resolution.
+    const part = await shot(desk, '?region=40,40,200,100');
+    assert.equal(part.status, 200);
+    assert.deepEqual(pngSize(part.png), { width: 200, height: 100 });
+    for (const q of [
+      '?scale=0',
+      '?scale=2',
+      '?max_width=3',
+      '?max_width=abc',
+      '?zoom=1',
+      '?region=1,2,3',
+      '?region=0,0,0,10',
+      '?region=1000,700,100,100',
+    ]) {
       const bad = await shot(desk, q);
       assert.equal(bad.status, 400, q);
     }

@@ -399,9 +399,10 @@ describe('agent loop: computer use', () => {
     assert.equal(typed, undefined);
   });
 
-  it('zoom is served on computer_20251124 with its beta header', async () => {
-    const host = new FakeHost([computer({ action: 'zoom', region: [0, 0, 100, 100] }), endTurn()]);
+  it('zoom is served on computer_20251124 with its beta header: the region, cropped on the host', async () => {
+    const host = new FakeHost([computer({ action: 'zoom', region: [10, 20, 110, 70] }), endTurn()]);
     await runAll(new AgentRun(host, cfg({ toolVersion: 'computer_20251124' })));
+    assert.deepEqual(host.shots.at(-1), { region: { x: 10, y: 20, width: 100, height: 50 }, maxWidth: 1024 });
     assert.deepEqual(host.betas[0], ['computer-use-2025-11-24']);
     assert.equal(host.requests[0]?.tools?.[0]?.type, 'computer_20251124');
     const r = lastResults(host.requests[1])[0];
