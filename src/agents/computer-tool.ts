@@ -203,7 +203,8 @@ export function planComputerAction(
         throw new ToolInputError('region must be [x1, y1, x2, y2]');
       const a = toScreen(g, [r[0], r[1]], 'region');
       const b = toScreen(g, [Math.max(0, (r[2] as number) - 1), Math.max(0, (r[3] as number) - 1)], 'region');
-      if (b.x < a.x || b.y < a.y) throw new ToolInputError('region must be [x1, y1, x2, y2] with x1 ≤ x2, y1 ≤ y2');
+      if (b.x < a.x || b.y < a.y)
+        throw new ToolInputError('region must be [x1, y1, x2, y2] with x1 ≤ x2, y1 ≤ y2');
       return { kind: 'zoom', region: { x: a.x, y: a.y, width: b.x - a.x + 1, height: b.y - a.y + 1 } };
     }
     default:

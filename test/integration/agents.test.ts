@@ -18,7 +18,7 @@ import {
   startMockLlm,
   toolUse,
 } from '../helpers/agent-client.js';
-import { cleanup, startDaemon, type TestDaemon } from '../helpers/daemon.js';
+import { cleanup, type TestDaemon } from '../helpers/daemon.js';
 import { startDesktopDaemon } from '../helpers/desktop.js';
 
 const key = 'sk-ant-test-agents';
