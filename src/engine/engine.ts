@@ -247,6 +247,7 @@ export class Engine {
       openSession: (q, id) => this.openSession(q, id),
       destroy: (q, id) => this.destroy(q, id),
       get: (q, id) => this.get(q, id),
+      diskPaused: (id) => this.diskPauses.cause(id),
     });
     // Agents act as their principal, through the same actions as any other caller.
     this.agents = new AgentActions(config, (q) => actionsFor(this, q, log), log);

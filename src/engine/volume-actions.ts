@@ -16,7 +16,12 @@ export interface VolumeMachines {
   openSession(p: Principal, idOrName: string): Promise<GuestOps>;
   destroy(p: Principal, idOrName: string): Promise<void>;
   get(p: Principal, idOrName: string): MachineView;
+  /** Why a full host disk stopped the machine's vCPUs (src/engine/disk-pauses.ts), if it did. */
+  diskPaused(id: string): string | undefined;
 }
+
+/** How often a save or restore looks whether a full host disk stopped its machine. */
+const pauseCheckMs = 500;
 
 /**
  * The engine's volume actions (storage/volumes/ holds the volumes): each for the caller's own
@@ -74,11 +79,41 @@ export class VolumeActions {
     // The volume first: a wrong id is answered without touching the machine.
     await svc.get(p.user, volume);
     const ops = await this.machines.openSession(p, idOrName);
-    try {
-      return { ...(await svc.save(p.user, volume, ops)), machine: ops.id };
-    } finally {
-      ops.release();
-    }
+    const saving = this.unlessDiskPaused(ops.id, (signal) => svc.save(p.user, volume, ops, signal));
+    // The session is the machine's until the guest's tar has really ended.
+    saving.settled.finally(() => ops.release());
+    return { ...(await saving.answer), machine: ops.id };
+  }
+
+  /**
+   * Runs work that needs the guest's vCPUs. If a full host disk stops them meanwhile, the guest
+   * would only continue once space is freed: the caller is answered STORAGE_FULL at once, the
+   * work is told to give up (a save then never commits), and `settled` says when it has ended.
+   */
+  private unlessDiskPaused<T>(
+    id: string,
+    work: (signal: AbortSignal) => Promise<T>,
+  ): { answer: Promise<T>; settled: Promise<unknown> } {
+    const ac = new AbortController();
+    const running = work(ac.signal);
+    let timer: NodeJS.Timeout | undefined;
+    const paused = new Promise<never>((_, reject) => {
+      timer = setInterval(() => {
+        const cause = this.machines.diskPaused(id);
+        if (!cause) return;
+        const e = new HutchError('STORAGE_FULL', `machine ${id} is ${cause}`);
+        ac.abort(e);
+        reject(e);
+      }, pauseCheckMs);
+    });
+    const settled = running.then(
+      () => undefined,
+      () => undefined,
+    );
+    settled.finally(() => clearInterval(timer));
+    // Whichever loses the race is handled here: no unhandled rejection.
+    paused.catch(() => {});
+    return { answer: Promise.race([running, paused]), settled };
   }
 
   /**
@@ -97,11 +132,9 @@ export class VolumeActions {
       const m = await create();
       try {
         const ops = await this.machines.openSession(p, m.id);
-        try {
-          await svc.restore(lease, ops);
-        } finally {
-          ops.release();
-        }
+        const restoring = this.unlessDiskPaused(m.id, () => svc.restore(lease, ops));
+        restoring.settled.finally(() => ops.release());
+        await restoring.answer;
       } catch (e) {
         await this.machines.destroy(p, m.id).catch(() => {});
         throw e;

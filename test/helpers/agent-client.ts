@@ -2,40 +2,10 @@ import { WebSocket } from 'ws';
 import type { AgentEvent } from '../../src/agents/agent-events.js';
 
 /**
- * A client of the agents' WebSocket channels for tests and benches, and the model mock they
- * drive them with (test/helpers/mock-llm.ts, from the gateway branch: loaded by a computed
- * path so this branch compiles without it; its interface is restated here).
+ * A client of the agents' WebSocket channels for tests and benches; the model mock they drive
+ * them with is test/helpers/mock-llm.ts (re-exported here).
  */
-
-export type MockTurn =
-  | { response: object }
-  | { status: number; body: object; headers?: Record<string, string> }
-  | { hang: true };
-
-export interface RecordedRequest {
-  api: 'anthropic' | 'openai';
-  method: string;
-  path: string;
-  headers: Record<string, string | string[] | undefined>;
-  body: unknown;
-}
-
-export interface MockLlm {
-  url: string;
-  anthropicBaseUrl: string;
-  openaiBaseUrl: string;
-  queue(api: 'anthropic' | 'openai', ...turns: MockTurn[]): void;
-  requests: RecordedRequest[];
-  close(): Promise<void>;
-}
-
-export async function startMockLlm(
-  keys: { anthropicKey?: string; openaiKey?: string } = {},
-): Promise<MockLlm> {
-  const path: string = './mock-llm.js';
-  const m = (await import(path)) as { startMockLlm(k: typeof keys): Promise<MockLlm> };
-  return m.startMockLlm(keys);
-}
+export { type MockLlm, type MockTurn, type RecordedRequest, startMockLlm } from './mock-llm.js';
 
 /** A full Anthropic Message, as the mock answers. */
 export function message(

@@ -4,12 +4,10 @@
  * refused (400/401/404/409) or becomes an error result or event; the daemon never crashes,
  * every run ends with `done`, and the machine is free for the next agent.
  *
- * The first part needs nothing but a daemon and a guest; the second needs the model mock
- * (test/helpers/mock-llm.ts, from the gateway branch) and is skipped until it is merged in.
+ * The first part needs nothing but a daemon and a guest; the second drives runs with the model
+ * mock (test/helpers/mock-llm.ts), on a python machine and on a real desktop.
  */
 import assert from 'node:assert/strict';
-import { existsSync } from 'node:fs';
-import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { AgentEvent } from '../../src/agents/agent-events.js';
 import { authed, userWithToken } from '../helpers/accounts.js';
@@ -24,27 +22,26 @@ import {
   startMockLlm,
   toolUse,
 } from '../helpers/agent-client.js';
-import { cleanup, startDaemon, type TestDaemon } from '../helpers/daemon.js';
+import { cleanup, type TestDaemon } from '../helpers/daemon.js';
+import { startDesktopDaemon } from '../helpers/desktop.js';
 import { bugLines, memoryOf, processAlive, Tally } from '../helpers/hostile.js';
 
 const key = 'sk-ant-test-hostile';
-const haveMock = existsSync(join(import.meta.dirname, '..', 'helpers', 'mock-llm.js'));
 
 describe('hostile: agents', () => {
   const tally = new Tally('agents');
   let d: TestDaemon;
-  let mock: MockLlm | undefined;
+  let mock: MockLlm;
   let alice: Awaited<ReturnType<typeof userWithToken>>;
   let bob: Awaited<ReturnType<typeof userWithToken>>;
   let id: string;
   before(async () => {
-    if (haveMock) mock = await startMockLlm({ anthropicKey: key });
-    d = await startDaemon({
-      env: {
-        HUTCH_REQUIRE_AUTH: '1',
-        HUTCH_AGENT_MAX_STEPS: '20',
-        ...(mock ? { HUTCH_ANTHROPIC_BASE_URL: mock.anthropicBaseUrl, HUTCH_ANTHROPIC_KEY: key } : {}),
-      },
+    mock = await startMockLlm({ anthropicKey: key });
+    d = await startDesktopDaemon({
+      HUTCH_REQUIRE_AUTH: '1',
+      HUTCH_AGENT_MAX_STEPS: '20',
+      HUTCH_ANTHROPIC_BASE_URL: mock.anthropicBaseUrl,
+      HUTCH_ANTHROPIC_KEY: key,
     });
     alice = await userWithToken(d, 'alice');
     bob = await userWithToken(d, 'bob');
@@ -64,7 +61,7 @@ describe('hostile: agents', () => {
     const mem = memoryOf(pid);
     const bugs = bugLines(d.log());
     await cleanup(d);
-    await mock?.close();
+    await mock.close();
     assert.ok(alive, 'the daemon died');
     assert.deepEqual(bugs, []);
     tally.report(`daemon rss ${mem.rssMb} MiB`);
@@ -137,13 +134,11 @@ describe('hostile: agents', () => {
     }
   });
 
-  describe('with a model', {
-    skip: haveMock ? false : 'needs test/helpers/mock-llm.ts (gateway branch)',
-  }, () => {
+  describe('with a model', () => {
     const done = (evs: AgentEvent[]) => evs.at(-1) as AgentEvent & { type: 'done' };
 
     test('garbage tool inputs become error results; the run goes on', async () => {
-      const m = mock as MockLlm;
+      const m = mock;
       const garbage = [
         toolUse('bash', {}),
         toolUse('bash', { command: 42 }),
@@ -178,8 +173,8 @@ describe('hostile: agents', () => {
       });
     });
 
-    test('garbage computer actions on a real screen: error results, nothing reaches it', async (t) => {
-      const m = mock as MockLlm;
+    test('garbage computer actions on a real screen: error results, nothing reaches it', async () => {
+      const m = mock;
       const r = await authed(
         d.url,
         'POST',
@@ -187,10 +182,7 @@ describe('hostile: agents', () => {
         { token: alice.token },
         { template: 'desktop', ttl_seconds: 900 },
       );
-      if (r.status !== 201) {
-        t.skip(`no desktop machine here: ${r.body.code}`);
-        return;
-      }
+      assert.equal(r.status, 201, JSON.stringify(r.body));
       const desk = r.body.id as string;
       const garbage = [
         { action: 'left_click', coordinate: [100000, 5] },
@@ -233,7 +225,7 @@ describe('hostile: agents', () => {
     });
 
     test('a model that fails or answers nonsense: error then done(error), never a crash', async () => {
-      const m = mock as MockLlm;
+      const m = mock;
       for (const [what, turn] of [
         ['500', { status: 500, body: { type: 'error', error: { type: 'api_error', message: 'boom' } } }],
         [
@@ -256,7 +248,7 @@ describe('hostile: agents', () => {
     });
 
     test('stop spam ends the run once, with done(stopped)', async () => {
-      const m = mock as MockLlm;
+      const m = mock;
       // No turn after it: the stops arrive during the command, so the model is not asked again.
       m.queue('anthropic', message([toolUse('bash', { command: 'sleep 3' })]));
       await tally.check('stop spam', async () => {
@@ -274,7 +266,7 @@ describe('hostile: agents', () => {
     });
 
     test('clients that vanish mid-step free the machine for the next agent', async () => {
-      const m = mock as MockLlm;
+      const m = mock;
       /** Runs that have ended, as the daemon logs them (one `agent run` line each). */
       const ended = () =>
         d

@@ -298,7 +298,8 @@ export class VolumeService {
   // ---- machines -----------------------------------------------------------------------------
 
   /** Saves a machine's /root as the volume's new version (tar in the guest, parsed here). */
-  async save(owner: string, id: string, guest: TarGuest): Promise<SaveView> {
+  /** `signal`: aborted, the save stops taking the guest's output and never commits. */
+  async save(owner: string, id: string, guest: TarGuest, signal?: AbortSignal): Promise<SaveView> {
     await this.find(owner, id);
     const t0 = performance.now();
     return this.uses.write(id, async () => {
@@ -310,7 +311,10 @@ export class VolumeService {
       });
       let warnings = '';
       try {
-        ({ warnings } = await tarOut(guest, (chunk) => ingest.write(chunk)));
+        ({ warnings } = await tarOut(guest, (chunk) => {
+          signal?.throwIfAborted();
+          return ingest.write(chunk);
+        }));
       } catch (e) {
         // The parser's own failure (a refused archive) is the reason even when the guest's tar
         // reported something after it.
@@ -324,6 +328,10 @@ export class VolumeService {
       } catch (e) {
         await ingest.abort(e instanceof Error ? e : new Error(String(e)));
         throw e;
+      }
+      if (signal?.aborted) {
+        await ingest.abort(new Error('the save was given up'));
+        signal.throwIfAborted();
       }
       const next = await this.commit(id, prev, r.entries);
       const u = usageOf(next);
