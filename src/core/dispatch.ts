@@ -3,6 +3,7 @@ import type { Log } from '../background.js';
 import type { DesktopActions } from '../desktop/desktop-actions.js';
 import type { DiskActions } from '../engine/disk-actions.js';
 import type { Engine } from '../engine/engine.js';
+import type { NetRouting } from '../engine/net-routing.js';
 import type { VolumeActions } from '../engine/volume-actions.js';
 import { HutchError } from '../errors.js';
 import type { GatewayActions } from '../gateway/gateway-actions.js';
@@ -57,17 +58,17 @@ export const actionTable = {
   deleteTemplate: { audit: true },
   egress: { audit: false },
   setEgress: { audit: true },
-  listNetworks: { audit: false },
-  createNetwork: { audit: true },
-  defaultNetwork: { audit: false },
-  listProxies: { audit: false },
-  createProxy: { audit: true },
-  createDefaultProxy: { audit: true },
-  deleteProxy: { audit: true },
-  setProxyPort: { audit: true },
-  bindDomain: { audit: true },
-  unbindDomain: { audit: true },
-  listDomains: { audit: false },
+  listNetworks: { audit: false, on: 'net' },
+  createNetwork: { audit: true, on: 'net' },
+  defaultNetwork: { audit: false, on: 'net' },
+  listProxies: { audit: false, on: 'net' },
+  createProxy: { audit: true, on: 'net' },
+  createDefaultProxy: { audit: true, on: 'net' },
+  deleteProxy: { audit: true, on: 'net' },
+  setProxyPort: { audit: true, on: 'net' },
+  bindDomain: { audit: true, on: 'net' },
+  unbindDomain: { audit: true, on: 'net' },
+  listDomains: { audit: false, on: 'net' },
   createDisk: { audit: true, on: 'disks' },
   listDisks: { audit: false, on: 'disks' },
   getDisk: { audit: false, on: 'disks' },
@@ -82,7 +83,7 @@ export const actionTable = {
   listVolumeFiles: { audit: false, on: 'volumes' },
   putVolumeFile: { audit: true, on: 'volumes' },
   getVolumeFile: { audit: false, on: 'volumes' },
-  saveMachine: { audit: true },
+  saveMachine: { audit: true, on: 'volumes' },
   // Reads of a screen: an agent takes one per step.
   screenshot: { audit: false, on: 'desktop' },
   input: { audit: true, on: 'desktop' },
@@ -108,6 +109,7 @@ export interface ActionTargets {
   desktop: DesktopActions;
   gateway: GatewayActions;
   agents: AgentActions;
+  net: NetRouting;
 }
 
 export type ActionName = keyof typeof actionTable;

@@ -16,7 +16,6 @@ import { checkPort, guestListeningPorts, openGuestPort } from '../guest/port-for
 import type { TemplateManifest } from '../images/builder.js';
 import { templateRecipes } from '../images/recipes.js';
 import { SnapshotCache } from '../images/snapshots.js';
-import type { NetworkInfo } from '../net/directory.js';
 import { type EgressInput, parseEgress } from '../net/egress.js';
 import type { Denial, NetworkManager } from '../net/network-manager.js';
 import { Disks } from '../storage/disks/disk-service.js';
@@ -61,7 +60,7 @@ import {
 import type { ImageResolver } from './images.js';
 import { type Machine, Registry } from './machine.js';
 import { type MachineView, toView } from './machine-view.js';
-import { type DomainView, NetRouting, type ProxyView } from './net-routing.js';
+import { NetRouting } from './net-routing.js';
 import { HeldText, OutputBudget } from './output-budget.js';
 import { WarmPool } from './pool.js';
 import { recover } from './recovery.js';
@@ -529,59 +528,15 @@ export class Engine {
       desktop: this.desktop,
       gateway: this.gateway,
       agents: this.agents,
+      net: this.routing,
     };
   }
-  readonly saveMachine: VolumeActions['saveMachine'] = (...a) => this.vols.saveMachine(...a);
 
   // ---- networks, proxies, domains (engine/net-routing.ts) -----------------------------------
 
   /** Whether this server gives machines a network (HUTCH_NET=on and its setup worked). */
   networking(): boolean {
     return this.rt.d.net !== undefined;
-  }
-
-  createDefaultProxy(p: Principal, vm: string): ProxyView {
-    return this.routing.createDefaultProxy(p, vm);
-  }
-
-  listNetworks(p: Principal): NetworkInfo[] {
-    return this.routing.listNetworks(p);
-  }
-
-  createNetwork(p: Principal, name: string): NetworkInfo {
-    return this.routing.createNetwork(p, name);
-  }
-
-  defaultNetwork(p: Principal): string {
-    return this.routing.defaultNetwork(p);
-  }
-
-  listProxies(p: Principal, vm?: string): ProxyView[] {
-    return this.routing.listProxies(p, vm);
-  }
-
-  createProxy(p: Principal, req: { name: string; vm: string; port: number }): ProxyView {
-    return this.routing.createProxy(p, req);
-  }
-
-  deleteProxy(p: Principal, name: string): void {
-    this.routing.deleteProxy(p, name);
-  }
-
-  setProxyPort(p: Principal, name: string, port: number): ProxyView {
-    return this.routing.setProxyPort(p, name, port);
-  }
-
-  bindDomain(p: Principal, domain: string, vm: string, port = 0): DomainView {
-    return this.routing.bindDomain(p, domain, vm, port);
-  }
-
-  unbindDomain(p: Principal, domain: string): void {
-    this.routing.unbindDomain(p, domain);
-  }
-
-  listDomains(p: Principal): DomainView[] {
-    return this.routing.listDomains(p);
   }
 
   /** Sets the machine's idle auto-suspend timeout (0 disables it; null: the server default). */

@@ -34,6 +34,7 @@ const page = `<!doctype html>
 <html><head><meta charset="utf-8"><title>hutch noVNC harness</title>
 <style>html,body{margin:0;background:#fff}#screen{width:1024px;height:768px}</style></head>
 <body><div id="screen"></div>
+<script>window.vnc = { state: 'loading', detail: '' };</script>
 <script type="module">
 import RFB from '/novnc/core/rfb.js';
 const url = new URLSearchParams(location.search).get('ws');
@@ -129,13 +130,28 @@ export async function openNoVnc(wsUrl: string, opts: { timeoutMs?: number } = {}
       defaultViewport: { width: 1024, height: 768 },
     });
     const p = await browser.newPage();
-    await p.goto(`${site.url}?ws=${encodeURIComponent(wsUrl)}`, { timeout });
+    const pageErrors: string[] = [];
+    p.on('pageerror', (e) => pageErrors.push(String((e as Error).message ?? e)));
+    p.on('requestfailed', (r) => pageErrors.push(`${r.url()}: ${r.failure()?.errorText}`));
     const t0 = Date.now();
-    await p
-      .waitForFunction(() => (window as unknown as { vnc: { state: string } }).vnc.state !== 'connecting', {
-        timeout,
-      })
-      .catch(() => {});
+    const settled = (): Promise<unknown> =>
+      p
+        .waitForFunction(
+          () =>
+            !['loading', 'connecting'].includes((window as unknown as { vnc: { state: string } }).vnc.state),
+          { timeout },
+        )
+        .catch(() => {});
+    await p.goto(`${site.url}?ws=${encodeURIComponent(wsUrl)}`, { timeout });
+    await settled();
+    // noVNC's modules not run at all (a busy host, a module request lost): load the page once more.
+    if ((await p.evaluate(() => (window as unknown as { vnc: { state: string } }).vnc.state)) === 'loading') {
+      await p.reload({ timeout });
+      await settled();
+    }
+    const loaded = await p.evaluate(() => (window as unknown as { vnc: { state: string } }).vnc.state);
+    if (loaded === 'loading')
+      throw new Error(`noVNC did not load: ${pageErrors.join('; ') || 'no page error'}`);
     const state = (): Promise<{ state: string; detail: string; name?: string }> =>
       p.evaluate(() => (window as unknown as { vnc: { state: string; detail: string; name?: string } }).vnc);
     const canvas = (): Promise<CanvasReport> =>

@@ -526,6 +526,9 @@ describe('request fuzzer: every route of both REST APIs', { timeout: 900_000 }, 
 
   // Processes with a command line (kernel threads have none): a shell left behind shows here.
   const countProcs = 'grep -l . /proc/[0-9]*/cmdline 2>/dev/null | wc -l';
+  /** What they are, for a failure's message. */
+  const listProcs =
+    'for p in /proc/[0-9]*; do c=$(tr \'\\0\' \' \' < $p/cmdline 2>/dev/null); [ -n "$c" ] && echo "${p#/proc/} $c"; done';
 
   async function snapshot(): Promise<typeof before0> {
     const ms = (await api(d.url, 'GET', '/v1/machines')).body.machines as { id: string; status: string }[];
@@ -1253,7 +1256,7 @@ describe('request fuzzer: every route of both REST APIs', { timeout: 900_000 }, 
       // At most as many as before (a process of the guest's own may have ended meanwhile).
       assert.ok(
         Number(now.machineProcs) <= Number(before0.machineProcs),
-        `machine: ${JSON.stringify([before0, now])}`,
+        `machine: ${JSON.stringify([before0, now])}; its processes now: ${await inMachine(listProcs)}`,
       );
       assert.ok(Number(now.boxProcs) <= Number(before0.boxProcs), `box: ${JSON.stringify([before0, now])}`);
       return JSON.stringify(now);
