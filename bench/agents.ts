@@ -17,29 +17,14 @@ import { authed, userWithToken } from '../test/helpers/accounts.js';
 import { agentUrl, endTurn, message, runAgent, startMockLlm, toolUse } from '../test/helpers/agent-client.js';
 import { cleanup, type TestDaemon } from '../test/helpers/daemon.js';
 import { startDesktopDaemon } from '../test/helpers/desktop.js';
-import { median, quantile } from './bench-lib.js';
+import { latencyLine, median, timedRuns } from './bench-lib.js';
 
 const { values } = parseArgs({ options: { steps: { type: 'string', default: '40' } } });
 const steps = Number(values.steps);
 const key = 'sk-ant-bench';
 
-function line(name: string, xs: number[], base?: number[]): void {
-  const ratio = base ? ` ratio=${(median(xs) / median(base)).toFixed(2)}x` : '';
-  console.log(
-    `${name.padEnd(48)} median=${median(xs).toFixed(2)}ms p99=${quantile(xs, 0.99).toFixed(2)}ms n=${xs.length}${ratio}`,
-  );
-}
-
-async function timed(n: number, f: () => Promise<unknown>): Promise<number[]> {
-  for (let i = 0; i < 5; i++) await f();
-  const xs: number[] = [];
-  for (let i = 0; i < n; i++) {
-    const t = performance.now();
-    await f();
-    xs.push(performance.now() - t);
-  }
-  return xs;
-}
+const line = (name: string, xs: number[], base?: number[]): void => latencyLine(name, xs, base, 48);
+const timed = (n: number, f: () => Promise<unknown>): Promise<number[]> => timedRuns(n, f, 5);
 
 type Timed = AgentEvent & { at?: number };
 

@@ -7,6 +7,26 @@ export function quantile(xs: number[], q: number): number {
 
 export const median = (xs: number[]): number => quantile(xs, 0.5);
 
+/** One latency figure as a line: median, p99, count, and the ratio to `base` when given. */
+export function latencyLine(name: string, xs: number[], base?: number[], width = 48): void {
+  const ratio = base ? ` ratio=${(median(xs) / median(base)).toFixed(2)}x` : '';
+  console.log(
+    `${name.padEnd(width)} median=${median(xs).toFixed(2)}ms p99=${quantile(xs, 0.99).toFixed(2)}ms n=${xs.length}${ratio}`,
+  );
+}
+
+/** `n` timed runs of `f` (ms each), after `warm` untimed ones. */
+export async function timedRuns(n: number, f: () => Promise<unknown>, warm = 10): Promise<number[]> {
+  for (let i = 0; i < warm; i++) await f();
+  const xs: number[] = [];
+  for (let i = 0; i < n; i++) {
+    const t = performance.now();
+    await f();
+    xs.push(performance.now() - t);
+  }
+  return xs;
+}
+
 /**
  * A minimal QEMU microvm command line written out here rather than taken from src/vmm, so the
  * baseline measures QEMU itself and not the daemon's choices. Devices sit on the same

@@ -12,28 +12,13 @@ import { parseArgs } from 'node:util';
 import { userWithToken } from '../test/helpers/accounts.js';
 import { cleanup, startDaemon } from '../test/helpers/daemon.js';
 import { anthropicText, gatewayEnv, openaiText, startMockLlm } from '../test/helpers/mock-llm.js';
-import { median, quantile } from './bench-lib.js';
+import { latencyLine, timedRuns } from './bench-lib.js';
 
 const { values } = parseArgs({ options: { runs: { type: 'string', default: '200' } } });
 const runs = Number(values.runs);
 
-function line(name: string, xs: number[], base?: number[]): void {
-  const ratio = base ? ` ratio=${(median(xs) / median(base)).toFixed(2)}x` : '';
-  console.log(
-    `${name.padEnd(52)} median=${median(xs).toFixed(2)}ms p99=${quantile(xs, 0.99).toFixed(2)}ms n=${xs.length}${ratio}`,
-  );
-}
-
-async function timed(n: number, f: () => Promise<unknown>): Promise<number[]> {
-  for (let i = 0; i < 10; i++) await f();
-  const xs: number[] = [];
-  for (let i = 0; i < n; i++) {
-    const t = performance.now();
-    await f();
-    xs.push(performance.now() - t);
-  }
-  return xs;
-}
+const line = (name: string, xs: number[], base?: number[]): void => latencyLine(name, xs, base, 52);
+const timed = (n: number, f: () => Promise<unknown>): Promise<number[]> => timedRuns(n, f, 10);
 
 /** Queues the mock's answer (`answer`), then sends the request and reads the whole reply. */
 async function post(
