@@ -17,7 +17,10 @@ export interface AgentHost {
   screenshot(opts: ScreenshotOptions): Promise<Screenshot>;
   input(actions: InputAction[]): Promise<InputResult>;
   /** Runs a bash script (`$1`… are `args`) with `stdin`, to completion or the timeout. */
-  exec(script: string, opts: { stdin?: string; args?: string[]; timeoutMs: number }): Promise<ShellResult>;
+  exec(
+    script: string,
+    opts: { stdin?: string; args?: string[]; timeoutMs: number; signal?: AbortSignal },
+  ): Promise<ShellResult>;
   /** A file's bytes, at most `maxBytes` (FILE_TOO_BIG past that, so the model is told). */
   readFile(path: string, maxBytes: number): Promise<Buffer>;
   writeFile(path: string, data: Buffer): Promise<void>;
@@ -62,6 +65,7 @@ export function hostOf(
         argv: ['/bin/bash', '-c', script, 'bash', ...(opts.args ?? [])],
         stdin: opts.stdin ?? '',
         timeoutMs: opts.timeoutMs,
+        ...(opts.signal ? { signal: opts.signal } : {}),
       });
       try {
         return {

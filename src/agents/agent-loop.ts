@@ -108,10 +108,12 @@ export class AgentRun {
   private timedOut = false;
   /** Aborted when the client goes away (or the run is over): nothing more is worth doing. */
   private readonly cancelled = new AbortController();
-  /** The model call in flight: a stop or the time limit abort it; a tool is let finish. */
+  /** The model call in flight: a stop or the time limit abort it; a tool is let finish (but a bash command is killed). */
   private turn: AbortController | undefined;
   /** A `wait` action in progress, cut short by a stop. */
   private waiting: AbortController | undefined;
+  /** The bash command in flight: a stop, the time limit or the client leaving kill it. */
+  private command: AbortController | undefined;
   private geometry: ScreenGeometry | undefined;
   private readonly bash: BashTool;
   private readonly editor: EditorTool;
@@ -131,6 +133,7 @@ export class AgentRun {
     this.stopping = true;
     this.turn?.abort();
     this.waiting?.abort();
+    this.command?.abort();
   }
 
   /** The client went away: everything in flight is abandoned (done still ends the events). */
@@ -139,6 +142,7 @@ export class AgentRun {
     this.cancelled.abort();
     this.turn?.abort();
     this.waiting?.abort();
+    this.command?.abort();
   }
 
   /** Runs to the end; never rejects. The events end with `done` (also its result); the host is closed. */
@@ -149,6 +153,7 @@ export class AgentRun {
       this.timedOut = true;
       this.turn?.abort();
       this.waiting?.abort();
+      this.command?.abort();
     }, this.cfg.timeLimitMs);
     let outcome: AgentOutcome = 'error';
     try {
@@ -297,8 +302,15 @@ export class AgentRun {
 
   private async shell(step: number, name: string, input: unknown): Promise<(TextBlock | ImageBlock)[]> {
     let r: ToolOutcome;
-    if (this.cfg.kind === 'shell' && name === 'bash') r = await this.bash.run(input);
-    else if (this.cfg.kind === 'shell' && name === 'str_replace_based_edit_tool')
+    if (this.cfg.kind === 'shell' && name === 'bash') {
+      this.command = new AbortController();
+      if (this.stopping || this.timedOut) this.command.abort();
+      try {
+        r = await this.bash.run(input, this.command.signal);
+      } finally {
+        this.command = undefined;
+      }
+    } else if (this.cfg.kind === 'shell' && name === 'str_replace_based_edit_tool')
       r = await this.editor.run(input);
     else throw new ToolInputError(`no tool named ${JSON.stringify(name).slice(0, 100)} here`);
     if (!r.ok) throw new ToolInputError(r.output);

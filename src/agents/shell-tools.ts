@@ -67,7 +67,8 @@ export class BashTool {
     this.stateDir = `/tmp/.hutch-agent-${runId.replace(/[^A-Za-z0-9_-]/g, '')}`;
   }
 
-  async run(input: unknown): Promise<ToolOutcome> {
+  /** `signal` (a stop) kills the command; the model is told. */
+  async run(input: unknown, signal?: AbortSignal): Promise<ToolOutcome> {
     const o = obj(input);
     if (o.restart === true) {
       await this.host.exec(`rm -f '${this.stateDir}.env' '${this.stateDir}.cwd'`, { timeoutMs: 10_000 });
@@ -77,11 +78,22 @@ export class BashTool {
     if (typeof command !== 'string' || command.trim() === '')
       throw new ToolInputError('command must be a non-empty string (or restart: true)');
     if (command.length > 64 * 1024) throw new ToolInputError('command is longer than 64 KiB');
-    const r = await this.host.exec(this.script(), { stdin: command, timeoutMs: this.timeoutMs });
+    if (signal?.aborted)
+      return { ok: false, output: '[stopped: the run was stopped before the command ran.]' };
+    const r = await this.host.exec(this.script(), {
+      stdin: command,
+      timeoutMs: this.timeoutMs,
+      ...(signal ? { signal } : {}),
+    });
     let out = r.stdout;
     if (r.stderr) out += (out && !out.endsWith('\n') ? '\n' : '') + r.stderr;
     out = truncateMiddle(out);
     if (r.truncated) out += '\n[output truncated by the server]';
+    if (signal?.aborted && !r.timedOut)
+      return {
+        ok: false,
+        output: `${out}${out === '' || out.endsWith('\n') ? '' : '\n'}[stopped: the run was stopped and the command was killed.]`,
+      };
     if (r.timedOut)
       return {
         ok: false,

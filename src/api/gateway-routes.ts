@@ -12,12 +12,13 @@ const route = routesOf<MachinesApp>();
 /** Chat requests carry images as base64: far more than the 1 MiB other JSON bodies may be. */
 export const maxChatBodyBytes = 20 * 1024 * 1024;
 
-const modelListSchema = z.object({
-  object: z.literal('list'),
-  data: z.array(
-    z.object({ id: z.string(), object: z.literal('model'), created: z.number(), owned_by: z.string() }),
-  ),
+const modelSchema = z.object({
+  id: z.string(),
+  object: z.literal('model'),
+  created: z.number(),
+  owned_by: z.string(),
 });
+const modelListSchema = z.object({ object: z.literal('list'), data: z.array(modelSchema) });
 
 const usageQuery = z.object({
   since: z.string().optional().describe('Only requests from this time on: Unix seconds or an ISO 8601 time'),
@@ -117,6 +118,16 @@ export const gatewayRoutes: ApiRoute<MachinesApp>[] = [
     status: 200,
     errorShape: gatewayErrorShape,
     handle: ({ act }) => act.listModels(),
+  }),
+  route.json({
+    method: 'GET',
+    // OpenRouter's ids have a slash and may have a colon (`vendor/model:free`).
+    path: '/v1/models/{id+}',
+    summary: 'One model the gateway can serve, in OpenAI shape; 404 MODEL_NOT_FOUND when it is not served',
+    response: modelSchema,
+    status: 200,
+    errorShape: gatewayErrorShape,
+    handle: ({ act, params }) => act.getModel(params.id ?? ''),
   }),
   route.json({
     method: 'GET',

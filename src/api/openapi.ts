@@ -76,8 +76,10 @@ function document<A>(title: string, routes: ApiRoute<A>[]): Record<string, unkno
         };
         break;
     }
-    paths[r.path] ??= {};
-    const entry = paths[r.path];
+    // OpenAPI has no rest-of-path parameter: `{id+}` is written `{id}`.
+    const key = r.path.replace(/\{(\w+)\+\}/g, '{$1}');
+    paths[key] ??= {};
+    const entry = paths[key];
     if (entry) entry[r.method.toLowerCase()] = op;
   }
   return {
@@ -92,7 +94,7 @@ function document<A>(title: string, routes: ApiRoute<A>[]): Record<string, unkno
 }
 
 function pathParameters(path: string): unknown[] {
-  return [...path.matchAll(/\{(\w+)\}/g)].map((m) => ({
+  return [...path.matchAll(/\{(\w+)\+?\}/g)].map((m) => ({
     name: m[1],
     in: 'path',
     required: true,

@@ -1,3 +1,4 @@
+import type { IncomingMessage } from 'node:http';
 import { isIPv4, isIPv6 } from 'node:net';
 import type { Principal } from '../core/principal.js';
 import type { AuthService } from './auth-service.js';
@@ -29,4 +30,27 @@ export function anonymousFor(
     );
   if (!loopback || cfg.requireAuth === true) return undefined;
   return () => auth.principalFor(cfg.owner, 'local');
+}
+
+/**
+ * Whether a request was sent by a web page: a `Sec-Fetch-Site` other than `none` (`none` is the
+ * user's own navigation: the address bar, a bookmark), or an `Origin` that is not the request's
+ * own. Such a request never acts as a listener's token-less principal: any site the user visits,
+ * and any guest page served as a path preview on the API's own origin, could otherwise drive the
+ * API as the local admin. Browsers send `Sec-Fetch-Site` on every request (Chrome 76, Firefox 90,
+ * Safari 16.4); curl, the CLI and SDKs send neither header, and the WebSocket clients that do send
+ * an Origin (python's websocket-client) send the target's own.
+ */
+export function fromWebPage(req: IncomingMessage): boolean {
+  const site = req.headers['sec-fetch-site'];
+  if (site !== undefined) return site !== 'none';
+  const origin = req.headers.origin;
+  if (origin === undefined) return false;
+  const host = req.headers.host;
+  return host === undefined || (origin !== `http://${host}` && origin !== `https://${host}`);
+}
+
+/** Whether a request is a browser's top-level navigation the user made (address bar, bookmark). */
+export function isUserNavigation(req: IncomingMessage): boolean {
+  return req.headers['sec-fetch-site'] === 'none' && req.headers['sec-fetch-mode'] === 'navigate';
 }

@@ -93,6 +93,7 @@ export const actionTable = {
   // line per completion would say the same thing a second time, in the noisiest place.
   chatCompletions: { audit: false, on: 'gateway' },
   listModels: { audit: false, on: 'gateway' },
+  getModel: { audit: false, on: 'gateway' },
   usage: { audit: false, on: 'gateway' },
   anthropicMessages: { audit: false, on: 'gateway' },
   startAgent: { audit: true, on: 'agents' },

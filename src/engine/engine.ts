@@ -81,6 +81,8 @@ export interface ExecRequest {
   cwd?: string;
   stdin?: string;
   timeoutMs?: number;
+  /** Aborted: the command is killed (a stopped agent's). */
+  signal?: AbortSignal;
 }
 
 export interface ExecResult {
@@ -581,7 +583,7 @@ export class Engine {
           ...(req.stdin !== undefined ? { stdinData: req.stdin } : {}),
           ...(req.timeoutMs ? { timeoutMs: req.timeoutMs } : {}),
         },
-        { maxOutputBytes: this.config.execMaxOutputBytes, allowance: this.execOutput },
+        { maxOutputBytes: this.config.execMaxOutputBytes, allowance: this.execOutput, signal: req.signal },
       );
       return {
         exit_code: r.exitCode,

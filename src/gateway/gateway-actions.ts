@@ -110,6 +110,17 @@ export class GatewayActions {
     return this.catalog.list();
   }
 
+  /** One model of the list (OpenAI's `models.retrieve`); MODEL_NOT_FOUND when it is not served. */
+  async getModel(_p: Principal, id: string): Promise<ModelList['data'][number]> {
+    const m = (await this.catalog.list()).data.find((x) => x.id === id);
+    if (m) return m;
+    throw new HutchError(
+      'MODEL_NOT_FOUND',
+      `no model ${JSON.stringify(id.slice(0, 200))} is served here; GET /v1/models lists the usable models`,
+      { param: 'model' },
+    );
+  }
+
   usage(p: Principal, opts: { since?: number } = {}): UsageReport {
     const since = opts.since ?? 0;
     return { object: 'usage', user: p.user, since, data: this.usageStore.totals(p.user, since) };

@@ -346,9 +346,20 @@ export class AgentConnection {
    */
   async execBuffered(
     req: ExecRequest,
-    opts: { stdin?: Buffer | string; maxOutputBytes: number; allowance?: ByteAllowance },
+    opts: {
+      stdin?: Buffer | string;
+      maxOutputBytes: number;
+      allowance?: ByteAllowance;
+      /** Aborted: the command is killed (its result says so: no exit code, signal 9). */
+      signal?: AbortSignal | undefined;
+    },
   ): Promise<ExecResult & { stdout: OutputChunks; stderr: OutputChunks; truncated: boolean }> {
     const h = this.exec({ ...req, stdin: req.stdin === true || opts.stdin !== undefined });
+    // SIGKILL to its process group, not a cancel of the stream: the result still comes (signal 9)
+    // with the output so far.
+    const kill = (): void => h.signal(9);
+    if (opts.signal?.aborted) kill();
+    else opts.signal?.addEventListener('abort', kill, { once: true });
     let truncated = false;
     const collect = (r: Readable): { kept: OutputChunks; ended: Promise<void> } => {
       const kept = new OutputChunks();
@@ -387,6 +398,8 @@ export class AgentConnection {
     } catch (e) {
       opts.allowance?.release(out.kept.bytes + err.kept.bytes);
       throw e;
+    } finally {
+      opts.signal?.removeEventListener('abort', kill);
     }
   }
 

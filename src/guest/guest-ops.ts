@@ -157,7 +157,7 @@ export class GuestOps {
   /** Runs a command to completion, keeping at most maxOutputBytes of each stream. */
   async execBuffered(
     req: GuestExecRequest & { stdinData?: Buffer | string },
-    opts: { maxOutputBytes: number; allowance?: ByteAllowance },
+    opts: { maxOutputBytes: number; allowance?: ByteAllowance; signal?: AbortSignal | undefined },
   ): Promise<ExecResult & { stdout: OutputChunks; stderr: OutputChunks; truncated: boolean }> {
     const { stdinData, ...rest } = req;
     try {

@@ -84,6 +84,17 @@ export async function authed(
   return { status: res.status, body: text ? (JSON.parse(text) as Record<string, unknown>) : {} };
 }
 
+/** `POST /v1/machines` as `token`'s user; the new machine's body (it must be 201). */
+export async function createMachineAs(
+  base: string,
+  token: string,
+  body: Record<string, unknown>,
+): Promise<Record<string, unknown> & { id: string }> {
+  const r = await authed(base, 'POST', '/v1/machines', { token }, body);
+  if (r.status !== 201) throw new Error(`create failed (${r.status}): ${JSON.stringify(r.body)}`);
+  return r.body as Record<string, unknown> & { id: string };
+}
+
 export interface CliRun {
   status: number | null;
   stdout: string;

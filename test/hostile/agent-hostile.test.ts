@@ -10,7 +10,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import type { AgentEvent } from '../../src/agents/agent-events.js';
-import { authed, userWithToken } from '../helpers/accounts.js';
+import { createMachineAs, userWithToken } from '../helpers/accounts.js';
 import {
   agentUrl,
   endTurn,
@@ -45,15 +45,7 @@ describe('hostile: agents', () => {
     });
     alice = await userWithToken(d, 'alice');
     bob = await userWithToken(d, 'bob');
-    const r = await authed(
-      d.url,
-      'POST',
-      '/v1/machines',
-      { token: alice.token },
-      { template: 'python', ttl_seconds: 900 },
-    );
-    assert.equal(r.status, 201, JSON.stringify(r.body));
-    id = r.body.id as string;
+    id = (await createMachineAs(d.url, alice.token, { template: 'python', ttl_seconds: 900 })).id;
   });
   after(async () => {
     const pid = d.proc.pid as number;
@@ -175,15 +167,7 @@ describe('hostile: agents', () => {
 
     test('garbage computer actions on a real screen: error results, nothing reaches it', async () => {
       const m = mock;
-      const r = await authed(
-        d.url,
-        'POST',
-        '/v1/machines',
-        { token: alice.token },
-        { template: 'desktop', ttl_seconds: 900 },
-      );
-      assert.equal(r.status, 201, JSON.stringify(r.body));
-      const desk = r.body.id as string;
+      const desk = (await createMachineAs(d.url, alice.token, { template: 'desktop', ttl_seconds: 900 })).id;
       const garbage = [
         { action: 'left_click', coordinate: [100000, 5] },
         { action: 'left_click', coordinate: [-5, 5] },
@@ -286,7 +270,7 @@ describe('hostile: agents', () => {
             for (let t = 0; hang && m.requests.length === asked && t < 100; t++)
               await new Promise((r) => setTimeout(r, 50));
             s.ws.terminate();
-            // The abandoned run ends by itself: the hung model call is aborted, the command finishes.
+            // The abandoned run ends by itself: the hung model call is aborted, the command killed.
             for (let t = 0; ended() === before; t++) {
               if (t > 200) throw new Error('the abandoned run did not end');
               await new Promise((r) => setTimeout(r, 50));

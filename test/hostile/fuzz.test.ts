@@ -487,7 +487,7 @@ describe('request fuzzer: every route of both REST APIs', { timeout: 900_000 }, 
     eid: ids.eid,
   });
   const fill = (path: string, values: Record<string, string>): string =>
-    path.replace(/\{(\w+)\}/g, (_, n: string) => values[n] ?? 'x');
+    path.replace(/\{(\w+)\+?\}/g, (_, n: string) => values[n] ?? 'x');
 
   async function attempt(
     t: Tally,
@@ -528,7 +528,7 @@ describe('request fuzzer: every route of both REST APIs', { timeout: 900_000 }, 
   const countProcs = 'grep -l . /proc/[0-9]*/cmdline 2>/dev/null | wc -l';
   /** What they are, for a failure's message. */
   const listProcs =
-    'for p in /proc/[0-9]*; do c=$(tr \'\\0\' \' \' < $p/cmdline 2>/dev/null); [ -n "$c" ] && echo "${p#/proc/} $c"; done';
+    'for p in /proc/[0-9]*; do c=$(tr \'\\0\' \' \' < $p/cmdline 2>/dev/null); [ -n "$c" ] && echo "$p $c"; done';
 
   async function snapshot(): Promise<typeof before0> {
     const ms = (await api(d.url, 'GET', '/v1/machines')).body.machines as { id: string; status: string }[];

@@ -279,6 +279,69 @@ describe('hostile: web previews', () => {
     });
   });
 
+  test("web pages never act as the loopback listener's admin; a preview the user opens gets a grant of its own", async () => {
+    const admin = tcpEndpoint('admin', h.adminUrl);
+    const other = `/v1/machines/${h.machines.alice}/web/${h.ports.other}`;
+    const put = async (headers: [string, string][]): Promise<number> => {
+      const r = await exchange(
+        admin,
+        rawRequest(
+          'PUT',
+          `${other}/public`,
+          [...headers, ['content-type', 'application/json']],
+          '{"public":true}',
+        ),
+        5000,
+      );
+      return r.kind === 'response' ? r.res.status : 0;
+    };
+    const pages: [string, Record<string, string>][] = [
+      ['another site (Origin)', { origin: 'http://evil.example' }],
+      ['a sandboxed page (Origin: null)', { origin: 'null' }],
+      ['a path preview on the same origin', { 'sec-fetch-site': 'same-origin', 'sec-fetch-mode': 'cors' }],
+      ['an image on another site', { 'sec-fetch-site': 'cross-site', 'sec-fetch-mode': 'no-cors' }],
+    ];
+    for (const [what, headers] of pages)
+      await tally.check(`loopback admin: ${what}`, async () => {
+        assert.equal(await put(Object.entries(headers)), 401, 'PUT …/public');
+        assert.equal((await get(h.adminUrl, '/v1/whoami', headers)).status, 401, 'GET /v1/whoami');
+        const page = await get(h.adminUrl, `${web}/echo`, headers);
+        assert.deepEqual([page.status, page.cookies.length], [401, 0], 'a preview, no grant');
+        return '401';
+      });
+    // Nothing above made the port public; the same request from curl does.
+    assert.equal((await get(h.url, `${other}/`)).status, 401);
+    assert.equal((await get(h.adminUrl, '/v1/whoami')).status, 200);
+    const plain = await get(h.adminUrl, `${web}/echo`);
+    assert.deepEqual([plain.status, plain.cookies.length], [200, 0], 'curl: served, no cookie');
+
+    await tally.check("loopback admin: the user's own navigation to a preview", async () => {
+      const nav = await get(h.adminUrl, `${web}/echo`, {
+        'sec-fetch-site': 'none',
+        'sec-fetch-mode': 'navigate',
+        'sec-fetch-dest': 'document',
+      });
+      assert.equal(nav.status, 200);
+      const set = nav.cookies.find((c) => c.startsWith('hutch_preview='));
+      assert.ok(set, `a grant cookie: ${nav.cookies.join(' | ')}`);
+      assert.match(set, new RegExp(`; Path=${web}/;`));
+      assert.match(set, /HttpOnly; SameSite=Lax/);
+      const cookie = set.split(';')[0] as string;
+      const sameOrigin = { 'sec-fetch-site': 'same-origin', origin: new URL(h.adminUrl).origin, cookie };
+      const sub = await get(h.adminUrl, `${web}/echo`, sameOrigin);
+      assert.equal(sub.status, 200, "the page's own requests carry it");
+      assert.equal(sub.body.includes('hutch_preview'), false, 'the guest never sees the grant');
+      assert.equal((await get(h.adminUrl, `${other}/echo`, sameOrigin)).status, 401, 'another port');
+      const bobs = `/v1/machines/${h.machines.bob}/web/${h.ports.web}/echo`;
+      assert.ok([401, 404].includes((await get(h.adminUrl, bobs, sameOrigin)).status), 'another machine');
+      assert.equal((await get(h.url, `${web}/echo`, { cookie })).status, 401, 'a listener that wants tokens');
+      assert.equal((await get(h.adminUrl, '/v1/whoami', sameOrigin)).status, 401, 'an API route');
+      assert.equal(await put(Object.entries(sameOrigin)), 401, 'PUT …/public');
+      return '200, then only that preview';
+    });
+    assert.equal((await get(h.url, `${other}/`)).status, 401, 'the port is still private');
+  });
+
   test('absurd headers both ways', async () => {
     await tally.check('a 64 KiB request header', async () => {
       const o = await exchange(

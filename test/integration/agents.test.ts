@@ -7,7 +7,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import type { AgentEvent } from '../../src/agents/agent-events.js';
-import { authed, userWithToken } from '../helpers/accounts.js';
+import { authed, createMachineAs, userWithToken } from '../helpers/accounts.js';
 import {
   agentUrl,
   endTurn,
@@ -68,15 +68,7 @@ describe('agents on real guests', () => {
   describe('computer use on a desktop machine', () => {
     let id: string;
     before(async () => {
-      const r = await authed(
-        d.url,
-        'POST',
-        '/v1/machines',
-        { token: alice.token },
-        { template: 'desktop', ttl_seconds: 1200 },
-      );
-      assert.equal(r.status, 201, JSON.stringify(r.body));
-      id = r.body.id as string;
+      id = (await createMachineAs(d.url, alice.token, { template: 'desktop', ttl_seconds: 1200 })).id;
       // Xorg and the xterm come up after the agent: wait for a visible xterm.
       await until(
         'an xterm on the desktop',
@@ -235,15 +227,7 @@ describe('agents on real guests', () => {
   describe('the shell agent on a python machine', () => {
     let id: string;
     before(async () => {
-      const r = await authed(
-        d.url,
-        'POST',
-        '/v1/machines',
-        { token: alice.token },
-        { template: 'python', ttl_seconds: 600 },
-      );
-      assert.equal(r.status, 201, JSON.stringify(r.body));
-      id = r.body.id as string;
+      id = (await createMachineAs(d.url, alice.token, { template: 'python', ttl_seconds: 600 })).id;
     });
 
     test('no token is 401, another user is 404', async () => {
@@ -301,6 +285,39 @@ describe('agents on real guests', () => {
         const last = (c.body as { messages: { content: { type: string }[] }[] }).messages.at(-1);
         assert.equal(last?.content[0]?.type, 'tool_result');
       }
+    });
+
+    test('a stop kills the command the shell agent is running: done(stopped) at once, nothing left', async (t) => {
+      mock.queue(
+        'anthropic',
+        message([toolUse('bash', { command: 'echo started > /tmp/long; exec sleep 300' })]),
+      );
+      const before = anthropicCalls(mock).length;
+      const { openAgent } = await import('../helpers/agent-client.js');
+      const s = await openAgent(
+        agentUrl(d.url, `/v1/machines/${id}/shell-agent`, { goal: 'run something long' }),
+        alice.token,
+      );
+      await s.next('action');
+      // The command runs in the guest before the stop is sent.
+      await until('the command to start', async () =>
+        (await sh(d, alice.token, id, 'cat /tmp/long 2>/dev/null || true')).stdout === 'started\n'
+          ? true
+          : undefined,
+      );
+      const t0 = Date.now();
+      s.send({ type: 'stop' });
+      const result = (await s.next('result')) as AgentEvent & { type: 'result' };
+      const done = (await s.next('done')) as AgentEvent & { type: 'done' };
+      const took = Date.now() - t0;
+      assert.equal(done.outcome, 'stopped');
+      assert.equal(result.ok, false);
+      assert.match(result.output ?? '', /stopped: .*killed/);
+      t.diagnostic(`done came ${took} ms after the stop`);
+      assert.ok(took < 30_000, `done came ${took} ms after the stop (the command would have run 300 s)`);
+      assert.equal(anthropicCalls(mock).length, before + 1, 'no model call after the stop');
+      const left = await sh(d, alice.token, id, 'cat /proc/[0-9]*/comm 2>/dev/null | grep -x sleep || true');
+      assert.equal(left.stdout, '', 'the sleep was killed');
     });
 
     test('the computer agent on a machine without a display is 409 NO_DISPLAY', async () => {

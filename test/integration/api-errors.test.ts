@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { WebSocket } from 'ws';
 import { api, cleanup, qemusOf, root, startDaemon, type TestDaemon } from '../helpers/daemon.js';
 
 describe('bad input gets a clear error and changes nothing', () => {
@@ -103,6 +104,51 @@ describe('bad input gets a clear error and changes nothing', () => {
     assert.equal(b.status, 409);
     assert.equal(b.body.code, 'NAME_TAKEN');
     await api(d.url, 'DELETE', '/v1/machines/dup');
+  });
+
+  test('a web page without a token is refused on the loopback listener, and changes nothing', async () => {
+    const before = (await api(d.url, 'GET', '/v1/machines')).body;
+    const send = async (method: string, path: string, headers: Record<string, string>, body?: unknown) => {
+      const r = await fetch(new URL(path, d.url), {
+        method,
+        headers: { ...headers, 'content-type': 'application/json' },
+        body: body === undefined ? null : JSON.stringify(body),
+      });
+      return { status: r.status, code: ((await r.json()) as { code?: string }).code };
+    };
+    const refused = { status: 401, code: 'UNAUTHENTICATED' };
+    const evil = { origin: 'http://evil.example' };
+    assert.deepEqual(await send('POST', '/v1/machines', evil, { ttl_seconds: 60 }), refused);
+    assert.deepEqual(
+      await send('DELETE', `/v1/machines/${id}`, { 'sec-fetch-site': 'same-origin' }),
+      refused,
+    );
+    assert.deepEqual(
+      await send('POST', `/v1/machines/${id}/exec`, { 'sec-fetch-site': 'cross-site' }, { cmd: ['true'] }),
+      refused,
+    );
+    assert.deepEqual((await api(d.url, 'GET', '/v1/machines')).body, before);
+    assert.equal(qemusOf(d.stateDir).length, 1);
+    // The user's own navigation (address bar) is served, as curl is.
+    const nav = await fetch(new URL('/v1/machines', d.url), { headers: { 'sec-fetch-site': 'none' } });
+    assert.equal(nav.status, 200);
+
+    const upgrade = (origin: string): Promise<number> =>
+      new Promise((resolve, reject) => {
+        const ws = new WebSocket(`${d.url.replace('http', 'ws')}/v1/machines/${id}/tty`, { origin });
+        ws.once('unexpected-response', (_req, res) => {
+          resolve(res.statusCode ?? 0);
+          ws.terminate();
+        });
+        ws.once('open', () => {
+          resolve(101);
+          ws.close();
+        });
+        ws.once('error', reject);
+      });
+    assert.equal(await upgrade('http://evil.example'), 401, "another site's page opens no terminal");
+    // Non-browser clients that send the target's own Origin (python's websocket-client) still work.
+    assert.equal(await upgrade(new URL(d.url).origin), 101);
   });
 
   test('/openapi.json is served and matches the checked-in spec/openapi.json', async () => {

@@ -241,6 +241,40 @@ describe('model gateway: the openai SDK against the daemon, upstreams mocked', (
     assert.equal(m?.owned_by, 'anthropic');
   });
 
+  test('GET /v1/models/{id}: one model, slashes and colons included; one not served is 404', async () => {
+    const listed = (await client.models.list()).data;
+    for (const id of ['claude-sonnet-4-5', 'openai/gpt-4o-mini']) {
+      const m = await client.models.retrieve(id);
+      assert.deepEqual(
+        m,
+        listed.find((x) => x.id === id),
+      );
+    }
+    // Unescaped, as curl sends it.
+    const raw = await fetch(`${d.url}/v1/models/meta-llama/llama-3.1-8b-instruct`, {
+      headers: { authorization: `Bearer ${alice.token}` },
+    });
+    assert.equal(((await raw.json()) as { id: string }).id, 'meta-llama/llama-3.1-8b-instruct');
+    for (const id of ['gpt-99', 'meta-llama/llama-3.1-8b-instruct:free'])
+      await assert.rejects(client.models.retrieve(id), (e: unknown) => {
+        assert.ok(e instanceof OpenAI.NotFoundError, String(e));
+        assert.equal((e.error as { code?: string }).code, 'MODEL_NOT_FOUND');
+        return true;
+      });
+    // A web page is not the loopback listener's admin: a site the user visits cannot spend the
+    // operator's model keys through the gateway.
+    const page = { origin: 'http://evil.example' };
+    const asked = mock.requests.length;
+    assert.equal((await fetch(`${d.url}/v1/models/claude-sonnet-4-5`, { headers: page })).status, 401);
+    const spend = await fetch(`${d.url}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { ...page, 'content-type': 'text/plain' },
+      body: JSON.stringify({ model: 'claude-sonnet-4-5', messages: [{ role: 'user', content: 'x' }] }),
+    });
+    assert.equal(spend.status, 401);
+    assert.equal(mock.requests.length, asked, 'nothing went upstream');
+  });
+
   test('upstream errors: 429 with Retry-After, 400 with its message, 401/500/garbage → 502, hang → 504', async () => {
     const ask = { model: 'claude-sonnet-4-5', messages: [{ role: 'user' as const, content: 'x' }] };
     mock.queue('anthropic', {

@@ -92,8 +92,19 @@ class FakeHost implements AgentHost {
     if (this.inputDelay) await new Promise((r) => setTimeout(r, this.inputDelay));
     return { cursor: { x: 40, y: 30 } };
   }
-  async exec(script: string, opts: { stdin?: string; args?: string[]; timeoutMs: number }) {
+  /** Commands run until their signal aborts them (a command killed: no exit code). */
+  execHangs = false;
+  execSignals: (AbortSignal | undefined)[] = [];
+  async exec(
+    script: string,
+    opts: { stdin?: string; args?: string[]; timeoutMs: number; signal?: AbortSignal },
+  ): Promise<ShellResult> {
     this.scripts.push({ script, stdin: opts.stdin, args: opts.args });
+    this.execSignals.push(opts.signal);
+    if (this.execHangs) {
+      await new Promise((r) => opts.signal?.addEventListener('abort', r, { once: true }));
+      return { exitCode: null, stdout: 'partial\n', stderr: '', timedOut: false, truncated: false };
+    }
     return this.execResult(opts.stdin);
   }
   async readFile(path: string) {
@@ -447,6 +458,29 @@ describe('agent loop: shell tools', () => {
     const result = evs.find((e) => e.type === 'result');
     assert.deepEqual(result, { type: 'result', step: 1, ok: true, output: 'ok\n' });
   });
+
+  for (const [how, end, outcome] of [
+    ['a stop', (run: AgentRun) => run.stop(), 'stopped'],
+    ['the time limit', () => {}, 'time_limit'],
+    ['a client that goes away', (run: AgentRun) => run.cancel(), 'stopped'],
+  ] as const)
+    it(`${how} kills the bash command in flight, and the run ends`, async () => {
+      const host = new FakeHost([reply([use('bash', { command: 'sleep 999' })]), endTurn()]);
+      host.execHangs = true;
+      const run = new AgentRun(host, shell({ timeLimitMs: outcome === 'time_limit' ? 60 : 60_000 }));
+      const p = runAll(run);
+      await new Promise((r) => setTimeout(r, 20));
+      end(run);
+      const evs = await p;
+      assert.equal(done(evs).outcome, outcome);
+      assert.equal(host.execSignals[0]?.aborted, true, 'the command was killed');
+      assert.equal(host.requests.length, 1, 'no model call after it');
+      if (how !== 'a client that goes away') {
+        const r = evs.find((e) => e.type === 'result') as { ok: boolean; output: string } | undefined;
+        assert.equal(r?.ok, false);
+        assert.match(r?.output ?? '', /partial\n\[stopped: .*killed/);
+      }
+    });
 
   it('bash: restart, exit codes, truncation, timeouts', async () => {
     const host = new FakeHost([

@@ -3,7 +3,8 @@ import { HutchError } from '../../errors.js';
 /**
  * Path matching shared by the route tables. `{name}` matches one path segment and stops at ":",
  * so custom methods written the Google-API way (`/v1/boxes/{id}:stop`) route as the spec writes
- * them; ids and names never contain ":".
+ * them; ids and names never contain ":". `{name+}`, last in a path, is the rest of it, slashes and
+ * colons included (model ids such as `vendor/model:free`).
  */
 export interface CompiledRoute<R> {
   route: R;
@@ -14,9 +15,9 @@ export interface CompiledRoute<R> {
 export function compileRoutes<R extends { path: string }>(routes: R[]): CompiledRoute<R>[] {
   return routes.map((route) => {
     const names: string[] = [];
-    const pattern = route.path.replace(/\{(\w+)\}/g, (_, n: string) => {
+    const pattern = route.path.replace(/\{(\w+)(\+?)\}/g, (_, n: string, rest: string) => {
       names.push(n);
-      return '([^/:]+)';
+      return rest ? '(.+)' : '([^/:]+)';
     });
     return { route, regex: new RegExp(`^${pattern}$`), names };
   });

@@ -3,6 +3,7 @@ import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { type WebSocket, WebSocketServer } from 'ws';
+import { fromWebPage } from '../../auth/listener-policy.js';
 import type { Principal } from '../../core/principal.js';
 import { HutchError, toHutchError } from '../../errors.js';
 import { encodeEvent, writeRespectingBackpressure } from '../exec-stream.js';
@@ -108,7 +109,7 @@ export function createApiServer<A extends object>(
   /**
    * The caller: the `authorization` header, else (WebSocket upgrades only: browsers cannot set
    * headers on a WebSocket) a `?token=<JWT>` verified exactly like a bearer token, else the
-   * listener's anonymous principal, else 401.
+   * listener's anonymous principal unless a web page sent the request (`fromWebPage`), else 401.
    */
   async function principalOf(req: IncomingMessage, anonymous: Anonymous, upgrade?: URL): Promise<Principal> {
     const h = req.headers.authorization;
@@ -116,7 +117,12 @@ export function createApiServer<A extends object>(
     const token = upgrade?.searchParams.get('token');
     if (token !== undefined && token !== null) return opts.verifyBearer(`Bearer ${token}`);
     const p = anonymous(req);
-    if (p) return p;
+    if (p && !fromWebPage(req)) return p;
+    if (p)
+      throw new HutchError(
+        'UNAUTHENTICATED',
+        'a request from a web page (it has an Origin or a Sec-Fetch-Site header) needs a bearer token or ?token= even on this listener: a page must not act as its token-less admin',
+      );
     throw new HutchError(
       'UNAUTHENTICATED',
       'this listener requires a bearer token: exchange an API key at POST /api/v1/auth/token and send "authorization: Bearer <token>"',

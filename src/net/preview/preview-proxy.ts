@@ -6,6 +6,7 @@ import { requestUrl } from '../../api/http/match.js';
 import { rejectUpgrade, sendError } from '../../api/http/respond.js';
 import type { FrontHandler, RequestPrincipal } from '../../api/http/server.js';
 import type { AuthService } from '../../auth/auth-service.js';
+import { fromWebPage, isUserNavigation } from '../../auth/listener-policy.js';
 import type { Principal } from '../../core/principal.js';
 import { HutchError, toHutchError } from '../../errors.js';
 import type { NetStore } from '../net-store.js';
@@ -58,6 +59,8 @@ interface Upstream {
   path: string;
   /** X-Forwarded-Prefix, and what Location/Set-Cookie are moved under. */
   prefix: string;
+  /** A Set-Cookie of hutch's own added to the guest's response (a local grant). */
+  cookie?: string;
 }
 
 interface Redirect {
@@ -254,8 +257,18 @@ export class PreviewProxy implements FrontHandler {
     }
     for (const value of cookieValues(req.headers.cookie, previewCookieName)) {
       const g = this.grants.verify(value);
-      if (!g || g.port !== port || !auth.liveToken(g.jti, g.user)) continue;
-      const p = auth.principalFor(g.user, 'token', { jti: g.jti });
+      if (!g || g.port !== port) continue;
+      let p: Principal;
+      if (g.jti === localGrantJti) {
+        // Good only where its user is still the listener's token-less admin: not on another
+        // listener, not once the server requires tokens.
+        const anon = anonymous(req);
+        if (anon?.user !== g.user) continue;
+        p = anon;
+      } else {
+        if (!auth.liveToken(g.jti, g.user)) continue;
+        p = auth.principalFor(g.user, 'token', { jti: g.jti });
+      }
       let id: string;
       try {
         id = findMachine(p, ref).id;
@@ -265,10 +278,20 @@ export class PreviewProxy implements FrontHandler {
       if (id === g.machine) return upstream(p, id);
     }
     const anon = anonymous(req);
-    if (anon) return upstream(anon, findMachine(anon, ref).id);
+    if (anon && !fromWebPage(req)) {
+      const id = findMachine(anon, ref).id;
+      if (!isUserNavigation(req)) return upstream(anon, id);
+      // A browser the user pointed here: the page's own requests come from a web page, so they
+      // are not the admin's; they carry a grant for this one machine and port instead.
+      const expiresAt = Math.floor(Date.now() / 1000) + localGrantSeconds;
+      const grant = this.grants.issue({ user: anon.user, machine: id, port, jti: localGrantJti, expiresAt });
+      return { ...upstream(anon, id), cookie: grantCookie(req, grant, `${at.prefix}/`, localGrantSeconds) };
+    }
     throw new HutchError(
       'UNAUTHENTICATED',
-      'this preview needs credentials: open it once with ?token=<JWT>, or send "authorization: Bearer <token>"',
+      anon
+        ? 'a request from a web page needs a preview grant: open the preview itself in the browser first, or with ?token=<JWT>'
+        : 'this preview needs credentials: open it once with ?token=<JWT>, or send "authorization: Bearer <token>"',
     );
   }
 
@@ -306,9 +329,7 @@ export class PreviewProxy implements FrontHandler {
       location: `${url.pathname}${query ? `?${query}` : ''}`,
       // A navigation becomes a GET; anything else is asked to repeat itself, body and all.
       status: method === 'GET' || method === 'HEAD' ? 303 : 307,
-      cookie:
-        `${previewCookieName}=${grant}; Path=${cookiePath}; Max-Age=${maxAge}; HttpOnly; SameSite=Lax` +
-        (isTls(req) ? '; Secure' : ''),
+      cookie: grantCookie(req, grant, cookiePath, maxAge),
     };
   }
 
@@ -355,11 +376,9 @@ export class PreviewProxy implements FrontHandler {
       });
       upReq.once('response', (upRes: IncomingMessage) => {
         deadline.clear();
-        res.writeHead(
-          upRes.statusCode ?? 502,
-          upRes.statusMessage,
-          clientResponseHeaders(upRes.rawHeaders, info),
-        );
+        const headers = clientResponseHeaders(upRes.rawHeaders, info);
+        if (up.cookie !== undefined) headers.push('set-cookie', up.cookie);
+        res.writeHead(upRes.statusCode ?? 502, upRes.statusMessage, headers);
         // Headers go now: an event stream's client must not wait for a first chunk.
         res.flushHeaders();
         // A guest that breaks off mid-response: the client's connection is cut, never left hanging.
@@ -567,4 +586,15 @@ function upstreamRequest(req: IncomingMessage, up: Upstream, stream: Duplex): Cl
     }).flat(),
     createConnection: () => stream,
   });
+}
+
+/** The `jti` of a grant made for a listener's token-less admin (no token behind it). */
+const localGrantJti = '-local';
+const localGrantSeconds = 12 * 3600;
+
+function grantCookie(req: IncomingMessage, grant: string, path: string, maxAge: number): string {
+  return (
+    `${previewCookieName}=${grant}; Path=${path}; Max-Age=${maxAge}; HttpOnly; SameSite=Lax` +
+    (isTls(req) ? '; Secure' : '')
+  );
 }
