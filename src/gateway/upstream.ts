@@ -224,8 +224,7 @@ export function upstreamError(
 ): HutchError {
   const msg = messageOf(text);
   if (status === 429) {
-    const secs =
-      retryAfter !== null && /^\d+(\.\d+)?$/.test(retryAfter.trim()) ? Number(retryAfter) : undefined;
+    const secs = retryAfterSeconds(retryAfter);
     return new HutchError('UPSTREAM_RATE_LIMITED', `${upstream} is rate limiting the gateway: ${msg}`, {
       ...(secs !== undefined ? { retry_after_ms: Math.round(secs * 1000) } : {}),
     });
@@ -239,4 +238,21 @@ export function upstreamError(
   if (status === 413) return new HutchError('BODY_TOO_LARGE', `${upstream}: ${msg}`);
   if (status >= 400 && status < 500) return new HutchError('INVALID_ARGUMENT', `${upstream}: ${msg}`);
   return new HutchError('UPSTREAM_FAILED', `${upstream} answered ${status}: ${msg}`);
+}
+
+/**
+ * A Retry-After in seconds: delta-seconds, or an HTTP date (RFC 9110) counted from now, at
+ * least 0; undefined when absent or neither. Capped at a day: a provider's header is not a
+ * reason to tell clients to wait forever.
+ */
+export function retryAfterSeconds(value: string | null, nowMs = Date.now()): number | undefined {
+  if (value === null) return undefined;
+  const v = value.trim();
+  let secs: number | undefined;
+  if (/^\d+(\.\d+)?$/.test(v)) secs = Number(v);
+  else if (/[a-z]/i.test(v)) {
+    const at = Date.parse(v);
+    if (!Number.isNaN(at)) secs = Math.max(0, (at - nowMs) / 1000);
+  }
+  return secs === undefined ? undefined : Math.min(secs, 86_400);
 }

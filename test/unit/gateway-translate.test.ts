@@ -5,7 +5,7 @@ import { gatewayErrorShape } from '../../src/gateway/gateway-errors.js';
 import { chatCompletionBody } from '../../src/gateway/openai-types.js';
 import { toAnthropicRequest } from '../../src/gateway/translate-request.js';
 import { AnthropicStreamTranslator, toChatCompletion } from '../../src/gateway/translate-response.js';
-import { UpstreamCall, upstreamError } from '../../src/gateway/upstream.js';
+import { retryAfterSeconds, UpstreamCall, upstreamError } from '../../src/gateway/upstream.js';
 import { anthropicEvents } from '../helpers/mock-llm.js';
 
 const png =
@@ -323,6 +323,20 @@ describe('gateway: Anthropic → OpenAI response', () => {
 });
 
 describe('gateway: upstream errors', () => {
+  test('Retry-After as seconds or as an HTTP date; nonsense is dropped, a far date capped', () => {
+    const now = Date.parse('2026-12-04T01:00:00Z');
+    assert.equal(retryAfterSeconds('7', now), 7);
+    assert.equal(retryAfterSeconds(' 1.5 ', now), 1.5);
+    assert.equal(retryAfterSeconds('Fri, 04 Dec 2026 01:00:30 GMT', now), 30);
+    assert.equal(retryAfterSeconds('Fri, 04 Dec 2026 00:59:00 GMT', now), 0, 'a date gone by');
+    assert.equal(retryAfterSeconds('Wed, 01 Jan 2070 00:00:00 GMT', now), 86_400);
+    for (const v of [null, '', 'soon', '-3', '1e9', '12abc'])
+      assert.equal(retryAfterSeconds(v, now), undefined, String(v));
+    const dated = upstreamError('openrouter', 429, '{}', new Date(Date.now() + 20_000).toUTCString());
+    const header = Number(gatewayErrorShape(dated).headers?.['retry-after']);
+    assert.ok(header >= 19 && header <= 20, String(header));
+  });
+
   test('status mapping, provider message kept, key never named, Retry-After passed', () => {
     const anth = (type: string, message: string): string =>
       JSON.stringify({ type: 'error', error: { type, message } });
