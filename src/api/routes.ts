@@ -121,7 +121,7 @@ export const machineRoutes: ApiRoute<MachinesApp>[] = [
     body: execBody,
     response: execResultSchema,
     status: 200,
-    handle: ({ act, params, body }) => {
+    handle: ({ act, params, body, signal }) => {
       const b = body;
       return act.exec(params.id ?? '', {
         argv: typeof b.cmd === 'string' ? ['/bin/sh', '-c', b.cmd] : b.cmd,
@@ -129,6 +129,8 @@ export const machineRoutes: ApiRoute<MachinesApp>[] = [
         ...(b.cwd ? { cwd: b.cwd } : {}),
         ...(b.stdin !== undefined ? { stdin: b.stdin } : {}),
         timeoutMs: b.timeout_ms ?? 60_000,
+        // A client that gives up on the answer takes the command with it.
+        signal,
       });
     },
   }),

@@ -127,6 +127,38 @@ describe('machines: create → exec → delete', () => {
     assert.ok(Date.now() - t0 < 10_000);
   });
 
+  test('a client that gives up on an exec takes the command with it', async () => {
+    const sleeping = async (): Promise<string> =>
+      String(
+        (
+          await api(d.url, 'POST', `/v1/machines/${m.id}/exec`, {
+            cmd: [
+              'sh',
+              '-c',
+              'for f in /proc/[0-9]*/cmdline; do tr "\\0" " " < $f; echo; done 2>/dev/null | grep -cx "sleep 271 "',
+            ],
+          })
+        ).body.stdout,
+      ).trim();
+    const gaveUp = new AbortController();
+    const req = fetch(new URL(`/v1/machines/${m.id}/exec`, d.url), {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ cmd: ['sleep', '271'], timeout_ms: 300_000 }),
+      signal: gaveUp.signal,
+    }).catch(() => undefined);
+    for (let t = 0; (await sleeping()) !== '1'; t++) {
+      assert.ok(t < 100, 'the command never started');
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    gaveUp.abort();
+    await req;
+    for (let t = 0; (await sleeping()) !== '0'; t++) {
+      assert.ok(t < 50, 'the command outlived the request that started it');
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  });
+
   test('a missing program is a clear EXEC_FAILED error', async () => {
     const r = await api(d.url, 'POST', `/v1/machines/${m.id}/exec`, { cmd: ['no-such-program'] });
     assert.equal(r.status, 422);

@@ -85,7 +85,7 @@ export type ApiRoute<A> = Common &
         method: Method;
         status: number;
         response?: z.ZodType;
-        handle(ctx: A & RequestParts<unknown, unknown>): unknown;
+        handle(ctx: A & RequestParts<unknown, unknown> & Pick<StreamParts, 'signal'>): unknown;
       }
     | {
         kind: 'ndjson';
@@ -138,7 +138,8 @@ export function routesOf<A>() {
         method: Method;
         status: number;
         response?: z.ZodType;
-        handle(ctx: Ctx<A, S, B>): unknown;
+        /** `signal`: aborted when the client goes away before the answer is complete. */
+        handle(ctx: Ctx<A, S, B> & Pick<StreamParts, 'signal'>): unknown;
       },
     ): ApiRoute<A> => ({ kind: 'json', ...r }) as ApiRoute<A>,
     ndjson: <S extends z.ZodObject | undefined = undefined, B extends z.ZodType | undefined = undefined>(

@@ -168,7 +168,7 @@ export function createApiServer<A extends object>(
       const stream = { res, signal: abort.signal };
       switch (route.kind) {
         case 'json':
-          await sendResult(res, route.status, await route.handle(ctx));
+          await sendResult(res, route.status, await route.handle({ ...ctx, signal: abort.signal }));
           return;
         case 'raw': {
           const result = await route.handle({ ...ctx, ...stream });
