@@ -81,7 +81,7 @@ export interface ExecRequest {
   cwd?: string;
   stdin?: string;
   timeoutMs?: number;
-  /** Aborted: the command is killed (a stopped agent's). */
+  /** Aborted: the command is killed (a stopped agent's, or one whose REST client went away). */
   signal?: AbortSignal;
 }
 

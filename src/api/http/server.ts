@@ -117,12 +117,13 @@ export function createApiServer<A extends object>(
     const token = upgrade?.searchParams.get('token');
     if (token !== undefined && token !== null) return opts.verifyBearer(`Bearer ${token}`);
     const p = anonymous(req);
-    if (p && !fromWebPage(req)) return p;
-    if (p)
+    if (p) {
+      if (!fromWebPage(req)) return p;
       throw new HutchError(
         'UNAUTHENTICATED',
         'a request from a web page (it has an Origin or a Sec-Fetch-Site header) needs a bearer token or ?token= even on this listener: a page must not act as its token-less admin',
       );
+    }
     throw new HutchError(
       'UNAUTHENTICATED',
       'this listener requires a bearer token: exchange an API key at POST /api/v1/auth/token and send "authorization: Bearer <token>"',
