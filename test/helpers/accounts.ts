@@ -1,5 +1,6 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { join } from 'node:path';
+import { WebSocket } from 'ws';
 import { root, type TestDaemon } from './daemon.js';
 
 /** Runs the real CLI; `env` is added to the test's environment. */
@@ -125,5 +126,21 @@ export function runHutch(d: Pick<TestDaemon, 'url'>, ...args: string[]): Promise
       clearTimeout(timer);
       resolve({ status, stdout, stderr });
     });
+  });
+}
+
+/** The upgrade's answer: the HTTP status of a refusal, or 101 when it opened. */
+export function upgradeStatus(url: string, headers: Record<string, string>): Promise<number> {
+  return new Promise((resolve) => {
+    const ws = new WebSocket(url, { headers });
+    ws.on('unexpected-response', (_req, res) => {
+      resolve(res.statusCode ?? 0);
+      ws.terminate();
+    });
+    ws.on('open', () => {
+      resolve(101);
+      ws.close();
+    });
+    ws.on('error', () => {});
   });
 }

@@ -4,27 +4,10 @@ import { mkdtempSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { WebSocket } from 'ws';
-import { addUser, authed, exchange, hutchCli, userWithToken } from '../helpers/accounts.js';
+import { addUser, authed, exchange, hutchCli, upgradeStatus, userWithToken } from '../helpers/accounts.js';
 import { cleanup, root, startDaemon, type TestDaemon } from '../helpers/daemon.js';
 
 const machine = { template: 'python', ttl_seconds: 300 };
-
-/** The upgrade's answer: the HTTP status of a refusal, or 101 when it opened. */
-function upgradeStatus(url: string, headers: Record<string, string>): Promise<number> {
-  return new Promise((resolve) => {
-    const ws = new WebSocket(url, { headers });
-    ws.on('unexpected-response', (_req, res) => {
-      resolve(res.statusCode ?? 0);
-      ws.terminate();
-    });
-    ws.on('open', () => {
-      resolve(101);
-      ws.close();
-    });
-    ws.on('error', () => {});
-  });
-}
 
 describe('accounts on a loopback daemon (token-less requests are the local admin)', () => {
   let d: TestDaemon;

@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { WebSocket } from 'ws';
+import { upgradeStatus } from '../helpers/accounts.js';
 import { api, cleanup, qemusOf, root, startDaemon, type TestDaemon } from '../helpers/daemon.js';
 
 describe('bad input gets a clear error and changes nothing', () => {
@@ -133,19 +133,8 @@ describe('bad input gets a clear error and changes nothing', () => {
     const nav = await fetch(new URL('/v1/machines', d.url), { headers: { 'sec-fetch-site': 'none' } });
     assert.equal(nav.status, 200);
 
-    const upgrade = (origin: string): Promise<number> =>
-      new Promise((resolve, reject) => {
-        const ws = new WebSocket(`${d.url.replace('http', 'ws')}/v1/machines/${id}/tty`, { origin });
-        ws.once('unexpected-response', (_req, res) => {
-          resolve(res.statusCode ?? 0);
-          ws.terminate();
-        });
-        ws.once('open', () => {
-          resolve(101);
-          ws.close();
-        });
-        ws.once('error', reject);
-      });
+    const tty = `${d.url.replace('http', 'ws')}/v1/machines/${id}/tty`;
+    const upgrade = (origin: string): Promise<number> => upgradeStatus(tty, { origin });
     assert.equal(await upgrade('http://evil.example'), 401, "another site's page opens no terminal");
     // Non-browser clients that send the target's own Origin (python's websocket-client) still work.
     assert.equal(await upgrade(new URL(d.url).origin), 101);
