@@ -29,6 +29,18 @@ describe('request guard: slow bodies, idle connections, malformed requests, the 
       void (async () => {
         try {
           if (path === '/slow-reader') await new Promise((r) => setTimeout(r, idleMs * 3));
+          if (path === '/gives-up') {
+            // Stops reading part-way (leaving the loop destroys the request), then takes its time.
+            let n = 0;
+            for await (const c of req as AsyncIterable<Buffer>) {
+              n += c.length;
+              if (n > 64 * 1024) break;
+            }
+            await new Promise((r) => setTimeout(r, idleMs * 3));
+            res.writeHead(413).end('too large');
+            ended.set(path, 'gave up');
+            return;
+          }
           if (path === '/stream') {
             // Answers for a while without reading the body it was promised.
             res.writeHead(200);
@@ -89,6 +101,26 @@ describe('request guard: slow bodies, idle connections, malformed requests, the 
     assert.equal(ended.get('/slow-reader'), `read ${big.length}`);
     const s = await exchange(ep, rawRequest('POST', '/stream', [], '', { contentLength: 10 }), 10_000);
     assert.ok(s.kind === 'response' && s.res.status === 200 && s.res.body.toString() === 'xxxxxx');
+  });
+
+  test('a handler that gives up on a body and answers late gets its own answer out', async () => {
+    const crashes: unknown[] = [];
+    const onCrash = (e: unknown): void => void crashes.push(e);
+    process.on('uncaughtException', onCrash);
+    try {
+      const head = rawRequest('POST', '/gives-up', [], '', { contentLength: 4 * 1024 * 1024 });
+      const o = await exchange(
+        ep,
+        [{ data: head }, { data: Buffer.alloc(256 * 1024, 1), thenWaitMs: idleMs * 5 }],
+        10_000,
+      );
+      assert.ok(o.kind === 'response' && o.res.status === 413, JSON.stringify(o).slice(0, 300));
+      assert.equal(ended.get('/gives-up'), 'gave up');
+      await new Promise((r) => setTimeout(r, 100));
+    } finally {
+      process.off('uncaughtException', onCrash);
+    }
+    assert.deepEqual(crashes, []);
   });
 
   test('headers that stop, and a connection that sends nothing, get 408 in the error format', async () => {

@@ -90,8 +90,9 @@ export function createGuardedServer(limits: RequestLimits, handler: RequestListe
 /**
  * Cuts a request off once its body has stalled: not complete, nothing buffered that the handler
  * has yet to read (so a handler that reads slowly, e.g. an upload waiting for the guest, never
- * counts against the client), no answer being streamed meanwhile (a handler that answers without
- * reading the body is not waiting for it), and no byte received on the connection for `idleMs`.
+ * counts against the client), not given up by the handler, no answer being streamed meanwhile (a
+ * handler that answers without reading the body is not waiting for it), and no byte received on
+ * the connection for `idleMs`.
  */
 function watchBody(req: IncomingMessage, res: ServerResponse, idleMs: number): void {
   const h = req.headers;
@@ -101,7 +102,9 @@ function watchBody(req: IncomingMessage, res: ServerResponse, idleMs: number): v
   let since = Date.now();
   const timer = setInterval(
     () => {
-      if (req.complete || socket.destroyed) {
+      // A destroyed request is a handler that gave up on the body (over a limit, say) and may
+      // take its time to answer: nothing is waiting for the client any more.
+      if (req.complete || req.destroyed || socket.destroyed) {
         clearInterval(timer);
         return;
       }
@@ -125,9 +128,15 @@ function cutOff(req: IncomingMessage, res: ServerResponse, idleMs: number): void
   // The request itself is destroyed, not only its socket: once the answer is out node no
   // longer aborts the request when its socket closes, and a handler reading the body would wait
   // for ever. Its read fails instead, and it ends.
+  // The socket is taken now: node detaches it from the request once the answer has finished,
+  // and `finish` and `close` both come after that.
+  const socket = req.socket;
+  let closed = false;
   const close = (): void => {
+    if (closed) return;
+    closed = true;
     req.destroy();
-    req.socket.destroy();
+    socket.destroy();
   };
   if (res.headersSent || res.writableEnded) {
     close();
