@@ -18,12 +18,17 @@ export interface S3Server {
   bucket: string;
   /** Requests the proxy has forwarded or failed. */
   requests: () => number;
-  /** The next `n` requests are answered 503 SlowDown (or have their connection reset). */
-  failNext(n: number, how?: '503' | 'reset'): void;
+  /**
+   * The next `n` requests are answered 503 SlowDown, have their connection reset, or (`cut`)
+   * get the server's headers and part of its body, then a reset.
+   */
+  failNext(n: number, how?: FailHow): void;
   kill(): Promise<void>;
   restart(): Promise<void>;
   stop(): Promise<void>;
 }
+
+type FailHow = '503' | 'reset' | 'cut';
 
 function spawnServer(
   dir: string,
@@ -63,29 +68,44 @@ export async function startS3Server(bucket = 'hutch-test'): Promise<S3Server> {
   let server = await spawnServer(dir, bucket, 0);
   let count = 0;
   let failing = 0;
-  let failHow: '503' | 'reset' = '503';
+  let failHow: FailHow = '503';
   const sockets = new Set<Socket>();
   const proxy: Server = createServer((req, res) => {
     count++;
+    let cutting = false;
     if (failing > 0) {
       failing--;
       if (failHow === 'reset') {
         req.socket.destroy();
         return;
       }
-      req.resume();
-      req.on('end', () => {
-        const body =
-          '<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>injected by the test</Message></Error>';
-        res.writeHead(503, { 'content-type': 'application/xml', 'content-length': Buffer.byteLength(body) });
-        res.end(body);
-      });
-      return;
+      if (failHow === '503') {
+        req.resume();
+        req.on('end', () => {
+          const body =
+            '<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>injected by the test</Message></Error>';
+          res.writeHead(503, {
+            'content-type': 'application/xml',
+            'content-length': Buffer.byteLength(body),
+          });
+          res.end(body);
+        });
+        return;
+      }
+      cutting = true;
     }
     const up = request(
       { host: '127.0.0.1', port: server.port, method: req.method, path: req.url, headers: req.headers },
       (ures) => {
         res.writeHead(ures.statusCode ?? 502, ures.headers);
+        if (cutting) {
+          // Headers and the first half of the first chunk, then the connection goes.
+          ures.once('data', (b: Buffer) => {
+            res.write(b.subarray(0, Math.floor(b.length / 2)), () => req.socket.destroy());
+            ures.destroy();
+          });
+          return;
+        }
         ures.pipe(res);
         ures.on('error', () => res.destroy());
       },

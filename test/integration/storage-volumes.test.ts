@@ -462,7 +462,7 @@ t.close()" && mv /usr/bin/tar /usr/bin/tar.real && printf '#!/bin/sh\\ncat /tmp/
         assert.ok((await files(d, vol)).includes('gen2 file 0700 4'));
       });
 
-      test('503s and connection resets are retried by the SDK: the upload succeeds', async () => {
+      test('503s and connection resets are retried: the upload succeeds, a read cut off mid-body is read again', async () => {
         const server = s3 as S3Server;
         const id = await volume(d);
         for (const how of ['503', 'reset'] as const) {
@@ -479,6 +479,14 @@ t.close()" && mv /usr/bin/tar /usr/bin/tar.real && printf '#!/bin/sh\\ncat /tmp/
         assert.equal(r.status, 503, JSON.stringify(r.body));
         server.failNext(0);
         assert.equal((await files(d, id)).length, 2);
+        // An answer cut off mid-body (after the headers, where the SDK's retries end) is read again.
+        for (let i = 0; i < 3; i++) {
+          server.failNext(1, 'cut');
+          const before = server.requests();
+          assert.equal((await files(d, id)).length, 2);
+          assert.ok(server.requests() - before >= 2, `${server.requests() - before} requests`);
+        }
+        server.failNext(0);
       });
     }
 

@@ -203,20 +203,29 @@ export class S3Store implements BlobStore {
   }
 
   async getSmall(key: string, maxBytes = defaultSmallMaxBytes): Promise<Buffer> {
-    try {
-      const res = await this.client.send(new GetObjectCommand({ Bucket: this.o.bucket, Key: this.k(key) }));
-      if ((res.ContentLength ?? 0) > maxBytes) {
-        (res.Body as Readable).destroy();
-        throw new HutchError(
-          'STORAGE_UNAVAILABLE',
-          `${key} is ${res.ContentLength} bytes, over ${maxBytes}: not read`,
-        );
+    // The SDK retries a request until its answer's headers; a body cut off after them (a reset
+    // mid-transfer) is retried here, the whole GET again: these objects are small.
+    for (let attempt = 1; ; attempt++) {
+      let body: { transformToByteArray(): Promise<Uint8Array> };
+      try {
+        const res = await this.client.send(new GetObjectCommand({ Bucket: this.o.bucket, Key: this.k(key) }));
+        if ((res.ContentLength ?? 0) > maxBytes) {
+          (res.Body as Readable).destroy();
+          throw new HutchError(
+            'STORAGE_UNAVAILABLE',
+            `${key} is ${res.ContentLength} bytes, over ${maxBytes}: not read`,
+          );
+        }
+        body = res.Body as typeof body;
+      } catch (e) {
+        throw s3Error(e, `reading ${key}`);
       }
-      return Buffer.from(
-        await (res.Body as { transformToByteArray(): Promise<Uint8Array> }).transformToByteArray(),
-      );
-    } catch (e) {
-      throw s3Error(e, `reading ${key}`);
+      try {
+        return Buffer.from(await body.transformToByteArray());
+      } catch (e) {
+        if (attempt >= this.o.maxAttempts) throw s3Error(e, `reading ${key}`);
+        await new Promise((r) => setTimeout(r, 50 * attempt));
+      }
     }
   }
 
