@@ -1,6 +1,6 @@
 /**
  * Desktops: create → first screenshot that shows the desktop, restored from the snapshot vs a
- * cold boot (same process); screenshot latency, full and scaled for a model; input latency
+ * cold boot, and handed out by the warm pool (a second daemon, pool of 1; same process); screenshot latency, full and scaled for a model; input latency
  * (a pointer move, 20 typed characters), each against an exec of `true` on the same machine.
  * Medians of --runs (cold boots: --cold-runs, ~30 s each under TCG), one line per figure.
  *
@@ -8,7 +8,7 @@
  */
 import { parseArgs } from 'node:util';
 import { decodePng } from '../src/desktop/png.js';
-import { api, cleanup, type TestDaemon } from '../test/helpers/daemon.js';
+import { api, cleanup, type TestDaemon, waitFor } from '../test/helpers/daemon.js';
 import { startDesktopDaemon } from '../test/helpers/desktop.js';
 import { median } from './bench-lib.js';
 
@@ -47,11 +47,16 @@ async function screenshot(d: TestDaemon, id: string, query = ''): Promise<Buffer
 /** Create, then screenshots until one shows the desktop: what a user waits for. */
 async function createToDesktop(
   d: TestDaemon,
-  mode: 'snapshot' | 'cold',
+  mode: 'snapshot' | 'cold' | 'pool',
 ): Promise<{ ms: number; id: string }> {
   const t0 = performance.now();
-  const r = await api(d.url, 'POST', '/v1/machines', { template: 'desktop', ttl_seconds: 900, mode });
+  const r = await api(d.url, 'POST', '/v1/machines', {
+    template: 'desktop',
+    ttl_seconds: 900,
+    ...(mode === 'pool' ? {} : { mode }),
+  });
   if (r.status !== 201) throw new Error(`create: ${r.status} ${JSON.stringify(r.body)}`);
+  if (r.body.mode !== mode) throw new Error(`asked for ${mode}, got ${String(r.body.mode)}`);
   const id = r.body.id as string;
   for (;;) {
     if (showsDesktop(await screenshot(d, id))) return { ms: performance.now() - t0, id };
@@ -83,6 +88,36 @@ try {
     median(cold) / 1000,
     'cold',
   );
+
+  // The warm pool's desktops (networked, like the default create) on a daemon that keeps one.
+  const pd = await startDesktopDaemon({ HUTCH_POOL_SIZE: '1' });
+  try {
+    const pooled: number[] = [];
+    for (let i = 0; i < runs; i++) {
+      await waitFor(
+        'a pooled desktop',
+        async () => {
+          const h = (await api(pd.url, 'GET', '/healthz')).body as {
+            pool: Record<string, { ready: number }>;
+          };
+          return h.pool.desktop?.ready === 1 ? true : undefined;
+        },
+        400_000,
+      );
+      const p = await createToDesktop(pd, 'pool');
+      pooled.push(p.ms);
+      await api(pd.url, 'DELETE', `/v1/machines/${p.id}`);
+    }
+    line(
+      'create → first screenshot showing the desktop, from the pool',
+      median(pooled) / 1000,
+      's',
+      median(snap) / 1000,
+      'snapshot',
+    );
+  } finally {
+    await cleanup(pd);
+  }
 
   const m = await api(d.url, 'POST', '/v1/machines', { template: 'desktop', ttl_seconds: 900 });
   const id = m.body.id as string;

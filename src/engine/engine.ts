@@ -293,7 +293,11 @@ export class Engine {
           // Then the networked machines' one (a NIC is part of the layout), after: one QEMU at a time.
           if (this.rt.d.net)
             this.snapshots.ensure(manifest, this.rt.snapshotParams(manifest, undefined, false, true)).then(
-              (n) => this.log('info', 'networked template snapshot ready', { template: n.template }),
+              (n) => {
+                this.log('info', 'networked template snapshot ready', { template: n.template });
+                // A desktop's pool is networked: it fills once this snapshot exists.
+                this.cx.pool.refill();
+              },
               (e: unknown) =>
                 this.log('warn', 'networked template snapshot failed; networked machines boot cold', {
                   template: manifest.name,

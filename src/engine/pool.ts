@@ -6,6 +6,7 @@ import { screenText } from '../desktop/screen-size.js';
 import { HutchError } from '../errors.js';
 import type { TemplateManifest } from '../images/builder.js';
 import type { SnapshotCache, TemplateSnapshot } from '../images/snapshots.js';
+import type { EgressRules } from '../net/egress.js';
 import { type Admission, hostMemAvailableMb, type OtherQemus } from './admission.js';
 import { newRow } from './flows/context.js';
 import { newMachineId } from './ids.js';
@@ -20,7 +21,9 @@ interface Pooled {
 }
 
 /**
- * Machines restored ahead of demand, per template, paused. The pool never takes what users
+ * Machines restored ahead of demand, per template, paused, made as that template's create makes
+ * them by default (a desktop with its network, attached for no one until it is handed out).
+ * The pool never takes what users
  * could have: its QEMUs count against the caps, it gives them back to a user's create that
  * needs the room, and it stops growing when the host runs short of memory.
  */
@@ -29,6 +32,7 @@ export class WarmPool implements OtherQemus {
   private making = 0;
   /** The refill under way, if any (close() waits for it, so no half-made pool machine is left). */
   private refilling: Promise<void> | undefined;
+  private again = false;
 
   constructor(
     private readonly rt: Runtime,
@@ -93,8 +97,9 @@ export class WarmPool implements OtherQemus {
   }
 
   /**
-   * Turns a pooled machine into the caller's: admit it, continue it, give it its identity. `row`
-   * is the caller's row for it (owner, name, lifetime).
+   * Turns a pooled machine into the caller's: admit it, give a networked one the caller's egress
+   * rules and network, continue it, give it its identity. `fields` are the caller's (name,
+   * lifetime); `net`, for a networked one, the caller's rules and the network it asked for.
    */
   async handOut(
     p: Pooled,
@@ -104,6 +109,7 @@ export class WarmPool implements OtherQemus {
       'name' | 'persistent' | 'ttl_seconds' | 'created_at' | 'expires_at' | 'auto_suspend_seconds'
     >,
     t0: number,
+    net?: { rules: EgressRules; networkId?: string | undefined },
   ): Promise<MachineRow> {
     const row: MachineRow = {
       ...p.row,
@@ -123,6 +129,12 @@ export class WarmPool implements OtherQemus {
     try {
       return await p.m.lock.run(async () => {
         try {
+          const nm = this.rt.d.net;
+          if (p.row.net) {
+            if (!nm || !net) throw new Error('a networked pooled machine handed out without its network');
+            if (net.networkId) nm.directory.setNetwork(row.id, net.networkId);
+            await nm.handTo(row.id, row.run_dir, row.owner, net.rules);
+          }
           const qmp = await this.rt.qmpOf(p.m);
           await qmp.execute('cont');
           const agent = p.m.vm?.agent;
@@ -153,22 +165,31 @@ export class WarmPool implements OtherQemus {
   }
 
   refill(): void {
-    if (this.refilling || this.rt.d.closing() || this.config.poolSize === 0) return;
+    if (this.rt.d.closing() || this.config.poolSize === 0) return;
+    // Asked for during a refill (a snapshot became ready after the refill passed its template):
+    // one more pass once this one ends.
+    if (this.refilling) {
+      this.again = true;
+      return;
+    }
+    this.again = false;
     this.refilling = this.refillNow().finally(() => {
       this.refilling = undefined;
+      if (this.again) this.refill();
     });
   }
 
   private async refillNow(): Promise<void> {
     for (const manifest of this.templates.values()) {
-      const snap = this.snapshots.get(manifest, this.rt.snapshotParams(manifest));
+      const net = this.rt.templateNet(manifest.name);
+      const snap = this.snapshots.get(manifest, this.rt.snapshotParams(manifest, undefined, false, net));
       if (!snap) continue;
       const list = this.pool.get(manifest.name) ?? [];
       this.pool.set(manifest.name, list);
       while (list.length < this.config.poolSize && !this.rt.d.closing() && this.hasRoom(manifest)) {
         this.making++;
         try {
-          list.push(await this.make(manifest, snap));
+          list.push(await this.make(manifest, snap, net));
         } catch (e) {
           this.rt.d.log('warn', 'pool refill failed', {
             template: manifest.name,
@@ -187,7 +208,7 @@ export class WarmPool implements OtherQemus {
    * paused: under TCG a fresh restore spends ~140 ms re-translating guest code on its first
    * command, which the user of a pooled machine should not pay.
    */
-  private async make(manifest: TemplateManifest, snap: TemplateSnapshot): Promise<Pooled> {
+  private async make(manifest: TemplateManifest, snap: TemplateSnapshot, net: boolean): Promise<Pooled> {
     const id = newMachineId();
     const size = this.rt.templateSize(manifest.name);
     const row = newRow(this.rt.d.runRoot, {
@@ -205,6 +226,7 @@ export class WarmPool implements OtherQemus {
       created_at: new Date().toISOString(),
       expires_at: null,
       kind: 'machine',
+      net: net ? 1 : 0,
       display: screenOf(this.rt.templateScreen(manifest.name)),
     });
 

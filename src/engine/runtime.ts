@@ -184,7 +184,8 @@ export class Runtime {
     if (row.net) {
       const nm = this.d.net;
       if (!nm) throw new HutchError('NETWORK_UNAVAILABLE', 'guest networking is off on this server');
-      const net = await nm.attach(row.id, row.run_dir, row.owner);
+      // A pooled machine is no one's yet: it joins its user's network when it is handed out.
+      const net = await nm.attach(row.id, row.run_dir, row.owner === '' ? undefined : row.owner);
       m.cleanup.push('network', ends.vm, () => nm.detach(net));
       netns = net.netns;
     }
@@ -466,6 +467,11 @@ export class Runtime {
       ...(startup ? { warm: [startup] } : {}),
       runAs: this.d.runAs,
     };
+  }
+
+  /** Whether a template's machines have a network by default: desktops do, when the server has one. */
+  templateNet(template: string): boolean {
+    return templateRecipes[template]?.display === true && this.d.net !== undefined;
   }
 
   /** The screen a template's machines have by default: none, or the default size. */

@@ -198,6 +198,21 @@ export class NetworkManager {
     }
   }
 
+  /**
+   * Gives a pooled machine's network (attached for no one, its guest paused since) to the user it
+   * is handed to: their egress rules applied, then onto their network (the one it was put on, else
+   * their default). Before its guest runs again, so its first packet already meets its own rules.
+   */
+  async handTo(machineId: string, runDir: string, owner: string, rules: EgressRules): Promise<void> {
+    const net = this.byId.get(machineId);
+    if (!net) throw new HutchError('INTERNAL', `machine ${machineId} has no network to hand out`);
+    await this.setRules(machineId, rules);
+    net.networkId = this.directory.networkOf(machineId, owner);
+    const f = JSON.parse(readFileSync(join(runDir, netFile), 'utf8')) as Record<string, unknown>;
+    writeFileSync(join(runDir, netFile), JSON.stringify({ ...f, networkId: net.networkId }));
+    await this.join(net);
+  }
+
   /** The network of a machine found running after a restart (its QEMU still in the namespace). */
   adopt(machineId: string, runDir: string): MachineNet | undefined {
     try {

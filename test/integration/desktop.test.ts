@@ -7,11 +7,15 @@
  * bad input are refused clearly; another user's desktop does not exist for you.
  */
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { after, before, describe, test } from 'node:test';
 import { decodePng, pngSize } from '../../src/desktop/png.js';
+import { daemonTag } from '../../src/net/addressing.js';
 import { authed, userWithToken } from '../helpers/accounts.js';
-import { cleanup, type Json, type TestDaemon, waitFor } from '../helpers/daemon.js';
+import { api, cleanup, type Json, type TestDaemon, waitFor } from '../helpers/daemon.js';
 import { startDesktopDaemon } from '../helpers/desktop.js';
+import { type FakeInternet, startFakeInternet } from '../helpers/fake-internet.js';
+import { startGuestWebServer } from '../helpers/guest-web-server.js';
 
 describe('desktop machines', () => {
   let d: TestDaemon;
@@ -275,5 +279,115 @@ describe('desktop machines', () => {
     await input(r.body.id as string, [{ type: 'move', x: 1279, y: 799 }]);
     assert.match(await sh(r.body.id as string, 'DISPLAY=:0 xdotool getmouselocation'), /^x:1279 y:799 /);
     await A('DELETE', `/v1/machines/${r.body.id}`);
+  });
+});
+
+describe('the warm pool serves desktops: networked, handed to their user', () => {
+  let inet: FakeInternet;
+  let d: TestDaemon;
+  const tokens: Record<string, string> = {};
+  const as = (user: string, method: string, path: string, body?: unknown): Promise<Json> =>
+    authed(d.url, method, path, { token: tokens[user] ?? '' }, body);
+  const run = async (user: string, id: string, cmd: string): Promise<{ code: number; out: string }> => {
+    const r = await as(user, 'POST', `/v1/machines/${id}/exec`, { cmd, timeout_ms: 60_000 });
+    assert.equal(r.status, 200, JSON.stringify(r.body));
+    return { code: r.body.exit_code as number, out: String(r.body.stdout).trim() + String(r.body.stderr) };
+  };
+  const fetchIn = (url: string): string =>
+    `python3 -c "import urllib.request as u; print(u.urlopen('${url}', timeout=5).read().decode().strip())"`;
+  const poolReady = (): Promise<true> =>
+    waitFor(
+      'a pooled desktop',
+      async () => {
+        const h = (await api(d.url, 'GET', '/healthz')).body as { pool: Record<string, { ready: number }> };
+        return h.pool.desktop?.ready === 1 ? true : undefined;
+      },
+      400_000,
+    );
+  /** A machine's namespace end: the address its network mates reach it at. */
+  const outside = (id: string): string => {
+    const ns = `hutch-${daemonTag(d.stateDir)}-${id}`;
+    const j = JSON.parse(
+      execFileSync('ip', ['-n', ns, '-j', '-4', 'addr', 'show', 'veth0'], { encoding: 'utf8' }),
+    ) as {
+      addr_info: { local: string }[];
+    }[];
+    return j[0]?.addr_info[0]?.local ?? '';
+  };
+  const desktop = async (user: string, extra: Record<string, unknown> = {}): Promise<string> => {
+    await poolReady();
+    const r = await as(user, 'POST', '/v1/machines', { template: 'desktop', ttl_seconds: 600, ...extra });
+    assert.equal(r.status, 201, JSON.stringify(r.body));
+    assert.equal(r.body.mode, 'pool', 'served from the pool');
+    assert.equal(r.body.net, true);
+    assert.equal(r.body.owner ?? user, user);
+    return r.body.id as string;
+  };
+
+  before(async () => {
+    inet = await startFakeInternet();
+    d = await startDesktopDaemon({ ...inet.env, HUTCH_POOL_SIZE: '1' });
+    for (const u of ['alice', 'bob']) tokens[u] = (await userWithToken(d, u)).token;
+  });
+  after(async () => {
+    await cleanup(d);
+    await inet.close();
+  });
+
+  test("a pooled desktop reaches the internet under its user's rules and is on its user's network only", async () => {
+    // alice's web server on her own network.
+    const py = await as('alice', 'POST', '/v1/machines', { template: 'python', net: true, ttl_seconds: 600 });
+    assert.equal(py.status, 201, JSON.stringify(py.body));
+    const server = py.body.id as string;
+    const started = await run(
+      'alice',
+      server,
+      startGuestWebServer(8080).replace('("127.0.0.1"', '("0.0.0.0"'),
+    );
+    assert.equal(started.code, 0, started.out);
+    const serverUrl = `http://${outside(server)}:8080/`;
+
+    const mine = await desktop('alice');
+    assert.deepEqual(await run('alice', mine, fetchIn('http://pypi.test/')), {
+      code: 0,
+      out: 'hello from the fake internet',
+    });
+    assert.deepEqual(await run('alice', mine, fetchIn(serverUrl)), { code: 0, out: 'hello from the guest' });
+    // The screen is up, as from the snapshot.
+    const shot = await fetch(`${d.url}/v1/machines/${mine}/screenshot`, {
+      headers: { authorization: `Bearer ${tokens.alice}` },
+    });
+    assert.equal(shot.status, 200);
+
+    // Rules asked for at create hold from the first packet: a name outside the allowlist is refused.
+    const ruled = await desktop('alice', { egress: { allow: ['files.test'] } });
+    assert.notEqual((await run('alice', ruled, fetchIn('http://pypi.test/'))).code, 0);
+    assert.equal((await run('alice', ruled, fetchIn('http://files.test/'))).code, 0);
+    const e = await as('alice', 'GET', `/v1/machines/${ruled}/egress`);
+    assert.deepEqual((e.body.rules as { allow: string[] }).allow, ['files.test'], JSON.stringify(e.body));
+
+    // bob's pooled desktop is on bob's network: alice's server is not his to reach.
+    const his = await desktop('bob');
+    assert.equal((await run('bob', his, fetchIn('http://pypi.test/'))).code, 0);
+    assert.notEqual((await run('bob', his, fetchIn(serverUrl))).code, 0);
+
+    // Asking for no network, or another screen, is not the pool's.
+    await poolReady();
+    const plain = await as('alice', 'POST', '/v1/machines', {
+      template: 'desktop',
+      net: false,
+      ttl_seconds: 60,
+    });
+    assert.equal(plain.status, 201, JSON.stringify(plain.body));
+    assert.notEqual(plain.body.mode, 'pool');
+    assert.equal(plain.body.net, false);
+    for (const [u, id] of [
+      ['alice', server],
+      ['alice', mine],
+      ['alice', ruled],
+      ['bob', his],
+      ['alice', plain.body.id as string],
+    ] as const)
+      assert.equal((await as(u, 'DELETE', `/v1/machines/${id}`)).status, 204);
   });
 });

@@ -116,8 +116,12 @@ export async function createMachine(
 
   const persistent = req.persistent === true && config.allowPersistent;
   const ttl = clampTtl(req.ttlSeconds);
-  // The pool holds machines without a network (a pooled machine is handed out as it is).
-  const pooled = req.mode === 'cold' || net || customScreen ? undefined : cx.pool.take(req.template);
+  // The pool holds machines as this template makes them by default: a desktop with its network
+  // (given the caller's rules and network at hand-out) and the default screen.
+  const pooled =
+    req.mode === 'cold' || net !== rt.templateNet(req.template) || customScreen
+      ? undefined
+      : cx.pool.take(req.template);
   if (pooled)
     return cx.pool.handOut(
       pooled,
@@ -128,6 +132,7 @@ export async function createMachine(
         auto_suspend_seconds: req.autoSuspendSeconds ?? null,
       },
       t0,
+      egress ? { rules: egress, networkId } : undefined,
     );
   // The template's own size when its recipe declares one, else the server's defaults.
   const size = rt.templateSize(req.template);
