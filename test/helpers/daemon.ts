@@ -219,6 +219,15 @@ export async function cleanup(d: TestDaemon): Promise<void> {
   if (net.length) throw new Error(`network leftovers: ${net.join(', ')}`);
 }
 
+/** A networked machine's namespace end: the address its network mates and the world see it as. */
+export function outsideAddress(stateDir: string, id: string): string {
+  const netns = `hutch-${daemonTag(stateDir)}-${id}`;
+  const j = JSON.parse(
+    execFileSync('ip', ['-n', netns, '-j', '-4', 'addr', 'show', 'veth0'], { encoding: 'utf8' }),
+  ) as { addr_info: { local: string }[] }[];
+  return j[0]?.addr_info[0]?.local ?? '';
+}
+
 /**
  * What a daemon with this state dir left of guest networking: namespaces, host links, its host
  * firewall table (removed by a daemon stopping with no networked machine running) and slots.

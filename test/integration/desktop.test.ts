@@ -7,12 +7,10 @@
  * bad input are refused clearly; another user's desktop does not exist for you.
  */
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
 import { after, before, describe, test } from 'node:test';
 import { decodePng, pngSize } from '../../src/desktop/png.js';
-import { daemonTag } from '../../src/net/addressing.js';
 import { authed, userWithToken } from '../helpers/accounts.js';
-import { api, cleanup, type Json, type TestDaemon, waitFor } from '../helpers/daemon.js';
+import { api, cleanup, type Json, outsideAddress, type TestDaemon, waitFor } from '../helpers/daemon.js';
 import { startDesktopDaemon } from '../helpers/desktop.js';
 import { type FakeInternet, startFakeInternet } from '../helpers/fake-internet.js';
 import { startGuestWebServer } from '../helpers/guest-web-server.js';
@@ -304,16 +302,6 @@ describe('the warm pool serves desktops: networked, handed to their user', () =>
       },
       400_000,
     );
-  /** A machine's namespace end: the address its network mates reach it at. */
-  const outside = (id: string): string => {
-    const ns = `hutch-${daemonTag(d.stateDir)}-${id}`;
-    const j = JSON.parse(
-      execFileSync('ip', ['-n', ns, '-j', '-4', 'addr', 'show', 'veth0'], { encoding: 'utf8' }),
-    ) as {
-      addr_info: { local: string }[];
-    }[];
-    return j[0]?.addr_info[0]?.local ?? '';
-  };
   const desktop = async (user: string, extra: Record<string, unknown> = {}): Promise<string> => {
     await poolReady();
     const r = await as(user, 'POST', '/v1/machines', { template: 'desktop', ttl_seconds: 600, ...extra });
@@ -345,7 +333,7 @@ describe('the warm pool serves desktops: networked, handed to their user', () =>
       startGuestWebServer(8080).replace('("127.0.0.1"', '("0.0.0.0"'),
     );
     assert.equal(started.code, 0, started.out);
-    const serverUrl = `http://${outside(server)}:8080/`;
+    const serverUrl = `http://${outsideAddress(d.stateDir, server)}:8080/`;
 
     const mine = await desktop('alice');
     assert.deepEqual(await run('alice', mine, fetchIn('http://pypi.test/')), {

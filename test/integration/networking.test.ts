@@ -12,6 +12,7 @@ import {
   api,
   cleanup,
   networkLeftovers,
+  outsideAddress,
   qemusOf,
   startDaemon,
   type TestDaemon,
@@ -74,17 +75,6 @@ async function egress(d: TestDaemon, id: string, rules?: unknown): Promise<Recor
     : await api(d.url, 'GET', `/v1/machines/${id}/egress`);
   assert.equal(r.status, 200, JSON.stringify(r.body));
   return r.body;
-}
-
-/** A machine's namespace end (the address its network mates and the world see it as). */
-function outsideAddress(d: TestDaemon, id: string): string {
-  const netns = `hutch-${daemonTag(d.stateDir)}-${id}`;
-  const j = JSON.parse(
-    execFileSync('ip', ['-n', netns, '-j', '-4', 'addr', 'show', 'veth0'], { encoding: 'utf8' }),
-  ) as {
-    addr_info: { local: string }[];
-  }[];
-  return j[0]?.addr_info[0]?.local ?? '';
 }
 
 function hostAddresses(): string[] {
@@ -153,7 +143,7 @@ describe('networking: a guest on the internet behind its firewall', () => {
       ['169.254.169.254', 80],
       ['172.31.255.1', port],
       ['172.31.255.1', 22],
-      [outsideAddress(d, other), 22],
+      [outsideAddress(d.stateDir, other), 22],
       ['198.18.0.54', 853],
     ];
     for (const a of [...hostAddresses(), '198.18.0.1'])
@@ -356,7 +346,7 @@ describe('networking: snapshots, branches, suspend, restarts and crashes', () =>
     const clone = b.body.id as string;
     assert.equal(await out(d, clone, fetchScript('http://other.test/')), 'hello from the fake internet');
     assert.equal(await out(d, id, fetchScript('http://other.test/')), 'hello from the fake internet');
-    assert.notEqual(outsideAddress(d, id), outsideAddress(d, clone));
+    assert.notEqual(outsideAddress(d.stateDir, id), outsideAddress(d.stateDir, clone));
     const s = await api(d.url, 'POST', `/v1/machines/${clone}/suspend`, {});
     assert.equal(s.status, 200, JSON.stringify(s.body));
     assert.equal(
@@ -408,7 +398,7 @@ describe('networking: snapshots, branches, suspend, restarts and crashes', () =>
       0,
     );
     const fresh = await createNet(d);
-    const keepAddress = outsideAddress(d, keep);
+    const keepAddress = outsideAddress(d.stateDir, keep);
     assert.equal(await out(d, fresh, fetchScript(`http://${keepAddress}:8080/`)), 'hello from the guest');
     await api(d.url, 'DELETE', `/v1/machines/${fresh}`);
     const del = await api(d.url, 'DELETE', `/v1/machines/${keep}`);
