@@ -23,9 +23,9 @@ interface Pooled {
 /**
  * Machines restored ahead of demand, per template, paused, made as that template's create makes
  * them by default (a desktop with its network, attached for no one until it is handed out).
- * The pool never takes what users
- * could have: its QEMUs count against the caps, it gives them back to a user's create that
- * needs the room, and it stops growing when the host runs short of memory.
+ * The pool never takes what users could have: its QEMUs count against the caps, it gives them
+ * back to a user's create that needs the room, and it stops growing when the host runs short of
+ * memory.
  */
 export class WarmPool implements OtherQemus {
   private readonly pool = new Map<string, Pooled[]>();
