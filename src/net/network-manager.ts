@@ -148,7 +148,7 @@ export class NetworkManager {
       ...(networkId ? { networkId } : {}),
       resolved: new Map(),
     };
-    writeFileSync(join(runDir, netFile), JSON.stringify({ netns, slot, networkId }));
+    writeNetFile(runDir, net);
     this.remember(net);
     try {
       const o = net.outside;
@@ -208,8 +208,7 @@ export class NetworkManager {
     if (!net) throw new HutchError('INTERNAL', `machine ${machineId} has no network to hand out`);
     await this.setRules(machineId, rules);
     net.networkId = this.directory.networkOf(machineId, owner);
-    const f = JSON.parse(readFileSync(join(runDir, netFile), 'utf8')) as Record<string, unknown>;
-    writeFileSync(join(runDir, netFile), JSON.stringify({ ...f, networkId: net.networkId }));
+    writeNetFile(runDir, net);
     await this.join(net);
   }
 
@@ -486,4 +485,10 @@ export class NetworkManager {
 
 function reasonOf(setSuffix: string): string {
   return denialReasons.find((r) => r.replace('-', '_') === setSuffix) ?? setSuffix;
+}
+
+/** What `adopt` reads back after a restart: the namespace, its slot and its network. */
+function writeNetFile(runDir: string, net: MachineNet): void {
+  const { netns, outside, networkId } = net;
+  writeFileSync(join(runDir, netFile), JSON.stringify({ netns, slot: outside.slot, networkId }));
 }
