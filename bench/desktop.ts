@@ -8,7 +8,7 @@
  */
 import { parseArgs } from 'node:util';
 import { decodePng } from '../src/desktop/png.js';
-import { api, cleanup, type TestDaemon, waitFor } from '../test/helpers/daemon.js';
+import { api, cleanup, poolReady, type TestDaemon } from '../test/helpers/daemon.js';
 import { startDesktopDaemon } from '../test/helpers/desktop.js';
 import { median } from './bench-lib.js';
 
@@ -94,16 +94,7 @@ try {
   try {
     const pooled: number[] = [];
     for (let i = 0; i < runs; i++) {
-      await waitFor(
-        'a pooled desktop',
-        async () => {
-          const h = (await api(pd.url, 'GET', '/healthz')).body as {
-            pool: Record<string, { ready: number }>;
-          };
-          return h.pool.desktop?.ready === 1 ? true : undefined;
-        },
-        400_000,
-      );
+      await poolReady(pd, 'desktop', 1, 400_000);
       const p = await createToDesktop(pd, 'pool');
       pooled.push(p.ms);
       await api(pd.url, 'DELETE', `/v1/machines/${p.id}`);

@@ -278,3 +278,20 @@ export async function waitFor<T>(
 export async function until(what: string, cond: () => boolean, timeoutMs = 30_000): Promise<void> {
   await waitFor(what, async () => (cond() ? true : undefined), timeoutMs);
 }
+
+/** Waits until the daemon's warm pool holds `n` ready machines of `template` (GET /healthz). */
+export function poolReady(
+  d: Pick<TestDaemon, 'url'>,
+  template: string,
+  n: number,
+  timeoutMs: number,
+): Promise<true> {
+  return waitFor(
+    `a pool of ${n} ${template}`,
+    async () => {
+      const h = (await api(d.url, 'GET', '/healthz')).body as { pool: Record<string, { ready: number }> };
+      return h.pool[template]?.ready === n ? true : undefined;
+    },
+    timeoutMs,
+  );
+}

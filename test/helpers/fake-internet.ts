@@ -30,6 +30,10 @@ export interface FakeInternet {
 
 export const packageName = 'hello-hutch';
 
+/** A guest command that prints the body at `url` (python3's stdlib: every template has it). */
+export const guestFetch = (url: string): string =>
+  `python3 -c "import urllib.request as u; print(u.urlopen('${url}', timeout=10).read().decode().strip())"`;
+
 export async function startFakeInternet(): Promise<FakeInternet> {
   const tag = randomBytes(2).toString('hex');
   const netns = `hutchtest-inet-${tag}`;

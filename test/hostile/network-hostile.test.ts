@@ -13,7 +13,7 @@ import { after, before, describe, test } from 'node:test';
 import { status } from '@grpc/grpc-js';
 import { authed, userWithToken } from '../helpers/accounts.js';
 import { api, cleanup, startDaemon, type TestDaemon } from '../helpers/daemon.js';
-import { type FakeInternet, startFakeInternet } from '../helpers/fake-internet.js';
+import { type FakeInternet, guestFetch, startFakeInternet } from '../helpers/fake-internet.js';
 import { type BoxdClient, boxdClient } from '../helpers/grpc.js';
 import { memoryOf, Tally } from '../helpers/hostile.js';
 
@@ -160,10 +160,7 @@ EOF`,
       return `sent ${r}`;
     });
     await tally.check('after the flood, the other guest still resolves and fetches', async () => {
-      const r = await exec(
-        other,
-        `python3 -c "import urllib.request as u; print(u.urlopen('http://pypi.test/', timeout=10).read().decode().strip())"`,
-      );
+      const r = await exec(other, guestFetch('http://pypi.test/'));
       assert.equal(r, 'hello from the fake internet');
       return undefined;
     });

@@ -10,9 +10,16 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { decodePng, pngSize } from '../../src/desktop/png.js';
 import { authed, userWithToken } from '../helpers/accounts.js';
-import { api, cleanup, type Json, outsideAddress, type TestDaemon, waitFor } from '../helpers/daemon.js';
+import {
+  cleanup,
+  type Json,
+  outsideAddress,
+  poolReady,
+  type TestDaemon,
+  waitFor,
+} from '../helpers/daemon.js';
 import { startDesktopDaemon } from '../helpers/desktop.js';
-import { type FakeInternet, startFakeInternet } from '../helpers/fake-internet.js';
+import { type FakeInternet, guestFetch, startFakeInternet } from '../helpers/fake-internet.js';
 import { startGuestWebServer } from '../helpers/guest-web-server.js';
 
 describe('desktop machines', () => {
@@ -291,19 +298,9 @@ describe('the warm pool serves desktops: networked, handed to their user', () =>
     assert.equal(r.status, 200, JSON.stringify(r.body));
     return { code: r.body.exit_code as number, out: String(r.body.stdout).trim() + String(r.body.stderr) };
   };
-  const fetchIn = (url: string): string =>
-    `python3 -c "import urllib.request as u; print(u.urlopen('${url}', timeout=5).read().decode().strip())"`;
-  const poolReady = (): Promise<true> =>
-    waitFor(
-      'a pooled desktop',
-      async () => {
-        const h = (await api(d.url, 'GET', '/healthz')).body as { pool: Record<string, { ready: number }> };
-        return h.pool.desktop?.ready === 1 ? true : undefined;
-      },
-      400_000,
-    );
+  const desktopPool = (): Promise<true> => poolReady(d, 'desktop', 1, 400_000);
   const desktop = async (user: string, extra: Record<string, unknown> = {}): Promise<string> => {
-    await poolReady();
+    await desktopPool();
     const r = await as(user, 'POST', '/v1/machines', { template: 'desktop', ttl_seconds: 600, ...extra });
     assert.equal(r.status, 201, JSON.stringify(r.body));
     assert.equal(r.body.mode, 'pool', 'served from the pool');
@@ -336,11 +333,14 @@ describe('the warm pool serves desktops: networked, handed to their user', () =>
     const serverUrl = `http://${outsideAddress(d.stateDir, server)}:8080/`;
 
     const mine = await desktop('alice');
-    assert.deepEqual(await run('alice', mine, fetchIn('http://pypi.test/')), {
+    assert.deepEqual(await run('alice', mine, guestFetch('http://pypi.test/')), {
       code: 0,
       out: 'hello from the fake internet',
     });
-    assert.deepEqual(await run('alice', mine, fetchIn(serverUrl)), { code: 0, out: 'hello from the guest' });
+    assert.deepEqual(await run('alice', mine, guestFetch(serverUrl)), {
+      code: 0,
+      out: 'hello from the guest',
+    });
     // The screen is up, as from the snapshot.
     const shot = await fetch(`${d.url}/v1/machines/${mine}/screenshot`, {
       headers: { authorization: `Bearer ${tokens.alice}` },
@@ -349,18 +349,18 @@ describe('the warm pool serves desktops: networked, handed to their user', () =>
 
     // Rules asked for at create hold from the first packet: a name outside the allowlist is refused.
     const ruled = await desktop('alice', { egress: { allow: ['files.test'] } });
-    assert.notEqual((await run('alice', ruled, fetchIn('http://pypi.test/'))).code, 0);
-    assert.equal((await run('alice', ruled, fetchIn('http://files.test/'))).code, 0);
+    assert.notEqual((await run('alice', ruled, guestFetch('http://pypi.test/'))).code, 0);
+    assert.equal((await run('alice', ruled, guestFetch('http://files.test/'))).code, 0);
     const e = await as('alice', 'GET', `/v1/machines/${ruled}/egress`);
     assert.deepEqual((e.body.rules as { allow: string[] }).allow, ['files.test'], JSON.stringify(e.body));
 
     // bob's pooled desktop is on bob's network: alice's server is not his to reach.
     const his = await desktop('bob');
-    assert.equal((await run('bob', his, fetchIn('http://pypi.test/'))).code, 0);
-    assert.notEqual((await run('bob', his, fetchIn(serverUrl))).code, 0);
+    assert.equal((await run('bob', his, guestFetch('http://pypi.test/'))).code, 0);
+    assert.notEqual((await run('bob', his, guestFetch(serverUrl))).code, 0);
 
     // Asking for no network, or another screen, is not the pool's.
-    await poolReady();
+    await desktopPool();
     const plain = await as('alice', 'POST', '/v1/machines', {
       template: 'desktop',
       net: false,

@@ -18,7 +18,7 @@ import {
   type TestDaemon,
   waitFor,
 } from '../helpers/daemon.js';
-import { type FakeInternet, packageName, startFakeInternet } from '../helpers/fake-internet.js';
+import { type FakeInternet, guestFetch, packageName, startFakeInternet } from '../helpers/fake-internet.js';
 import { startGuestWebServer } from '../helpers/guest-web-server.js';
 
 interface Exec {
@@ -43,9 +43,6 @@ except socket.timeout:
 except OSError as e:
     print("refused" if e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES, errno.EPERM) and ${JSON.stringify(host)}.count(":") == 0 else "unreachable" if e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL) else "error %s" % e)
 EOF`;
-
-const fetchScript = (url: string): string =>
-  `python3 -c "import urllib.request as u; print(u.urlopen('${url}', timeout=10).read().decode().strip())"`;
 
 async function exec(d: TestDaemon, id: string, cmd: string, timeoutMs = 120_000): Promise<Exec> {
   const r = await api(d.url, 'POST', `/v1/machines/${id}/exec`, { cmd, timeout_ms: timeoutMs });
@@ -103,7 +100,7 @@ describe('networking: a guest on the internet behind its firewall', () => {
 
   test('a networked guest has one configured NIC and reaches the internet by name; a machine without net has no NIC', async () => {
     assert.match(await out(d, id, 'ip -4 -br addr show eth0'), /172\.31\.255\.2\/30/);
-    assert.equal(await out(d, id, fetchScript('http://pypi.test/')), 'hello from the fake internet');
+    assert.equal(await out(d, id, guestFetch('http://pypi.test/')), 'hello from the fake internet');
     const plain = await api(d.url, 'POST', '/v1/machines', { template: 'python', ttl_seconds: 300 });
     assert.equal(plain.status, 201);
     assert.equal(plain.body.net, false);
@@ -241,7 +238,7 @@ EOF
     );
     assert.match(r, /open\ncut /, r);
     assert.equal(await out(d, id, probeScript('198.18.1.11', 80)), 'refused');
-    assert.equal(await out(d, id, fetchScript('http://pypi.test/')), 'hello from the fake internet');
+    assert.equal(await out(d, id, guestFetch('http://pypi.test/')), 'hello from the fake internet');
     const e = await egress(d, id);
     assert.ok(((e.denied as Record<string, number>).rule ?? 0) > 0);
     assert.deepEqual(e.rules, { allow: [], deny: ['198.18.1.11/32'] });
@@ -340,12 +337,12 @@ describe('networking: snapshots, branches, suspend, restarts and crashes', () =>
       },
       180_000,
     );
-    assert.equal(await out(d, id, fetchScript('http://pypi.test/')), 'hello from the fake internet');
+    assert.equal(await out(d, id, guestFetch('http://pypi.test/')), 'hello from the fake internet');
     const b = await api(d.url, 'POST', `/v1/machines/${id}/branch`, {});
     assert.equal(b.status, 201, JSON.stringify(b.body));
     const clone = b.body.id as string;
-    assert.equal(await out(d, clone, fetchScript('http://other.test/')), 'hello from the fake internet');
-    assert.equal(await out(d, id, fetchScript('http://other.test/')), 'hello from the fake internet');
+    assert.equal(await out(d, clone, guestFetch('http://other.test/')), 'hello from the fake internet');
+    assert.equal(await out(d, id, guestFetch('http://other.test/')), 'hello from the fake internet');
     assert.notEqual(outsideAddress(d.stateDir, id), outsideAddress(d.stateDir, clone));
     const s = await api(d.url, 'POST', `/v1/machines/${clone}/suspend`, {});
     assert.equal(s.status, 200, JSON.stringify(s.body));
@@ -356,7 +353,7 @@ describe('networking: snapshots, branches, suspend, restarts and crashes', () =>
     );
     const r = await api(d.url, 'POST', `/v1/machines/${clone}/resume`, {});
     assert.equal(r.status, 200, JSON.stringify(r.body));
-    assert.equal(await out(d, clone, fetchScript('http://pypi.test/')), 'hello from the fake internet');
+    assert.equal(await out(d, clone, guestFetch('http://pypi.test/')), 'hello from the fake internet');
     // Its preview works too (through the agent, not the network).
     assert.equal((await exec(d, clone, startGuestWebServer(8000))).exit_code, 0);
     const page = await fetch(new URL(`/v1/machines/${clone}/web/8000/`, d.url));
@@ -391,7 +388,7 @@ describe('networking: snapshots, branches, suspend, restarts and crashes', () =>
     assert.ok(left.includes(`hutch-${tag}-${keep}`), left.join(' '));
     assert.ok(!left.includes(`hutch-${tag}-${dead}`), left.join(' '));
     assert.ok(!left.some((n) => n.includes('m-dead')), `${left.length} left`);
-    assert.equal(await out(d, keep, fetchScript('http://pypi.test/')), 'hello from the fake internet');
+    assert.equal(await out(d, keep, guestFetch('http://pypi.test/')), 'hello from the fake internet');
     // It is still on its owner's network: a machine made after the restart reaches it.
     assert.equal(
       (await exec(d, keep, startGuestWebServer(8080).replace('("127.0.0.1"', '("0.0.0.0"'))).exit_code,
@@ -399,7 +396,7 @@ describe('networking: snapshots, branches, suspend, restarts and crashes', () =>
     );
     const fresh = await createNet(d);
     const keepAddress = outsideAddress(d.stateDir, keep);
-    assert.equal(await out(d, fresh, fetchScript(`http://${keepAddress}:8080/`)), 'hello from the guest');
+    assert.equal(await out(d, fresh, guestFetch(`http://${keepAddress}:8080/`)), 'hello from the guest');
     await api(d.url, 'DELETE', `/v1/machines/${fresh}`);
     const del = await api(d.url, 'DELETE', `/v1/machines/${keep}`);
     assert.equal(del.status, 204);

@@ -6,6 +6,7 @@ import {
   api,
   cleanup,
   memoryFilesOf,
+  poolReady,
   qemusOf,
   startDaemon,
   type TestDaemon,
@@ -351,18 +352,10 @@ describe('warm pool', () => {
   });
   after(async () => cleanup(d));
 
-  const poolReady = (n: number) =>
-    waitFor(
-      `pool of ${n}`,
-      async () => {
-        const h = (await api(d.url, 'GET', '/healthz')).body as { pool: Record<string, { ready: number }> };
-        return h.pool.python?.ready === n ? true : undefined;
-      },
-      60_000,
-    );
+  const pythonPool = (n: number) => poolReady(d, 'python', n, 60_000);
 
   test('creates are served from the pool, never the same machine twice, and the pool refills', async () => {
-    await poolReady(2);
+    await pythonPool(2);
     const made: Record<string, unknown>[] = [];
     for (let i = 0; i < 3; i++) made.push((await api(d.url, 'POST', '/v1/machines', {})).body);
     assert.deepEqual(
@@ -381,7 +374,7 @@ describe('warm pool', () => {
       assert.ok(rnd && !seen.has(rnd), 'each machine has its own randomness');
       seen.add(String(rnd));
     }
-    await poolReady(2);
+    await pythonPool(2);
     const again = (await api(d.url, 'POST', '/v1/machines', {})).body;
     assert.equal(again.mode, 'pool');
     assert.ok(!ids.has(String(again.id)));
