@@ -330,15 +330,13 @@ export class NetworkManager {
   async sweep(keep: (machineId: string) => boolean): Promise<string[]> {
     const prefix = `hutch-${this.tag}-`;
     await this.resetPeers();
-    const gone = (existsSync('/run/netns') ? readdirSync('/run/netns') : []).filter(
-      (n) => n.startsWith(prefix) && !keep(n.slice(prefix.length)),
-    );
+    const gone = netnsNames().filter((n) => n.startsWith(prefix) && !keep(n.slice(prefix.length)));
     if (gone.length)
       await run('ip', ['-force', '-batch', '-'], gone.map((n) => `netns del ${n}`).join('\n')).catch((e) => {
         this.log('warn', 'network sweep: some namespaces not removed', { error: (e as Error).message });
       });
     const links = await run('ip', ['-o', 'link', 'show']).catch(() => '');
-    const live = new Set(readdirSync('/run/netns').filter((n) => n.startsWith(prefix)));
+    const live = new Set(netnsNames().filter((n) => n.startsWith(prefix)));
     for (const { slot, owner } of this.slots.list()) {
       if (!owner.startsWith(prefix) || live.has(owner)) continue;
       const link = outsideOf(this.s.pool, this.tag, slot).hostLink;
@@ -491,4 +489,9 @@ function reasonOf(setSuffix: string): string {
 function writeNetFile(runDir: string, net: MachineNet): void {
   const { netns, outside, networkId } = net;
   writeFileSync(join(runDir, netFile), JSON.stringify({ netns, slot: outside.slot, networkId }));
+}
+
+/** The named network namespaces. `/run/netns` is made by the first `ip netns add` after a boot. */
+function netnsNames(): string[] {
+  return existsSync('/run/netns') ? readdirSync('/run/netns') : [];
 }

@@ -31,37 +31,40 @@ export interface TestDaemon {
  * image cache so the template is built once per test run.
  */
 export async function startDaemon(
-  opts: { env?: Record<string, string>; stateDir?: string } = {},
+  opts: {
+    env?: Record<string, string>;
+    stateDir?: string;
+    /** A command the daemon runs under (it must exec its arguments: the pid stays node's). */
+    wrap?: string[];
+  } = {},
 ): Promise<TestDaemon> {
   const stateDir = opts.stateDir ?? mkdtempSync(join(tmpdir(), 'hutch-test-'));
-  const proc = spawn(
-    'node',
-    [join(root, 'bin', 'hutch.js'), 'serve', '--port', '0', '--state-dir', stateDir],
-    {
-      // No warm pool unless a test asks for one: pooled QEMUs would compete for the 2 cores and
-      // show up in the per-daemon process counts the tests check.
-      env: {
-        ...process.env,
-        HUTCH_IMAGE_DIR: imageDir,
-        HUTCH_LOG_LEVEL: 'info',
-        HUTCH_POOL_SIZE: '0',
-        // Test daemons run side by side: the gRPC API on a free port, not the default 9443.
-        HUTCH_GRPC_PORT: '0',
-        // The shared cache serves test runs of other checkouts too: a test daemon never prunes it.
-        HUTCH_CACHE_GC_ON_START: '0',
-        // Only the headless template unless a test asks for the desktop: its snapshots (cold
-        // boots of ~30 s under TCG) would compete with every other test for the 2 cores.
-        HUTCH_TEMPLATES: 'python',
-        // Tests never reach real model providers, whatever keys the environment holds
-        // (test/helpers/mock-llm.ts gatewayEnv points a daemon at the mock).
-        HUTCH_ANTHROPIC_KEY: '',
-        HUTCH_OPENROUTER_KEY: '',
-        BORING_OPENROUTER_KEY: '',
-        ...opts.env,
-      },
-      stdio: ['ignore', 'pipe', 'pipe'],
+  const argv = ['node', join(root, 'bin', 'hutch.js'), 'serve', '--port', '0', '--state-dir', stateDir];
+  const [cmd = 'node', ...args] = [...(opts.wrap ?? []), ...argv];
+  const proc = spawn(cmd, args, {
+    // No warm pool unless a test asks for one: pooled QEMUs would compete for the 2 cores and
+    // show up in the per-daemon process counts the tests check.
+    env: {
+      ...process.env,
+      HUTCH_IMAGE_DIR: imageDir,
+      HUTCH_LOG_LEVEL: 'info',
+      HUTCH_POOL_SIZE: '0',
+      // Test daemons run side by side: the gRPC API on a free port, not the default 9443.
+      HUTCH_GRPC_PORT: '0',
+      // The shared cache serves test runs of other checkouts too: a test daemon never prunes it.
+      HUTCH_CACHE_GC_ON_START: '0',
+      // Only the headless template unless a test asks for the desktop: its snapshots (cold
+      // boots of ~30 s under TCG) would compete with every other test for the 2 cores.
+      HUTCH_TEMPLATES: 'python',
+      // Tests never reach real model providers, whatever keys the environment holds
+      // (test/helpers/mock-llm.ts gatewayEnv points a daemon at the mock).
+      HUTCH_ANTHROPIC_KEY: '',
+      HUTCH_OPENROUTER_KEY: '',
+      BORING_OPENROUTER_KEY: '',
+      ...opts.env,
     },
-  );
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
   let out = '';
   proc.stdout?.on('data', (b: Buffer) => {
     out += b.toString();

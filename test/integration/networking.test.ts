@@ -308,6 +308,50 @@ EOF`,
   });
 });
 
+describe('networking on a host just booted: no /run/netns yet', () => {
+  // /run is a tmpfs: after a boot it has no netns directory until the first `ip netns add`. The
+  // daemon's start-up sweep read it unguarded and the daemon died (found by CI on a fresh host).
+  // Here the daemon runs in a mount namespace of its own whose /run is empty, except
+  // /run/hutch, whose network slots are shared by every daemon on the host.
+  const justBooted = [
+    'unshare',
+    '--mount',
+    'sh',
+    '-ec',
+    [
+      'mount --make-rprivate /',
+      'mkdir -p /run/hutch',
+      'keep=$(mktemp -d)',
+      'mount --bind /run/hutch "$keep"',
+      'mount -t tmpfs tmpfs /run',
+      'mkdir /run/hutch',
+      'mount --move "$keep" /run/hutch',
+      'rmdir "$keep"',
+      'test ! -e /run/netns',
+      'exec "$@"',
+    ].join('; '),
+    'just-booted',
+  ];
+  let d: TestDaemon;
+  before(async () => {
+    d = await startDaemon({ wrap: justBooted });
+  });
+  after(async () => {
+    await cleanup(d);
+  });
+
+  test('the daemon starts, a networked machine gets its address, and its namespace goes with it', async () => {
+    const inDaemonsMounts = (...cmd: string[]): string =>
+      execFileSync('nsenter', [`--mount=/proc/${d.proc.pid}/ns/mnt`, '--', ...cmd], { encoding: 'utf8' });
+    const id = await createNet(d, { ttl_seconds: 300 });
+    assert.match(await out(d, id, 'ip -4 -o addr show dev eth0'), /inet \d+\.\d+\.\d+\.\d+\//);
+    const mine = `hutch-${daemonTag(d.stateDir)}-${id}`;
+    assert.ok(inDaemonsMounts('ip', 'netns', 'list').includes(mine), "its namespace, in the daemon's /run");
+    assert.equal((await api(d.url, 'DELETE', `/v1/machines/${id}`)).status, 204);
+    assert.ok(!inDaemonsMounts('ip', 'netns', 'list').includes(mine), 'no namespace left');
+  });
+});
+
 describe('networking: snapshots, branches, suspend, restarts and crashes', () => {
   let inet: FakeInternet;
   let d: TestDaemon;
