@@ -63,6 +63,23 @@ static void write_all(int fd, const void *p, size_t n)
 
 static void put(int fd, const char *s) { write_all(fd, s, strlen(s)); }
 
+/* The agent closes a connection the host refused, maybe before reading the request: a plain
+ * write would then kill the CLI with SIGPIPE (it runs before the agent's SIG_IGN) instead of
+ * letting it say UNAVAILABLE. Stdout keeps the default, so `hutch ls | head` ends quietly. */
+static void send_all(int fd, const void *p, size_t n)
+{
+	const char *c = p;
+	while (n > 0) {
+		ssize_t k = send(fd, c, n, MSG_NOSIGNAL);
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k <= 0)
+			return;
+		c += k;
+		n -= (size_t)k;
+	}
+}
+
 /* Fails the way the host CLI does: the document on stdout with --json, a line on stderr. */
 __attribute__((format(printf, 3, 4))) static _Noreturn void die(int status, const char *code,
 								const char *fmt, ...)
@@ -175,7 +192,7 @@ static void call(const char *method, const char *path, const struct buf *body, s
 	buf_append(&req, "\r\n", 2);
 	if (body)
 		buf_append(&req, buf_data(body), buf_size(body));
-	write_all(fd, buf_data(&req), buf_size(&req));
+	send_all(fd, buf_data(&req), buf_size(&req));
 	buf_free(&req);
 
 	/* The host closes once it has answered (Connection: close): read to the end. */

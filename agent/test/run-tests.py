@@ -837,6 +837,23 @@ def t_guest_cli(h, tmp):
     out, err = p.communicate(timeout=10)
     check(p.returncode == 1 and json.loads(out)["code"] == "UNAVAILABLE", "refused %r" % ((p.returncode, out),))
 
+    # Closed before the request was read (the agent drops a connection the host refused, and
+    # may do so before the CLI has written): a request bigger than the socket's buffer makes
+    # the write meet the closed end every time. Still UNAVAILABLE, not death by SIGPIPE.
+    lone = os.path.join(tmp, "closing.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(lone)
+    srv.listen(1)
+    p = subprocess.Popen([os.path.join(tmp, "hutch"), "exec", "--json", "m-1", "--", "echo"] + ["x" * 100000] * 16,
+                         env=dict(os.environ, HUTCH_API_SOCKET=lone), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    srv.settimeout(10)
+    c, _ = srv.accept()
+    time.sleep(0.2)
+    c.close()
+    srv.close()
+    out, err = p.communicate(timeout=10)
+    check(p.returncode == 1 and json.loads(out)["code"] == "UNAVAILABLE", "closed early %r" % ((p.returncode, out[:200], err[:200]),))
+
 
 # ---- forwarded ports (PORT_OPEN) and CONFIGURE's net field ----
 
