@@ -47,30 +47,14 @@ struct opts {
 	int ntrail;
 };
 
-static void write_all(int fd, const void *p, size_t n)
-{
-	const char *c = p;
-	while (n > 0) {
-		ssize_t k = write(fd, c, n);
-		if (k < 0 && errno == EINTR)
-			continue;
-		if (k <= 0)
-			return;
-		c += k;
-		n -= (size_t)k;
-	}
-}
-
-static void put(int fd, const char *s) { write_all(fd, s, strlen(s)); }
-
 /* The agent closes a connection the host refused, maybe before reading the request: a plain
  * write would then kill the CLI with SIGPIPE (it runs before the agent's SIG_IGN) instead of
  * letting it say UNAVAILABLE. Stdout keeps the default, so `hutch ls | head` ends quietly. */
-static void send_all(int fd, const void *p, size_t n)
+static void send_or_write_all(int fd, const void *p, size_t n, int to_socket)
 {
 	const char *c = p;
 	while (n > 0) {
-		ssize_t k = send(fd, c, n, MSG_NOSIGNAL);
+		ssize_t k = to_socket ? send(fd, c, n, MSG_NOSIGNAL) : write(fd, c, n);
 		if (k < 0 && errno == EINTR)
 			continue;
 		if (k <= 0)
@@ -79,6 +63,10 @@ static void send_all(int fd, const void *p, size_t n)
 		n -= (size_t)k;
 	}
 }
+
+static void write_all(int fd, const void *p, size_t n) { send_or_write_all(fd, p, n, 0); }
+
+static void put(int fd, const char *s) { write_all(fd, s, strlen(s)); }
 
 /* Fails the way the host CLI does: the document on stdout with --json, a line on stderr. */
 __attribute__((format(printf, 3, 4))) static _Noreturn void die(int status, const char *code,
@@ -192,7 +180,7 @@ static void call(const char *method, const char *path, const struct buf *body, s
 	buf_append(&req, "\r\n", 2);
 	if (body)
 		buf_append(&req, buf_data(body), buf_size(body));
-	send_all(fd, buf_data(&req), buf_size(&req));
+	send_or_write_all(fd, buf_data(&req), buf_size(&req), 1);
 	buf_free(&req);
 
 	/* The host closes once it has answered (Connection: close): read to the end. */
